@@ -1,0 +1,17 @@
+//! Sans-IO wire formats shared by relay's edge and agent.
+//!
+//! - [`mqtt`]: an MQTT 3.1 / 3.1.1 packet codec. Decoding is check-then-parse
+//!   over a caller-owned `BytesMut`, bounded by a caller-given maximum packet
+//!   size that is checked from the fixed header before anything is allocated.
+//! - [`topic`]: topic name and filter validation, and filter matching.
+//! - [`subscription_index`]: a trie from filters to subscribers.
+//! - [`tunnel`]: the versioned messages the edge and the agent exchange over
+//!   QUIC (documented byte by byte in `proto/PROTOCOL.md`).
+//!
+//! This crate must not depend on an IO runtime (tokio, mio, sockets) and never
+//! reads a clock: whoever needs time passes it in. It builds on its own.
+
+pub mod mqtt;
+pub mod subscription_index;
+pub mod topic;
+pub mod tunnel;

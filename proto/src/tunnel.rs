@@ -1,0 +1,592 @@
+//! The messages the edge and the agent exchange over a QUIC connection,
+//! version 1. `proto/PROTOCOL.md` documents the bytes; this module is the
+//! reference implementation of that document.
+//!
+//! Every message is a frame: a type byte, a 4-byte big-endian body length and
+//! a body of tagged fields (tag byte, 2-byte big-endian length, value).
+//! Forward compatibility is built into the frame rather than negotiated:
+//! unknown fields are skipped, unknown message types from `0x80` up are
+//! reported as [`Message::Ignored`] for the caller to drop, and unknown
+//! message types below `0x80` are errors. Decoding is check-then-parse and
+//! bounded like the MQTT codec: `Ok(None)` until the whole frame is there,
+//! and a frame over the caller's limit is refused from its 5-byte header.
+
+use std::fmt;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// The tunnel protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The ALPN protocol id of this version, offered by the agent and required by
+/// the edge.
+pub const ALPN: &[u8] = b"relay-tunnel/1";
+
+/// Bytes of a frame header: type and body length.
+pub const FRAME_HEADER_LEN: usize = 5;
+
+/// A sensible maximum frame size for control and session-header frames.
+pub const DEFAULT_MAX_FRAME_LEN: usize = 64 * 1024;
+
+/// Application error codes for closing a QUIC connection or resetting a
+/// stream; see PROTOCOL.md.
+pub mod close_code {
+    /// Orderly close.
+    pub const NO_ERROR: u32 = 0;
+    /// The peer broke this protocol (bad frame, unexpected message).
+    pub const PROTOCOL_VIOLATION: u32 = 1;
+    /// The edge refused the agent (after HELLO_REFUSED).
+    pub const REFUSED: u32 = 2;
+    /// A newer tunnel for the same device replaced this one.
+    pub const SUPERSEDED: u32 = 3;
+    /// The edge is shutting down (after GO_AWAY).
+    pub const GOING_AWAY: u32 = 4;
+    /// Something failed inside the sender.
+    pub const INTERNAL_ERROR: u32 = 5;
+}
+
+mod message_type {
+    pub const HELLO: u8 = 0x01;
+    pub const HELLO_ACK: u8 = 0x02;
+    pub const HELLO_REFUSED: u8 = 0x03;
+    pub const PRINTER_LINK: u8 = 0x04;
+    pub const GO_AWAY: u8 = 0x05;
+    pub const SESSION_OPEN: u8 = 0x06;
+    pub const SESSION_ACCEPT: u8 = 0x07;
+    pub const SESSION_REFUSED: u8 = 0x08;
+    /// Types from here up may be ignored by a peer that does not know them.
+    pub const FIRST_IGNORABLE: u8 = 0x80;
+}
+
+/// One tunnel message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    HelloAck(HelloAck),
+    HelloRefused(HelloRefused),
+    PrinterLink(PrinterLink),
+    GoAway(GoAway),
+    SessionOpen(SessionOpen),
+    SessionAccept(SessionAccept),
+    SessionRefused(SessionRefused),
+    /// A message of an unknown type at or above `0x80`, which its sender
+    /// allows a receiver to drop.
+    Ignored { message_type: u8 },
+}
+
+/// Agent → edge, the first frame of the control stream.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    /// The agent credential. Secret: never printed.
+    pub credential: String,
+    /// The agent's software version, for logs.
+    pub agent_version: Option<String>,
+}
+
+impl fmt::Debug for Hello {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hello")
+            .field("version", &self.version)
+            .field("credential", &"<redacted>")
+            .field("agent_version", &self.agent_version)
+            .finish()
+    }
+}
+
+/// Edge → agent: the agent is accepted as the tunnel of `device_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloAck {
+    pub version: u16,
+    pub device_id: String,
+    /// Grows with every accepted tunnel of the device; a tunnel with a lower
+    /// epoch is fenced off.
+    pub epoch: u64,
+    /// How often the agent should send QUIC keep-alives.
+    pub keep_alive_ms: Option<u32>,
+}
+
+/// Edge → agent: the agent is refused; the edge then closes with
+/// [`close_code::REFUSED`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloRefused {
+    pub reason: RefusalReason,
+    pub message: Option<String>,
+    /// When to try again, if at all worth it.
+    pub retry_after_ms: Option<u32>,
+}
+
+/// Why the edge refused an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefusalReason {
+    BadCredential,
+    UnsupportedVersion,
+    DeviceDisabled,
+    RateLimited,
+    Internal,
+    /// A code this version does not know.
+    Other(u16),
+}
+
+/// Agent → edge, on the control stream: the state of the printer link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrinterLink {
+    pub state: LinkState,
+    /// Why the link is down; absent when it is not.
+    pub reason: Option<LinkDownReason>,
+    /// Human-readable detail, free of secrets.
+    pub detail: Option<String>,
+    /// The printer session the state belongs to, if any.
+    pub session: Option<u64>,
+}
+
+/// The printer link's state as the agent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LinkState {
+    /// No printer connection and none wanted (no clients).
+    Idle,
+    Connecting,
+    Up,
+    Down,
+    Other(u8),
+}
+
+/// Why the printer link is down, or why a session was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LinkDownReason {
+    /// The printer answered CONNACK 4 or 5: wrong access code or user.
+    CredentialsRefused,
+    /// The TLS handshake with the printer failed (certificate, version).
+    TlsFailure,
+    /// No route, connection refused, or DNS failure.
+    Unreachable,
+    /// The printer refused or ignored one more client.
+    TooManyClients,
+    /// An established connection was lost.
+    Dropped,
+    /// The printer broke MQTT, or the agent's validation refused a packet.
+    ProtocolError,
+    /// The printer did not answer in time.
+    TimedOut,
+    /// The agent's local policy refused.
+    Policy,
+    Other(u8),
+}
+
+/// Edge → agent: reconnect (to another edge instance) soon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GoAway {
+    pub reason: GoAwayReason,
+    /// How long to wait before reconnecting; absent means at once.
+    pub reconnect_after_ms: Option<u32>,
+}
+
+/// Why the edge sends GO_AWAY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GoAwayReason {
+    Draining,
+    Superseded,
+    Other(u16),
+}
+
+/// Edge → agent, the first frame of a printer-session stream (a
+/// bidirectional stream the edge opens): open a printer connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionOpen {
+    pub session: u64,
+    /// The largest MQTT packet the edge accepts from the printer.
+    pub max_packet_size: Option<u32>,
+}
+
+/// Agent → edge, the first frame back on a session stream: the printer
+/// accepted the connection. MQTT packets follow in both directions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionAccept {
+    pub session: u64,
+}
+
+/// Agent → edge, the only frame back on a session stream that failed; the
+/// agent then finishes the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRefused {
+    pub session: u64,
+    pub reason: LinkDownReason,
+    pub detail: Option<String>,
+}
+
+/// Why bytes are not a valid tunnel frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TunnelError {
+    #[error("frame of {size} bytes exceeds the limit of {max} bytes")]
+    FrameTooLarge { size: usize, max: usize },
+    #[error("unknown message type {0:#04x}")]
+    UnknownMessageType(u8),
+    #[error("field header or value runs past the end of the frame")]
+    TruncatedField,
+    #[error("field {field} appears twice")]
+    DuplicateField { field: &'static str },
+    #[error("required field {field} is missing")]
+    MissingField { field: &'static str },
+    #[error("field {field} has length {len}, expected {expected}")]
+    InvalidFieldLength {
+        field: &'static str,
+        len: usize,
+        expected: usize,
+    },
+    #[error("field {field} is not valid UTF-8")]
+    InvalidUtf8 { field: &'static str },
+    #[error("field {field} is longer than 65535 bytes")]
+    FieldTooLong { field: &'static str },
+}
+
+/// Decodes the frame at the front of `buffer`. `Ok(None)` means more bytes
+/// are needed and the buffer is untouched; on success the frame is removed.
+pub fn decode(buffer: &mut BytesMut, max_frame_len: usize) -> Result<Option<Message>, TunnelError> {
+    if buffer.len() < FRAME_HEADER_LEN {
+        return Ok(None);
+    }
+    let message_type = buffer[0];
+    let body_len = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
+    let size = FRAME_HEADER_LEN.saturating_add(body_len);
+    if size > max_frame_len {
+        return Err(TunnelError::FrameTooLarge {
+            size,
+            max: max_frame_len,
+        });
+    }
+    if message_type < message_type::FIRST_IGNORABLE && !is_known(message_type) {
+        return Err(TunnelError::UnknownMessageType(message_type));
+    }
+    if buffer.len() < size {
+        return Ok(None);
+    }
+    let mut frame = buffer.split_to(size).freeze();
+    frame.advance(FRAME_HEADER_LEN);
+    decode_body(message_type, frame).map(Some)
+}
+
+fn is_known(message_type: u8) -> bool {
+    (message_type::HELLO..=message_type::SESSION_REFUSED).contains(&message_type)
+}
+
+fn decode_body(message_type: u8, body: Bytes) -> Result<Message, TunnelError> {
+    if !is_known(message_type) {
+        return Ok(Message::Ignored { message_type });
+    }
+    let fields = Fields::parse(body)?;
+    Ok(match message_type {
+        message_type::HELLO => Message::Hello(Hello {
+            version: fields.required(1, "version", Fields::u16)?,
+            credential: fields.required(2, "credential", Fields::string)?,
+            agent_version: fields.optional(3, "agent_version", Fields::string)?,
+        }),
+        message_type::HELLO_ACK => Message::HelloAck(HelloAck {
+            version: fields.required(1, "version", Fields::u16)?,
+            device_id: fields.required(2, "device_id", Fields::string)?,
+            epoch: fields.required(3, "epoch", Fields::u64)?,
+            keep_alive_ms: fields.optional(4, "keep_alive_ms", Fields::u32)?,
+        }),
+        message_type::HELLO_REFUSED => Message::HelloRefused(HelloRefused {
+            reason: RefusalReason::from_code(fields.required(1, "reason", Fields::u16)?),
+            message: fields.optional(2, "message", Fields::string)?,
+            retry_after_ms: fields.optional(3, "retry_after_ms", Fields::u32)?,
+        }),
+        message_type::PRINTER_LINK => Message::PrinterLink(PrinterLink {
+            state: LinkState::from_code(fields.required(1, "state", Fields::u8)?),
+            reason: fields
+                .optional(2, "reason", Fields::u8)?
+                .map(LinkDownReason::from_code),
+            detail: fields.optional(3, "detail", Fields::string)?,
+            session: fields.optional(4, "session", Fields::u64)?,
+        }),
+        message_type::GO_AWAY => Message::GoAway(GoAway {
+            reason: GoAwayReason::from_code(fields.required(1, "reason", Fields::u16)?),
+            reconnect_after_ms: fields.optional(2, "reconnect_after_ms", Fields::u32)?,
+        }),
+        message_type::SESSION_OPEN => Message::SessionOpen(SessionOpen {
+            session: fields.required(1, "session", Fields::u64)?,
+            max_packet_size: fields.optional(2, "max_packet_size", Fields::u32)?,
+        }),
+        message_type::SESSION_ACCEPT => Message::SessionAccept(SessionAccept {
+            session: fields.required(1, "session", Fields::u64)?,
+        }),
+        _ => Message::SessionRefused(SessionRefused {
+            session: fields.required(1, "session", Fields::u64)?,
+            reason: LinkDownReason::from_code(fields.required(2, "reason", Fields::u8)?),
+            detail: fields.optional(3, "detail", Fields::string)?,
+        }),
+    })
+}
+
+/// The highest field tag any version-1 message defines.
+const MAX_KNOWN_TAG: usize = 4;
+
+/// The known fields of one frame body, by tag. Unknown tags are skipped.
+struct Fields {
+    by_tag: [Option<Bytes>; MAX_KNOWN_TAG + 1],
+    /// Bit `tag` is set when that known tag appeared more than once.
+    duplicates: u16,
+}
+
+impl Fields {
+    fn parse(mut body: Bytes) -> Result<Fields, TunnelError> {
+        let mut fields = Fields {
+            by_tag: Default::default(),
+            duplicates: 0,
+        };
+        while !body.is_empty() {
+            if body.len() < 3 {
+                return Err(TunnelError::TruncatedField);
+            }
+            let tag = body.get_u8();
+            let len = usize::from(body.get_u16());
+            if body.len() < len {
+                return Err(TunnelError::TruncatedField);
+            }
+            let value = body.split_to(len);
+            if let Some(slot) = fields.by_tag.get_mut(usize::from(tag)) {
+                if slot.is_some() {
+                    fields.duplicates |= 1 << tag;
+                }
+                *slot = Some(value);
+            }
+        }
+        Ok(fields)
+    }
+
+    fn optional<T>(
+        &self,
+        tag: u8,
+        field: &'static str,
+        convert: fn(&Bytes, &'static str) -> Result<T, TunnelError>,
+    ) -> Result<Option<T>, TunnelError> {
+        if self.duplicates & (1 << tag) != 0 {
+            return Err(TunnelError::DuplicateField { field });
+        }
+        self.by_tag[usize::from(tag)]
+            .as_ref()
+            .map(|value| convert(value, field))
+            .transpose()
+    }
+
+    fn required<T>(
+        &self,
+        tag: u8,
+        field: &'static str,
+        convert: fn(&Bytes, &'static str) -> Result<T, TunnelError>,
+    ) -> Result<T, TunnelError> {
+        self.optional(tag, field, convert)?
+            .ok_or(TunnelError::MissingField { field })
+    }
+
+    fn fixed<const N: usize>(value: &Bytes, field: &'static str) -> Result<[u8; N], TunnelError> {
+        <[u8; N]>::try_from(&value[..]).map_err(|_| TunnelError::InvalidFieldLength {
+            field,
+            len: value.len(),
+            expected: N,
+        })
+    }
+
+    fn u8(value: &Bytes, field: &'static str) -> Result<u8, TunnelError> {
+        Self::fixed::<1>(value, field).map(|bytes| bytes[0])
+    }
+
+    fn u16(value: &Bytes, field: &'static str) -> Result<u16, TunnelError> {
+        Self::fixed(value, field).map(u16::from_be_bytes)
+    }
+
+    fn u32(value: &Bytes, field: &'static str) -> Result<u32, TunnelError> {
+        Self::fixed(value, field).map(u32::from_be_bytes)
+    }
+
+    fn u64(value: &Bytes, field: &'static str) -> Result<u64, TunnelError> {
+        Self::fixed(value, field).map(u64::from_be_bytes)
+    }
+
+    fn string(value: &Bytes, field: &'static str) -> Result<String, TunnelError> {
+        String::from_utf8(value.to_vec()).map_err(|_| TunnelError::InvalidUtf8 { field })
+    }
+}
+
+/// Appends the frame of `message` to `out`. [`Message::Ignored`] encodes as
+/// an empty frame of its type. On error nothing is appended.
+pub fn encode(message: &Message, out: &mut BytesMut) -> Result<(), TunnelError> {
+    let mut body = FieldWriter::default();
+    let message_type = match message {
+        Message::Hello(hello) => {
+            body.u16(1, hello.version);
+            body.string(2, "credential", &hello.credential)?;
+            body.optional_string(3, "agent_version", hello.agent_version.as_deref())?;
+            message_type::HELLO
+        }
+        Message::HelloAck(ack) => {
+            body.u16(1, ack.version);
+            body.string(2, "device_id", &ack.device_id)?;
+            body.u64(3, ack.epoch);
+            if let Some(keep_alive_ms) = ack.keep_alive_ms {
+                body.u32(4, keep_alive_ms);
+            }
+            message_type::HELLO_ACK
+        }
+        Message::HelloRefused(refused) => {
+            body.u16(1, refused.reason.code());
+            body.optional_string(2, "message", refused.message.as_deref())?;
+            if let Some(retry_after_ms) = refused.retry_after_ms {
+                body.u32(3, retry_after_ms);
+            }
+            message_type::HELLO_REFUSED
+        }
+        Message::PrinterLink(link) => {
+            body.u8(1, link.state.code());
+            if let Some(reason) = link.reason {
+                body.u8(2, reason.code());
+            }
+            body.optional_string(3, "detail", link.detail.as_deref())?;
+            if let Some(session) = link.session {
+                body.u64(4, session);
+            }
+            message_type::PRINTER_LINK
+        }
+        Message::GoAway(go_away) => {
+            body.u16(1, go_away.reason.code());
+            if let Some(after) = go_away.reconnect_after_ms {
+                body.u32(2, after);
+            }
+            message_type::GO_AWAY
+        }
+        Message::SessionOpen(open) => {
+            body.u64(1, open.session);
+            if let Some(max) = open.max_packet_size {
+                body.u32(2, max);
+            }
+            message_type::SESSION_OPEN
+        }
+        Message::SessionAccept(accept) => {
+            body.u64(1, accept.session);
+            message_type::SESSION_ACCEPT
+        }
+        Message::SessionRefused(refused) => {
+            body.u64(1, refused.session);
+            body.u8(2, refused.reason.code());
+            body.optional_string(3, "detail", refused.detail.as_deref())?;
+            message_type::SESSION_REFUSED
+        }
+        Message::Ignored { message_type } => *message_type,
+    };
+    let body = body.bytes;
+    // Bodies are a handful of fields of at most 64 KiB each: far below 4 GiB.
+    let body_len = u32::try_from(body.len()).map_err(|_| TunnelError::FrameTooLarge {
+        size: body.len(),
+        max: u32::MAX as usize,
+    })?;
+    out.reserve(FRAME_HEADER_LEN + body.len());
+    out.put_u8(message_type);
+    out.put_u32(body_len);
+    out.put_slice(&body);
+    Ok(())
+}
+
+#[derive(Default)]
+struct FieldWriter {
+    bytes: Vec<u8>,
+}
+
+impl FieldWriter {
+    fn raw(&mut self, tag: u8, value: &[u8]) {
+        self.bytes.put_u8(tag);
+        // Callers check string lengths; fixed-width values are at most 8 bytes.
+        self.bytes.put_u16(value.len() as u16);
+        self.bytes.put_slice(value);
+    }
+
+    fn u8(&mut self, tag: u8, value: u8) {
+        self.raw(tag, &[value]);
+    }
+
+    fn u16(&mut self, tag: u8, value: u16) {
+        self.raw(tag, &value.to_be_bytes());
+    }
+
+    fn u32(&mut self, tag: u8, value: u32) {
+        self.raw(tag, &value.to_be_bytes());
+    }
+
+    fn u64(&mut self, tag: u8, value: u64) {
+        self.raw(tag, &value.to_be_bytes());
+    }
+
+    fn string(&mut self, tag: u8, field: &'static str, value: &str) -> Result<(), TunnelError> {
+        if value.len() > usize::from(u16::MAX) {
+            return Err(TunnelError::FieldTooLong { field });
+        }
+        self.raw(tag, value.as_bytes());
+        Ok(())
+    }
+
+    fn optional_string(
+        &mut self,
+        tag: u8,
+        field: &'static str,
+        value: Option<&str>,
+    ) -> Result<(), TunnelError> {
+        match value {
+            Some(value) => self.string(tag, field, value),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Maps a wire code to and from an enum with an `Other` fallback, so that a
+/// code from a newer peer survives a round trip.
+macro_rules! wire_codes {
+    ($name:ident: $repr:ty { $($variant:ident = $code:literal),+ $(,)? }) => {
+        impl $name {
+            /// The enum value for a wire code; unknown codes become `Other`.
+            pub fn from_code(code: $repr) -> Self {
+                match code {
+                    $($code => $name::$variant,)+
+                    other => $name::Other(other),
+                }
+            }
+
+            /// The wire code of this value.
+            pub fn code(self) -> $repr {
+                match self {
+                    $($name::$variant => $code,)+
+                    $name::Other(other) => other,
+                }
+            }
+        }
+    };
+}
+
+wire_codes!(RefusalReason: u16 {
+    BadCredential = 1,
+    UnsupportedVersion = 2,
+    DeviceDisabled = 3,
+    RateLimited = 4,
+    Internal = 5,
+});
+
+wire_codes!(LinkState: u8 {
+    Idle = 1,
+    Connecting = 2,
+    Up = 3,
+    Down = 4,
+});
+
+wire_codes!(LinkDownReason: u8 {
+    CredentialsRefused = 1,
+    TlsFailure = 2,
+    Unreachable = 3,
+    TooManyClients = 4,
+    Dropped = 5,
+    ProtocolError = 6,
+    TimedOut = 7,
+    Policy = 8,
+});
+
+wire_codes!(GoAwayReason: u16 {
+    Draining = 1,
+    Superseded = 2,
+});

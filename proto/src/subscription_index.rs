@@ -167,7 +167,10 @@ impl<S: PartialEq> SubscriptionIndex<S> {
         let mut node = &self.root;
         let mut keep_depth = 0;
         for (depth, level) in levels.iter().enumerate() {
-            if !node.ending_here.is_empty() || !node.multi_level.is_empty() || node.child_count() > 1 {
+            if !node.ending_here.is_empty()
+                || !node.multi_level.is_empty()
+                || node.child_count() > 1
+            {
                 keep_depth = depth;
             }
             match node.child(level) {
@@ -267,7 +270,9 @@ mod tests {
     #[test]
     fn finds_every_matching_filter_and_no_other() {
         let mut index = SubscriptionIndex::new();
-        let filters = ["a/b", "a/+", "a/#", "#", "+/b", "a/b/c", "$SYS/#", "+/+", "a"];
+        let filters = [
+            "a/b", "a/+", "a/#", "#", "+/b", "a/b/c", "$SYS/#", "+/+", "a",
+        ];
         for (id, filter) in filters.iter().enumerate() {
             assert!(index.insert(filter, id as u32));
         }
@@ -302,12 +307,24 @@ mod tests {
         for filter in filters {
             index.insert(filter, 7u32);
         }
-        for filter in filters {
+        for (removed, filter) in filters.iter().enumerate() {
             assert!(index.remove(filter, &7), "{filter}");
-            assert!(index.matches("a/b/c/d").iter().all(|_| index.len() > 0));
+            let remaining = &filters[removed + 1..];
+            for topic in ["a/b/c/d", "a/b", "x/b/y", "a/b/c/d/e"] {
+                let expected = remaining.iter().filter(|f| topic_matches(f, topic)).count();
+                assert_eq!(
+                    index.matches(topic).len(),
+                    expected,
+                    "{topic} after removing {filter}"
+                );
+            }
         }
         assert!(index.is_empty());
-        assert!(index.root.is_empty(), "trie keeps empty nodes: {:?}", index.root);
+        assert!(
+            index.root.is_empty(),
+            "trie keeps empty nodes: {:?}",
+            index.root
+        );
     }
 
     #[test]

@@ -118,17 +118,28 @@ mod tests {
     #[test]
     fn filters_follow_the_wildcard_rules() {
         let limits = TopicLimits::SPEC;
-        for good in ["a", "a/b", "#", "+", "a/#", "+/+", "a/+/c", "/", "//", "/#", "$SYS/#", "+/#"] {
+        for good in [
+            "a", "a/b", "#", "+", "a/#", "+/+", "a/+/c", "/", "//", "/#", "$SYS/#", "+/#",
+        ] {
             assert_eq!(validate_topic_filter(good, &limits), Ok(()), "{good}");
         }
         assert_eq!(
             validate_topic_filter("a/#/b", &limits),
             Err(TopicError::MultiLevelWildcardNotLast)
         );
-        assert_eq!(validate_topic_filter("a+", &limits), Err(TopicError::WildcardNotWholeLevel));
-        assert_eq!(validate_topic_filter("a/b#", &limits), Err(TopicError::WildcardNotWholeLevel));
+        assert_eq!(
+            validate_topic_filter("a+", &limits),
+            Err(TopicError::WildcardNotWholeLevel)
+        );
+        assert_eq!(
+            validate_topic_filter("a/b#", &limits),
+            Err(TopicError::WildcardNotWholeLevel)
+        );
         assert_eq!(validate_topic_filter("", &limits), Err(TopicError::Empty));
-        assert_eq!(validate_topic_filter("a\0", &limits), Err(TopicError::NullCharacter));
+        assert_eq!(
+            validate_topic_filter("a\0", &limits),
+            Err(TopicError::NullCharacter)
+        );
     }
 
     #[test]
@@ -138,8 +149,14 @@ mod tests {
             max_levels: 3,
         };
         assert_eq!(validate_topic_name("a/b/c", &limits), Ok(()));
-        assert_eq!(validate_topic_name("a/+", &limits), Err(TopicError::WildcardInName));
-        assert_eq!(validate_topic_name("a/#", &limits), Err(TopicError::WildcardInName));
+        assert_eq!(
+            validate_topic_name("a/+", &limits),
+            Err(TopicError::WildcardInName)
+        );
+        assert_eq!(
+            validate_topic_name("a/#", &limits),
+            Err(TopicError::WildcardInName)
+        );
         assert_eq!(
             validate_topic_name("abcdefghi", &limits),
             Err(TopicError::TooLong { len: 9, max: 8 })
@@ -154,8 +171,16 @@ mod tests {
     fn matching_follows_the_spec_examples() {
         let cases = [
             ("sport/tennis/player1/#", "sport/tennis/player1", true),
-            ("sport/tennis/player1/#", "sport/tennis/player1/ranking", true),
-            ("sport/tennis/player1/#", "sport/tennis/player1/score/wimbledon", true),
+            (
+                "sport/tennis/player1/#",
+                "sport/tennis/player1/ranking",
+                true,
+            ),
+            (
+                "sport/tennis/player1/#",
+                "sport/tennis/player1/score/wimbledon",
+                true,
+            ),
             ("sport/#", "sport", true),
             ("#", "sport", true),
             ("sport/tennis/+", "sport/tennis/player1", true),
@@ -176,7 +201,11 @@ mod tests {
             ("a/b/c", "a/b", false),
         ];
         for (filter, topic, expected) in cases {
-            assert_eq!(topic_matches(filter, topic), expected, "{filter} vs {topic}");
+            assert_eq!(
+                topic_matches(filter, topic),
+                expected,
+                "{filter} vs {topic}"
+            );
         }
     }
 }

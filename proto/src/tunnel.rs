@@ -71,7 +71,9 @@ pub enum Message {
     SessionRefused(SessionRefused),
     /// A message of an unknown type at or above `0x80`, which its sender
     /// allows a receiver to drop.
-    Ignored { message_type: u8 },
+    Ignored {
+        message_type: u8,
+    },
 }
 
 /// Agent → edge, the first frame of the control stream.

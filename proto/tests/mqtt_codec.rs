@@ -1,6 +1,9 @@
 //! The MQTT codec against hand-written packets: one test per validity rule,
 //! byte-exact encodings, and the bounded, incremental decoding contract.
 
+// Test code: a failed expectation should panic with its message.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use bytes::{Bytes, BytesMut};
 use relay_proto::mqtt::{
     ConnAck, Connect, ConnectReturnCode, DecodeError, EncodeError, Packet, PacketId, PacketType,
@@ -151,7 +154,10 @@ fn strings_must_be_utf8_without_nul() {
         Err(DecodeError::NullCharacter)
     );
     // An encoded surrogate (U+D800) is not UTF-8.
-    assert_eq!(decode_hex("30 06 0003 eda080 00"), Err(DecodeError::InvalidUtf8));
+    assert_eq!(
+        decode_hex("30 06 0003 eda080 00"),
+        Err(DecodeError::InvalidUtf8)
+    );
 }
 
 #[test]
@@ -180,7 +186,10 @@ fn reserved_types_and_header_flags_are_refused_from_the_first_byte() {
 
 #[test]
 fn remaining_length_is_at_most_four_bytes() {
-    assert_eq!(decode_hex("30 ff ff ff ff 01"), Err(DecodeError::MalformedRemainingLength));
+    assert_eq!(
+        decode_hex("30 ff ff ff ff 01"),
+        Err(DecodeError::MalformedRemainingLength)
+    );
     // Four bytes is fine, and then the size limit speaks.
     assert_eq!(
         decode_hex("30 ff ff ff 7f"),
@@ -193,9 +202,18 @@ fn remaining_length_is_at_most_four_bytes() {
 
 #[test]
 fn publish_rules() {
-    assert_eq!(decode_hex("36 07 0001 61 0001 00"), Err(DecodeError::InvalidQos(3)));
-    assert_eq!(decode_hex("38 04 0001 61 00"), Err(DecodeError::DuplicateFlagWithQos0));
-    assert_eq!(decode_hex("32 05 0001 61 0000"), Err(DecodeError::ZeroPacketId));
+    assert_eq!(
+        decode_hex("36 07 0001 61 0001 00"),
+        Err(DecodeError::InvalidQos(3))
+    );
+    assert_eq!(
+        decode_hex("38 04 0001 61 00"),
+        Err(DecodeError::DuplicateFlagWithQos0)
+    );
+    assert_eq!(
+        decode_hex("32 05 0001 61 0000"),
+        Err(DecodeError::ZeroPacketId)
+    );
     assert_eq!(
         decode_hex("30 05 0003 612f2b"),
         Err(DecodeError::InvalidTopicName(TopicError::WildcardInName))
@@ -208,7 +226,10 @@ fn publish_rules() {
         decode_hex("30 02 0000"),
         Err(DecodeError::InvalidTopicName(TopicError::Empty))
     );
-    assert_eq!(decode_hex("32 04 0001 61 00"), Err(DecodeError::Truncated("packet identifier")));
+    assert_eq!(
+        decode_hex("32 04 0001 61 00"),
+        Err(DecodeError::Truncated("packet identifier"))
+    );
 }
 
 #[test]
@@ -227,8 +248,14 @@ fn publish_payload_is_a_slice_of_the_input() {
 #[test]
 fn acknowledgements_need_exactly_a_non_zero_id() {
     assert_eq!(decode_hex("40 02 0000"), Err(DecodeError::ZeroPacketId));
-    assert_eq!(decode_hex("40 01 00"), Err(DecodeError::Truncated("packet identifier")));
-    assert_eq!(decode_hex("40 03 000100"), Err(DecodeError::TrailingBytes(1)));
+    assert_eq!(
+        decode_hex("40 01 00"),
+        Err(DecodeError::Truncated("packet identifier"))
+    );
+    assert_eq!(
+        decode_hex("40 03 000100"),
+        Err(DecodeError::TrailingBytes(1))
+    );
     assert_eq!(decode_hex("b0 02 0000"), Err(DecodeError::ZeroPacketId));
     assert_eq!(decode_hex("c0 01 00"), Err(DecodeError::TrailingBytes(1)));
     assert_eq!(decode_hex("62 02 0007"), Ok(Some(Packet::PubRel(id(7)))));
@@ -240,23 +267,45 @@ fn subscribe_rules() {
         decode_hex("82 02 0001"),
         Err(DecodeError::NoTopicFilters(PacketType::Subscribe))
     );
-    assert_eq!(decode_hex("82 06 0000 0001 61 00"), Err(DecodeError::ZeroPacketId));
-    assert_eq!(decode_hex("82 06 0001 0001 61 03"), Err(DecodeError::InvalidQos(3)));
-    assert_eq!(decode_hex("82 06 0001 0001 61 04"), Err(DecodeError::SubscribeReservedBits(4)));
+    assert_eq!(
+        decode_hex("82 06 0000 0001 61 00"),
+        Err(DecodeError::ZeroPacketId)
+    );
+    assert_eq!(
+        decode_hex("82 06 0001 0001 61 03"),
+        Err(DecodeError::InvalidQos(3))
+    );
+    assert_eq!(
+        decode_hex("82 06 0001 0001 61 04"),
+        Err(DecodeError::SubscribeReservedBits(4))
+    );
     assert_eq!(
         decode_hex("82 0a 0001 0005 612f232f62 00"),
-        Err(DecodeError::InvalidTopicFilter(TopicError::MultiLevelWildcardNotLast))
+        Err(DecodeError::InvalidTopicFilter(
+            TopicError::MultiLevelWildcardNotLast
+        ))
     );
     assert_eq!(
         decode_hex("82 07 0001 0002 612b 00"),
-        Err(DecodeError::InvalidTopicFilter(TopicError::WildcardNotWholeLevel))
+        Err(DecodeError::InvalidTopicFilter(
+            TopicError::WildcardNotWholeLevel
+        ))
     );
-    assert_eq!(decode_hex("82 05 0001 0001 61"), Err(DecodeError::Truncated("requested QoS")));
+    assert_eq!(
+        decode_hex("82 05 0001 0001 61"),
+        Err(DecodeError::Truncated("requested QoS"))
+    );
     let subscribe = Packet::Subscribe(Subscribe {
         packet_id: id(1),
-        filters: vec![("device/+/report".into(), QoS::AtLeastOnce), ("#".into(), QoS::AtMostOnce)],
+        filters: vec![
+            ("device/+/report".into(), QoS::AtLeastOnce),
+            ("#".into(), QoS::AtMostOnce),
+        ],
     });
-    assert_eq!(decode_bytes(&encode_to_vec(&subscribe)), Ok(Some(subscribe)));
+    assert_eq!(
+        decode_bytes(&encode_to_vec(&subscribe)),
+        Ok(Some(subscribe))
+    );
 }
 
 #[test]
@@ -267,19 +316,30 @@ fn unsubscribe_rules() {
     );
     assert_eq!(
         decode_hex("a2 06 0001 0002 2361"),
-        Err(DecodeError::InvalidTopicFilter(TopicError::WildcardNotWholeLevel))
+        Err(DecodeError::InvalidTopicFilter(
+            TopicError::WildcardNotWholeLevel
+        ))
     );
     let unsubscribe = Packet::Unsubscribe(Unsubscribe {
         packet_id: id(9),
         filters: vec!["a/b".into()],
     });
-    assert_eq!(decode_bytes(&encode_to_vec(&unsubscribe)), Ok(Some(unsubscribe)));
+    assert_eq!(
+        decode_bytes(&encode_to_vec(&unsubscribe)),
+        Ok(Some(unsubscribe))
+    );
 }
 
 #[test]
 fn suback_and_connack_rules() {
-    assert_eq!(decode_hex("90 02 0001"), Err(DecodeError::NoSubAckReturnCodes));
-    assert_eq!(decode_hex("90 03 0001 03"), Err(DecodeError::InvalidSubAckReturnCode(3)));
+    assert_eq!(
+        decode_hex("90 02 0001"),
+        Err(DecodeError::NoSubAckReturnCodes)
+    );
+    assert_eq!(
+        decode_hex("90 03 0001 03"),
+        Err(DecodeError::InvalidSubAckReturnCode(3))
+    );
     assert_eq!(
         decode_hex("90 05 0001 00 02 80"),
         Ok(Some(Packet::SubAck(SubAck {
@@ -291,9 +351,18 @@ fn suback_and_connack_rules() {
             ],
         })))
     );
-    assert_eq!(decode_hex("20 02 02 00"), Err(DecodeError::InvalidConnAckFlags(2)));
-    assert_eq!(decode_hex("20 02 00 06"), Err(DecodeError::InvalidConnectReturnCode(6)));
-    assert_eq!(decode_hex("20 02 01 05"), Err(DecodeError::SessionPresentOnRefusal));
+    assert_eq!(
+        decode_hex("20 02 02 00"),
+        Err(DecodeError::InvalidConnAckFlags(2))
+    );
+    assert_eq!(
+        decode_hex("20 02 00 06"),
+        Err(DecodeError::InvalidConnectReturnCode(6))
+    );
+    assert_eq!(
+        decode_hex("20 02 01 05"),
+        Err(DecodeError::SessionPresentOnRefusal)
+    );
     assert_eq!(
         decode_hex("20 02 00 03"),
         Ok(Some(Packet::ConnAck(ConnAck {
@@ -364,7 +433,11 @@ fn remaining_length_boundaries_encode_minimally() {
             payload: Bytes::from(vec![0u8; payload_len]),
         });
         let bytes = encode_to_vec(&packet);
-        assert_eq!(bytes.len(), header_len + 5 + payload_len, "payload {payload_len}");
+        assert_eq!(
+            bytes.len(),
+            header_len + 5 + payload_len,
+            "payload {payload_len}"
+        );
         assert_eq!(decode_bytes(&bytes), Ok(Some(packet)));
     }
 }
@@ -412,7 +485,10 @@ fn the_encoder_refuses_what_the_types_cannot_rule_out() {
         packet_id: None,
         payload: Bytes::new(),
     });
-    assert_eq!(encode(&long_topic, &mut out), Err(EncodeError::FieldTooLong("topic name")));
+    assert_eq!(
+        encode(&long_topic, &mut out),
+        Err(EncodeError::FieldTooLong("topic name"))
+    );
     assert!(out.is_empty(), "a failed encode appended bytes");
 }
 

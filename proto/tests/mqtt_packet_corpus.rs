@@ -5,6 +5,9 @@
 //! Every fixture mqtt-packet parses and generates must decode here and
 //! re-encode to the same bytes; every fixture it rejects must be rejected.
 
+// Test code: a failed expectation should panic with its message.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use bytes::BytesMut;
 use relay_proto::mqtt::{Packet, decode, encode};
 use serde_json::Value;
@@ -77,15 +80,24 @@ fn corpus_is_substantial() {
     let vectors = vectors();
     let valid = vectors.iter().filter(|v| v.kind != "malformed").count();
     let malformed = vectors.len() - valid;
-    assert!(valid >= 30 && malformed >= 40, "{valid} valid, {malformed} malformed");
+    assert!(
+        valid >= 30 && malformed >= 40,
+        "{valid} valid, {malformed} malformed"
+    );
 }
 
 #[test]
 fn valid_fixtures_round_trip_byte_for_byte() {
     let mut failures = Vec::new();
     for vector in vectors().iter().filter(|v| v.kind != "malformed") {
-        if let Some((_, expected)) = STRICTER_THAN_MQTT_PACKET.iter().find(|(t, _)| *t == vector.test) {
-            assert_eq!(decode_stream(&vector.chunks).err().as_deref(), Some(*expected));
+        if let Some((_, expected)) = STRICTER_THAN_MQTT_PACKET
+            .iter()
+            .find(|(t, _)| *t == vector.test)
+        {
+            assert_eq!(
+                decode_stream(&vector.chunks).err().as_deref(),
+                Some(*expected)
+            );
             continue;
         }
         let packets = match decode_stream(&vector.chunks) {

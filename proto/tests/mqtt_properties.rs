@@ -1,6 +1,9 @@
 //! Property tests of the MQTT codec: round trips, byte-at-a-time decoding,
 //! and arbitrary input that must never panic nor overrun the size limit.
 
+// Test code: a failed expectation should panic with its message.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use relay_proto::mqtt::{
@@ -39,7 +42,11 @@ fn topic_filter() -> impl Strategy<Value = String> {
             levels.push("#".into());
         }
         let filter = levels.join("/");
-        if filter.is_empty() { "#".into() } else { filter }
+        if filter.is_empty() {
+            "#".into()
+        } else {
+            filter
+        }
     })
 }
 
@@ -78,27 +85,36 @@ fn connect() -> impl Strategy<Value = Packet> {
         will,
         credentials,
     )
-        .prop_map(|(protocol, bridge_mode, clean_session, keep_alive, client_id, will, credentials)| {
-            let (username, password) = match credentials {
-                Some((username, password)) => (Some(username), password),
-                None => (None, None),
-            };
-            Packet::Connect(Connect {
-                protocol,
-                bridge_mode,
-                clean_session,
-                keep_alive,
-                client_id,
-                will,
-                username,
-                password,
-            })
-        })
+        .prop_map(
+            |(protocol, bridge_mode, clean_session, keep_alive, client_id, will, credentials)| {
+                let (username, password) = match credentials {
+                    Some((username, password)) => (Some(username), password),
+                    None => (None, None),
+                };
+                Packet::Connect(Connect {
+                    protocol,
+                    bridge_mode,
+                    clean_session,
+                    keep_alive,
+                    client_id,
+                    will,
+                    username,
+                    password,
+                })
+            },
+        )
 }
 
 fn publish() -> impl Strategy<Value = Packet> {
-    (qos(), any::<bool>(), any::<bool>(), topic_name(), packet_id(), binary(300)).prop_map(
-        |(qos, dup, retain, topic, id, payload)| {
+    (
+        qos(),
+        any::<bool>(),
+        any::<bool>(),
+        topic_name(),
+        packet_id(),
+        binary(300),
+    )
+        .prop_map(|(qos, dup, retain, topic, id, payload)| {
             let at_most_once = qos == QoS::AtMostOnce;
             Packet::Publish(Publish {
                 dup: dup && !at_most_once,
@@ -108,8 +124,7 @@ fn publish() -> impl Strategy<Value = Packet> {
                 packet_id: (!at_most_once).then_some(id),
                 payload,
             })
-        },
-    )
+        })
 }
 
 fn connack() -> impl Strategy<Value = Packet> {
@@ -142,7 +157,10 @@ fn any_packet() -> impl Strategy<Value = Packet> {
         packet_id().prop_map(Packet::PubRec),
         packet_id().prop_map(Packet::PubRel),
         packet_id().prop_map(Packet::PubComp),
-        (packet_id(), proptest::collection::vec((topic_filter(), qos()), 1..5))
+        (
+            packet_id(),
+            proptest::collection::vec((topic_filter(), qos()), 1..5)
+        )
             .prop_map(|(packet_id, filters)| Packet::Subscribe(Subscribe { packet_id, filters })),
         (packet_id(), proptest::collection::vec(suback_code, 1..5)).prop_map(
             |(packet_id, return_codes)| Packet::SubAck(SubAck {

@@ -3,8 +3,8 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::{
-    ConnAck, Connect, ConnectReturnCode, DecodeError, Packet, PacketId, PacketType,
-    ProtocolLevel, Publish, QoS, SubAck, Subscribe, SubscribeReturnCode, Unsubscribe, Will,
+    ConnAck, Connect, ConnectReturnCode, DecodeError, Packet, PacketId, PacketType, ProtocolLevel,
+    Publish, QoS, SubAck, Subscribe, SubscribeReturnCode, Unsubscribe, Will,
 };
 use crate::topic::{self, TopicLimits};
 
@@ -77,7 +77,10 @@ impl FixedHeader {
 /// refused as soon as its fixed header is readable, before its body is
 /// buffered or anything is allocated. After an error the connection must be
 /// closed; the buffer's contents are unspecified.
-pub fn decode(buffer: &mut BytesMut, max_packet_size: usize) -> Result<Option<Packet>, DecodeError> {
+pub fn decode(
+    buffer: &mut BytesMut,
+    max_packet_size: usize,
+) -> Result<Option<Packet>, DecodeError> {
     let Some(header) = FixedHeader::parse(buffer)? else {
         return Ok(None);
     };
@@ -204,7 +207,8 @@ fn decode_publish(flags: u8, reader: &mut BodyReader) -> Result<Publish, DecodeE
     // The fixed header already checked QoS and DUP.
     let qos = QoS::from_bits((flags >> 1) & 0b11)?;
     let topic = reader.string("topic name")?;
-    topic::validate_topic_name(&topic, &TopicLimits::SPEC).map_err(DecodeError::InvalidTopicName)?;
+    topic::validate_topic_name(&topic, &TopicLimits::SPEC)
+        .map_err(DecodeError::InvalidTopicName)?;
     let packet_id = match qos {
         QoS::AtMostOnce => None,
         QoS::AtLeastOnce | QoS::ExactlyOnce => Some(reader.packet_id()?),
@@ -221,7 +225,7 @@ fn decode_publish(flags: u8, reader: &mut BodyReader) -> Result<Publish, DecodeE
 
 fn decode_subscribe(reader: &mut BodyReader) -> Result<Subscribe, DecodeError> {
     let packet_id = reader.packet_id()?;
-    let mut filters = Vec::new();
+    let mut filters = Vec::with_capacity(count_length_prefixed(&reader.body, 1));
     while !reader.is_empty() {
         let filter = reader.string("topic filter")?;
         topic::validate_topic_filter(&filter, &TopicLimits::SPEC)
@@ -261,7 +265,7 @@ fn decode_suback(reader: &mut BodyReader) -> Result<SubAck, DecodeError> {
 
 fn decode_unsubscribe(reader: &mut BodyReader) -> Result<Unsubscribe, DecodeError> {
     let packet_id = reader.packet_id()?;
-    let mut filters = Vec::new();
+    let mut filters = Vec::with_capacity(count_length_prefixed(&reader.body, 0));
     while !reader.is_empty() {
         let filter = reader.string("topic filter")?;
         topic::validate_topic_filter(&filter, &TopicLimits::SPEC)
@@ -272,6 +276,23 @@ fn decode_unsubscribe(reader: &mut BodyReader) -> Result<Unsubscribe, DecodeErro
         return Err(DecodeError::NoTopicFilters(PacketType::Unsubscribe));
     }
     Ok(Unsubscribe { packet_id, filters })
+}
+
+/// Counts the length-prefixed entries (each followed by `trailer` bytes) at
+/// the front of `body`, so that a list is allocated once at its final size:
+/// growing it by doubling would allocate about twice what it keeps.
+fn count_length_prefixed(body: &[u8], trailer: usize) -> usize {
+    let mut count = 0;
+    let mut rest = body;
+    while let [high, low, tail @ ..] = rest {
+        let entry = usize::from(u16::from_be_bytes([*high, *low])) + trailer;
+        if tail.len() < entry {
+            break;
+        }
+        rest = &tail[entry..];
+        count += 1;
+    }
+    count
 }
 
 /// Reads fields from a packet body whose length is already known; every read

@@ -8,6 +8,22 @@
 //! to use inside `select!`). Payloads are [`Bytes`] slices of the buffer that
 //! carried them: forwarding a decoded PUBLISH copies no payload.
 //!
+//! ```
+//! use bytes::BytesMut;
+//! use relay_proto::mqtt::{decode, encode, Packet};
+//!
+//! // A read loop: bytes arrive in any split; packets come out whole.
+//! let mut buffer = BytesMut::new();
+//! buffer.extend_from_slice(&[0xc0]); // half of a PINGREQ
+//! assert_eq!(decode(&mut buffer, 1024), Ok(None));
+//! buffer.extend_from_slice(&[0x00]);
+//! assert_eq!(decode(&mut buffer, 1024), Ok(Some(Packet::PingReq)));
+//!
+//! let mut out = BytesMut::new();
+//! encode(&Packet::PingResp, &mut out).unwrap();
+//! assert_eq!(&out[..], &[0xd0, 0x00]);
+//! ```
+//!
 //! Both protocol levels share one codec. They differ only in CONNECT, whose
 //! [`Connect::protocol`] tells which level the client speaks.
 

@@ -1,0 +1,7 @@
+//! Fuzzes the tunnel frame decoder; see `oracles.rs` for what is checked.
+#![no_main]
+
+#[path = "../oracles.rs"]
+mod oracles;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| oracles::check_tunnel_decode(data));

@@ -4,7 +4,8 @@
 // Input layout: the first byte picks the size limit, the second how the rest
 // is cut into reads; the rest is the byte stream.
 
-#![allow(clippy::expect_used)]
+// Each includer (fuzz target or test) uses only part of this file.
+#![allow(clippy::expect_used, dead_code)]
 
 use bytes::BytesMut;
 use relay_proto::{mqtt, tunnel};
@@ -25,8 +26,8 @@ pub fn check_mqtt_decode(data: &[u8]) {
     let Some((limit, chunk, stream)) = split_input(data) else {
         return;
     };
-    let whole = decode_mqtt_stream(stream, limit, stream.len().max(1));
-    let chunked = decode_mqtt_stream(stream, limit, chunk);
+    let whole = decode_stream(stream, limit, stream.len().max(1), mqtt::decode);
+    let chunked = decode_stream(stream, limit, chunk, mqtt::decode);
     assert_eq!(whole, chunked, "verdict depends on how the bytes arrive");
     for packet in whole.0 {
         let mut encoded = BytesMut::new();
@@ -42,38 +43,13 @@ pub fn check_mqtt_decode(data: &[u8]) {
     }
 }
 
-type MqttOutcome = (Vec<mqtt::Packet>, Option<mqtt::DecodeError>);
-
-fn decode_mqtt_stream(stream: &[u8], limit: usize, chunk: usize) -> MqttOutcome {
-    let mut buffer = BytesMut::new();
-    let mut packets = Vec::new();
-    for piece in stream.chunks(chunk) {
-        buffer.extend_from_slice(piece);
-        loop {
-            let before = buffer.len();
-            match mqtt::decode(&mut buffer, limit) {
-                Ok(Some(packet)) => {
-                    assert!(before - buffer.len() <= limit, "packet over the limit");
-                    packets.push(packet);
-                }
-                Ok(None) => {
-                    assert_eq!(before, buffer.len(), "need-more consumed bytes");
-                    break;
-                }
-                Err(error) => return (packets, Some(error)),
-            }
-        }
-    }
-    (packets, None)
-}
-
 /// The same contract for tunnel frames.
 pub fn check_tunnel_decode(data: &[u8]) {
     let Some((limit, chunk, stream)) = split_input(data) else {
         return;
     };
-    let whole = decode_tunnel_stream(stream, limit, stream.len().max(1));
-    let chunked = decode_tunnel_stream(stream, limit, chunk);
+    let whole = decode_stream(stream, limit, stream.len().max(1), tunnel::decode);
+    let chunked = decode_stream(stream, limit, chunk, tunnel::decode);
     assert_eq!(whole, chunked, "verdict depends on how the bytes arrive");
     for message in whole.0 {
         let mut encoded = BytesMut::new();
@@ -87,27 +63,37 @@ pub fn check_tunnel_decode(data: &[u8]) {
     }
 }
 
-type TunnelOutcome = (Vec<tunnel::Message>, Option<tunnel::TunnelError>);
+type Decoder<T, E> = fn(&mut BytesMut, usize) -> Result<Option<T>, E>;
 
-fn decode_tunnel_stream(stream: &[u8], limit: usize, chunk: usize) -> TunnelOutcome {
+/// Feeds `stream` in reads of `chunk` bytes, decoding after each read as a
+/// connection's read loop does, until the end or the first error.
+fn decode_stream<T, E>(
+    stream: &[u8],
+    limit: usize,
+    chunk: usize,
+    decode: Decoder<T, E>,
+) -> (Vec<T>, Option<E>) {
     let mut buffer = BytesMut::new();
-    let mut messages = Vec::new();
+    let mut decoded = Vec::new();
     for piece in stream.chunks(chunk) {
         buffer.extend_from_slice(piece);
         loop {
             let before = buffer.len();
-            match tunnel::decode(&mut buffer, limit) {
-                Ok(Some(message)) => {
-                    assert!(before - buffer.len() <= limit, "frame over the limit");
-                    messages.push(message);
+            match decode(&mut buffer, limit) {
+                Ok(Some(item)) => {
+                    assert!(
+                        before - buffer.len() <= limit,
+                        "decoded more than the limit"
+                    );
+                    decoded.push(item);
                 }
                 Ok(None) => {
                     assert_eq!(before, buffer.len(), "need-more consumed bytes");
                     break;
                 }
-                Err(error) => return (messages, Some(error)),
+                Err(error) => return (decoded, Some(error)),
             }
         }
     }
-    (messages, None)
+    (decoded, None)
 }

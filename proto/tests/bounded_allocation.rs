@@ -65,29 +65,17 @@ fn check(name: &str, input: &[u8], limit: usize, tunnel_frames: bool, failures: 
     }
 }
 
-/// A SUBSCRIBE of exactly `limit` bytes made of one-character filters: the
+/// A SUBSCRIBE of at most `limit` bytes made of one-character filters: the
 /// input with the most decoded structure per wire byte.
 fn dense_subscribe(limit: usize) -> Vec<u8> {
     let filters = (limit - 6) / 4;
-    let remaining = 2 + filters * 4;
-    let mut bytes = vec![0x82];
-    let mut len = remaining;
-    loop {
-        let mut byte = (len & 0x7f) as u8;
-        len >>= 7;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        bytes.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    bytes.extend_from_slice(&[0, 1]);
-    for _ in 0..filters {
-        bytes.extend_from_slice(&[0, 1, b'a', 1]);
-    }
-    bytes
+    let packet = mqtt::Packet::Subscribe(mqtt::Subscribe {
+        packet_id: mqtt::PacketId::MIN,
+        filters: vec![("a".to_owned(), mqtt::QoS::AtLeastOnce); filters],
+    });
+    let mut bytes = BytesMut::new();
+    mqtt::encode(&packet, &mut bytes).expect("encodable");
+    bytes.to_vec()
 }
 
 fn main() -> ExitCode {

@@ -4,6 +4,8 @@
 // Test code: a failed expectation should panic with its message.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod common;
+
 use bytes::{Bytes, BytesMut};
 use relay_proto::mqtt::{
     ConnAck, Connect, ConnectReturnCode, DecodeError, EncodeError, Packet, PacketId, PacketType,
@@ -11,6 +13,8 @@ use relay_proto::mqtt::{
     encode, encoded_len,
 };
 use relay_proto::topic::TopicError;
+
+use common::bytes_of;
 
 const LIMIT: usize = 1024 * 1024;
 
@@ -21,14 +25,6 @@ fn decode_hex(hex: &str) -> Result<Option<Packet>, DecodeError> {
 fn decode_bytes(bytes: &[u8]) -> Result<Option<Packet>, DecodeError> {
     let mut buffer = BytesMut::from(bytes);
     decode(&mut buffer, LIMIT)
-}
-
-fn bytes_of(hex: &str) -> Vec<u8> {
-    let hex: String = hex.split_whitespace().collect();
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("test hex"))
-        .collect()
 }
 
 fn encode_to_vec(packet: &Packet) -> Vec<u8> {

@@ -8,7 +8,10 @@
 // Test code: a failed expectation should panic with its message.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod common;
+
 use bytes::BytesMut;
+use common::bytes_of;
 use relay_proto::mqtt::{Packet, decode, encode};
 use serde_json::Value;
 
@@ -44,17 +47,10 @@ fn vectors() -> Vec<Vector> {
                 .as_array()
                 .expect("chunks")
                 .iter()
-                .map(|chunk| hex(chunk.as_str().expect("hex chunk")))
+                .map(|chunk| bytes_of(chunk.as_str().expect("hex chunk")))
                 .collect(),
             expected_packets: v["packets"].as_array().expect("packets").len(),
         })
-        .collect()
-}
-
-fn hex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
         .collect()
 }
 

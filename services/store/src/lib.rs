@@ -1,0 +1,35 @@
+//! Where relay's users and credentials live: tenants, devices, API keys and
+//! agent credentials, on Postgres (production, several edge instances) or on
+//! an embedded SQLite file (single node, the demo), with the same operations
+//! and the same tests on both.
+//!
+//! - [`Store`]: records and operations, migrations (`migrations/`).
+//! - [`credential`]: the `rly_…` / `rla_…` secret format, digests.
+//! - [`Authenticator`]: from the raw inputs of an HTTP request to a verified
+//!   [`Principal`] or a specific [`AuthFailure`], with a cache.
+//! - [`jwt`]: operator-signed JWTs checked against a JWKS file.
+//! - [`RevocationWatcher`]: revocations as events, from Postgres NOTIFY and
+//!   a periodic re-check.
+//!
+//! This crate knows nothing of MQTT, WebSockets or tunnels.
+
+pub mod auth;
+pub mod clock;
+pub mod credential;
+mod error;
+pub mod jwt;
+mod migrate;
+pub mod revocation;
+mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use auth::{
+    AuthConfig, AuthFailure, Authenticator, Principal, PrincipalSource, RequestCredentials,
+};
+pub use clock::{Clock, ManualClock, Millis, SystemClock};
+pub use error::StoreError;
+pub use revocation::{RevocationEvent, RevocationWatcher, Revoked};
+pub use store::{
+    AgentAuthFailure, AgentCredential, ApiKey, Backend, Device, NewApiKey, Scope, Store, Tenant,
+};

@@ -5,13 +5,12 @@
 //! names, and only with that key's algorithm. So `none` is impossible, and a
 //! token that claims HS256 under an RSA or EC key id (the HMAC-with-public-key
 //! trick) is refused before any signature check. Issuer, audience and expiry
-//! are required. The file is re-read when it changes, which is how keys are
+//! are required. The file is re-read when asked ([`JwtVerifier::reload_if_changed`]), which is how keys are
 //! rotated: publish the new key beside the old, then drop the old.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
-use std::time::SystemTime;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -113,7 +112,8 @@ pub struct VerifiedJwt {
 }
 
 struct Keys {
-    modified: Option<SystemTime>,
+    /// SHA-256 of the file these keys came from.
+    content_digest: String,
     by_kid: HashMap<String, (DecodingKey, Algorithm)>,
 }
 
@@ -141,15 +141,20 @@ impl JwtVerifier {
         })
     }
 
-    /// Re-reads the file if it changed since the last read. Returns whether
-    /// new keys are in force; on error the old ones stay.
+    /// Re-reads the file and takes its keys if its content changed (file
+    /// times are too coarse to tell two quick writes apart). Returns whether
+    /// new keys are in force; on error the old ones stay. Call it
+    /// periodically, e.g. every few seconds.
     pub fn reload_if_changed(&self) -> Result<bool, JwksError> {
-        let modified = modified_time(&self.config.jwks_path);
-        let current = self.keys.read().map(|keys| keys.modified).unwrap_or(None);
-        if modified.is_some() && modified == current {
+        let keys = read_keys(&self.config.jwks_path)?;
+        let unchanged = self
+            .keys
+            .read()
+            .map(|current| current.content_digest == keys.content_digest)
+            .unwrap_or(false);
+        if unchanged {
             return Ok(false);
         }
-        let keys = read_keys(&self.config.jwks_path)?;
         if let Ok(mut slot) = self.keys.write() {
             *slot = keys;
         }
@@ -220,14 +225,7 @@ impl JwtVerifier {
     }
 }
 
-fn modified_time(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path)
-        .and_then(|meta| meta.modified())
-        .ok()
-}
-
 fn read_keys(path: &Path) -> Result<Keys, JwksError> {
-    let modified = modified_time(path);
     let text = std::fs::read_to_string(path).map_err(|source| JwksError::Read {
         path: path.to_owned(),
         source,
@@ -284,7 +282,10 @@ fn read_keys(path: &Path) -> Result<Keys, JwksError> {
             return Err(JwksError::DuplicateKid { kid });
         }
     }
-    Ok(Keys { modified, by_kid })
+    Ok(Keys {
+        content_digest: crate::credential::sha256_hex(text.as_bytes()),
+        by_kid,
+    })
 }
 
 fn signing_algorithm(algorithm: KeyAlgorithm) -> Option<Algorithm> {

@@ -191,7 +191,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             message: "no database: pass --database-url or set RELAY_DATABASE_URL".into(),
         });
     };
-    let store = Store::connect(url).await?;
+    // An operator at a prompt wants a dead database reported quickly.
+    let store = Store::connect_with_timeout(url, std::time::Duration::from_secs(2)).await?;
     let output = Output { json: cli.json };
     let result = execute(&store, cli.command, &output).await;
     store.close().await;

@@ -148,8 +148,17 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Connects to `postgres://…` or `sqlite:…` (a SQLite file is created
-    /// when missing). Fails at once when the database cannot be reached.
+    /// when missing), trying for up to 5 seconds.
     pub async fn connect(database_url: &str) -> Result<Store, StoreError> {
+        Self::connect_with_timeout(database_url, Duration::from_secs(5)).await
+    }
+
+    /// As [`Store::connect`]; `timeout` bounds the first connection and
+    /// every later wait for a pooled connection.
+    pub async fn connect_with_timeout(
+        database_url: &str,
+        timeout: Duration,
+    ) -> Result<Store, StoreError> {
         let backend = if database_url.starts_with("postgres://")
             || database_url.starts_with("postgresql://")
         {
@@ -170,7 +179,7 @@ impl Store {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(if backend == Backend::Sqlite { 4 } else { 16 })
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(timeout)
             .connect(&url)
             .await
             .map_err(StoreError::from_connect)?;

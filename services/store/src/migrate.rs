@@ -1,28 +1,35 @@
-//! Applies the SQL files of `migrations/<backend>/`, compiled in, in order.
+//! Applies the SQL files of `migrations/`, compiled in, in order: the shared
+//! ones everywhere, those under `migrations/postgres/` on Postgres only.
 
 use sqlx::{AnyConnection, Connection, Row};
 
 use crate::credential::sha256_hex;
 use crate::{Backend, StoreError};
 
-/// One migration file.
+/// One migration file, and the backends it is for.
 struct Migration {
     version: i64,
     name: &'static str,
     sql: &'static str,
+    backends: &'static [Backend],
 }
 
-const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_initial",
-    sql: include_str!("../../../migrations/postgres/0001_initial.sql"),
-}];
+const BOTH: &[Backend] = &[Backend::Postgres, Backend::Sqlite];
 
-const SQLITE: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_initial",
-    sql: include_str!("../../../migrations/sqlite/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_initial",
+        sql: include_str!("../../../migrations/0001_initial.sql"),
+        backends: BOTH,
+    },
+    Migration {
+        version: 2,
+        name: "0002_revocation_notify",
+        sql: include_str!("../../../migrations/postgres/0002_revocation_notify.sql"),
+        backends: &[Backend::Postgres],
+    },
+];
 
 /// Any constant will do; it only has to be the same in every process.
 const POSTGRES_MIGRATION_LOCK: i64 = 0x7265_6c61_7901;
@@ -35,10 +42,10 @@ pub(crate) async fn run(
     backend: Backend,
     now: i64,
 ) -> Result<Vec<&'static str>, StoreError> {
-    let migrations = match backend {
-        Backend::Postgres => POSTGRES,
-        Backend::Sqlite => SQLITE,
-    };
+    let migrations: Vec<&Migration> = MIGRATIONS
+        .iter()
+        .filter(|m| m.backends.contains(&backend))
+        .collect();
     let mut transaction = connection.begin().await?;
     if backend == Backend::Postgres {
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -59,8 +66,18 @@ pub(crate) async fn run(
     let applied = sqlx::query("SELECT version, name, checksum FROM relay_migrations")
         .fetch_all(&mut *transaction)
         .await?;
+    // A database migrated by a newer relay has versions this one lacks.
+    let known_versions: Vec<i64> = migrations.iter().map(|m| m.version).collect();
+    for row in &applied {
+        let version: i64 = row.try_get("version")?;
+        if !known_versions.contains(&version) {
+            return Err(StoreError::UnknownMigration {
+                name: row.try_get("name")?,
+            });
+        }
+    }
     let mut newly_applied = Vec::new();
-    for migration in migrations {
+    for migration in &migrations {
         let checksum = sha256_hex(migration.sql.as_bytes());
         let already = applied
             .iter()
@@ -84,16 +101,6 @@ pub(crate) async fn run(
             .execute(&mut *transaction)
             .await?;
         newly_applied.push(migration.name);
-    }
-    // A database migrated by a newer relay has versions this one lacks.
-    let known_versions: Vec<i64> = migrations.iter().map(|m| m.version).collect();
-    for row in &applied {
-        let version: i64 = row.try_get("version")?;
-        if !known_versions.contains(&version) {
-            return Err(StoreError::UnknownMigration {
-                name: row.try_get("name")?,
-            });
-        }
     }
     transaction.commit().await?;
     Ok(newly_applied)

@@ -346,18 +346,9 @@ impl Store {
         if deleted.rows_affected() == 0 {
             return Err(StoreError::not_found("device", id));
         }
-        sqlx::query("UPDATE agent_credentials SET revoked_at = $1 WHERE device_id = $2 AND revoked_at IS NULL")
-            .bind(now)
-            .bind(id)
-            .execute(&mut *transaction)
-            .await?;
-        sqlx::query(
-            "UPDATE api_keys SET revoked_at = $1 WHERE device_id = $2 AND revoked_at IS NULL",
-        )
-        .bind(now)
-        .bind(id)
-        .execute(&mut *transaction)
-        .await?;
+        for table in ["agent_credentials", "api_keys"] {
+            revoke_for_device(&mut transaction, table, id, now).await?;
+        }
         transaction.commit().await?;
         Ok(())
     }
@@ -485,11 +476,7 @@ impl Store {
         let credential = IssuedCredential::generate(CredentialKind::AgentCredential)?;
         let mut transaction = self.pool.begin().await?;
         if revoke_current {
-            sqlx::query("UPDATE agent_credentials SET revoked_at = $1 WHERE device_id = $2 AND revoked_at IS NULL")
-                .bind(now)
-                .bind(device_id)
-                .execute(&mut *transaction)
-                .await?;
+            revoke_for_device(&mut transaction, "agent_credentials", device_id, now).await?;
         }
         sqlx::query(
             "INSERT INTO agent_credentials (id, device_id, secret_digest, created_at) VALUES ($1, $2, $3, $4)",
@@ -602,6 +589,24 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// Revokes the live rows of `table` (agent credentials or API keys) that
+/// belong to a device.
+async fn revoke_for_device(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Any>,
+    table: &'static str,
+    device_id: &str,
+    now: Millis,
+) -> Result<(), StoreError> {
+    sqlx::query(&format!(
+        "UPDATE {table} SET revoked_at = $1 WHERE device_id = $2 AND revoked_at IS NULL"
+    ))
+    .bind(now)
+    .bind(device_id)
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
 }
 
 fn checked_name<'a>(what: &str, name: &'a str) -> Result<&'a str, StoreError> {

@@ -20,6 +20,37 @@ both_backends!(
 
 async fn migrations_apply_once(db: &TestDatabase) {
     assert_eq!(db.store.migrate().await.unwrap(), Vec::<&str>::new());
+    // A migration edited after it ran, and one from a newer build, are refused.
+    let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    let original: String =
+        sqlx::query_scalar("SELECT checksum FROM relay_migrations WHERE version = 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    sqlx::query("UPDATE relay_migrations SET checksum = 'edited' WHERE version = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(matches!(
+        db.store.migrate().await,
+        Err(StoreError::MigrationChanged { .. })
+    ));
+    sqlx::query("UPDATE relay_migrations SET checksum = $1 WHERE version = 1")
+        .bind(&original)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO relay_migrations (version, name, checksum, applied_at) VALUES (999, '0999_future', 'x', 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert!(matches!(
+        db.store.migrate().await,
+        Err(StoreError::UnknownMigration { .. })
+    ));
+    pool.close().await;
 }
 
 async fn tenants_have_unique_names(db: &TestDatabase) {

@@ -1,6 +1,8 @@
--- The embedded store's schema: the same tables and columns as Postgres.
--- Times are milliseconds since the Unix epoch. No NOTIFY here: revocations
--- are found by polling revoked_at / deleted_at.
+-- Tenants, devices, API keys, agent credentials and the tunnel registry.
+-- The same SQL runs on Postgres and SQLite. Times are milliseconds since the
+-- Unix epoch (BIGINT). Deleted devices keep their row (deleted_at), so a
+-- device id (its subdomain label) is never reused; an agent credential or key
+-- is revoked by setting revoked_at. One live agent credential per device.
 
 CREATE TABLE tenants (
     id          TEXT PRIMARY KEY,

@@ -1,0 +1,351 @@
+//! The edge's configuration: a TOML file, overridden by environment
+//! variables and flags, validated once with every problem reported together.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Everything the edge needs to start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    #[serde(default)]
+    pub public: PublicConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub jwt: Option<JwtSection>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub auth: AuthSection,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublicConfig {
+    /// The wss listener.
+    pub listen: Option<SocketAddr>,
+    /// Optional plain ws:// listener for local development; off by default.
+    pub plain_listen: Option<SocketAddr>,
+    /// Devices are `<device-id>.<base_domain>`.
+    pub base_domain: String,
+    /// The WebSocket path; `/` is accepted too unless `accept_root_path` is off.
+    pub path: String,
+    pub accept_root_path: bool,
+    /// PEM certificate chain (a wildcard `*.<base_domain>` in production).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// How often the certificate files are checked for changes.
+    pub tls_reload_seconds: u64,
+    pub tls_handshake_timeout_seconds: u64,
+    /// Time to receive a request's headers (slowloris).
+    pub http_header_timeout_seconds: u64,
+}
+
+impl Default for PublicConfig {
+    fn default() -> Self {
+        PublicConfig {
+            listen: Some(SocketAddr::from(([0, 0, 0, 0], 8443))),
+            plain_listen: None,
+            base_domain: String::new(),
+            path: "/mqtt".into(),
+            accept_root_path: true,
+            tls_cert: None,
+            tls_key: None,
+            tls_reload_seconds: 30,
+            tls_handshake_timeout_seconds: 10,
+            http_header_timeout_seconds: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `postgres://…` or `sqlite:…`. May hold a password: never printed.
+    pub database_url: String,
+    /// Apply pending migrations at start-up.
+    pub migrate: bool,
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("database_url", &"<redacted>")
+            .field("migrate", &self.migrate)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSection {
+    pub jwks_path: PathBuf,
+    pub issuer: String,
+    pub audience: String,
+    #[serde(default = "default_leeway")]
+    pub leeway_seconds: u64,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_client_id_len: usize,
+    pub max_topic_len: usize,
+    /// Largest MQTT packet a client may send.
+    pub max_packet_size: usize,
+    pub max_subscriptions: usize,
+    pub keep_alive_min_seconds: u16,
+    pub keep_alive_max_seconds: u16,
+    /// Time from the upgrade to a complete CONNECT.
+    pub connect_timeout_seconds: u64,
+    /// Bytes queued for one client before it is dropped as a slow consumer.
+    pub outbound_buffer_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_client_id_len: 64,
+            max_topic_len: 128,
+            max_packet_size: 64 * 1024,
+            max_subscriptions: 100,
+            keep_alive_min_seconds: 1,
+            keep_alive_max_seconds: 300,
+            connect_timeout_seconds: 10,
+            outbound_buffer_bytes: 256 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    pub cache_success_seconds: u64,
+    pub cache_failure_seconds: u64,
+    /// Failed authentications allowed per client IP per minute.
+    pub failures_per_ip_per_minute: u32,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection {
+            cache_success_seconds: 60,
+            cache_failure_seconds: 5,
+            failures_per_ip_per_minute: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After SIGTERM, sessions get this long to close before the process exits.
+    pub grace_period_seconds: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace_period_seconds: 20,
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug)]
+pub struct ConfigProblems(pub Vec<String>);
+
+impl fmt::Display for ConfigProblems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration:")?;
+        for problem in &self.0 {
+            writeln!(f, "  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigProblems {}
+
+impl EdgeConfig {
+    /// Parses a TOML document (no validation).
+    pub fn from_toml(text: &str) -> Result<EdgeConfig, ConfigProblems> {
+        toml::from_str(text).map_err(|error| ConfigProblems(vec![error.to_string()]))
+    }
+
+    /// A configuration with defaults only (for building in code).
+    pub fn defaults() -> EdgeConfig {
+        EdgeConfig {
+            public: PublicConfig::default(),
+            admin: AdminConfig::default(),
+            store: StoreConfig::default(),
+            jwt: None,
+            limits: Limits::default(),
+            auth: AuthSection::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+
+    /// Checks everything that can be checked without starting; returns all
+    /// problems at once.
+    pub fn validate(&self) -> Result<(), ConfigProblems> {
+        let mut problems = Vec::new();
+        let public = &self.public;
+        if public.base_domain.is_empty() {
+            problems.push("public.base_domain is required (devices are <device-id>.<base_domain>)".into());
+        } else if !valid_domain(&public.base_domain) {
+            problems.push(format!("public.base_domain {:?} is not a DNS name", public.base_domain));
+        }
+        if !public.path.starts_with('/') || public.path.contains(['?', '#', ' ']) {
+            problems.push(format!("public.path {:?} must be an absolute path", public.path));
+        }
+        if public.listen.is_none() && public.plain_listen.is_none() {
+            problems.push("neither public.listen nor public.plain_listen is set: nothing to serve".into());
+        }
+        if public.listen.is_some() {
+            for (name, value) in [("public.tls_cert", &public.tls_cert), ("public.tls_key", &public.tls_key)] {
+                match value {
+                    None => problems.push(format!("{name} is required when public.listen is set")),
+                    Some(path) if !path.is_file() => {
+                        problems.push(format!("{name}: {} is not a readable file", path.display()));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        for (name, seconds) in [
+            ("public.tls_reload_seconds", public.tls_reload_seconds),
+            ("public.tls_handshake_timeout_seconds", public.tls_handshake_timeout_seconds),
+            ("public.http_header_timeout_seconds", public.http_header_timeout_seconds),
+            ("limits.connect_timeout_seconds", self.limits.connect_timeout_seconds),
+        ] {
+            if seconds == 0 {
+                problems.push(format!("{name} must be at least 1"));
+            }
+        }
+        if self.store.database_url.is_empty() {
+            problems.push("store.database_url is required (or RELAY_DATABASE_URL, or --database-url)".into());
+        } else if !["postgres://", "postgresql://", "sqlite:"]
+            .iter()
+            .any(|scheme| self.store.database_url.starts_with(scheme))
+        {
+            problems.push("store.database_url must start with postgres://, postgresql:// or sqlite:".into());
+        }
+        let limits = &self.limits;
+        if limits.keep_alive_min_seconds == 0 || limits.keep_alive_min_seconds > limits.keep_alive_max_seconds {
+            problems.push("limits: need 1 <= keep_alive_min_seconds <= keep_alive_max_seconds".into());
+        }
+        if limits.max_packet_size < 128 {
+            problems.push("limits.max_packet_size must be at least 128 bytes".into());
+        }
+        if limits.max_topic_len == 0 || limits.max_client_id_len == 0 || limits.max_subscriptions == 0 {
+            problems.push("limits: max_topic_len, max_client_id_len and max_subscriptions must be positive".into());
+        }
+        if limits.outbound_buffer_bytes < limits.max_packet_size {
+            problems.push("limits.outbound_buffer_bytes must hold at least one max_packet_size packet".into());
+        }
+        if let Some(jwt) = &self.jwt {
+            if !jwt.jwks_path.is_file() {
+                problems.push(format!("jwt.jwks_path: {} is not a readable file", jwt.jwks_path.display()));
+            }
+            if jwt.issuer.is_empty() || jwt.audience.is_empty() {
+                problems.push("jwt.issuer and jwt.audience are required".into());
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigProblems(problems))
+        }
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.limits.connect_timeout_seconds)
+    }
+}
+
+fn valid_domain(domain: &str) -> bool {
+    domain.len() <= 253
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let config = EdgeConfig::from_toml(
+            r#"
+            [public]
+            base_domain = "bad domain"
+            path = "mqtt"
+            tls_cert = "/nonexistent/cert.pem"
+            [limits]
+            keep_alive_min_seconds = 10
+            keep_alive_max_seconds = 5
+            "#,
+        )
+        .unwrap();
+        let problems = config.validate().unwrap_err().0;
+        let text = problems.join("\n");
+        for expected in [
+            "base_domain",
+            "public.path",
+            "public.tls_cert",
+            "public.tls_key is required",
+            "database_url is required",
+            "keep_alive_min_seconds",
+        ] {
+            assert!(text.contains(expected), "{expected} missing from:\n{text}");
+        }
+        assert_eq!(problems.len(), 6, "{text}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let error = EdgeConfig::from_toml("[public]\nbase_domian = \"x\"\n").unwrap_err();
+        assert!(error.to_string().contains("base_domian"), "{error}");
+    }
+
+    #[test]
+    fn the_database_url_never_prints() {
+        let mut config = EdgeConfig::defaults();
+        config.store.database_url = "postgres://relay:hunter2@db/relay".into();
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

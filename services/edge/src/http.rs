@@ -1,0 +1,282 @@
+//! HTTP on the public listener: routing by Host and path, the WebSocket
+//! upgrade, and JSON answers for everything that is not an upgrade.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use relay_store::RequestCredentials;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::session::{self, SessionRequest};
+use crate::state::EdgeState;
+
+/// The MQTT WebSocket subprotocols, in our order of preference.
+const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
+
+/// Everything a request handler needs.
+#[derive(Clone, Debug)]
+pub struct RequestContext {
+    pub state: Arc<EdgeState>,
+    pub peer: SocketAddr,
+    pub sessions: TaskTracker,
+    pub shutdown: CancellationToken,
+}
+
+pub async fn handle(mut request: Request<Incoming>, context: RequestContext) -> Result<Response<Full<Bytes>>, Infallible> {
+    let state = &context.state;
+    let public = &state.config.public;
+    let path = request.uri().path();
+    if path != public.path && !(public.accept_root_path && path == "/") {
+        state.metrics.upgrades.with_label_values(&["wrong_path"]).inc();
+        return Ok(json(StatusCode::NOT_FOUND, "not found"));
+    }
+    let device_id = device_from_host(request.headers(), &public.base_domain);
+    let Some(accept_key) = websocket_key(request.headers()) else {
+        state.metrics.upgrades.with_label_values(&["not_websocket"]).inc();
+        return Ok(plain_request(&request, device_id, state).await);
+    };
+
+    let (authorization, query_token) = credentials(&request);
+    let subprotocol = choose_subprotocol(request.headers());
+    let upgrade = hyper::upgrade::on(&mut request);
+    let session_request = SessionRequest {
+        device_id,
+        authorization,
+        query_token,
+        peer_ip: context.peer.ip(),
+    };
+    let span = tracing::info_span!("session", peer = %context.peer, device = session_request.device_id.as_deref().unwrap_or("-"));
+    let session_state = state.clone();
+    let shutdown = context.shutdown.clone();
+    context.sessions.spawn(tracing::Instrument::instrument(
+        async move {
+            match upgrade.await {
+                Ok(upgraded) => {
+                    let socket =
+                        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(websocket_config(&session_state)))
+                            .await;
+                    session::run(socket, session_request, session_state, shutdown).await;
+                }
+                Err(error) => tracing::debug!(%error, "upgrade failed"),
+            }
+        },
+        span,
+    ));
+    state.metrics.upgrades.with_label_values(&["accepted"]).inc();
+    let mut response = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept_key);
+    if let Some(subprotocol) = subprotocol {
+        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, subprotocol);
+    }
+    Ok(response
+        .body(Full::new(Bytes::new()))
+        .unwrap_or_else(|_| json(StatusCode::INTERNAL_SERVER_ERROR, "internal error")))
+}
+
+/// WebSocket settings: small eager buffers (memory per idle session), no
+/// message larger than an MQTT packet may be, and unmasked frames tolerated
+/// because paho-mqtt (Python) sends its close frame unmasked.
+fn websocket_config(state: &EdgeState) -> WebSocketConfig {
+    let max_packet = state.config.limits.max_packet_size;
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(state.config.limits.outbound_buffer_bytes)
+        .max_message_size(Some(max_packet))
+        .max_frame_size(Some(max_packet))
+        .accept_unmasked_frames(true)
+}
+
+/// `Sec-WebSocket-Accept` for a well-formed upgrade request, else `None`.
+fn websocket_key(headers: &HeaderMap) -> Option<String> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value
+                .to_str()
+                .is_ok_and(|v| v.split(',').any(|part| part.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
+        return None;
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        return None;
+    }
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|key| derive_accept_key(key.as_bytes()))
+}
+
+/// The first MQTT subprotocol the client offered, if any. Clients that offer
+/// none are served anyway.
+fn choose_subprotocol(headers: &HeaderMap) -> Option<&'static str> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .find_map(|offered| SUBPROTOCOLS.iter().copied().find(|known| known.eq_ignore_ascii_case(offered.trim())))
+}
+
+/// The device id of `Host: <device-id>.<base_domain>[:port]`, lower-cased;
+/// `None` for anything else.
+pub fn device_from_host(headers: &HeaderMap, base_domain: &str) -> Option<String> {
+    let host = headers.get(header::HOST)?.to_str().ok()?;
+    let host = host.rsplit_once(':').map_or(host, |(name, port)| {
+        if port.bytes().all(|b| b.is_ascii_digit()) { name } else { host }
+    });
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let label = host.strip_suffix(&base_domain.to_ascii_lowercase())?.strip_suffix('.')?;
+    let valid = !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    valid.then(|| label.to_owned())
+}
+
+/// The Authorization header and the `access_token` (or `api_key`) query
+/// parameter. The query string itself is never logged.
+fn credentials<B>(request: &Request<B>) -> (Option<String>, Option<String>) {
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let query_token = request.uri().query().and_then(|query| {
+        query.split('&').find_map(|pair| {
+            let (name, value) = pair.split_once('=')?;
+            matches!(name, "access_token" | "api_key").then(|| percent_decode(value))
+        })
+    });
+    (authorization, query_token)
+}
+
+/// Decodes `%XX` escapes and `+` in a query value.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        match bytes[index] {
+            b'%' if index + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[index + 1..index + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(byte) => {
+                        out.push(byte);
+                        index += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        index += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                index += 1;
+            }
+            byte => {
+                out.push(byte);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A request that is not a WebSocket upgrade: 404 off a device host, 401
+/// without valid credentials, else 426.
+async fn plain_request<B>(request: &Request<B>, device_id: Option<String>, state: &EdgeState) -> Response<Full<Bytes>> {
+    let Some(device_id) = device_id else {
+        return json(StatusCode::NOT_FOUND, "not found");
+    };
+    let (authorization, query_token) = credentials(request);
+    let credentials = RequestCredentials {
+        authorization: authorization.as_deref(),
+        query_token: query_token.as_deref(),
+    };
+    match state.authenticator.authenticate(&device_id, credentials).await {
+        Ok(_) => json(StatusCode::UPGRADE_REQUIRED, "WebSocket upgrade required (MQTT over WebSocket)"),
+        Err(relay_store::AuthFailure::Unavailable) => json(StatusCode::SERVICE_UNAVAILABLE, "try again later"),
+        Err(failure) => {
+            state.metrics.auth_failures.with_label_values(&[failure.label()]).inc();
+            let mut response = json(StatusCode::UNAUTHORIZED, "unauthorized");
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"relay\", Bearer realm=\"relay\""),
+            );
+            response
+        }
+    }
+}
+
+pub fn json(status: StatusCode, error: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": error }).to_string();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_str(value).unwrap());
+        headers
+    }
+
+    #[test]
+    fn devices_come_from_the_host() {
+        let base = "relay.example.com";
+        assert_eq!(device_from_host(&host("abc234.relay.example.com"), base), Some("abc234".into()));
+        assert_eq!(device_from_host(&host("ABC234.Relay.Example.com:443"), base), Some("abc234".into()));
+        assert_eq!(device_from_host(&host("abc234.relay.example.com."), base), Some("abc234".into()));
+        assert_eq!(device_from_host(&host("relay.example.com"), base), None);
+        assert_eq!(device_from_host(&host("a.b.relay.example.com"), base), None);
+        assert_eq!(device_from_host(&host("abc234.evil.com"), base), None);
+        assert_eq!(device_from_host(&host("abc234xrelay.example.com"), base), None);
+        assert_eq!(device_from_host(&HeaderMap::new(), base), None);
+    }
+
+    #[test]
+    fn subprotocols_echo_what_the_client_offered() {
+        let offer = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_str(value).unwrap());
+            choose_subprotocol(&headers)
+        };
+        assert_eq!(offer("mqtt"), Some("mqtt"));
+        assert_eq!(offer("mqttv3.1"), Some("mqttv3.1"));
+        assert_eq!(offer("chat, mqttv3.1"), Some("mqttv3.1"));
+        assert_eq!(offer("chat"), None);
+        assert_eq!(choose_subprotocol(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn query_tokens_are_percent_decoded() {
+        let request = Request::builder()
+            .uri("/mqtt?x=1&access_token=YWJj%3Ad%2Be%3D&other=2")
+            .body(())
+            .unwrap();
+        assert_eq!(credentials(&request).1.as_deref(), Some("YWJj:d+e="));
+        let request = Request::builder().uri("/mqtt?api_key=rly_a_b_c").body(()).unwrap();
+        assert_eq!(credentials(&request).1.as_deref(), Some("rly_a_b_c"));
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+    }
+}

@@ -1,0 +1,145 @@
+//! `relay-edge`: runs the edge from a config file, environment variables and
+//! flags (flags win, then the environment, then the file). Exits with 64 when
+//! the configuration is invalid, listing every problem.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use relay_edge::{EdgeConfig, RunningEdge, StartError};
+
+/// sysexits' EX_CONFIG: the configuration is wrong.
+const EXIT_BAD_CONFIG: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "relay-edge", version, about = "relay's public wss edge")]
+struct Flags {
+    /// TOML configuration file
+    #[arg(long, env = "RELAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Database URL (postgres://… or sqlite:…)
+    #[arg(long, env = "RELAY_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Apply pending migrations at start-up
+    #[arg(long, env = "RELAY_MIGRATE")]
+    migrate: bool,
+    /// wss listener address
+    #[arg(long, env = "RELAY_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Plain ws:// listener for local development
+    #[arg(long, env = "RELAY_PLAIN_LISTEN")]
+    plain_listen: Option<SocketAddr>,
+    /// Admin listener (/metrics, /healthz, /readyz)
+    #[arg(long, env = "RELAY_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// Devices are <device-id>.<base-domain>
+    #[arg(long, env = "RELAY_BASE_DOMAIN")]
+    base_domain: Option<String>,
+    #[arg(long, env = "RELAY_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, env = "RELAY_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Log as JSON lines
+    #[arg(long, env = "RELAY_LOG_JSON")]
+    log_json: bool,
+}
+
+fn load(flags: &Flags) -> Result<EdgeConfig, String> {
+    let mut config = match &flags.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+            EdgeConfig::from_toml(&text).map_err(|problems| problems.to_string())?
+        }
+        None => EdgeConfig::defaults(),
+    };
+    if let Some(url) = &flags.database_url {
+        config.store.database_url = url.clone();
+    }
+    config.store.migrate |= flags.migrate;
+    if flags.listen.is_some() {
+        config.public.listen = flags.listen;
+    }
+    if flags.plain_listen.is_some() {
+        config.public.plain_listen = flags.plain_listen;
+    }
+    if let Some(address) = flags.admin_listen {
+        config.admin.listen = address;
+    }
+    if let Some(domain) = &flags.base_domain {
+        config.public.base_domain = domain.clone();
+    }
+    if flags.tls_cert.is_some() {
+        config.public.tls_cert = flags.tls_cert.clone();
+    }
+    if flags.tls_key.is_some() {
+        config.public.tls_key = flags.tls_key.clone();
+    }
+    Ok(config)
+}
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RELAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let flags = Flags::parse();
+    init_logs(flags.log_json);
+    let config = match load(&flags) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("relay-edge: {message}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    if let Err(problems) = config.validate() {
+        eprint!("relay-edge: {problems}");
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    let grace = Duration::from_secs(config.shutdown.grace_period_seconds);
+    let edge = match RunningEdge::start(config).await {
+        Ok(edge) => edge,
+        Err(error @ (StartError::Config(_) | StartError::Tls(_) | StartError::Jwks(_))) => {
+            eprintln!("relay-edge: {error}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+        Err(error) => {
+            eprintln!("relay-edge: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    wait_for_termination().await;
+    edge.drain(grace).await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,99 @@
+//! Prometheus metrics of the edge. No per-device or per-tenant labels: their
+//! number is unbounded.
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+/// Every metric the edge exports, registered in its own registry.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub connections: IntCounter,
+    pub connections_open: IntGauge,
+    pub tls_handshake_failures: IntCounter,
+    /// By result: accepted, not_websocket, wrong_path, bad_request.
+    pub upgrades: IntCounterVec,
+    /// By reason (`AuthFailure::label`, plus rate_limited).
+    pub auth_failures: IntCounterVec,
+    pub sessions_open: IntGauge,
+    /// By direction: in (from clients), out (to clients).
+    pub bytes: IntCounterVec,
+    /// MQTT packets, by direction.
+    pub messages: IntCounterVec,
+    /// WebSocket close codes sent, by code.
+    pub close_codes: IntCounterVec,
+    /// CONNACK return codes sent, by code.
+    pub connacks: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let metric = IntCounter::new(name, help).unwrap_or_else(|error| unreachable_metric(name, error));
+    register(registry, name, metric)
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    let metric =
+        IntCounterVec::new(Opts::new(name, help), &[label]).unwrap_or_else(|error| unreachable_metric(name, error));
+    register(registry, name, metric)
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let metric = IntGauge::new(name, help).unwrap_or_else(|error| unreachable_metric(name, error));
+    register(registry, name, metric)
+}
+
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, name: &str, metric: M) -> M {
+    if let Err(error) = registry.register(Box::new(metric.clone())) {
+        unreachable_metric(name, error);
+    }
+    metric
+}
+
+// Names and labels are constants of this file and the registry is fresh:
+// failing here is a programming error caught by every test run.
+#[allow(clippy::panic)]
+fn unreachable_metric(name: &str, error: prometheus::Error) -> ! {
+    panic!("metric {name} cannot be created: {error}")
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        Metrics {
+            connections: counter(&registry, "relay_edge_connections_total", "TCP connections accepted"),
+            connections_open: gauge(&registry, "relay_edge_connections_open", "TCP connections open"),
+            tls_handshake_failures: counter(
+                &registry,
+                "relay_edge_tls_handshake_failures_total",
+                "TLS handshakes that failed or timed out",
+            ),
+            upgrades: counter_vec(&registry, "relay_edge_upgrades_total", "HTTP requests by upgrade result", "result"),
+            auth_failures: counter_vec(
+                &registry,
+                "relay_edge_auth_failures_total",
+                "failed authentications by reason",
+                "reason",
+            ),
+            sessions_open: gauge(&registry, "relay_edge_sessions_open", "MQTT sessions open"),
+            bytes: counter_vec(&registry, "relay_edge_bytes_total", "WebSocket payload bytes", "direction"),
+            messages: counter_vec(&registry, "relay_edge_messages_total", "MQTT packets", "direction"),
+            close_codes: counter_vec(&registry, "relay_edge_close_codes_total", "WebSocket close codes sent", "code"),
+            connacks: counter_vec(&registry, "relay_edge_connacks_total", "CONNACK return codes sent", "code"),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+            tracing::error!(%error, "cannot encode metrics");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

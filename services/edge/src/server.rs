@@ -1,0 +1,381 @@
+//! Starting, running and draining an edge: listeners, the admin endpoints,
+//! periodic upkeep, and the SIGTERM sequence.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use relay_store::jwt::{JwtConfig, JwtVerifier};
+use relay_store::{AuthConfig, Authenticator, RevocationWatcher, Revoked, Store};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::EdgeConfig;
+use crate::http::{self, RequestContext};
+use crate::metrics::Metrics;
+use crate::state::EdgeState;
+use crate::tls::{CertificateSource, TlsError};
+
+/// Why the edge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigProblems),
+    #[error("store: {0}")]
+    Store(#[from] relay_store::StoreError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("JWKS: {0}")]
+    Jwks(#[from] relay_store::jwt::JwksError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen { address: SocketAddr, source: std::io::Error },
+}
+
+/// A running edge. Drop does not stop it: call [`RunningEdge::drain`].
+#[derive(Debug)]
+pub struct RunningEdge {
+    pub public_addr: Option<SocketAddr>,
+    pub plain_addr: Option<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    state: Arc<EdgeState>,
+    certificates: Option<Arc<CertificateSource>>,
+    /// Stops the accept loops.
+    accepting: CancellationToken,
+    /// Tells sessions to close with 1001.
+    sessions_shutdown: CancellationToken,
+    /// Stops the admin listener and the upkeep tasks, last.
+    background: CancellationToken,
+    connections: TaskTracker,
+    sessions: TaskTracker,
+    tasks: TaskTracker,
+}
+
+impl RunningEdge {
+    /// Validates `config`, connects to the store (migrating if told to),
+    /// loads certificates and binds every listener; port 0 picks a free port.
+    pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
+        config.validate()?;
+        let config = Arc::new(config);
+        let store = Store::connect(&config.store.database_url).await?;
+        if config.store.migrate {
+            let applied = store.migrate().await?;
+            if !applied.is_empty() {
+                tracing::info!(?applied, "applied migrations");
+            }
+        }
+        let jwt = match &config.jwt {
+            Some(section) => Some(Arc::new(JwtVerifier::load(JwtConfig {
+                jwks_path: section.jwks_path.clone(),
+                issuer: section.issuer.clone(),
+                audience: section.audience.clone(),
+                leeway_seconds: section.leeway_seconds,
+            })?)),
+            None => None,
+        };
+        let authenticator = Authenticator::new(
+            store.clone(),
+            jwt.clone(),
+            AuthConfig {
+                success_ttl: Duration::from_secs(config.auth.cache_success_seconds),
+                failure_ttl: Duration::from_secs(config.auth.cache_failure_seconds),
+                ..AuthConfig::default()
+            },
+        );
+        let state = Arc::new(EdgeState::new(config.clone(), authenticator, Metrics::new()));
+
+        let certificates = match (&config.public.listen, &config.public.tls_cert, &config.public.tls_key) {
+            (Some(_), Some(cert), Some(key)) => Some(CertificateSource::load(cert, key)?),
+            _ => None,
+        };
+        let edge = RunningEdge {
+            public_addr: None,
+            plain_addr: None,
+            admin_addr: config.admin.listen,
+            state: state.clone(),
+            certificates: certificates.clone(),
+            accepting: CancellationToken::new(),
+            sessions_shutdown: CancellationToken::new(),
+            background: CancellationToken::new(),
+            connections: TaskTracker::new(),
+            sessions: TaskTracker::new(),
+            tasks: TaskTracker::new(),
+        };
+        edge.bind_and_serve(certificates, jwt, store).await
+    }
+
+    async fn bind_and_serve(
+        mut self,
+        certificates: Option<Arc<CertificateSource>>,
+        jwt: Option<Arc<JwtVerifier>>,
+        store: Store,
+    ) -> Result<RunningEdge, StartError> {
+        let config = self.state.config.clone();
+        let admin = bind(config.admin.listen).await?;
+        self.admin_addr = admin.local_addr().map_err(|source| StartError::Listen {
+            address: config.admin.listen,
+            source,
+        })?;
+        if let (Some(address), Some(certificates)) = (config.public.listen, certificates.as_ref()) {
+            let listener = bind(address).await?;
+            self.public_addr = listener.local_addr().ok();
+            let acceptor = TlsAcceptor::from(certificates.server_config()?);
+            self.spawn_accept_loop(listener, Some(acceptor));
+        }
+        if let Some(address) = config.public.plain_listen {
+            let listener = bind(address).await?;
+            self.plain_addr = listener.local_addr().ok();
+            self.spawn_accept_loop(listener, None);
+        }
+        self.spawn_admin(admin);
+        self.spawn_upkeep(certificates, jwt, store);
+        tracing::info!(
+            public = ?self.public_addr,
+            plain = ?self.plain_addr,
+            admin = %self.admin_addr,
+            "edge started"
+        );
+        Ok(self)
+    }
+
+    fn spawn_accept_loop(&self, listener: TcpListener, tls: Option<TlsAcceptor>) {
+        let state = self.state.clone();
+        let accepting = self.accepting.clone();
+        let connections = self.connections.clone();
+        let sessions = self.sessions.clone();
+        let shutdown = self.sessions_shutdown.clone();
+        self.tasks.spawn(async move {
+            loop {
+                let (stream, peer) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(error) => {
+                            // Out of file descriptors and the like: back off
+                            // briefly instead of spinning.
+                            tracing::warn!(%error, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    _ = accepting.cancelled() => return,
+                };
+                let context = RequestContext {
+                    state: state.clone(),
+                    peer,
+                    sessions: sessions.clone(),
+                    shutdown: shutdown.clone(),
+                };
+                let tls = tls.clone();
+                let span = tracing::info_span!("connection", %peer);
+                connections.spawn(serve_connection(stream, tls, context).instrument(span));
+            }
+        });
+    }
+
+    fn spawn_admin(&self, listener: TcpListener) {
+        let state = self.state.clone();
+        let stop = self.background.clone();
+        let tasks = self.tasks.clone();
+        self.tasks.spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => continue,
+                    },
+                    _ = stop.cancelled() => return,
+                };
+                let state = state.clone();
+                tasks.spawn(async move {
+                    let service = service_fn(move |request| admin_response(request, state.clone()));
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    }
+
+    /// Certificate and JWKS reloads, last-used flushes, and revocations
+    /// evicting cached authentications.
+    fn spawn_upkeep(&self, certificates: Option<Arc<CertificateSource>>, jwt: Option<Arc<JwtVerifier>>, store: Store) {
+        let stop = self.background.clone();
+        let state = self.state.clone();
+        let reload_every = Duration::from_secs(self.state.config.public.tls_reload_seconds);
+        self.tasks.spawn(async move {
+            let mut reload = tokio::time::interval(reload_every);
+            let mut flush = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    _ = reload.tick() => {
+                        if let Some(certificates) = &certificates {
+                            match certificates.reload_if_changed() {
+                                Ok(true) => tracing::info!("TLS certificate reloaded"),
+                                Ok(false) => {}
+                                Err(error) => tracing::error!(%error, "TLS certificate reload failed; keeping the current one"),
+                            }
+                        }
+                        if let Some(jwt) = &jwt
+                            && let Err(error) = jwt.reload_if_changed()
+                        {
+                            tracing::error!(%error, "JWKS reload failed; keeping the current keys");
+                        }
+                    }
+                    _ = flush.tick() => {
+                        if let Err(error) = state.authenticator.flush_last_used().await {
+                            tracing::warn!(%error, "cannot record key use");
+                        }
+                    }
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+        let stop = self.background.clone();
+        let state = self.state.clone();
+        self.tasks.spawn(async move {
+            let mut watcher = loop {
+                match RevocationWatcher::start(store.clone(), Duration::from_secs(30)).await {
+                    Ok(watcher) => break watcher,
+                    Err(error) => {
+                        tracing::warn!(%error, "revocation watcher cannot start; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                            _ = stop.cancelled() => return,
+                        }
+                    }
+                }
+            };
+            loop {
+                tokio::select! {
+                    event = watcher.next() => match event {
+                        Ok(Revoked::ApiKey(key_id)) => state.authenticator.forget(Some(&key_id)),
+                        Ok(Revoked::Device(_)) => state.authenticator.forget(None),
+                        Ok(Revoked::AgentCredential(_)) => {}
+                        Err(error) => {
+                            tracing::warn!(%error, "revocation check failed");
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                                _ = stop.cancelled() => return,
+                            }
+                        }
+                    },
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.state.metrics
+    }
+
+    /// Re-reads the certificate files now (they are also checked
+    /// periodically). Returns whether the certificate changed.
+    pub fn reload_certificates(&self) -> Result<bool, TlsError> {
+        match &self.certificates {
+            Some(certificates) => certificates.reload_if_changed(),
+            None => Ok(false),
+        }
+    }
+
+    /// The SIGTERM sequence: readiness fails, new connections are refused,
+    /// every session is closed with 1001 `draining`, and this returns once
+    /// all have ended or `grace` has passed.
+    pub async fn drain(self, grace: Duration) {
+        tracing::info!(?grace, "draining");
+        self.state.start_draining();
+        self.accepting.cancel();
+        self.sessions_shutdown.cancel();
+        self.sessions.close();
+        self.connections.close();
+        let finished = tokio::time::timeout(grace, async {
+            self.sessions.wait().await;
+            self.connections.wait().await;
+        })
+        .await;
+        if finished.is_err() {
+            tracing::warn!("grace period over with sessions still open");
+        }
+        self.background.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.tasks.wait()).await;
+        self.state.authenticator.store().close().await;
+    }
+}
+
+async fn bind(address: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| StartError::Listen { address, source })
+}
+
+/// One TCP connection: TLS (bounded in time), then HTTP/1.1 with a header
+/// timeout, with upgrades.
+async fn serve_connection(stream: TcpStream, tls: Option<TlsAcceptor>, context: RequestContext) {
+    let metrics = context.state.metrics.clone();
+    metrics.connections.inc();
+    metrics.connections_open.inc();
+    let _ = stream.set_nodelay(true);
+    match tls {
+        Some(acceptor) => {
+            let timeout = Duration::from_secs(context.state.config.public.tls_handshake_timeout_seconds);
+            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls_stream)) => serve_http(tls_stream, context).await,
+                Ok(Err(error)) => {
+                    metrics.tls_handshake_failures.inc();
+                    tracing::debug!(%error, "TLS handshake failed");
+                }
+                Err(_) => {
+                    metrics.tls_handshake_failures.inc();
+                    tracing::debug!("TLS handshake timed out");
+                }
+            }
+        }
+        None => serve_http(stream, context).await,
+    }
+    metrics.connections_open.dec();
+}
+
+async fn serve_http<IO>(io: IO, context: RequestContext)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let header_timeout = Duration::from_secs(context.state.config.public.http_header_timeout_seconds);
+    let service = service_fn(move |request: Request<Incoming>| http::handle(request, context.clone()));
+    let served = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades()
+        .await;
+    if let Err(error) = served {
+        tracing::debug!(%error, "HTTP connection ended with an error");
+    }
+}
+
+async fn admin_response(request: Request<Incoming>, state: Arc<EdgeState>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, content_type, body) = match request.uri().path() {
+        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", state.metrics.render()),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/readyz" if state.is_draining() => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".to_owned()),
+        "/readyz" => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+        _ => return Ok(http::json(StatusCode::NOT_FOUND, "not found")),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+    }
+    Ok(response)
+}

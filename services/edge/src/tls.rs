@@ -1,0 +1,117 @@
+//! TLS for the public listener: certificates from PEM files, swapped in
+//! without a restart when the files change.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+/// Why certificates could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read certificate chain {path}: {reason}")]
+    Certificates { path: PathBuf, reason: String },
+    #[error("cannot read private key {path}: {reason}")]
+    Key { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+struct Loaded {
+    key: Arc<CertifiedKey>,
+    /// SHA-256 over both files, to notice a change.
+    digest: Vec<u8>,
+}
+
+/// The certificate in force, and where it comes from.
+#[derive(Debug)]
+pub struct CertificateSource {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+    digest: RwLock<Vec<u8>>,
+}
+
+impl CertificateSource {
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Arc<CertificateSource>, TlsError> {
+        let loaded = read(cert_path, key_path)?;
+        Ok(Arc::new(CertificateSource {
+            cert_path: cert_path.to_owned(),
+            key_path: key_path.to_owned(),
+            current: RwLock::new(loaded.key),
+            digest: RwLock::new(loaded.digest),
+        }))
+    }
+
+    /// Reads the files again and takes the new certificate if they changed.
+    /// On error the certificate in force stays. Returns whether it changed.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let loaded = read(&self.cert_path, &self.key_path)?;
+        let unchanged = self.digest.read().map(|d| *d == loaded.digest).unwrap_or(false);
+        if unchanged {
+            return Ok(false);
+        }
+        if let (Ok(mut current), Ok(mut digest)) = (self.current.write(), self.digest.write()) {
+            *current = loaded.key;
+            *digest = loaded.digest;
+        }
+        Ok(true)
+    }
+
+    /// A rustls server configuration that always uses the current
+    /// certificate: TLS 1.2 and 1.3, ALPN `http/1.1`.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+impl ResolvesServerCert for CertificateSource {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.read().ok().map(|current| current.clone())
+    }
+}
+
+fn read(cert_path: &Path, key_path: &Path) -> Result<Loaded, TlsError> {
+    let cert_pem = std::fs::read(cert_path).map_err(|error| TlsError::Certificates {
+        path: cert_path.to_owned(),
+        reason: error.to_string(),
+    })?;
+    let key_pem = std::fs::read(key_path).map_err(|error| TlsError::Key {
+        path: key_path.to_owned(),
+        reason: error.to_string(),
+    })?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|error| TlsError::Certificates {
+            path: cert_path.to_owned(),
+            reason: error.to_string(),
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::Certificates {
+            path: cert_path.to_owned(),
+            reason: "no certificate in the file".into(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|error| TlsError::Key {
+        path: key_path.to_owned(),
+        reason: error.to_string(),
+    })?;
+    let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)?;
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(&cert_pem);
+    context.update(&key_pem);
+    Ok(Loaded {
+        key: Arc::new(CertifiedKey::new(chain, signing_key)),
+        digest: context.finish().as_ref().to_vec(),
+    })
+}

@@ -220,18 +220,31 @@ impl EdgeConfig {
         let mut problems = Vec::new();
         let public = &self.public;
         if public.base_domain.is_empty() {
-            problems.push("public.base_domain is required (devices are <device-id>.<base_domain>)".into());
+            problems.push(
+                "public.base_domain is required (devices are <device-id>.<base_domain>)".into(),
+            );
         } else if !valid_domain(&public.base_domain) {
-            problems.push(format!("public.base_domain {:?} is not a DNS name", public.base_domain));
+            problems.push(format!(
+                "public.base_domain {:?} is not a DNS name",
+                public.base_domain
+            ));
         }
         if !public.path.starts_with('/') || public.path.contains(['?', '#', ' ']) {
-            problems.push(format!("public.path {:?} must be an absolute path", public.path));
+            problems.push(format!(
+                "public.path {:?} must be an absolute path",
+                public.path
+            ));
         }
         if public.listen.is_none() && public.plain_listen.is_none() {
-            problems.push("neither public.listen nor public.plain_listen is set: nothing to serve".into());
+            problems.push(
+                "neither public.listen nor public.plain_listen is set: nothing to serve".into(),
+            );
         }
         if public.listen.is_some() {
-            for (name, value) in [("public.tls_cert", &public.tls_cert), ("public.tls_key", &public.tls_key)] {
+            for (name, value) in [
+                ("public.tls_cert", &public.tls_cert),
+                ("public.tls_key", &public.tls_key),
+            ] {
                 match value {
                     None => problems.push(format!("{name} is required when public.listen is set")),
                     Some(path) if !path.is_file() => {
@@ -243,38 +256,65 @@ impl EdgeConfig {
         }
         for (name, seconds) in [
             ("public.tls_reload_seconds", public.tls_reload_seconds),
-            ("public.tls_handshake_timeout_seconds", public.tls_handshake_timeout_seconds),
-            ("public.http_header_timeout_seconds", public.http_header_timeout_seconds),
-            ("limits.connect_timeout_seconds", self.limits.connect_timeout_seconds),
+            (
+                "public.tls_handshake_timeout_seconds",
+                public.tls_handshake_timeout_seconds,
+            ),
+            (
+                "public.http_header_timeout_seconds",
+                public.http_header_timeout_seconds,
+            ),
+            (
+                "limits.connect_timeout_seconds",
+                self.limits.connect_timeout_seconds,
+            ),
         ] {
             if seconds == 0 {
                 problems.push(format!("{name} must be at least 1"));
             }
         }
         if self.store.database_url.is_empty() {
-            problems.push("store.database_url is required (or RELAY_DATABASE_URL, or --database-url)".into());
+            problems.push(
+                "store.database_url is required (or RELAY_DATABASE_URL, or --database-url)".into(),
+            );
         } else if !["postgres://", "postgresql://", "sqlite:"]
             .iter()
             .any(|scheme| self.store.database_url.starts_with(scheme))
         {
-            problems.push("store.database_url must start with postgres://, postgresql:// or sqlite:".into());
+            problems.push(
+                "store.database_url must start with postgres://, postgresql:// or sqlite:".into(),
+            );
         }
         let limits = &self.limits;
-        if limits.keep_alive_min_seconds == 0 || limits.keep_alive_min_seconds > limits.keep_alive_max_seconds {
-            problems.push("limits: need 1 <= keep_alive_min_seconds <= keep_alive_max_seconds".into());
+        if limits.keep_alive_min_seconds == 0
+            || limits.keep_alive_min_seconds > limits.keep_alive_max_seconds
+        {
+            problems
+                .push("limits: need 1 <= keep_alive_min_seconds <= keep_alive_max_seconds".into());
         }
         if limits.max_packet_size < 128 {
             problems.push("limits.max_packet_size must be at least 128 bytes".into());
         }
-        if limits.max_topic_len == 0 || limits.max_client_id_len == 0 || limits.max_subscriptions == 0 {
-            problems.push("limits: max_topic_len, max_client_id_len and max_subscriptions must be positive".into());
+        if limits.max_topic_len == 0
+            || limits.max_client_id_len == 0
+            || limits.max_subscriptions == 0
+        {
+            problems.push(
+                "limits: max_topic_len, max_client_id_len and max_subscriptions must be positive"
+                    .into(),
+            );
         }
         if limits.outbound_buffer_bytes < limits.max_packet_size {
-            problems.push("limits.outbound_buffer_bytes must hold at least one max_packet_size packet".into());
+            problems.push(
+                "limits.outbound_buffer_bytes must hold at least one max_packet_size packet".into(),
+            );
         }
         if let Some(jwt) = &self.jwt {
             if !jwt.jwks_path.is_file() {
-                problems.push(format!("jwt.jwks_path: {} is not a readable file", jwt.jwks_path.display()));
+                problems.push(format!(
+                    "jwt.jwks_path: {} is not a readable file",
+                    jwt.jwks_path.display()
+                ));
             }
             if jwt.issuer.is_empty() || jwt.audience.is_empty() {
                 problems.push("jwt.issuer and jwt.audience are required".into());
@@ -297,7 +337,9 @@ fn valid_domain(domain: &str) -> bool {
         && domain.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })

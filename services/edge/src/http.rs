@@ -33,17 +33,28 @@ pub struct RequestContext {
     pub shutdown: CancellationToken,
 }
 
-pub async fn handle(mut request: Request<Incoming>, context: RequestContext) -> Result<Response<Full<Bytes>>, Infallible> {
+pub async fn handle(
+    mut request: Request<Incoming>,
+    context: RequestContext,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let state = &context.state;
     let public = &state.config.public;
     let path = request.uri().path();
     if path != public.path && !(public.accept_root_path && path == "/") {
-        state.metrics.upgrades.with_label_values(&["wrong_path"]).inc();
+        state
+            .metrics
+            .upgrades
+            .with_label_values(&["wrong_path"])
+            .inc();
         return Ok(json(StatusCode::NOT_FOUND, "not found"));
     }
     let device_id = device_from_host(request.headers(), &public.base_domain);
     let Some(accept_key) = websocket_key(request.headers()) else {
-        state.metrics.upgrades.with_label_values(&["not_websocket"]).inc();
+        state
+            .metrics
+            .upgrades
+            .with_label_values(&["not_websocket"])
+            .inc();
         return Ok(plain_request(&request, device_id, state).await);
     };
 
@@ -63,9 +74,12 @@ pub async fn handle(mut request: Request<Incoming>, context: RequestContext) -> 
         async move {
             match upgrade.await {
                 Ok(upgraded) => {
-                    let socket =
-                        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(websocket_config(&session_state)))
-                            .await;
+                    let socket = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(websocket_config(&session_state)),
+                    )
+                    .await;
                     session::run(socket, session_request, session_state, shutdown).await;
                 }
                 Err(error) => tracing::debug!(%error, "upgrade failed"),
@@ -73,7 +87,11 @@ pub async fn handle(mut request: Request<Incoming>, context: RequestContext) -> 
         },
         span,
     ));
-    state.metrics.upgrades.with_label_values(&["accepted"]).inc();
+    state
+        .metrics
+        .upgrades
+        .with_label_values(&["accepted"])
+        .inc();
     let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::UPGRADE, "websocket")
@@ -105,15 +123,20 @@ fn websocket_config(state: &EdgeState) -> WebSocketConfig {
 fn websocket_key(headers: &HeaderMap) -> Option<String> {
     let has_token = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|value| {
-            value
-                .to_str()
-                .is_ok_and(|v| v.split(',').any(|part| part.trim().eq_ignore_ascii_case(token)))
+            value.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|part| part.trim().eq_ignore_ascii_case(token))
+            })
         })
     };
     if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
         return None;
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
         return None;
     }
     headers
@@ -129,7 +152,12 @@ fn choose_subprotocol(headers: &HeaderMap) -> Option<&'static str> {
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .find_map(|offered| SUBPROTOCOLS.iter().copied().find(|known| known.eq_ignore_ascii_case(offered.trim())))
+        .find_map(|offered| {
+            SUBPROTOCOLS
+                .iter()
+                .copied()
+                .find(|known| known.eq_ignore_ascii_case(offered.trim()))
+        })
 }
 
 /// The device id of `Host: <device-id>.<base_domain>[:port]`, lower-cased;
@@ -137,11 +165,21 @@ fn choose_subprotocol(headers: &HeaderMap) -> Option<&'static str> {
 pub fn device_from_host(headers: &HeaderMap, base_domain: &str) -> Option<String> {
     let host = headers.get(header::HOST)?.to_str().ok()?;
     let host = host.rsplit_once(':').map_or(host, |(name, port)| {
-        if port.bytes().all(|b| b.is_ascii_digit()) { name } else { host }
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            name
+        } else {
+            host
+        }
     });
     let host = host.trim_end_matches('.').to_ascii_lowercase();
-    let label = host.strip_suffix(&base_domain.to_ascii_lowercase())?.strip_suffix('.')?;
-    let valid = !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let label = host
+        .strip_suffix(&base_domain.to_ascii_lowercase())?
+        .strip_suffix('.')?;
+    let valid = !label.is_empty()
+        && label.len() <= 63
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
     valid.then(|| label.to_owned())
 }
 
@@ -197,7 +235,11 @@ fn percent_decode(value: &str) -> String {
 
 /// A request that is not a WebSocket upgrade: 404 off a device host, 401
 /// without valid credentials, else 426.
-async fn plain_request<B>(request: &Request<B>, device_id: Option<String>, state: &EdgeState) -> Response<Full<Bytes>> {
+async fn plain_request<B>(
+    request: &Request<B>,
+    device_id: Option<String>,
+    state: &EdgeState,
+) -> Response<Full<Bytes>> {
     let Some(device_id) = device_id else {
         return json(StatusCode::NOT_FOUND, "not found");
     };
@@ -206,11 +248,24 @@ async fn plain_request<B>(request: &Request<B>, device_id: Option<String>, state
         authorization: authorization.as_deref(),
         query_token: query_token.as_deref(),
     };
-    match state.authenticator.authenticate(&device_id, credentials).await {
-        Ok(_) => json(StatusCode::UPGRADE_REQUIRED, "WebSocket upgrade required (MQTT over WebSocket)"),
-        Err(relay_store::AuthFailure::Unavailable) => json(StatusCode::SERVICE_UNAVAILABLE, "try again later"),
+    match state
+        .authenticator
+        .authenticate(&device_id, credentials)
+        .await
+    {
+        Ok(_) => json(
+            StatusCode::UPGRADE_REQUIRED,
+            "WebSocket upgrade required (MQTT over WebSocket)",
+        ),
+        Err(relay_store::AuthFailure::Unavailable) => {
+            json(StatusCode::SERVICE_UNAVAILABLE, "try again later")
+        }
         Err(failure) => {
-            state.metrics.auth_failures.with_label_values(&[failure.label()]).inc();
+            state
+                .metrics
+                .auth_failures
+                .with_label_values(&[failure.label()])
+                .inc();
             let mut response = json(StatusCode::UNAUTHORIZED, "unauthorized");
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -225,9 +280,10 @@ pub fn json(status: StatusCode, error: &str) -> Response<Full<Bytes>> {
     let body = serde_json::json!({ "error": error }).to_string();
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -244,13 +300,25 @@ mod tests {
     #[test]
     fn devices_come_from_the_host() {
         let base = "relay.example.com";
-        assert_eq!(device_from_host(&host("abc234.relay.example.com"), base), Some("abc234".into()));
-        assert_eq!(device_from_host(&host("ABC234.Relay.Example.com:443"), base), Some("abc234".into()));
-        assert_eq!(device_from_host(&host("abc234.relay.example.com."), base), Some("abc234".into()));
+        assert_eq!(
+            device_from_host(&host("abc234.relay.example.com"), base),
+            Some("abc234".into())
+        );
+        assert_eq!(
+            device_from_host(&host("ABC234.Relay.Example.com:443"), base),
+            Some("abc234".into())
+        );
+        assert_eq!(
+            device_from_host(&host("abc234.relay.example.com."), base),
+            Some("abc234".into())
+        );
         assert_eq!(device_from_host(&host("relay.example.com"), base), None);
         assert_eq!(device_from_host(&host("a.b.relay.example.com"), base), None);
         assert_eq!(device_from_host(&host("abc234.evil.com"), base), None);
-        assert_eq!(device_from_host(&host("abc234xrelay.example.com"), base), None);
+        assert_eq!(
+            device_from_host(&host("abc234xrelay.example.com"), base),
+            None
+        );
         assert_eq!(device_from_host(&HeaderMap::new(), base), None);
     }
 
@@ -258,7 +326,10 @@ mod tests {
     fn subprotocols_echo_what_the_client_offered() {
         let offer = |value: &str| {
             let mut headers = HeaderMap::new();
-            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_str(value).unwrap());
+            headers.insert(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_str(value).unwrap(),
+            );
             choose_subprotocol(&headers)
         };
         assert_eq!(offer("mqtt"), Some("mqtt"));
@@ -275,7 +346,10 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(credentials(&request).1.as_deref(), Some("YWJj:d+e="));
-        let request = Request::builder().uri("/mqtt?api_key=rly_a_b_c").body(()).unwrap();
+        let request = Request::builder()
+            .uri("/mqtt?api_key=rly_a_b_c")
+            .body(())
+            .unwrap();
         assert_eq!(credentials(&request).1.as_deref(), Some("rly_a_b_c"));
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
     }

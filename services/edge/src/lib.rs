@@ -12,13 +12,13 @@
 
 pub mod close;
 pub mod config;
-pub mod metrics;
-pub mod tls;
 pub mod http;
 mod limiter;
+pub mod metrics;
 pub mod server;
 pub mod session;
 pub mod state;
+pub mod tls;
 
 pub use config::EdgeConfig;
 pub use server::{RunningEdge, StartError};

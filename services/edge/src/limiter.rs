@@ -27,14 +27,15 @@ impl FailureLimiter {
 
     /// Whether `ip` used up its failures for the current window.
     pub fn is_blocked(&self, ip: IpAddr, now: Instant) -> bool {
-        self.windows
-            .get(&ip)
-            .is_some_and(|entry| now.duration_since(entry.0) < WINDOW && entry.1 >= self.allowed_per_window)
+        self.windows.get(&ip).is_some_and(|entry| {
+            now.duration_since(entry.0) < WINDOW && entry.1 >= self.allowed_per_window
+        })
     }
 
     pub fn record_failure(&self, ip: IpAddr, now: Instant) {
         if self.windows.len() >= MAX_TRACKED && !self.windows.contains_key(&ip) {
-            self.windows.retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
+            self.windows
+                .retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
             if self.windows.len() >= MAX_TRACKED {
                 return;
             }

@@ -49,7 +49,8 @@ struct Flags {
 fn load(flags: &Flags) -> Result<EdgeConfig, String> {
     let mut config = match &flags.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
             EdgeConfig::from_toml(&text).map_err(|problems| problems.to_string())?
         }
         None => EdgeConfig::defaults(),

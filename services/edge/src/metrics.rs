@@ -26,13 +26,14 @@ pub struct Metrics {
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let metric = IntCounter::new(name, help).unwrap_or_else(|error| unreachable_metric(name, error));
+    let metric =
+        IntCounter::new(name, help).unwrap_or_else(|error| unreachable_metric(name, error));
     register(registry, name, metric)
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
-    let metric =
-        IntCounterVec::new(Opts::new(name, help), &[label]).unwrap_or_else(|error| unreachable_metric(name, error));
+    let metric = IntCounterVec::new(Opts::new(name, help), &[label])
+        .unwrap_or_else(|error| unreachable_metric(name, error));
     register(registry, name, metric)
 }
 
@@ -41,7 +42,11 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     register(registry, name, metric)
 }
 
-fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, name: &str, metric: M) -> M {
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    name: &str,
+    metric: M,
+) -> M {
     if let Err(error) = registry.register(Box::new(metric.clone())) {
         unreachable_metric(name, error);
     }
@@ -59,14 +64,27 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         Metrics {
-            connections: counter(&registry, "relay_edge_connections_total", "TCP connections accepted"),
-            connections_open: gauge(&registry, "relay_edge_connections_open", "TCP connections open"),
+            connections: counter(
+                &registry,
+                "relay_edge_connections_total",
+                "TCP connections accepted",
+            ),
+            connections_open: gauge(
+                &registry,
+                "relay_edge_connections_open",
+                "TCP connections open",
+            ),
             tls_handshake_failures: counter(
                 &registry,
                 "relay_edge_tls_handshake_failures_total",
                 "TLS handshakes that failed or timed out",
             ),
-            upgrades: counter_vec(&registry, "relay_edge_upgrades_total", "HTTP requests by upgrade result", "result"),
+            upgrades: counter_vec(
+                &registry,
+                "relay_edge_upgrades_total",
+                "HTTP requests by upgrade result",
+                "result",
+            ),
             auth_failures: counter_vec(
                 &registry,
                 "relay_edge_auth_failures_total",
@@ -74,10 +92,30 @@ impl Metrics {
                 "reason",
             ),
             sessions_open: gauge(&registry, "relay_edge_sessions_open", "MQTT sessions open"),
-            bytes: counter_vec(&registry, "relay_edge_bytes_total", "WebSocket payload bytes", "direction"),
-            messages: counter_vec(&registry, "relay_edge_messages_total", "MQTT packets", "direction"),
-            close_codes: counter_vec(&registry, "relay_edge_close_codes_total", "WebSocket close codes sent", "code"),
-            connacks: counter_vec(&registry, "relay_edge_connacks_total", "CONNACK return codes sent", "code"),
+            bytes: counter_vec(
+                &registry,
+                "relay_edge_bytes_total",
+                "WebSocket payload bytes",
+                "direction",
+            ),
+            messages: counter_vec(
+                &registry,
+                "relay_edge_messages_total",
+                "MQTT packets",
+                "direction",
+            ),
+            close_codes: counter_vec(
+                &registry,
+                "relay_edge_close_codes_total",
+                "WebSocket close codes sent",
+                "code",
+            ),
+            connacks: counter_vec(
+                &registry,
+                "relay_edge_connacks_total",
+                "CONNACK return codes sent",
+                "code",
+            ),
             registry,
         }
     }

@@ -40,7 +40,10 @@ pub enum StartError {
     #[error("JWKS: {0}")]
     Jwks(#[from] relay_store::jwt::JwksError),
     #[error("cannot listen on {address}: {source}")]
-    Listen { address: SocketAddr, source: std::io::Error },
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A running edge. Drop does not stop it: call [`RunningEdge::drain`].
@@ -93,9 +96,17 @@ impl RunningEdge {
                 ..AuthConfig::default()
             },
         );
-        let state = Arc::new(EdgeState::new(config.clone(), authenticator, Metrics::new()));
+        let state = Arc::new(EdgeState::new(
+            config.clone(),
+            authenticator,
+            Metrics::new(),
+        ));
 
-        let certificates = match (&config.public.listen, &config.public.tls_cert, &config.public.tls_key) {
+        let certificates = match (
+            &config.public.listen,
+            &config.public.tls_cert,
+            &config.public.tls_key,
+        ) {
             (Some(_), Some(cert), Some(key)) => Some(CertificateSource::load(cert, key)?),
             _ => None,
         };
@@ -209,7 +220,12 @@ impl RunningEdge {
 
     /// Certificate and JWKS reloads, last-used flushes, and revocations
     /// evicting cached authentications.
-    fn spawn_upkeep(&self, certificates: Option<Arc<CertificateSource>>, jwt: Option<Arc<JwtVerifier>>, store: Store) {
+    fn spawn_upkeep(
+        &self,
+        certificates: Option<Arc<CertificateSource>>,
+        jwt: Option<Arc<JwtVerifier>>,
+        store: Store,
+    ) {
         let stop = self.background.clone();
         let state = self.state.clone();
         let reload_every = Duration::from_secs(self.state.config.public.tls_reload_seconds);
@@ -293,10 +309,22 @@ impl RunningEdge {
     /// every session is closed with 1001 `draining`, and this returns once
     /// all have ended or `grace` has passed.
     pub async fn drain(self, grace: Duration) {
-        tracing::info!(?grace, "draining");
+        self.begin_drain();
+        self.finish_drain(grace).await;
+    }
+
+    /// The first half of [`RunningEdge::drain`]: readiness fails at once,
+    /// the listeners close, and sessions are told to close.
+    pub fn begin_drain(&self) {
+        tracing::info!("draining");
         self.state.start_draining();
         self.accepting.cancel();
         self.sessions_shutdown.cancel();
+    }
+
+    /// The second half: waits for sessions (at most `grace`), then stops the
+    /// admin listener and the upkeep tasks.
+    pub async fn finish_drain(self, grace: Duration) {
         self.sessions.close();
         self.connections.close();
         let finished = tokio::time::timeout(grace, async {
@@ -329,7 +357,8 @@ async fn serve_connection(stream: TcpStream, tls: Option<TlsAcceptor>, context: 
     let _ = stream.set_nodelay(true);
     match tls {
         Some(acceptor) => {
-            let timeout = Duration::from_secs(context.state.config.public.tls_handshake_timeout_seconds);
+            let timeout =
+                Duration::from_secs(context.state.config.public.tls_handshake_timeout_seconds);
             match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls_stream)) => serve_http(tls_stream, context).await,
                 Ok(Err(error)) => {
@@ -351,8 +380,10 @@ async fn serve_http<IO>(io: IO, context: RequestContext)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let header_timeout = Duration::from_secs(context.state.config.public.http_header_timeout_seconds);
-    let service = service_fn(move |request: Request<Incoming>| http::handle(request, context.clone()));
+    let header_timeout =
+        Duration::from_secs(context.state.config.public.http_header_timeout_seconds);
+    let service =
+        service_fn(move |request: Request<Incoming>| http::handle(request, context.clone()));
     let served = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
@@ -364,18 +395,31 @@ where
     }
 }
 
-async fn admin_response(request: Request<Incoming>, state: Arc<EdgeState>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn admin_response(
+    request: Request<Incoming>,
+    state: Arc<EdgeState>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, content_type, body) = match request.uri().path() {
-        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", state.metrics.render()),
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            state.metrics.render(),
+        ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        "/readyz" if state.is_draining() => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n".to_owned()),
+        "/readyz" if state.is_draining() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "draining\n".to_owned(),
+        ),
         "/readyz" => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
         _ => return Ok(http::json(StatusCode::NOT_FOUND, "not found")),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
-        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
     }
     Ok(response)
 }

@@ -53,8 +53,12 @@ enum Outcome {
 }
 
 /// Runs a session to its end.
-pub async fn run<S>(mut socket: S, request: SessionRequest, state: Arc<EdgeState>, shutdown: CancellationToken)
-where
+pub async fn run<S>(
+    mut socket: S,
+    request: SessionRequest,
+    state: Arc<EdgeState>,
+    shutdown: CancellationToken,
+) where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
     state.metrics.sessions_open.inc();
@@ -76,7 +80,11 @@ where
 }
 
 /// Reads until a whole first packet is there; it must be CONNECT.
-async fn read_connect<S>(socket: &mut S, buffer: &mut BytesMut, state: &EdgeState) -> Result<Connect, Outcome>
+async fn read_connect<S>(
+    socket: &mut S,
+    buffer: &mut BytesMut,
+    state: &EdgeState,
+) -> Result<Connect, Outcome>
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
 {
@@ -96,14 +104,20 @@ where
             Err(DecodeError::UnsupportedProtocolLevel(level)) => {
                 return Err(Outcome::Refuse(
                     Some(ConnectReturnCode::UnacceptableProtocolVersion),
-                    Close::protocol(format!("unsupported protocol level {level}; use MQTT 3.1.1 or 3.1")),
+                    Close::protocol(format!(
+                        "unsupported protocol level {level}; use MQTT 3.1.1 or 3.1"
+                    )),
                 ));
             }
             Err(error) => return Err(Outcome::Refuse(None, close_for_decode_error(&error))),
         }
         match socket.next().await {
             Some(Ok(Message::Binary(bytes))) => {
-                state.metrics.bytes.with_label_values(&["in"]).inc_by(bytes.len() as u64);
+                state
+                    .metrics
+                    .bytes
+                    .with_label_values(&["in"])
+                    .inc_by(bytes.len() as u64);
                 buffer.extend_from_slice(&bytes);
             }
             Some(Ok(Message::Text(_))) => return Err(Outcome::Refuse(None, Close::text_frame())),
@@ -125,8 +139,12 @@ pub fn close_for_decode_error(error: &DecodeError) -> Close {
 fn close_for_websocket_error(error: WsError) -> Outcome {
     use tokio_tungstenite::tungstenite::error::CapacityError;
     match error {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => Outcome::Refuse(None, Close::too_large()),
-        WsError::Protocol(problem) => Outcome::Refuse(None, Close::protocol(format!("WebSocket: {problem}"))),
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+            Outcome::Refuse(None, Close::too_large())
+        }
+        WsError::Protocol(problem) => {
+            Outcome::Refuse(None, Close::protocol(format!("WebSocket: {problem}")))
+        }
         _ => Outcome::Gone,
     }
 }
@@ -137,7 +155,10 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
     if connect.client_id.chars().count() > limits.max_client_id_len {
         return Outcome::Refuse(
             Some(ConnectReturnCode::IdentifierRejected),
-            Close::limit(&format!("client id longer than {} characters", limits.max_client_id_len)),
+            Close::limit(&format!(
+                "client id longer than {} characters",
+                limits.max_client_id_len
+            )),
         );
     }
     if connect.client_id.is_empty() && !connect.clean_session {
@@ -149,11 +170,18 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
     if connect.keep_alive > limits.keep_alive_max_seconds {
         return Outcome::Refuse(
             Some(ConnectReturnCode::IdentifierRejected),
-            Close::limit(&format!("keep-alive above {} s", limits.keep_alive_max_seconds)),
+            Close::limit(&format!(
+                "keep-alive above {} s",
+                limits.keep_alive_max_seconds
+            )),
         );
     }
     if state.failures.is_blocked(request.peer_ip, Instant::now()) {
-        state.metrics.auth_failures.with_label_values(&["rate_limited"]).inc();
+        state
+            .metrics
+            .auth_failures
+            .with_label_values(&["rate_limited"])
+            .inc();
         return Outcome::Refuse(
             Some(ConnectReturnCode::NotAuthorized),
             Close::limit("too many failed authentications"),
@@ -168,22 +196,43 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
         query_token: request.query_token.as_deref().or(connect_token.as_deref()),
     };
     let result = match &request.device_id {
-        Some(device_id) => state.authenticator.authenticate(device_id, credentials).await,
+        Some(device_id) => {
+            state
+                .authenticator
+                .authenticate(device_id, credentials)
+                .await
+        }
         None => Err(AuthFailure::UnknownDevice),
     };
     match result {
         Ok(principal) => {
             tracing::info!(key = %principal.key_id, scope = ?principal.scope, "authenticated; device offline");
             // No device hub yet: agents and tunnels arrive next.
-            Outcome::Refuse(Some(ConnectReturnCode::ServerUnavailable), Close::device_offline())
+            Outcome::Refuse(
+                Some(ConnectReturnCode::ServerUnavailable),
+                Close::device_offline(),
+            )
         }
         Err(AuthFailure::Unavailable) => {
-            state.metrics.auth_failures.with_label_values(&["unavailable"]).inc();
-            Outcome::Refuse(Some(ConnectReturnCode::ServerUnavailable), Close::store_unavailable())
+            state
+                .metrics
+                .auth_failures
+                .with_label_values(&["unavailable"])
+                .inc();
+            Outcome::Refuse(
+                Some(ConnectReturnCode::ServerUnavailable),
+                Close::store_unavailable(),
+            )
         }
         Err(failure) => {
-            state.metrics.auth_failures.with_label_values(&[failure.label()]).inc();
-            state.failures.record_failure(request.peer_ip, Instant::now());
+            state
+                .metrics
+                .auth_failures
+                .with_label_values(&[failure.label()])
+                .inc();
+            state
+                .failures
+                .record_failure(request.peer_ip, Instant::now());
             tracing::info!(reason = failure.label(), "authentication failed");
             let code = if failure == AuthFailure::Missing {
                 ConnectReturnCode::NotAuthorized
@@ -210,8 +259,12 @@ fn connect_credentials(connect: &Connect) -> Option<String> {
 
 /// Sends the CONNACK (if any) and the close frame, then waits a moment for
 /// the client's close so the closing handshake completes.
-async fn finish<S>(socket: &mut S, connack: Option<ConnectReturnCode>, close: Close, state: &EdgeState)
-where
+async fn finish<S>(
+    socket: &mut S,
+    connack: Option<ConnectReturnCode>,
+    close: Close,
+    state: &EdgeState,
+) where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
     if let Some(code) = connack {
@@ -221,9 +274,17 @@ where
             code,
         });
         if mqtt::encode(&packet, &mut bytes).is_ok() {
-            state.metrics.connacks.with_label_values(&[connack_code_name(code)]).inc();
+            state
+                .metrics
+                .connacks
+                .with_label_values(&[connack_code_name(code)])
+                .inc();
             state.metrics.messages.with_label_values(&["out"]).inc();
-            state.metrics.bytes.with_label_values(&["out"]).inc_by(bytes.len() as u64);
+            state
+                .metrics
+                .bytes
+                .with_label_values(&["out"])
+                .inc_by(bytes.len() as u64);
             if socket.send(Message::Binary(bytes.freeze())).await.is_err() {
                 return;
             }

@@ -20,7 +20,11 @@ pub struct EdgeState {
 }
 
 impl EdgeState {
-    pub fn new(config: Arc<EdgeConfig>, authenticator: Authenticator, metrics: Metrics) -> EdgeState {
+    pub fn new(
+        config: Arc<EdgeConfig>,
+        authenticator: Authenticator,
+        metrics: Metrics,
+    ) -> EdgeState {
         let failures = FailureLimiter::new(config.auth.failures_per_ip_per_minute);
         EdgeState {
             config,

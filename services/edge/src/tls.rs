@@ -51,7 +51,11 @@ impl CertificateSource {
     /// On error the certificate in force stays. Returns whether it changed.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
         let loaded = read(&self.cert_path, &self.key_path)?;
-        let unchanged = self.digest.read().map(|d| *d == loaded.digest).unwrap_or(false);
+        let unchanged = self
+            .digest
+            .read()
+            .map(|d| *d == loaded.digest)
+            .unwrap_or(false);
         if unchanged {
             return Ok(false);
         }

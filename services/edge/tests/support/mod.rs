@@ -1,0 +1,321 @@
+//! What the edge's end-to-end tests share: a test CA issuing certificates,
+//! an edge on a fresh database with port-0 listeners, and a WebSocket MQTT
+//! client (tokio-tungstenite over rustls) that speaks through real sockets.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use relay_edge::{EdgeConfig, RunningEdge};
+use relay_proto::mqtt::{self, Connect, Packet, ProtocolLevel};
+use relay_store::testing::TestDatabase;
+use relay_store::{Backend, NewApiKey, Scope};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+pub const BASE_DOMAIN: &str = "relay.test";
+/// A guard against hangs; every wait in these tests normally ends in
+/// milliseconds (or at a server-side timeout of about a second).
+pub const PATIENCE: Duration = Duration::from_secs(15);
+
+pub type Socket = WebSocketStream<TlsStream<TcpStream>>;
+
+/// A throwaway certificate authority and the files it issues.
+pub struct TestPki {
+    pub dir: PathBuf,
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        let dir = std::env::temp_dir().join(format!(
+            "relay-edge-test-{}",
+            relay_store::credential::random_base32(10).unwrap()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "relay test CA");
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        TestPki { dir, ca }
+    }
+
+    pub fn ca_der(&self) -> CertificateDer<'static> {
+        self.ca.der().clone()
+    }
+
+    /// Issues a leaf for `names` into `<name>.crt` / `<name>.key`; returns
+    /// the paths and the certificate's DER.
+    pub fn issue(
+        &self,
+        file_name: &str,
+        names: &[&str],
+    ) -> (PathBuf, PathBuf, CertificateDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let cert_path = self.dir.join(format!("{file_name}.crt"));
+        let key_path = self.dir.join(format!("{file_name}.key"));
+        // Write beside, then rename, as an operator's tooling would.
+        for (path, text) in [(&cert_path, cert.pem()), (&key_path, key.serialize_pem())] {
+            let temporary = path.with_extension("tmp");
+            std::fs::write(&temporary, text).unwrap();
+            std::fs::rename(&temporary, path).unwrap();
+        }
+        (cert_path, key_path, cert.der().clone())
+    }
+}
+
+impl Drop for TestPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An edge on a fresh Postgres database, with one tenant, one device and
+/// keys to use.
+pub struct TestEdge {
+    pub edge: Option<RunningEdge>,
+    pub pki: TestPki,
+    pub database: TestDatabase,
+    pub tenant: String,
+    pub device: String,
+    /// A control key for `device`'s tenant: (token, key id, secret).
+    pub key: (String, String, String),
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl TestEdge {
+    pub async fn start() -> TestEdge {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(customize: impl FnOnce(&mut EdgeConfig)) -> TestEdge {
+        let pki = TestPki::new();
+        let (cert, key, _) = pki.issue("server", &[&format!("*.{BASE_DOMAIN}")]);
+        let database = TestDatabase::new(Backend::Postgres).await;
+        let store = &database.store;
+        let tenant = store.create_tenant("acme").await.unwrap().id;
+        let device = store.create_device(&tenant, "p1s").await.unwrap().id;
+        let (api_key, credential) = store
+            .create_api_key(NewApiKey {
+                tenant_id: &tenant,
+                device_id: None,
+                scope: Scope::Control,
+                label: "test",
+                expires_at: None,
+            })
+            .await
+            .unwrap();
+        let mut config = EdgeConfig::defaults();
+        config.public.listen = Some("127.0.0.1:0".parse().unwrap());
+        config.public.base_domain = BASE_DOMAIN.into();
+        config.public.tls_cert = Some(cert);
+        config.public.tls_key = Some(key);
+        config.public.tls_handshake_timeout_seconds = 1;
+        config.public.http_header_timeout_seconds = 1;
+        config.admin.listen = "127.0.0.1:0".parse().unwrap();
+        config.store.database_url = database.url.clone();
+        config.limits.connect_timeout_seconds = 1;
+        customize(&mut config);
+        let edge = RunningEdge::start(config).await.unwrap();
+        TestEdge {
+            addr: edge.public_addr.unwrap(),
+            admin: edge.admin_addr,
+            edge: Some(edge),
+            pki,
+            database,
+            tenant,
+            device,
+            key: (
+                credential.reveal(),
+                api_key.id,
+                credential.secret().to_owned(),
+            ),
+        }
+    }
+
+    pub fn host(&self) -> String {
+        format!("{}.{BASE_DOMAIN}", self.device)
+    }
+
+    pub fn client_tls(&self) -> TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.pki.ca_der()).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        TlsConnector::from(Arc::new(config))
+    }
+
+    /// TCP + TLS to the edge with `host` as SNI.
+    pub async fn tls(&self, host: &str) -> TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let name = ServerName::try_from(host.to_owned()).unwrap();
+        self.client_tls().connect(name, tcp).await.unwrap()
+    }
+
+    /// Opens `wss://<host><path_and_query>` with extra request headers.
+    pub async fn open(
+        &self,
+        host: &str,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<
+        (
+            Socket,
+            tokio_tungstenite::tungstenite::handshake::client::Response,
+        ),
+        WsError,
+    > {
+        let tls = self.tls(host).await;
+        let mut request = format!("wss://{host}{path_and_query}")
+            .into_client_request()
+            .unwrap();
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                    .unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        tokio_tungstenite::client_async(request, tls).await
+    }
+
+    pub async fn open_device(&self, path_and_query: &str, headers: &[(&str, &str)]) -> Socket {
+        self.open(&self.host(), path_and_query, headers)
+            .await
+            .unwrap()
+            .0
+    }
+
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.key.0)
+    }
+
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path).await
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(edge) = self.edge.take() {
+            edge.drain(Duration::from_secs(5)).await;
+        }
+        self.database.cleanup().await;
+    }
+}
+
+/// A plain HTTP/1.1 GET over TCP; returns status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub fn connect_packet(client_id: &str) -> Connect {
+    Connect {
+        protocol: ProtocolLevel::V3_1_1,
+        bridge_mode: false,
+        clean_session: true,
+        keep_alive: 60,
+        client_id: client_id.into(),
+        will: None,
+        username: None,
+        password: None,
+    }
+}
+
+pub fn encode(packet: &Packet) -> Bytes {
+    let mut out = BytesMut::new();
+    mqtt::encode(packet, &mut out).unwrap();
+    out.freeze()
+}
+
+/// Sends CONNECT in one binary message.
+pub async fn send_connect(socket: &mut Socket, connect: Connect) {
+    socket
+        .send(Message::Binary(encode(&Packet::Connect(connect))))
+        .await
+        .unwrap();
+}
+
+/// What the edge answered before closing: the CONNACK code (if a CONNACK
+/// came) and the close frame's code and reason.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub connack: Option<u8>,
+    pub close_code: u16,
+    pub reason: String,
+}
+
+pub async fn refusal(socket: &mut Socket) -> Refusal {
+    tokio::time::timeout(PATIENCE, async {
+        let mut buffer = BytesMut::new();
+        let mut connack = None;
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Binary(bytes))) => {
+                    buffer.extend_from_slice(&bytes);
+                    if let Some(Packet::ConnAck(ack)) = mqtt::decode(&mut buffer, 1024).unwrap() {
+                        connack = Some(ack.code as u8);
+                    }
+                }
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return Refusal {
+                        connack,
+                        close_code: u16::from(frame.code),
+                        reason: frame.reason.to_string(),
+                    };
+                }
+                Some(Ok(other)) => panic!("unexpected message {other:?}"),
+                Some(Err(error)) => panic!("socket failed before the close frame: {error}"),
+                None => panic!("socket ended without a close frame"),
+            }
+        }
+    })
+    .await
+    .expect("the edge answered in time")
+}
+
+pub fn refused(connack: Option<u8>, close_code: u16, reason: &str) -> Refusal {
+    Refusal {
+        connack,
+        close_code,
+        reason: reason.into(),
+    }
+}

@@ -1,0 +1,101 @@
+//! What the edge writes where people read it: logs that carry no secret and
+//! no query string, and a bad configuration refused with exit code 64 and
+//! every problem listed.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod support;
+
+use std::io::Write;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use support::*;
+
+/// Collects everything logged, at every level, in this test binary.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn logs_carry_no_secret_and_no_query_string() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .init();
+
+    let edge = TestEdge::start().await;
+    let (token, key_id, secret) = edge.key.clone();
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{key_id}:{secret}"));
+    let wrong_secret = "abcdefghijklmnopqrstuvwxyz";
+    let wrong_basic = base64::engine::general_purpose::STANDARD.encode(format!("{key_id}:{wrong_secret}"));
+    for path in [
+        format!("/mqtt?access_token={token}"),
+        format!("/mqtt?api_key={basic}&x=1"),
+        format!("/mqtt?access_token={wrong_basic}"),
+    ] {
+        let mut socket = edge.open_device(&path, &[]).await;
+        send_connect(&mut socket, connect_packet("logged")).await;
+        refusal(&mut socket).await;
+    }
+    let bearer = edge.bearer();
+    let mut socket = edge.open_device("/mqtt", &[("authorization", &bearer)]).await;
+    let mut connect = connect_packet("with-password");
+    connect.username = Some(key_id.clone());
+    connect.password = Some(secret.clone().into());
+    send_connect(&mut socket, connect).await;
+    refusal(&mut socket).await;
+    edge.stop().await;
+
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("closing session"), "the capture saw nothing:\n{logs}");
+    assert!(logs.contains("authentication failed"));
+    for secret_text in [token.as_str(), secret.as_str(), basic.as_str(), wrong_secret, wrong_basic.as_str()] {
+        assert!(!logs.contains(secret_text), "a secret reached the logs:\n{logs}");
+    }
+    for query in ["access_token=", "api_key=", "/mqtt?"] {
+        assert!(!logs.contains(query), "{query:?} reached the logs:\n{logs}");
+    }
+}
+
+#[test]
+fn a_bad_configuration_exits_64_listing_every_problem() {
+    let dir = std::env::temp_dir().join(format!("relay-edge-config-{}", relay_store::credential::random_base32(8).unwrap()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("edge.toml");
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(b"[public]\nbase_domain = \"not a domain\"\ntls_cert = \"/nonexistent.pem\"\n[limits]\nmax_packet_size = 10\n")
+        .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_relay-edge"))
+        .arg("--config")
+        .arg(&path)
+        .env_remove("RELAY_DATABASE_URL")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    for problem in ["public.base_domain", "public.tls_cert", "public.tls_key", "store.database_url", "max_packet_size"] {
+        assert!(stderr.contains(problem), "{problem} not reported:\n{stderr}");
+    }
+
+    std::fs::write(&path, "[public]\nbase_domian = \"typo.example\"\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_relay-edge")).arg("--config").arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("base_domian"));
+    let _ = std::fs::remove_dir_all(dir);
+}

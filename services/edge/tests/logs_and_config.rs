@@ -42,7 +42,8 @@ async fn logs_carry_no_secret_and_no_query_string() {
     let (token, key_id, secret) = edge.key.clone();
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{key_id}:{secret}"));
     let wrong_secret = "abcdefghijklmnopqrstuvwxyz";
-    let wrong_basic = base64::engine::general_purpose::STANDARD.encode(format!("{key_id}:{wrong_secret}"));
+    let wrong_basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("{key_id}:{wrong_secret}"));
     for path in [
         format!("/mqtt?access_token={token}"),
         format!("/mqtt?api_key={basic}&x=1"),
@@ -53,7 +54,9 @@ async fn logs_carry_no_secret_and_no_query_string() {
         refusal(&mut socket).await;
     }
     let bearer = edge.bearer();
-    let mut socket = edge.open_device("/mqtt", &[("authorization", &bearer)]).await;
+    let mut socket = edge
+        .open_device("/mqtt", &[("authorization", &bearer)])
+        .await;
     let mut connect = connect_packet("with-password");
     connect.username = Some(key_id.clone());
     connect.password = Some(secret.clone().into());
@@ -62,10 +65,22 @@ async fn logs_carry_no_secret_and_no_query_string() {
     edge.stop().await;
 
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("closing session"), "the capture saw nothing:\n{logs}");
+    assert!(
+        logs.contains("closing session"),
+        "the capture saw nothing:\n{logs}"
+    );
     assert!(logs.contains("authentication failed"));
-    for secret_text in [token.as_str(), secret.as_str(), basic.as_str(), wrong_secret, wrong_basic.as_str()] {
-        assert!(!logs.contains(secret_text), "a secret reached the logs:\n{logs}");
+    for secret_text in [
+        token.as_str(),
+        secret.as_str(),
+        basic.as_str(),
+        wrong_secret,
+        wrong_basic.as_str(),
+    ] {
+        assert!(
+            !logs.contains(secret_text),
+            "a secret reached the logs:\n{logs}"
+        );
     }
     for query in ["access_token=", "api_key=", "/mqtt?"] {
         assert!(!logs.contains(query), "{query:?} reached the logs:\n{logs}");
@@ -74,7 +89,10 @@ async fn logs_carry_no_secret_and_no_query_string() {
 
 #[test]
 fn a_bad_configuration_exits_64_listing_every_problem() {
-    let dir = std::env::temp_dir().join(format!("relay-edge-config-{}", relay_store::credential::random_base32(8).unwrap()));
+    let dir = std::env::temp_dir().join(format!(
+        "relay-edge-config-{}",
+        relay_store::credential::random_base32(8).unwrap()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("edge.toml");
     std::fs::File::create(&path)
@@ -89,12 +107,25 @@ fn a_bad_configuration_exits_64_listing_every_problem() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(64), "{stderr}");
-    for problem in ["public.base_domain", "public.tls_cert", "public.tls_key", "store.database_url", "max_packet_size"] {
-        assert!(stderr.contains(problem), "{problem} not reported:\n{stderr}");
+    for problem in [
+        "public.base_domain",
+        "public.tls_cert",
+        "public.tls_key",
+        "store.database_url",
+        "max_packet_size",
+    ] {
+        assert!(
+            stderr.contains(problem),
+            "{problem} not reported:\n{stderr}"
+        );
     }
 
     std::fs::write(&path, "[public]\nbase_domian = \"typo.example\"\n").unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_relay-edge")).arg("--config").arg(&path).output().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_relay-edge"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&output.stderr).contains("base_domian"));
     let _ = std::fs::remove_dir_all(dir);

@@ -41,6 +41,11 @@ impl Close {
         Close::new(1008, "unauthorized")
     }
 
+    /// The key or device was revoked while the session was open.
+    pub fn revoked() -> Close {
+        Close::new(1008, "unauthorized: revoked")
+    }
+
     pub fn forbidden(what: &str) -> Close {
         Close::new(1008, format!("forbidden: {what}"))
     }
@@ -59,6 +64,11 @@ impl Close {
 
     pub fn device_offline() -> Close {
         Close::new(1013, "device offline")
+    }
+
+    /// The printer refused the agent or cannot be reached.
+    pub fn printer_unreachable(what: &str) -> Close {
+        Close::new(1014, format!("printer: {what}"))
     }
 
     pub fn store_unavailable() -> Close {

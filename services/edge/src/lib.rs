@@ -13,6 +13,7 @@
 pub mod close;
 pub mod config;
 pub mod http;
+pub mod hub;
 mod limiter;
 pub mod metrics;
 pub mod server;

@@ -22,8 +22,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::close::Close;
 use crate::config::EdgeConfig;
 use crate::http::{self, RequestContext};
+use crate::hub::Hubs;
 use crate::metrics::Metrics;
 use crate::state::EdgeState;
 use crate::tls::{CertificateSource, TlsError};
@@ -275,8 +277,14 @@ impl RunningEdge {
             loop {
                 tokio::select! {
                     event = watcher.next() => match event {
-                        Ok(Revoked::ApiKey(key_id)) => state.authenticator.forget(Some(&key_id)),
-                        Ok(Revoked::Device(_)) => state.authenticator.forget(None),
+                        Ok(Revoked::ApiKey(key_id)) => {
+                            state.authenticator.forget(Some(&key_id));
+                            state.end_sessions(|session| session.key_id == key_id, &Close::revoked());
+                        }
+                        Ok(Revoked::Device(device_id)) => {
+                            state.authenticator.forget(None);
+                            state.end_sessions(|session| session.device_id == device_id, &Close::revoked());
+                        }
                         Ok(Revoked::AgentCredential(_)) => {}
                         Err(error) => {
                             tracing::warn!(%error, "revocation check failed");
@@ -290,6 +298,12 @@ impl RunningEdge {
                 }
             }
         });
+    }
+
+    /// The online devices; whoever brings a device's upstream connection
+    /// (the tunnel acceptor) starts its hub here.
+    pub fn hubs(&self) -> Arc<Hubs> {
+        self.state.hubs.clone()
     }
 
     pub fn metrics(&self) -> &Metrics {

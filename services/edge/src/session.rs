@@ -6,24 +6,27 @@
 //! the proto decoder. Until the device hub exists (agents and tunnels come
 //! next), every authenticated client learns that its device is offline.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use relay_proto::mqtt::{self, ConnAck, Connect, ConnectReturnCode, DecodeError, Packet};
-use relay_store::{AuthFailure, RequestCredentials};
+use relay_proto::topic::{TopicLimits, validate_topic_filter, validate_topic_name};
+use relay_store::{AuthFailure, Principal, RequestCredentials, Scope};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
 use crate::close::{Close, connack_code_name};
-use crate::state::EdgeState;
+use crate::hub::{HubHandle, Outbound, OutboundSender, outbound_queue};
+use crate::state::{EdgeState, LiveSession};
 
 /// How long to wait for the client's answer to our close frame.
-const CLOSE_HANDSHAKE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+const CLOSE_HANDSHAKE_PATIENCE: Duration = Duration::from_secs(2);
 
 /// What the HTTP request said, kept until the CONNECT arrives. The
 /// credentials are secret: never logged.
@@ -50,6 +53,16 @@ enum Outcome {
     Refuse(Option<ConnectReturnCode>, Close),
     /// The client went away; nothing to send.
     Gone,
+    /// Accepted: the device is online.
+    Connected(Box<Admitted>),
+}
+
+/// An accepted client, ready to be served.
+struct Admitted {
+    connect: Connect,
+    principal: Principal,
+    device_id: String,
+    hub: HubHandle,
 }
 
 /// Runs a session to its end.
@@ -73,8 +86,10 @@ pub async fn run<S>(
         }
         _ = shutdown.cancelled() => Outcome::Refuse(None, Close::draining()),
     };
-    if let Outcome::Refuse(connack, close) = outcome {
-        finish(&mut socket, connack, close, &state).await;
+    match outcome {
+        Outcome::Refuse(connack, close) => finish(&mut socket, connack, close, &state).await,
+        Outcome::Gone => {}
+        Outcome::Connected(admitted) => serve(socket, buffer, *admitted, &state, shutdown).await,
     }
     state.metrics.sessions_open.dec();
 }
@@ -206,12 +221,22 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
     };
     match result {
         Ok(principal) => {
-            tracing::info!(key = %principal.key_id, scope = ?principal.scope, "authenticated; device offline");
-            // No device hub yet: agents and tunnels arrive next.
-            Outcome::Refuse(
-                Some(ConnectReturnCode::ServerUnavailable),
-                Close::device_offline(),
-            )
+            let device_id = request.device_id.unwrap_or_default();
+            match state.hubs.get(&device_id) {
+                Some(hub) => Outcome::Connected(Box::new(Admitted {
+                    connect,
+                    principal,
+                    device_id,
+                    hub,
+                })),
+                None => {
+                    tracing::info!(key = %principal.key_id, "authenticated; device offline");
+                    Outcome::Refuse(
+                        Some(ConnectReturnCode::ServerUnavailable),
+                        Close::device_offline(),
+                    )
+                }
+            }
         }
         Err(AuthFailure::Unavailable) => {
             state
@@ -311,4 +336,274 @@ async fn finish<S>(
         }
     })
     .await;
+}
+
+/// Serves an accepted client: CONNACK 0, then its packets until it leaves,
+/// breaks a rule, stops reading, misses its keep-alive, or the edge drains.
+async fn serve<S>(
+    socket: S,
+    mut buffer: BytesMut,
+    admitted: Admitted,
+    state: &EdgeState,
+    shutdown: CancellationToken,
+) where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    let Admitted {
+        connect,
+        principal,
+        device_id,
+        hub,
+    } = admitted;
+    let limits = &state.config.limits;
+    let session_id = state.hubs.next_session_id();
+    let (outbound, mut receiver, ended) = outbound_queue(limits.outbound_buffer_bytes);
+    if !hub.attach(session_id, outbound.clone()).await {
+        finish_unsplit(
+            socket,
+            Some(ConnectReturnCode::ServerUnavailable),
+            Close::device_offline(),
+            state,
+        )
+        .await;
+        return;
+    }
+    state.live_sessions.insert(
+        session_id,
+        LiveSession {
+            key_id: principal.key_id.clone(),
+            device_id: device_id.clone(),
+            outbound: outbound.clone(),
+        },
+    );
+    state.metrics.connacks.with_label_values(&["0"]).inc();
+    outbound.send_packet(&Packet::ConnAck(ConnAck {
+        session_present: false,
+        code: ConnectReturnCode::Accepted,
+    }));
+    tracing::info!(key = %principal.key_id, client = %connect.client_id, "session connected");
+
+    // Keep-alive 0 (off) gets the longest one allowed; the client must send
+    // something within one and a half keep-alives.
+    let keep_alive = match connect.keep_alive {
+        0 => limits.keep_alive_max_seconds,
+        seconds => seconds.max(limits.keep_alive_min_seconds),
+    };
+    let idle_limit = Duration::from_millis(u64::from(keep_alive) * 1500);
+
+    let (mut sink, mut stream) = socket.split();
+    let mut client = ClientState {
+        principal: &principal,
+        subscriptions: HashSet::new(),
+        topic_limits: TopicLimits {
+            max_len_bytes: limits.max_topic_len,
+            max_levels: usize::MAX,
+        },
+        session_id,
+        hub: &hub,
+        outbound: &outbound,
+        state,
+    };
+    let reader = async {
+        let mut deadline = tokio::time::Instant::now() + idle_limit;
+        loop {
+            // Packets already buffered (the CONNECT's tail, or a burst).
+            loop {
+                match mqtt::decode(&mut buffer, limits.max_packet_size) {
+                    Ok(Some(packet)) => {
+                        state.metrics.messages.with_label_values(&["in"]).inc();
+                        deadline = tokio::time::Instant::now() + idle_limit;
+                        if let Err(close) = client.on_packet(packet).await {
+                            outbound.end(close);
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(error) => {
+                        outbound.end(close_for_decode_error(&error));
+                        return;
+                    }
+                }
+            }
+            tokio::select! {
+                message = stream.next() => match message {
+                    Some(Ok(Message::Binary(bytes))) => {
+                        state.metrics.bytes.with_label_values(&["in"]).inc_by(bytes.len() as u64);
+                        buffer.extend_from_slice(&bytes);
+                    }
+                    Some(Ok(Message::Text(_))) => {
+                        outbound.end(Close::text_frame());
+                        return;
+                    }
+                    Some(Ok(Message::Close(_))) | None => {
+                        outbound.end(Close::normal());
+                        return;
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                    Some(Err(error)) => {
+                        if let Outcome::Refuse(_, close) = close_for_websocket_error(error) {
+                            outbound.end(close);
+                        } else {
+                            outbound.end(Close::normal());
+                        }
+                        return;
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    outbound.end(Close::protocol("keep-alive timeout"));
+                    return;
+                }
+                _ = ended.cancelled() => return,
+                _ = hub.ended() => {
+                    outbound.end(Close::device_offline());
+                    return;
+                }
+                _ = shutdown.cancelled() => {
+                    outbound.end(Close::draining());
+                    return;
+                }
+            }
+        }
+    };
+    let writer = async {
+        while let Some(item) = receiver.recv().await {
+            match item {
+                Outbound::Bytes(bytes) => {
+                    state.metrics.messages.with_label_values(&["out"]).inc();
+                    state
+                        .metrics
+                        .bytes
+                        .with_label_values(&["out"])
+                        .inc_by(bytes.len() as u64);
+                    if sink.send(Message::Binary(bytes)).await.is_err() {
+                        return None;
+                    }
+                }
+                Outbound::Close(close) => return Some(close),
+            }
+        }
+        None
+    };
+    // Once the session must end, the writer gets a short grace to deliver
+    // what is queued and the close; a client that does not read loses it.
+    let bounded_writer = async {
+        tokio::select! {
+            close = writer => close,
+            _ = async {
+                ended.cancelled().await;
+                tokio::time::sleep(CLOSE_HANDSHAKE_PATIENCE).await;
+            } => None,
+        }
+    };
+    let ((), close) = tokio::join!(reader, bounded_writer);
+    state.live_sessions.remove(&session_id);
+    hub.detach(session_id).await;
+    if let Some(close) = close {
+        state
+            .metrics
+            .close_codes
+            .with_label_values(&[&close.code.to_string()])
+            .inc();
+        tracing::info!(code = close.code, reason = %close.reason, "closing session");
+        let frame = CloseFrame {
+            code: CloseCode::from(close.code),
+            reason: close.reason.into(),
+        };
+        let _ = tokio::time::timeout(
+            CLOSE_HANDSHAKE_PATIENCE,
+            sink.send(Message::Close(Some(frame))),
+        )
+        .await;
+    }
+}
+
+/// A connected client's own state, and what it may do.
+struct ClientState<'a> {
+    principal: &'a Principal,
+    subscriptions: HashSet<String>,
+    topic_limits: TopicLimits,
+    session_id: u64,
+    hub: &'a HubHandle,
+    outbound: &'a OutboundSender,
+    state: &'a EdgeState,
+}
+
+impl ClientState<'_> {
+    /// Handles one packet from the client; `Err` ends the session.
+    async fn on_packet(&mut self, packet: Packet) -> Result<(), Close> {
+        let limits = &self.state.config.limits;
+        match packet {
+            Packet::PingReq => {
+                self.outbound.send_packet(&Packet::PingResp);
+            }
+            Packet::Subscribe(subscribe) => {
+                for (filter, _) in &subscribe.filters {
+                    validate_topic_filter(filter, &self.topic_limits)
+                        .map_err(|error| Close::limit(&format!("topic filter: {error}")))?;
+                }
+                let new = subscribe
+                    .filters
+                    .iter()
+                    .filter(|(filter, _)| !self.subscriptions.contains(filter))
+                    .count();
+                if self.subscriptions.len() + new > limits.max_subscriptions {
+                    return Err(Close::limit(&format!(
+                        "more than {} subscriptions",
+                        limits.max_subscriptions
+                    )));
+                }
+                self.subscriptions
+                    .extend(subscribe.filters.iter().map(|(filter, _)| filter.clone()));
+                if !self.hub.subscribe(self.session_id, subscribe).await {
+                    return Err(Close::device_offline());
+                }
+            }
+            Packet::Unsubscribe(unsubscribe) => {
+                for filter in &unsubscribe.filters {
+                    self.subscriptions.remove(filter);
+                }
+                if !self.hub.unsubscribe(self.session_id, unsubscribe).await {
+                    return Err(Close::device_offline());
+                }
+            }
+            Packet::Publish(publish) => {
+                if self.principal.scope == Scope::Read {
+                    return Err(Close::forbidden("read-only key"));
+                }
+                validate_topic_name(&publish.topic, &self.topic_limits)
+                    .map_err(|error| Close::limit(&format!("topic: {error}")))?;
+                if publish.qos == relay_proto::mqtt::QoS::ExactlyOnce {
+                    return Err(Close::limit(
+                        "QoS 2 publishing is not supported; use QoS 0 or 1",
+                    ));
+                }
+                if !self.hub.publish(self.session_id, publish).await {
+                    return Err(Close::device_offline());
+                }
+            }
+            // Acknowledgements of our QoS 1 deliveries: nothing to keep.
+            Packet::PubAck(_) => {}
+            Packet::Disconnect => return Err(Close::normal()),
+            Packet::Connect(_) => return Err(Close::protocol("second CONNECT")),
+            other => {
+                return Err(Close::protocol(format!(
+                    "unexpected {} from a client",
+                    other.packet_type()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`finish`] for a socket not split yet.
+async fn finish_unsplit<S>(
+    mut socket: S,
+    connack: Option<ConnectReturnCode>,
+    close: Close,
+    state: &EdgeState,
+) where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    finish(&mut socket, connack, close, state).await;
 }

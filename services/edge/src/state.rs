@@ -3,9 +3,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use dashmap::DashMap;
 use relay_store::Authenticator;
 
+use crate::close::Close;
 use crate::config::EdgeConfig;
+use crate::hub::{Hubs, OutboundSender, SessionId};
 use crate::limiter::FailureLimiter;
 use crate::metrics::Metrics;
 
@@ -15,6 +18,9 @@ pub struct EdgeState {
     pub authenticator: Authenticator,
     pub metrics: Metrics,
     pub failures: FailureLimiter,
+    pub hubs: Arc<Hubs>,
+    /// Connected sessions, so that a revocation can end them.
+    pub live_sessions: DashMap<SessionId, LiveSession>,
     /// Set once the drain starts: `/readyz` fails from then on.
     draining: AtomicBool,
 }
@@ -31,6 +37,8 @@ impl EdgeState {
             authenticator,
             metrics,
             failures,
+            hubs: Arc::new(Hubs::default()),
+            live_sessions: DashMap::new(),
             draining: AtomicBool::new(false),
         }
     }
@@ -42,4 +50,24 @@ impl EdgeState {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
+
+    /// Ends every connected session that `matches`, with `close`.
+    pub fn end_sessions(&self, matches: impl Fn(&LiveSession) -> bool, close: &Close) -> usize {
+        let mut ended = 0;
+        for session in self.live_sessions.iter() {
+            if matches(session.value()) {
+                session.outbound.end(close.clone());
+                ended += 1;
+            }
+        }
+        ended
+    }
+}
+
+/// A session past CONNACK.
+#[derive(Debug)]
+pub struct LiveSession {
+    pub key_id: String,
+    pub device_id: String,
+    pub outbound: OutboundSender,
 }

@@ -319,3 +319,102 @@ pub fn refused(connack: Option<u8>, close_code: u16, reason: &str) -> Refusal {
         reason: reason.into(),
     }
 }
+
+/// An MQTT peer over any byte stream (a scripted printer in tests).
+pub struct MqttPeer<T> {
+    pub io: T,
+    buffer: BytesMut,
+}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> MqttPeer<T> {
+    pub fn new(io: T) -> Self {
+        MqttPeer {
+            io,
+            buffer: BytesMut::new(),
+        }
+    }
+
+    pub async fn send(&mut self, packet: &Packet) {
+        use tokio::io::AsyncWriteExt;
+        self.io.write_all(&encode(packet)).await.unwrap();
+    }
+
+    /// The next packet, or `None` at the end of the stream.
+    pub async fn next(&mut self) -> Option<Packet> {
+        use tokio::io::AsyncReadExt;
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                if let Some(packet) = mqtt::decode(&mut self.buffer, 1 << 20).unwrap() {
+                    return Some(packet);
+                }
+                if self.io.read_buf(&mut self.buffer).await.unwrap() == 0 {
+                    return None;
+                }
+            }
+        })
+        .await
+        .expect("the peer answered in time")
+    }
+}
+
+/// A client session past CONNACK 0.
+pub struct Client {
+    pub socket: Socket,
+    buffer: BytesMut,
+    /// The close frame's code and reason, once one came.
+    pub closed_with: Option<(u16, String)>,
+}
+
+impl Client {
+    pub async fn connect(edge: &TestEdge, authorization: &str, connect: Connect) -> Client {
+        let mut socket = edge
+            .open_device("/mqtt", &[("authorization", authorization)])
+            .await;
+        send_connect(&mut socket, connect).await;
+        let mut client = Client {
+            socket,
+            buffer: BytesMut::new(),
+            closed_with: None,
+        };
+        match client.next().await {
+            Some(Packet::ConnAck(ack)) => assert_eq!(ack.code, mqtt::ConnectReturnCode::Accepted),
+            other => panic!("expected CONNACK 0, got {other:?}"),
+        }
+        client
+    }
+
+    pub async fn send(&mut self, packet: &Packet) {
+        self.socket
+            .send(Message::Binary(encode(packet)))
+            .await
+            .unwrap();
+    }
+
+    /// Reads until the edge closes; returns the close code and reason.
+    pub async fn closed(&mut self) -> Option<(u16, String)> {
+        while self.next().await.is_some() {}
+        self.closed_with.clone()
+    }
+
+    /// The next packet; `None` once the edge closed (see [`Client::closed`]).
+    pub async fn next(&mut self) -> Option<Packet> {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                if let Some(packet) = mqtt::decode(&mut self.buffer, 1 << 20).unwrap() {
+                    return Some(packet);
+                }
+                match self.socket.next().await {
+                    Some(Ok(Message::Binary(bytes))) => self.buffer.extend_from_slice(&bytes),
+                    Some(Ok(Message::Close(frame))) => {
+                        self.closed_with = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                        return None;
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return None,
+                }
+            }
+        })
+        .await
+        .expect("the edge answered in time")
+    }
+}

@@ -88,7 +88,11 @@ pub async fn run<S>(
     };
     match outcome {
         Outcome::Refuse(connack, close) => finish(&mut socket, connack, close, &state).await,
-        Outcome::Gone => {}
+        // Completes a closing handshake the client began: the reply is
+        // queued by the WebSocket layer and sent by this flush.
+        Outcome::Gone => {
+            let _ = tokio::time::timeout(CLOSE_HANDSHAKE_PATIENCE, socket.close()).await;
+        }
         Outcome::Connected(admitted) => serve(socket, buffer, *admitted, &state, shutdown).await,
     }
     state.metrics.sessions_open.dec();

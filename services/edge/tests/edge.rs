@@ -495,3 +495,81 @@ async fn draining_fails_readiness_refuses_connections_and_closes_sessions() {
     running.finish_drain(Duration::from_secs(5)).await;
     edge.database.cleanup().await;
 }
+
+/// paho-mqtt (Python) sends its close frame unmasked; the edge takes it as
+/// a close, not as a protocol violation.
+#[tokio::test]
+async fn an_unmasked_close_from_the_client_is_tolerated() {
+    let edge = TestEdge::start().await;
+    let mut tls = edge.tls(&edge.host()).await;
+    let request = format!(
+        "GET /mqtt HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Protocol: mqtt\r\n\r\n",
+        edge.host()
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tls.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "{head}"
+    );
+    // FIN + close, no mask bit, payload: code 1000.
+    tls.write_all(&[0x88, 0x02, 0x03, 0xe8]).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, tls.read_to_end(&mut reply)).await;
+    // The edge answers with a close frame of its own, not 1002.
+    assert!(reply.len() >= 2 && reply[0] == 0x88, "{reply:?}");
+    if reply.len() >= 4 {
+        let code = u16::from_be_bytes([reply[2], reply[3]]);
+        assert_ne!(code, 1002, "treated as a protocol violation");
+    }
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn the_optional_plain_listener_serves_ws() {
+    let edge = TestEdge::start_with(|config| {
+        config.public.plain_listen = Some("127.0.0.1:0".parse().unwrap())
+    })
+    .await;
+    let plain = edge
+        .edge
+        .as_ref()
+        .unwrap()
+        .plain_addr
+        .expect("plain listener bound");
+    let tcp = tokio::net::TcpStream::connect(plain).await.unwrap();
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "ws://{}/mqtt",
+            edge.host()
+        ))
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", edge.bearer().parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::client_async(request, tcp).await.unwrap();
+    socket
+        .send(Message::Binary(encode(&Packet::Connect(connect_packet(
+            "dev",
+        )))))
+        .await
+        .unwrap();
+    use futures_util::StreamExt;
+    let mut connack = None;
+    while let Some(Ok(message)) = socket.next().await {
+        if let Message::Binary(bytes) = message {
+            connack = Some(bytes[3]);
+        }
+    }
+    assert_eq!(connack, Some(3));
+    edge.stop().await;
+}

@@ -261,11 +261,7 @@ async fn plain_request<B>(
             json(StatusCode::SERVICE_UNAVAILABLE, "try again later")
         }
         Err(failure) => {
-            state
-                .metrics
-                .auth_failures
-                .with_label_values(&[failure.label()])
-                .inc();
+            state.count_auth_failure(failure.label());
             let mut response = json(StatusCode::UNAUTHORIZED, "unauthorized");
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

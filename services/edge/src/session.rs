@@ -196,11 +196,7 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
         );
     }
     if state.failures.is_blocked(request.peer_ip, Instant::now()) {
-        state
-            .metrics
-            .auth_failures
-            .with_label_values(&["rate_limited"])
-            .inc();
+        state.count_auth_failure("rate_limited");
         return Outcome::Refuse(
             Some(ConnectReturnCode::NotAuthorized),
             Close::limit("too many failed authentications"),
@@ -243,22 +239,14 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
             }
         }
         Err(AuthFailure::Unavailable) => {
-            state
-                .metrics
-                .auth_failures
-                .with_label_values(&["unavailable"])
-                .inc();
+            state.count_auth_failure("unavailable");
             Outcome::Refuse(
                 Some(ConnectReturnCode::ServerUnavailable),
                 Close::store_unavailable(),
             )
         }
         Err(failure) => {
-            state
-                .metrics
-                .auth_failures
-                .with_label_values(&[failure.label()])
-                .inc();
+            state.count_auth_failure(failure.label());
             state
                 .failures
                 .record_failure(request.peer_ip, Instant::now());
@@ -319,17 +307,7 @@ async fn finish<S>(
             }
         }
     }
-    state
-        .metrics
-        .close_codes
-        .with_label_values(&[&close.code.to_string()])
-        .inc();
-    tracing::info!(code = close.code, reason = %close.reason, "closing session");
-    let frame = CloseFrame {
-        code: CloseCode::from(close.code),
-        reason: close.reason.into(),
-    };
-    if socket.send(Message::Close(Some(frame))).await.is_err() {
+    if socket.send(close_message(close, state)).await.is_err() {
         return;
     }
     let _ = tokio::time::timeout(CLOSE_HANDSHAKE_PATIENCE, async {
@@ -345,7 +323,7 @@ async fn finish<S>(
 /// Serves an accepted client: CONNACK 0, then its packets until it leaves,
 /// breaks a rule, stops reading, misses its keep-alive, or the edge drains.
 async fn serve<S>(
-    socket: S,
+    mut socket: S,
     mut buffer: BytesMut,
     admitted: Admitted,
     state: &EdgeState,
@@ -363,8 +341,8 @@ async fn serve<S>(
     let session_id = state.hubs.next_session_id();
     let (outbound, mut receiver, ended) = outbound_queue(limits.outbound_buffer_bytes);
     if !hub.attach(session_id, outbound.clone()).await {
-        finish_unsplit(
-            socket,
+        finish(
+            &mut socket,
             Some(ConnectReturnCode::ServerUnavailable),
             Close::device_offline(),
             state,
@@ -503,22 +481,26 @@ async fn serve<S>(
     state.live_sessions.remove(&session_id);
     hub.detach(session_id).await;
     if let Some(close) = close {
-        state
-            .metrics
-            .close_codes
-            .with_label_values(&[&close.code.to_string()])
-            .inc();
-        tracing::info!(code = close.code, reason = %close.reason, "closing session");
-        let frame = CloseFrame {
-            code: CloseCode::from(close.code),
-            reason: close.reason.into(),
-        };
         let _ = tokio::time::timeout(
             CLOSE_HANDSHAKE_PATIENCE,
-            sink.send(Message::Close(Some(frame))),
+            sink.send(close_message(close, state)),
         )
         .await;
     }
+}
+
+/// The close frame for `close`, counted and logged.
+fn close_message(close: Close, state: &EdgeState) -> Message {
+    state
+        .metrics
+        .close_codes
+        .with_label_values(&[&close.code.to_string()])
+        .inc();
+    tracing::info!(code = close.code, reason = %close.reason, "closing session");
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(close.code),
+        reason: close.reason.into(),
+    }))
 }
 
 /// A connected client's own state, and what it may do.
@@ -598,16 +580,4 @@ impl ClientState<'_> {
         }
         Ok(())
     }
-}
-
-/// [`finish`] for a socket not split yet.
-async fn finish_unsplit<S>(
-    mut socket: S,
-    connack: Option<ConnectReturnCode>,
-    close: Close,
-    state: &EdgeState,
-) where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
-{
-    finish(&mut socket, connack, close, state).await;
 }

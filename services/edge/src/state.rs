@@ -51,6 +51,13 @@ impl EdgeState {
         self.draining.load(Ordering::SeqCst)
     }
 
+    pub fn count_auth_failure(&self, reason: &str) {
+        self.metrics
+            .auth_failures
+            .with_label_values(&[reason])
+            .inc();
+    }
+
     /// Ends every connected session that `matches`, with `close`.
     pub fn end_sessions(&self, matches: impl Fn(&LiveSession) -> bool, close: &Close) -> usize {
         let mut ended = 0;

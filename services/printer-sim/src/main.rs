@@ -1,0 +1,99 @@
+//! `relay-printer-sim`: runs the printer simulator from the command line and
+//! writes its CA certificate where an agent can trust it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use relay_printer_sim::{OverLimit, Profile, RunningSimulator, SimulatorConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "relay-printer-sim",
+    version,
+    about = "A stand-in for a Bambu Lab printer's MQTT broker"
+)]
+struct Flags {
+    #[arg(long, default_value = "127.0.0.1:8883")]
+    listen: SocketAddr,
+    #[arg(long, default_value = "01P00A000000001")]
+    serial: String,
+    /// The LAN access code clients must give as the password of user bblp
+    #[arg(
+        long,
+        env = "RELAY_SIM_ACCESS_CODE",
+        hide_env_values = true,
+        default_value = "12345678"
+    )]
+    access_code: String,
+    #[arg(long, value_enum, default_value_t = ProfileArg::P1)]
+    profile: ProfileArg,
+    /// Reports per second
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 4)]
+    client_limit: usize,
+    #[arg(long, value_enum, default_value_t = OverLimitArg::Refuse)]
+    over_limit: OverLimitArg,
+    /// Plain MQTT instead of TLS
+    #[arg(long)]
+    no_tls: bool,
+    /// Where to write the CA certificate (PEM)
+    #[arg(long)]
+    write_ca: Option<PathBuf>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum ProfileArg {
+    P1,
+    X1,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum OverLimitArg {
+    Refuse,
+    Silent,
+    DropOldest,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt().with_env_filter("info").init();
+    let flags = Flags::parse();
+    anyhow::ensure!(
+        flags.rate > 0.0 && flags.rate <= 1000.0,
+        "--rate must be in (0, 1000]"
+    );
+    let mut config = SimulatorConfig::new(&flags.serial, &flags.access_code);
+    config.profile = match flags.profile {
+        ProfileArg::P1 => Profile::P1,
+        ProfileArg::X1 => Profile::X1,
+    };
+    config.report_interval = Duration::from_secs_f64(1.0 / flags.rate);
+    config.client_limit = flags.client_limit;
+    config.over_limit = match flags.over_limit {
+        OverLimitArg::Refuse => OverLimit::Refuse,
+        OverLimitArg::Silent => OverLimit::AcceptSilently,
+        OverLimitArg::DropOldest => OverLimit::DropOldest,
+    };
+    config.tls = !flags.no_tls;
+    let simulator = RunningSimulator::start(config, flags.listen).await?;
+    if let Some(path) = &flags.write_ca {
+        std::fs::write(path, &simulator.ca_pem)?;
+    }
+    println!(
+        "printer simulator {} listening on {} ({}); user bblp; reports on device/{}/report",
+        flags.serial,
+        simulator.addr,
+        if flags.no_tls {
+            "plain MQTT"
+        } else {
+            "MQTT over TLS"
+        },
+        flags.serial
+    );
+    tokio::signal::ctrl_c().await?;
+    simulator.stop().await;
+    Ok(())
+}

@@ -388,12 +388,6 @@ fn route(shared: &Shared, topic: &str, payload: Bytes, retain: bool, encoded: Op
     }
 }
 
-/// Why a client's connection ended.
-enum ClientEnd {
-    Closed,
-    Refused,
-}
-
 async fn serve_client<IO: AsyncRead + AsyncWrite + Unpin>(
     mut io: IO,
     shared: Arc<Shared>,
@@ -490,38 +484,36 @@ async fn serve_client<IO: AsyncRead + AsyncWrite + Unpin>(
         .lock()
         .map(|token| token.clone())
         .unwrap_or_default();
-    let _end = if write_packet(&mut io, &connack(ConnectReturnCode::Accepted))
+    if write_packet(&mut io, &connack(ConnectReturnCode::Accepted))
         .await
-        .is_err()
+        .is_ok()
     {
-        ClientEnd::Closed
-    } else {
         loop {
             tokio::select! {
                 read = io.read_buf(&mut buffer) => match read {
-                    Ok(0) | Err(_) => break ClientEnd::Closed,
+                    Ok(0) | Err(_) => break,
                     Ok(_) => {
                         match handle_packets(&mut buffer, &shared, &filters, silent) {
                             Ok(replies) => {
                                 if !replies.is_empty() && io.write_all(&replies).await.is_err() {
-                                    break ClientEnd::Closed;
+                                    break;
                                 }
                             }
-                            Err(()) => break ClientEnd::Refused,
+                            Err(()) => break,
                         }
                     }
                 },
                 bytes = outgoing.recv() => match bytes {
                     Some(bytes) => {
                         if io.write_all(&bytes).await.is_err() {
-                            break ClientEnd::Closed;
+                            break;
                         }
                     }
-                    None => break ClientEnd::Closed,
+                    None => break,
                 },
-                _ = kick.cancelled() => break ClientEnd::Closed,
-                _ = drop_all.cancelled() => break ClientEnd::Closed,
-                _ = stop.cancelled() => break ClientEnd::Closed,
+                _ = kick.cancelled() => break,
+                _ = drop_all.cancelled() => break,
+                _ = stop.cancelled() => break,
             }
         }
     };

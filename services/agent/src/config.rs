@@ -1,0 +1,305 @@
+//! The agent's one configuration file (TOML), with secrets masked in
+//! `Debug`. Validated once; every problem is reported together.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub edge: EdgeSection,
+    pub printer: PrinterSection,
+    /// Refuse to forward any PUBLISH to the printer.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeSection {
+    /// `host:port` of the edge's QUIC listener.
+    pub address: String,
+    /// The name on the edge's certificate (defaults to the host of `address`).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// PEM CA to trust for the edge (required: agents pin their operator's CA).
+    pub ca_file: PathBuf,
+    /// The agent credential (`rla_…`) from `relayctl agent issue`. Secret.
+    pub credential: String,
+    #[serde(default = "default_quic_keep_alive")]
+    pub keep_alive_seconds: u64,
+}
+
+fn default_quic_keep_alive() -> u64 {
+    15
+}
+
+impl fmt::Debug for EdgeSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EdgeSection")
+            .field("address", &self.address)
+            .field("server_name", &self.server_name)
+            .field("ca_file", &self.ca_file)
+            .field("credential", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The printer as written in the file.
+#[derive(Clone, Deserialize)]
+#[serde(tag = "kind", deny_unknown_fields)]
+pub enum PrinterSection {
+    /// A Bambu Lab printer in LAN mode: mqtts 8883, user `bblp`.
+    #[serde(rename = "bambu")]
+    Bambu {
+        host: String,
+        serial: String,
+        access_code: String,
+        #[serde(default)]
+        port: Option<u16>,
+        /// CA that signed the printer's certificate.
+        #[serde(default)]
+        ca_file: Option<PathBuf>,
+        #[serde(default)]
+        insecure: bool,
+        #[serde(default)]
+        max_tls_1_2: bool,
+    },
+    /// Any MQTT broker (the option set of the OctoPrint MQTT plugin).
+    #[serde(rename = "mqtt")]
+    Mqtt {
+        host: String,
+        #[serde(default)]
+        port: Option<u16>,
+        #[serde(default)]
+        username: Option<String>,
+        #[serde(default)]
+        password: Option<String>,
+        #[serde(default)]
+        keep_alive_seconds: Option<u16>,
+        #[serde(default)]
+        tls: bool,
+        #[serde(default)]
+        ca_file: Option<PathBuf>,
+        #[serde(default)]
+        insecure: bool,
+        /// "3.1" or "3.1.1" (default).
+        #[serde(default)]
+        protocol: Option<String>,
+    },
+}
+
+impl fmt::Debug for PrinterSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PrinterSection::Bambu { host, serial, .. } => f
+                .debug_struct("Bambu")
+                .field("host", host)
+                .field("serial", serial)
+                .field("access_code", &"<redacted>")
+                .finish_non_exhaustive(),
+            PrinterSection::Mqtt {
+                host,
+                port,
+                username,
+                ..
+            } => f
+                .debug_struct("Mqtt")
+                .field("host", host)
+                .field("port", port)
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+/// What kind of printer, with what credentials (masked in `Debug`).
+#[derive(Clone)]
+pub enum PrinterKind {
+    Bambu {
+        serial: String,
+        access_code: String,
+    },
+    Mqtt {
+        username: Option<String>,
+        password: Option<String>,
+        tls: bool,
+    },
+}
+
+impl fmt::Debug for PrinterKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PrinterKind::Bambu { serial, .. } => {
+                write!(f, "Bambu {{ serial: {serial:?}, access_code: <redacted> }}")
+            }
+            PrinterKind::Mqtt { username, tls, .. } => {
+                write!(
+                    f,
+                    "Mqtt {{ username: {username:?}, password: <redacted>, tls: {tls} }}"
+                )
+            }
+        }
+    }
+}
+
+/// The printer connection's settings, checked.
+#[derive(Clone)]
+pub struct PrinterConfig {
+    pub host: String,
+    pub port: Option<u16>,
+    pub kind: PrinterKind,
+    pub ca_file: Option<PathBuf>,
+    pub insecure: bool,
+    pub max_tls_1_2: bool,
+    pub keep_alive_seconds: u16,
+    pub mqtt_3_1: bool,
+    pub client_id: String,
+}
+
+impl fmt::Debug for PrinterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrinterConfig")
+            .field("host", &self.host)
+            .field("port", &self.port())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PrinterConfig {
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(match &self.kind {
+            PrinterKind::Bambu { .. } => 8883,
+            PrinterKind::Mqtt { tls: true, .. } => 8883,
+            PrinterKind::Mqtt { tls: false, .. } => 1883,
+        })
+    }
+
+    /// User name and password for CONNECT.
+    pub fn credentials(&self) -> (Option<String>, Option<String>) {
+        match &self.kind {
+            PrinterKind::Bambu { access_code, .. } => {
+                (Some("bblp".into()), Some(access_code.clone()))
+            }
+            PrinterKind::Mqtt {
+                username, password, ..
+            } => (username.clone(), password.clone()),
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn from_toml(text: &str) -> Result<AgentConfig, Vec<String>> {
+        toml::from_str(text).map_err(|error| vec![error.to_string()])
+    }
+
+    /// Checks the file's values; returns the printer settings or every problem.
+    pub fn validate(&self) -> Result<PrinterConfig, Vec<String>> {
+        let mut problems = Vec::new();
+        if !self.edge.address.contains(':') {
+            problems.push(format!(
+                "edge.address {:?} must be host:port",
+                self.edge.address
+            ));
+        }
+        if !self.edge.ca_file.is_file() {
+            problems.push(format!(
+                "edge.ca_file {} is not a readable file",
+                self.edge.ca_file.display()
+            ));
+        }
+        if !self.edge.credential.starts_with("rla_") {
+            problems.push(
+                "edge.credential must be an agent credential (rla_…) from `relayctl agent issue`"
+                    .into(),
+            );
+        }
+        let client_id = format!("relay-agent-{}", std::process::id());
+        let printer = match &self.printer {
+            PrinterSection::Bambu {
+                host,
+                serial,
+                access_code,
+                port,
+                ca_file,
+                insecure,
+                max_tls_1_2,
+            } => {
+                if serial.is_empty() {
+                    problems.push("printer.serial is required".into());
+                }
+                if access_code.len() != 8 {
+                    problems
+                        .push("printer.access_code must be the 8-character LAN access code".into());
+                }
+                if ca_file.is_none() && !insecure {
+                    problems
+                        .push("printer: set ca_file (the printer's CA) or insecure = true".into());
+                }
+                PrinterConfig {
+                    host: host.clone(),
+                    port: *port,
+                    kind: PrinterKind::Bambu {
+                        serial: serial.clone(),
+                        access_code: access_code.clone(),
+                    },
+                    ca_file: ca_file.clone(),
+                    insecure: *insecure,
+                    max_tls_1_2: *max_tls_1_2,
+                    keep_alive_seconds: 60,
+                    mqtt_3_1: false,
+                    client_id,
+                }
+            }
+            PrinterSection::Mqtt {
+                host,
+                port,
+                username,
+                password,
+                keep_alive_seconds,
+                tls,
+                ca_file,
+                insecure,
+                protocol,
+            } => {
+                if password.is_some() && username.is_none() {
+                    problems.push("printer.password needs printer.username".into());
+                }
+                if *tls && ca_file.is_none() && !insecure {
+                    problems.push("printer: tls needs ca_file or insecure = true".into());
+                }
+                let mqtt_3_1 = match protocol.as_deref() {
+                    None | Some("3.1.1") => false,
+                    Some("3.1") => true,
+                    Some(other) => {
+                        problems.push(format!("printer.protocol {other:?} must be 3.1 or 3.1.1"));
+                        false
+                    }
+                };
+                PrinterConfig {
+                    host: host.clone(),
+                    port: *port,
+                    kind: PrinterKind::Mqtt {
+                        username: username.clone(),
+                        password: password.clone(),
+                        tls: *tls,
+                    },
+                    ca_file: ca_file.clone(),
+                    insecure: *insecure,
+                    max_tls_1_2: false,
+                    keep_alive_seconds: keep_alive_seconds.unwrap_or(60),
+                    mqtt_3_1,
+                    client_id,
+                }
+            }
+        };
+        if problems.is_empty() {
+            Ok(printer)
+        } else {
+            Err(problems)
+        }
+    }
+}

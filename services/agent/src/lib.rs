@@ -1,0 +1,12 @@
+//! The agent: runs beside one printer on the user's LAN. It dials the edge
+//! over QUIC (never the other way round), proves itself with its agent
+//! credential on the control stream, and, when the edge asks, opens the one
+//! MQTT connection to the printer and relays packets, checking each one. The
+//! printer's credentials never leave the agent.
+//!
+//! The agent never depends on the edge crate: they meet only through the
+//! tunnel protocol in `relay-proto`.
+
+pub mod config;
+pub mod printer;
+pub mod tunnel;

@@ -1,0 +1,58 @@
+//! `relay-agent --config agent.toml`: runs the agent beside one printer.
+//! Exits with 64 on a bad configuration, listing every problem.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use relay_agent::config::AgentConfig;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "relay-agent",
+    version,
+    about = "relay's agent: shares one printer connection through the edge"
+)]
+struct Flags {
+    /// TOML configuration file
+    #[arg(long, env = "RELAY_AGENT_CONFIG")]
+    config: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RELAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let flags = Flags::parse();
+    let text = match std::fs::read_to_string(&flags.config) {
+        Ok(text) => text,
+        Err(error) => {
+            eprintln!(
+                "relay-agent: cannot read {}: {error}",
+                flags.config.display()
+            );
+            return ExitCode::from(64);
+        }
+    };
+    let checked = AgentConfig::from_toml(&text)
+        .and_then(|config| config.validate().map(|printer| (config, printer)));
+    let (config, printer) = match checked {
+        Ok(checked) => checked,
+        Err(problems) => {
+            eprintln!("relay-agent: invalid configuration:");
+            for problem in problems {
+                eprintln!("  - {problem}");
+            }
+            return ExitCode::from(64);
+        }
+    };
+    tracing::info!(edge = %config.edge.address, printer = ?printer, "starting");
+    let stop = CancellationToken::new();
+    let agent = tokio::spawn(relay_agent::tunnel::run(config, printer, stop.clone()));
+    let _ = tokio::signal::ctrl_c().await;
+    stop.cancel();
+    let _ = agent.await;
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,435 @@
+//! The QUIC tunnel to the edge: dial, HELLO on the control stream, then
+//! serve the printer-session streams the edge opens, relaying MQTT between
+//! each and a fresh printer connection. Reconnects with jittered exponential
+//! backoff; a GO_AWAY makes it reconnect at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use relay_proto::mqtt::{self, Packet};
+use relay_proto::tunnel::{
+    self, GoAwayReason, Hello, LinkDownReason, LinkState, Message, PrinterLink, SessionAccept,
+    SessionRefused,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AgentConfig, PrinterConfig};
+use crate::printer;
+
+/// Largest MQTT packet the agent relays in either direction.
+const MAX_PACKET: usize = 1 << 20;
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why one tunnel connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelEnd {
+    #[error("cannot reach the edge: {0}")]
+    Unreachable(String),
+    #[error("the edge refused this agent: {0}")]
+    Refused(String),
+    #[error("the edge asked to reconnect")]
+    GoAway { after: Duration },
+    #[error("connection lost: {0}")]
+    Lost(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("stopped")]
+    Stopped,
+}
+
+/// Runs until `stop`: connect, serve, reconnect.
+pub async fn run(config: AgentConfig, printer: PrinterConfig, stop: CancellationToken) {
+    let printer = Arc::new(printer);
+    let mut backoff = Duration::from_millis(500);
+    const MAX_BACKOFF: Duration = Duration::from_secs(60);
+    loop {
+        let end = run_once(&config, printer.clone(), stop.clone()).await;
+        let wait = match &end {
+            TunnelEnd::Stopped => return,
+            TunnelEnd::GoAway { after } => {
+                backoff = Duration::from_millis(500);
+                *after
+            }
+            TunnelEnd::Refused(_) => MAX_BACKOFF,
+            _ => {
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                jitter(backoff)
+            }
+        };
+        tracing::warn!(error = %end, retry_in = ?wait, "tunnel down");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Half to full `base`, from the system's randomness.
+fn jitter(base: Duration) -> Duration {
+    let mut byte = [0u8; 1];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut byte);
+    base / 2 + base * u32::from(byte[0]) / 512
+}
+
+fn client_config(config: &AgentConfig) -> Result<quinn::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(&config.edge.ca_file)
+        .map_err(|e| format!("{}: {e}", config.edge.ca_file.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots
+            .add(certificate.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![tunnel::ALPN.to_vec()];
+    // The credential travels in HELLO on a finished handshake, never 0-RTT.
+    tls.enable_early_data = false;
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(config.edge.keep_alive_seconds)));
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(config.edge.keep_alive_seconds * 4))
+            .map_err(|e| e.to_string())?,
+    ));
+    client.transport_config(Arc::new(transport));
+    Ok(client)
+}
+
+async fn run_once(
+    config: &AgentConfig,
+    printer: Arc<PrinterConfig>,
+    stop: CancellationToken,
+) -> TunnelEnd {
+    let client = match client_config(config) {
+        Ok(client) => client,
+        Err(error) => return TunnelEnd::Unreachable(error),
+    };
+    let address = match tokio::net::lookup_host(&config.edge.address)
+        .await
+        .map(|mut a| a.next())
+    {
+        Ok(Some(address)) => address,
+        Ok(None) | Err(_) => {
+            return TunnelEnd::Unreachable(format!("cannot resolve {}", config.edge.address));
+        }
+    };
+    let server_name = config.edge.server_name.clone().unwrap_or_else(|| {
+        config
+            .edge
+            .address
+            .rsplit_once(':')
+            .map_or("", |(host, _)| host)
+            .to_owned()
+    });
+    let bind: SocketAddr = if address.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let endpoint = match quinn::Endpoint::client(bind) {
+        Ok(endpoint) => endpoint,
+        Err(error) => return TunnelEnd::Unreachable(error.to_string()),
+    };
+    let connecting = match endpoint.connect_with(client, address, &server_name) {
+        Ok(connecting) => connecting,
+        Err(error) => return TunnelEnd::Unreachable(error.to_string()),
+    };
+    let connection = match connecting.await {
+        Ok(connection) => connection,
+        Err(error) => return TunnelEnd::Unreachable(error.to_string()),
+    };
+    let end = serve_connection(config, &connection, printer, stop).await;
+    connection.close(quinn::VarInt::from_u32(tunnel::close_code::NO_ERROR), b"");
+    endpoint.wait_idle().await;
+    end
+}
+
+async fn write_message<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    message: &Message,
+) -> Result<(), String> {
+    let mut bytes = BytesMut::new();
+    tunnel::encode(message, &mut bytes).map_err(|e| e.to_string())?;
+    writer.write_all(&bytes).await.map_err(|e| e.to_string())
+}
+
+/// Reads one tunnel frame, byte-exact: nothing after it is consumed.
+pub async fn read_message<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<Message>, String> {
+    let mut header = [0u8; tunnel::FRAME_HEADER_LEN];
+    match reader.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) => return Err(error.to_string()),
+    }
+    let body_len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if body_len + tunnel::FRAME_HEADER_LEN > tunnel::DEFAULT_MAX_FRAME_LEN {
+        return Err(format!("frame of {body_len} bytes"));
+    }
+    let mut frame = BytesMut::with_capacity(tunnel::FRAME_HEADER_LEN + body_len);
+    frame.extend_from_slice(&header);
+    frame.resize(tunnel::FRAME_HEADER_LEN + body_len, 0);
+    reader
+        .read_exact(&mut frame[tunnel::FRAME_HEADER_LEN..])
+        .await
+        .map_err(|e| e.to_string())?;
+    tunnel::decode(&mut frame, tunnel::DEFAULT_MAX_FRAME_LEN)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "incomplete frame".to_owned())
+        .map(Some)
+}
+
+async fn serve_connection(
+    config: &AgentConfig,
+    connection: &quinn::Connection,
+    printer: Arc<PrinterConfig>,
+    stop: CancellationToken,
+) -> TunnelEnd {
+    let (mut control_send, mut control_recv) = match connection.open_bi().await {
+        Ok(streams) => streams,
+        Err(error) => return TunnelEnd::Lost(error.to_string()),
+    };
+    let hello = Message::Hello(Hello {
+        version: tunnel::PROTOCOL_VERSION,
+        credential: config.edge.credential.clone(),
+        agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+    });
+    if let Err(error) = write_message(&mut control_send, &hello).await {
+        return TunnelEnd::Lost(error);
+    }
+    let reply = match tokio::time::timeout(HELLO_TIMEOUT, read_message(&mut control_recv)).await {
+        Ok(Ok(Some(reply))) => reply,
+        Ok(Ok(None)) => return TunnelEnd::Lost("control stream closed".into()),
+        Ok(Err(error)) => return TunnelEnd::Protocol(error),
+        Err(_) => return TunnelEnd::Lost("no answer to HELLO".into()),
+    };
+    match reply {
+        Message::HelloAck(ack) => {
+            tracing::info!(device = %ack.device_id, epoch = ack.epoch, "connected to the edge");
+        }
+        Message::HelloRefused(refused) => {
+            return TunnelEnd::Refused(format!(
+                "{:?}{}",
+                refused.reason,
+                refused
+                    .message
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
+            ));
+        }
+        other => return TunnelEnd::Protocol(format!("unexpected {other:?}")),
+    }
+
+    // Link-state reports go out on the control stream through one writer.
+    let (reports, mut report_queue) = mpsc::channel::<Message>(64);
+    let control_writer = async move {
+        while let Some(message) = report_queue.recv().await {
+            if write_message(&mut control_send, &message).await.is_err() {
+                return;
+            }
+        }
+    };
+    let sessions = tokio_util::task::TaskTracker::new();
+    let serve = async {
+        loop {
+            tokio::select! {
+                incoming = connection.accept_bi() => match incoming {
+                    Ok((send, recv)) => {
+                        let printer = printer.clone();
+                        let reports = reports.clone();
+                        let read_only = config.read_only;
+                        sessions.spawn(serve_session(send, recv, printer, reports, read_only));
+                    }
+                    Err(error) => return TunnelEnd::Lost(error.to_string()),
+                },
+                message = read_message(&mut control_recv) => match message {
+                    Ok(Some(Message::GoAway(go_away))) => {
+                        let after = Duration::from_millis(u64::from(go_away.reconnect_after_ms.unwrap_or(0)));
+                        if go_away.reason == GoAwayReason::Superseded {
+                            return TunnelEnd::Refused("another agent took over this device".into());
+                        }
+                        return TunnelEnd::GoAway { after };
+                    }
+                    Ok(Some(Message::Ignored { .. })) => {}
+                    Ok(Some(other)) => return TunnelEnd::Protocol(format!("unexpected {other:?} on control")),
+                    Ok(None) => return TunnelEnd::Lost("control stream closed".into()),
+                    Err(error) => return TunnelEnd::Lost(error),
+                },
+                _ = stop.cancelled() => return TunnelEnd::Stopped,
+            }
+        }
+    };
+    let end = tokio::select! {
+        end = serve => end,
+        () = control_writer => TunnelEnd::Lost("control stream closed".into()),
+    };
+    sessions.close();
+    end
+}
+
+/// One printer session: SESSION_OPEN in, a printer connection, then MQTT
+/// relayed both ways until either side ends.
+async fn serve_session(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    printer: Arc<PrinterConfig>,
+    reports: mpsc::Sender<Message>,
+    read_only: bool,
+) {
+    let session = match read_message(&mut recv).await {
+        Ok(Some(Message::SessionOpen(open))) => open.session,
+        _ => return,
+    };
+    let link = |state, reason: Option<LinkDownReason>, detail: Option<String>| {
+        Message::PrinterLink(PrinterLink {
+            state,
+            reason,
+            detail,
+            session: Some(session),
+        })
+    };
+    let _ = reports.try_send(link(LinkState::Connecting, None, None));
+    let (stream, leftover) = match printer::connect(&printer).await {
+        Ok(connected) => connected,
+        Err(failure) => {
+            tracing::warn!(reason = ?failure.reason, detail = %failure.detail, "printer connection failed");
+            let _ = reports.try_send(link(
+                LinkState::Down,
+                Some(failure.reason),
+                Some(failure.detail.clone()),
+            ));
+            let refused = Message::SessionRefused(SessionRefused {
+                session,
+                reason: failure.reason,
+                detail: Some(failure.detail),
+            });
+            let _ = write_message(&mut send, &refused).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    if write_message(
+        &mut send,
+        &Message::SessionAccept(SessionAccept { session }),
+    )
+    .await
+    .is_err()
+    {
+        return;
+    }
+    let _ = reports.try_send(link(LinkState::Up, None, None));
+    tracing::info!(session, "printer session open");
+    let (mut printer_read, mut printer_write) = tokio::io::split(stream);
+    let to_printer = relay(
+        &mut recv,
+        &mut printer_write,
+        BytesMut::new(),
+        Direction::ToPrinter { read_only },
+    );
+    let to_edge = relay(&mut printer_read, &mut send, leftover, Direction::ToEdge);
+    let outcome = tokio::select! {
+        outcome = to_printer => outcome,
+        outcome = to_edge => outcome,
+    };
+    let _ = printer_write.shutdown().await;
+    let _ = send.finish();
+    tracing::info!(session, ?outcome, "printer session closed");
+    let (state, reason, detail) = match outcome {
+        RelayEnd::EdgeClosed => (LinkState::Idle, None, None),
+        RelayEnd::PrinterClosed => (LinkState::Down, Some(LinkDownReason::Dropped), None),
+        RelayEnd::Refused(detail) => (
+            LinkState::Down,
+            Some(LinkDownReason::ProtocolError),
+            Some(detail),
+        ),
+    };
+    let _ = reports.try_send(link(state, reason, detail));
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Direction {
+    ToPrinter { read_only: bool },
+    ToEdge,
+}
+
+#[derive(Debug)]
+enum RelayEnd {
+    EdgeClosed,
+    PrinterClosed,
+    Refused(String),
+}
+
+/// Copies MQTT packets from `reader` to `writer`, decoding each one: the
+/// agent is the LAN's last line of defence, so only well-formed packets of
+/// the kinds a client may send reach the printer.
+async fn relay<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    mut buffer: BytesMut,
+    direction: Direction,
+) -> RelayEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let closed = match direction {
+        Direction::ToPrinter { .. } => RelayEnd::EdgeClosed,
+        Direction::ToEdge => RelayEnd::PrinterClosed,
+    };
+    let mut out = BytesMut::new();
+    loop {
+        loop {
+            match mqtt::decode(&mut buffer, MAX_PACKET) {
+                Ok(Some(packet)) => {
+                    if let Direction::ToPrinter { read_only } = direction {
+                        match &packet {
+                            Packet::Publish(_) if read_only => {
+                                tracing::info!("dropped a PUBLISH: this agent is read-only");
+                                continue;
+                            }
+                            Packet::Subscribe(_)
+                            | Packet::Unsubscribe(_)
+                            | Packet::Publish(_)
+                            | Packet::PubAck(_)
+                            | Packet::PingReq => {}
+                            other => {
+                                return RelayEnd::Refused(format!(
+                                    "{} from the edge",
+                                    other.packet_type()
+                                ));
+                            }
+                        }
+                    }
+                    if mqtt::encode(&packet, &mut out).is_err() {
+                        return RelayEnd::Refused("cannot re-encode".into());
+                    }
+                }
+                Ok(None) => break,
+                Err(error) => return RelayEnd::Refused(error.to_string()),
+            }
+        }
+        if !out.is_empty() {
+            if writer.write_all(&out).await.is_err() {
+                return closed;
+            }
+            out.clear();
+        }
+        match reader.read_buf(&mut buffer).await {
+            Ok(0) | Err(_) => return closed,
+            Ok(_) => {}
+        }
+    }
+}

@@ -26,6 +26,37 @@ pub struct EdgeConfig {
     pub auth: AuthSection,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub tunnel: TunnelConfig,
+}
+
+/// The QUIC listener agents dial.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelConfig {
+    /// UDP address; off when absent. Uses the public certificate, so agents
+    /// dial a name it covers (e.g. `tunnel.<base_domain>`).
+    pub listen: Option<SocketAddr>,
+    /// Time for an agent to open its printer connection.
+    pub session_open_timeout_seconds: u64,
+    /// How long a printer connection stays up after its last client left.
+    pub linger_seconds: u64,
+    /// QUIC keep-alive the agents are asked to use.
+    pub keep_alive_seconds: u32,
+    /// Largest packet accepted from a printer.
+    pub max_printer_packet: usize,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        TunnelConfig {
+            listen: None,
+            session_open_timeout_seconds: 20,
+            linger_seconds: 30,
+            keep_alive_seconds: 15,
+            max_printer_packet: 256 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -211,6 +242,7 @@ impl EdgeConfig {
             limits: Limits::default(),
             auth: AuthSection::default(),
             shutdown: ShutdownConfig::default(),
+            tunnel: TunnelConfig::default(),
         }
     }
 
@@ -307,6 +339,12 @@ impl EdgeConfig {
         if limits.outbound_buffer_bytes < limits.max_packet_size {
             problems.push(
                 "limits.outbound_buffer_bytes must hold at least one max_packet_size packet".into(),
+            );
+        }
+        if self.tunnel.listen.is_some() && (public.tls_cert.is_none() || public.tls_key.is_none()) {
+            problems.push(
+                "tunnel.listen needs public.tls_cert and public.tls_key (QUIC is always TLS)"
+                    .into(),
             );
         }
         if let Some(jwt) = &self.jwt {

@@ -218,7 +218,15 @@ pub struct HubLimits {
     pub max_upstream_packet: usize,
     /// Keep-alive towards the printer (the upstream connection's CONNECT).
     pub upstream_keep_alive: Duration,
+    /// End the hub (and so the printer connection) once it has had no
+    /// session for this long; `None` keeps it while the upstream lives.
+    pub linger: Option<Duration>,
 }
+
+/// Tells whether the way to the device (the agent's tunnel) still stands,
+/// so that a lost upstream can be told apart: tunnel gone (1013, device
+/// offline) or printer gone (1014).
+pub type TunnelProbe = Arc<dyn Fn() -> bool + Send + Sync>;
 
 impl Hubs {
     /// The hub of a device, if it is online.
@@ -243,7 +251,8 @@ impl Hubs {
         device_id: String,
         upstream: U,
         limits: HubLimits,
-    ) -> tokio::task::JoinHandle<()>
+        tunnel_alive: Option<TunnelProbe>,
+    ) -> HubHandle
     where
         U: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -257,14 +266,23 @@ impl Hubs {
             previous.ended.cancel();
         }
         let hubs = self.clone();
+        let hub_ended = ended.clone();
         tokio::spawn(async move {
-            let hub = Hub::new(limits);
-            let outcome = hub.run(upstream, receiver, ended.clone()).await;
+            let hub = Hub::new(limits, tunnel_alive);
+            let outcome = hub.run(upstream, receiver, hub_ended.clone()).await;
             tracing::info!(device = %device_id, ?outcome, "device hub ended");
-            ended.cancel();
+            hub_ended.cancel();
             hubs.by_device
                 .remove_if(&device_id, |_, current| current.ended.is_cancelled());
-        })
+        });
+        handle
+    }
+
+    /// Ends the hub of `device_id`, if any (its tunnel is gone).
+    pub fn end(&self, device_id: &str) {
+        if let Some((_, hub)) = self.by_device.remove(device_id) {
+            hub.ended.cancel();
+        }
     }
 }
 
@@ -320,31 +338,39 @@ pub enum HubEnd {
     UpstreamClosed,
     UpstreamError(String),
     ProtocolError(String),
-    Replaced,
+    /// Replaced by a newer hub, or its tunnel ended.
+    Ended,
+    /// No session for the linger time.
+    Idle,
 }
 
 struct Hub {
     limits: HubLimits,
+    tunnel_alive: Option<TunnelProbe>,
     sessions: HashMap<SessionId, SessionEntry>,
     index: SubscriptionIndex<SessionId>,
     upstream_filters: HashMap<String, UpstreamFilter>,
     pending: HashMap<PacketId, Pending>,
     waiting_subscribes: Vec<WaitingSubscribe>,
     next_upstream_id: u16,
+    /// When the last session left (or the hub started).
+    idle_since: tokio::time::Instant,
     /// Bytes for the printer, written by the run loop.
     to_upstream: BytesMut,
 }
 
 impl Hub {
-    fn new(limits: HubLimits) -> Hub {
+    fn new(limits: HubLimits, tunnel_alive: Option<TunnelProbe>) -> Hub {
         Hub {
             limits,
+            tunnel_alive,
             sessions: HashMap::new(),
             index: SubscriptionIndex::new(),
             upstream_filters: HashMap::new(),
             pending: HashMap::new(),
             waiting_subscribes: Vec::new(),
             next_upstream_id: 0,
+            idle_since: tokio::time::Instant::now(),
             to_upstream: BytesMut::new(),
         }
     }
@@ -362,7 +388,12 @@ impl Hub {
         let mut read_buffer = BytesMut::with_capacity(4096);
         let mut ping = tokio::time::interval(self.limits.upstream_keep_alive);
         ping.reset();
+        let linger = self.limits.linger;
         let end = loop {
+            let idle_deadline = match linger {
+                Some(linger) if self.sessions.is_empty() => Some(self.idle_since + linger),
+                _ => None,
+            };
             if !self.to_upstream.is_empty() {
                 let bytes = self.to_upstream.split().freeze();
                 if let Err(error) = writer.write_all(&bytes).await {
@@ -384,11 +415,19 @@ impl Hub {
                     None => break HubEnd::UpstreamClosed,
                 },
                 _ = ping.tick() => self.queue_upstream(&Packet::PingReq),
-                _ = ended.cancelled() => break HubEnd::Replaced,
+                _ = ended.cancelled() => break HubEnd::Ended,
+                _ = async {
+                    match idle_deadline {
+                        Some(deadline) => tokio::time::sleep_until(deadline).await,
+                        None => std::future::pending().await,
+                    }
+                } => break HubEnd::Idle,
             }
         };
+        let tunnel_gone = self.tunnel_alive.as_ref().is_some_and(|alive| !alive());
         let close = match &end {
-            HubEnd::Replaced => Close::device_offline(),
+            HubEnd::Ended | HubEnd::Idle => Close::device_offline(),
+            _ if tunnel_gone => Close::device_offline(),
             _ => Close::printer_unreachable("connection lost"),
         };
         for session in self.sessions.values() {
@@ -442,6 +481,9 @@ impl Hub {
             }
             Command::Publish { session, publish } => self.on_client_publish(session, publish),
             Command::Detach { session } => {
+                if self.sessions.len() == 1 && self.sessions.contains_key(&session) {
+                    self.idle_since = tokio::time::Instant::now();
+                }
                 if let Some(entry) = self.sessions.remove(&session) {
                     for filter in entry.filters.keys() {
                         self.index.remove(filter, &session);

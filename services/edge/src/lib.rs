@@ -12,6 +12,7 @@
 
 pub mod close;
 pub mod config;
+pub mod devices;
 pub mod http;
 pub mod hub;
 mod limiter;
@@ -20,6 +21,7 @@ pub mod server;
 pub mod session;
 pub mod state;
 pub mod tls;
+pub mod tunnel;
 
 pub use config::EdgeConfig;
 pub use server::{RunningEdge, StartError};

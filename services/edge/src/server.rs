@@ -54,6 +54,8 @@ pub struct RunningEdge {
     pub public_addr: Option<SocketAddr>,
     pub plain_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
+    /// The agents' QUIC (UDP) listener, when configured.
+    pub tunnel_addr: Option<SocketAddr>,
     state: Arc<EdgeState>,
     certificates: Option<Arc<CertificateSource>>,
     /// Stops the accept loops.
@@ -116,6 +118,7 @@ impl RunningEdge {
             public_addr: None,
             plain_addr: None,
             admin_addr: config.admin.listen,
+            tunnel_addr: None,
             state: state.clone(),
             certificates: certificates.clone(),
             accepting: CancellationToken::new(),
@@ -151,11 +154,32 @@ impl RunningEdge {
             self.plain_addr = listener.local_addr().ok();
             self.spawn_accept_loop(listener, None);
         }
+        if let (Some(address), Some(certificates)) = (config.tunnel.listen, certificates.as_ref()) {
+            let mut server = quinn::ServerConfig::with_crypto(certificates.quic_server_config()?);
+            let mut transport = quinn::TransportConfig::default();
+            transport.max_idle_timeout(Some(
+                quinn::IdleTimeout::try_from(Duration::from_secs(
+                    u64::from(config.tunnel.keep_alive_seconds) * 4,
+                ))
+                .map_err(|error| StartError::Tls(TlsError::Quic(error.to_string())))?,
+            ));
+            server.transport_config(Arc::new(transport));
+            let endpoint = quinn::Endpoint::server(server, address)
+                .map_err(|source| StartError::Listen { address, source })?;
+            self.tunnel_addr = endpoint.local_addr().ok();
+            crate::tunnel::spawn_accept_loop(
+                endpoint,
+                self.state.clone(),
+                self.accepting.clone(),
+                self.tasks.clone(),
+            );
+        }
         self.spawn_admin(admin);
         self.spawn_upkeep(certificates, jwt, store);
         tracing::info!(
             public = ?self.public_addr,
             plain = ?self.plain_addr,
+            tunnel = ?self.tunnel_addr,
             admin = %self.admin_addr,
             "edge started"
         );
@@ -298,6 +322,11 @@ impl RunningEdge {
                 }
             }
         });
+    }
+
+    /// Waits until `device_id`'s agent is connected.
+    pub async fn wait_online(&self, device_id: &str) {
+        self.state.devices.wait_online(device_id).await;
     }
 
     /// The online devices; whoever brings a device's upstream connection

@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
 use crate::close::{Close, connack_code_name};
+use crate::devices::Unavailable;
 use crate::hub::{HubHandle, Outbound, OutboundSender, outbound_queue};
 use crate::state::{EdgeState, LiveSession};
 
@@ -222,18 +223,25 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
     match result {
         Ok(principal) => {
             let device_id = request.device_id.unwrap_or_default();
-            match state.hubs.get(&device_id) {
-                Some(hub) => Outcome::Connected(Box::new(Admitted {
+            match state.devices.hub_for(&device_id).await {
+                Ok(hub) => Outcome::Connected(Box::new(Admitted {
                     connect,
                     principal,
                     device_id,
                     hub,
                 })),
-                None => {
+                Err(Unavailable::Offline) => {
                     tracing::info!(key = %principal.key_id, "authenticated; device offline");
                     Outcome::Refuse(
                         Some(ConnectReturnCode::ServerUnavailable),
                         Close::device_offline(),
+                    )
+                }
+                Err(Unavailable::Printer { reason, detail }) => {
+                    tracing::info!(key = %principal.key_id, ?reason, detail = detail.as_deref().unwrap_or(""), "printer unavailable");
+                    Outcome::Refuse(
+                        Some(ConnectReturnCode::ServerUnavailable),
+                        Close::printer_unreachable(Unavailable::printer_text(reason)),
                     )
                 }
             }

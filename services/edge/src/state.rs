@@ -8,7 +8,8 @@ use relay_store::Authenticator;
 
 use crate::close::Close;
 use crate::config::EdgeConfig;
-use crate::hub::{Hubs, OutboundSender, SessionId};
+use crate::devices::Devices;
+use crate::hub::{HubLimits, Hubs, OutboundSender, SessionId};
 use crate::limiter::FailureLimiter;
 use crate::metrics::Metrics;
 
@@ -19,6 +20,8 @@ pub struct EdgeState {
     pub metrics: Metrics,
     pub failures: FailureLimiter,
     pub hubs: Arc<Hubs>,
+    /// Agents' tunnels, and hubs opened through them.
+    pub devices: Devices,
     /// Connected sessions, so that a revocation can end them.
     pub live_sessions: DashMap<SessionId, LiveSession>,
     /// Set once the drain starts: `/readyz` fails from then on.
@@ -32,12 +35,24 @@ impl EdgeState {
         metrics: Metrics,
     ) -> EdgeState {
         let failures = FailureLimiter::new(config.auth.failures_per_ip_per_minute);
+        let hubs = Arc::new(Hubs::default());
+        let tunnel = &config.tunnel;
+        let devices = Devices::new(
+            hubs.clone(),
+            HubLimits {
+                max_upstream_packet: tunnel.max_printer_packet,
+                upstream_keep_alive: std::time::Duration::from_secs(30),
+                linger: Some(std::time::Duration::from_secs(tunnel.linger_seconds)),
+            },
+            std::time::Duration::from_secs(tunnel.session_open_timeout_seconds),
+        );
         EdgeState {
             config,
             authenticator,
             metrics,
             failures,
-            hubs: Arc::new(Hubs::default()),
+            hubs,
+            devices,
             live_sessions: DashMap::new(),
             draining: AtomicBool::new(false),
         }

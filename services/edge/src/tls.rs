@@ -19,6 +19,8 @@ pub enum TlsError {
     Key { path: PathBuf, reason: String },
     #[error("{0}")]
     Rustls(#[from] rustls::Error),
+    #[error("QUIC: {0}")]
+    Quic(String),
 }
 
 struct Loaded {
@@ -76,6 +78,25 @@ impl CertificateSource {
             .with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(config))
+    }
+}
+
+impl CertificateSource {
+    /// The QUIC configuration for the agents' listener: TLS 1.3 only (QUIC
+    /// requires it), ALPN of the tunnel protocol, the same certificate.
+    pub fn quic_server_config(
+        self: &Arc<Self>,
+    ) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![relay_proto::tunnel::ALPN.to_vec()];
+        config.max_early_data_size = 0;
+        quinn::crypto::rustls::QuicServerConfig::try_from(config)
+            .map(Arc::new)
+            .map_err(|error| TlsError::Quic(error.to_string()))
     }
 }
 

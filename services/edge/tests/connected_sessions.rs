@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 const LIMITS: HubLimits = HubLimits {
     max_upstream_packet: 256 * 1024,
     upstream_keep_alive: Duration::from_secs(30),
+    linger: None,
 };
 
 fn id(value: u16) -> PacketId {
@@ -53,7 +54,7 @@ fn online_with_scripted_printer(edge: &TestEdge) -> MqttPeer<DuplexStream> {
         .as_ref()
         .unwrap()
         .hubs()
-        .start(edge.device.clone(), hub_side, LIMITS);
+        .start(edge.device.clone(), hub_side, LIMITS, None);
     MqttPeer::new(printer_side)
 }
 
@@ -400,7 +401,7 @@ async fn messages_flow_through_a_real_mosquitto() {
         .as_ref()
         .unwrap()
         .hubs()
-        .start(edge.device.clone(), hub_upstream.io, LIMITS);
+        .start(edge.device.clone(), hub_upstream.io, LIMITS, None);
     let mut printer = connect_upstream(format!("printer-{serial}")).await;
 
     let report = format!("device/{serial}/report");

@@ -1,0 +1,228 @@
+//! Which devices are reachable: the agents' tunnels, one per device, and
+//! bringing a device's hub up on its first client.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use dashmap::DashMap;
+use relay_proto::tunnel::{self, LinkDownReason, Message, SessionOpen};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::{Mutex, Notify, mpsc};
+
+use crate::hub::{HubHandle, HubLimits, Hubs};
+
+/// An agent's live tunnel.
+#[derive(Debug, Clone)]
+pub struct Tunnel {
+    pub epoch: u64,
+    pub connection: quinn::Connection,
+    /// Messages for the agent's control stream (GO_AWAY).
+    pub control: mpsc::Sender<Message>,
+}
+
+/// Why a device cannot serve a client now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unavailable {
+    /// No agent connected.
+    Offline,
+    /// The agent is there but the printer refused or cannot be reached.
+    Printer {
+        reason: LinkDownReason,
+        detail: Option<String>,
+    },
+}
+
+impl Unavailable {
+    /// Short text for a close reason: `printer: <this>`.
+    pub fn printer_text(reason: LinkDownReason) -> &'static str {
+        match reason {
+            LinkDownReason::CredentialsRefused => "refused the access code",
+            LinkDownReason::TlsFailure => "TLS failure",
+            LinkDownReason::Unreachable => "unreachable",
+            LinkDownReason::TooManyClients => "too many clients",
+            LinkDownReason::Dropped => "connection lost",
+            LinkDownReason::ProtocolError => "protocol error",
+            LinkDownReason::TimedOut => "timed out",
+            LinkDownReason::Policy => "refused by the agent's policy",
+            LinkDownReason::Other(_) => "unavailable",
+        }
+    }
+}
+
+/// Tunnels by device, and the way from a tunnel to a hub.
+#[derive(Debug)]
+pub struct Devices {
+    tunnels: DashMap<String, Tunnel>,
+    hubs: Arc<Hubs>,
+    /// One hub opening at a time per device.
+    opening: DashMap<String, Arc<Mutex<()>>>,
+    next_epoch: AtomicU64,
+    next_session: AtomicU64,
+    registered: Notify,
+    limits: HubLimits,
+    open_timeout: Duration,
+}
+
+impl Devices {
+    pub fn new(hubs: Arc<Hubs>, limits: HubLimits, open_timeout: Duration) -> Devices {
+        Devices {
+            tunnels: DashMap::new(),
+            hubs,
+            opening: DashMap::new(),
+            next_epoch: AtomicU64::new(1),
+            next_session: AtomicU64::new(1),
+            registered: Notify::new(),
+            limits,
+            open_timeout,
+        }
+    }
+
+    pub fn hubs(&self) -> &Arc<Hubs> {
+        &self.hubs
+    }
+
+    /// Registers a new tunnel for `device_id`; returns its epoch and the
+    /// tunnel it replaced (to be told to go away).
+    pub fn register(
+        &self,
+        device_id: &str,
+        connection: quinn::Connection,
+        control: mpsc::Sender<Message>,
+    ) -> (u64, Option<Tunnel>) {
+        let epoch = self.next_epoch.fetch_add(1, Ordering::SeqCst);
+        let previous = self.tunnels.insert(
+            device_id.to_owned(),
+            Tunnel {
+                epoch,
+                connection,
+                control,
+            },
+        );
+        if previous.is_some() {
+            // The old tunnel's printer session goes with it.
+            self.hubs.end(device_id);
+        }
+        self.registered.notify_waiters();
+        (epoch, previous)
+    }
+
+    /// Removes the tunnel of `device_id` if it is still the one of `epoch`,
+    /// and ends the device's hub.
+    pub fn unregister(&self, device_id: &str, epoch: u64) {
+        if self
+            .tunnels
+            .remove_if(device_id, |_, tunnel| tunnel.epoch == epoch)
+            .is_some()
+        {
+            self.hubs.end(device_id);
+        }
+    }
+
+    pub fn is_online(&self, device_id: &str) -> bool {
+        self.tunnels.contains_key(device_id)
+    }
+
+    pub fn online_count(&self) -> usize {
+        self.tunnels.len()
+    }
+
+    /// Waits until `device_id` has a tunnel (tests, demo start-up).
+    pub async fn wait_online(&self, device_id: &str) {
+        loop {
+            let registered = self.registered.notified();
+            if self.is_online(device_id) {
+                return;
+            }
+            registered.await;
+        }
+    }
+
+    /// Every tunnel (for the drain's GO_AWAY).
+    pub fn tunnels(&self) -> Vec<Tunnel> {
+        self.tunnels
+            .iter()
+            .map(|entry| entry.value().clone())
+            .collect()
+    }
+
+    /// The hub of `device_id`, opening the printer session through its
+    /// agent when there is none yet.
+    pub async fn hub_for(&self, device_id: &str) -> Result<HubHandle, Unavailable> {
+        if let Some(hub) = self.hubs.get(device_id) {
+            return Ok(hub);
+        }
+        let lock = self
+            .opening
+            .entry(device_id.to_owned())
+            .or_default()
+            .clone();
+        let _opening = lock.lock().await;
+        if let Some(hub) = self.hubs.get(device_id) {
+            return Ok(hub);
+        }
+        let tunnel = self
+            .tunnels
+            .get(device_id)
+            .map(|t| t.clone())
+            .ok_or(Unavailable::Offline)?;
+        let session = self.next_session.fetch_add(1, Ordering::SeqCst);
+        let (mut send, mut recv) = tunnel
+            .connection
+            .open_bi()
+            .await
+            .map_err(|_| Unavailable::Offline)?;
+        let mut frame = BytesMut::new();
+        let open = Message::SessionOpen(SessionOpen {
+            session,
+            max_packet_size: u32::try_from(self.limits.max_upstream_packet).ok(),
+        });
+        tunnel::encode(&open, &mut frame).map_err(|_| Unavailable::Offline)?;
+        send.write_all(&frame)
+            .await
+            .map_err(|_| Unavailable::Offline)?;
+        let reply = tokio::time::timeout(self.open_timeout, read_frame(&mut recv))
+            .await
+            .map_err(|_| Unavailable::Printer {
+                reason: LinkDownReason::TimedOut,
+                detail: Some("the agent did not answer".into()),
+            })?;
+        match reply {
+            Some(Message::SessionAccept(accept)) if accept.session == session => {
+                let connection = tunnel.connection.clone();
+                let alive: crate::hub::TunnelProbe =
+                    Arc::new(move || connection.close_reason().is_none());
+                let upstream = tokio::io::join(recv, send);
+                Ok(self
+                    .hubs
+                    .start(device_id.to_owned(), upstream, self.limits, Some(alive)))
+            }
+            Some(Message::SessionRefused(refused)) => Err(Unavailable::Printer {
+                reason: refused.reason,
+                detail: refused.detail,
+            }),
+            _ => Err(Unavailable::Offline),
+        }
+    }
+}
+
+/// Reads exactly one tunnel frame; `None` on end of stream or a bad frame.
+pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Option<Message> {
+    let mut header = [0u8; tunnel::FRAME_HEADER_LEN];
+    reader.read_exact(&mut header).await.ok()?;
+    let body_len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if body_len + tunnel::FRAME_HEADER_LEN > tunnel::DEFAULT_MAX_FRAME_LEN {
+        return None;
+    }
+    let mut frame = BytesMut::with_capacity(tunnel::FRAME_HEADER_LEN + body_len);
+    frame.extend_from_slice(&header);
+    frame.resize(tunnel::FRAME_HEADER_LEN + body_len, 0);
+    reader
+        .read_exact(&mut frame[tunnel::FRAME_HEADER_LEN..])
+        .await
+        .ok()?;
+    tunnel::decode(&mut frame, tunnel::DEFAULT_MAX_FRAME_LEN)
+        .ok()
+        .flatten()
+}

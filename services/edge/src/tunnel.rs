@@ -1,0 +1,197 @@
+//! The QUIC listener agents dial: HELLO with the agent credential on the
+//! first stream, one live tunnel per device (a newer one fences the older
+//! with GO_AWAY and close code SUPERSEDED), printer-link reports logged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use relay_proto::tunnel::{
+    self, GoAway, GoAwayReason, HelloAck, HelloRefused, Message, RefusalReason, close_code,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::devices::read_frame;
+use crate::state::EdgeState;
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn spawn_accept_loop(
+    endpoint: quinn::Endpoint,
+    state: Arc<EdgeState>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let connections = tasks.clone();
+    tasks.spawn(async move {
+        loop {
+            let incoming = tokio::select! {
+                incoming = endpoint.accept() => match incoming {
+                    Some(incoming) => incoming,
+                    None => return,
+                },
+                _ = stop.cancelled() => {
+                    endpoint.close(quinn::VarInt::from_u32(close_code::GOING_AWAY), b"going away");
+                    return;
+                }
+            };
+            let state = state.clone();
+            let stop = stop.clone();
+            let span = tracing::info_span!("tunnel", peer = %incoming.remote_address());
+            connections.spawn(
+                async move {
+                    match incoming.await {
+                        Ok(connection) => serve_tunnel(connection, state, stop).await,
+                        Err(error) => tracing::debug!(%error, "QUIC handshake failed"),
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    });
+}
+
+async fn send_message(send: &mut quinn::SendStream, message: &Message) -> bool {
+    let mut bytes = BytesMut::new();
+    tunnel::encode(message, &mut bytes).is_ok() && send.write_all(&bytes).await.is_ok()
+}
+
+async fn refuse(
+    connection: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    reason: RefusalReason,
+    message: &str,
+) {
+    let refused = Message::HelloRefused(HelloRefused {
+        reason,
+        message: Some(message.into()),
+        retry_after_ms: None,
+    });
+    send_message(send, &refused).await;
+    let _ = send.finish();
+    connection.close(
+        quinn::VarInt::from_u32(close_code::REFUSED),
+        message.as_bytes(),
+    );
+}
+
+async fn serve_tunnel(
+    connection: quinn::Connection,
+    state: Arc<EdgeState>,
+    stop: CancellationToken,
+) {
+    let streams = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await;
+    let Ok(Ok((mut send, mut recv))) = streams else {
+        connection.close(
+            quinn::VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
+            b"no control stream",
+        );
+        return;
+    };
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv)).await {
+        Ok(Some(Message::Hello(hello))) => hello,
+        _ => {
+            connection.close(
+                quinn::VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
+                b"expected HELLO",
+            );
+            return;
+        }
+    };
+    if hello.version != tunnel::PROTOCOL_VERSION {
+        refuse(
+            &connection,
+            &mut send,
+            RefusalReason::UnsupportedVersion,
+            "unsupported tunnel version",
+        )
+        .await;
+        return;
+    }
+    let device_id = match state
+        .authenticator
+        .store()
+        .verify_agent_credential(&hello.credential)
+        .await
+    {
+        Ok(Ok(device_id)) => device_id,
+        Ok(Err(failure)) => {
+            tracing::info!(reason = %failure, "agent refused");
+            refuse(
+                &connection,
+                &mut send,
+                RefusalReason::BadCredential,
+                "bad agent credential",
+            )
+            .await;
+            return;
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot check an agent credential");
+            refuse(
+                &connection,
+                &mut send,
+                RefusalReason::Internal,
+                "try again later",
+            )
+            .await;
+            return;
+        }
+    };
+    let (control, mut control_queue) = mpsc::channel::<Message>(8);
+    let (epoch, previous) = state
+        .devices
+        .register(&device_id, connection.clone(), control);
+    if let Some(previous) = previous {
+        tracing::info!(device = %device_id, old_epoch = previous.epoch, epoch, "a newer agent fences the older");
+        let _ = previous.control.try_send(Message::GoAway(GoAway {
+            reason: GoAwayReason::Superseded,
+            reconnect_after_ms: None,
+        }));
+    }
+    let ack = Message::HelloAck(HelloAck {
+        version: tunnel::PROTOCOL_VERSION,
+        device_id: device_id.clone(),
+        epoch,
+        keep_alive_ms: Some(state.config.tunnel.keep_alive_seconds.saturating_mul(1000)),
+    });
+    if !send_message(&mut send, &ack).await {
+        state.devices.unregister(&device_id, epoch);
+        return;
+    }
+    tracing::info!(device = %device_id, epoch, agent = hello.agent_version.as_deref().unwrap_or("?"), "agent connected");
+    let end = loop {
+        tokio::select! {
+            message = read_frame(&mut recv) => match message {
+                Some(Message::PrinterLink(link)) => {
+                    tracing::info!(device = %device_id, state = ?link.state, reason = ?link.reason, detail = link.detail.as_deref().unwrap_or(""), "printer link");
+                }
+                Some(Message::Ignored { .. }) => {}
+                Some(other) => break format!("unexpected {other:?}"),
+                None => break "control stream ended".to_owned(),
+            },
+            outgoing = control_queue.recv() => match outgoing {
+                Some(message) => {
+                    let superseded = matches!(&message, Message::GoAway(go_away) if go_away.reason == GoAwayReason::Superseded);
+                    send_message(&mut send, &message).await;
+                    if superseded {
+                        connection.close(quinn::VarInt::from_u32(close_code::SUPERSEDED), b"superseded");
+                        break "superseded".to_owned();
+                    }
+                }
+                None => break "control closed".to_owned(),
+            },
+            reason = connection.closed() => break reason.to_string(),
+            _ = stop.cancelled() => {
+                send_message(&mut send, &Message::GoAway(GoAway { reason: GoAwayReason::Draining, reconnect_after_ms: None })).await;
+                connection.close(quinn::VarInt::from_u32(close_code::GOING_AWAY), b"draining");
+                break "draining".to_owned();
+            }
+        }
+    };
+    state.devices.unregister(&device_id, epoch);
+    tracing::info!(device = %device_id, epoch, %end, "agent disconnected");
+}

@@ -54,6 +54,10 @@ impl TestPki {
         TestPki { dir, ca }
     }
 
+    pub fn ca_pem(&self) -> String {
+        self.ca.pem()
+    }
+
     pub fn ca_der(&self) -> CertificateDer<'static> {
         self.ca.der().clone()
     }

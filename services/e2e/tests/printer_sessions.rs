@@ -1,0 +1,232 @@
+//! An app reaches a printer through the edge, the QUIC tunnel and the agent:
+//! every client shares the agent's one printer connection.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+#[path = "../../edge/tests/support/mod.rs"]
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use relay_agent::config::AgentConfig;
+use relay_printer_sim::{RunningSimulator, SimulatorConfig};
+use relay_proto::mqtt::{Packet, PacketId, Publish, QoS, Subscribe};
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+const SERIAL: &str = "01P00A392800017";
+const ACCESS_CODE: &str = "a1b2c3d4";
+
+struct World {
+    edge: TestEdge,
+    simulator: RunningSimulator,
+    agent: CancellationToken,
+}
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Starts an edge with its tunnel listener, the simulator, and an agent
+/// configured with `access_code`; waits until the agent is connected.
+async fn world(access_code: &str) -> World {
+    let edge = TestEdge::start_with(|config| {
+        config.tunnel.listen = Some("127.0.0.1:0".parse().unwrap());
+        config.tunnel.linger_seconds = 2;
+    })
+    .await;
+    let mut simulator_config = SimulatorConfig::new(SERIAL, ACCESS_CODE);
+    simulator_config.report_interval = Duration::from_millis(50);
+    let simulator = RunningSimulator::start(simulator_config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = &edge.pki.dir;
+    let edge_ca = write(dir, "edge-ca.pem", &edge.pki.ca_pem());
+    let printer_ca = write(dir, "printer-ca.pem", &simulator.ca_pem);
+    let (_, credential) = edge
+        .database
+        .store
+        .issue_agent_credential(&edge.device)
+        .await
+        .unwrap();
+    let tunnel = edge.edge.as_ref().unwrap().tunnel_addr.unwrap();
+    let config = AgentConfig::from_toml(&format!(
+        r#"
+        [edge]
+        address = "{tunnel}"
+        server_name = "tunnel.{BASE_DOMAIN}"
+        ca_file = "{}"
+        credential = "{}"
+
+        [printer]
+        kind = "bambu"
+        host = "127.0.0.1"
+        port = {}
+        serial = "{SERIAL}"
+        access_code = "{access_code}"
+        ca_file = "{}"
+        "#,
+        edge_ca.display(),
+        credential.reveal(),
+        simulator.addr.port(),
+        printer_ca.display()
+    ))
+    .unwrap();
+    let printer = config.validate().unwrap();
+    let agent = CancellationToken::new();
+    tokio::spawn(relay_agent::tunnel::run(config, printer, agent.clone()));
+    tokio::time::timeout(
+        PATIENCE,
+        edge.edge.as_ref().unwrap().wait_online(&edge.device),
+    )
+    .await
+    .expect("the agent connected");
+    World {
+        edge,
+        simulator,
+        agent,
+    }
+}
+
+fn report_topic() -> String {
+    format!("device/{SERIAL}/report")
+}
+
+fn subscribe_report(packet_id: u16) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id: PacketId::new(packet_id).unwrap(),
+        filters: vec![(report_topic(), QoS::AtMostOnce)],
+    })
+}
+
+async fn next_publish(client: &mut Client) -> Publish {
+    loop {
+        match client.next().await {
+            Some(Packet::Publish(publish)) => return publish,
+            Some(_) => {}
+            None => panic!("closed before a PUBLISH: {:?}", client.closed_with),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_subscribes_and_commands_the_printer() {
+    let world = world(ACCESS_CODE).await;
+    let mut client =
+        Client::connect(&world.edge, &world.edge.bearer(), connect_packet("app")).await;
+    client.send(&subscribe_report(1)).await;
+    assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
+    let report = next_publish(&mut client).await;
+    assert_eq!(report.topic, report_topic());
+
+    client
+        .send(&Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: format!("device/{SERIAL}/request"),
+            packet_id: Some(PacketId::new(7).unwrap()),
+            payload: Bytes::from_static(br#"{"pushing":{"sequence_id":"1","command":"pushall"}}"#),
+        }))
+        .await;
+    let mut acked = false;
+    let mut full_report = false;
+    while !(acked && full_report) {
+        match client.next().await {
+            Some(Packet::PubAck(id)) => acked = id.get() == 7,
+            Some(Packet::Publish(publish)) => full_report |= publish.payload.len() > 4_000,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    world.agent.cancel();
+    world.edge.stop().await;
+}
+
+#[tokio::test]
+async fn twenty_clients_share_one_printer_connection() {
+    let world = world(ACCESS_CODE).await;
+    let bearer = world.edge.bearer();
+    let mut clients = Vec::new();
+    for index in 0..20 {
+        let mut client = Client::connect(
+            &world.edge,
+            &bearer,
+            connect_packet(&format!("viewer-{index}")),
+        )
+        .await;
+        client.send(&subscribe_report(1)).await;
+        assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
+        clients.push(client);
+    }
+    for client in &mut clients {
+        assert_eq!(next_publish(client).await.topic, report_topic());
+    }
+    let observations = world.simulator.observations();
+    assert_eq!(
+        observations.connections.load(Ordering::Relaxed),
+        1,
+        "one printer connection for everyone"
+    );
+    assert_eq!(
+        observations.subscribe_log(),
+        vec![vec![report_topic()]],
+        "one SUBSCRIBE upstream"
+    );
+    assert!(observations.max_concurrent.load(Ordering::Relaxed) <= 4);
+    world.agent.cancel();
+    world.edge.stop().await;
+}
+
+#[tokio::test]
+async fn a_printer_that_refuses_the_agent_gives_connack_3_and_close_1014() {
+    let world = world("wrongcod").await;
+    let mut socket = world
+        .edge
+        .open_device("/mqtt", &[("authorization", &world.edge.bearer())])
+        .await;
+    send_connect(&mut socket, connect_packet("app")).await;
+    let answer = refusal(&mut socket).await;
+    assert_eq!(answer.connack, Some(3));
+    // tungstenite does not know 1014 and reports its own 1002; the edge's
+    // count shows what it sent.
+    let metrics = world.edge.admin_get("/metrics").await.1;
+    assert!(
+        metrics.contains("relay_edge_close_codes_total{code=\"1014\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(
+        world
+            .simulator
+            .observations()
+            .refused_credentials
+            .load(Ordering::Relaxed),
+        1
+    );
+    world.agent.cancel();
+    world.edge.stop().await;
+}
+
+#[tokio::test]
+async fn losing_the_agent_closes_sessions_with_1013_and_recovery_works() {
+    let world = world(ACCESS_CODE).await;
+    let bearer = world.edge.bearer();
+    let mut client = Client::connect(&world.edge, &bearer, connect_packet("app")).await;
+    client.send(&subscribe_report(1)).await;
+    assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
+    world.agent.cancel();
+    assert_eq!(client.closed().await, Some((1013, "device offline".into())));
+    let mut socket = world
+        .edge
+        .open_device("/mqtt", &[("authorization", &bearer)])
+        .await;
+    send_connect(&mut socket, connect_packet("later")).await;
+    assert_eq!(
+        refusal(&mut socket).await,
+        refused(Some(3), 1013, "device offline")
+    );
+    world.edge.stop().await;
+}

@@ -46,6 +46,11 @@ impl Close {
         Close::new(1008, "unauthorized: revoked")
     }
 
+    /// Another session took this client id.
+    pub fn replaced() -> Close {
+        Close::new(1008, "replaced: same client id")
+    }
+
     pub fn forbidden(what: &str) -> Close {
         Close::new(1008, format!("forbidden: {what}"))
     }

@@ -318,10 +318,12 @@ enum Pending {
         filters: Vec<String>,
     },
     Unsubscribe,
-    /// A client's QoS 1 PUBLISH: PUBACK the client's id when the printer does.
+    /// A client's QoS 1 (or 2) PUBLISH: acknowledge the client's id when the
+    /// printer does (PUBACK, or PUBREC for QoS 2).
     Publish {
         session: SessionId,
         client_packet_id: PacketId,
+        exactly_once: bool,
     },
 }
 
@@ -331,6 +333,9 @@ struct WaitingSubscribe {
     session: SessionId,
     packet_id: PacketId,
     filters: Vec<(String, QoS)>,
+    /// Filters whose retained messages the hub delivers after the SUBACK
+    /// (the printer will not resend them).
+    retained_for: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -355,6 +360,10 @@ struct Hub {
     next_upstream_id: u16,
     /// When the last session left (or the hub started).
     idle_since: tokio::time::Instant,
+    /// The printer's retained messages by topic, encoded with RETAIN set,
+    /// for clients that subscribe after the printer sent them.
+    retained: HashMap<String, Bytes>,
+    retained_bytes: usize,
     /// Bytes for the printer, written by the run loop.
     to_upstream: BytesMut,
 }
@@ -371,6 +380,8 @@ impl Hub {
             waiting_subscribes: Vec::new(),
             next_upstream_id: 0,
             idle_since: tokio::time::Instant::now(),
+            retained: HashMap::new(),
+            retained_bytes: 0,
             to_upstream: BytesMut::new(),
         }
     }
@@ -501,7 +512,17 @@ impl Hub {
             return;
         };
         let mut new_upstream = Vec::new();
+        // Filters the printer already serves: it will not resend retained
+        // messages for them, so the hub does.
+        let mut already_upstream = Vec::new();
         for (filter, qos) in &subscribe.filters {
+            if self
+                .upstream_filters
+                .get(filter)
+                .is_some_and(|upstream| upstream.granted.is_some())
+            {
+                already_upstream.push(filter.clone());
+            }
             if entry.filters.insert(filter.clone(), *qos).is_none() {
                 self.index.insert(filter, session);
                 let upstream =
@@ -538,8 +559,40 @@ impl Hub {
             session,
             packet_id: subscribe.packet_id,
             filters: subscribe.filters,
+            retained_for: already_upstream,
         });
         self.answer_ready_subscribes();
+    }
+
+    /// Keeps the printer's retained message for `publish.topic` (an empty
+    /// payload clears it), within bounds: at most this many topics and bytes.
+    fn remember_retained(&mut self, publish: &Publish) {
+        const MAX_TOPICS: usize = 1_000;
+        const MAX_BYTES: usize = 4 * 1024 * 1024;
+        if let Some(old) = self.retained.remove(&publish.topic) {
+            self.retained_bytes -= old.len();
+        }
+        if publish.payload.is_empty() {
+            return;
+        }
+        let mut encoded = BytesMut::new();
+        let packet = Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: true,
+            topic: publish.topic.clone(),
+            packet_id: None,
+            payload: publish.payload.clone(),
+        });
+        if mqtt::encode(&packet, &mut encoded).is_err()
+            || self.retained.len() >= MAX_TOPICS
+            || self.retained_bytes + encoded.len() > MAX_BYTES
+        {
+            return;
+        }
+        self.retained_bytes += encoded.len();
+        self.retained
+            .insert(publish.topic.clone(), encoded.freeze());
     }
 
     /// Sends SUBACK to every waiting client whose filters all have an
@@ -575,6 +628,15 @@ impl Hub {
                     packet_id: waiting.packet_id,
                     return_codes: grants,
                 }));
+                for (topic, encoded) in &self.retained {
+                    if waiting
+                        .retained_for
+                        .iter()
+                        .any(|filter| relay_proto::topic::topic_matches(filter, topic))
+                    {
+                        entry.outbound.send_bytes(encoded.clone());
+                    }
+                }
             }
         }
         self.waiting_subscribes = still_waiting;
@@ -616,7 +678,9 @@ impl Hub {
                 publish.dup = false;
                 self.queue_upstream(&Packet::Publish(publish));
             }
-            (_, Some(client_packet_id)) => {
+            (qos, Some(client_packet_id)) => {
+                // QoS 2 travels to the printer as QoS 1; the client's own
+                // QoS 2 handshake completes at the edge.
                 let id = self.allocate_upstream_id();
                 publish.packet_id = Some(id);
                 publish.qos = QoS::AtLeastOnce;
@@ -627,6 +691,7 @@ impl Hub {
                     Pending::Publish {
                         session,
                         client_packet_id,
+                        exactly_once: qos == QoS::ExactlyOnce,
                     },
                 );
             }
@@ -639,7 +704,12 @@ impl Hub {
             mqtt::decode(buffer, self.limits.max_upstream_packet).map_err(|e| e.to_string())?
         {
             match packet {
-                Packet::Publish(publish) => self.fan_out(publish),
+                Packet::Publish(publish) => {
+                    if publish.retain {
+                        self.remember_retained(&publish);
+                    }
+                    self.fan_out(publish);
+                }
                 Packet::SubAck(suback) => self.on_suback(suback),
                 Packet::UnsubAck(id) => {
                     self.pending.remove(&id);
@@ -648,12 +718,15 @@ impl Hub {
                     if let Some(Pending::Publish {
                         session,
                         client_packet_id,
+                        exactly_once,
                     }) = self.pending.remove(&id)
                         && let Some(entry) = self.sessions.get(&session)
                     {
-                        entry
-                            .outbound
-                            .send_packet(&Packet::PubAck(client_packet_id));
+                        entry.outbound.send_packet(&if exactly_once {
+                            Packet::PubRec(client_packet_id)
+                        } else {
+                            Packet::PubAck(client_packet_id)
+                        });
                     }
                 }
                 Packet::PingResp => {}

@@ -358,6 +358,16 @@ async fn serve<S>(
         .await;
         return;
     }
+    // A newer session with the same client id on the same device replaces
+    // the older one, as MQTT requires.
+    let client_key = (device_id.clone(), connect.client_id.clone());
+    if !connect.client_id.is_empty()
+        && let Some((_, older)) = state
+            .client_ids
+            .insert(client_key.clone(), (session_id, outbound.clone()))
+    {
+        older.end(Close::replaced());
+    }
     state.live_sessions.insert(
         session_id,
         LiveSession {
@@ -384,6 +394,7 @@ async fn serve<S>(
     let (mut sink, mut stream) = socket.split();
     let mut client = ClientState {
         principal: &principal,
+        disconnected: false,
         subscriptions: HashSet::new(),
         topic_limits: TopicLimits {
             max_len_bytes: limits.max_topic_len,
@@ -487,6 +498,24 @@ async fn serve<S>(
     };
     let ((), close) = tokio::join!(reader, bounded_writer);
     state.live_sessions.remove(&session_id);
+    state
+        .client_ids
+        .remove_if(&client_key, |_, (owner, _)| *owner == session_id);
+    // The will goes out on any end but DISCONNECT, if the key may publish.
+    if let Some(will) = connect
+        .will
+        .filter(|_| !client.disconnected && principal.scope == Scope::Control)
+    {
+        let will = relay_proto::mqtt::Publish {
+            dup: false,
+            qos: will.qos.min(relay_proto::mqtt::QoS::AtMostOnce),
+            retain: will.retain,
+            topic: will.topic,
+            packet_id: None,
+            payload: will.payload,
+        };
+        hub.publish(session_id, will).await;
+    }
     hub.detach(session_id).await;
     if let Some(close) = close {
         let _ = tokio::time::timeout(
@@ -514,6 +543,8 @@ fn close_message(close: Close, state: &EdgeState) -> Message {
 /// A connected client's own state, and what it may do.
 struct ClientState<'a> {
     principal: &'a Principal,
+    /// The client sent DISCONNECT: no will message.
+    disconnected: bool,
     subscriptions: HashSet<String>,
     topic_limits: TopicLimits,
     session_id: u64,
@@ -566,18 +597,21 @@ impl ClientState<'_> {
                 }
                 validate_topic_name(&publish.topic, &self.topic_limits)
                     .map_err(|error| Close::limit(&format!("topic: {error}")))?;
-                if publish.qos == relay_proto::mqtt::QoS::ExactlyOnce {
-                    return Err(Close::limit(
-                        "QoS 2 publishing is not supported; use QoS 0 or 1",
-                    ));
-                }
                 if !self.hub.publish(self.session_id, publish).await {
                     return Err(Close::device_offline());
                 }
             }
             // Acknowledgements of our QoS 1 deliveries: nothing to keep.
             Packet::PubAck(_) => {}
-            Packet::Disconnect => return Err(Close::normal()),
+            // The last step of a client's QoS 2 PUBLISH (PUBREC came once the
+            // printer had it).
+            Packet::PubRel(id) => {
+                self.outbound.send_packet(&Packet::PubComp(id));
+            }
+            Packet::Disconnect => {
+                self.disconnected = true;
+                return Err(Close::normal());
+            }
             Packet::Connect(_) => return Err(Close::protocol("second CONNECT")),
             other => {
                 return Err(Close::protocol(format!(

@@ -24,6 +24,8 @@ pub struct EdgeState {
     pub devices: Devices,
     /// Connected sessions, so that a revocation can end them.
     pub live_sessions: DashMap<SessionId, LiveSession>,
+    /// (device, client id) → the session holding it.
+    pub client_ids: DashMap<(String, String), (SessionId, OutboundSender)>,
     /// Set once the drain starts: `/readyz` fails from then on.
     draining: AtomicBool,
 }
@@ -54,6 +56,7 @@ impl EdgeState {
             hubs,
             devices,
             live_sessions: DashMap::new(),
+            client_ids: DashMap::new(),
             draining: AtomicBool::new(false),
         }
     }

@@ -242,17 +242,6 @@ async fn scope_and_limits_are_enforced_in_session() {
         Some((1008, "limit: more than 2 subscriptions".into()))
     );
 
-    let mut client = Client::connect(&edge, &bearer, connect_packet("qos2")).await;
-    client
-        .send(&publish(
-            "device/x/request",
-            QoS::ExactlyOnce,
-            Some(1),
-            b"{}",
-        ))
-        .await;
-    assert_eq!(client.closed().await.map(|(code, _)| code), Some(1008));
-
     let mut client = Client::connect(&edge, &bearer, connect_packet("again")).await;
     client.send(&Packet::Connect(connect_packet("again"))).await;
     assert_eq!(client.closed().await, Some((1002, "second CONNECT".into())));
@@ -457,5 +446,128 @@ async fn messages_flow_through_a_real_mosquitto() {
         command.payload,
         Bytes::from_static(b"{\"pushing\":{\"command\":\"pushall\"}}")
     );
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn qos2_from_a_client_completes_at_the_edge_after_the_printer_has_it() {
+    let edge = TestEdge::start().await;
+    let mut printer = online_with_scripted_printer(&edge);
+    let mut client = Client::connect(&edge, &edge.bearer(), connect_packet("exactly-once")).await;
+    client
+        .send(&publish(
+            "device/01P00A/request",
+            QoS::ExactlyOnce,
+            Some(5),
+            b"{}",
+        ))
+        .await;
+    let Some(Packet::Publish(upstream)) = printer.next().await else {
+        panic!("expected the PUBLISH upstream");
+    };
+    assert_eq!(
+        upstream.qos,
+        QoS::AtLeastOnce,
+        "QoS 2 travels to the printer as QoS 1"
+    );
+    printer
+        .send(&Packet::PubAck(upstream.packet_id.unwrap()))
+        .await;
+    assert_eq!(client.next().await, Some(Packet::PubRec(id(5))));
+    client.send(&Packet::PubRel(id(5))).await;
+    assert_eq!(client.next().await, Some(Packet::PubComp(id(5))));
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn later_subscribers_get_the_printers_retained_message() {
+    let edge = TestEdge::start().await;
+    let mut printer = online_with_scripted_printer(&edge);
+    let bearer = edge.bearer();
+    let mut first = Client::connect(&edge, &bearer, connect_packet("first")).await;
+    first
+        .send(&subscribe(1, &[("device/x/state", QoS::AtMostOnce)]))
+        .await;
+    grant(&mut printer, QoS::AtMostOnce).await;
+    assert!(matches!(first.next().await, Some(Packet::SubAck(_))));
+    let mut retained = Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: true,
+        topic: "device/x/state".into(),
+        packet_id: None,
+        payload: Bytes::from_static(b"idle"),
+    };
+    printer.send(&Packet::Publish(retained.clone())).await;
+    assert!(
+        matches!(first.next().await, Some(Packet::Publish(p)) if p.payload == retained.payload)
+    );
+
+    let mut later = Client::connect(&edge, &bearer, connect_packet("later")).await;
+    later
+        .send(&subscribe(
+            2,
+            &[
+                ("device/+/state", QoS::AtMostOnce),
+                ("device/x/state", QoS::AtMostOnce),
+            ],
+        ))
+        .await;
+    grant(&mut printer, QoS::AtMostOnce).await;
+    assert!(matches!(later.next().await, Some(Packet::SubAck(_))));
+    let Some(Packet::Publish(delivered)) = later.next().await else {
+        panic!("no retained message for the later subscriber");
+    };
+    assert!(delivered.retain);
+    assert_eq!(delivered.payload, Bytes::from_static(b"idle"));
+    // An empty retained message clears it.
+    retained.payload = Bytes::new();
+    printer.send(&Packet::Publish(retained)).await;
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn the_will_goes_out_on_an_abnormal_end_only() {
+    let edge = TestEdge::start().await;
+    let mut printer = online_with_scripted_printer(&edge);
+    let bearer = edge.bearer();
+    let with_will = |client_id: &str| {
+        let mut connect = connect_packet(client_id);
+        connect.will = Some(relay_proto::mqtt::Will {
+            topic: "device/x/app-status".into(),
+            payload: Bytes::from_static(b"gone"),
+            qos: QoS::AtMostOnce,
+            retain: false,
+        });
+        connect
+    };
+    // A polite client: DISCONNECT, no will.
+    let mut polite = Client::connect(&edge, &bearer, with_will("polite")).await;
+    polite.send(&Packet::Disconnect).await;
+    assert_eq!(polite.closed().await.map(|(code, _)| code), Some(1000));
+    // A client that vanishes: its will reaches the printer.
+    let vanishing = Client::connect(&edge, &bearer, with_will("vanishing")).await;
+    drop(vanishing);
+    let Some(Packet::Publish(will)) = printer.next().await else {
+        panic!("no will upstream");
+    };
+    assert_eq!(will.topic, "device/x/app-status");
+    assert_eq!(will.payload, Bytes::from_static(b"gone"));
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn a_duplicate_client_id_replaces_the_older_session() {
+    let edge = TestEdge::start().await;
+    let _printer = online_with_scripted_printer(&edge);
+    let bearer = edge.bearer();
+    let mut older = Client::connect(&edge, &bearer, connect_packet("phone")).await;
+    let mut newer = Client::connect(&edge, &bearer, connect_packet("phone")).await;
+    assert_eq!(
+        older.closed().await,
+        Some((1008, "replaced: same client id".into()))
+    );
+    newer.send(&Packet::PingReq).await;
+    assert_eq!(newer.next().await, Some(Packet::PingResp));
     edge.stop().await;
 }

@@ -31,6 +31,47 @@ fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
     path
 }
 
+/// An agent for `edge`'s device, dialling `tunnel`, with `credential`.
+fn agent_config(
+    edge: &TestEdge,
+    tunnel: std::net::SocketAddr,
+    simulator: &RunningSimulator,
+    access_code: &str,
+    credential: &str,
+) -> AgentConfig {
+    let dir = &edge.pki.dir;
+    let edge_ca = write(dir, "edge-ca.pem", &edge.pki.ca_pem());
+    let printer_ca = write(dir, "printer-ca.pem", &simulator.ca_pem);
+    AgentConfig::from_toml(&format!(
+        r#"
+        [edge]
+        address = "{tunnel}"
+        server_name = "tunnel.{BASE_DOMAIN}"
+        ca_file = "{}"
+        credential = "{credential}"
+
+        [printer]
+        kind = "bambu"
+        host = "127.0.0.1"
+        port = {}
+        serial = "{SERIAL}"
+        access_code = "{access_code}"
+        ca_file = "{}"
+        "#,
+        edge_ca.display(),
+        simulator.addr.port(),
+        printer_ca.display()
+    ))
+    .unwrap()
+}
+
+fn start_agent(config: AgentConfig) -> CancellationToken {
+    let printer = config.validate().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(relay_agent::tunnel::run(config, printer, stop.clone()));
+    stop
+}
+
 /// Starts an edge with its tunnel listener, the simulator, and an agent
 /// configured with `access_code`; waits until the agent is connected.
 async fn world(access_code: &str) -> World {
@@ -44,9 +85,6 @@ async fn world(access_code: &str) -> World {
     let simulator = RunningSimulator::start(simulator_config, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    let dir = &edge.pki.dir;
-    let edge_ca = write(dir, "edge-ca.pem", &edge.pki.ca_pem());
-    let printer_ca = write(dir, "printer-ca.pem", &simulator.ca_pem);
     let (_, credential) = edge
         .database
         .store
@@ -54,31 +92,13 @@ async fn world(access_code: &str) -> World {
         .await
         .unwrap();
     let tunnel = edge.edge.as_ref().unwrap().tunnel_addr.unwrap();
-    let config = AgentConfig::from_toml(&format!(
-        r#"
-        [edge]
-        address = "{tunnel}"
-        server_name = "tunnel.{BASE_DOMAIN}"
-        ca_file = "{}"
-        credential = "{}"
-
-        [printer]
-        kind = "bambu"
-        host = "127.0.0.1"
-        port = {}
-        serial = "{SERIAL}"
-        access_code = "{access_code}"
-        ca_file = "{}"
-        "#,
-        edge_ca.display(),
-        credential.reveal(),
-        simulator.addr.port(),
-        printer_ca.display()
-    ))
-    .unwrap();
-    let printer = config.validate().unwrap();
-    let agent = CancellationToken::new();
-    tokio::spawn(relay_agent::tunnel::run(config, printer, agent.clone()));
+    let agent = start_agent(agent_config(
+        &edge,
+        tunnel,
+        &simulator,
+        access_code,
+        &credential.reveal(),
+    ));
     tokio::time::timeout(
         PATIENCE,
         edge.edge.as_ref().unwrap().wait_online(&edge.device),
@@ -228,5 +248,101 @@ async fn losing_the_agent_closes_sessions_with_1013_and_recovery_works() {
         refusal(&mut socket).await,
         refused(Some(3), 1013, "device offline")
     );
+    world.edge.stop().await;
+}
+
+#[tokio::test]
+async fn a_printer_dropping_everyone_closes_sessions_with_1014_and_clients_get_back_in() {
+    let world = world(ACCESS_CODE).await;
+    let bearer = world.edge.bearer();
+    let mut client = Client::connect(&world.edge, &bearer, connect_packet("app")).await;
+    client.send(&subscribe_report(1)).await;
+    assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
+    next_publish(&mut client).await;
+    world.simulator.drop_all_clients();
+    assert!(client.closed().await.is_some());
+    let metrics = world.edge.admin_get("/metrics").await.1;
+    assert!(
+        metrics.contains("relay_edge_close_codes_total{code=\"1014\"} 1"),
+        "{metrics}"
+    );
+    // After the drop, a client gets in again: the agent reconnects to the printer.
+    let mut again = Client::connect(&world.edge, &bearer, connect_packet("again")).await;
+    again.send(&subscribe_report(2)).await;
+    assert!(matches!(again.next().await, Some(Packet::SubAck(_))));
+    assert_eq!(next_publish(&mut again).await.topic, report_topic());
+    assert_eq!(
+        world
+            .simulator
+            .observations()
+            .connections
+            .load(Ordering::Relaxed),
+        2
+    );
+    world.agent.cancel();
+    world.edge.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_agent_for_the_device_fences_the_first() {
+    let world = world(ACCESS_CODE).await;
+    let edge = world.edge.edge.as_ref().unwrap();
+    let first_epoch = edge.wait_online(&world.edge.device).await;
+    let (_, credential) = world
+        .edge
+        .database
+        .store
+        .rotate_agent_credential(&world.edge.device)
+        .await
+        .unwrap();
+    let tunnel = edge.tunnel_addr.unwrap();
+    let second = start_agent(agent_config(
+        &world.edge,
+        tunnel,
+        &world.simulator,
+        ACCESS_CODE,
+        &credential.reveal(),
+    ));
+    let second_epoch = tokio::time::timeout(
+        PATIENCE,
+        edge.wait_newer_tunnel(&world.edge.device, first_epoch),
+    )
+    .await
+    .expect("the second agent took over");
+    assert!(second_epoch > first_epoch);
+    let mut client =
+        Client::connect(&world.edge, &world.edge.bearer(), connect_packet("app")).await;
+    client.send(&subscribe_report(1)).await;
+    assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
+    next_publish(&mut client).await;
+    world.agent.cancel();
+    second.cancel();
+    world.edge.stop().await;
+}
+
+#[tokio::test]
+async fn the_agent_comes_back_after_an_edge_restart() {
+    let mut world = world(ACCESS_CODE).await;
+    let first = world.edge.edge.take().unwrap();
+    let tunnel = first.tunnel_addr.unwrap();
+    first.drain(Duration::from_secs(5)).await;
+    // A new edge on the same database and the same tunnel address.
+    let mut config = world.edge.config.clone();
+    config.tunnel.listen = Some(tunnel);
+    let restarted = relay_edge::RunningEdge::start(config).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        restarted.wait_online(&world.edge.device),
+    )
+    .await
+    .expect("the agent reconnected to the restarted edge");
+    world.edge.addr = restarted.public_addr.unwrap();
+    world.edge.edge = Some(restarted);
+    let mut client =
+        Client::connect(&world.edge, &world.edge.bearer(), connect_packet("app")).await;
+    client.send(&subscribe_report(1)).await;
+    assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
+    next_publish(&mut client).await;
+    world.agent.cancel();
     world.edge.stop().await;
 }

@@ -128,12 +128,20 @@ impl Devices {
         self.tunnels.len()
     }
 
-    /// Waits until `device_id` has a tunnel (tests, demo start-up).
-    pub async fn wait_online(&self, device_id: &str) {
+    /// The epoch of `device_id`'s tunnel, if it has one.
+    pub fn tunnel_epoch(&self, device_id: &str) -> Option<u64> {
+        self.tunnels.get(device_id).map(|tunnel| tunnel.epoch)
+    }
+
+    /// Waits until `device_id` has a tunnel newer than `after_epoch` (0: any).
+    pub async fn wait_online(&self, device_id: &str, after_epoch: u64) -> u64 {
         loop {
             let registered = self.registered.notified();
-            if self.is_online(device_id) {
-                return;
+            if let Some(epoch) = self
+                .tunnel_epoch(device_id)
+                .filter(|epoch| *epoch > after_epoch)
+            {
+                return epoch;
             }
             registered.await;
         }

@@ -324,9 +324,16 @@ impl RunningEdge {
         });
     }
 
-    /// Waits until `device_id`'s agent is connected.
-    pub async fn wait_online(&self, device_id: &str) {
-        self.state.devices.wait_online(device_id).await;
+    /// Waits until `device_id`'s agent is connected; returns the tunnel's
+    /// epoch.
+    pub async fn wait_online(&self, device_id: &str) -> u64 {
+        self.state.devices.wait_online(device_id, 0).await
+    }
+
+    /// Waits until `device_id` has a tunnel newer than `epoch` (a second
+    /// agent fencing the first).
+    pub async fn wait_newer_tunnel(&self, device_id: &str, epoch: u64) -> u64 {
+        self.state.devices.wait_online(device_id, epoch).await
     }
 
     /// The online devices; whoever brings a device's upstream connection
@@ -380,7 +387,7 @@ impl RunningEdge {
         }
         self.background.cancel();
         self.tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.tasks.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
         self.state.authenticator.store().close().await;
     }
 }

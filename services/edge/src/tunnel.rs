@@ -34,7 +34,11 @@ pub fn spawn_accept_loop(
                     None => return,
                 },
                 _ = stop.cancelled() => {
+                    // Agents get GO_AWAY from their own tasks first; then the
+                    // endpoint closes and its UDP socket is released.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), connections_drained(&connections)).await;
                     endpoint.close(quinn::VarInt::from_u32(close_code::GOING_AWAY), b"going away");
+                    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
                     return;
                 }
             };
@@ -52,6 +56,12 @@ pub fn spawn_accept_loop(
             );
         }
     });
+}
+
+/// Waits for every tunnel task to end.
+async fn connections_drained(connections: &TaskTracker) {
+    connections.close();
+    connections.wait().await;
 }
 
 async fn send_message(send: &mut quinn::SendStream, message: &Message) -> bool {

@@ -104,6 +104,8 @@ pub struct TestEdge {
     pub key: (String, String, String),
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// What the edge was started with (to start another like it).
+    pub config: EdgeConfig,
 }
 
 impl TestEdge {
@@ -139,7 +141,7 @@ impl TestEdge {
         config.store.database_url = database.url.clone();
         config.limits.connect_timeout_seconds = 1;
         customize(&mut config);
-        let edge = RunningEdge::start(config).await.unwrap();
+        let edge = RunningEdge::start(config.clone()).await.unwrap();
         TestEdge {
             addr: edge.public_addr.unwrap(),
             admin: edge.admin_addr,
@@ -153,6 +155,7 @@ impl TestEdge {
                 api_key.id,
                 credential.secret().to_owned(),
             ),
+            config,
         }
     }
 

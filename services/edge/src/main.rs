@@ -31,6 +31,9 @@ struct Flags {
     /// Plain ws:// listener for local development
     #[arg(long, env = "RELAY_PLAIN_LISTEN")]
     plain_listen: Option<SocketAddr>,
+    /// QUIC (UDP) listener for agents
+    #[arg(long, env = "RELAY_TUNNEL_LISTEN")]
+    tunnel_listen: Option<SocketAddr>,
     /// Admin listener (/metrics, /healthz, /readyz)
     #[arg(long, env = "RELAY_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
@@ -64,6 +67,9 @@ fn load(flags: &Flags) -> Result<EdgeConfig, String> {
     }
     if flags.plain_listen.is_some() {
         config.public.plain_listen = flags.plain_listen;
+    }
+    if flags.tunnel_listen.is_some() {
+        config.tunnel.listen = flags.tunnel_listen;
     }
     if let Some(address) = flags.admin_listen {
         config.admin.listen = address;

@@ -1,0 +1,241 @@
+//! The `mqtt` printer kind against the machine's real Mosquitto, started by
+//! the test with a password file and TLS on a port of its own.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+#[path = "../../edge/tests/support/mod.rs"]
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use bytes::Bytes;
+use relay_agent::config::AgentConfig;
+use relay_proto::mqtt::{Packet, PacketId, Publish, QoS, Subscribe};
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+const USER: &str = "printer-user";
+const PASSWORD: &str = "s3cret-broker-password";
+
+/// A Mosquitto of the test's own, killed on drop.
+struct Broker {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_broker(dir: &std::path::Path) -> (Broker, std::path::PathBuf) {
+    // The broker's own CA and a certificate for 127.0.0.1.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let ca_path = dir.join("broker-ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    std::fs::write(dir.join("broker.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.join("broker.key"), key.serialize_pem()).unwrap();
+    let passwords = dir.join("passwd");
+    let status = Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwords)
+        .args([USER, PASSWORD])
+        .status()
+        .expect("mosquitto_passwd (scripts/services installs mosquitto)");
+    assert!(status.success());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.join("mosquitto.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n\
+             cafile {}\ncertfile {}\nkeyfile {}\nlog_dest stderr\nlog_type information\npersistence false\n",
+            passwords.display(),
+            ca_path.display(),
+            dir.join("broker.crt").display(),
+            dir.join("broker.key").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto");
+    // Ready once it says so (stderr is unbuffered): its log line, not a
+    // guess at a delay.
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains("running") => break,
+            Some(Ok(_)) => {}
+            _ => panic!("mosquitto did not start"),
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    (Broker { child, port }, ca_path)
+}
+
+fn agent_for(
+    edge: &TestEdge,
+    broker: &Broker,
+    ca: &std::path::Path,
+    password: &str,
+    credential: &str,
+) -> AgentConfig {
+    let edge_ca = edge.pki.dir.join("edge-ca.pem");
+    std::fs::write(&edge_ca, edge.pki.ca_pem()).unwrap();
+    AgentConfig::from_toml(&format!(
+        r#"
+        [edge]
+        address = "{}"
+        server_name = "tunnel.{BASE_DOMAIN}"
+        ca_file = "{}"
+        credential = "{credential}"
+
+        [printer]
+        kind = "mqtt"
+        host = "127.0.0.1"
+        port = {}
+        username = "{USER}"
+        password = "{password}"
+        tls = true
+        ca_file = "{}"
+        "#,
+        edge.edge.as_ref().unwrap().tunnel_addr.unwrap(),
+        edge_ca.display(),
+        broker.port,
+        ca.display()
+    ))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_mqtt_kind_works_with_a_passworded_tls_mosquitto() {
+    let edge =
+        TestEdge::start_with(|config| config.tunnel.listen = Some("127.0.0.1:0".parse().unwrap()))
+            .await;
+    let (broker, ca) = start_broker(&edge.pki.dir);
+    let (_, credential) = edge
+        .database
+        .store
+        .issue_agent_credential(&edge.device)
+        .await
+        .unwrap();
+    let config = agent_for(&edge, &broker, &ca, PASSWORD, &credential.reveal());
+    let printer = config.validate().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(relay_agent::tunnel::run(config, printer, stop.clone()));
+    tokio::time::timeout(
+        PATIENCE,
+        edge.edge.as_ref().unwrap().wait_online(&edge.device),
+    )
+    .await
+    .unwrap();
+
+    let topic = format!(
+        "relay-test/{}/status",
+        relay_store::credential::random_base32(8).unwrap()
+    );
+    let bearer = edge.bearer();
+    let mut listener = Client::connect(&edge, &bearer, connect_packet("listener")).await;
+    listener
+        .send(&Packet::Subscribe(Subscribe {
+            packet_id: PacketId::MIN,
+            filters: vec![(topic.clone(), QoS::AtLeastOnce)],
+        }))
+        .await;
+    assert!(matches!(listener.next().await, Some(Packet::SubAck(_))));
+    let mut talker = Client::connect(&edge, &bearer, connect_packet("talker")).await;
+    for (index, payload) in [&b"one"[..], b"two", b"three"].iter().enumerate() {
+        talker
+            .send(&Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic: topic.clone(),
+                packet_id: Some(PacketId::new(index as u16 + 1).unwrap()),
+                payload: Bytes::copy_from_slice(payload),
+            }))
+            .await;
+        assert_eq!(
+            talker.next().await,
+            Some(Packet::PubAck(PacketId::new(index as u16 + 1).unwrap()))
+        );
+    }
+    // Through the agent to Mosquitto and back, in order.
+    for expected in [&b"one"[..], b"two", b"three"] {
+        match listener.next().await {
+            Some(Packet::Publish(publish)) => {
+                assert_eq!(&publish.payload[..], expected);
+                if let Some(id) = publish.packet_id {
+                    listener.send(&Packet::PubAck(id)).await;
+                }
+            }
+            other => panic!("expected a PUBLISH, got {other:?}"),
+        }
+    }
+    stop.cancel();
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_broker_password_is_reported_as_a_printer_refusal() {
+    let edge =
+        TestEdge::start_with(|config| config.tunnel.listen = Some("127.0.0.1:0".parse().unwrap()))
+            .await;
+    let (broker, ca) = start_broker(&edge.pki.dir);
+    let (_, credential) = edge
+        .database
+        .store
+        .issue_agent_credential(&edge.device)
+        .await
+        .unwrap();
+    let config = agent_for(
+        &edge,
+        &broker,
+        &ca,
+        "not-the-password",
+        &credential.reveal(),
+    );
+    let printer = config.validate().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(relay_agent::tunnel::run(config, printer, stop.clone()));
+    tokio::time::timeout(
+        PATIENCE,
+        edge.edge.as_ref().unwrap().wait_online(&edge.device),
+    )
+    .await
+    .unwrap();
+    let mut socket = edge
+        .open_device("/mqtt", &[("authorization", &edge.bearer())])
+        .await;
+    send_connect(&mut socket, connect_packet("app")).await;
+    assert_eq!(refusal(&mut socket).await.connack, Some(3));
+    let metrics = edge.admin_get("/metrics").await.1;
+    assert!(
+        metrics.contains("relay_edge_close_codes_total{code=\"1014\"} 1"),
+        "{metrics}"
+    );
+    stop.cancel();
+    edge.stop().await;
+}

@@ -209,6 +209,8 @@ impl HubHandle {
 pub struct Hubs {
     by_device: DashMap<String, HubHandle>,
     next_session: AtomicUsize,
+    /// Bytes between hubs and printers (through tunnels), by direction.
+    upstream_bytes: Option<prometheus::IntCounterVec>,
 }
 
 /// Hub settings.
@@ -229,6 +231,14 @@ pub struct HubLimits {
 pub type TunnelProbe = Arc<dyn Fn() -> bool + Send + Sync>;
 
 impl Hubs {
+    /// Hubs that count the bytes they exchange with printers.
+    pub fn with_byte_counter(upstream_bytes: prometheus::IntCounterVec) -> Hubs {
+        Hubs {
+            upstream_bytes: Some(upstream_bytes),
+            ..Hubs::default()
+        }
+    }
+
     /// The hub of a device, if it is online.
     pub fn get(&self, device_id: &str) -> Option<HubHandle> {
         self.by_device.get(device_id).map(|hub| hub.clone())
@@ -268,7 +278,8 @@ impl Hubs {
         let hubs = self.clone();
         let hub_ended = ended.clone();
         tokio::spawn(async move {
-            let hub = Hub::new(limits, tunnel_alive);
+            let mut hub = Hub::new(limits, tunnel_alive);
+            hub.byte_counter = hubs.upstream_bytes.clone();
             let outcome = hub.run(upstream, receiver, hub_ended.clone()).await;
             tracing::info!(device = %device_id, ?outcome, "device hub ended");
             hub_ended.cancel();
@@ -351,6 +362,7 @@ pub enum HubEnd {
 
 struct Hub {
     limits: HubLimits,
+    byte_counter: Option<prometheus::IntCounterVec>,
     tunnel_alive: Option<TunnelProbe>,
     sessions: HashMap<SessionId, SessionEntry>,
     index: SubscriptionIndex<SessionId>,
@@ -372,6 +384,7 @@ impl Hub {
     fn new(limits: HubLimits, tunnel_alive: Option<TunnelProbe>) -> Hub {
         Hub {
             limits,
+            byte_counter: None,
             tunnel_alive,
             sessions: HashMap::new(),
             index: SubscriptionIndex::new(),
@@ -407,6 +420,11 @@ impl Hub {
             };
             if !self.to_upstream.is_empty() {
                 let bytes = self.to_upstream.split().freeze();
+                if let Some(counter) = &self.byte_counter {
+                    counter
+                        .with_label_values(&["out"])
+                        .inc_by(bytes.len() as u64);
+                }
                 if let Err(error) = writer.write_all(&bytes).await {
                     break HubEnd::UpstreamError(error.to_string());
                 }
@@ -414,7 +432,10 @@ impl Hub {
             tokio::select! {
                 read = reader.read_buf(&mut read_buffer) => match read {
                     Ok(0) => break HubEnd::UpstreamClosed,
-                    Ok(_) => {
+                    Ok(read) => {
+                        if let Some(counter) = &self.byte_counter {
+                            counter.with_label_values(&["in"]).inc_by(read as u64);
+                        }
                         if let Err(problem) = self.on_upstream_bytes(&mut read_buffer) {
                             break HubEnd::ProtocolError(problem);
                         }

@@ -23,6 +23,11 @@ pub struct Metrics {
     pub close_codes: IntCounterVec,
     /// CONNACK return codes sent, by code.
     pub connacks: IntCounterVec,
+    /// Bytes between device hubs and printers (the tunnel's payload), by
+    /// direction: in (from printers), out (to printers).
+    pub printer_bytes: IntCounterVec,
+    /// Devices whose agent is connected.
+    pub agents_connected: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -115,6 +120,17 @@ impl Metrics {
                 "relay_edge_connacks_total",
                 "CONNACK return codes sent",
                 "code",
+            ),
+            printer_bytes: counter_vec(
+                &registry,
+                "relay_edge_printer_bytes_total",
+                "MQTT bytes between device hubs and printers",
+                "direction",
+            ),
+            agents_connected: gauge(
+                &registry,
+                "relay_edge_agents_connected",
+                "devices whose agent is connected",
             ),
             registry,
         }

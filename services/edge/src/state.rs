@@ -37,7 +37,7 @@ impl EdgeState {
         metrics: Metrics,
     ) -> EdgeState {
         let failures = FailureLimiter::new(config.auth.failures_per_ip_per_minute);
-        let hubs = Arc::new(Hubs::default());
+        let hubs = Arc::new(Hubs::with_byte_counter(metrics.printer_bytes.clone()));
         let tunnel = &config.tunnel;
         let devices = Devices::new(
             hubs.clone(),

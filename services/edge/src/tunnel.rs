@@ -172,6 +172,7 @@ async fn serve_tunnel(
         state.devices.unregister(&device_id, epoch);
         return;
     }
+    state.metrics.agents_connected.inc();
     tracing::info!(device = %device_id, epoch, agent = hello.agent_version.as_deref().unwrap_or("?"), "agent connected");
     let end = loop {
         tokio::select! {
@@ -203,5 +204,6 @@ async fn serve_tunnel(
         }
     };
     state.devices.unregister(&device_id, epoch);
+    state.metrics.agents_connected.dec();
     tracing::info!(device = %device_id, epoch, %end, "agent disconnected");
 }

@@ -271,6 +271,12 @@ impl RunningSimulator {
         route(&self.shared, &topic, payload, false, None);
     }
 
+    /// Publishes `payload` on `topic` to every subscribed client (QoS 0), as
+    /// the printer would; for load tests.
+    pub fn publish(&self, topic: &str, payload: Bytes) {
+        route(&self.shared, topic, payload, false, None);
+    }
+
     /// Clients connected right now.
     pub fn connected_clients(&self) -> usize {
         self.shared.clients.lock().map(|c| c.len()).unwrap_or(0)
@@ -299,7 +305,11 @@ async fn accept_loop(
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    // Reports are small: no Nagle delay in front of them.
+                    let _ = stream.set_nodelay(true);
+                    stream
+                }
                 Err(_) => continue,
             },
             _ = stop.cancelled() => return,

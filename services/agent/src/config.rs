@@ -66,6 +66,15 @@ pub enum PrinterSection {
         insecure: bool,
         #[serde(default)]
         max_tls_1_2: bool,
+        /// SHA-256 (hex) of the printer's certificate, pinned instead of a CA.
+        #[serde(default)]
+        fingerprint: Option<String>,
+        /// Learn the fingerprint on the first connection and keep it in
+        /// `fingerprint_file`; later connections must present the same one.
+        #[serde(default)]
+        pin_on_first_use: bool,
+        #[serde(default)]
+        fingerprint_file: Option<PathBuf>,
     },
     /// Any MQTT broker (the option set of the OctoPrint MQTT plugin).
     #[serde(rename = "mqtt")]
@@ -88,6 +97,14 @@ pub enum PrinterSection {
         /// "3.1" or "3.1.1" (default).
         #[serde(default)]
         protocol: Option<String>,
+        /// PEM client certificate chain and key, for brokers that ask for one.
+        #[serde(default)]
+        client_cert: Option<PathBuf>,
+        #[serde(default)]
+        client_key: Option<PathBuf>,
+        /// Cipher suites to allow (rustls names, e.g. TLS13_AES_128_GCM_SHA256).
+        #[serde(default)]
+        ciphers: Option<Vec<String>>,
     },
 }
 
@@ -146,6 +163,17 @@ impl fmt::Debug for PrinterKind {
     }
 }
 
+/// How the printer's certificate is trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pinning {
+    /// Chain to `ca_file` (and, for Bambu, the serial as common name).
+    CertificateAuthority,
+    /// This SHA-256 fingerprint (hex, lower case).
+    Fingerprint(String),
+    /// Learn it on first use, keep it in this file.
+    OnFirstUse(PathBuf),
+}
+
 /// The printer connection's settings, checked.
 #[derive(Clone)]
 pub struct PrinterConfig {
@@ -158,6 +186,9 @@ pub struct PrinterConfig {
     pub keep_alive_seconds: u16,
     pub mqtt_3_1: bool,
     pub client_id: String,
+    pub pinning: Pinning,
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    pub ciphers: Option<Vec<String>>,
 }
 
 impl fmt::Debug for PrinterConfig {
@@ -227,6 +258,9 @@ impl AgentConfig {
                 ca_file,
                 insecure,
                 max_tls_1_2,
+                fingerprint,
+                pin_on_first_use,
+                fingerprint_file,
             } => {
                 if serial.is_empty() {
                     problems.push("printer.serial is required".into());
@@ -235,10 +269,31 @@ impl AgentConfig {
                     problems
                         .push("printer.access_code must be the 8-character LAN access code".into());
                 }
-                if ca_file.is_none() && !insecure {
-                    problems
-                        .push("printer: set ca_file (the printer's CA) or insecure = true".into());
-                }
+                let pinning = match (fingerprint, pin_on_first_use, fingerprint_file) {
+                    (Some(fingerprint), _, _) => {
+                        let fingerprint = fingerprint.replace(':', "").to_ascii_lowercase();
+                        if fingerprint.len() != 64
+                            || !fingerprint.bytes().all(|b| b.is_ascii_hexdigit())
+                        {
+                            problems.push("printer.fingerprint must be a SHA-256 in hex".into());
+                        }
+                        Pinning::Fingerprint(fingerprint)
+                    }
+                    (None, true, Some(file)) => Pinning::OnFirstUse(file.clone()),
+                    (None, true, None) => {
+                        problems
+                            .push("printer.pin_on_first_use needs printer.fingerprint_file".into());
+                        Pinning::CertificateAuthority
+                    }
+                    (None, false, _) => {
+                        if ca_file.is_none() && !insecure {
+                            problems.push(
+                                "printer: set ca_file, fingerprint, pin_on_first_use, or insecure = true".into(),
+                            );
+                        }
+                        Pinning::CertificateAuthority
+                    }
+                };
                 PrinterConfig {
                     host: host.clone(),
                     port: *port,
@@ -252,6 +307,9 @@ impl AgentConfig {
                     keep_alive_seconds: 60,
                     mqtt_3_1: false,
                     client_id,
+                    pinning,
+                    client_cert: None,
+                    ciphers: None,
                 }
             }
             PrinterSection::Mqtt {
@@ -264,6 +322,9 @@ impl AgentConfig {
                 ca_file,
                 insecure,
                 protocol,
+                client_cert,
+                client_key,
+                ciphers,
             } => {
                 if password.is_some() && username.is_none() {
                     problems.push("printer.password needs printer.username".into());
@@ -277,6 +338,15 @@ impl AgentConfig {
                     Some(other) => {
                         problems.push(format!("printer.protocol {other:?} must be 3.1 or 3.1.1"));
                         false
+                    }
+                };
+                let client_cert = match (client_cert, client_key) {
+                    (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+                    (None, None) => None,
+                    _ => {
+                        problems
+                            .push("printer.client_cert and printer.client_key go together".into());
+                        None
                     }
                 };
                 PrinterConfig {
@@ -293,6 +363,9 @@ impl AgentConfig {
                     keep_alive_seconds: keep_alive_seconds.unwrap_or(60),
                     mqtt_3_1,
                     client_id,
+                    pinning: Pinning::CertificateAuthority,
+                    client_cert,
+                    ciphers: ciphers.clone(),
                 }
             }
         };

@@ -18,6 +18,15 @@ struct Flags {
     /// TOML configuration file
     #[arg(long, env = "RELAY_AGENT_CONFIG")]
     config: PathBuf,
+    /// Overrides edge.address
+    #[arg(long, env = "RELAY_AGENT_EDGE")]
+    edge_address: Option<String>,
+    /// Overrides edge.credential (keeps the secret out of the file)
+    #[arg(long, env = "RELAY_AGENT_CREDENTIAL", hide_env_values = true)]
+    credential: Option<String>,
+    /// Overrides printer.access_code of a Bambu printer
+    #[arg(long, env = "RELAY_AGENT_ACCESS_CODE", hide_env_values = true)]
+    access_code: Option<String>,
 }
 
 #[tokio::main]

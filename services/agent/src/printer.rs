@@ -14,7 +14,7 @@ use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::{PrinterConfig, PrinterKind};
+use crate::config::{Pinning, PrinterConfig, PrinterKind};
 
 /// A byte stream to the printer, past CONNACK 0.
 pub trait PrinterStream: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -144,7 +144,21 @@ pub async fn connect(
 fn tls_config(
     config: &PrinterConfig,
 ) -> Result<Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>, LinkFailure> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls_failure = |detail: String| failure(LinkDownReason::TlsFailure, detail);
+    let mut provider = rustls::crypto::ring::default_provider();
+    if let Some(names) = &config.ciphers {
+        provider.cipher_suites.retain(|suite| {
+            names
+                .iter()
+                .any(|name| *name == format!("{:?}", suite.suite()))
+        });
+        if provider.cipher_suites.is_empty() {
+            return Err(tls_failure(format!(
+                "none of the ciphers {names:?} is supported"
+            )));
+        }
+    }
+    let provider = Arc::new(provider);
     let versions: &[&rustls::SupportedProtocolVersion] = if config.max_tls_1_2 {
         &[&rustls::version::TLS12]
     } else {
@@ -152,39 +166,175 @@ fn tls_config(
     };
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)
-        .map_err(|error| failure(LinkDownReason::TlsFailure, error.to_string()))?;
-    let name_for_sni = || {
-        ServerName::try_from(config.host.clone())
-            .map_err(|_| failure(LinkDownReason::TlsFailure, "bad host name"))
-    };
-    let verifier: Arc<dyn ServerCertVerifier> = match &config.kind {
+        .map_err(|error| tls_failure(error.to_string()))?;
+    let serial = match &config.kind {
         PrinterKind::Mqtt { tls: false, .. } => return Ok(None),
-        _ if config.insecure => Arc::new(AcceptAnything(provider)),
-        PrinterKind::Bambu { serial, .. } => {
+        PrinterKind::Bambu { serial, .. } => Some(serial.clone()),
+        PrinterKind::Mqtt { .. } => None,
+    };
+    let verifier: Arc<dyn ServerCertVerifier> = match (&config.pinning, config.insecure) {
+        (Pinning::Fingerprint(expected), _) => Arc::new(PinnedVerifier::new(
+            provider,
+            serial,
+            Some(expected.clone()),
+            None,
+        )),
+        (Pinning::OnFirstUse(file), _) => {
+            let known = std::fs::read_to_string(file)
+                .ok()
+                .map(|text| text.trim().to_owned());
+            Arc::new(PinnedVerifier::new(
+                provider,
+                serial,
+                known,
+                Some(file.clone()),
+            ))
+        }
+        (Pinning::CertificateAuthority, true) => Arc::new(AcceptAnything(provider)),
+        (Pinning::CertificateAuthority, false) => {
             let roots = roots(config)?;
             let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider,
             )
             .build()
-            .map_err(|error| failure(LinkDownReason::TlsFailure, error.to_string()))?;
-            Arc::new(SerialVerifier {
-                inner,
-                serial: serial.clone(),
-            })
-        }
-        PrinterKind::Mqtt { .. } => {
-            let roots = roots(config)?;
-            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|error| failure(LinkDownReason::TlsFailure, error.to_string()))?
+            .map_err(|error| tls_failure(error.to_string()))?;
+            match serial {
+                Some(serial) => Arc::new(SerialVerifier { inner, serial }),
+                None => inner,
+            }
         }
     };
-    let tls = builder
+    let builder = builder
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    Ok(Some((Arc::new(tls), name_for_sni()?)))
+        .with_custom_certificate_verifier(verifier);
+    let tls = match &config.client_cert {
+        Some((cert_path, key_path)) => {
+            use rustls::pki_types::pem::PemObject;
+            let chain = CertificateDer::pem_file_iter(cert_path)
+                .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+                .map_err(|error| tls_failure(format!("{}: {error}", cert_path.display())))?;
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key_path)
+                .map_err(|error| tls_failure(format!("{}: {error}", key_path.display())))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|error| tls_failure(error.to_string()))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let name = ServerName::try_from(config.host.clone())
+        .map_err(|_| tls_failure("bad host name".into()))?;
+    Ok(Some((Arc::new(tls), name)))
+}
+
+/// Trusts the printer's certificate by its SHA-256 fingerprint: given, or
+/// learnt on the first connection and kept in a file. For Bambu printers
+/// the common name must still be the serial.
+#[derive(Debug)]
+struct PinnedVerifier {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    serial: Option<String>,
+    expected: std::sync::Mutex<Option<String>>,
+    learn_into: Option<std::path::PathBuf>,
+}
+
+impl PinnedVerifier {
+    fn new(
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        serial: Option<String>,
+        expected: Option<String>,
+        learn_into: Option<std::path::PathBuf>,
+    ) -> PinnedVerifier {
+        PinnedVerifier {
+            provider,
+            serial,
+            expected: std::sync::Mutex::new(expected),
+            learn_into,
+        }
+    }
+}
+
+/// SHA-256 of a certificate, lower-case hex.
+pub fn fingerprint(certificate: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, certificate)
+        .as_ref()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Some(serial) = &self.serial
+            && common_name(end_entity.as_ref()).as_deref() != Some(serial.as_str())
+        {
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName,
+            ));
+        }
+        let presented = fingerprint(end_entity.as_ref());
+        let mut expected = self
+            .expected
+            .lock()
+            .map_err(|_| rustls::Error::General("pinning state poisoned".into()))?;
+        match expected.as_deref() {
+            Some(known) if known == presented => Ok(ServerCertVerified::assertion()),
+            Some(_) => Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            )),
+            None => {
+                if let Some(file) = &self.learn_into {
+                    std::fs::write(file, format!("{presented}\n")).map_err(|error| {
+                        rustls::Error::General(format!("cannot record the fingerprint: {error}"))
+                    })?;
+                }
+                tracing::info!(fingerprint = %presented, "pinned the printer's certificate on first use");
+                *expected = Some(presented);
+                Ok(ServerCertVerified::assertion())
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 fn roots(config: &PrinterConfig) -> Result<rustls::RootCertStore, LinkFailure> {

@@ -225,3 +225,78 @@ async fn the_agent_comes_back_after_an_edge_restart() {
     world.agent.cancel();
     world.edge.stop().await;
 }
+
+/// The agent trusts the printer by fingerprint: learnt on first use and
+/// kept, or given; a wrong one is a TLS failure the client sees as CONNACK 3
+/// (and close 1014).
+#[tokio::test]
+async fn printer_certificates_can_be_pinned() {
+    let world = world(ACCESS_CODE).await;
+    let edge = world.edge.edge.as_ref().unwrap();
+    let first_epoch = edge.wait_online(&world.edge.device).await;
+    world.agent.cancel();
+    let tunnel = edge.tunnel_addr.unwrap();
+    let pin_file = world.edge.pki.dir.join("printer.fingerprint");
+    let edge_ca = write(&world.edge.pki.dir, "edge-ca.pem", &world.edge.pki.ca_pem());
+    let agent_with = |credential: String, pinning: String| {
+        let text = format!(
+            "[edge]\naddress = \"{tunnel}\"\nserver_name = \"tunnel.{BASE_DOMAIN}\"\nca_file = \"{}\"\ncredential = \"{credential}\"\n\
+             [printer]\nkind = \"bambu\"\nhost = \"127.0.0.1\"\nport = {}\nserial = \"{SERIAL}\"\naccess_code = \"{ACCESS_CODE}\"\n{pinning}\n",
+            edge_ca.display(),
+            world.simulator.addr.port()
+        );
+        start_agent(relay_agent::config::AgentConfig::from_toml(&text).unwrap())
+    };
+    let store = &world.edge.database.store;
+
+    // Learnt on first use, and written down.
+    let (_, credential) = store
+        .rotate_agent_credential(&world.edge.device)
+        .await
+        .unwrap();
+    let learning = agent_with(
+        credential.reveal(),
+        format!(
+            "pin_on_first_use = true\nfingerprint_file = \"{}\"",
+            pin_file.display()
+        ),
+    );
+    let learning_epoch = tokio::time::timeout(
+        PATIENCE,
+        edge.wait_newer_tunnel(&world.edge.device, first_epoch),
+    )
+    .await
+    .unwrap();
+    let mut client =
+        Client::connect(&world.edge, &world.edge.bearer(), connect_packet("app")).await;
+    client.send(&subscribe_report(1)).await;
+    assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
+    let learnt = std::fs::read_to_string(&pin_file).unwrap();
+    assert_eq!(learnt.trim().len(), 64, "{learnt}");
+    drop(client);
+    learning.cancel();
+
+    // A wrong pin: the printer is not trusted.
+    let (_, credential) = store
+        .rotate_agent_credential(&world.edge.device)
+        .await
+        .unwrap();
+    let wrong = agent_with(
+        credential.reveal(),
+        format!("fingerprint = \"{}\"", "00".repeat(32)),
+    );
+    tokio::time::timeout(
+        PATIENCE,
+        edge.wait_newer_tunnel(&world.edge.device, learning_epoch),
+    )
+    .await
+    .unwrap();
+    let mut socket = world
+        .edge
+        .open_device("/mqtt", &[("authorization", &world.edge.bearer())])
+        .await;
+    send_connect(&mut socket, connect_packet("app")).await;
+    assert_eq!(refusal(&mut socket).await.connack, Some(3));
+    wrong.cancel();
+    world.edge.stop().await;
+}

@@ -190,7 +190,11 @@ fn tls_config(
                 Some(file.clone()),
             ))
         }
-        (Pinning::CertificateAuthority, true) => Arc::new(AcceptAnything(provider)),
+        (Pinning::CertificateAuthority, true) => {
+            let mut anything = PinnedVerifier::new(provider, None, None, None);
+            anything.accept_any = true;
+            Arc::new(anything)
+        }
         (Pinning::CertificateAuthority, false) => {
             let roots = roots(config)?;
             let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
@@ -229,9 +233,12 @@ fn tls_config(
 
 /// Trusts the printer's certificate by its SHA-256 fingerprint: given, or
 /// learnt on the first connection and kept in a file. For Bambu printers
-/// the common name must still be the serial.
+/// the common name must still be the serial. With `accept_any` (the
+/// `insecure = true` setting, only when set explicitly) it checks nothing
+/// but the handshake signatures.
 #[derive(Debug)]
 struct PinnedVerifier {
+    accept_any: bool,
     provider: Arc<rustls::crypto::CryptoProvider>,
     serial: Option<String>,
     expected: std::sync::Mutex<Option<String>>,
@@ -246,6 +253,7 @@ impl PinnedVerifier {
         learn_into: Option<std::path::PathBuf>,
     ) -> PinnedVerifier {
         PinnedVerifier {
+            accept_any: false,
             provider,
             serial,
             expected: std::sync::Mutex::new(expected),
@@ -272,6 +280,9 @@ impl ServerCertVerifier for PinnedVerifier {
         _: &[u8],
         _: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        if self.accept_any {
+            return Ok(ServerCertVerified::assertion());
+        }
         if let Some(serial) = &self.serial
             && common_name(end_entity.as_ref()).as_deref() != Some(serial.as_str())
         {
@@ -426,55 +437,6 @@ impl ServerCertVerifier for SerialVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
-    }
-}
-
-/// `insecure = true`: no verification at all. Only when set explicitly.
-#[derive(Debug)]
-struct AcceptAnything(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnything {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

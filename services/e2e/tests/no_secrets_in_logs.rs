@@ -6,32 +6,15 @@
 
 mod world;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use relay_proto::mqtt::Packet;
 use world::*;
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn no_secret_reaches_the_logs() {
     let capture = Capture::default();
-    let writer = capture.clone();
-    tracing_subscriber_init(move || writer.clone());
+    capture.install();
 
     let world = world(ACCESS_CODE).await;
     let (token, key_id, secret) = world.edge.key.clone();
@@ -62,7 +45,7 @@ async fn no_secret_reaches_the_logs() {
     world.agent.cancel();
     world.edge.stop().await;
 
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     assert!(
         logs.contains("agent connected") && logs.contains("printer session open"),
         "capture saw nothing:\n{logs}"
@@ -82,15 +65,4 @@ async fn no_secret_reaches_the_logs() {
     for query in ["access_token=", "api_key="] {
         assert!(!logs.contains(query), "a query string reached the logs");
     }
-}
-
-fn tracing_subscriber_init<W>(make_writer: impl Fn() -> W + Send + Sync + 'static)
-where
-    W: Write + 'static,
-{
-    tracing_subscriber::fmt()
-        .with_max_level(tracing_subscriber::filter::LevelFilter::TRACE)
-        .with_writer(make_writer)
-        .with_ansi(false)
-        .init();
 }

@@ -8,35 +8,14 @@ mod support;
 
 use std::io::Write;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use support::*;
 
-/// Collects everything logged, at every level, in this test binary.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn logs_carry_no_secret_and_no_query_string() {
     let capture = Capture::default();
-    let writer = capture.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .init();
+    capture.install();
 
     let edge = TestEdge::start().await;
     let (token, key_id, secret) = edge.key.clone();
@@ -64,7 +43,7 @@ async fn logs_carry_no_secret_and_no_query_string() {
     refusal(&mut socket).await;
     edge.stop().await;
 
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     assert!(
         logs.contains("closing session"),
         "the capture saw nothing:\n{logs}"

@@ -6,7 +6,6 @@
 
 mod world;
 
-
 use base64::Engine;
 use relay_proto::mqtt::Packet;
 use world::*;

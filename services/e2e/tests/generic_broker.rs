@@ -73,7 +73,12 @@ fn start_broker(dir: &std::path::Path) -> (Broker, std::path::PathBuf) {
         ),
     )
     .unwrap();
-    let mut child = Command::new("mosquitto")
+    // Debian installs it in /usr/sbin, which a non-root PATH may lack.
+    let mosquitto = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+        .into_iter()
+        .find(|path| std::path::Path::new(path).exists())
+        .unwrap_or("mosquitto");
+    let mut child = Command::new(mosquitto)
         .arg("-c")
         .arg(&config)
         .stdout(Stdio::null())

@@ -134,8 +134,9 @@ fn agent_for(
     .unwrap()
 }
 
-#[tokio::test]
-async fn the_mqtt_kind_works_with_a_passworded_tls_mosquitto() {
+/// An edge with its tunnel listener, a Mosquitto of its own, and an agent
+/// of the `mqtt` kind logging in with `password`, connected.
+async fn edge_with_agent(password: &str) -> (TestEdge, Broker, CancellationToken) {
     let edge =
         TestEdge::start_with(|config| config.tunnel.listen = Some("127.0.0.1:0".parse().unwrap()))
             .await;
@@ -146,7 +147,7 @@ async fn the_mqtt_kind_works_with_a_passworded_tls_mosquitto() {
         .issue_agent_credential(&edge.device)
         .await
         .unwrap();
-    let config = agent_for(&edge, &broker, &ca, PASSWORD, &credential.reveal());
+    let config = agent_for(&edge, &broker, &ca, password, &credential.reveal());
     let printer = config.validate().unwrap();
     let stop = CancellationToken::new();
     tokio::spawn(relay_agent::tunnel::run(config, printer, stop.clone()));
@@ -156,6 +157,12 @@ async fn the_mqtt_kind_works_with_a_passworded_tls_mosquitto() {
     )
     .await
     .unwrap();
+    (edge, broker, stop)
+}
+
+#[tokio::test]
+async fn the_mqtt_kind_works_with_a_passworded_tls_mosquitto() {
+    let (edge, _broker, stop) = edge_with_agent(PASSWORD).await;
 
     let topic = format!(
         "relay-test/{}/status",
@@ -205,42 +212,13 @@ async fn the_mqtt_kind_works_with_a_passworded_tls_mosquitto() {
 
 #[tokio::test]
 async fn a_wrong_broker_password_is_reported_as_a_printer_refusal() {
-    let edge =
-        TestEdge::start_with(|config| config.tunnel.listen = Some("127.0.0.1:0".parse().unwrap()))
-            .await;
-    let (broker, ca) = start_broker(&edge.pki.dir);
-    let (_, credential) = edge
-        .database
-        .store
-        .issue_agent_credential(&edge.device)
-        .await
-        .unwrap();
-    let config = agent_for(
-        &edge,
-        &broker,
-        &ca,
-        "not-the-password",
-        &credential.reveal(),
-    );
-    let printer = config.validate().unwrap();
-    let stop = CancellationToken::new();
-    tokio::spawn(relay_agent::tunnel::run(config, printer, stop.clone()));
-    tokio::time::timeout(
-        PATIENCE,
-        edge.edge.as_ref().unwrap().wait_online(&edge.device),
-    )
-    .await
-    .unwrap();
+    let (edge, _broker, stop) = edge_with_agent("not-the-password").await;
     let mut socket = edge
         .open_device("/mqtt", &[("authorization", &edge.bearer())])
         .await;
     send_connect(&mut socket, connect_packet("app")).await;
     assert_eq!(refusal(&mut socket).await.connack, Some(3));
-    let metrics = edge.admin_get("/metrics").await.1;
-    assert!(
-        metrics.contains("relay_edge_close_codes_total{code=\"1014\"} 1"),
-        "{metrics}"
-    );
+    edge.assert_closes_counted(1014, 1).await;
     stop.cancel();
     edge.stop().await;
 }

@@ -92,11 +92,7 @@ async fn a_printer_that_refuses_the_agent_gives_connack_3_and_close_1014() {
     assert_eq!(answer.connack, Some(3));
     // tungstenite does not know 1014 and reports its own 1002; the edge's
     // count shows what it sent.
-    let metrics = world.edge.admin_get("/metrics").await.1;
-    assert!(
-        metrics.contains("relay_edge_close_codes_total{code=\"1014\"} 1"),
-        "{metrics}"
-    );
+    world.edge.assert_closes_counted(1014, 1).await;
     assert_eq!(
         world
             .simulator
@@ -140,11 +136,7 @@ async fn a_printer_dropping_everyone_closes_sessions_with_1014_and_clients_get_b
     next_publish(&mut client).await;
     world.simulator.drop_all_clients();
     assert!(client.closed().await.is_some());
-    let metrics = world.edge.admin_get("/metrics").await.1;
-    assert!(
-        metrics.contains("relay_edge_close_codes_total{code=\"1014\"} 1"),
-        "{metrics}"
-    );
+    world.edge.assert_closes_counted(1014, 1).await;
     // After the drop, a client gets in again: the agent reconnects to the printer.
     let mut again = Client::connect(&world.edge, &bearer, connect_packet("again")).await;
     again.send(&subscribe_report(2)).await;

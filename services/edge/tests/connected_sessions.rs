@@ -322,11 +322,7 @@ async fn losing_the_printer_or_the_key_ends_sessions() {
     // test's client, does not know 1014 and reports its own 1002 instead,
     // so the code is checked on the edge's side.
     assert!(client.closed().await.is_some());
-    let metrics = edge.admin_get("/metrics").await.1;
-    assert!(
-        metrics.contains("relay_edge_close_codes_total{code=\"1014\"} 1"),
-        "{metrics}"
-    );
+    edge.assert_closes_counted(1014, 1).await;
     // Offline again afterwards.
     let mut socket = edge
         .open_device("/mqtt", &[("authorization", &bearer)])

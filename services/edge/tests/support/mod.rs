@@ -218,6 +218,14 @@ impl TestEdge {
             .0
     }
 
+    /// Asserts the edge counted `times` closes with `code` (for codes a
+    /// tungstenite client cannot see, such as 1014).
+    pub async fn assert_closes_counted(&self, code: u16, times: u64) {
+        let metrics = self.admin_get("/metrics").await.1;
+        let line = format!("relay_edge_close_codes_total{{code=\"{code}\"}} {times}");
+        assert!(metrics.contains(&line), "{line} missing from\n{metrics}");
+    }
+
     pub fn bearer(&self) -> String {
         format!("Bearer {}", self.key.0)
     }

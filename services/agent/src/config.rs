@@ -14,6 +14,13 @@ pub struct AgentConfig {
     /// Refuse to forward any PUBLISH to the printer.
     #[serde(default)]
     pub read_only: bool,
+    /// Keep a logged-in printer connection even while no client is there,
+    /// so the first client does not wait for the printer's handshake.
+    /// Off by default: the agent then connects when the edge asks (first
+    /// client) and disconnects when the edge lets the link go (its
+    /// `tunnel.linger_seconds` after the last client).
+    #[serde(default)]
+    pub always_on: bool,
 }
 
 #[derive(Clone, Deserialize)]

@@ -9,4 +9,5 @@
 
 pub mod config;
 pub mod printer;
+pub mod standby;
 pub mod tunnel;

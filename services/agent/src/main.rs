@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use relay_agent::config::AgentConfig;
+use relay_agent::config::{AgentConfig, PrinterSection};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
@@ -29,6 +29,26 @@ struct Flags {
     access_code: Option<String>,
 }
 
+fn apply_overrides(config: &mut AgentConfig, flags: &Flags) -> Result<(), Vec<String>> {
+    if let Some(address) = &flags.edge_address {
+        config.edge.address = address.clone();
+    }
+    if let Some(credential) = &flags.credential {
+        config.edge.credential = credential.clone();
+    }
+    if let Some(code) = &flags.access_code {
+        match &mut config.printer {
+            PrinterSection::Bambu { access_code, .. } => *access_code = code.clone(),
+            PrinterSection::Mqtt { .. } => {
+                return Err(vec![
+                    "--access-code is for printer kind \"bambu\"; this printer is \"mqtt\"".into(),
+                ]);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RELAY_LOG")
@@ -45,8 +65,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    let checked = AgentConfig::from_toml(&text)
-        .and_then(|config| config.validate().map(|printer| (config, printer)));
+    let checked = AgentConfig::from_toml(&text).and_then(|mut config| {
+        apply_overrides(&mut config, &flags)?;
+        config.validate().map(|printer| (config, printer))
+    });
     let (config, printer) = match checked {
         Ok(checked) => checked,
         Err(problems) => {
@@ -58,6 +80,25 @@ async fn main() -> ExitCode {
         }
     };
     tracing::info!(edge = %config.edge.address, printer = ?printer, "starting");
+    if !config.always_on {
+        // The always-on standby reports the printer itself; otherwise say
+        // now whether the printer answers, instead of at the first client.
+        let printer = printer.clone();
+        tokio::spawn(async move {
+            match relay_agent::printer::probe(&printer).await {
+                Ok(()) => tracing::info!(
+                    host = %printer.host,
+                    port = printer.port(),
+                    "printer reachable: logged in and out again; it will be connected when the first client arrives"
+                ),
+                Err(failure) => tracing::warn!(
+                    reason = ?failure.reason,
+                    detail = %failure.detail,
+                    "printer not reachable"
+                ),
+            }
+        });
+    }
     let stop = CancellationToken::new();
     let agent = tokio::spawn(relay_agent::tunnel::run(config, printer, stop.clone()));
     let _ = tokio::signal::ctrl_c().await;

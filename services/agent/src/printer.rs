@@ -141,6 +141,17 @@ pub async fn connect(
     }
 }
 
+/// Connects, logs in and disconnects: the agent's start-up check.
+pub async fn probe(config: &PrinterConfig) -> Result<(), LinkFailure> {
+    let (mut stream, _) = connect(config).await?;
+    let mut bytes = BytesMut::new();
+    if mqtt::encode(&Packet::Disconnect, &mut bytes).is_ok() {
+        let _ = stream.write_all(&bytes).await;
+    }
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
 fn tls_config(
     config: &PrinterConfig,
 ) -> Result<Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>, LinkFailure> {

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, PrinterConfig};
 use crate::printer;
+use crate::standby::Standby;
 
 /// Largest MQTT packet the agent relays in either direction.
 const MAX_PACKET: usize = 1 << 20;
@@ -44,10 +45,13 @@ pub enum TunnelEnd {
 /// Runs until `stop`: connect, serve, reconnect.
 pub async fn run(config: AgentConfig, printer: PrinterConfig, stop: CancellationToken) {
     let printer = Arc::new(printer);
+    let standby = config
+        .always_on
+        .then(|| Arc::new(Standby::start(printer.clone())));
     let mut backoff = Duration::from_millis(500);
     const MAX_BACKOFF: Duration = Duration::from_secs(60);
     loop {
-        let end = run_once(&config, printer.clone(), stop.clone()).await;
+        let end = run_once(&config, printer.clone(), standby.clone(), stop.clone()).await;
         let wait = match &end {
             TunnelEnd::Stopped => return,
             TunnelEnd::GoAway { after } => {
@@ -110,6 +114,7 @@ fn client_config(config: &AgentConfig) -> Result<quinn::ClientConfig, String> {
 async fn run_once(
     config: &AgentConfig,
     printer: Arc<PrinterConfig>,
+    standby: Option<Arc<Standby>>,
     stop: CancellationToken,
 ) -> TunnelEnd {
     let client = match client_config(config) {
@@ -152,7 +157,7 @@ async fn run_once(
         Ok(connection) => connection,
         Err(error) => return TunnelEnd::Unreachable(error.to_string()),
     };
-    let end = serve_connection(config, &connection, printer, stop).await;
+    let end = serve_connection(config, &connection, printer, standby, stop).await;
     connection.close(quinn::VarInt::from_u32(tunnel::close_code::NO_ERROR), b"");
     endpoint.wait_idle().await;
     end
@@ -196,6 +201,7 @@ async fn serve_connection(
     config: &AgentConfig,
     connection: &quinn::Connection,
     printer: Arc<PrinterConfig>,
+    standby: Option<Arc<Standby>>,
     stop: CancellationToken,
 ) -> TunnelEnd {
     let (mut control_send, mut control_recv) = match connection.open_bi().await {
@@ -251,7 +257,8 @@ async fn serve_connection(
                         let printer = printer.clone();
                         let reports = reports.clone();
                         let read_only = config.read_only;
-                        sessions.spawn(serve_session(send, recv, printer, reports, read_only));
+                        let standby = standby.clone();
+                        sessions.spawn(serve_session(send, recv, printer, standby, reports, read_only));
                     }
                     Err(error) => return TunnelEnd::Lost(error.to_string()),
                 },
@@ -286,6 +293,7 @@ async fn serve_session(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     printer: Arc<PrinterConfig>,
+    standby: Option<Arc<Standby>>,
     reports: mpsc::Sender<Message>,
     read_only: bool,
 ) {
@@ -302,7 +310,17 @@ async fn serve_session(
         })
     };
     let _ = reports.try_send(link(LinkState::Connecting, None, None));
-    let (stream, leftover) = match printer::connect(&printer).await {
+    // Held until the session ends: the standby makes no connection meanwhile.
+    let mut lease = match &standby {
+        Some(standby) => Some(standby.lease().await),
+        None => None,
+    };
+    let warm = lease.as_mut().and_then(|lease| lease.connection.take());
+    let connected = match warm {
+        Some(connected) => Ok(connected),
+        None => printer::connect(&printer).await,
+    };
+    let (stream, leftover) = match connected {
         Ok(connected) => connected,
         Err(failure) => {
             tracing::warn!(reason = ?failure.reason, detail = %failure.detail, "printer connection failed");
@@ -333,13 +351,24 @@ async fn serve_session(
     let _ = reports.try_send(link(LinkState::Up, None, None));
     tracing::info!(session, "printer session open");
     let (mut printer_read, mut printer_write) = tokio::io::split(stream);
+    let (answers, mut answer_queue) = mpsc::channel(64);
     let to_printer = relay(
         &mut recv,
         &mut printer_write,
         BytesMut::new(),
-        Direction::ToPrinter { read_only },
+        Direction::ToPrinter {
+            read_only,
+            answers: &answers,
+        },
     );
-    let to_edge = relay(&mut printer_read, &mut send, leftover, Direction::ToEdge);
+    let to_edge = relay(
+        &mut printer_read,
+        &mut send,
+        leftover,
+        Direction::ToEdge {
+            answers: &mut answer_queue,
+        },
+    );
     let outcome = tokio::select! {
         outcome = to_printer => outcome,
         outcome = to_edge => outcome,
@@ -359,10 +388,18 @@ async fn serve_session(
     let _ = reports.try_send(link(state, reason, detail));
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Direction {
-    ToPrinter { read_only: bool },
-    ToEdge,
+/// Which way packets flow, with the agent's own answers: a PUBLISH that
+/// the read-only policy drops is acknowledged by the agent, so the client's
+/// QoS 1 flow completes instead of hanging.
+#[derive(Debug)]
+enum Direction<'a> {
+    ToPrinter {
+        read_only: bool,
+        answers: &'a mpsc::Sender<Packet>,
+    },
+    ToEdge {
+        answers: &'a mut mpsc::Receiver<Packet>,
+    },
 }
 
 #[derive(Debug)]
@@ -379,7 +416,7 @@ async fn relay<R, W>(
     reader: &mut R,
     writer: &mut W,
     mut buffer: BytesMut,
-    direction: Direction,
+    mut direction: Direction<'_>,
 ) -> RelayEnd
 where
     R: AsyncRead + Unpin,
@@ -387,17 +424,22 @@ where
 {
     let closed = match direction {
         Direction::ToPrinter { .. } => RelayEnd::EdgeClosed,
-        Direction::ToEdge => RelayEnd::PrinterClosed,
+        Direction::ToEdge { .. } => RelayEnd::PrinterClosed,
     };
     let mut out = BytesMut::new();
     loop {
         loop {
             match mqtt::decode(&mut buffer, MAX_PACKET) {
                 Ok(Some(packet)) => {
-                    if let Direction::ToPrinter { read_only } = direction {
+                    if let Direction::ToPrinter { read_only, answers } = &direction {
                         match &packet {
-                            Packet::Publish(_) if read_only => {
+                            Packet::Publish(publish) if *read_only => {
                                 tracing::info!("dropped a PUBLISH: this agent is read-only");
+                                if let Some(id) = publish.packet_id
+                                    && answers.send(Packet::PubAck(id)).await.is_err()
+                                {
+                                    return closed;
+                                }
                                 continue;
                             }
                             Packet::Subscribe(_)
@@ -427,7 +469,19 @@ where
             }
             out.clear();
         }
-        match reader.read_buf(&mut buffer).await {
+        let read = match &mut direction {
+            Direction::ToEdge { answers } => tokio::select! {
+                read = reader.read_buf(&mut buffer) => read,
+                Some(answer) = answers.recv() => {
+                    if mqtt::encode(&answer, &mut out).is_err() {
+                        return RelayEnd::Refused("cannot encode an answer".into());
+                    }
+                    continue;
+                }
+            },
+            Direction::ToPrinter { .. } => reader.read_buf(&mut buffer).await,
+        };
+        match read {
             Ok(0) | Err(_) => return closed,
             Ok(_) => {}
         }

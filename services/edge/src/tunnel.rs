@@ -82,6 +82,9 @@ async fn refuse(
     });
     send_message(send, &refused).await;
     let _ = send.finish();
+    // Closing at once would discard the refusal still in flight; the agent
+    // closes when it has read it, or we do after a moment.
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
     connection.close(
         quinn::VarInt::from_u32(close_code::REFUSED),
         message.as_bytes(),

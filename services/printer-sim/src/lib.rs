@@ -102,9 +102,30 @@ pub struct Observations {
     pub publishes: AtomicUsize,
     /// Reports sent, counted once per report (not per client).
     pub reports: AtomicU64,
+    /// Woken whenever a connection is accepted or refused, or a SUBSCRIBE
+    /// or PUBLISH arrives.
+    changed: tokio::sync::Notify,
 }
 
 impl Observations {
+    /// Returns once `condition` holds; checked after every change to the
+    /// connection, refusal, SUBSCRIBE and PUBLISH records.
+    pub async fn wait_until(&self, condition: impl Fn(&Observations) -> bool) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if condition(self) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    fn record(&self) {
+        self.changed.notify_waiters();
+    }
+
     pub fn subscribe_log(&self) -> Vec<Vec<String>> {
         self.subscribes
             .lock()
@@ -430,6 +451,7 @@ async fn serve_client<IO: AsyncRead + AsyncWrite + Unpin>(
             .observations
             .refused_credentials
             .fetch_add(1, Ordering::Relaxed);
+        shared.observations.record();
         let _ = write_packet(&mut io, &connack(ConnectReturnCode::NotAuthorized)).await;
         return;
     }
@@ -484,6 +506,7 @@ async fn serve_client<IO: AsyncRead + AsyncWrite + Unpin>(
         }
         (!refuse).then_some(silent)
     };
+    shared.observations.record();
     let Some(silent) = admitted else {
         let _ = write_packet(&mut io, &connack(ConnectReturnCode::ServerUnavailable)).await;
         return;
@@ -567,6 +590,7 @@ fn handle_packets(
                 if let Ok(mut log) = shared.observations.subscribes.lock() {
                     log.push(names.clone());
                 }
+                shared.observations.record();
                 if let Ok(mut held) = filters.lock() {
                     for name in &names {
                         if !held.contains(name) {
@@ -604,6 +628,7 @@ fn handle_packets(
                     .observations
                     .publishes
                     .fetch_add(1, Ordering::Relaxed);
+                shared.observations.record();
                 if publish.topic == shared.config.request_topic() {
                     let sequence = shared.sequence.fetch_add(1, Ordering::SeqCst);
                     if let Some(answer) = reports::answer(&publish.payload, sequence) {

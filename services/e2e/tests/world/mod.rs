@@ -73,9 +73,19 @@ pub fn start_agent(config: AgentConfig) -> CancellationToken {
 /// Starts an edge with its tunnel listener, the simulator, and an agent
 /// configured with `access_code`; waits until the agent is connected.
 pub async fn world(access_code: &str) -> World {
+    world_with(access_code, |_| {}, |_| {}).await
+}
+
+/// [`world`], with changes to the edge's and the agent's configuration.
+pub async fn world_with(
+    access_code: &str,
+    change_edge: impl FnOnce(&mut relay_edge::config::EdgeConfig),
+    change_agent: impl FnOnce(&mut AgentConfig),
+) -> World {
     let edge = TestEdge::start_with(|config| {
         config.tunnel.listen = Some("127.0.0.1:0".parse().unwrap());
         config.tunnel.linger_seconds = 2;
+        change_edge(config);
     })
     .await;
     let mut simulator_config = SimulatorConfig::new(SERIAL, ACCESS_CODE);
@@ -90,13 +100,9 @@ pub async fn world(access_code: &str) -> World {
         .await
         .unwrap();
     let tunnel = edge.edge.as_ref().unwrap().tunnel_addr.unwrap();
-    let agent = start_agent(agent_config(
-        &edge,
-        tunnel,
-        &simulator,
-        access_code,
-        &credential.reveal(),
-    ));
+    let mut config = agent_config(&edge, tunnel, &simulator, access_code, &credential.reveal());
+    change_agent(&mut config);
+    let agent = start_agent(config);
     tokio::time::timeout(
         PATIENCE,
         edge.edge.as_ref().unwrap().wait_online(&edge.device),

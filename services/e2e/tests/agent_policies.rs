@@ -1,0 +1,239 @@
+//! The agent's options (always-on printer connection, read-only policy) and
+//! the printer's slow or silent moods, seen from a client through the edge;
+//! retained messages from the printer across the whole path.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod world;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use relay_proto::mqtt::{Packet, PacketId, Publish, QoS, Subscribe};
+use world::*;
+
+fn request(packet_id: u16, payload: &'static [u8]) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: format!("device/{SERIAL}/request"),
+        packet_id: Some(PacketId::new(packet_id).unwrap()),
+        payload: Bytes::from_static(payload),
+    })
+}
+
+async fn subscribed_client(world: &World, client_id: &str) -> Client {
+    let mut client =
+        Client::connect(&world.edge, &world.edge.bearer(), connect_packet(client_id)).await;
+    client.send(&subscribe_report(1)).await;
+    assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
+    client
+}
+
+/// With `always_on`, the agent logs in to the printer before any client
+/// comes, the first client uses that connection, and once the edge lets the
+/// link go the agent makes a fresh one, never holding two at once.
+#[tokio::test]
+async fn an_always_on_agent_holds_the_printer_before_the_first_client() {
+    let world = world_with(ACCESS_CODE, |_| {}, |agent| agent.always_on = true).await;
+    let observations = world.simulator.observations();
+    tokio::time::timeout(
+        PATIENCE,
+        observations.wait_until(|seen| seen.connections.load(Ordering::Relaxed) == 1),
+    )
+    .await
+    .expect("the agent connected to the printer without a client");
+
+    let mut client = subscribed_client(&world, "app").await;
+    assert_eq!(next_publish(&mut client).await.topic, report_topic());
+    assert_eq!(
+        observations.connections.load(Ordering::Relaxed),
+        1,
+        "the client used the waiting connection"
+    );
+    drop(client);
+    // The edge lets the link go after its linger (2 s here); the agent's
+    // next standby connection is the second.
+    tokio::time::timeout(
+        PATIENCE,
+        observations.wait_until(|seen| seen.connections.load(Ordering::Relaxed) == 2),
+    )
+    .await
+    .expect("the agent made a fresh standby connection");
+    assert_eq!(observations.max_concurrent.load(Ordering::Relaxed), 1);
+    let mut again = subscribed_client(&world, "again").await;
+    assert_eq!(next_publish(&mut again).await.topic, report_topic());
+    assert_eq!(observations.connections.load(Ordering::Relaxed), 2);
+    world.agent.cancel();
+    world.edge.stop().await;
+}
+
+/// A read-only agent publishes nothing to the printer; the client's QoS 1
+/// flow still completes (the agent acknowledges what it dropped) and
+/// subscriptions work as before.
+#[tokio::test]
+async fn a_read_only_agent_forwards_no_publish() {
+    let world = world_with(ACCESS_CODE, |_| {}, |agent| agent.read_only = true).await;
+    let mut client = subscribed_client(&world, "app").await;
+    next_publish(&mut client).await;
+    client
+        .send(&request(
+            9,
+            br#"{"print":{"sequence_id":"1","command":"stop"}}"#,
+        ))
+        .await;
+    loop {
+        match client.next().await {
+            Some(Packet::PubAck(id)) => {
+                assert_eq!(id.get(), 9);
+                break;
+            }
+            Some(Packet::Publish(report)) => {
+                assert!(
+                    !String::from_utf8_lossy(&report.payload).contains(r#""command":"stop""#),
+                    "the printer answered a request it must not have seen"
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let observations = world.simulator.observations();
+    assert_eq!(observations.publishes.load(Ordering::Relaxed), 0);
+    // The session is still whole: reports keep coming.
+    next_publish(&mut client).await;
+    world.agent.cancel();
+    world.edge.stop().await;
+}
+
+/// A printer that stops reporting leaves sessions open and still answers
+/// requests; when it resumes, reports flow again.
+#[tokio::test]
+async fn stalled_reports_keep_sessions_open() {
+    let world = world(ACCESS_CODE).await;
+    let mut client = subscribed_client(&world, "app").await;
+    next_publish(&mut client).await;
+    world.simulator.stall_reports(true);
+    client
+        .send(&request(
+            3,
+            br#"{"info":{"sequence_id":"42","command":"get_version"}}"#,
+        ))
+        .await;
+    let mut acked = false;
+    let mut answered = false;
+    while !(acked && answered) {
+        match client.next().await {
+            Some(Packet::PubAck(_)) => acked = true,
+            Some(Packet::Publish(publish)) => {
+                let text = String::from_utf8_lossy(&publish.payload).into_owned();
+                answered |= text.contains(r#""sequence_id":"42""#);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    client.send(&Packet::PingReq).await;
+    loop {
+        match client.next().await {
+            Some(Packet::PingResp) => break,
+            Some(Packet::Publish(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let reports_during_stall = world
+        .simulator
+        .observations()
+        .reports
+        .load(Ordering::SeqCst);
+    world.simulator.stall_reports(false);
+    loop {
+        next_publish(&mut client).await;
+        if world
+            .simulator
+            .observations()
+            .reports
+            .load(Ordering::SeqCst)
+            > reports_during_stall
+        {
+            break;
+        }
+    }
+    world.agent.cancel();
+    world.edge.stop().await;
+}
+
+/// A printer slower to shake hands than the edge waits: the client gets
+/// CONNACK 3 and close 1014 ("timed out"); once the printer is quick again,
+/// clients get in.
+#[tokio::test]
+async fn a_printer_slower_than_the_edge_waits_gives_1014() {
+    let world = world_with(
+        ACCESS_CODE,
+        |edge| edge.tunnel.session_open_timeout_seconds = 1,
+        |_| {},
+    )
+    .await;
+    world.simulator.delay_handshakes(Duration::from_secs(5));
+    let mut socket = world
+        .edge
+        .open_device("/mqtt", &[("authorization", &world.edge.bearer())])
+        .await;
+    send_connect(&mut socket, connect_packet("app")).await;
+    assert_eq!(refusal(&mut socket).await.connack, Some(3));
+    world.edge.assert_closes_counted(1014, 1).await;
+
+    // A slow but acceptable handshake only delays the CONNACK.
+    world.simulator.delay_handshakes(Duration::from_millis(300));
+    let mut client = subscribed_client(&world, "patient").await;
+    assert_eq!(next_publish(&mut client).await.topic, report_topic());
+    world.agent.cancel();
+    world.edge.stop().await;
+}
+
+/// A retained message on the printer reaches the first subscriber from the
+/// printer and later ones from the hub's copy, without another SUBSCRIBE
+/// upstream.
+#[tokio::test]
+async fn retained_messages_reach_later_subscribers() {
+    let world = world(ACCESS_CODE).await;
+    let state_topic = format!("device/{SERIAL}/state");
+    let mut publisher =
+        Client::connect(&world.edge, &world.edge.bearer(), connect_packet("setter")).await;
+    publisher
+        .send(&Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            topic: state_topic.clone(),
+            packet_id: Some(PacketId::new(1).unwrap()),
+            payload: Bytes::from_static(b"idle"),
+        }))
+        .await;
+    assert!(matches!(publisher.next().await, Some(Packet::PubAck(_))));
+
+    let subscribe_state = Packet::Subscribe(Subscribe {
+        packet_id: PacketId::new(5).unwrap(),
+        filters: vec![(state_topic.clone(), QoS::AtMostOnce)],
+    });
+    let mut viewers = Vec::new();
+    for viewer in ["first", "second"] {
+        let mut client =
+            Client::connect(&world.edge, &world.edge.bearer(), connect_packet(viewer)).await;
+        client.send(&subscribe_state).await;
+        assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
+        let retained = next_publish(&mut client).await;
+        assert_eq!(retained.topic, state_topic, "{viewer}");
+        assert!(retained.retain, "{viewer}");
+        assert_eq!(retained.payload, Bytes::from_static(b"idle"), "{viewer}");
+        // Kept connected, so the filter stays subscribed upstream.
+        viewers.push(client);
+    }
+    assert_eq!(
+        world.simulator.observations().subscribe_log(),
+        vec![vec![state_topic]],
+        "the second viewer was served from the hub's copy"
+    );
+    world.agent.cancel();
+    world.edge.stop().await;
+}

@@ -80,6 +80,11 @@ async fn main() -> ExitCode {
         }
     };
     tracing::info!(edge = %config.edge.address, printer = ?printer, "starting");
+    if printer.insecure {
+        tracing::warn!(
+            "printer.insecure = true: the printer's certificate is not checked; anyone on the LAN could pose as the printer"
+        );
+    }
     if !config.always_on {
         // The always-on standby reports the printer itself; otherwise say
         // now whether the printer answers, instead of at the first client.

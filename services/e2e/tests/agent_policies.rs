@@ -237,3 +237,27 @@ async fn retained_messages_reach_later_subscribers() {
     world.agent.cancel();
     world.edge.stop().await;
 }
+
+/// `insecure = true`, set explicitly, connects without any certificate
+/// check (for printers whose CA the owner cannot get).
+#[tokio::test]
+async fn an_insecure_agent_connects_without_a_ca() {
+    let world = world_with(
+        ACCESS_CODE,
+        |_| {},
+        |agent| match &mut agent.printer {
+            relay_agent::config::PrinterSection::Bambu {
+                ca_file, insecure, ..
+            } => {
+                *ca_file = None;
+                *insecure = true;
+            }
+            relay_agent::config::PrinterSection::Mqtt { .. } => unreachable!(),
+        },
+    )
+    .await;
+    let mut client = subscribed_client(&world, "app").await;
+    assert_eq!(next_publish(&mut client).await.topic, report_topic());
+    world.agent.cancel();
+    world.edge.stop().await;
+}

@@ -71,6 +71,10 @@ pub struct PublicConfig {
     /// The WebSocket path; `/` is accepted too unless `accept_root_path` is off.
     pub path: String,
     pub accept_root_path: bool,
+    /// Also accept `/d/<device-id><path>` (e.g. `/d/abc/mqtt`), for hosts
+    /// without wildcard DNS (`*.localhost` does not resolve with glibc).
+    /// Off by default.
+    pub device_in_path: bool,
     /// PEM certificate chain (a wildcard `*.<base_domain>` in production).
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -89,6 +93,7 @@ impl Default for PublicConfig {
             base_domain: String::new(),
             path: "/mqtt".into(),
             accept_root_path: true,
+            device_in_path: false,
             tls_cert: None,
             tls_key: None,
             tls_reload_seconds: 30,

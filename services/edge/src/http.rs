@@ -39,16 +39,17 @@ pub async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let state = &context.state;
     let public = &state.config.public;
-    let path = request.uri().path();
-    if path != public.path && !(public.accept_root_path && path == "/") {
-        state
-            .metrics
-            .upgrades
-            .with_label_values(&["wrong_path"])
-            .inc();
-        return Ok(json(StatusCode::NOT_FOUND, "not found"));
-    }
-    let device_id = device_from_host(request.headers(), &public.base_domain);
+    let device_id = match device_of(request.uri().path(), request.headers(), public) {
+        Ok(device_id) => device_id,
+        Err(status) => {
+            state
+                .metrics
+                .upgrades
+                .with_label_values(&["wrong_path"])
+                .inc();
+            return Ok(json(status, "not found"));
+        }
+    };
     let Some(accept_key) = websocket_key(request.headers()) else {
         state
             .metrics
@@ -160,6 +161,44 @@ fn choose_subprotocol(headers: &HeaderMap) -> Option<&'static str> {
         })
 }
 
+/// The device a request is for, from `Host: <device-id>.<base_domain>` or,
+/// when `device_in_path` is on, from the path `/d/<device-id>/mqtt` (for
+/// `localhost` demos and DNS without wildcards). `Ok(None)` is a right path
+/// naming no device; `Err` a path that is not ours, or a host and a path
+/// naming two different devices.
+pub fn device_of(
+    path: &str,
+    headers: &HeaderMap,
+    public: &crate::config::PublicConfig,
+) -> Result<Option<String>, StatusCode> {
+    let from_host = device_from_host(headers, &public.base_domain);
+    let is_endpoint = |rest: &str| rest == public.path || (public.accept_root_path && rest == "/");
+    if is_endpoint(path) {
+        return Ok(from_host);
+    }
+    if public.device_in_path
+        && let Some(rest) = path.strip_prefix("/d/")
+    {
+        let (label, endpoint) = rest.find('/').map_or((rest, "/"), |at| rest.split_at(at));
+        let label = label.to_ascii_lowercase();
+        if is_endpoint(endpoint) && valid_device_label(&label) {
+            return match from_host {
+                Some(host) if host != label => Err(StatusCode::NOT_FOUND),
+                _ => Ok(Some(label)),
+            };
+        }
+    }
+    Err(StatusCode::NOT_FOUND)
+}
+
+fn valid_device_label(label: &str) -> bool {
+    !label.is_empty()
+        && label.len() <= 63
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
 /// The device id of `Host: <device-id>.<base_domain>[:port]`, lower-cased;
 /// `None` for anything else.
 pub fn device_from_host(headers: &HeaderMap, base_domain: &str) -> Option<String> {
@@ -175,12 +214,7 @@ pub fn device_from_host(headers: &HeaderMap, base_domain: &str) -> Option<String
     let label = host
         .strip_suffix(&base_domain.to_ascii_lowercase())?
         .strip_suffix('.')?;
-    let valid = !label.is_empty()
-        && label.len() <= 63
-        && label
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    valid.then(|| label.to_owned())
+    valid_device_label(label).then(|| label.to_owned())
 }
 
 /// The Authorization header and the `access_token` (or `api_key`) query
@@ -291,6 +325,60 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, HeaderValue::from_str(value).unwrap());
         headers
+    }
+
+    #[test]
+    fn devices_come_from_the_path_when_enabled() {
+        let mut public = crate::config::PublicConfig {
+            base_domain: "localhost".into(),
+            ..Default::default()
+        };
+        let none = HeaderMap::new();
+        assert_eq!(
+            device_of("/d/abc234/mqtt", &none, &public),
+            Err(StatusCode::NOT_FOUND),
+            "off by default"
+        );
+        public.device_in_path = true;
+        assert_eq!(
+            device_of("/d/ABC234/mqtt", &none, &public),
+            Ok(Some("abc234".into()))
+        );
+        assert_eq!(
+            device_of("/d/abc234", &none, &public),
+            Ok(Some("abc234".into()))
+        );
+        assert_eq!(
+            device_of("/d/abc234/mqtt", &host("127.0.0.1:8443"), &public),
+            Ok(Some("abc234".into()))
+        );
+        assert_eq!(
+            device_of("/d/abc234/mqtt", &host("abc234.localhost"), &public),
+            Ok(Some("abc234".into()))
+        );
+        assert_eq!(
+            device_of("/d/abc234/mqtt", &host("other2.localhost"), &public),
+            Err(StatusCode::NOT_FOUND),
+            "host and path disagree"
+        );
+        for wrong in [
+            "/d//mqtt",
+            "/d/abc234/other",
+            "/d/a.b/mqtt",
+            "/d/",
+            "/x/abc234/mqtt",
+        ] {
+            assert_eq!(
+                device_of(wrong, &none, &public),
+                Err(StatusCode::NOT_FOUND),
+                "{wrong}"
+            );
+        }
+        assert_eq!(
+            device_of("/mqtt", &host("abc234.localhost"), &public),
+            Ok(Some("abc234".into()))
+        );
+        assert_eq!(device_of("/mqtt", &none, &public), Ok(None));
     }
 
     #[test]

@@ -1,0 +1,61 @@
+//! `relay`: the project in one command. `relay demo` runs an edge, an agent
+//! and a printer simulator on this machine, on the embedded SQLite store,
+//! with a self-signed certificate, and prints how to connect a real MQTT
+//! client. The production pieces are the separate `relay-edge`,
+//! `relay-agent` and `relayctl` binaries.
+
+mod demo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "relay",
+    version,
+    about = "relay: remote MQTT access to printers"
+)]
+struct Flags {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run an edge, an agent and a printer simulator here, ready for a real
+    /// MQTT client; Ctrl-C stops them all.
+    Demo {
+        /// Where the database, certificates and demo keys live; a second
+        /// run reuses them.
+        #[arg(long, default_value = "data/demo")]
+        data_dir: PathBuf,
+        /// The wss port on 127.0.0.1 (0: any free port; a taken port falls
+        /// back to a free one).
+        #[arg(long, default_value_t = 8443)]
+        port: u16,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let flags = Flags::parse();
+    // Components log warnings only, so the demo's own lines stay readable;
+    // RELAY_LOG=info shows everything.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RELAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match flags.command {
+        Command::Demo { data_dir, port } => match demo::run(&data_dir, port).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("relay demo: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

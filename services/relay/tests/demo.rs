@@ -1,0 +1,177 @@
+//! `relay demo` end to end, as a newcomer runs it: the binary starts, two
+//! MQTT clients nobody here wrote (Python's paho-mqtt and MQTT.js's CLI) run
+//! the exact commands it printed and receive the simulated printer's
+//! reports, Ctrl-C stops it cleanly, and a second run reuses its data.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+/// Generous: the first npx run may fetch MQTT.js's dependencies.
+const PATIENCE: Duration = Duration::from_secs(90);
+const REPORT_TOPIC: &str = "device/01P00A000000001/report";
+
+struct Demo {
+    child: Child,
+    output: Lines<BufReader<ChildStdout>>,
+    said: String,
+}
+
+impl Demo {
+    fn start(data_dir: &Path) -> Demo {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
+            .args(["demo", "--port", "0", "--data-dir"])
+            .arg(data_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let output = BufReader::new(child.stdout.take().unwrap()).lines();
+        Demo {
+            child,
+            output,
+            said: String::new(),
+        }
+    }
+
+    /// Reads the demo's output up to a line containing `text`.
+    async fn read_until(&mut self, text: &str) {
+        let read = async {
+            loop {
+                match self.output.next_line().await.unwrap() {
+                    Some(line) => {
+                        self.said.push_str(&line);
+                        self.said.push('\n');
+                        if line.contains(text) {
+                            return;
+                        }
+                    }
+                    None => panic!("the demo ended before {text:?}; it said:\n{}", self.said),
+                }
+            }
+        };
+        if tokio::time::timeout(PATIENCE, read).await.is_err() {
+            panic!("the demo did not say {text:?}; it said:\n{}", self.said);
+        }
+    }
+
+    /// Ctrl-C, as a user would press it; the demo must stop cleanly.
+    async fn interrupt(mut self) -> String {
+        let pid = self.child.id().unwrap().to_string();
+        let status = Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+        self.read_until("relay demo: stopped").await;
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("the demo exited after Ctrl-C")
+            .unwrap();
+        assert!(status.success(), "{status:?}\n{}", self.said);
+        self.said
+    }
+}
+
+/// Runs `program args…` in `dir` and returns its first line of output;
+/// then ends it with everything it started (npx runs MQTT.js as a child).
+async fn first_line(program: &Path, args: &[&Path], dir: &Path) -> String {
+    let mut child = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .unwrap_or_else(|_| panic!("{} printed nothing", program.display()))
+        .unwrap()
+        .unwrap_or_else(|| panic!("{} ended without output", program.display()));
+    let group = format!("-{}", child.id().unwrap());
+    let status = Command::new("kill")
+        .args(["-TERM", "--", &group])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    child.wait().await.unwrap();
+    line
+}
+
+fn client_tools() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/client-tools");
+    let output = std::process::Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "scripts/client-tools failed");
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+}
+
+fn device_of(said: &str) -> String {
+    said.lines()
+        .find_map(|line| line.strip_prefix("[5/5] agent: connected, device "))
+        .unwrap_or_else(|| panic!("no device line in:\n{said}"))
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn the_demo_serves_real_clients_and_restarts_on_its_data() {
+    let tools = client_tools();
+    let data_dir = std::env::temp_dir().join(format!(
+        "relay-demo-test-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let python = tools.join("venv/bin/python");
+
+    let mut demo = Demo::start(&data_dir);
+    demo.read_until("relay demo is ready.").await;
+    demo.read_until("Ctrl-C stops everything").await;
+    assert!(demo.said.contains("created"), "{}", demo.said);
+    assert!(demo.said.contains("wss://127.0.0.1:"), "{}", demo.said);
+    let device = device_of(&demo.said);
+    assert!(
+        demo.said.contains(&format!("/d/{device}/mqtt")),
+        "{}",
+        demo.said
+    );
+
+    let line = first_line(&python, &[&data_dir.join("subscribe.py")], &data_dir).await;
+    assert!(line.starts_with(REPORT_TOPIC), "paho printed {line:?}");
+    let line = first_line(
+        Path::new("sh"),
+        &[&data_dir.join("subscribe-mqttjs.sh")],
+        &tools.join("node"),
+    )
+    .await;
+    assert!(line.starts_with(REPORT_TOPIC), "MQTT.js printed {line:?}");
+    let said = demo.interrupt().await;
+    assert!(said.contains("relay demo: stopping"), "{said}");
+
+    // The second run finds its device, keys and certificates again.
+    let mut again = Demo::start(&data_dir);
+    again.read_until("relay demo is ready.").await;
+    assert!(again.said.contains("reused"), "{}", again.said);
+    assert_eq!(device_of(&again.said), device);
+    let line = first_line(&python, &[&data_dir.join("subscribe.py")], &data_dir).await;
+    assert!(line.starts_with(REPORT_TOPIC), "paho printed {line:?}");
+    again.interrupt().await;
+    std::fs::remove_dir_all(&data_dir).unwrap();
+}

@@ -83,8 +83,18 @@ impl Demo {
 /// Runs `program args…` in `dir` and returns its first line of output;
 /// then ends it with everything it started (npx runs MQTT.js as a child).
 async fn first_line(program: &Path, args: &[&Path], dir: &Path) -> String {
+    first_line_with(program, args, dir, &[]).await
+}
+
+async fn first_line_with(
+    program: &Path,
+    args: &[&Path],
+    dir: &Path,
+    env: &[(&str, &Path)],
+) -> String {
     let mut child = Command::new(program)
         .args(args)
+        .envs(env.iter().map(|(name, value)| (*name, *value)))
         .current_dir(dir)
         .process_group(0)
         .stdout(Stdio::piped())
@@ -118,6 +128,37 @@ fn client_tools() -> PathBuf {
         .unwrap();
     assert!(output.status.success(), "scripts/client-tools failed");
     PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+}
+
+/// The README's code blocks marked `<!-- snippet: <file name> -->`.
+fn readme_snippets() -> Vec<(String, String)> {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+            .unwrap();
+    let mut snippets = Vec::new();
+    let mut lines = readme.lines();
+    while let Some(line) = lines.next() {
+        let Some(name) = line
+            .strip_prefix("<!-- snippet: ")
+            .and_then(|rest| rest.strip_suffix(" -->"))
+        else {
+            continue;
+        };
+        assert!(lines.next().unwrap().starts_with("```"), "{name}");
+        let code: Vec<&str> = lines
+            .by_ref()
+            .take_while(|l| !l.starts_with("```"))
+            .collect();
+        snippets.push((name.to_owned(), code.join("\n") + "\n"));
+    }
+    snippets
+}
+
+fn said_value<'a>(said: &'a str, label: &str) -> &'a str {
+    said.lines()
+        .find_map(|line| line.trim_start().strip_prefix(label))
+        .unwrap_or_else(|| panic!("no {label:?} in:\n{said}"))
+        .trim()
 }
 
 fn device_of(said: &str) -> String {
@@ -162,6 +203,45 @@ async fn the_demo_serves_real_clients_and_restarts_on_its_data() {
     )
     .await;
     assert!(line.starts_with(REPORT_TOPIC), "MQTT.js printed {line:?}");
+
+    // Every snippet the README marks, with this demo's values put in.
+    let key = said_value(&demo.said, "key ").to_owned();
+    let url = said_value(&demo.said, "URL ").to_owned();
+    let port = url
+        .strip_prefix("wss://127.0.0.1:")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap()
+        .to_owned();
+    let ca = data_dir.join("ca.pem");
+    let snippets = readme_snippets();
+    assert_eq!(snippets.len(), 4, "{snippets:?}");
+    for (name, code) in snippets {
+        let code = code
+            .replace("DEVICE_ID", &device)
+            .replace("rly_YOUR_KEY", &key)
+            .replace("data/demo/ca.pem", ca.to_str().unwrap())
+            .replace("8443", &port);
+        let line = if name.ends_with(".mjs") {
+            let file = tools.join("node").join(&name);
+            std::fs::write(&file, code).unwrap();
+            first_line_with(
+                Path::new("node"),
+                &[&file],
+                &tools.join("node"),
+                &[("NODE_EXTRA_CA_CERTS", &ca)],
+            )
+            .await
+        } else if name.ends_with(".py") {
+            let file = data_dir.join(&name);
+            std::fs::write(&file, code).unwrap();
+            first_line(&python, &[&file], &data_dir).await
+        } else {
+            let file = data_dir.join(&name);
+            std::fs::write(&file, code).unwrap();
+            first_line(Path::new("sh"), &[&file], &tools.join("node")).await
+        };
+        assert!(line.starts_with(REPORT_TOPIC), "{name} printed {line:?}");
+    }
     let said = demo.interrupt().await;
     assert!(said.contains("relay demo: stopping"), "{said}");
 

@@ -1,0 +1,18 @@
+# relay-edge (with relayctl for migrations and provisioning).
+#   docker build -f deploy/docker/edge.Dockerfile -t relay-edge .
+#   docker run -p 8443:8443 -p 7443:7443/udp -p 9090:9090 \
+#     -e RELAY_DATABASE_URL=postgres://relay@db/relay -v /etc/relay:/etc/relay:ro \
+#     relay-edge --config /etc/relay/edge.toml
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p relay-edge -p relayctl \
+ && install -D -m 0755 target/release/relay-edge /out/relay-edge \
+ && install -D -m 0755 target/release/relayctl /out/relayctl
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /out/ /usr/local/bin/
+USER nonroot:nonroot
+# wss, agents' QUIC (UDP), admin (/metrics, /healthz, /readyz)
+EXPOSE 8443 7443/udp 9090
+ENTRYPOINT ["/usr/local/bin/relay-edge"]

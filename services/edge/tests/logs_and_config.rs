@@ -109,3 +109,24 @@ fn a_bad_configuration_exits_64_listing_every_problem() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("base_domian"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The configuration reference in the README parses, with every key known
+/// to this version, and holds the defaults it claims.
+#[test]
+fn the_readme_configuration_reference_parses() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let block = readme
+        .split("<!-- snippet-edge-config -->\n```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("the README's edge configuration block");
+    let config = relay_edge::EdgeConfig::from_toml(block).unwrap();
+    let defaults = relay_edge::EdgeConfig::defaults();
+    assert_eq!(
+        config.limits.max_packet_size,
+        defaults.limits.max_packet_size
+    );
+    assert_eq!(config.tunnel.linger_seconds, defaults.tunnel.linger_seconds);
+    assert_eq!(config.public.device_in_path, defaults.public.device_in_path);
+}

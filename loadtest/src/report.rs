@@ -1,0 +1,402 @@
+//! One-screen summaries and the Markdown table of docs/benchmarks.md.
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::scenarios::{IdleResult, PublishResult, StormResult, StreamResult};
+use crate::stats::micros;
+
+/// Everything one run measured.
+#[derive(Debug, Default, Serialize)]
+pub struct Results {
+    pub machine: Machine,
+    pub latency: Option<LatencyReport>,
+    pub fan_out: Option<Vec<StreamResult>>,
+    pub publish: Option<Vec<PublishResult>>,
+    pub storm: Option<StormResult>,
+    pub idle: Option<IdleResult>,
+    /// Baselines that were not measured, and why.
+    pub skipped: Vec<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub kernel: String,
+}
+
+impl Machine {
+    pub fn read() -> Machine {
+        let memory_kib: f64 = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix("MemTotal:"))
+                    .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0.0);
+        Machine {
+            cores: std::thread::available_parallelism().map_or(0, usize::from),
+            memory_gib: (memory_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|text| text.trim().to_owned())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct LatencyReport {
+    pub rate: u32,
+    pub size: usize,
+    pub runs: Vec<StreamResult>,
+    /// relay p50 minus direct p50, in µs.
+    pub added_p50_us: Option<f64>,
+}
+
+fn p(result: &StreamResult, kind: &str) -> Option<crate::stats::Percentiles> {
+    result.latency.get(kind).copied()
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+        _ => "—".into(),
+    }
+}
+
+fn find<'a>(
+    runs: &'a [StreamResult],
+    target: &str,
+    subscribers: usize,
+) -> Option<&'a StreamResult> {
+    runs.iter()
+        .find(|run| run.target == target && run.subscribers == subscribers)
+}
+
+fn bytes(value: Option<f64>) -> String {
+    value.map_or("—".into(), |bytes| format!("{bytes:.0}"))
+}
+
+pub fn latency_summary(report: &LatencyReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "latency: printer → client, {} B at {}/s, {} subscriber(s)",
+        report.size,
+        report.rate,
+        report.runs.first().map_or(0, |run| run.subscribers)
+    );
+    let _ = writeln!(
+        out,
+        "  {:<10} {:>9} {:>9} {:>9} {:>9} {:>6} {:>10} {:>9}",
+        "path", "p50", "p90", "p99", "max", "lost", "msg/s", "edge CPU"
+    );
+    for run in &report.runs {
+        let latency = p(run, "delta").unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {:<10} {:>9} {:>9} {:>9} {:>9} {:>6} {:>10.0} {:>9}",
+            run.target,
+            micros(latency.p50_us),
+            micros(latency.p90_us),
+            micros(latency.p99_us),
+            micros(latency.max_us),
+            run.lost,
+            run.delivered_per_second,
+            run.edge_cpu_us_per_message
+                .map_or("".into(), |cpu| format!("{cpu:.0} µs/msg")),
+        );
+    }
+    let p50 = |target: &str| {
+        report
+            .runs
+            .iter()
+            .find(|run| run.target == target)
+            .and_then(|run| p(run, "delta"))
+            .map(|latency| latency.p50_us)
+    };
+    if let Some(added) = report.added_p50_us {
+        let _ = writeln!(
+            out,
+            "  added p50 over direct: {} (target ≤ 150 µs: {})",
+            micros(added),
+            if added <= 150.0 { "met" } else { "MISSED" }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  p50 ratios: relay/direct {}, relay/rathole {}, relay-ws/direct {}",
+        ratio(p50("relay"), p50("direct")),
+        ratio(p50("relay"), p50("rathole")),
+        ratio(p50("relay-ws"), p50("direct")),
+    );
+    out
+}
+
+pub fn fan_out_summary(runs: &[StreamResult]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "fan-out: 4.4 KB full report at 1 Hz + 110 B delta at 10 Hz"
+    );
+    let _ = writeln!(
+        out,
+        "  {:<8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>7} {:>12} {:>7}",
+        "path", "subs", "full p50", "full p99", "delta p99", "max", "lost", "uplink B/msg", "× msg"
+    );
+    for run in runs {
+        let full = p(run, "full").unwrap_or_default();
+        let delta = p(run, "delta").unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {:<8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>7} {:>12} {:>7}",
+            run.target,
+            run.subscribers,
+            micros(full.p50_us),
+            micros(full.p99_us),
+            micros(delta.p99_us),
+            micros(full.max_us.max(delta.max_us)),
+            run.lost,
+            bytes(run.uplink_bytes_per_message),
+            run.uplink_bytes_per_message
+                .map_or("—".into(), |uplink| format!(
+                    "{:.1}",
+                    uplink / run.printer_bytes_per_message
+                )),
+        );
+    }
+    let mut sizes: Vec<usize> = runs.iter().map(|run| run.subscribers).collect();
+    sizes.dedup();
+    for subscribers in sizes {
+        let full_p99 = |target| {
+            find(runs, target, subscribers)
+                .and_then(|run| p(run, "full"))
+                .map(|latency| latency.p99_us)
+        };
+        let _ = writeln!(
+            out,
+            "  {subscribers:>5} subscribers, full-report p99 ratios: relay/direct {}, relay/rathole {}",
+            ratio(full_p99("relay"), full_p99("direct")),
+            ratio(full_p99("relay"), full_p99("rathole")),
+        );
+    }
+    if let Some(run) = runs
+        .iter()
+        .filter(|run| run.target == "relay")
+        .max_by_key(|run| run.subscribers)
+        .filter(|run| run.subscribers >= 1_000)
+    {
+        let full = p(run, "full").unwrap_or_default();
+        let met = full.p99_us <= 20_000.0 && run.lost == 0;
+        let _ = writeln!(
+            out,
+            "  target 4.4 KB to {} subscribers, p99 ≤ 20 ms, nothing lost: {}",
+            run.subscribers,
+            if met { "met" } else { "MISSED" }
+        );
+    }
+    out
+}
+
+pub fn publish_summary(runs: &[PublishResult]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "publish path: QoS 1 requests, PUBACK after the printer's"
+    );
+    for run in runs {
+        let _ = writeln!(
+            out,
+            "  {:<8} {} clients: sent {}, PUBACKed {}, printer received {}, PUBACK p50 {} p99 {} max {}, failures {}",
+            run.target,
+            run.clients,
+            run.sent,
+            run.acknowledged,
+            run.printer_received,
+            micros(run.puback.p50_us),
+            micros(run.puback.p99_us),
+            micros(run.puback.max_us),
+            run.failures
+        );
+    }
+    out
+}
+
+pub fn storm_summary(storm: &StormResult) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "connect storm: {} clients, {} at a time (TCP + TLS + upgrade + key check + CONNECT + SUBSCRIBE)",
+        storm.clients, storm.concurrency
+    );
+    let _ = writeln!(
+        out,
+        "  connected {} ({:.0}/s), failures {:?}; per client p50 {} p99 {}; sessions at the edge {}",
+        storm.connected,
+        storm.handshakes_per_second,
+        storm.failures,
+        micros(storm.handshake.p50_us),
+        micros(storm.handshake.p99_us),
+        storm
+            .sessions_open_at_edge
+            .map_or("?".into(), |open| format!("{open:.0}")),
+    );
+    let _ = writeln!(
+        out,
+        "  edge restart: drain {:.2} s, start {:.2} s, all {} back {} (target ≤ 15 s for 10,000: {})",
+        storm.drain_seconds,
+        storm.start_seconds,
+        storm.connected,
+        storm
+            .all_back_seconds
+            .map_or(format!("NOT ALL ({} back)", storm.back), |took| format!(
+                "after {took:.2} s"
+            )),
+        match storm.all_back_seconds {
+            Some(took) if took <= 15.0 => "met",
+            _ => "MISSED",
+        }
+    );
+    let _ = writeln!(
+        out,
+        "  refused while reconnecting: {:?}",
+        storm.reconnect_refusals
+    );
+    out
+}
+
+pub fn idle_summary(idle: &IdleResult) -> String {
+    let mib = |bytes: u64| bytes as f64 / 1024.0 / 1024.0;
+    let per = idle.edge_rss_per_session_bytes / 1024.0;
+    format!(
+        "idle sessions: {}\n  edge RSS {:.1} MiB → {:.1} MiB: {:.1} KiB per session (target ≤ 16 KiB: {}); {:.1} MiB after they closed\n  agent RSS {:.1} MiB\n",
+        idle.sessions,
+        mib(idle.edge_rss_before_bytes),
+        mib(idle.edge_rss_with_sessions_bytes),
+        per,
+        if per <= 16.0 { "met" } else { "MISSED" },
+        mib(idle.edge_rss_after_close_bytes),
+        mib(idle.agent_rss_bytes),
+    )
+}
+
+/// The Markdown tables for docs/benchmarks.md.
+pub fn markdown(results: &Results) -> String {
+    let mut out = String::new();
+    let m = &results.machine;
+    let _ = writeln!(
+        out,
+        "Machine: {} cores, {} GiB, Linux {}.\n",
+        m.cores, m.memory_gib, m.kernel
+    );
+    if let Some(latency) = &results.latency {
+        let _ = writeln!(
+            out,
+            "**Latency**, printer → client, {} B at {}/s:\n\n| path | p50 | p90 | p99 | max | lost | edge CPU per msg |\n|---|---:|---:|---:|---:|---:|---:|",
+            latency.size, latency.rate
+        );
+        for run in &latency.runs {
+            let l = p(run, "delta").unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                run.target,
+                micros(l.p50_us),
+                micros(l.p90_us),
+                micros(l.p99_us),
+                micros(l.max_us),
+                run.lost,
+                run.edge_cpu_us_per_message
+                    .map_or("".into(), |cpu| format!("{cpu:.0} µs")),
+            );
+        }
+        if let Some(added) = latency.added_p50_us {
+            let _ = writeln!(out, "\nAdded p50 over direct: **{}**.", micros(added));
+        }
+        out.push('\n');
+    }
+    if let Some(runs) = &results.fan_out {
+        let _ = writeln!(
+            out,
+            "**Fan-out**, 4.4 KB full report at 1 Hz + 110 B delta at 10 Hz:\n\n| path | subscribers | full p50 | full p99 | delta p99 | max | lost | uplink bytes per printer message |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for run in runs {
+            let full = p(run, "full").unwrap_or_default();
+            let delta = p(run, "delta").unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                run.target,
+                run.subscribers,
+                micros(full.p50_us),
+                micros(full.p99_us),
+                micros(delta.p99_us),
+                micros(full.max_us.max(delta.max_us)),
+                run.lost,
+                run.uplink_bytes_per_message
+                    .map_or("—".into(), |uplink| format!(
+                        "{uplink:.0} ({:.1}×)",
+                        uplink / run.printer_bytes_per_message
+                    )),
+            );
+        }
+        out.push('\n');
+    }
+    if let Some(runs) = &results.publish {
+        let _ = writeln!(
+            out,
+            "**Publish path**, QoS 1:\n\n| path | clients | sent | PUBACKed | printer received | PUBACK p50 | p99 | max |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for run in runs {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                run.target,
+                run.clients,
+                run.sent,
+                run.acknowledged,
+                run.printer_received,
+                micros(run.puback.p50_us),
+                micros(run.puback.p99_us),
+                micros(run.puback.max_us)
+            );
+        }
+        out.push('\n');
+    }
+    if let Some(storm) = &results.storm {
+        let _ = writeln!(
+            out,
+            "**Connect storm** through the relay: {} clients, {} at a time: {:.0} connects/s (TCP + TLS + upgrade + key check + CONNECT + SUBSCRIBE), failures {:?}, per-client p50 {} / p99 {}. Edge restart (SIGTERM, drain, start): drain {:.2} s, start {:.2} s, all back after **{}**.\n",
+            storm.clients,
+            storm.concurrency,
+            storm.handshakes_per_second,
+            storm.failures,
+            micros(storm.handshake.p50_us),
+            micros(storm.handshake.p99_us),
+            storm.drain_seconds,
+            storm.start_seconds,
+            storm.all_back_seconds.map_or(
+                format!("— ({} of {} back)", storm.back, storm.connected),
+                |took| format!("{took:.2} s")
+            ),
+        );
+    }
+    if let Some(idle) = &results.idle {
+        let _ = writeln!(
+            out,
+            "**Idle sessions**: {} sessions: edge RSS {:.1} → {:.1} MiB, **{:.1} KiB per session**; agent RSS {:.1} MiB.\n",
+            idle.sessions,
+            idle.edge_rss_before_bytes as f64 / 1048576.0,
+            idle.edge_rss_with_sessions_bytes as f64 / 1048576.0,
+            idle.edge_rss_per_session_bytes / 1024.0,
+            idle.agent_rss_bytes as f64 / 1048576.0,
+        );
+    }
+    for skipped in &results.skipped {
+        let _ = writeln!(out, "Not measured: {skipped}.");
+    }
+    out
+}

@@ -1,0 +1,571 @@
+//! The processes under test, started on loopback for one run: a Mosquitto
+//! with a plain MQTT listener (the "printer" every path reads from) and a
+//! WebSocket listener (the direct baseline), rathole's server and client in
+//! front of that listener (the plain-tunnel baseline), and relay's edge and
+//! agent as their own release binaries (so their memory can be read and the
+//! edge restarted). State lives in a fresh Postgres database and the run's
+//! directory.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use relay_store::testing::TestDatabase;
+use relay_store::{NewApiKey, Scope};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_rustls::TlsConnector;
+
+use crate::client::{ByteCounter, MqttClient, Target};
+
+/// The simulated printer's serial; its reports go to `device/<serial>/report`.
+pub const SERIAL: &str = "01P00A000000042";
+const BASE_DOMAIN: &str = "relay.test";
+/// How long a process gets to come up.
+const START_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Where the binaries are: next to this one (one `cargo build`), unless
+/// flags say otherwise.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub edge: PathBuf,
+    pub agent: PathBuf,
+    pub mosquitto: PathBuf,
+    pub rathole: Option<PathBuf>,
+}
+
+/// A port nobody listens on now (bound and released: the processes here
+/// take their ports from configuration files, and the edge must get the
+/// same ports back when it restarts).
+pub fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Resident memory of a process, in bytes (`VmRSS` of /proc).
+pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kib| kib * 1024)
+        .context("no VmRSS in /proc/<pid>/status")
+}
+
+/// CPU time a process has used (user + system), from /proc/<pid>/stat.
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses.
+    let after = stat.rsplit_once(')').context("odd /proc/<pid>/stat")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields
+        .get(11)
+        .zip(fields.get(12))
+        .and_then(|(user, system)| Some(user.parse::<u64>().ok()? + system.parse::<u64>().ok()?))
+        .context("odd /proc/<pid>/stat")?;
+    // USER_HZ is 100 on Linux.
+    Ok(Duration::from_millis(ticks * 10))
+}
+
+/// The run's CA and the certificate the edge serves (wildcard for device
+/// subdomains, also used by the QUIC tunnel).
+struct Pki {
+    ca_pem: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    connector: TlsConnector,
+}
+
+fn make_pki(dir: &Path) -> anyhow::Result<Pki> {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "relay loadtest CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+    let mut params = CertificateParams::new(vec![
+        BASE_DOMAIN.to_owned(),
+        format!("*.{BASE_DOMAIN}"),
+        "localhost".to_owned(),
+    ])?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, BASE_DOMAIN);
+    let key_pair = KeyPair::generate()?;
+    let cert = params.signed_by(&key_pair, &ca)?;
+    let pki = Pki {
+        ca_pem: dir.join("ca.pem"),
+        cert: dir.join("edge.pem"),
+        key: dir.join("edge.key"),
+        connector: {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.der().clone())?;
+            let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            TlsConnector::from(Arc::new(config))
+        },
+    };
+    std::fs::write(&pki.ca_pem, ca.pem())?;
+    std::fs::write(&pki.cert, cert.pem())?;
+    std::fs::write(&pki.key, key_pair.serialize_pem())?;
+    Ok(pki)
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+async fn wait_for_listener(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_PATIENCE;
+    while TcpStream::connect(addr).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("{what} does not listen on {addr} after {START_PATIENCE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+fn log_file(dir: &Path, name: &str) -> anyhow::Result<(Stdio, Stdio)> {
+    let file = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    Ok((Stdio::from(file.try_clone()?), Stdio::from(file)))
+}
+
+fn spawn(program: &Path, args: &[&str], dir: &Path, log: &str) -> anyhow::Result<Child> {
+    let (stdout, stderr) = log_file(dir, log)?;
+    Command::new(program)
+        .args(args)
+        .env("RELAY_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", program.display()))
+}
+
+/// A plain HTTP GET on the edge's admin listener.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("odd HTTP response")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// One sample of a Prometheus text exposition (`name{labels} value`).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// The edge as its own process, restartable on the same ports.
+#[derive(Debug)]
+pub struct EdgeProcess {
+    child: Child,
+    binary: PathBuf,
+    config: PathBuf,
+    dir: PathBuf,
+    starts: u32,
+    pub public: SocketAddr,
+    pub plain: SocketAddr,
+    pub admin: SocketAddr,
+    pub tunnel: SocketAddr,
+}
+
+impl EdgeProcess {
+    async fn start(
+        binary: &Path,
+        dir: &Path,
+        database_url: &str,
+        pki: &Pki,
+    ) -> anyhow::Result<EdgeProcess> {
+        let public = loopback(free_tcp_port()?);
+        let plain = loopback(free_tcp_port()?);
+        let admin = loopback(free_tcp_port()?);
+        let tunnel = loopback(free_udp_port()?);
+        let config = dir.join("edge.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[public]
+listen = "{public}"
+plain_listen = "{plain}"
+base_domain = "{BASE_DOMAIN}"
+tls_cert = {cert:?}
+tls_key = {key:?}
+
+[admin]
+listen = "{admin}"
+
+[store]
+database_url = "{database_url}"
+migrate = false
+
+[limits]
+max_packet_size = 65536
+
+[auth]
+cache_success_seconds = 300
+
+[shutdown]
+grace_period_seconds = 5
+
+[tunnel]
+listen = "{tunnel}"
+linger_seconds = 30
+"#,
+                cert = pki.cert.display().to_string(),
+                key = pki.key.display().to_string(),
+            ),
+        )?;
+        let child = spawn(
+            binary,
+            &["--config", &config.display().to_string()],
+            dir,
+            "edge-1",
+        )?;
+        let mut edge = EdgeProcess {
+            child,
+            binary: binary.to_owned(),
+            config,
+            dir: dir.to_owned(),
+            starts: 1,
+            public,
+            plain,
+            admin,
+            tunnel,
+        };
+        edge.wait_ready().await?;
+        Ok(edge)
+    }
+
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        self.child.id().context("the edge has exited")
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "the edge exited with {status} (see {}/edge-{}.log)",
+                    self.dir.display(),
+                    self.starts
+                );
+            }
+            if matches!(admin_get(self.admin, "/readyz").await, Ok((200, _))) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the edge is not ready after {START_PATIENCE:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Reads the edge's /metrics.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(admin_get(self.admin, "/metrics").await?.1)
+    }
+
+    /// Bytes that crossed the tunnel from the printer, per the edge (the
+    /// series appears with the first byte).
+    pub async fn printer_bytes_in(&self) -> anyhow::Result<f64> {
+        Ok(metric(
+            &self.metrics().await?,
+            "relay_edge_printer_bytes_total{direction=\"in\"}",
+        )
+        .unwrap_or(0.0))
+    }
+
+    /// Waits until the agent has its tunnel up.
+    pub async fn wait_agent(&self, patience: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + patience;
+        loop {
+            let text = self.metrics().await.unwrap_or_default();
+            if metric(&text, "relay_edge_agents_connected").is_some_and(|count| count >= 1.0) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the agent did not connect within {patience:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM (the edge drains: clients get 1001), wait for the exit.
+    pub async fn terminate(&mut self) -> anyhow::Result<()> {
+        let pid = self.pid()?;
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        self.child.wait().await?;
+        Ok(())
+    }
+
+    /// Starts the edge again with the same configuration.
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        self.starts += 1;
+        self.child = spawn(
+            &self.binary,
+            &["--config", &self.config.display().to_string()],
+            &self.dir,
+            &format!("edge-{}", self.starts),
+        )?;
+        self.wait_ready().await
+    }
+}
+
+/// Everything one run needs, started and ready.
+#[derive(Debug)]
+pub struct Rig {
+    database: Option<TestDatabase>,
+    _mosquitto: Child,
+    _rathole: Vec<Child>,
+    pub agent: Child,
+    pub edge: EdgeProcess,
+    /// Mosquitto's plain MQTT listener: the printer side of every path.
+    pub printer: SocketAddr,
+    pub relay: Target,
+    /// The same edge over its plain ws:// listener (no TLS), to compare
+    /// with the plain ws baselines.
+    pub relay_ws: Target,
+    pub direct: Target,
+    pub rathole: Option<Target>,
+}
+
+impl Rig {
+    pub async fn start(binaries: &Binaries, dir: &Path) -> anyhow::Result<Rig> {
+        std::fs::create_dir_all(dir)?;
+        let dir = dir.canonicalize()?;
+        let pki = make_pki(&dir)?;
+
+        // The store: a fresh Postgres database with a tenant, a device, a
+        // control key and the agent's credential.
+        let database = TestDatabase::postgres().await;
+        let store = &database.store;
+        let tenant = store.create_tenant("loadtest").await?;
+        let device = store.create_device(&tenant.id, "loadtest printer").await?;
+        let (_, key) = store
+            .create_api_key(NewApiKey {
+                tenant_id: &tenant.id,
+                device_id: Some(&device.id),
+                scope: Scope::Control,
+                label: "loadtest",
+                expires_at: None,
+            })
+            .await?;
+        let (_, agent_credential) = store.issue_agent_credential(&device.id).await?;
+
+        // Mosquitto: plain MQTT on loopback for the printer side, WebSocket
+        // for the direct baseline. Debian's build cannot bind a WebSocket
+        // listener to an address, so that one is IPv4 on all interfaces.
+        let printer = loopback(free_tcp_port()?);
+        let websocket = loopback(free_tcp_port()?);
+        let mosquitto_conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &mosquitto_conf,
+            format!(
+                "per_listener_settings false\nallow_anonymous true\nset_tcp_nodelay true\n\
+                 max_queued_messages 100000\npersistence false\n\
+                 listener {} 127.0.0.1\n\
+                 listener {}\nprotocol websockets\nsocket_domain ipv4\n",
+                printer.port(),
+                websocket.port()
+            ),
+        )?;
+        let mosquitto = spawn(
+            &binaries.mosquitto,
+            &["-c", &mosquitto_conf.display().to_string()],
+            &dir,
+            "mosquitto",
+        )?;
+        wait_for_listener(printer, "mosquitto").await?;
+        wait_for_listener(websocket, "mosquitto's websocket listener").await?;
+        let direct = Target {
+            name: "direct",
+            addr: websocket,
+            host: "localhost".into(),
+            path: "/mqtt".into(),
+            tls: None,
+            authorization: None,
+        };
+
+        // rathole: server on loopback, client next to Mosquitto; clients
+        // connect to the server's service port.
+        let mut rathole_children = Vec::new();
+        let rathole = match &binaries.rathole {
+            Some(binary) => {
+                let control = loopback(free_tcp_port()?);
+                let service = loopback(free_tcp_port()?);
+                let server_conf = dir.join("rathole-server.toml");
+                let client_conf = dir.join("rathole-client.toml");
+                std::fs::write(
+                    &server_conf,
+                    format!(
+                        "[server]\nbind_addr = \"{control}\"\n\n[server.services.mqtt]\n\
+                         token = \"loadtest\"\nbind_addr = \"{service}\"\nnodelay = true\n"
+                    ),
+                )?;
+                std::fs::write(
+                    &client_conf,
+                    format!(
+                        "[client]\nremote_addr = \"{control}\"\n\n[client.services.mqtt]\n\
+                         token = \"loadtest\"\nlocal_addr = \"{websocket}\"\nnodelay = true\n"
+                    ),
+                )?;
+                rathole_children.push(spawn(
+                    binary,
+                    &["--server", &server_conf.display().to_string()],
+                    &dir,
+                    "rathole-server",
+                )?);
+                wait_for_listener(control, "rathole server").await?;
+                rathole_children.push(spawn(
+                    binary,
+                    &["--client", &client_conf.display().to_string()],
+                    &dir,
+                    "rathole-client",
+                )?);
+                let target = Target {
+                    name: "rathole",
+                    addr: service,
+                    ..direct.clone()
+                };
+                // The service port opens once the client has registered;
+                // a full MQTT connect proves the path.
+                let deadline = Instant::now() + START_PATIENCE;
+                loop {
+                    match MqttClient::connect(&target, "probe", ByteCounter::default()).await {
+                        Ok(client) => {
+                            client.disconnect().await;
+                            break;
+                        }
+                        Err(failure) if Instant::now() > deadline => {
+                            bail!("no MQTT through rathole after {START_PATIENCE:?}: {failure}")
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+                Some(target)
+            }
+            None => None,
+        };
+
+        let edge = EdgeProcess::start(&binaries.edge, &dir, &database.url, &pki).await?;
+
+        // The agent, with Mosquitto as its printer (a generic MQTT broker).
+        let agent_conf = dir.join("agent.toml");
+        std::fs::write(
+            &agent_conf,
+            format!(
+                r#"
+[edge]
+address = "{tunnel}"
+server_name = "tunnel.{BASE_DOMAIN}"
+ca_file = {ca:?}
+credential = "{credential}"
+
+[printer]
+kind = "mqtt"
+host = "127.0.0.1"
+port = {port}
+tls = false
+"#,
+                tunnel = edge.tunnel,
+                ca = pki.ca_pem.display().to_string(),
+                credential = agent_credential.reveal(),
+                port = printer.port(),
+            ),
+        )?;
+        let agent = spawn(
+            &binaries.agent,
+            &["--config", &agent_conf.display().to_string()],
+            &dir,
+            "agent",
+        )?;
+        edge.wait_agent(START_PATIENCE).await?;
+
+        let relay = Target {
+            name: "relay",
+            addr: edge.public,
+            host: format!("{}.{BASE_DOMAIN}", device.id),
+            path: "/mqtt".into(),
+            tls: Some(pki.connector.clone()),
+            authorization: Some(format!("Bearer {}", key.reveal())),
+        };
+        let relay_ws = Target {
+            name: "relay-ws",
+            addr: edge.plain,
+            tls: None,
+            ..relay.clone()
+        };
+        Ok(Rig {
+            database: Some(database),
+            _mosquitto: mosquitto,
+            _rathole: rathole_children,
+            agent,
+            edge,
+            printer,
+            relay,
+            relay_ws,
+            direct,
+            rathole,
+        })
+    }
+
+    pub fn agent_pid(&self) -> anyhow::Result<u32> {
+        self.agent.id().context("the agent has exited")
+    }
+
+    /// Stops everything and drops the database.
+    pub async fn stop(mut self) {
+        let _ = self.edge.terminate().await;
+        let _ = self.agent.kill().await;
+        if let Some(database) = self.database.take() {
+            database.cleanup().await;
+        }
+    }
+}

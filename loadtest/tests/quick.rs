@@ -1,0 +1,121 @@
+//! Runs `relay-loadtest --quick` against real processes (edge, agent,
+//! Mosquitto, and rathole when installed) and checks what it wrote: every
+//! scenario present, nothing lost through the relay, every QoS 1 request
+//! acknowledged and received by the printer side, every client back after
+//! the edge restart. Not a speed test: no timing is asserted.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn out_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("relay-loadtest-quick-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn the_quick_run_measures_every_scenario_and_loses_nothing() {
+    let out = out_dir();
+    let output = Command::new(env!("CARGO_BIN_EXE_relay-loadtest"))
+        .args(["--quick", "--out"])
+        .arg(&out)
+        .output()
+        .expect("run relay-loadtest");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "relay-loadtest failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+
+    // Latency: the relay over wss and ws, and the direct baseline, all
+    // delivered every message.
+    let latency = results["latency"]["runs"].as_array().unwrap();
+    for target in ["direct", "relay", "relay-ws"] {
+        let run = latency
+            .iter()
+            .find(|run| run["target"] == target)
+            .unwrap_or_else(|| panic!("no latency run for {target}"));
+        assert_eq!(run["lost"], 0, "{target}: {run}");
+        assert_eq!(run["received"], run["expected"], "{target}: {run}");
+        assert!(run["latency"]["delta"]["p50_us"].as_f64().unwrap() > 0.0);
+    }
+
+    // Fan-out: one printer message crosses the tunnel once, whatever the
+    // number of subscribers.
+    let fan_out = results["fan_out"].as_array().unwrap();
+    let uplink = |subscribers: u64| {
+        let run = fan_out
+            .iter()
+            .find(|run| run["target"] == "relay" && run["subscribers"] == subscribers)
+            .unwrap();
+        assert_eq!(run["lost"], 0, "{run}");
+        run["uplink_bytes_per_message"].as_f64().unwrap()
+            / run["printer_bytes_per_message"].as_f64().unwrap()
+    };
+    let (one, ten) = (uplink(1), uplink(10));
+    assert!((0.9..1.2).contains(&one), "uplink ×{one} at 1 subscriber");
+    assert!((0.9..1.2).contains(&ten), "uplink ×{ten} at 10 subscribers");
+
+    // Publish path: PUBACK only after the printer had it.
+    for run in results["publish"].as_array().unwrap() {
+        assert_eq!(run["failures"], 0, "{run}");
+        assert_eq!(run["acknowledged"], run["sent"], "{run}");
+        assert_eq!(run["printer_received"], run["sent"], "{run}");
+    }
+
+    // Connect storm and restart.
+    let storm = &results["storm"];
+    assert_eq!(storm["connected"], storm["clients"], "{storm}");
+    assert_eq!(storm["back"], storm["connected"], "{storm}");
+    assert!(storm["all_back_seconds"].is_number(), "{storm}");
+    assert_eq!(storm["sessions_open_at_edge"].as_f64(), Some(100.0));
+
+    // Idle sessions: the edge held them all (and the first one).
+    let idle = &results["idle"];
+    assert_eq!(
+        idle["sessions_open_at_edge"].as_f64(),
+        Some(101.0),
+        "{idle}"
+    );
+    assert!(idle["edge_rss_with_sessions_bytes"].as_u64().unwrap() > 0);
+    assert!(idle["agent_rss_bytes"].as_u64().unwrap() > 0);
+
+    // The human summary and the table were written too.
+    assert!(stdout.contains("added p50 over direct"), "{stdout}");
+    let table = std::fs::read_to_string(out.join("table.md")).unwrap();
+    assert!(table.contains("**Fan-out**"), "{table}");
+    for scenario in ["latency", "fan-out", "publish", "storm", "idle"] {
+        assert!(
+            out.join(format!("{scenario}.json")).is_file(),
+            "{scenario}.json"
+        );
+    }
+    // No key in anything the run wrote to the terminal.
+    assert!(!stdout.contains("rly_") && !stderr.contains("rly_"));
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn out_of_bounds_counts_are_refused_before_anything_starts() {
+    let output = Command::new(env!("CARGO_BIN_EXE_relay-loadtest"))
+        .args(["--storm-clients", "1000000", "--latency-seconds", "0"])
+        .output()
+        .expect("run relay-loadtest");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--storm-clients must be 1..=15000"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("--latency-seconds must be 1..=300"),
+        "{stderr}"
+    );
+}

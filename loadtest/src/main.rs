@@ -67,6 +67,10 @@ struct Flags {
     /// loadtest/install-baselines)
     #[arg(long)]
     rathole_bin: Option<PathBuf>,
+    /// Paths to measure in the latency and fan-out scenarios (default:
+    /// all; e.g. `relay` alone while profiling the edge)
+    #[arg(long, value_delimiter = ',')]
+    paths: Vec<String>,
     /// Latency: messages per second
     #[arg(long, default_value_t = 1_000)]
     latency_rate: u32,
@@ -157,6 +161,10 @@ impl Flags {
             bail!("{}", problems.join("\n"));
         }
         Ok(())
+    }
+
+    fn measures(&self, target: &client::Target) -> bool {
+        self.paths.is_empty() || self.paths.iter().any(|path| path == target.name)
     }
 
     fn runs(&self, scenario: Scenario) -> bool {
@@ -288,6 +296,7 @@ async fn scenarios(
         ]
         .into_iter()
         .flatten()
+        .filter(|target| flags.measures(target))
         {
             runs.push(
                 scenarios::stream(rig, &target, flags.latency_subscribers, &plan, progress).await?,
@@ -323,6 +332,7 @@ async fn scenarios(
             ]
             .into_iter()
             .flatten()
+            .filter(|target| flags.measures(target))
             {
                 runs.push(scenarios::stream(rig, &target, subscribers, &plan, progress).await?);
             }

@@ -321,14 +321,14 @@ pub fn markdown(results: &Results) -> String {
     if let Some(runs) = &results.fan_out {
         let _ = writeln!(
             out,
-            "**Fan-out**, 4.4 KB full report at 1 Hz + 110 B delta at 10 Hz:\n\n| path | subscribers | full p50 | full p99 | delta p99 | max | lost | uplink bytes per printer message |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+            "**Fan-out**, 4.4 KB full report at 1 Hz + 110 B delta at 10 Hz:\n\n| path | subscribers | full p50 | full p99 | delta p99 | max | lost | uplink bytes per printer message | edge CPU per msg | load generator CPU per msg |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for run in runs {
             let full = p(run, "full").unwrap_or_default();
             let delta = p(run, "delta").unwrap_or_default();
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 run.target,
                 run.subscribers,
                 micros(full.p50_us),
@@ -341,6 +341,8 @@ pub fn markdown(results: &Results) -> String {
                         "{uplink:.0} ({:.1}×)",
                         uplink / run.printer_bytes_per_message
                     )),
+                run.edge_cpu_us_per_message.map_or("".into(), micros),
+                micros(run.load_generator_cpu_us_per_message),
             );
         }
         out.push('\n');

@@ -72,17 +72,38 @@ pub fn printer_mix(seconds: u32) -> Vec<Planned> {
     plan
 }
 
-/// Counts subscribers that have seen a warm-up message.
-#[derive(Debug, Default)]
+/// Counts subscribers that have seen a warm-up message (phase 0), then
+/// those that have seen one at or after `marker` (phase 1): messages arrive
+/// in order, so once all have, nothing from the warm-up is still queued
+/// anywhere on the path.
+#[derive(Debug)]
 struct Ready {
-    count: AtomicUsize,
+    reached: [AtomicUsize; 2],
+    marker: AtomicU64,
     changed: Notify,
 }
 
-/// What one subscriber received, by kind.
+impl Default for Ready {
+    fn default() -> Ready {
+        Ready {
+            reached: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            marker: AtomicU64::new(u64::MAX),
+            changed: Notify::new(),
+        }
+    }
+}
+
+impl Ready {
+    fn reached(&self, phase: usize) -> usize {
+        self.reached[phase].load(Ordering::Relaxed)
+    }
+}
+
+/// What one subscriber received, by kind, and its latency per message.
 #[derive(Debug, Default)]
 struct Reception {
     latencies: BTreeMap<u8, Vec<Duration>>,
+    by_sequence: Vec<(u64, Duration)>,
 }
 
 async fn read_stamps(
@@ -93,19 +114,32 @@ async fn read_stamps(
     done: mpsc::Sender<Reception>,
 ) {
     let mut reception = Reception::default();
-    let mut warmed = false;
+    let mut warmed = [false; 2];
     loop {
         match tokio::time::timeout(QUIET_LIMIT, client.next()).await {
             Ok(Ok(Some(Packet::Publish(publish)))) => match read_stamp(epoch, &publish.payload) {
-                Some((kind::WARM_UP, _)) if !warmed => {
-                    warmed = true;
-                    ready.count.fetch_add(1, Ordering::Relaxed);
-                    ready.changed.notify_waiters();
+                Some(stamp) if stamp.kind == kind::WARM_UP => {
+                    let phase = if !warmed[0] {
+                        Some(0)
+                    } else if !warmed[1] && stamp.sequence >= ready.marker.load(Ordering::Relaxed) {
+                        Some(1)
+                    } else {
+                        None
+                    };
+                    if let Some(phase) = phase {
+                        warmed[phase] = true;
+                        ready.reached[phase].fetch_add(1, Ordering::Relaxed);
+                        ready.changed.notify_waiters();
+                    }
                 }
-                Some((kind::WARM_UP, _)) => {}
-                Some((kind::END, _)) => break,
-                Some((kind, latency)) => {
-                    reception.latencies.entry(kind).or_default().push(latency);
+                Some(stamp) if stamp.kind == kind::END => break,
+                Some(stamp) => {
+                    reception
+                        .latencies
+                        .entry(stamp.kind)
+                        .or_default()
+                        .push(stamp.latency);
+                    reception.by_sequence.push((stamp.sequence, stamp.latency));
                     progress.add(1);
                 }
                 None => {}
@@ -179,6 +213,15 @@ pub struct StreamResult {
     pub uplink_bytes_per_message: Option<f64>,
     /// Edge CPU time per printer message (relay only).
     pub edge_cpu_us_per_message: Option<f64>,
+    /// This load generator's own CPU time per printer message (its clients
+    /// share the machine's cores with the edge).
+    pub load_generator_cpu_us_per_message: f64,
+    /// From the first warm-up message until every subscriber had one sent
+    /// after all had their first.
+    pub warm_up_seconds: f64,
+    /// The slowest printer messages: (index in the run, seconds after the
+    /// run's start it was sent, its worst latency over all subscribers, µs).
+    pub slowest: Vec<(u64, f64, f64)>,
 }
 
 fn kind_name(kind: u8) -> &'static str {
@@ -226,29 +269,45 @@ pub async fn stream(
     }
     drop(done);
 
-    // Warm up: until every subscriber has one message, so that no
-    // subscription is still on its way when measuring starts.
+    // Warm up: until every subscriber has one message (no subscription is
+    // still on its way), then until every subscriber has one sent after
+    // that (nothing from the warm-up still queued): the run measures the
+    // steady state. The first deliveries to new subscribers are slower;
+    // `warm_up_seconds` tells how long this took.
     let topic = report_topic();
-    let deadline = Instant::now() + WARM_UP_LIMIT;
+    let warm_up_started = Instant::now();
+    let deadline = warm_up_started + WARM_UP_LIMIT;
     let mut sequence = 0u64;
-    while ready.count.load(Ordering::Relaxed) < subscriber_count {
-        let changed = ready.changed.notified();
-        printer
-            .publish(
-                &topic,
-                QoS::AtMostOnce,
-                stamped(epoch, sequence, kind::WARM_UP, 32),
-            )
-            .await?;
-        sequence += 1;
-        let _ = tokio::time::timeout(Duration::from_millis(20), changed).await;
-        if Instant::now() > deadline {
-            bail!(
-                "{label}: only {} of {subscriber_count} subscribers got a message within {WARM_UP_LIMIT:?}",
-                ready.count.load(Ordering::Relaxed)
-            );
+    for phase in 0..2 {
+        if phase == 1 {
+            ready.marker.store(sequence, Ordering::Relaxed);
+        }
+        while ready.reached(phase) < subscriber_count {
+            // One warm-up message every 20 ms at most, however many
+            // subscribers report in meanwhile (each report must not send
+            // one more: that floods the path being measured).
+            let warm_up = stamped(epoch, sequence, kind::WARM_UP, 32);
+            printer.publish(&topic, QoS::AtMostOnce, warm_up).await?;
+            sequence += 1;
+            let next = tokio::time::Instant::now() + Duration::from_millis(20);
+            loop {
+                let changed = ready.changed.notified();
+                if ready.reached(phase) >= subscriber_count {
+                    break;
+                }
+                if tokio::time::timeout_at(next, changed).await.is_err() {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{label}: only {} of {subscriber_count} subscribers got a warm-up message within {WARM_UP_LIMIT:?}",
+                    ready.reached(phase)
+                );
+            }
         }
     }
+    let warm_up = warm_up_started.elapsed();
 
     let expected = plan.len() as u64 * subscriber_count as u64;
     progress.step(format!("{label}: messages delivered"), expected);
@@ -256,7 +315,9 @@ pub async fn stream(
     let tunnel_before = rig.edge.printer_bytes_in().await?;
     let edge_pid = rig.edge.pid()?;
     let cpu_before = cpu_time(edge_pid)?;
+    let own_cpu_before = cpu_time(std::process::id())?;
     let mut printer_bytes = 0u64;
+    let first_sequence = sequence;
     let start = tokio::time::Instant::now();
     for planned in plan {
         tokio::time::sleep_until(start + planned.at).await;
@@ -269,13 +330,28 @@ pub async fn stream(
     printer.publish(&topic, QoS::AtMostOnce, end).await?;
 
     let mut latencies: BTreeMap<u8, Vec<Duration>> = BTreeMap::new();
+    let mut worst: BTreeMap<u64, Duration> = BTreeMap::new();
     while let Some(reception) = receptions.recv().await {
         for (kind, samples) in reception.latencies {
             latencies.entry(kind).or_default().extend(samples);
         }
+        for (sequence, latency) in reception.by_sequence {
+            let entry = worst.entry(sequence - first_sequence).or_default();
+            *entry = (*entry).max(latency);
+        }
     }
+    let mut slowest: Vec<(u64, f64, f64)> = worst
+        .into_iter()
+        .map(|(index, latency)| {
+            let sent_at = plan.get(index as usize).map_or(0.0, |p| p.at.as_secs_f64());
+            (index, sent_at, latency.as_secs_f64() * 1e6)
+        })
+        .collect();
+    slowest.sort_by(|a, b| b.2.total_cmp(&a.2));
+    slowest.truncate(5);
     let window = start.elapsed();
     let cpu_used = cpu_time(edge_pid)?.saturating_sub(cpu_before);
+    let own_cpu_used = cpu_time(std::process::id())?.saturating_sub(own_cpu_before);
     let tunnel_bytes = rig.edge.printer_bytes_in().await? - tunnel_before;
     let client_bytes = bytes_read.load(Ordering::Relaxed) - bytes_before;
     printer.disconnect().await;
@@ -304,6 +380,10 @@ pub async fn stream(
         },
         edge_cpu_us_per_message: is_relay
             .then(|| cpu_used.as_secs_f64() * 1e6 / plan.len().max(1) as f64),
+        load_generator_cpu_us_per_message: own_cpu_used.as_secs_f64() * 1e6
+            / plan.len().max(1) as f64,
+        warm_up_seconds: warm_up.as_secs_f64(),
+        slowest,
     })
 }
 

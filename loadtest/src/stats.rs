@@ -31,12 +31,25 @@ pub fn stamped(epoch: Instant, sequence: u64, kind: u8, size: usize) -> Bytes {
     payload.freeze()
 }
 
-/// Kind and printer → here latency of a stamped payload.
-pub fn read_stamp(epoch: Instant, payload: &[u8]) -> Option<(u8, Duration)> {
+/// What a stamped payload says, read on arrival.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp {
+    pub kind: u8,
+    pub sequence: u64,
+    /// Printer → here.
+    pub latency: Duration,
+}
+
+pub fn read_stamp(epoch: Instant, payload: &[u8]) -> Option<Stamp> {
     let sent = u64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
+    let sequence = u64::from_be_bytes(payload.get(8..16)?.try_into().ok()?);
     let kind = *payload.get(16)?;
     let now = epoch.elapsed().as_nanos() as u64;
-    Some((kind, Duration::from_nanos(now.saturating_sub(sent))))
+    Some(Stamp {
+        kind,
+        sequence,
+        latency: Duration::from_nanos(now.saturating_sub(sent)),
+    })
 }
 
 /// Percentiles of a set of durations, in microseconds.

@@ -789,7 +789,13 @@ impl Hub {
         let mut deliveries: HashMap<SessionId, QoS> = HashMap::new();
         let sessions = &self.sessions;
         self.index.for_each_match(&publish.topic, |session| {
-            if let Some(entry) = sessions.get(session) {
+            if publish.qos == QoS::AtMostOnce {
+                // Every delivery is QoS 0: no need to find the session's best
+                // matching grant (a topic match per filter per session).
+                if sessions.contains_key(session) {
+                    deliveries.insert(*session, QoS::AtMostOnce);
+                }
+            } else if let Some(entry) = sessions.get(session) {
                 let best = entry
                     .filters
                     .iter()

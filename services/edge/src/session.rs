@@ -467,15 +467,14 @@ async fn serve<S>(
         }
     };
     let writer = async {
+        // Looked up once: a label lookup hashes and locks on every use.
+        let messages_out = state.metrics.messages.with_label_values(&["out"]);
+        let bytes_out = state.metrics.bytes.with_label_values(&["out"]);
         while let Some(item) = receiver.recv().await {
             match item {
                 Outbound::Bytes(bytes) => {
-                    state.metrics.messages.with_label_values(&["out"]).inc();
-                    state
-                        .metrics
-                        .bytes
-                        .with_label_values(&["out"])
-                        .inc_by(bytes.len() as u64);
+                    messages_out.inc();
+                    bytes_out.inc_by(bytes.len() as u64);
                     if sink.send(Message::Binary(bytes)).await.is_err() {
                         return None;
                     }

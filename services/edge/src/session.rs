@@ -79,7 +79,10 @@ pub async fn run<S>(
     let mut buffer = BytesMut::new();
     let outcome = tokio::select! {
         outcome = read_connect(&mut socket, &mut buffer, &state) => match outcome {
-            Ok(connect) => admit(connect, request, &state).await,
+            // Boxed here and below: a task keeps room for its largest
+            // state for its whole life, and the key check's database
+            // future is large; an idle session should not carry it.
+            Ok(connect) => Box::pin(admit(connect, request, &state)).await,
             Err(outcome) => outcome,
         },
         _ = tokio::time::sleep(state.config.connect_timeout()) => {
@@ -94,7 +97,9 @@ pub async fn run<S>(
         Outcome::Gone => {
             let _ = tokio::time::timeout(CLOSE_HANDSHAKE_PATIENCE, socket.close()).await;
         }
-        Outcome::Connected(admitted) => serve(socket, buffer, *admitted, &state, shutdown).await,
+        Outcome::Connected(admitted) => {
+            Box::pin(serve(socket, buffer, *admitted, &state, shutdown)).await
+        }
     }
     state.metrics.sessions_open.dec();
 }
@@ -414,7 +419,9 @@ async fn serve<S>(
                     Ok(Some(packet)) => {
                         state.metrics.messages.with_label_values(&["in"]).inc();
                         deadline = tokio::time::Instant::now() + idle_limit;
-                        if let Err(close) = client.on_packet(packet).await {
+                        // Boxed: handling a packet (hub calls) takes more room than
+                        // waiting for one, and sessions mostly wait.
+                        if let Err(close) = Box::pin(client.on_packet(packet)).await {
                             outbound.end(close);
                             return;
                         }

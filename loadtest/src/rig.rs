@@ -157,7 +157,11 @@ fn spawn(program: &Path, args: &[&str], dir: &Path, log: &str) -> anyhow::Result
     let (stdout, stderr) = log_file(dir, log)?;
     Command::new(program)
         .args(args)
-        .env("RELAY_LOG", "warn")
+        // Quiet unless asked (RELAY_LOG=info loadtest/run … to debug).
+        .env(
+            "RELAY_LOG",
+            std::env::var("RELAY_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
@@ -567,5 +571,28 @@ tls = false
         if let Some(database) = self.database.take() {
             database.cleanup().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_metric_is_read_by_its_full_series_name() {
+        let text = "# HELP x\nrelay_edge_printer_bytes_total{direction=\"in\"} 4417\n\
+                    relay_edge_printer_bytes_total{direction=\"out\"} 12\nrelay_edge_agents_connected 1\n";
+        assert_eq!(
+            metric(text, "relay_edge_printer_bytes_total{direction=\"in\"}"),
+            Some(4417.0)
+        );
+        assert_eq!(metric(text, "relay_edge_agents_connected"), Some(1.0));
+        assert_eq!(metric(text, "relay_edge_agents"), None);
+    }
+
+    #[test]
+    fn this_process_has_resident_memory_and_cpu_time() {
+        assert!(rss_bytes(std::process::id()).unwrap() > 0);
+        assert!(cpu_time(std::process::id()).is_ok());
     }
 }

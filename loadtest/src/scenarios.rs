@@ -828,3 +828,29 @@ pub async fn idle_sessions(
         sessions_open_at_edge: sessions_open,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_printer_mix_is_one_full_report_and_ten_deltas_a_second() {
+        let plan = printer_mix(3);
+        let full = plan.iter().filter(|p| p.kind == kind::FULL_REPORT).count();
+        let deltas = plan.iter().filter(|p| p.kind == kind::DELTA).count();
+        assert_eq!((full, deltas), (3, 30));
+        assert!(plan.windows(2).all(|pair| pair[0].at <= pair[1].at));
+        assert_eq!(
+            plan.last().map(|p| p.at),
+            Some(Duration::from_millis(2_900))
+        );
+    }
+
+    #[test]
+    fn a_steady_plan_spaces_messages_evenly() {
+        let plan = steady(1_000, 110, 2);
+        assert_eq!(plan.len(), 2_000);
+        assert_eq!(plan[1].at, Duration::from_millis(1));
+        assert!(plan.iter().all(|p| p.size == 110));
+    }
+}

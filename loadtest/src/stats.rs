@@ -166,3 +166,40 @@ impl Progress {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_the_nearest_rank() {
+        let mut samples: Vec<Duration> = (1..=100).map(Duration::from_micros).collect();
+        samples.reverse();
+        let p = Percentiles::of(&mut samples);
+        assert_eq!(p.count, 100);
+        assert_eq!(p.p50_us, 51.0);
+        assert_eq!(p.p90_us, 90.0);
+        assert_eq!(p.p99_us, 99.0);
+        assert_eq!(p.max_us, 100.0);
+        assert_eq!(Percentiles::of(&mut []).count, 0);
+    }
+
+    #[test]
+    fn a_stamp_reads_back_its_kind_sequence_and_age() {
+        let epoch = Instant::now();
+        let payload = stamped(epoch, 42, kind::FULL_REPORT, 4_400);
+        assert_eq!(payload.len(), 4_400);
+        let stamp = read_stamp(epoch, &payload).unwrap();
+        assert_eq!((stamp.kind, stamp.sequence), (kind::FULL_REPORT, 42));
+        assert!(stamp.latency < Duration::from_secs(5));
+        assert!(read_stamp(epoch, &payload[..10]).is_none());
+        assert_eq!(stamped(epoch, 0, kind::DELTA, 3).len(), 17);
+    }
+
+    #[test]
+    fn durations_print_in_the_unit_that_reads_best() {
+        assert_eq!(micros(141.2), "141 µs");
+        assert_eq!(micros(2_204.0), "2.20 ms");
+        assert_eq!(micros(39_210.0), "39.2 ms");
+    }
+}

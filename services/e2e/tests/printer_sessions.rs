@@ -292,3 +292,22 @@ async fn printer_certificates_can_be_pinned() {
     wrong.cancel();
     world.edge.stop().await;
 }
+
+/// Draining an edge with an agent connected: sessions close with 1001
+/// "draining" (the hub must not end first and close them as "device
+/// offline"), and the agent is told to go away only after them.
+#[tokio::test]
+async fn draining_with_an_agent_closes_sessions_as_draining() {
+    let mut world = world(ACCESS_CODE).await;
+    let mut client =
+        Client::connect(&world.edge, &world.edge.bearer(), connect_packet("app")).await;
+    client.send(&subscribe_report(1)).await;
+    assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
+    next_publish(&mut client).await;
+    let edge = world.edge.edge.take().unwrap();
+    edge.begin_drain();
+    assert_eq!(client.closed().await, Some((1001, "draining".into())));
+    edge.finish_drain(Duration::from_secs(5)).await;
+    world.agent.cancel();
+    world.edge.database.cleanup().await;
+}

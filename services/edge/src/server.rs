@@ -167,10 +167,13 @@ impl RunningEdge {
             let endpoint = quinn::Endpoint::server(server, address)
                 .map_err(|source| StartError::Listen { address, source })?;
             self.tunnel_addr = endpoint.local_addr().ok();
+            // Agents stay connected while sessions drain (their clients get
+            // 1001, not "device offline"); they get GO_AWAY once the
+            // sessions are gone.
             crate::tunnel::spawn_accept_loop(
                 endpoint,
                 self.state.clone(),
-                self.accepting.clone(),
+                self.background.clone(),
                 self.tasks.clone(),
             );
         }

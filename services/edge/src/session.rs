@@ -463,7 +463,12 @@ async fn serve<S>(
                 }
                 _ = ended.cancelled() => return,
                 _ = hub.ended() => {
-                    outbound.end(Close::device_offline());
+                    // A hub that ends because the edge drains is a drain.
+                    outbound.end(if shutdown.is_cancelled() {
+                        Close::draining()
+                    } else {
+                        Close::device_offline()
+                    });
                     return;
                 }
                 _ = shutdown.cancelled() => {

@@ -25,7 +25,9 @@ pub fn spawn_accept_loop(
     stop: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let connections = tasks.clone();
+    // Its own tracker: waiting on the server's would wait on this loop too,
+    // and so always for the whole timeout below.
+    let connections = TaskTracker::new();
     tasks.spawn(async move {
         loop {
             let incoming = tokio::select! {

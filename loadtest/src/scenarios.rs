@@ -111,7 +111,7 @@ async fn read_stamps(
     epoch: Instant,
     ready: Arc<Ready>,
     progress: Progress,
-    done: mpsc::Sender<Reception>,
+    done: mpsc::Sender<(Reception, MqttClient)>,
 ) {
     let mut reception = Reception::default();
     let mut warmed = [false; 2];
@@ -148,8 +148,9 @@ async fn read_stamps(
             _ => break,
         }
     }
-    let _ = done.send(reception).await;
-    client.disconnect().await;
+    // The client stays connected until every subscriber is done: one that
+    // leaves early makes the edge work while others still wait.
+    let _ = done.send((reception, client)).await;
 }
 
 /// Connects `count` clients to `target`, each subscribed to `filter`.
@@ -275,6 +276,9 @@ pub async fn stream(
     // steady state. The first deliveries to new subscribers are slower;
     // `warm_up_seconds` tells how long this took.
     let topic = report_topic();
+    // As big as the largest message: buffers along the path have grown to
+    // it before measuring.
+    let warm_up_size = plan.iter().map(|planned| planned.size).max().unwrap_or(32);
     let warm_up_started = Instant::now();
     let deadline = warm_up_started + WARM_UP_LIMIT;
     let mut sequence = 0u64;
@@ -282,14 +286,22 @@ pub async fn stream(
         if phase == 1 {
             ready.marker.store(sequence, Ordering::Relaxed);
         }
+        // Phase 0: a small message every 20 ms until every subscriber has
+        // one. Phase 1: one message as big as the largest to come (buffers
+        // on the path grow to it now), sent again only if a second passes
+        // without all of them having it: nothing else is sent, so once all
+        // have it nothing from the warm-up is queued anywhere.
+        let (size, every) = match phase {
+            0 => (32, Duration::from_millis(20)),
+            _ => (warm_up_size, Duration::from_secs(1)),
+        };
         while ready.reached(phase) < subscriber_count {
-            // One warm-up message every 20 ms at most, however many
-            // subscribers report in meanwhile (each report must not send
-            // one more: that floods the path being measured).
-            let warm_up = stamped(epoch, sequence, kind::WARM_UP, 32);
+            // One message per period, however many subscribers report in
+            // meanwhile (one per report would flood the path).
+            let warm_up = stamped(epoch, sequence, kind::WARM_UP, size);
             printer.publish(&topic, QoS::AtMostOnce, warm_up).await?;
             sequence += 1;
-            let next = tokio::time::Instant::now() + Duration::from_millis(20);
+            let next = tokio::time::Instant::now() + every;
             loop {
                 let changed = ready.changed.notified();
                 if ready.reached(phase) >= subscriber_count {
@@ -331,7 +343,9 @@ pub async fn stream(
 
     let mut latencies: BTreeMap<u8, Vec<Duration>> = BTreeMap::new();
     let mut worst: BTreeMap<u64, Duration> = BTreeMap::new();
-    while let Some(reception) = receptions.recv().await {
+    let mut finished = Vec::with_capacity(subscriber_count);
+    while let Some((reception, client)) = receptions.recv().await {
+        finished.push(client);
         for (kind, samples) in reception.latencies {
             latencies.entry(kind).or_default().extend(samples);
         }
@@ -355,6 +369,9 @@ pub async fn stream(
     let tunnel_bytes = rig.edge.printer_bytes_in().await? - tunnel_before;
     let client_bytes = bytes_read.load(Ordering::Relaxed) - bytes_before;
     printer.disconnect().await;
+    for client in finished {
+        client.disconnect().await;
+    }
     // The END message also crossed; count it in the per-message division.
     let messages = plan.len() as f64 + 1.0;
     let received: u64 = latencies.values().map(|samples| samples.len() as u64).sum();

@@ -136,6 +136,29 @@ pub fn latency_summary(report: &LatencyReport) -> String {
     out
 }
 
+/// One fan-out run as table cells: path, subscribers, full-report p50 and
+/// p99, delta p99, max, lost, uplink bytes per printer message and that as
+/// a multiple of the message, edge CPU and load-generator CPU per message.
+fn fan_out_cells(run: &StreamResult) -> [String; 11] {
+    let full = p(run, "full").unwrap_or_default();
+    let delta = p(run, "delta").unwrap_or_default();
+    [
+        run.target.clone(),
+        run.subscribers.to_string(),
+        micros(full.p50_us),
+        micros(full.p99_us),
+        micros(delta.p99_us),
+        micros(full.max_us.max(delta.max_us)),
+        run.lost.to_string(),
+        bytes(run.uplink_bytes_per_message),
+        run.uplink_bytes_per_message.map_or("—".into(), |uplink| {
+            format!("{:.1}", uplink / run.printer_bytes_per_message)
+        }),
+        run.edge_cpu_us_per_message.map_or("".into(), micros),
+        micros(run.load_generator_cpu_us_per_message),
+    ]
+}
+
 pub fn fan_out_summary(runs: &[StreamResult]) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -148,24 +171,21 @@ pub fn fan_out_summary(runs: &[StreamResult]) -> String {
         "path", "subs", "full p50", "full p99", "delta p99", "max", "lost", "uplink B/msg", "× msg"
     );
     for run in runs {
-        let full = p(run, "full").unwrap_or_default();
-        let delta = p(run, "delta").unwrap_or_default();
+        let [
+            path,
+            subs,
+            full_p50,
+            full_p99,
+            delta_p99,
+            max,
+            lost,
+            uplink,
+            times,
+            ..,
+        ] = fan_out_cells(run);
         let _ = writeln!(
             out,
-            "  {:<8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>7} {:>12} {:>7}",
-            run.target,
-            run.subscribers,
-            micros(full.p50_us),
-            micros(full.p99_us),
-            micros(delta.p99_us),
-            micros(full.max_us.max(delta.max_us)),
-            run.lost,
-            bytes(run.uplink_bytes_per_message),
-            run.uplink_bytes_per_message
-                .map_or("—".into(), |uplink| format!(
-                    "{:.1}",
-                    uplink / run.printer_bytes_per_message
-                )),
+            "  {path:<8} {subs:>6} {full_p50:>9} {full_p99:>9} {delta_p99:>9} {max:>9} {lost:>7} {uplink:>12} {times:>7}",
         );
     }
     let mut sizes: Vec<usize> = runs.iter().map(|run| run.subscribers).collect();
@@ -324,25 +344,27 @@ pub fn markdown(results: &Results) -> String {
             "**Fan-out**, 4.4 KB full report at 1 Hz + 110 B delta at 10 Hz:\n\n| path | subscribers | full p50 | full p99 | delta p99 | max | lost | uplink bytes per printer message | edge CPU per msg | load generator CPU per msg |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for run in runs {
-            let full = p(run, "full").unwrap_or_default();
-            let delta = p(run, "delta").unwrap_or_default();
+            let [
+                path,
+                subs,
+                full_p50,
+                full_p99,
+                delta_p99,
+                max,
+                lost,
+                uplink,
+                times,
+                edge,
+                load,
+            ] = fan_out_cells(run);
+            let uplink = if times == "—" {
+                uplink
+            } else {
+                format!("{uplink} ({times}×)")
+            };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                run.target,
-                run.subscribers,
-                micros(full.p50_us),
-                micros(full.p99_us),
-                micros(delta.p99_us),
-                micros(full.max_us.max(delta.max_us)),
-                run.lost,
-                run.uplink_bytes_per_message
-                    .map_or("—".into(), |uplink| format!(
-                        "{uplink:.0} ({:.1}×)",
-                        uplink / run.printer_bytes_per_message
-                    )),
-                run.edge_cpu_us_per_message.map_or("".into(), micros),
-                micros(run.load_generator_cpu_us_per_message),
+                "| {path} | {subs} | {full_p50} | {full_p99} | {delta_p99} | {max} | {lost} | {uplink} | {edge} | {load} |",
             );
         }
         out.push('\n');

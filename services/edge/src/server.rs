@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use relay_store::jwt::{JwtConfig, JwtVerifier};
 use relay_store::{AuthConfig, Authenticator, RevocationWatcher, Revoked, Store};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -395,10 +395,24 @@ impl RunningEdge {
     }
 }
 
+/// Connections the kernel may queue before the edge accepts them. After a
+/// restart every client comes back within about a second; tokio's default
+/// (1,024) overflows then and the overflow waits a second for a SYN retry.
+/// The kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4_096;
+
 async fn bind(address: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(address)
-        .await
-        .map_err(|source| StartError::Listen { address, source })
+    let listen = || {
+        let socket = if address.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(address)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| StartError::Listen { address, source })
 }
 
 /// One TCP connection: TLS (bounded in time), then HTTP/1.1 with a header

@@ -456,8 +456,10 @@ pub async fn publish_path(
         .await?;
     let printer_received = Arc::new(AtomicU64::new(0));
     let stop_printer = Arc::new(Notify::new());
+    let printer_counted = Arc::new(Notify::new());
     let printer_task = {
         let received = printer_received.clone();
+        let counted = printer_counted.clone();
         let stop = stop_printer.clone();
         tokio::spawn(async move {
             loop {
@@ -468,6 +470,7 @@ pub async fn publish_path(
                                 let _ = printer.send(&Packet::PubAck(id)).await;
                             }
                             received.fetch_add(1, Ordering::Relaxed);
+                            counted.notify_waiters();
                         }
                         Ok(Some(_)) => {}
                         _ => break,
@@ -531,13 +534,18 @@ pub async fn publish_path(
         failures += failed;
     }
     let acknowledged = latencies.len() as u64;
-    // The printer has the PUBLISH before the edge sends PUBACK (PUBACK
-    // follows the printer's own), so every acknowledged message is counted
-    // once this count is read after the last PUBACK... unless the printer
-    // side's subscriber lags; wait for it, bounded.
-    let deadline = Instant::now() + QUIET_LIMIT;
-    while printer_received.load(Ordering::Relaxed) < acknowledged && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    // Every PUBACK follows the broker's own, but the printer side's
+    // subscriber may still be reading: wait until it has counted them all,
+    // or until it has been quiet too long.
+    let deadline = tokio::time::Instant::now() + QUIET_LIMIT;
+    loop {
+        let counted = printer_counted.notified();
+        if printer_received.load(Ordering::Relaxed) >= acknowledged {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, counted).await.is_err() {
+            break;
+        }
     }
     stop_printer.notify_one();
     let _ = printer_task.await;

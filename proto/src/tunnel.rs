@@ -183,6 +183,17 @@ pub struct GoAway {
     pub reconnect_after_ms: Option<u32>,
 }
 
+/// The kind of broker behind a printer link, as the agent reports it in
+/// SESSION_ACCEPT: the edge's hub adapts to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PrinterKind {
+    /// Any MQTT broker: other clients may publish, and retain, on it.
+    GenericMqtt,
+    /// A Bambu Lab printer's own broker.
+    Bambu,
+    Other(u8),
+}
+
 /// Why the edge sends GO_AWAY.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GoAwayReason {
@@ -205,6 +216,9 @@ pub struct SessionOpen {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionAccept {
     pub session: u64,
+    /// What kind of broker the agent reached; absent from agents that
+    /// predate the field (the edge then assumes a generic broker).
+    pub printer_kind: Option<PrinterKind>,
 }
 
 /// Agent → edge, the only frame back on a session stream that failed; the
@@ -311,6 +325,9 @@ fn decode_body(message_type: u8, body: Bytes) -> Result<Message, TunnelError> {
         }),
         message_type::SESSION_ACCEPT => Message::SessionAccept(SessionAccept {
             session: fields.required(1, "session", Fields::u64)?,
+            printer_kind: fields
+                .optional(2, "printer_kind", Fields::u8)?
+                .map(PrinterKind::from_code),
         }),
         _ => Message::SessionRefused(SessionRefused {
             session: fields.required(1, "session", Fields::u64)?,
@@ -465,6 +482,9 @@ pub fn encode(message: &Message, out: &mut BytesMut) -> Result<(), TunnelError> 
         }
         Message::SessionAccept(accept) => {
             body.u64(1, accept.session);
+            if let Some(kind) = accept.printer_kind {
+                body.u8(2, kind.code());
+            }
             message_type::SESSION_ACCEPT
         }
         Message::SessionRefused(refused) => {
@@ -586,6 +606,11 @@ wire_codes!(LinkDownReason: u8 {
     ProtocolError = 6,
     TimedOut = 7,
     Policy = 8,
+});
+
+wire_codes!(PrinterKind: u8 {
+    GenericMqtt = 1,
+    Bambu = 2,
 });
 
 wire_codes!(GoAwayReason: u16 {

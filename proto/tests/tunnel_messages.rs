@@ -62,7 +62,10 @@ fn unknown_fields_are_skipped() {
     // SESSION_ACCEPT with an extra field 0x09 from a newer peer.
     assert_eq!(
         decode_hex("07 00000010 09 0002 abcd 01 0008 0000000000000003"),
-        Ok(Some(Message::SessionAccept(SessionAccept { session: 3 })))
+        Ok(Some(Message::SessionAccept(SessionAccept {
+            session: 3,
+            printer_kind: None
+        })))
     );
 }
 
@@ -243,7 +246,12 @@ fn any_message() -> impl Strategy<Value = Message> {
                 })
             }
         ),
-        any::<u64>().prop_map(|session| Message::SessionAccept(SessionAccept { session })),
+        (any::<u64>(), proptest::option::of(any::<u8>())).prop_map(|(session, kind)| {
+            Message::SessionAccept(SessionAccept {
+                session,
+                printer_kind: kind.map(relay_proto::tunnel::PrinterKind::from_code),
+            })
+        }),
         (
             any::<u64>(),
             link_down_reason(),

@@ -341,7 +341,13 @@ async fn serve_session(
     };
     if write_message(
         &mut send,
-        &Message::SessionAccept(SessionAccept { session }),
+        &Message::SessionAccept(SessionAccept {
+            session,
+            printer_kind: Some(match printer.kind {
+                crate::config::PrinterKind::Bambu { .. } => tunnel::PrinterKind::Bambu,
+                crate::config::PrinterKind::Mqtt { .. } => tunnel::PrinterKind::GenericMqtt,
+            }),
+        }),
     )
     .await
     .is_err()

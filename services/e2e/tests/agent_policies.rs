@@ -191,9 +191,10 @@ async fn a_printer_slower_than_the_edge_waits_gives_1014() {
     world.edge.stop().await;
 }
 
-/// A retained message on the printer reaches the first subscriber from the
-/// printer and later ones from the hub's copy, without another SUBSCRIBE
-/// upstream.
+/// A retained message on the printer reaches every subscriber, each from
+/// the printer itself: a later subscriber's SUBSCRIBE goes upstream again (a
+/// replacement, which makes the broker re-send what it retains), and the
+/// copy it brings back reaches that subscriber only.
 #[tokio::test]
 async fn retained_messages_reach_later_subscribers() {
     let world = world(ACCESS_CODE).await;
@@ -229,10 +230,13 @@ async fn retained_messages_reach_later_subscribers() {
         // Kept connected, so the filter stays subscribed upstream.
         viewers.push(client);
     }
+    // The first viewer did not get the second one's copy.
+    viewers[0].send(&Packet::PingReq).await;
+    assert_eq!(viewers[0].next().await, Some(Packet::PingResp));
     assert_eq!(
         world.simulator.observations().subscribe_log(),
-        vec![vec![state_topic]],
-        "the second viewer was served from the hub's copy"
+        vec![vec![state_topic.clone()], vec![state_topic]],
+        "the second viewer's SUBSCRIBE replaced the first upstream"
     );
     world.agent.cancel();
     world.edge.stop().await;

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use dashmap::DashMap;
-use relay_proto::tunnel::{self, LinkDownReason, Message, SessionOpen};
+use relay_proto::tunnel::{self, LinkDownReason, Message, PrinterKind, SessionOpen};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{Mutex, Notify, mpsc};
 
-use crate::hub::{HubHandle, HubLimits, Hubs};
+use crate::hub::{HubConfig, HubHandle, Hubs, RetainedReplay, TunnelProbe};
 
 /// An agent's live tunnel.
 #[derive(Debug, Clone)]
@@ -61,12 +61,12 @@ pub struct Devices {
     next_epoch: AtomicU64,
     next_session: AtomicU64,
     registered: Notify,
-    limits: HubLimits,
+    limits: HubConfig,
     open_timeout: Duration,
 }
 
 impl Devices {
-    pub fn new(hubs: Arc<Hubs>, limits: HubLimits, open_timeout: Duration) -> Devices {
+    pub fn new(hubs: Arc<Hubs>, limits: HubConfig, open_timeout: Duration) -> Devices {
         Devices {
             tunnels: DashMap::new(),
             hubs,
@@ -199,12 +199,17 @@ impl Devices {
         match reply {
             Some(Message::SessionAccept(accept)) if accept.session == session => {
                 let connection = tunnel.connection.clone();
-                let alive: crate::hub::TunnelProbe =
-                    Arc::new(move || connection.close_reason().is_none());
-                let upstream = tokio::io::join(recv, send);
+                let alive: TunnelProbe = Arc::new(move || connection.close_reason().is_none());
+                let config = HubConfig {
+                    replay_retained: match accept.printer_kind {
+                        Some(PrinterKind::Bambu) => RetainedReplay::WhenSeen,
+                        _ => RetainedReplay::Always,
+                    },
+                    ..self.limits
+                };
                 Ok(self
                     .hubs
-                    .start(device_id.to_owned(), upstream, self.limits, Some(alive)))
+                    .start(device_id.to_owned(), recv, send, config, Some(alive)))
             }
             Some(Message::SessionRefused(refused)) => Err(Unavailable::Printer {
                 reason: refused.reason,

@@ -391,6 +391,8 @@ impl RunningEdge {
         self.background.cancel();
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+        // Tunnels are gone by now; hubs over other upstreams end here.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.state.hubs.end_all()).await;
         self.state.authenticator.store().close().await;
     }
 }

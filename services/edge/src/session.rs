@@ -3,17 +3,17 @@
 //! Generic over any `Stream + Sink` of WebSocket messages, so it runs the
 //! same over TLS, plain TCP, or an in-memory pipe. MQTT packets may span
 //! binary messages or share one: bytes go through one persistent buffer and
-//! the proto decoder. Until the device hub exists (agents and tunnels come
-//! next), every authenticated client learns that its device is offline.
+//! the proto decoder. What needs the device's state (subscriptions, packet
+//! ids, client-id takeover, wills) is the hub's: the session hands it every
+//! packet it has checked.
 
-use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use relay_proto::mqtt::{self, ConnAck, Connect, ConnectReturnCode, DecodeError, Packet};
+use relay_proto::mqtt::{self, ConnAck, Connect, ConnectReturnCode, DecodeError, Packet, Publish};
 use relay_proto::topic::{TopicLimits, validate_topic_filter, validate_topic_name};
 use relay_store::{AuthFailure, Principal, RequestCredentials, Scope};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::close::{Close, connack_code_name};
 use crate::devices::Unavailable;
-use crate::hub::{HubHandle, Outbound, OutboundSender, outbound_queue};
+use crate::hub::{HubHandle, Outbound, OutboundSender, SessionAttach, SessionId, outbound_queue};
 use crate::state::{EdgeState, LiveSession};
 
 /// How long to wait for the client's answer to our close frame.
@@ -333,6 +333,10 @@ async fn finish<S>(
     .await;
 }
 
+/// QoS 1 and 2 PUBLISHes of one session that may wait for the printer's
+/// PUBACK at once; past this the client is cut with `limit:`.
+const MAX_UNACKNOWLEDGED_PUBLISHES: usize = 1024;
+
 /// Serves an accepted client: CONNACK 0, then its packets until it leaves,
 /// breaks a rule, stops reading, misses its keep-alive, or the edge drains.
 async fn serve<S>(
@@ -353,7 +357,35 @@ async fn serve<S>(
     let limits = &state.config.limits;
     let session_id = state.hubs.next_session_id();
     let (outbound, mut receiver, ended) = outbound_queue(limits.outbound_buffer_bytes);
-    if !hub.attach(session_id, outbound.clone()).await {
+    // The will goes out on any end but DISCONNECT, if the key may publish;
+    // at its own QoS, as a broker would.
+    let will = connect
+        .will
+        .filter(|_| principal.scope == Scope::Control)
+        .map(|will| Publish {
+            dup: false,
+            qos: will.qos,
+            retain: will.retain,
+            topic: will.topic,
+            packet_id: None,
+            payload: will.payload,
+        });
+    let attach = SessionAttach {
+        sink: outbound.clone(),
+        client_id: connect.client_id.clone(),
+        will,
+        max_subscriptions: limits.max_subscriptions,
+        max_unacknowledged: MAX_UNACKNOWLEDGED_PUBLISHES,
+    };
+    // CONNACK first: the hub may queue deliveries (or a takeover's close)
+    // right after the attach.
+    state.metrics.connacks.with_label_values(&["0"]).inc();
+    outbound.send_packet(&Packet::ConnAck(ConnAck {
+        session_present: false,
+        code: ConnectReturnCode::Accepted,
+    }));
+    if !hub.attach(session_id, attach).await {
+        drop(receiver);
         finish(
             &mut socket,
             Some(ConnectReturnCode::ServerUnavailable),
@@ -363,16 +395,6 @@ async fn serve<S>(
         .await;
         return;
     }
-    // A newer session with the same client id on the same device replaces
-    // the older one, as MQTT requires.
-    let client_key = (device_id.clone(), connect.client_id.clone());
-    if !connect.client_id.is_empty()
-        && let Some((_, older)) = state
-            .client_ids
-            .insert(client_key.clone(), (session_id, outbound.clone()))
-    {
-        older.end(Close::replaced());
-    }
     state.live_sessions.insert(
         session_id,
         LiveSession {
@@ -381,11 +403,6 @@ async fn serve<S>(
             outbound: outbound.clone(),
         },
     );
-    state.metrics.connacks.with_label_values(&["0"]).inc();
-    outbound.send_packet(&Packet::ConnAck(ConnAck {
-        session_present: false,
-        code: ConnectReturnCode::Accepted,
-    }));
     tracing::info!(key = %principal.key_id, client = %connect.client_id, "session connected");
 
     // Keep-alive 0 (off) gets the longest one allowed; the client must send
@@ -400,7 +417,6 @@ async fn serve<S>(
     let mut client = ClientState {
         principal: &principal,
         disconnected: false,
-        subscriptions: HashSet::new(),
         topic_limits: TopicLimits {
             max_len_bytes: limits.max_topic_len,
             max_levels: usize::MAX,
@@ -408,8 +424,8 @@ async fn serve<S>(
         session_id,
         hub: &hub,
         outbound: &outbound,
-        state,
     };
+    // Whether the client began the closing handshake.
     let reader = async {
         let mut deadline = tokio::time::Instant::now() + idle_limit;
         loop {
@@ -423,13 +439,13 @@ async fn serve<S>(
                         // waiting for one, and sessions mostly wait.
                         if let Err(close) = Box::pin(client.on_packet(packet)).await {
                             outbound.end(close);
-                            return;
+                            return false;
                         }
                     }
                     Ok(None) => break,
                     Err(error) => {
                         outbound.end(close_for_decode_error(&error));
-                        return;
+                        return false;
                     }
                 }
             }
@@ -441,11 +457,15 @@ async fn serve<S>(
                     }
                     Some(Ok(Message::Text(_))) => {
                         outbound.end(Close::text_frame());
-                        return;
+                        return false;
                     }
-                    Some(Ok(Message::Close(_))) | None => {
+                    Some(Ok(Message::Close(_))) => {
                         outbound.end(Close::normal());
-                        return;
+                        return true;
+                    }
+                    None => {
+                        outbound.end(Close::normal());
+                        return false;
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                     Some(Err(error)) => {
@@ -454,14 +474,14 @@ async fn serve<S>(
                         } else {
                             outbound.end(Close::normal());
                         }
-                        return;
+                        return false;
                     }
                 },
                 _ = tokio::time::sleep_until(deadline) => {
                     outbound.end(Close::protocol("keep-alive timeout"));
-                    return;
+                    return false;
                 }
-                _ = ended.cancelled() => return,
+                _ = ended.cancelled() => return false,
                 _ = hub.ended() => {
                     // A hub that ends because the edge drains is a drain.
                     outbound.end(if shutdown.is_cancelled() {
@@ -469,11 +489,11 @@ async fn serve<S>(
                     } else {
                         Close::device_offline()
                     });
-                    return;
+                    return false;
                 }
                 _ = shutdown.cancelled() => {
                     outbound.end(Close::draining());
-                    return;
+                    return false;
                 }
             }
         }
@@ -507,44 +527,37 @@ async fn serve<S>(
             } => None,
         }
     };
-    let ((), close) = tokio::join!(reader, bounded_writer);
+    let (client_closed, close) = tokio::join!(reader, bounded_writer);
     state.live_sessions.remove(&session_id);
-    state
-        .client_ids
-        .remove_if(&client_key, |_, (owner, _)| *owner == session_id);
-    // The will goes out on any end but DISCONNECT, if the key may publish.
-    if let Some(will) = connect
-        .will
-        .filter(|_| !client.disconnected && principal.scope == Scope::Control)
-    {
-        let will = relay_proto::mqtt::Publish {
-            dup: false,
-            qos: will.qos.min(relay_proto::mqtt::QoS::AtMostOnce),
-            retain: will.retain,
-            topic: will.topic,
-            packet_id: None,
-            payload: will.payload,
-        };
-        hub.publish(session_id, will).await;
-    }
-    hub.detach(session_id).await;
-    if let Some(close) = close {
-        let _ = tokio::time::timeout(
-            CLOSE_HANDSHAKE_PATIENCE,
-            sink.send(close_message(close, state)),
-        )
-        .await;
-    }
+    hub.detach(session_id, client.disconnected).await;
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_PATIENCE, async {
+        if client_closed {
+            // The WebSocket layer queued the echo of the client's close
+            // frame (RFC 6455 §5.5.1); closing flushes it.
+            if let Some(close) = close {
+                count_close(&close, state);
+            }
+            let _ = sink.close().await;
+        } else if let Some(close) = close {
+            let _ = sink.send(close_message(close, state)).await;
+        }
+    })
+    .await;
 }
 
-/// The close frame for `close`, counted and logged.
-fn close_message(close: Close, state: &EdgeState) -> Message {
+/// Counts and logs a session's close.
+fn count_close(close: &Close, state: &EdgeState) {
     state
         .metrics
         .close_codes
         .with_label_values(&[&close.code.to_string()])
         .inc();
     tracing::info!(code = close.code, reason = %close.reason, "closing session");
+}
+
+/// The close frame for `close`, counted and logged.
+fn close_message(close: Close, state: &EdgeState) -> Message {
+    count_close(&close, state);
     Message::Close(Some(CloseFrame {
         code: CloseCode::from(close.code),
         reason: close.reason.into(),
@@ -556,68 +569,36 @@ struct ClientState<'a> {
     principal: &'a Principal,
     /// The client sent DISCONNECT: no will message.
     disconnected: bool,
-    subscriptions: HashSet<String>,
     topic_limits: TopicLimits,
-    session_id: u64,
+    session_id: SessionId,
     hub: &'a HubHandle,
     outbound: &'a OutboundSender,
-    state: &'a EdgeState,
 }
 
 impl ClientState<'_> {
-    /// Handles one packet from the client; `Err` ends the session.
+    /// Handles one packet from the client; `Err` ends the session. Rules
+    /// that need no hub state are checked here; the hub does the rest.
     async fn on_packet(&mut self, packet: Packet) -> Result<(), Close> {
-        let limits = &self.state.config.limits;
-        match packet {
+        match &packet {
             Packet::PingReq => {
-                self.outbound.send_packet(&Packet::PingResp);
+                if !self.outbound.send_packet(&Packet::PingResp) {
+                    return Err(Close::limit("slow consumer"));
+                }
+                return Ok(());
             }
             Packet::Subscribe(subscribe) => {
                 for (filter, _) in &subscribe.filters {
                     validate_topic_filter(filter, &self.topic_limits)
                         .map_err(|error| Close::limit(&format!("topic filter: {error}")))?;
                 }
-                let new = subscribe
-                    .filters
-                    .iter()
-                    .filter(|(filter, _)| !self.subscriptions.contains(filter))
-                    .count();
-                if self.subscriptions.len() + new > limits.max_subscriptions {
-                    return Err(Close::limit(&format!(
-                        "more than {} subscriptions",
-                        limits.max_subscriptions
-                    )));
-                }
-                self.subscriptions
-                    .extend(subscribe.filters.iter().map(|(filter, _)| filter.clone()));
-                if !self.hub.subscribe(self.session_id, subscribe).await {
-                    return Err(Close::device_offline());
-                }
             }
-            Packet::Unsubscribe(unsubscribe) => {
-                for filter in &unsubscribe.filters {
-                    self.subscriptions.remove(filter);
-                }
-                if !self.hub.unsubscribe(self.session_id, unsubscribe).await {
-                    return Err(Close::device_offline());
-                }
-            }
+            Packet::Unsubscribe(_) | Packet::PubAck(_) | Packet::PubRel(_) => {}
             Packet::Publish(publish) => {
                 if self.principal.scope == Scope::Read {
                     return Err(Close::forbidden("read-only key"));
                 }
                 validate_topic_name(&publish.topic, &self.topic_limits)
                     .map_err(|error| Close::limit(&format!("topic: {error}")))?;
-                if !self.hub.publish(self.session_id, publish).await {
-                    return Err(Close::device_offline());
-                }
-            }
-            // Acknowledgements of our QoS 1 deliveries: nothing to keep.
-            Packet::PubAck(_) => {}
-            // The last step of a client's QoS 2 PUBLISH (PUBREC came once the
-            // printer had it).
-            Packet::PubRel(id) => {
-                self.outbound.send_packet(&Packet::PubComp(id));
             }
             Packet::Disconnect => {
                 self.disconnected = true;
@@ -630,6 +611,9 @@ impl ClientState<'_> {
                     other.packet_type()
                 )));
             }
+        }
+        if !self.hub.client_packet(self.session_id, packet).await {
+            return Err(Close::device_offline());
         }
         Ok(())
     }

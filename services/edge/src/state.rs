@@ -9,7 +9,7 @@ use relay_store::Authenticator;
 use crate::close::Close;
 use crate::config::EdgeConfig;
 use crate::devices::Devices;
-use crate::hub::{HubLimits, Hubs, OutboundSender, SessionId};
+use crate::hub::{HubConfig, Hubs, OutboundSender, SessionId};
 use crate::limiter::FailureLimiter;
 use crate::metrics::Metrics;
 
@@ -24,8 +24,6 @@ pub struct EdgeState {
     pub devices: Devices,
     /// Connected sessions, so that a revocation can end them.
     pub live_sessions: DashMap<SessionId, LiveSession>,
-    /// (device, client id) → the session holding it.
-    pub client_ids: DashMap<(String, String), (SessionId, OutboundSender)>,
     /// Set once the drain starts: `/readyz` fails from then on.
     draining: AtomicBool,
 }
@@ -41,10 +39,9 @@ impl EdgeState {
         let tunnel = &config.tunnel;
         let devices = Devices::new(
             hubs.clone(),
-            HubLimits {
-                max_upstream_packet: tunnel.max_printer_packet,
-                upstream_keep_alive: std::time::Duration::from_secs(30),
+            HubConfig {
                 linger: Some(std::time::Duration::from_secs(tunnel.linger_seconds)),
+                ..HubConfig::new(tunnel.max_printer_packet)
             },
             std::time::Duration::from_secs(tunnel.session_open_timeout_seconds),
         );
@@ -56,7 +53,6 @@ impl EdgeState {
             hubs,
             devices,
             live_sessions: DashMap::new(),
-            client_ids: DashMap::new(),
             draining: AtomicBool::new(false),
         }
     }

@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
-use relay_edge::hub::HubLimits;
+use relay_edge::hub::{HubConfig, RetainedReplay};
 use relay_proto::mqtt::{
     ConnectReturnCode, Packet, PacketId, Publish, QoS, SubAck, Subscribe, SubscribeReturnCode,
     Unsubscribe,
@@ -19,10 +19,11 @@ use support::*;
 use tokio::io::DuplexStream;
 use tokio::net::TcpStream;
 
-const LIMITS: HubLimits = HubLimits {
+const LIMITS: HubConfig = HubConfig {
     max_upstream_packet: 256 * 1024,
     upstream_keep_alive: Duration::from_secs(30),
     linger: None,
+    replay_retained: RetainedReplay::WhenSeen,
 };
 
 fn id(value: u16) -> PacketId {
@@ -50,11 +51,12 @@ fn publish(topic: &str, qos: QoS, packet_id: Option<u16>, payload: &'static [u8]
 /// Puts the device online with a scripted printer behind an in-memory pipe.
 fn online_with_scripted_printer(edge: &TestEdge) -> MqttPeer<DuplexStream> {
     let (hub_side, printer_side) = tokio::io::duplex(1 << 20);
+    let (reader, writer) = tokio::io::split(hub_side);
     edge.edge
         .as_ref()
         .unwrap()
         .hubs()
-        .start(edge.device.clone(), hub_side, LIMITS, None);
+        .start(edge.device.clone(), reader, writer, LIMITS, None);
     MqttPeer::new(printer_side)
 }
 
@@ -382,11 +384,12 @@ async fn messages_flow_through_a_real_mosquitto() {
         }
     };
     let hub_upstream = connect_upstream(format!("relay-hub-{serial}")).await;
+    let (reader, writer) = hub_upstream.io.into_split();
     edge.edge
         .as_ref()
         .unwrap()
         .hubs()
-        .start(edge.device.clone(), hub_upstream.io, LIMITS, None);
+        .start(edge.device.clone(), reader, writer, LIMITS, None);
     let mut printer = connect_upstream(format!("printer-{serial}")).await;
 
     let report = format!("device/{serial}/report");
@@ -475,17 +478,15 @@ async fn qos2_from_a_client_completes_at_the_edge_after_the_printer_has_it() {
     edge.stop().await;
 }
 
+/// The scripted printer behaves as a broker does with a retained message:
+/// it sends it (RETAIN=1) after the SUBACK of each SUBSCRIBE that matches
+/// it, and live deliveries carry RETAIN=0. The hub passes each retained
+/// copy to the session whose SUBSCRIBE caused it, and to no other.
 #[tokio::test]
 async fn later_subscribers_get_the_printers_retained_message() {
     let edge = TestEdge::start().await;
     let mut printer = online_with_scripted_printer(&edge);
     let bearer = edge.bearer();
-    let mut first = Client::connect(&edge, &bearer, connect_packet("first")).await;
-    first
-        .send(&subscribe(1, &[("device/x/state", QoS::AtMostOnce)]))
-        .await;
-    grant(&mut printer, QoS::AtMostOnce).await;
-    assert!(matches!(first.next().await, Some(Packet::SubAck(_))));
     let mut retained = Publish {
         dup: false,
         qos: QoS::AtMostOnce,
@@ -494,9 +495,15 @@ async fn later_subscribers_get_the_printers_retained_message() {
         packet_id: None,
         payload: Bytes::from_static(b"idle"),
     };
+    let mut first = Client::connect(&edge, &bearer, connect_packet("first")).await;
+    first
+        .send(&subscribe(1, &[("device/x/state", QoS::AtMostOnce)]))
+        .await;
+    grant(&mut printer, QoS::AtMostOnce).await;
+    assert!(matches!(first.next().await, Some(Packet::SubAck(_))));
     printer.send(&Packet::Publish(retained.clone())).await;
     assert!(
-        matches!(first.next().await, Some(Packet::Publish(p)) if p.payload == retained.payload)
+        matches!(first.next().await, Some(Packet::Publish(p)) if p.payload == retained.payload && p.retain)
     );
 
     let mut later = Client::connect(&edge, &bearer, connect_packet("later")).await;
@@ -509,13 +516,20 @@ async fn later_subscribers_get_the_printers_retained_message() {
             ],
         ))
         .await;
-    grant(&mut printer, QoS::AtMostOnce).await;
+    assert_eq!(
+        grant(&mut printer, QoS::AtMostOnce).await,
+        vec!["device/+/state".to_owned(), "device/x/state".to_owned()]
+    );
     assert!(matches!(later.next().await, Some(Packet::SubAck(_))));
+    printer.send(&Packet::Publish(retained.clone())).await;
     let Some(Packet::Publish(delivered)) = later.next().await else {
         panic!("no retained message for the later subscriber");
     };
     assert!(delivered.retain);
     assert_eq!(delivered.payload, Bytes::from_static(b"idle"));
+    // The first subscriber did not get the later one's copy.
+    first.send(&Packet::PingReq).await;
+    assert_eq!(first.next().await, Some(Packet::PingResp));
     // An empty retained message clears it.
     retained.payload = Bytes::new();
     printer.send(&Packet::Publish(retained)).await;

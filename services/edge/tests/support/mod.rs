@@ -354,12 +354,18 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> MqttPeer<T> {
         self.io.write_all(&encode(packet)).await.unwrap();
     }
 
-    /// The next packet, or `None` at the end of the stream.
+    /// The next packet, or `None` at the end of the stream. A PINGREQ is
+    /// answered with PINGRESP, as a broker does, and not returned: the hub
+    /// pings to learn when a SUBSCRIBE's retained messages are all through.
     pub async fn next(&mut self) -> Option<Packet> {
         use tokio::io::AsyncReadExt;
         tokio::time::timeout(PATIENCE, async {
             loop {
                 if let Some(packet) = mqtt::decode(&mut self.buffer, 1 << 20).unwrap() {
+                    if packet == Packet::PingReq {
+                        self.send(&Packet::PingResp).await;
+                        continue;
+                    }
                     return Some(packet);
                 }
                 if self.io.read_buf(&mut self.buffer).await.unwrap() == 0 {

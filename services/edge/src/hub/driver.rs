@@ -1,0 +1,130 @@
+//! The hub's driver: one task per hub that owns the IO around a
+//! [`HubState`]. Reading the upstream, reading the sessions' commands,
+//! writing upstream and waking for timers all happen in one `select!`, so a
+//! write held by flow control never stops the hub from reading. Every read
+//! is into a persistent buffer (cancel-safe), and a write reports what it
+//! wrote before another branch runs.
+
+use std::time::Instant;
+
+use bytes::BytesMut;
+use relay_proto::mqtt::{self, Packet};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::outbound::OutboundSender;
+use super::registry::TunnelProbe;
+use super::state::{HubConfig, HubEnd, HubState, SessionAttach, SessionId};
+
+/// Upstream bytes the hub queues before it stops taking commands: sessions
+/// then wait on the bounded command queue instead of growing this buffer.
+const MAX_UPSTREAM_BACKLOG: usize = 256 * 1024;
+
+/// Requests from sessions to their hub.
+#[derive(Debug)]
+pub(super) enum Command {
+    Attach {
+        session: SessionId,
+        attach: SessionAttach<OutboundSender>,
+    },
+    ClientPacket {
+        session: SessionId,
+        packet: Packet,
+    },
+    Detach {
+        session: SessionId,
+        graceful: bool,
+    },
+}
+
+/// What the driver works with besides the state.
+pub(super) struct HubIo<R, W> {
+    pub reader: R,
+    pub writer: W,
+    pub commands: mpsc::Receiver<Command>,
+    /// Cancelled from outside to end the hub (tunnel gone, replaced).
+    pub ended: CancellationToken,
+    pub byte_counter: Option<prometheus::IntCounterVec>,
+    pub tunnel_alive: Option<TunnelProbe>,
+}
+
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Runs a hub until its upstream ends or it is told to end; its sessions
+/// are ended with the matching close.
+pub(super) async fn run<R, W>(config: HubConfig, io: HubIo<R, W>) -> HubEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let HubIo {
+        mut reader,
+        mut writer,
+        mut commands,
+        ended,
+        byte_counter,
+        tunnel_alive,
+    } = io;
+    let bytes_in = byte_counter.as_ref().map(|c| c.with_label_values(&["in"]));
+    let bytes_out = byte_counter.as_ref().map(|c| c.with_label_values(&["out"]));
+    let mut state: HubState<OutboundSender> = HubState::new(config, now());
+    let mut read_buffer = BytesMut::with_capacity(4096);
+    let end = loop {
+        if let Some(end) = state.take_end() {
+            break end;
+        }
+        let wake_at = tokio::time::Instant::from_std(state.poll_timeout());
+        let writing = !state.upstream_pending().is_empty();
+        let taking_commands = state.upstream_pending().len() < MAX_UPSTREAM_BACKLOG;
+        tokio::select! {
+            read = reader.read_buf(&mut read_buffer) => match read {
+                Ok(0) => break HubEnd::UpstreamClosed,
+                Ok(read) => {
+                    if let Some(counter) = &bytes_in {
+                        counter.inc_by(read as u64);
+                    }
+                    let now = now();
+                    loop {
+                        match mqtt::decode(&mut read_buffer, config.max_upstream_packet) {
+                            Ok(Some(packet)) => state.handle_upstream_packet(packet, now),
+                            Ok(None) => break,
+                            Err(error) => {
+                                state.handle_upstream_error(error);
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(error) => break HubEnd::UpstreamIo(error),
+            },
+            written = writer.write(state.upstream_pending()), if writing => match written {
+                Ok(0) => break HubEnd::UpstreamClosed,
+                Ok(written) => {
+                    if let Some(counter) = &bytes_out {
+                        counter.inc_by(written as u64);
+                    }
+                    state.upstream_written(written);
+                }
+                Err(error) => break HubEnd::UpstreamIo(error),
+            },
+            command = commands.recv(), if taking_commands => match command {
+                Some(Command::Attach { session, attach }) => state.attach(session, attach, now()),
+                Some(Command::ClientPacket { session, packet }) => {
+                    state.handle_client_packet(session, packet, now());
+                }
+                Some(Command::Detach { session, graceful }) => state.detach(session, graceful, now()),
+                // Every handle is gone: nobody can reach this hub.
+                None => break HubEnd::Ended,
+            },
+            () = tokio::time::sleep_until(wake_at) => state.handle_timeout(now()),
+            () = ended.cancelled() => break HubEnd::Ended,
+        }
+    };
+    let tunnel_gone = tunnel_alive.as_ref().is_some_and(|alive| !alive());
+    state.end_all_sessions(&end.close(tunnel_gone));
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer.shutdown()).await;
+    end
+}

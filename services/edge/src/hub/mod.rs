@@ -1,0 +1,35 @@
+//! The device hub: one per online device. It owns the device's one upstream
+//! MQTT connection (already past CONNECT/CONNACK: whoever dialled it holds
+//! the printer's credentials) and multiplexes every client session over it.
+//!
+//! - Client subscriptions become reference-counted upstream subscriptions:
+//!   the printer sees one SUBSCRIBE per distinct filter and one UNSUBSCRIBE
+//!   when the last client leaves it. Upstream subscriptions are made at QoS 1
+//!   at most; a client is granted `min(requested, upstream grant)`.
+//! - A session that subscribes to a filter the upstream already holds makes
+//!   the hub subscribe it again: the broker then re-sends its retained
+//!   messages, and the hub gives them to that session only.
+//! - A message from the printer is read once and fanned out: QoS 0
+//!   deliveries share one encoded buffer whatever the number of clients.
+//! - Packet ids are remapped: a client's QoS 1 PUBLISH is acknowledged to it
+//!   only after the printer acknowledged it.
+//! - Client ids are unique per device: a newer session replaces the older.
+//! - Each session's outbound bytes are bounded; a client that stops reading
+//!   is cut off as a slow consumer instead of growing the edge's memory.
+//!
+//! The rules live in [`state`], a sans-IO state machine; [`driver`] runs it
+//! over the upstream's halves and the sessions' commands; [`outbound`] is a
+//! session's bounded queue; [`registry`] finds and starts hubs.
+
+mod driver;
+pub mod outbound;
+pub mod registry;
+pub mod state;
+#[cfg(test)]
+mod tests;
+
+pub use outbound::{Outbound, OutboundReceiver, OutboundSender, outbound_queue};
+pub use registry::{HubHandle, Hubs, TunnelProbe};
+pub use state::{
+    HubConfig, HubEnd, HubState, RetainedReplay, SessionAttach, SessionId, SessionSink,
+};

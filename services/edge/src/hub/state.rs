@@ -1,0 +1,946 @@
+//! The device hub's rules as a state machine, without IO.
+//!
+//! [`HubState`] takes what happens (a session attaches, a client packet
+//! arrives, the upstream sends a packet, time passes) through `handle_*` and
+//! `attach`/`detach` calls, with the time passed in. It answers with bytes
+//! for the upstream ([`HubState::upstream_pending`]), deliveries pushed into
+//! each session's [`SessionSink`], session ends, the next time it wants to be
+//! woken ([`HubState::poll_timeout`]) and its own end
+//! ([`HubState::take_end`]). It reads no clock, owns no socket and spawns
+//! nothing: the driver in `driver.rs` does that, and the tests beside it
+//! drive it packet by packet.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use relay_proto::mqtt::{
+    self, DecodeError, Packet, PacketId, PacketType, Publish, QoS, SubAck, Subscribe,
+    SubscribeReturnCode, Unsubscribe,
+};
+use relay_proto::subscription_index::SubscriptionIndex;
+use relay_proto::topic::topic_matches;
+
+use crate::close::Close;
+
+/// Identifies a session within its edge.
+pub type SessionId = u64;
+
+/// Where the hub puts what a session's client should receive. Pushing is
+/// not IO: the production sink is a bounded in-memory queue drained by the
+/// session's writer; the tests' sink is a vector.
+pub trait SessionSink {
+    /// Queues encoded MQTT bytes for the client. False when they do not fit
+    /// the session's byte budget, or the session is gone.
+    fn deliver(&self, bytes: Bytes) -> bool;
+    /// Ends the session with `close`, after what is already queued.
+    fn end(&self, close: Close);
+}
+
+/// What a hub is told once, when it starts.
+#[derive(Debug, Clone, Copy)]
+pub struct HubConfig {
+    /// Largest packet accepted from the upstream.
+    pub max_upstream_packet: usize,
+    /// PINGREQ towards the upstream at this interval.
+    pub upstream_keep_alive: Duration,
+    /// End the hub once it has had no session for this long; `None` keeps
+    /// it while the upstream lives.
+    pub linger: Option<Duration>,
+    /// When a session subscribing to a filter the upstream already holds
+    /// makes the hub subscribe it again, so that the broker re-sends its
+    /// retained messages (MQTT 3.1.1 §3.8.4) for that session only.
+    pub replay_retained: RetainedReplay,
+}
+
+/// When a joining session's filter is subscribed upstream again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetainedReplay {
+    /// Always: any client of the broker may have left retained messages
+    /// (a generic broker).
+    Always,
+    /// Only when the hub has seen a retained message under the filter, from
+    /// the upstream or from one of its sessions: a broker with no other
+    /// publisher of retained messages (a Bambu printer), whose few client
+    /// slots and small CPU should not hear a SUBSCRIBE per app.
+    WhenSeen,
+}
+
+/// Topics with retained messages a [`RetainedReplay::WhenSeen`] hub
+/// remembers; past this it replays for every joining filter.
+const MAX_SEEN_RETAINED_TOPICS: usize = 1_000;
+
+impl HubConfig {
+    /// Defaults for a hub over an agent's printer link.
+    pub fn new(max_upstream_packet: usize) -> HubConfig {
+        HubConfig {
+            max_upstream_packet,
+            upstream_keep_alive: Duration::from_secs(30),
+            linger: None,
+            replay_retained: RetainedReplay::Always,
+        }
+    }
+}
+
+/// What a session brings to its hub when it attaches.
+#[derive(Debug)]
+pub struct SessionAttach<S> {
+    pub sink: S,
+    /// The client id; a later session with the same one replaces this one.
+    /// Empty: no takeover.
+    pub client_id: String,
+    /// Published when the session ends without DISCONNECT. The session
+    /// passes it only when its key may publish.
+    pub will: Option<Publish>,
+    /// Most filters this session may hold at once.
+    pub max_subscriptions: usize,
+    /// Most of its QoS 1 and 2 PUBLISHes awaiting the printer's PUBACK.
+    pub max_unacknowledged: usize,
+}
+
+/// Why a hub ended.
+#[derive(Debug, thiserror::Error)]
+pub enum HubEnd {
+    #[error("the upstream closed")]
+    UpstreamClosed,
+    #[error("upstream I/O failed: {0}")]
+    UpstreamIo(#[from] std::io::Error),
+    #[error("the upstream broke the protocol: {0}")]
+    UpstreamProtocol(#[from] UpstreamViolation),
+    /// Replaced by a newer hub, or its tunnel ended.
+    #[error("ended by the edge")]
+    Ended,
+    /// No session for the linger time.
+    #[error("idle for the linger time")]
+    Idle,
+}
+
+impl HubEnd {
+    /// The close its sessions get: a lost tunnel is the device going
+    /// offline (1013); a lost printer behind a live tunnel is 1014.
+    pub fn close(&self, tunnel_gone: bool) -> Close {
+        match self {
+            HubEnd::Ended | HubEnd::Idle => Close::device_offline(),
+            _ if tunnel_gone => Close::device_offline(),
+            _ => Close::printer_unreachable("connection lost"),
+        }
+    }
+}
+
+/// What the upstream did wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamViolation {
+    #[error("malformed MQTT: {0}")]
+    Malformed(#[from] DecodeError),
+    #[error("unexpected {0} from the printer")]
+    Unexpected(PacketType),
+}
+
+/// A filter the upstream is subscribed to on the sessions' behalf.
+#[derive(Debug)]
+struct UpstreamFilter {
+    /// Sessions holding it.
+    holders: usize,
+    /// What the upstream granted; `None` until its first SUBACK.
+    granted: Option<SubscribeReturnCode>,
+}
+
+#[derive(Debug)]
+struct SessionEntry<S> {
+    sink: S,
+    client_id: String,
+    will: Option<Publish>,
+    /// Filters and the QoS this session asked for.
+    filters: HashMap<String, QoS>,
+    max_subscriptions: usize,
+    max_unacknowledged: usize,
+    /// QoS 1 and 2 PUBLISHes waiting for the printer.
+    unacknowledged: usize,
+    /// The client's QoS 2 packet ids between its PUBLISH and its PUBREL:
+    /// true once PUBREC went out. A re-sent PUBLISH with such an id is not
+    /// forwarded again (exactly once towards the edge).
+    exactly_once: HashMap<PacketId, bool>,
+    next_packet_id: u16,
+}
+
+impl<S> SessionEntry<S> {
+    fn allocate_packet_id(&mut self) -> PacketId {
+        self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+        PacketId::new(self.next_packet_id).unwrap_or(PacketId::MIN)
+    }
+}
+
+/// What an upstream packet id is waiting for.
+#[derive(Debug)]
+enum Pending {
+    /// A SUBSCRIBE for these filters; clients' SUBSCRIBEs wait on it.
+    Subscribe {
+        filters: Vec<String>,
+    },
+    Unsubscribe,
+    /// A QoS 1 PUBLISH: `origin` (a session and its own packet id) is
+    /// acknowledged when the upstream does. A will has no origin.
+    Publish {
+        origin: Option<(SessionId, PacketId)>,
+        exactly_once: bool,
+    },
+}
+
+/// A client SUBSCRIBE waiting for upstream grants.
+#[derive(Debug)]
+struct WaitingSubscribe {
+    session: SessionId,
+    packet_id: PacketId,
+    filters: Vec<(String, QoS)>,
+}
+
+/// Sessions waiting for the retained messages that one upstream SUBSCRIBE
+/// makes the broker send. The broker answers a SUBSCRIBE with its SUBACK
+/// and then those messages, and it answers packets in order: the PINGREQ
+/// sent right after the SUBSCRIBE comes back once they are all through.
+#[derive(Debug)]
+struct OpenReplay {
+    subscribe_id: PacketId,
+    suback_seen: bool,
+    /// (filter, session, QoS the session asked for).
+    joiners: Vec<(String, SessionId, QoS)>,
+}
+
+/// Open replays kept at most; past this the oldest is forgotten (its
+/// sessions then get later retained copies as live messages).
+const MAX_OPEN_REPLAYS: usize = 256;
+
+/// The hub of one device: every session's view of the one upstream.
+#[derive(Debug)]
+pub struct HubState<S> {
+    config: HubConfig,
+    sessions: HashMap<SessionId, SessionEntry<S>>,
+    client_ids: HashMap<String, SessionId>,
+    index: SubscriptionIndex<SessionId>,
+    upstream_filters: HashMap<String, UpstreamFilter>,
+    pending: HashMap<PacketId, Pending>,
+    waiting_subscribes: Vec<WaitingSubscribe>,
+    replays: VecDeque<OpenReplay>,
+    /// One entry per PINGREQ in flight, oldest first: the replay it closes.
+    pings_in_flight: VecDeque<Option<PacketId>>,
+    next_upstream_id: u16,
+    /// When the last session left (or the hub started).
+    idle_since: Option<Instant>,
+    next_ping: Instant,
+    /// Encoded packets for the upstream, written by the driver.
+    to_upstream: BytesMut,
+    end: Option<HubEnd>,
+    /// Reused per fan-out: (session, QoS) matches.
+    matches: Vec<(SessionId, QoS)>,
+    /// Topics known to hold a retained message upstream; `None` once
+    /// there were too many to track.
+    seen_retained: Option<std::collections::HashSet<String>>,
+}
+
+impl<S: SessionSink> HubState<S> {
+    pub fn new(config: HubConfig, now: Instant) -> HubState<S> {
+        HubState {
+            config,
+            sessions: HashMap::new(),
+            client_ids: HashMap::new(),
+            index: SubscriptionIndex::new(),
+            upstream_filters: HashMap::new(),
+            pending: HashMap::new(),
+            waiting_subscribes: Vec::new(),
+            replays: VecDeque::new(),
+            pings_in_flight: VecDeque::new(),
+            next_upstream_id: 0,
+            idle_since: Some(now),
+            next_ping: now + config.upstream_keep_alive,
+            to_upstream: BytesMut::new(),
+            end: None,
+            matches: Vec::new(),
+            seen_retained: Some(std::collections::HashSet::new()),
+        }
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.config
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Distinct filters the upstream is subscribed to (or being).
+    pub fn upstream_filter_count(&self) -> usize {
+        self.upstream_filters.len()
+    }
+
+    /// Bytes waiting to be written upstream, oldest first.
+    pub fn upstream_pending(&self) -> &[u8] {
+        &self.to_upstream
+    }
+
+    /// The driver wrote the first `written` bytes of
+    /// [`Self::upstream_pending`].
+    pub fn upstream_written(&mut self, written: usize) {
+        let _ = self
+            .to_upstream
+            .split_to(written.min(self.to_upstream.len()));
+    }
+
+    /// The hub's end, once it has decided to end.
+    pub fn take_end(&mut self) -> Option<HubEnd> {
+        self.end.take()
+    }
+
+    /// When [`Self::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Instant {
+        match (self.config.linger, self.idle_since) {
+            (Some(linger), Some(since)) => self.next_ping.min(since + linger),
+            _ => self.next_ping,
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let (Some(linger), Some(since)) = (self.config.linger, self.idle_since)
+            && now >= since + linger
+        {
+            self.end.get_or_insert(HubEnd::Idle);
+            return;
+        }
+        if now >= self.next_ping {
+            self.ping_upstream(None);
+            self.next_ping = now + self.config.upstream_keep_alive;
+        }
+    }
+
+    /// A new session. One that holds the same client id is ended (replaced)
+    /// first, as MQTT requires; its will goes out.
+    pub fn attach(&mut self, session: SessionId, attach: SessionAttach<S>, now: Instant) {
+        if !attach.client_id.is_empty()
+            && let Some(older) = self.client_ids.insert(attach.client_id.clone(), session)
+            && older != session
+        {
+            self.end_session(older, Close::replaced(), now);
+        }
+        self.idle_since = None;
+        self.sessions.insert(
+            session,
+            SessionEntry {
+                sink: attach.sink,
+                client_id: attach.client_id,
+                will: attach.will,
+                filters: HashMap::new(),
+                max_subscriptions: attach.max_subscriptions,
+                max_unacknowledged: attach.max_unacknowledged,
+                unacknowledged: 0,
+                exactly_once: HashMap::new(),
+                next_packet_id: 0,
+            },
+        );
+    }
+
+    /// The session is gone. `graceful`: it sent DISCONNECT, so its will is
+    /// discarded; otherwise the will is published.
+    pub fn detach(&mut self, session: SessionId, graceful: bool, now: Instant) {
+        let Some(entry) = self.remove_session(session, now) else {
+            return;
+        };
+        if !graceful && let Some(will) = entry.will {
+            self.publish_upstream(None, will);
+        }
+    }
+
+    /// A packet from a client. The session has already checked what needs
+    /// no hub state (topic syntax, its key's scope).
+    pub fn handle_client_packet(&mut self, session: SessionId, packet: Packet, now: Instant) {
+        if !self.sessions.contains_key(&session) {
+            return;
+        }
+        match packet {
+            Packet::Subscribe(subscribe) => self.on_subscribe(session, subscribe, now),
+            Packet::Unsubscribe(unsubscribe) => self.on_unsubscribe(session, unsubscribe),
+            Packet::Publish(publish) => self.on_client_publish(session, publish, now),
+            Packet::PubRel(id) => {
+                if let Some(entry) = self.sessions.get_mut(&session) {
+                    entry.exactly_once.remove(&id);
+                }
+                self.send_to(session, &Packet::PubComp(id), now);
+            }
+            // Acknowledgements of our QoS 1 deliveries: nothing is kept.
+            Packet::PubAck(_) => {}
+            other => self.end_session(
+                session,
+                Close::protocol(format!("unexpected {} from a client", other.packet_type())),
+                now,
+            ),
+        }
+    }
+
+    /// A packet from the upstream.
+    pub fn handle_upstream_packet(&mut self, packet: Packet, now: Instant) {
+        match packet {
+            Packet::Publish(publish) => self.on_upstream_publish(publish, now),
+            Packet::SubAck(suback) => self.on_suback(suback, now),
+            Packet::UnsubAck(id) => {
+                self.pending.remove(&id);
+            }
+            Packet::PubAck(id) => self.on_upstream_puback(id, now),
+            Packet::PingResp => {
+                if let Some(Some(replay)) = self.pings_in_flight.pop_front() {
+                    self.replays.retain(|open| open.subscribe_id != replay);
+                }
+            }
+            other => {
+                self.end
+                    .get_or_insert(HubEnd::UpstreamProtocol(UpstreamViolation::Unexpected(
+                        other.packet_type(),
+                    )));
+            }
+        }
+    }
+
+    /// Bytes from the upstream that do not decode.
+    pub fn handle_upstream_error(&mut self, error: DecodeError) {
+        self.end
+            .get_or_insert(HubEnd::UpstreamProtocol(UpstreamViolation::Malformed(
+                error,
+            )));
+    }
+
+    /// Ends every session with `close` (the hub is going away).
+    pub fn end_all_sessions(&mut self, close: &Close) {
+        for (_, entry) in self.sessions.drain() {
+            entry.sink.end(close.clone());
+        }
+        self.client_ids.clear();
+    }
+
+    fn remove_session(&mut self, session: SessionId, now: Instant) -> Option<SessionEntry<S>> {
+        let entry = self.sessions.remove(&session)?;
+        for filter in entry.filters.keys() {
+            self.index.remove(filter, &session);
+            self.release_upstream(filter);
+        }
+        self.waiting_subscribes
+            .retain(|waiting| waiting.session != session);
+        for replay in &mut self.replays {
+            replay.joiners.retain(|(_, joiner, _)| *joiner != session);
+        }
+        if self.client_ids.get(&entry.client_id) == Some(&session) {
+            self.client_ids.remove(&entry.client_id);
+        }
+        if self.sessions.is_empty() {
+            self.idle_since = Some(now);
+        }
+        Some(entry)
+    }
+
+    /// Ends a session from the hub's side: it is detached at once (its
+    /// will goes out) and told to close.
+    fn end_session(&mut self, session: SessionId, close: Close, now: Instant) {
+        if let Some(entry) = self.remove_session(session, now) {
+            entry.sink.end(close);
+            if let Some(will) = entry.will {
+                self.publish_upstream(None, will);
+            }
+        }
+    }
+
+    /// Encodes `packet` for one session; a session over its budget is
+    /// ended as a slow consumer.
+    fn send_to(&mut self, session: SessionId, packet: &Packet, now: Instant) {
+        let Some(entry) = self.sessions.get(&session) else {
+            return;
+        };
+        if !entry.sink.deliver(encode(packet)) {
+            self.end_session(session, Close::limit("slow consumer"), now);
+        }
+    }
+
+    fn queue_upstream(&mut self, packet: &Packet) {
+        // Every packet the hub builds is within MQTT's limits: its parts
+        // were decoded from packets that were.
+        let _ = mqtt::encode(packet, &mut self.to_upstream);
+    }
+
+    fn ping_upstream(&mut self, closes_replay: Option<PacketId>) {
+        self.queue_upstream(&Packet::PingReq);
+        self.pings_in_flight.push_back(closes_replay);
+    }
+
+    fn allocate_upstream_id(&mut self) -> Option<PacketId> {
+        if self.pending.len() >= usize::from(u16::MAX) {
+            return None;
+        }
+        loop {
+            self.next_upstream_id = self.next_upstream_id.checked_add(1).unwrap_or(1);
+            let id = PacketId::new(self.next_upstream_id)?;
+            if !self.pending.contains_key(&id) {
+                return Some(id);
+            }
+        }
+    }
+
+    fn on_subscribe(&mut self, session: SessionId, subscribe: Subscribe, now: Instant) {
+        let Some(entry) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let added = subscribe
+            .filters
+            .iter()
+            .filter(|(filter, _)| !entry.filters.contains_key(filter))
+            .count();
+        if entry.filters.len() + added > entry.max_subscriptions {
+            let limit = entry.max_subscriptions;
+            self.end_session(
+                session,
+                Close::limit(&format!("more than {limit} subscriptions")),
+                now,
+            );
+            return;
+        }
+        let Some(entry) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        // Filters the upstream SUBSCRIBE carries; joiners of retained
+        // messages per upstream SUBSCRIBE in flight.
+        let mut carried = Vec::new();
+        let mut joiners = Vec::new();
+        let mut joins_in_flight: Vec<(PacketId, String, QoS)> = Vec::new();
+        for (filter, qos) in &subscribe.filters {
+            let newly_held = entry.filters.insert(filter.clone(), *qos).is_none();
+            if newly_held {
+                self.index.insert(filter, session);
+            }
+            match self.upstream_filters.get_mut(filter) {
+                None => {
+                    self.upstream_filters.insert(
+                        filter.clone(),
+                        UpstreamFilter {
+                            holders: 1,
+                            granted: None,
+                        },
+                    );
+                    carried.push(filter.clone());
+                    joiners.push((filter.clone(), session, *qos));
+                }
+                Some(upstream) => {
+                    if newly_held {
+                        upstream.holders += 1;
+                    }
+                    let in_flight = self.replays.iter().rev().find(|replay| {
+                        !replay.suback_seen
+                            && matches!(
+                                self.pending.get(&replay.subscribe_id),
+                                Some(Pending::Subscribe { filters }) if filters.contains(filter)
+                            )
+                    });
+                    if let Some(replay) = in_flight {
+                        // Its retained messages have not started yet.
+                        joins_in_flight.push((replay.subscribe_id, filter.clone(), *qos));
+                    } else if upstream.granted.is_none() {
+                        // Subscribing, but its replay was forgotten: it
+                        // waits for the grant without retained messages.
+                    } else if replay_wanted(
+                        self.config.replay_retained,
+                        self.seen_retained.as_ref(),
+                        filter,
+                    ) {
+                        carried.push(filter.clone());
+                        joiners.push((filter.clone(), session, *qos));
+                    }
+                }
+            }
+        }
+        for (replay_id, filter, qos) in joins_in_flight {
+            if let Some(replay) = self
+                .replays
+                .iter_mut()
+                .find(|replay| replay.subscribe_id == replay_id)
+            {
+                replay.joiners.push((filter, session, qos));
+            }
+        }
+        if !carried.is_empty() {
+            let Some(upstream_id) = self.allocate_upstream_id() else {
+                self.end_session(session, Close::limit("hub busy"), now);
+                return;
+            };
+            let packet = Packet::Subscribe(Subscribe {
+                packet_id: upstream_id,
+                filters: carried
+                    .iter()
+                    .map(|filter| (filter.clone(), QoS::AtLeastOnce))
+                    .collect(),
+            });
+            self.queue_upstream(&packet);
+            self.pending
+                .insert(upstream_id, Pending::Subscribe { filters: carried });
+            self.replays.push_back(OpenReplay {
+                subscribe_id: upstream_id,
+                suback_seen: false,
+                joiners,
+            });
+            if self.replays.len() > MAX_OPEN_REPLAYS {
+                self.replays.pop_front();
+            }
+            self.ping_upstream(Some(upstream_id));
+        }
+        self.waiting_subscribes.push(WaitingSubscribe {
+            session,
+            packet_id: subscribe.packet_id,
+            filters: subscribe.filters,
+        });
+        self.answer_ready_subscribes(now);
+    }
+
+    fn on_unsubscribe(&mut self, session: SessionId, unsubscribe: Unsubscribe) {
+        for filter in &unsubscribe.filters {
+            self.drop_filter(session, filter);
+        }
+        for replay in &mut self.replays {
+            replay.joiners.retain(|(filter, joiner, _)| {
+                *joiner != session || !unsubscribe.filters.contains(filter)
+            });
+        }
+        if let Some(entry) = self.sessions.get(&session) {
+            // An UNSUBACK is tiny; a session over budget is caught by the
+            // next delivery.
+            let _ = entry
+                .sink
+                .deliver(encode(&Packet::UnsubAck(unsubscribe.packet_id)));
+        }
+    }
+
+    /// Sends SUBACK to every waiting client whose filters all have an
+    /// upstream grant by now.
+    fn answer_ready_subscribes(&mut self, now: Instant) {
+        let mut answered = Vec::new();
+        for waiting in std::mem::take(&mut self.waiting_subscribes) {
+            let grants: Option<Vec<SubscribeReturnCode>> = waiting
+                .filters
+                .iter()
+                .map(|(filter, requested)| {
+                    let granted = self.upstream_filters.get(filter)?.granted?;
+                    Some(match granted {
+                        SubscribeReturnCode::Success(upstream) => {
+                            SubscribeReturnCode::Success((*requested).min(upstream))
+                        }
+                        SubscribeReturnCode::Failure => SubscribeReturnCode::Failure,
+                    })
+                })
+                .collect();
+            match grants {
+                Some(grants) => answered.push((waiting, grants)),
+                None => self.waiting_subscribes.push(waiting),
+            }
+        }
+        for (waiting, grants) in answered {
+            // Refused filters are dropped again.
+            for ((filter, _), grant) in waiting.filters.iter().zip(&grants) {
+                if *grant == SubscribeReturnCode::Failure {
+                    self.drop_filter(waiting.session, filter);
+                }
+            }
+            self.send_to(
+                waiting.session,
+                &Packet::SubAck(SubAck {
+                    packet_id: waiting.packet_id,
+                    return_codes: grants,
+                }),
+                now,
+            );
+        }
+    }
+
+    fn drop_filter(&mut self, session: SessionId, filter: &str) {
+        let Some(entry) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if entry.filters.remove(filter).is_some() {
+            self.index.remove(filter, &session);
+            self.release_upstream(filter);
+        }
+    }
+
+    fn release_upstream(&mut self, filter: &str) {
+        let Some(upstream) = self.upstream_filters.get_mut(filter) else {
+            return;
+        };
+        upstream.holders = upstream.holders.saturating_sub(1);
+        if upstream.holders > 0 {
+            return;
+        }
+        let was_granted = matches!(upstream.granted, Some(SubscribeReturnCode::Success(_)));
+        self.upstream_filters.remove(filter);
+        if was_granted && let Some(id) = self.allocate_upstream_id() {
+            self.queue_upstream(&Packet::Unsubscribe(Unsubscribe {
+                packet_id: id,
+                filters: vec![filter.to_owned()],
+            }));
+            self.pending.insert(id, Pending::Unsubscribe);
+        }
+    }
+
+    fn on_client_publish(&mut self, session: SessionId, publish: Publish, now: Instant) {
+        let Some(entry) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let Some(client_id) = publish.packet_id else {
+            self.publish_upstream(None, publish);
+            return;
+        };
+        if publish.qos == QoS::ExactlyOnce {
+            match entry.exactly_once.get(&client_id) {
+                // A re-sent PUBLISH already acknowledged: PUBREC again.
+                Some(true) => {
+                    self.send_to(session, &Packet::PubRec(client_id), now);
+                    return;
+                }
+                // Still with the printer: its PUBREC follows.
+                Some(false) => return,
+                None => {}
+            }
+        }
+        if entry.unacknowledged >= entry.max_unacknowledged {
+            let limit = entry.max_unacknowledged;
+            self.end_session(
+                session,
+                Close::limit(&format!("more than {limit} unacknowledged publishes")),
+                now,
+            );
+            return;
+        }
+        if self.pending.len() >= usize::from(u16::MAX) {
+            self.end_session(session, Close::limit("hub busy"), now);
+            return;
+        }
+        if let Some(entry) = self.sessions.get_mut(&session) {
+            entry.unacknowledged += 1;
+            if publish.qos == QoS::ExactlyOnce {
+                entry.exactly_once.insert(client_id, false);
+            }
+        }
+        self.publish_upstream(Some((session, client_id)), publish);
+    }
+
+    /// Sends a PUBLISH upstream: QoS 0 as it is, QoS 1 and 2 as QoS 1 with
+    /// an upstream packet id (QoS 2 completes at the edge).
+    fn publish_upstream(&mut self, origin: Option<(SessionId, PacketId)>, mut publish: Publish) {
+        publish.dup = false;
+        if publish.retain {
+            self.note_retained(&publish.topic, publish.payload.is_empty());
+        }
+        if publish.qos == QoS::AtMostOnce {
+            publish.packet_id = None;
+            self.queue_upstream(&Packet::Publish(publish));
+            return;
+        }
+        let Some(id) = self.allocate_upstream_id() else {
+            return;
+        };
+        let exactly_once = publish.qos == QoS::ExactlyOnce;
+        publish.qos = QoS::AtLeastOnce;
+        publish.packet_id = Some(id);
+        self.queue_upstream(&Packet::Publish(publish));
+        self.pending.insert(
+            id,
+            Pending::Publish {
+                origin,
+                exactly_once,
+            },
+        );
+    }
+
+    fn on_upstream_puback(&mut self, id: PacketId, now: Instant) {
+        let Some(Pending::Publish {
+            origin: Some((session, client_id)),
+            exactly_once,
+        }) = self.pending.remove(&id)
+        else {
+            return;
+        };
+        let Some(entry) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        entry.unacknowledged = entry.unacknowledged.saturating_sub(1);
+        let answer = if exactly_once {
+            entry.exactly_once.insert(client_id, true);
+            Packet::PubRec(client_id)
+        } else {
+            Packet::PubAck(client_id)
+        };
+        self.send_to(session, &answer, now);
+    }
+
+    fn on_suback(&mut self, suback: SubAck, now: Instant) {
+        let Some(Pending::Subscribe { filters }) = self.pending.remove(&suback.packet_id) else {
+            return;
+        };
+        for (index, filter) in filters.iter().enumerate() {
+            let grant = suback
+                .return_codes
+                .get(index)
+                .copied()
+                .unwrap_or(SubscribeReturnCode::Failure);
+            if let Some(upstream) = self.upstream_filters.get_mut(filter) {
+                // A replay keeps the first grant unless it improves it.
+                if upstream.granted.is_none() || matches!(grant, SubscribeReturnCode::Success(_)) {
+                    upstream.granted = Some(grant);
+                }
+            }
+        }
+        if let Some(replay) = self
+            .replays
+            .iter_mut()
+            .find(|replay| replay.subscribe_id == suback.packet_id)
+        {
+            replay.suback_seen = true;
+        }
+        self.answer_ready_subscribes(now);
+    }
+
+    /// Notes that `topic` holds a retained message upstream (or no longer,
+    /// for an empty one).
+    fn note_retained(&mut self, topic: &str, empty: bool) {
+        let Some(seen) = &mut self.seen_retained else {
+            return;
+        };
+        if empty {
+            seen.remove(topic);
+        } else if seen.len() >= MAX_SEEN_RETAINED_TOPICS {
+            self.seen_retained = None;
+        } else if !seen.contains(topic) {
+            seen.insert(topic.to_owned());
+        }
+    }
+
+    fn on_upstream_publish(&mut self, publish: Publish, now: Instant) {
+        if let Some(id) = publish.packet_id {
+            self.queue_upstream(&Packet::PubAck(id));
+        }
+        if publish.retain {
+            self.note_retained(&publish.topic, publish.payload.is_empty());
+        }
+        self.matches.clear();
+        let mut retained_replay = false;
+        if publish.retain {
+            // A broker sets RETAIN only on what a new SUBSCRIBE makes it
+            // send (MQTT-3.3.1-8/9): it goes to the sessions that joined
+            // through the latest such SUBSCRIBE it matches.
+            let replay = self
+                .replays
+                .iter()
+                .rev()
+                .filter(|replay| replay.suback_seen)
+                .find(|replay| {
+                    replay
+                        .joiners
+                        .iter()
+                        .any(|(filter, _, _)| topic_matches(filter, &publish.topic))
+                });
+            if let Some(replay) = replay {
+                retained_replay = true;
+                for (filter, session, qos) in &replay.joiners {
+                    if topic_matches(filter, &publish.topic) {
+                        self.matches.push((*session, *qos));
+                    }
+                }
+            }
+        }
+        if !retained_replay {
+            let sessions = &self.sessions;
+            let matches = &mut self.matches;
+            let topic = &publish.topic;
+            let at_most_once = publish.qos == QoS::AtMostOnce;
+            self.index.for_each_match(topic, |session| {
+                if at_most_once {
+                    // Every delivery is QoS 0: no need to find the
+                    // session's best matching grant.
+                    matches.push((*session, QoS::AtMostOnce));
+                } else if let Some(entry) = sessions.get(session) {
+                    let best = entry
+                        .filters
+                        .iter()
+                        .filter(|(filter, _)| topic_matches(filter, topic))
+                        .map(|(_, qos)| *qos)
+                        .max()
+                        .unwrap_or(QoS::AtMostOnce);
+                    matches.push((*session, best));
+                }
+            });
+        }
+        self.deliver_publish(&publish, now);
+    }
+
+    /// Delivers `publish` once to each session in `self.matches`, at the
+    /// lowest of its QoS, the session's and QoS 1.
+    fn deliver_publish(&mut self, publish: &Publish, now: Instant) {
+        let mut matches = std::mem::take(&mut self.matches);
+        if matches.len() > 1 {
+            // One delivery per session, at its best matching QoS.
+            matches.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+            matches.dedup_by_key(|(session, _)| *session);
+        }
+        let mut shared_at_most_once: Option<Bytes> = None;
+        let mut slow = Vec::new();
+        for (session, wanted) in &matches {
+            let Some(entry) = self.sessions.get_mut(session) else {
+                continue;
+            };
+            let qos = (*wanted).min(publish.qos).min(QoS::AtLeastOnce);
+            let delivered = if qos == QoS::AtMostOnce {
+                let bytes = shared_at_most_once
+                    .get_or_insert_with(|| {
+                        encode(&Packet::Publish(Publish {
+                            dup: false,
+                            qos: QoS::AtMostOnce,
+                            retain: publish.retain,
+                            topic: publish.topic.clone(),
+                            packet_id: None,
+                            payload: publish.payload.clone(),
+                        }))
+                    })
+                    .clone();
+                entry.sink.deliver(bytes)
+            } else {
+                let packet_id = entry.allocate_packet_id();
+                entry.sink.deliver(encode(&Packet::Publish(Publish {
+                    dup: false,
+                    qos,
+                    retain: publish.retain,
+                    topic: publish.topic.clone(),
+                    packet_id: Some(packet_id),
+                    payload: publish.payload.clone(),
+                })))
+            };
+            if !delivered {
+                slow.push(*session);
+            }
+        }
+        matches.clear();
+        self.matches = matches;
+        for session in slow {
+            self.end_session(session, Close::limit("slow consumer"), now);
+        }
+    }
+}
+
+/// Whether a joining session's held `filter` is subscribed upstream again.
+fn replay_wanted(
+    replay: RetainedReplay,
+    seen: Option<&std::collections::HashSet<String>>,
+    filter: &str,
+) -> bool {
+    match (replay, seen) {
+        (RetainedReplay::Always, _) | (RetainedReplay::WhenSeen, None) => true,
+        (RetainedReplay::WhenSeen, Some(seen)) => {
+            seen.iter().any(|topic| topic_matches(filter, topic))
+        }
+    }
+}
+
+fn encode(packet: &Packet) -> Bytes {
+    let mut bytes = BytesMut::new();
+    // Packets built by the hub come from decoded, bounded parts.
+    let _ = mqtt::encode(packet, &mut bytes);
+    bytes.freeze()
+}

@@ -1,0 +1,1 @@
+//! Unit tests of the hub's state, packet by packet.

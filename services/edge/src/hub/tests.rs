@@ -1,1 +1,757 @@
-//! Unit tests of the hub's state, packet by packet.
+//! Unit tests of the hub's state, packet by packet: a deterministic
+//! harness (in the way of quinn-proto's test pair) holds a [`HubState`],
+//! a clock it moves by hand, sessions whose sinks record what they got, and
+//! the upstream's side, played by each test as a broker would.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use relay_proto::mqtt::{
+    self, Packet, PacketId, Publish, QoS, SubAck, Subscribe, SubscribeReturnCode, Unsubscribe,
+};
+
+use super::state::{
+    HubConfig, HubEnd, HubState, RetainedReplay, SessionAttach, SessionId, SessionSink,
+};
+use crate::close::Close;
+
+/// What one session's client has been sent.
+#[derive(Debug, Default)]
+struct Received {
+    budget: usize,
+    queued: usize,
+    packets: Vec<Packet>,
+    ended: Option<Close>,
+}
+
+#[derive(Debug, Clone)]
+struct RecordingSink(Rc<RefCell<Received>>);
+
+impl SessionSink for RecordingSink {
+    fn deliver(&self, bytes: Bytes) -> bool {
+        let mut received = self.0.borrow_mut();
+        if received.queued + bytes.len() > received.budget {
+            return false;
+        }
+        received.queued += bytes.len();
+        let mut buffer = BytesMut::from(&bytes[..]);
+        while let Some(packet) = mqtt::decode(&mut buffer, usize::MAX).unwrap() {
+            received.packets.push(packet);
+        }
+        assert!(buffer.is_empty(), "a delivery holds whole packets");
+        true
+    }
+
+    fn end(&self, close: Close) {
+        self.0.borrow_mut().ended.get_or_insert(close);
+    }
+}
+
+struct Harness {
+    hub: HubState<RecordingSink>,
+    now: Instant,
+    sessions: HashMap<SessionId, Rc<RefCell<Received>>>,
+}
+
+fn id(value: u16) -> PacketId {
+    PacketId::new(value).unwrap()
+}
+
+fn config(replay: RetainedReplay) -> HubConfig {
+    HubConfig {
+        max_upstream_packet: 1 << 20,
+        upstream_keep_alive: Duration::from_secs(30),
+        linger: None,
+        replay_retained: replay,
+    }
+}
+
+fn publish(topic: &str, qos: QoS, packet_id: Option<u16>, payload: &'static [u8]) -> Publish {
+    Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        packet_id: packet_id.map(id),
+        payload: Bytes::from_static(payload),
+    }
+}
+
+fn retained(topic: &str, payload: &'static [u8]) -> Publish {
+    Publish {
+        retain: true,
+        ..publish(topic, QoS::AtMostOnce, None, payload)
+    }
+}
+
+fn subscribe(packet_id: u16, filters: &[(&str, QoS)]) -> Packet {
+    Packet::Subscribe(Subscribe {
+        packet_id: id(packet_id),
+        filters: filters.iter().map(|(f, q)| (f.to_string(), *q)).collect(),
+    })
+}
+
+fn suback(packet_id: u16, codes: &[SubscribeReturnCode]) -> Packet {
+    Packet::SubAck(SubAck {
+        packet_id: id(packet_id),
+        return_codes: codes.to_vec(),
+    })
+}
+
+fn granted(qos: QoS) -> SubscribeReturnCode {
+    SubscribeReturnCode::Success(qos)
+}
+
+impl Harness {
+    fn new(config: HubConfig) -> Harness {
+        let now = Instant::now();
+        Harness {
+            hub: HubState::new(config, now),
+            now,
+            sessions: HashMap::new(),
+        }
+    }
+
+    fn attach_with(&mut self, session: SessionId, client_id: &str, will: Option<Publish>) {
+        let received = Rc::new(RefCell::new(Received {
+            budget: 1 << 20,
+            ..Received::default()
+        }));
+        self.sessions.insert(session, received.clone());
+        self.hub.attach(
+            session,
+            SessionAttach {
+                sink: RecordingSink(received),
+                client_id: client_id.into(),
+                will,
+                max_subscriptions: 3,
+                max_unacknowledged: 4,
+            },
+            self.now,
+        );
+    }
+
+    fn attach(&mut self, session: SessionId) {
+        self.attach_with(session, &format!("client-{session}"), None);
+    }
+
+    fn client(&mut self, session: SessionId, packet: Packet) {
+        self.hub.handle_client_packet(session, packet, self.now);
+    }
+
+    fn printer(&mut self, packet: Packet) {
+        self.hub.handle_upstream_packet(packet, self.now);
+    }
+
+    /// What the hub wrote upstream since the last call, PINGREQs included.
+    fn upstream_with_pings(&mut self) -> Vec<Packet> {
+        let mut buffer = BytesMut::from(self.hub.upstream_pending());
+        let written = buffer.len();
+        self.hub.upstream_written(written);
+        let mut packets = Vec::new();
+        while let Some(packet) = mqtt::decode(&mut buffer, usize::MAX).unwrap() {
+            packets.push(packet);
+        }
+        packets
+    }
+
+    /// What the hub wrote upstream since the last call; PINGREQs are
+    /// answered, as a broker would, and left out.
+    fn upstream(&mut self) -> Vec<Packet> {
+        let packets = self.upstream_with_pings();
+        let (pings, others): (Vec<_>, Vec<_>) =
+            packets.into_iter().partition(|p| *p == Packet::PingReq);
+        for _ in pings {
+            self.printer(Packet::PingResp);
+        }
+        others
+    }
+
+    /// The one SUBSCRIBE the hub sent upstream since the last look.
+    fn upstream_subscribe(&mut self) -> Subscribe {
+        let packets = self.upstream_with_pings();
+        let mut subscribes = packets.into_iter().filter_map(|packet| match packet {
+            Packet::Subscribe(subscribe) => Some(subscribe),
+            _ => None,
+        });
+        let subscribe = subscribes.next().expect("a SUBSCRIBE upstream");
+        assert!(subscribes.next().is_none(), "one SUBSCRIBE upstream");
+        subscribe
+    }
+
+    fn received(&mut self, session: SessionId) -> Vec<Packet> {
+        std::mem::take(&mut self.sessions[&session].borrow_mut().packets)
+    }
+
+    fn ended(&self, session: SessionId) -> Option<Close> {
+        self.sessions[&session].borrow().ended.clone()
+    }
+
+    fn publishes(&mut self, session: SessionId) -> Vec<Publish> {
+        self.received(session)
+            .into_iter()
+            .map(|packet| match packet {
+                Packet::Publish(publish) => publish,
+                other => panic!("expected PUBLISH, got {other:?}"),
+            })
+            .collect()
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.hub.handle_timeout(self.now);
+    }
+
+    /// Subscribes `session` to `filter` on a fresh filter and grants it.
+    fn subscribed(&mut self, session: SessionId, filter: &str, grant: QoS) {
+        self.client(session, subscribe(1, &[(filter, QoS::AtLeastOnce)]));
+        let upstream = self.upstream_subscribe();
+        self.printer(suback(
+            upstream.packet_id.get(),
+            &vec![granted(grant); upstream.filters.len()],
+        ));
+        assert!(matches!(
+            self.received(session).as_slice(),
+            [Packet::SubAck(_)]
+        ));
+    }
+}
+
+#[test]
+fn subscriptions_are_reference_counted_upstream() {
+    let mut hub = Harness::new(config(RetainedReplay::WhenSeen));
+    hub.attach(1);
+    hub.attach(2);
+    hub.client(1, subscribe(10, &[("device/a/report", QoS::AtLeastOnce)]));
+    let upstream = hub.upstream_subscribe();
+    assert_eq!(
+        upstream.filters,
+        vec![("device/a/report".to_owned(), QoS::AtLeastOnce)],
+        "upstream subscriptions are QoS 1"
+    );
+    // The client waits for the printer's grant.
+    assert!(hub.received(1).is_empty());
+    hub.printer(suback(
+        upstream.packet_id.get(),
+        &[granted(QoS::AtLeastOnce)],
+    ));
+    assert_eq!(
+        hub.received(1),
+        vec![suback(10, &[granted(QoS::AtLeastOnce)])]
+    );
+
+    // The second holder is answered at once; the printer hears nothing.
+    hub.client(2, subscribe(4, &[("device/a/report", QoS::AtMostOnce)]));
+    assert_eq!(hub.upstream(), vec![]);
+    assert_eq!(
+        hub.received(2),
+        vec![suback(4, &[granted(QoS::AtMostOnce)])]
+    );
+
+    // UNSUBSCRIBE upstream only when the last holder leaves.
+    hub.client(
+        1,
+        Packet::Unsubscribe(Unsubscribe {
+            packet_id: id(11),
+            filters: vec!["device/a/report".into()],
+        }),
+    );
+    assert_eq!(hub.received(1), vec![Packet::UnsubAck(id(11))]);
+    assert_eq!(hub.upstream(), vec![]);
+    hub.detach_abruptly(2);
+    let packets = hub.upstream();
+    assert!(
+        matches!(packets.as_slice(), [Packet::Unsubscribe(u)] if u.filters == vec!["device/a/report".to_owned()]),
+        "{packets:?}"
+    );
+    assert_eq!(hub.hub.upstream_filter_count(), 0);
+}
+
+impl Harness {
+    fn detach_abruptly(&mut self, session: SessionId) {
+        self.hub.detach(session, false, self.now);
+    }
+
+    fn disconnect(&mut self, session: SessionId) {
+        self.hub.detach(session, true, self.now);
+    }
+}
+
+#[test]
+fn grants_are_the_lower_of_requested_and_upstream() {
+    let mut hub = Harness::new(config(RetainedReplay::WhenSeen));
+    hub.attach(1);
+    hub.client(
+        1,
+        subscribe(
+            2,
+            &[
+                ("a", QoS::ExactlyOnce),
+                ("b", QoS::AtMostOnce),
+                ("c", QoS::AtLeastOnce),
+            ],
+        ),
+    );
+    let upstream = hub.upstream_subscribe();
+    hub.printer(suback(
+        upstream.packet_id.get(),
+        &[
+            granted(QoS::AtLeastOnce),
+            granted(QoS::AtLeastOnce),
+            SubscribeReturnCode::Failure,
+        ],
+    ));
+    assert_eq!(
+        hub.received(1),
+        vec![suback(
+            2,
+            &[
+                granted(QoS::AtLeastOnce),
+                granted(QoS::AtMostOnce),
+                SubscribeReturnCode::Failure
+            ]
+        )]
+    );
+    // The refused filter is not held: nothing to UNSUBSCRIBE later, and it
+    // does not count against the session's subscriptions.
+    assert_eq!(hub.hub.upstream_filter_count(), 2);
+    hub.client(1, subscribe(3, &[("d", QoS::AtMostOnce)]));
+    assert!(hub.ended(1).is_none());
+}
+
+#[test]
+fn a_message_is_delivered_once_per_session_at_its_best_matching_qos() {
+    let mut hub = Harness::new(config(RetainedReplay::WhenSeen));
+    hub.attach(1);
+    hub.attach(2);
+    hub.subscribed(1, "device/+/report", QoS::AtLeastOnce);
+    hub.client(
+        1,
+        subscribe(
+            5,
+            &[("device/a/report", QoS::AtMostOnce), ("#", QoS::AtMostOnce)],
+        ),
+    );
+    let upstream = hub.upstream_subscribe();
+    hub.printer(suback(
+        upstream.packet_id.get(),
+        &[granted(QoS::AtLeastOnce), granted(QoS::AtLeastOnce)],
+    ));
+    hub.received(1);
+    hub.client(2, subscribe(1, &[("device/a/report", QoS::AtMostOnce)]));
+    assert!(matches!(hub.received(2).as_slice(), [Packet::SubAck(_)]));
+
+    hub.printer(Packet::Publish(publish(
+        "device/a/report",
+        QoS::AtLeastOnce,
+        Some(900),
+        b"{}",
+    )));
+    // The hub acknowledges the printer itself.
+    assert_eq!(hub.upstream(), vec![Packet::PubAck(id(900))]);
+    let first = hub.publishes(1);
+    assert_eq!(first.len(), 1, "one copy though three filters match");
+    assert_eq!(first[0].qos, QoS::AtLeastOnce);
+    assert!(first[0].packet_id.is_some());
+    let second = hub.publishes(2);
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].qos, QoS::AtMostOnce);
+    assert_eq!(second[0].packet_id, None);
+}
+
+#[test]
+fn packet_ids_are_remapped_and_acknowledged_after_the_printer() {
+    let mut hub = Harness::new(config(RetainedReplay::WhenSeen));
+    hub.attach(1);
+    hub.attach(2);
+    hub.client(
+        1,
+        Packet::Publish(publish("req", QoS::AtLeastOnce, Some(7), b"one")),
+    );
+    hub.client(
+        2,
+        Packet::Publish(publish("req", QoS::AtLeastOnce, Some(7), b"two")),
+    );
+    let upstream: Vec<Publish> = hub
+        .upstream()
+        .into_iter()
+        .map(|packet| match packet {
+            Packet::Publish(publish) => publish,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(upstream.len(), 2);
+    assert_ne!(
+        upstream[0].packet_id, upstream[1].packet_id,
+        "the same client id from two sessions gets two upstream ids"
+    );
+    assert!(hub.received(1).is_empty(), "no PUBACK before the printer's");
+    hub.printer(Packet::PubAck(upstream[1].packet_id.unwrap()));
+    assert!(hub.received(1).is_empty());
+    assert_eq!(hub.received(2), vec![Packet::PubAck(id(7))]);
+    hub.printer(Packet::PubAck(upstream[0].packet_id.unwrap()));
+    assert_eq!(hub.received(1), vec![Packet::PubAck(id(7))]);
+    // A PUBACK the hub did not ask for is ignored.
+    hub.printer(Packet::PubAck(id(4242)));
+    assert!(hub.received(1).is_empty() && hub.received(2).is_empty());
+    assert!(hub.hub.take_end().is_none());
+}
+
+#[test]
+fn qos2_travels_upstream_as_qos1_and_completes_exactly_once_at_the_edge() {
+    let mut hub = Harness::new(config(RetainedReplay::WhenSeen));
+    hub.attach(1);
+    let mut request = publish("req", QoS::ExactlyOnce, Some(5), b"{}");
+    hub.client(1, Packet::Publish(request.clone()));
+    let upstream = hub.upstream();
+    let [Packet::Publish(forwarded)] = upstream.as_slice() else {
+        panic!("{upstream:?}");
+    };
+    assert_eq!(forwarded.qos, QoS::AtLeastOnce);
+    // The client re-sends before the PUBREC: not forwarded again.
+    request.dup = true;
+    hub.client(1, Packet::Publish(request.clone()));
+    assert_eq!(hub.upstream(), vec![]);
+    hub.printer(Packet::PubAck(forwarded.packet_id.unwrap()));
+    assert_eq!(hub.received(1), vec![Packet::PubRec(id(5))]);
+    // Re-sent after the PUBREC: PUBREC again, still not forwarded.
+    hub.client(1, Packet::Publish(request));
+    assert_eq!(hub.upstream(), vec![]);
+    assert_eq!(hub.received(1), vec![Packet::PubRec(id(5))]);
+    hub.client(1, Packet::PubRel(id(5)));
+    assert_eq!(hub.received(1), vec![Packet::PubComp(id(5))]);
+    // After PUBREL the id is free: a new message with it is a new message.
+    hub.client(
+        1,
+        Packet::Publish(publish("req", QoS::ExactlyOnce, Some(5), b"again")),
+    );
+    assert_eq!(hub.upstream().len(), 1);
+}
+
+#[test]
+fn a_session_with_too_many_unacknowledged_publishes_is_cut() {
+    let mut hub = Harness::new(config(RetainedReplay::WhenSeen));
+    hub.attach(1);
+    for packet_id in 1..=4 {
+        hub.client(
+            1,
+            Packet::Publish(publish("req", QoS::AtLeastOnce, Some(packet_id), b"")),
+        );
+    }
+    assert!(hub.ended(1).is_none());
+    hub.client(
+        1,
+        Packet::Publish(publish("req", QoS::AtLeastOnce, Some(5), b"")),
+    );
+    assert_eq!(
+        hub.ended(1),
+        Some(Close::limit("more than 4 unacknowledged publishes"))
+    );
+    assert_eq!(hub.upstream().len(), 4, "the fifth never left");
+}
+
+/// The issue's three findings, against a broker that behaves as MQTT 3.1.1
+/// says: RETAIN=1 only on what a new SUBSCRIBE makes it send, after the
+/// SUBACK.
+#[test]
+fn retained_messages_come_from_the_broker_to_the_session_that_subscribed() {
+    let mut hub = Harness::new(config(RetainedReplay::Always));
+    hub.attach(1);
+    hub.attach(2);
+    hub.attach(3);
+    hub.subscribed(1, "t/#", QoS::AtLeastOnce);
+
+    // Missing message: t/x = v1 was retained while A held t/#; A got it
+    // live (RETAIN=0). B subscribes: the SUBSCRIBE goes upstream again and
+    // the broker re-sends v1 for it.
+    hub.printer(Packet::Publish(publish(
+        "t/x",
+        QoS::AtMostOnce,
+        None,
+        b"v1",
+    )));
+    assert_eq!(hub.publishes(1).len(), 1);
+    hub.client(2, subscribe(3, &[("t/#", QoS::AtLeastOnce)]));
+    assert_eq!(
+        hub.received(2),
+        vec![suback(3, &[granted(QoS::AtLeastOnce)])],
+        "the grant is known: answered at once"
+    );
+    let replay = hub.upstream_subscribe();
+    assert_eq!(replay.filters, vec![("t/#".to_owned(), QoS::AtLeastOnce)]);
+    hub.printer(suback(replay.packet_id.get(), &[granted(QoS::AtLeastOnce)]));
+    hub.printer(Packet::Publish(Publish {
+        qos: QoS::AtLeastOnce,
+        packet_id: Some(id(31)),
+        ..retained("t/x", b"v1")
+    }));
+    let to_b = hub.publishes(2);
+    assert_eq!(to_b.len(), 1);
+    assert!(to_b[0].retain);
+    assert_eq!(to_b[0].qos, QoS::AtLeastOnce, "at the message's QoS");
+    assert_eq!(to_b[0].payload, Bytes::from_static(b"v1"));
+    assert!(hub.publishes(1).is_empty(), "A does not get B's copy");
+
+    // Stale message: v2 replaces v1; a later subscriber gets v2 from the
+    // broker (nothing is cached at the edge), and nothing once cleared.
+    hub.upstream();
+    hub.printer(Packet::Publish(publish(
+        "t/x",
+        QoS::AtMostOnce,
+        None,
+        b"v2",
+    )));
+    hub.publishes(1);
+    hub.publishes(2);
+    hub.client(3, subscribe(1, &[("t/#", QoS::AtMostOnce)]));
+    hub.received(3);
+    let replay = hub.upstream_subscribe();
+    hub.printer(suback(replay.packet_id.get(), &[granted(QoS::AtLeastOnce)]));
+    hub.printer(Packet::Publish(retained("t/x", b"v2")));
+    let to_c = hub.publishes(3);
+    assert_eq!(to_c.len(), 1);
+    assert_eq!(to_c[0].payload, Bytes::from_static(b"v2"));
+    assert!(hub.publishes(1).is_empty() && hub.publishes(2).is_empty());
+    // The broker's retained messages are through once its PINGRESP for the
+    // ping after the SUBSCRIBE is back.
+    assert!(hub.upstream().is_empty());
+
+    // Cleared: a later subscriber gets nothing (the broker sends nothing).
+    hub.attach(4);
+    hub.client(4, subscribe(1, &[("t/#", QoS::AtMostOnce)]));
+    let replay = hub.upstream_subscribe();
+    hub.printer(suback(replay.packet_id.get(), &[granted(QoS::AtLeastOnce)]));
+    assert!(matches!(hub.received(4).as_slice(), [Packet::SubAck(_)]));
+    assert!(hub.publishes(4).is_empty());
+}
+
+#[test]
+fn a_new_overlapping_filter_brings_retained_messages_to_its_session_only() {
+    let mut hub = Harness::new(config(RetainedReplay::Always));
+    hub.attach(1);
+    hub.attach(2);
+    hub.subscribed(1, "d/#", QoS::AtMostOnce);
+    // Duplicate: A holds d/#; B subscribes a new overlapping filter d/+.
+    hub.client(2, subscribe(8, &[("d/+", QoS::AtMostOnce)]));
+    let upstream = hub.upstream_subscribe();
+    assert_eq!(upstream.filters, vec![("d/+".to_owned(), QoS::AtLeastOnce)]);
+    hub.printer(suback(
+        upstream.packet_id.get(),
+        &[granted(QoS::AtMostOnce)],
+    ));
+    assert!(matches!(hub.received(2).as_slice(), [Packet::SubAck(_)]));
+    hub.printer(Packet::Publish(retained("d/y", b"on")));
+    assert!(hub.publishes(1).is_empty(), "A gets no second copy");
+    let to_b = hub.publishes(2);
+    assert!(to_b.len() == 1 && to_b[0].retain);
+    // Once the broker's PINGRESP is back, the window is closed: a live
+    // message reaches both.
+    hub.upstream();
+    hub.printer(Packet::Publish(publish(
+        "d/y",
+        QoS::AtMostOnce,
+        None,
+        b"off",
+    )));
+    assert_eq!(hub.publishes(1).len(), 1);
+    assert_eq!(hub.publishes(2).len(), 1);
+}
+
+#[test]
+fn a_bambu_hub_subscribes_a_held_filter_again_only_once_it_saw_a_retained_message() {
+    let mut hub = Harness::new(config(RetainedReplay::WhenSeen));
+    for session in 1..=3 {
+        hub.attach(session);
+    }
+    hub.subscribed(1, "device/s/#", QoS::AtMostOnce);
+    hub.client(2, subscribe(1, &[("device/s/#", QoS::AtMostOnce)]));
+    assert!(
+        hub.upstream().is_empty(),
+        "nothing retained seen: no replay"
+    );
+    // An app leaves a retained message through the hub.
+    hub.client(
+        2,
+        Packet::Publish(Publish {
+            retain: true,
+            ..publish("device/s/state", QoS::AtMostOnce, None, b"idle")
+        }),
+    );
+    assert_eq!(hub.upstream().len(), 1);
+    hub.client(3, subscribe(1, &[("device/s/#", QoS::AtMostOnce)]));
+    let replay = hub.upstream_subscribe();
+    assert_eq!(replay.filters[0].0, "device/s/#");
+}
+
+#[test]
+fn a_will_goes_out_at_its_qos_on_an_abrupt_end_only() {
+    let mut hub = Harness::new(config(RetainedReplay::WhenSeen));
+    let will = Publish {
+        retain: true,
+        ..publish("apps/phone", QoS::AtLeastOnce, None, b"gone")
+    };
+    hub.attach_with(1, "polite", Some(will.clone()));
+    hub.attach_with(2, "vanishing", Some(will));
+    hub.disconnect(1);
+    assert!(hub.upstream().is_empty(), "DISCONNECT discards the will");
+    hub.detach_abruptly(2);
+    let upstream = hub.upstream();
+    let [Packet::Publish(sent)] = upstream.as_slice() else {
+        panic!("{upstream:?}");
+    };
+    assert_eq!(sent.topic, "apps/phone");
+    assert_eq!(sent.qos, QoS::AtLeastOnce, "a QoS 1 will stays QoS 1");
+    assert!(sent.retain);
+    assert!(sent.packet_id.is_some());
+    // The printer's PUBACK for it has nobody to reach.
+    hub.printer(Packet::PubAck(sent.packet_id.unwrap()));
+    assert!(hub.hub.take_end().is_none());
+}
+
+#[test]
+fn a_second_session_with_the_same_client_id_replaces_the_first() {
+    let mut hub = Harness::new(config(RetainedReplay::WhenSeen));
+    let will = publish("apps/phone", QoS::AtMostOnce, None, b"gone");
+    hub.attach_with(1, "phone", Some(will));
+    hub.subscribed(1, "device/s/report", QoS::AtMostOnce);
+    hub.attach_with(2, "phone", None);
+    assert_eq!(hub.ended(1), Some(Close::replaced()));
+    // The older session's will goes out, its filter is released.
+    let upstream = hub.upstream();
+    assert!(
+        matches!(upstream.as_slice(), [Packet::Unsubscribe(_), Packet::Publish(p)] if p.topic == "apps/phone"),
+        "{upstream:?}"
+    );
+    assert_eq!(hub.hub.session_count(), 1);
+    // The older session's own detach, arriving later, changes nothing.
+    hub.detach_abruptly(1);
+    assert!(hub.upstream().is_empty());
+    assert!(hub.ended(2).is_none());
+    // Another client id, or none, takes nothing over.
+    hub.attach_with(3, "tablet", None);
+    hub.attach_with(4, "", None);
+    hub.attach_with(5, "", None);
+    assert!(hub.ended(2).is_none() && hub.ended(4).is_none());
+    // Once the holder has gone, the id is free.
+    hub.disconnect(2);
+    hub.attach_with(6, "phone", None);
+    assert!(hub.ended(3).is_none());
+}
+
+#[test]
+fn a_slow_consumer_is_ended_and_its_filters_released() {
+    let mut hub = Harness::new(config(RetainedReplay::WhenSeen));
+    hub.attach(1);
+    hub.attach(2);
+    hub.subscribed(1, "r", QoS::AtMostOnce);
+    hub.client(2, subscribe(1, &[("r", QoS::AtMostOnce)]));
+    hub.received(2);
+    hub.sessions[&2].borrow_mut().budget = 100;
+    hub.printer(Packet::Publish(publish(
+        "r",
+        QoS::AtMostOnce,
+        None,
+        &[0; 60],
+    )));
+    assert!(hub.ended(2).is_none());
+    hub.printer(Packet::Publish(publish(
+        "r",
+        QoS::AtMostOnce,
+        None,
+        &[0; 60],
+    )));
+    assert_eq!(hub.ended(2), Some(Close::limit("slow consumer")));
+    assert_eq!(hub.hub.session_count(), 1);
+    // The other reader got both; the slow one is no longer served.
+    assert_eq!(hub.publishes(1).len(), 2);
+    hub.printer(Packet::Publish(publish("r", QoS::AtMostOnce, None, b"")));
+    assert_eq!(hub.publishes(2).len(), 1);
+    assert_eq!(hub.publishes(1).len(), 1);
+}
+
+#[test]
+fn deliveries_keep_the_printers_order() {
+    let mut hub = Harness::new(config(RetainedReplay::WhenSeen));
+    hub.attach(1);
+    hub.subscribed(1, "#", QoS::AtLeastOnce);
+    for index in 0..50u16 {
+        let qos = if index % 3 == 0 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        };
+        let payload: &'static [u8] = Box::leak(index.to_be_bytes().to_vec().into_boxed_slice());
+        hub.printer(Packet::Publish(publish(
+            &format!("t/{}", index % 4),
+            qos,
+            (qos == QoS::AtLeastOnce).then_some(index + 1),
+            payload,
+        )));
+    }
+    let order: Vec<u16> = hub
+        .publishes(1)
+        .iter()
+        .map(|p| u16::from_be_bytes([p.payload[0], p.payload[1]]))
+        .collect();
+    assert_eq!(order, (0..50).collect::<Vec<_>>());
+}
+
+#[test]
+fn too_many_subscriptions_end_the_session() {
+    let mut hub = Harness::new(config(RetainedReplay::WhenSeen));
+    hub.attach(1);
+    hub.client(
+        1,
+        subscribe(1, &[("a", QoS::AtMostOnce), ("b", QoS::AtMostOnce)]),
+    );
+    hub.client(
+        1,
+        subscribe(2, &[("a", QoS::AtMostOnce), ("c", QoS::AtMostOnce)]),
+    );
+    assert!(hub.ended(1).is_none(), "a held filter does not count twice");
+    hub.client(1, subscribe(3, &[("d", QoS::AtMostOnce)]));
+    assert_eq!(
+        hub.ended(1),
+        Some(Close::limit("more than 3 subscriptions"))
+    );
+}
+
+#[test]
+fn the_hub_pings_upstream_and_ends_after_lingering_idle() {
+    let mut hub = Harness::new(HubConfig {
+        linger: Some(Duration::from_secs(60)),
+        ..config(RetainedReplay::WhenSeen)
+    });
+    hub.attach(1);
+    assert_eq!(hub.hub.poll_timeout(), hub.now + Duration::from_secs(30));
+    hub.advance(Duration::from_secs(30));
+    assert_eq!(hub.upstream_with_pings(), vec![Packet::PingReq]);
+    hub.advance(Duration::from_secs(40));
+    hub.disconnect(1);
+    let left_at = hub.now;
+    hub.advance(Duration::from_secs(59));
+    assert!(hub.hub.take_end().is_none());
+    assert!(hub.hub.poll_timeout() <= left_at + Duration::from_secs(60));
+    hub.advance(Duration::from_secs(1));
+    assert!(matches!(hub.hub.take_end(), Some(HubEnd::Idle)));
+}
+
+#[test]
+fn a_printer_that_sends_what_a_server_never_sends_ends_the_hub() {
+    let mut hub = Harness::new(config(RetainedReplay::WhenSeen));
+    hub.attach(1);
+    hub.printer(Packet::PingReq);
+    let end = hub.hub.take_end();
+    assert!(matches!(end, Some(HubEnd::UpstreamProtocol(_))), "{end:?}");
+    hub.hub
+        .end_all_sessions(&Close::printer_unreachable("connection lost"));
+    assert_eq!(
+        hub.ended(1),
+        Some(Close::printer_unreachable("connection lost"))
+    );
+}

@@ -581,3 +581,35 @@ async fn a_duplicate_client_id_replaces_the_older_session() {
     assert_eq!(newer.next().await, Some(Packet::PingResp));
     edge.stop().await;
 }
+
+/// A client that closes the WebSocket first (no DISCONNECT) gets the close
+/// frame echoed, as RFC 6455 §5.5.1 requires: Node's `ws` and browsers
+/// report a clean close (1000), not 1006.
+#[tokio::test]
+async fn a_close_from_the_client_is_answered_with_a_close_frame() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let edge = TestEdge::start().await;
+    let _printer = online_with_scripted_printer(&edge);
+    let mut client = Client::connect(&edge, &edge.bearer(), connect_packet("closer")).await;
+    client
+        .socket
+        .send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        })))
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), client.socket.next())
+        .await
+        .expect("the edge answered the close");
+    match answer {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Normal),
+        other => panic!("expected the close frame echoed, got {other:?}"),
+    }
+    edge.assert_closes_counted(1000, 1).await;
+    edge.stop().await;
+}

@@ -193,6 +193,22 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
     #[test]
+    fn decode_with_bytes_gives_the_wire_bytes_of_each_packet(packets in proptest::collection::vec(any_packet(), 1..4)) {
+        let wire = encode_all(&packets);
+        let mut buffer = wire.clone();
+        let mut forwarded = BytesMut::new();
+        for packet in &packets {
+            let (decoded, bytes) = relay_proto::mqtt::decode_with_bytes(&mut buffer, LIMIT)
+                .expect("valid")
+                .expect("whole");
+            prop_assert_eq!(&decoded, packet);
+            forwarded.extend_from_slice(&bytes);
+        }
+        prop_assert!(buffer.is_empty());
+        prop_assert_eq!(forwarded, wire);
+    }
+
+    #[test]
     fn decode_inverts_encode(packet in any_packet()) {
         let mut bytes = encode_all(std::slice::from_ref(&packet));
         prop_assert_eq!(decode(&mut bytes, LIMIT), Ok(Some(packet)));

@@ -99,6 +99,32 @@ pub fn decode(
     decode_body(header, body).map(Some)
 }
 
+/// Like [`decode`], and also returns the packet's bytes as they were on
+/// the wire (a slice of the same buffer, not a copy), for a relay that
+/// checks packets but forwards them unchanged.
+pub fn decode_with_bytes(
+    buffer: &mut BytesMut,
+    max_packet_size: usize,
+) -> Result<Option<(Packet, Bytes)>, DecodeError> {
+    let Some(header) = FixedHeader::parse(buffer)? else {
+        return Ok(None);
+    };
+    let size = header.packet_len();
+    if size > max_packet_size {
+        return Err(DecodeError::PacketTooLarge {
+            size,
+            max: max_packet_size,
+        });
+    }
+    if buffer.len() < size {
+        return Ok(None);
+    }
+    let wire = buffer.split_to(size).freeze();
+    let mut body = wire.clone();
+    body.advance(header.header_len);
+    decode_body(header, body).map(|packet| Some((packet, wire)))
+}
+
 fn decode_body(header: FixedHeader, body: Bytes) -> Result<Packet, DecodeError> {
     let mut reader = BodyReader { body };
     let packet = match header.packet_type {

@@ -106,7 +106,10 @@ async fn main() -> ExitCode {
     }
     let stop = CancellationToken::new();
     let agent = tokio::spawn(relay_agent::tunnel::run(config, printer, stop.clone()));
-    let _ = tokio::signal::ctrl_c().await;
+    // SIGINT or SIGTERM (systemd, a container's PID 1): the tunnel closes
+    // its QUIC connection with a reason, so the edge knows at once.
+    relay_io::shutdown_signal().await;
+    tracing::info!("stopping");
     stop.cancel();
     let _ = agent.await;
     ExitCode::SUCCESS

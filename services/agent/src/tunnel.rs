@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use relay_io::FramedReader;
 use relay_proto::mqtt::{self, Packet};
 use relay_proto::tunnel::{
     self, GoAwayReason, Hello, LinkDownReason, LinkState, Message, PrinterLink, SessionAccept,
@@ -158,7 +159,14 @@ async fn run_once(
         Err(error) => return TunnelEnd::Unreachable(error.to_string()),
     };
     let end = serve_connection(config, &connection, printer, standby, stop).await;
-    connection.close(quinn::VarInt::from_u32(tunnel::close_code::NO_ERROR), b"");
+    let reason: &[u8] = match end {
+        TunnelEnd::Stopped => b"agent stopping",
+        _ => b"agent reconnecting",
+    };
+    connection.close(
+        quinn::VarInt::from_u32(tunnel::close_code::NO_ERROR),
+        reason,
+    );
     endpoint.wait_idle().await;
     end
 }
@@ -172,31 +180,6 @@ async fn write_message<W: AsyncWrite + Unpin>(
     writer.write_all(&bytes).await.map_err(|e| e.to_string())
 }
 
-/// Reads one tunnel frame, byte-exact: nothing after it is consumed.
-pub async fn read_message<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<Message>, String> {
-    let mut header = [0u8; tunnel::FRAME_HEADER_LEN];
-    match reader.read_exact(&mut header).await {
-        Ok(_) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(error) => return Err(error.to_string()),
-    }
-    let body_len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if body_len + tunnel::FRAME_HEADER_LEN > tunnel::DEFAULT_MAX_FRAME_LEN {
-        return Err(format!("frame of {body_len} bytes"));
-    }
-    let mut frame = BytesMut::with_capacity(tunnel::FRAME_HEADER_LEN + body_len);
-    frame.extend_from_slice(&header);
-    frame.resize(tunnel::FRAME_HEADER_LEN + body_len, 0);
-    reader
-        .read_exact(&mut frame[tunnel::FRAME_HEADER_LEN..])
-        .await
-        .map_err(|e| e.to_string())?;
-    tunnel::decode(&mut frame, tunnel::DEFAULT_MAX_FRAME_LEN)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| "incomplete frame".to_owned())
-        .map(Some)
-}
-
 async fn serve_connection(
     config: &AgentConfig,
     connection: &quinn::Connection,
@@ -204,7 +187,7 @@ async fn serve_connection(
     standby: Option<Arc<Standby>>,
     stop: CancellationToken,
 ) -> TunnelEnd {
-    let (mut control_send, mut control_recv) = match connection.open_bi().await {
+    let (mut control_send, control_recv) = match connection.open_bi().await {
         Ok(streams) => streams,
         Err(error) => return TunnelEnd::Lost(error.to_string()),
     };
@@ -216,10 +199,11 @@ async fn serve_connection(
     if let Err(error) = write_message(&mut control_send, &hello).await {
         return TunnelEnd::Lost(error);
     }
-    let reply = match tokio::time::timeout(HELLO_TIMEOUT, read_message(&mut control_recv)).await {
+    let mut control_recv = FramedReader::new(control_recv);
+    let reply = match tokio::time::timeout(HELLO_TIMEOUT, control_recv.read_message()).await {
         Ok(Ok(Some(reply))) => reply,
         Ok(Ok(None)) => return TunnelEnd::Lost("control stream closed".into()),
-        Ok(Err(error)) => return TunnelEnd::Protocol(error),
+        Ok(Err(error)) => return TunnelEnd::Protocol(error.to_string()),
         Err(_) => return TunnelEnd::Lost("no answer to HELLO".into()),
     };
     match reply {
@@ -262,7 +246,7 @@ async fn serve_connection(
                     }
                     Err(error) => return TunnelEnd::Lost(error.to_string()),
                 },
-                message = read_message(&mut control_recv) => match message {
+                message = control_recv.read_message() => match message {
                     Ok(Some(Message::GoAway(go_away))) => {
                         let after = Duration::from_millis(u64::from(go_away.reconnect_after_ms.unwrap_or(0)));
                         if go_away.reason == GoAwayReason::Superseded {
@@ -273,7 +257,7 @@ async fn serve_connection(
                     Ok(Some(Message::Ignored { .. })) => {}
                     Ok(Some(other)) => return TunnelEnd::Protocol(format!("unexpected {other:?} on control")),
                     Ok(None) => return TunnelEnd::Lost("control stream closed".into()),
-                    Err(error) => return TunnelEnd::Lost(error),
+                    Err(error) => return TunnelEnd::Lost(error.to_string()),
                 },
                 _ = stop.cancelled() => return TunnelEnd::Stopped,
             }
@@ -291,16 +275,19 @@ async fn serve_connection(
 /// relayed both ways until either side ends.
 async fn serve_session(
     mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    recv: quinn::RecvStream,
     printer: Arc<PrinterConfig>,
     standby: Option<Arc<Standby>>,
     reports: mpsc::Sender<Message>,
     read_only: bool,
 ) {
-    let session = match read_message(&mut recv).await {
+    let mut recv = FramedReader::new(recv);
+    let session = match recv.read_message().await {
         Ok(Some(Message::SessionOpen(open))) => open.session,
         _ => return,
     };
+    // MQTT bytes the edge sent right after SESSION_OPEN are in the buffer.
+    let (mut recv, from_edge) = recv.into_parts();
     let link = |state, reason: Option<LinkDownReason>, detail: Option<String>| {
         Message::PrinterLink(PrinterLink {
             state,
@@ -361,7 +348,7 @@ async fn serve_session(
     let to_printer = relay(
         &mut recv,
         &mut printer_write,
-        BytesMut::new(),
+        from_edge,
         Direction::ToPrinter {
             read_only,
             answers: &answers,
@@ -435,8 +422,8 @@ where
     let mut out = BytesMut::new();
     loop {
         loop {
-            match mqtt::decode(&mut buffer, MAX_PACKET) {
-                Ok(Some(packet)) => {
+            match mqtt::decode_with_bytes(&mut buffer, MAX_PACKET) {
+                Ok(Some((packet, wire))) => {
                     if let Direction::ToPrinter { read_only, answers } = &direction {
                         match &packet {
                             Packet::Publish(publish) if *read_only => {
@@ -461,9 +448,8 @@ where
                             }
                         }
                     }
-                    if mqtt::encode(&packet, &mut out).is_err() {
-                        return RelayEnd::Refused("cannot re-encode".into());
-                    }
+                    // Checked, and forwarded as the bytes that came.
+                    out.extend_from_slice(&wire);
                 }
                 Ok(None) => break,
                 Err(error) => return RelayEnd::Refused(error.to_string()),

@@ -116,3 +116,44 @@ async fn the_agent_says_why_it_cannot_reach_them() {
     agent.kill().await.unwrap();
     world.edge.stop().await;
 }
+
+/// SIGTERM (systemd's stop, a container runtime's) stops the agent cleanly:
+/// it closes its QUIC connection with a reason, so the edge knows at once
+/// instead of after the idle timeout, and exits 0.
+#[tokio::test]
+async fn sigterm_stops_the_agent_and_the_edge_knows_at_once() {
+    let world = world(ACCESS_CODE).await;
+    world.agent.cancel();
+    let edge = world.edge.edge.as_ref().unwrap();
+    tokio::time::timeout(PATIENCE, edge.wait_offline(&world.edge.device))
+        .await
+        .unwrap();
+    let (_, credential) = world
+        .edge
+        .database
+        .store
+        .rotate_agent_credential(&world.edge.device)
+        .await
+        .unwrap();
+    let mut agent = spawn_agent(&world, &credential.reveal(), ACCESS_CODE);
+    wait_for_lines(&mut agent, &["connected to the edge"]).await;
+    tokio::time::timeout(PATIENCE, edge.wait_online(&world.edge.device))
+        .await
+        .unwrap();
+    let pid = agent.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(PATIENCE, agent.wait())
+        .await
+        .expect("the agent stopped on SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    // Far sooner than QUIC's idle timeout (4 × 15 s).
+    tokio::time::timeout(PATIENCE, edge.wait_offline(&world.edge.device))
+        .await
+        .expect("the edge saw the agent go");
+    world.edge.stop().await;
+}

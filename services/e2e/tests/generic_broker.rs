@@ -225,8 +225,8 @@ async fn a_wrong_broker_password_is_reported_as_a_printer_refusal() {
 
 /// An app of the comparison: through the relay, or straight to the broker.
 enum App {
-    Relay(Client),
-    Direct(MqttPeer<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+    Relay(Box<Client>),
+    Direct(Box<MqttPeer<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>),
 }
 
 impl App {
@@ -296,7 +296,9 @@ impl Apps<'_> {
         let mut connect = connect_packet(client_id);
         connect.will = will;
         if self.through_relay {
-            return App::Relay(Client::connect(self.edge, &self.edge.bearer(), connect).await);
+            return App::Relay(Box::new(
+                Client::connect(self.edge, &self.edge.bearer(), connect).await,
+            ));
         }
         use rustls::pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
@@ -327,7 +329,7 @@ impl Apps<'_> {
         assert!(
             matches!(peer.next().await, Some(Packet::ConnAck(ack)) if ack.code == relay_proto::mqtt::ConnectReturnCode::Accepted)
         );
-        App::Direct(peer)
+        App::Direct(Box::new(peer))
     }
 }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use dashmap::DashMap;
+use relay_io::FramedReader;
 use relay_proto::tunnel::{self, LinkDownReason, Message, PrinterKind, SessionOpen};
-use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{Mutex, Notify, mpsc};
 
 use crate::hub::{HubConfig, HubHandle, Hubs, RetainedReplay, TunnelProbe};
@@ -61,6 +61,7 @@ pub struct Devices {
     next_epoch: AtomicU64,
     next_session: AtomicU64,
     registered: Notify,
+    unregistered: Notify,
     limits: HubConfig,
     open_timeout: Duration,
 }
@@ -74,6 +75,7 @@ impl Devices {
             next_epoch: AtomicU64::new(1),
             next_session: AtomicU64::new(1),
             registered: Notify::new(),
+            unregistered: Notify::new(),
             limits,
             open_timeout,
         }
@@ -117,6 +119,18 @@ impl Devices {
             .is_some()
         {
             self.hubs.end(device_id);
+            self.unregistered.notify_waiters();
+        }
+    }
+
+    /// Waits until `device_id` has no tunnel.
+    pub async fn wait_offline(&self, device_id: &str) {
+        loop {
+            let unregistered = self.unregistered.notified();
+            if !self.is_online(device_id) {
+                return;
+            }
+            unregistered.await;
         }
     }
 
@@ -176,7 +190,7 @@ impl Devices {
             .map(|t| t.clone())
             .ok_or(Unavailable::Offline)?;
         let session = self.next_session.fetch_add(1, Ordering::SeqCst);
-        let (mut send, mut recv) = tunnel
+        let (mut send, recv) = tunnel
             .connection
             .open_bi()
             .await
@@ -190,13 +204,14 @@ impl Devices {
         send.write_all(&frame)
             .await
             .map_err(|_| Unavailable::Offline)?;
-        let reply = tokio::time::timeout(self.open_timeout, read_frame(&mut recv))
+        let mut recv = FramedReader::new(recv);
+        let reply = tokio::time::timeout(self.open_timeout, recv.read_message())
             .await
             .map_err(|_| Unavailable::Printer {
                 reason: LinkDownReason::TimedOut,
                 detail: Some("the agent did not answer".into()),
             })?;
-        match reply {
+        match reply.ok().flatten() {
             Some(Message::SessionAccept(accept)) if accept.session == session => {
                 let connection = tunnel.connection.clone();
                 let alive: TunnelProbe = Arc::new(move || connection.close_reason().is_none());
@@ -209,7 +224,7 @@ impl Devices {
                 };
                 Ok(self
                     .hubs
-                    .start(device_id.to_owned(), recv, send, config, Some(alive)))
+                    .start_framed(device_id.to_owned(), recv, send, config, Some(alive)))
             }
             Some(Message::SessionRefused(refused)) => Err(Unavailable::Printer {
                 reason: refused.reason,
@@ -218,24 +233,4 @@ impl Devices {
             _ => Err(Unavailable::Offline),
         }
     }
-}
-
-/// Reads exactly one tunnel frame; `None` on end of stream or a bad frame.
-pub async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R) -> Option<Message> {
-    let mut header = [0u8; tunnel::FRAME_HEADER_LEN];
-    reader.read_exact(&mut header).await.ok()?;
-    let body_len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if body_len + tunnel::FRAME_HEADER_LEN > tunnel::DEFAULT_MAX_FRAME_LEN {
-        return None;
-    }
-    let mut frame = BytesMut::with_capacity(tunnel::FRAME_HEADER_LEN + body_len);
-    frame.extend_from_slice(&header);
-    frame.resize(tunnel::FRAME_HEADER_LEN + body_len, 0);
-    reader
-        .read_exact(&mut frame[tunnel::FRAME_HEADER_LEN..])
-        .await
-        .ok()?;
-    tunnel::decode(&mut frame, tunnel::DEFAULT_MAX_FRAME_LEN)
-        .ok()
-        .flatten()
 }

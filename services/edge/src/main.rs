@@ -124,29 +124,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    wait_for_termination().await;
+    relay_io::shutdown_signal().await;
     edge.drain(grace).await;
     ExitCode::SUCCESS
-}
-
-async fn wait_for_termination() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = terminate.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

@@ -333,6 +333,11 @@ impl RunningEdge {
         self.state.devices.wait_online(device_id, 0).await
     }
 
+    /// Waits until `device_id`'s agent is gone.
+    pub async fn wait_offline(&self, device_id: &str) {
+        self.state.devices.wait_offline(device_id).await
+    }
+
     /// Waits until `device_id` has a tunnel newer than `epoch` (a second
     /// agent fencing the first).
     pub async fn wait_newer_tunnel(&self, device_id: &str, epoch: u64) -> u64 {

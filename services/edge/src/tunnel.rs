@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::devices::read_frame;
 use crate::state::EdgeState;
+use relay_io::FramedReader;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -99,15 +99,16 @@ async fn serve_tunnel(
     stop: CancellationToken,
 ) {
     let streams = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await;
-    let Ok(Ok((mut send, mut recv))) = streams else {
+    let Ok(Ok((mut send, recv))) = streams else {
         connection.close(
             quinn::VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
             b"no control stream",
         );
         return;
     };
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv)).await {
-        Ok(Some(Message::Hello(hello))) => hello,
+    let mut control_stream = FramedReader::new(recv);
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, control_stream.read_message()).await {
+        Ok(Ok(Some(Message::Hello(hello)))) => hello,
         _ => {
             connection.close(
                 quinn::VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
@@ -181,13 +182,14 @@ async fn serve_tunnel(
     tracing::info!(device = %device_id, epoch, agent = hello.agent_version.as_deref().unwrap_or("?"), "agent connected");
     let end = loop {
         tokio::select! {
-            message = read_frame(&mut recv) => match message {
-                Some(Message::PrinterLink(link)) => {
+            message = control_stream.read_message() => match message {
+                Ok(Some(Message::PrinterLink(link))) => {
                     tracing::info!(device = %device_id, state = ?link.state, reason = ?link.reason, detail = link.detail.as_deref().unwrap_or(""), "printer link");
                 }
-                Some(Message::Ignored { .. }) => {}
-                Some(other) => break format!("unexpected {other:?}"),
-                None => break "control stream ended".to_owned(),
+                Ok(Some(Message::Ignored { .. })) => {}
+                Ok(Some(other)) => break format!("unexpected {other:?}"),
+                Ok(None) => break "control stream ended".to_owned(),
+                Err(error) => break format!("control stream: {error}"),
             },
             outgoing = control_queue.recv() => match outgoing {
                 Some(message) => {

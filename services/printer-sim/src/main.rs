@@ -93,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
         },
         flags.serial
     );
-    tokio::signal::ctrl_c().await?;
+    relay_io::shutdown_signal().await;
     simulator.stop().await;
     Ok(())
 }

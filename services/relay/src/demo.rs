@@ -151,7 +151,7 @@ pub async fn run(data_dir: &Path, port: u16) -> anyhow::Result<()> {
     snippets.write(&dir)?;
     println!("{}", snippets.banner(&dir));
 
-    wait_for_stop().await;
+    relay_io::shutdown_signal().await;
     println!("relay demo: stopping");
     stop_agent.cancel();
     let _ = agent.await;
@@ -169,21 +169,6 @@ fn free_or_any(port: u16) -> SocketAddr {
         return SocketAddr::from(([127, 0, 0, 1], 0));
     }
     wanted
-}
-
-async fn wait_for_stop() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = terminate.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// Finds the previous run's tenant, device and keys, or makes new ones.

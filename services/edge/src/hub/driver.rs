@@ -7,9 +7,9 @@
 
 use std::time::Instant;
 
-use bytes::BytesMut;
+use relay_io::FramedReader;
 use relay_proto::mqtt::{self, Packet};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -40,7 +40,7 @@ pub(super) enum Command {
 
 /// What the driver works with besides the state.
 pub(super) struct HubIo<R, W> {
-    pub reader: R,
+    pub reader: FramedReader<R>,
     pub writer: W,
     pub commands: mpsc::Receiver<Command>,
     /// Cancelled from outside to end the hub (tunnel gone, replaced).
@@ -71,8 +71,20 @@ where
     let bytes_in = byte_counter.as_ref().map(|c| c.with_label_values(&["in"]));
     let bytes_out = byte_counter.as_ref().map(|c| c.with_label_values(&["out"]));
     let mut state: HubState<OutboundSender> = HubState::new(config, now());
-    let mut read_buffer = BytesMut::with_capacity(4096);
     let end = loop {
+        // Packets already buffered: what came with the link's first frame,
+        // or the rest of the last read.
+        let now_at_read = now();
+        loop {
+            match mqtt::decode(reader.buffer_mut(), config.max_upstream_packet) {
+                Ok(Some(packet)) => state.handle_upstream_packet(packet, now_at_read),
+                Ok(None) => break,
+                Err(error) => {
+                    state.handle_upstream_error(error);
+                    break;
+                }
+            }
+        }
         if let Some(end) = state.take_end() {
             break end;
         }
@@ -80,22 +92,11 @@ where
         let writing = !state.upstream_pending().is_empty();
         let taking_commands = state.upstream_pending().len() < MAX_UPSTREAM_BACKLOG;
         tokio::select! {
-            read = reader.read_buf(&mut read_buffer) => match read {
+            read = reader.read_more() => match read {
                 Ok(0) => break HubEnd::UpstreamClosed,
                 Ok(read) => {
                     if let Some(counter) = &bytes_in {
                         counter.inc_by(read as u64);
-                    }
-                    let now = now();
-                    loop {
-                        match mqtt::decode(&mut read_buffer, config.max_upstream_packet) {
-                            Ok(Some(packet)) => state.handle_upstream_packet(packet, now),
-                            Ok(None) => break,
-                            Err(error) => {
-                                state.handle_upstream_error(error);
-                                break;
-                            }
-                        }
                     }
                 }
                 Err(error) => break HubEnd::UpstreamIo(error),

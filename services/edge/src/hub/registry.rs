@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
+use relay_io::FramedReader;
 use relay_proto::mqtt::Packet;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -105,6 +106,29 @@ impl Hubs {
         self: &Arc<Self>,
         device_id: String,
         reader: R,
+        writer: W,
+        config: HubConfig,
+        tunnel_alive: Option<TunnelProbe>,
+    ) -> HubHandle
+    where
+        R: AsyncRead + Send + Unpin + 'static,
+        W: AsyncWrite + Send + Unpin + 'static,
+    {
+        self.start_framed(
+            device_id,
+            FramedReader::new(reader),
+            writer,
+            config,
+            tunnel_alive,
+        )
+    }
+
+    /// [`Hubs::start`] over a reader that may already hold upstream bytes
+    /// (those that came with the printer link's first frame).
+    pub fn start_framed<R, W>(
+        self: &Arc<Self>,
+        device_id: String,
+        reader: FramedReader<R>,
         writer: W,
         config: HubConfig,
         tunnel_alive: Option<TunnelProbe>,

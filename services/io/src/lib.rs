@@ -1,0 +1,18 @@
+//! The tokio side that relay's binaries share, kept out of `relay-proto`
+//! (which stays sans-IO):
+//!
+//! - [`FramedReader`]: one cancel-safe reader of frames over any
+//!   `AsyncRead`, for MQTT packets and tunnel messages alike. Bytes read
+//!   stay in its persistent buffer, so a `read_frame` inside `select!` that
+//!   loses to another branch loses nothing (unlike `read_exact`).
+//! - [`shutdown_signal`]: SIGINT and SIGTERM alike, for every binary (the
+//!   agent runs under systemd and as a container's PID 1, which get
+//!   SIGTERM).
+//!
+//! It must not depend on the edge, the agent or the store.
+
+mod framed;
+mod shutdown;
+
+pub use framed::{FrameError, FramedReader};
+pub use shutdown::shutdown_signal;

@@ -3,8 +3,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-#[path = "../../e2e/tests/world/mod.rs"]
-mod world;
+use relay_testkit::world;
 
 use std::process::Stdio;
 

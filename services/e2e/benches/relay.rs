@@ -8,8 +8,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-#[path = "../tests/world/mod.rs"]
-mod world;
+use relay_testkit::world;
 
 use std::time::{Duration, Instant};
 

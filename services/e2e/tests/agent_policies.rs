@@ -4,7 +4,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-mod world;
+use relay_testkit::world;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;

@@ -3,8 +3,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-#[path = "../../edge/tests/support/mod.rs"]
-mod support;
+use relay_testkit::edge as support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

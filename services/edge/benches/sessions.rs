@@ -8,8 +8,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use relay_testkit::edge as support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-mod support;
+use relay_testkit::edge as support;
 
 use std::io::Write;
 use std::process::Command;

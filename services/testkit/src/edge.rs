@@ -2,8 +2,6 @@
 //! an edge on a fresh database with port-0 listeners, and a WebSocket MQTT
 //! client (tokio-tungstenite over rustls) that speaks through real sockets.
 
-#![allow(clippy::expect_used, clippy::unwrap_used, dead_code)]
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,6 +34,12 @@ pub type Socket = WebSocketStream<TlsStream<TcpStream>>;
 pub struct TestPki {
     pub dir: PathBuf,
     ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Default for TestPki {
+    fn default() -> TestPki {
+        TestPki::new()
+    }
 }
 
 impl TestPki {

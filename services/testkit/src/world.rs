@@ -1,17 +1,12 @@
 //! The world of the end-to-end tests: an edge with its tunnel listener, the
 //! printer simulator, and an agent between them.
 
-#![allow(clippy::expect_used, clippy::unwrap_used, dead_code)]
-
-#[path = "../../../edge/tests/support/mod.rs"]
-pub mod support;
-
 use std::time::Duration;
 
+pub use crate::edge::*;
 use relay_agent::config::AgentConfig;
 use relay_printer_sim::{RunningSimulator, SimulatorConfig};
 use relay_proto::mqtt::{Packet, PacketId, Publish, QoS, Subscribe};
-pub use support::*;
 use tokio_util::sync::CancellationToken;
 
 pub const SERIAL: &str = "01P00A392800017";

@@ -5,6 +5,8 @@
 //!   size that is checked from the fixed header before anything is allocated.
 //! - [`topic`]: topic name and filter validation, and filter matching.
 //! - [`subscription_index`]: a trie from filters to subscribers.
+//! - [`Secret`]: a value whose `Debug` never prints it (credentials,
+//!   passwords, access codes).
 //! - [`tunnel`]: the versioned messages the edge and the agent exchange over
 //!   QUIC (documented byte by byte in `proto/PROTOCOL.md`).
 //!
@@ -12,6 +14,9 @@
 //! reads a clock: whoever needs time passes it in. It builds on its own.
 
 pub mod mqtt;
+mod secret;
 pub mod subscription_index;
 pub mod topic;
 pub mod tunnel;
+
+pub use secret::Secret;

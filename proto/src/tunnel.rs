@@ -11,9 +11,9 @@
 //! bounded like the MQTT codec: `Ok(None)` until the whole frame is there,
 //! and a frame over the caller's limit is refused from its 5-byte header.
 
-use std::fmt;
-
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::Secret;
 
 /// The tunnel protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -77,23 +77,13 @@ pub enum Message {
 }
 
 /// Agent → edge, the first frame of the control stream.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub version: u16,
-    /// The agent credential. Secret: never printed.
-    pub credential: String,
+    /// The agent credential.
+    pub credential: Secret<String>,
     /// The agent's software version, for logs.
     pub agent_version: Option<String>,
-}
-
-impl fmt::Debug for Hello {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Hello")
-            .field("version", &self.version)
-            .field("credential", &"<redacted>")
-            .field("agent_version", &self.agent_version)
-            .finish()
-    }
 }
 
 /// Edge → agent: the agent is accepted as the tunnel of `device_id`.
@@ -293,7 +283,7 @@ fn decode_body(message_type: u8, body: Bytes) -> Result<Message, TunnelError> {
     Ok(match message_type {
         message_type::HELLO => Message::Hello(Hello {
             version: fields.required(1, "version", Fields::u16)?,
-            credential: fields.required(2, "credential", Fields::string)?,
+            credential: Secret::new(fields.required(2, "credential", Fields::string)?),
             agent_version: fields.optional(3, "agent_version", Fields::string)?,
         }),
         message_type::HELLO_ACK => Message::HelloAck(HelloAck {
@@ -434,7 +424,7 @@ pub fn encode(message: &Message, out: &mut BytesMut) -> Result<(), TunnelError> 
     let message_type = match message {
         Message::Hello(hello) => {
             body.u16(1, hello.version);
-            body.string(2, "credential", &hello.credential)?;
+            body.string(2, "credential", hello.credential.expose())?;
             body.optional_string(3, "agent_version", hello.agent_version.as_deref())?;
             message_type::HELLO
         }

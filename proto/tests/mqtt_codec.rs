@@ -53,7 +53,7 @@ fn connect_3_1_1_round_trips_byte_exact() {
             retain: true,
         }),
         username: Some("bblp".into()),
-        password: Some(Bytes::from_static(b"12345678")),
+        password: Some(Bytes::from_static(b"12345678").into()),
     });
     let bytes = encode_to_vec(&connect);
     assert_eq!(
@@ -498,7 +498,7 @@ fn connect_debug_hides_the_password() {
         client_id: String::new(),
         will: None,
         username: Some("bblp".into()),
-        password: Some(Bytes::from_static(b"s3cr3t-access-code")),
+        password: Some(Bytes::from_static(b"s3cr3t-access-code").into()),
     };
     let printed = format!("{connect:?}");
     assert!(!printed.contains("s3cr3t"), "{printed}");

@@ -102,7 +102,7 @@ fn connect() -> impl Strategy<Value = Packet> {
                     client_id,
                     will,
                     username,
-                    password,
+                    password: password.map(Into::into),
                 })
             },
         )

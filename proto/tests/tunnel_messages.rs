@@ -185,7 +185,7 @@ fn any_message() -> impl Strategy<Value = Message> {
             |(version, credential, agent_version)| {
                 Message::Hello(Hello {
                     version,
-                    credential,
+                    credential: credential.into(),
                     agent_version,
                 })
             }

@@ -6,6 +6,7 @@ use super::{
     ConnAck, Connect, ConnectReturnCode, DecodeError, Packet, PacketId, PacketType, ProtocolLevel,
     Publish, QoS, SubAck, Subscribe, SubscribeReturnCode, Unsubscribe, Will,
 };
+use crate::Secret;
 use crate::topic::{self, TopicLimits};
 
 /// What the first bytes of a packet say about it.
@@ -197,7 +198,7 @@ fn decode_connect(reader: &mut BodyReader) -> Result<Connect, DecodeError> {
         None
     };
     let password = if password_flag {
-        Some(reader.binary("password")?)
+        Some(Secret::new(reader.binary("password")?))
     } else {
         None
     };

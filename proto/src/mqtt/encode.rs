@@ -115,7 +115,7 @@ fn connect_len(connect: &Connect) -> Result<usize, EncodeError> {
         len += string_len(username, "user name")?;
     }
     if let Some(password) = &connect.password {
-        len += binary_len(password, "password")?;
+        len += binary_len(password.expose(), "password")?;
     }
     Ok(len)
 }
@@ -204,7 +204,7 @@ fn put_connect(out: &mut BytesMut, connect: &Connect) {
         put_binary(out, username.as_bytes());
     }
     if let Some(password) = &connect.password {
-        put_binary(out, password);
+        put_binary(out, password.expose());
     }
 }
 

@@ -38,6 +38,7 @@ use bytes::Bytes;
 pub use decode::{FixedHeader, decode, decode_with_bytes};
 pub use encode::{encode, encoded_len};
 
+use crate::Secret;
 use crate::topic::TopicError;
 
 /// A packet identifier. Zero is not a valid identifier in MQTT, so the type
@@ -193,7 +194,7 @@ impl Packet {
 }
 
 /// CONNECT: the first packet a client sends.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connect {
     /// The level the client speaks.
     pub protocol: ProtocolLevel,
@@ -207,23 +208,7 @@ pub struct Connect {
     pub client_id: String,
     pub will: Option<Will>,
     pub username: Option<String>,
-    pub password: Option<Bytes>,
-}
-
-// The password is a credential: never print it.
-impl fmt::Debug for Connect {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Connect")
-            .field("protocol", &self.protocol)
-            .field("bridge_mode", &self.bridge_mode)
-            .field("clean_session", &self.clean_session)
-            .field("keep_alive", &self.keep_alive)
-            .field("client_id", &self.client_id)
-            .field("will", &self.will)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
+    pub password: Option<Secret<Bytes>>,
 }
 
 /// The will message of a CONNECT.

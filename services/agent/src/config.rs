@@ -1,9 +1,9 @@
 //! The agent's one configuration file (TOML), with secrets masked in
 //! `Debug`. Validated once; every problem is reported together.
 
-use std::fmt;
 use std::path::PathBuf;
 
+use relay_proto::Secret;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -23,7 +23,7 @@ pub struct AgentConfig {
     pub always_on: bool,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeSection {
     /// `host:port` of the edge's QUIC listener.
@@ -33,8 +33,8 @@ pub struct EdgeSection {
     pub server_name: Option<String>,
     /// PEM CA to trust for the edge (required: agents pin their operator's CA).
     pub ca_file: PathBuf,
-    /// The agent credential (`rla_…`) from `relayctl agent issue`. Secret.
-    pub credential: String,
+    /// The agent credential (`rla_…`) from `relayctl agent issue`.
+    pub credential: Secret<String>,
     #[serde(default = "default_quic_keep_alive")]
     pub keep_alive_seconds: u64,
 }
@@ -43,19 +43,8 @@ fn default_quic_keep_alive() -> u64 {
     15
 }
 
-impl fmt::Debug for EdgeSection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EdgeSection")
-            .field("address", &self.address)
-            .field("server_name", &self.server_name)
-            .field("ca_file", &self.ca_file)
-            .field("credential", &"<redacted>")
-            .finish()
-    }
-}
-
 /// The printer as written in the file.
-#[derive(Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", deny_unknown_fields)]
 pub enum PrinterSection {
     /// A Bambu Lab printer in LAN mode: mqtts 8883, user `bblp`.
@@ -63,7 +52,7 @@ pub enum PrinterSection {
     Bambu {
         host: String,
         serial: String,
-        access_code: String,
+        access_code: Secret<String>,
         #[serde(default)]
         port: Option<u16>,
         /// CA that signed the printer's certificate.
@@ -92,7 +81,7 @@ pub enum PrinterSection {
         #[serde(default)]
         username: Option<String>,
         #[serde(default)]
-        password: Option<String>,
+        password: Option<Secret<String>>,
         #[serde(default)]
         keep_alive_seconds: Option<u16>,
         #[serde(default)]
@@ -115,59 +104,18 @@ pub enum PrinterSection {
     },
 }
 
-impl fmt::Debug for PrinterSection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PrinterSection::Bambu { host, serial, .. } => f
-                .debug_struct("Bambu")
-                .field("host", host)
-                .field("serial", serial)
-                .field("access_code", &"<redacted>")
-                .finish_non_exhaustive(),
-            PrinterSection::Mqtt {
-                host,
-                port,
-                username,
-                ..
-            } => f
-                .debug_struct("Mqtt")
-                .field("host", host)
-                .field("port", port)
-                .field("username", username)
-                .field("password", &"<redacted>")
-                .finish_non_exhaustive(),
-        }
-    }
-}
-
-/// What kind of printer, with what credentials (masked in `Debug`).
-#[derive(Clone)]
+/// What kind of printer, with what credentials.
+#[derive(Debug, Clone)]
 pub enum PrinterKind {
     Bambu {
         serial: String,
-        access_code: String,
+        access_code: Secret<String>,
     },
     Mqtt {
         username: Option<String>,
-        password: Option<String>,
+        password: Option<Secret<String>>,
         tls: bool,
     },
-}
-
-impl fmt::Debug for PrinterKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PrinterKind::Bambu { serial, .. } => {
-                write!(f, "Bambu {{ serial: {serial:?}, access_code: <redacted> }}")
-            }
-            PrinterKind::Mqtt { username, tls, .. } => {
-                write!(
-                    f,
-                    "Mqtt {{ username: {username:?}, password: <redacted>, tls: {tls} }}"
-                )
-            }
-        }
-    }
 }
 
 /// How the printer's certificate is trusted.
@@ -182,7 +130,7 @@ pub enum Pinning {
 }
 
 /// The printer connection's settings, checked.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct PrinterConfig {
     pub host: String,
     pub port: Option<u16>,
@@ -198,15 +146,6 @@ pub struct PrinterConfig {
     pub ciphers: Option<Vec<String>>,
 }
 
-impl fmt::Debug for PrinterConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PrinterConfig")
-            .field("host", &self.host)
-            .field("port", &self.port())
-            .finish_non_exhaustive()
-    }
-}
-
 impl PrinterConfig {
     pub fn port(&self) -> u16 {
         self.port.unwrap_or(match &self.kind {
@@ -217,7 +156,7 @@ impl PrinterConfig {
     }
 
     /// User name and password for CONNECT.
-    pub fn credentials(&self) -> (Option<String>, Option<String>) {
+    pub fn credentials(&self) -> (Option<String>, Option<Secret<String>>) {
         match &self.kind {
             PrinterKind::Bambu { access_code, .. } => {
                 (Some("bblp".into()), Some(access_code.clone()))
@@ -249,7 +188,7 @@ impl AgentConfig {
                 self.edge.ca_file.display()
             ));
         }
-        if !self.edge.credential.starts_with("rla_") {
+        if !self.edge.credential.expose().starts_with("rla_") {
             problems.push(
                 "edge.credential must be an agent credential (rla_…) from `relayctl agent issue`"
                     .into(),
@@ -272,7 +211,7 @@ impl AgentConfig {
                 if serial.is_empty() {
                     problems.push("printer.serial is required".into());
                 }
-                if access_code.len() != 8 {
+                if access_code.expose().len() != 8 {
                     problems
                         .push("printer.access_code must be the 8-character LAN access code".into());
                 }

@@ -34,11 +34,11 @@ fn apply_overrides(config: &mut AgentConfig, flags: &Flags) -> Result<(), Vec<St
         config.edge.address = address.clone();
     }
     if let Some(credential) = &flags.credential {
-        config.edge.credential = credential.clone();
+        config.edge.credential = credential.as_str().into();
     }
     if let Some(code) = &flags.access_code {
         match &mut config.printer {
-            PrinterSection::Bambu { access_code, .. } => *access_code = code.clone(),
+            PrinterSection::Bambu { access_code, .. } => *access_code = code.as_str().into(),
             PrinterSection::Mqtt { .. } => {
                 return Err(vec![
                     "--access-code is for printer kind \"bambu\"; this printer is \"mqtt\"".into(),

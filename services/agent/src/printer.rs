@@ -76,7 +76,7 @@ pub async fn connect(
         client_id: config.client_id.clone(),
         will: None,
         username,
-        password: password.map(Bytes::from),
+        password: password.map(|password| password.map(Bytes::from)),
     });
     let mut bytes = BytesMut::new();
     mqtt::encode(&connect, &mut bytes)

@@ -322,7 +322,7 @@ impl Apps<'_> {
             .await
             .unwrap();
         connect.username = Some(USER.into());
-        connect.password = Some(Bytes::from_static(PASSWORD.as_bytes()));
+        connect.password = Some(Bytes::from_static(PASSWORD.as_bytes()).into());
         let mut peer = MqttPeer::new(tls);
         peer.send(&Packet::Connect(connect)).await;
         assert!(

@@ -1,6 +1,7 @@
 //! The edge's configuration: a TOML file, overridden by environment
 //! variables and flags, validated once with every problem reported together.
 
+use relay_proto::Secret;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -118,22 +119,13 @@ impl Default for AdminConfig {
     }
 }
 
-#[derive(Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `postgres://…` or `sqlite:…`. May hold a password: never printed.
-    pub database_url: String,
+    /// `postgres://…` or `sqlite:…`. May hold a password.
+    pub database_url: Secret<String>,
     /// Apply pending migrations at start-up.
     pub migrate: bool,
-}
-
-impl fmt::Debug for StoreConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StoreConfig")
-            .field("database_url", &"<redacted>")
-            .field("migrate", &self.migrate)
-            .finish()
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -310,13 +302,13 @@ impl EdgeConfig {
                 problems.push(format!("{name} must be at least 1"));
             }
         }
-        if self.store.database_url.is_empty() {
+        if self.store.database_url.expose().is_empty() {
             problems.push(
                 "store.database_url is required (or RELAY_DATABASE_URL, or --database-url)".into(),
             );
         } else if !["postgres://", "postgresql://", "sqlite:"]
             .iter()
-            .any(|scheme| self.store.database_url.starts_with(scheme))
+            .any(|scheme| self.store.database_url.expose().starts_with(scheme))
         {
             problems.push(
                 "store.database_url must start with postgres://, postgresql:// or sqlite:".into(),

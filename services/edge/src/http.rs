@@ -1,6 +1,7 @@
 //! HTTP on the public listener: routing by Host and path, the WebSocket
 //! upgrade, and JSON answers for everything that is not an upgrade.
 
+use relay_proto::Secret;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -222,16 +223,16 @@ pub fn device_from_host(headers: &HeaderMap, base_domain: &str) -> Option<String
 
 /// The Authorization header and the `access_token` (or `api_key`) query
 /// parameter. The query string itself is never logged.
-fn credentials<B>(request: &Request<B>) -> (Option<String>, Option<String>) {
+fn credentials<B>(request: &Request<B>) -> (Option<Secret<String>>, Option<Secret<String>>) {
     let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .map(str::to_owned);
+        .map(Secret::from);
     let query_token = request.uri().query().and_then(|query| {
         query.split('&').find_map(|pair| {
             let (name, value) = pair.split_once('=')?;
-            matches!(name, "access_token" | "api_key").then(|| percent_decode(value))
+            matches!(name, "access_token" | "api_key").then(|| Secret::new(percent_decode(value)))
         })
     });
     (authorization, query_token)
@@ -282,8 +283,8 @@ async fn plain_request<B>(
     };
     let (authorization, query_token) = credentials(request);
     let credentials = RequestCredentials {
-        authorization: authorization.as_deref(),
-        query_token: query_token.as_deref(),
+        authorization: authorization.as_ref().map(Secret::as_ref),
+        query_token: query_token.as_ref().map(Secret::as_ref),
     };
     match state
         .authenticator
@@ -432,12 +433,18 @@ mod tests {
             .uri("/mqtt?x=1&access_token=YWJj%3Ad%2Be%3D&other=2")
             .body(())
             .unwrap();
-        assert_eq!(credentials(&request).1.as_deref(), Some("YWJj:d+e="));
+        assert_eq!(
+            credentials(&request).1.map(Secret::into_exposed).as_deref(),
+            Some("YWJj:d+e=")
+        );
         let request = Request::builder()
             .uri("/mqtt?api_key=rly_a_b_c")
             .body(())
             .unwrap();
-        assert_eq!(credentials(&request).1.as_deref(), Some("rly_a_b_c"));
+        assert_eq!(
+            credentials(&request).1.map(Secret::into_exposed).as_deref(),
+            Some("rly_a_b_c")
+        );
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
     }
 }

@@ -59,7 +59,7 @@ fn load(flags: &Flags) -> Result<EdgeConfig, String> {
         None => EdgeConfig::defaults(),
     };
     if let Some(url) = &flags.database_url {
-        config.store.database_url = url.clone();
+        config.store.database_url = url.as_str().into();
     }
     config.store.migrate |= flags.migrate;
     if flags.listen.is_some() {

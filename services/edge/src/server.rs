@@ -75,7 +75,7 @@ impl RunningEdge {
     pub async fn start(config: EdgeConfig) -> Result<RunningEdge, StartError> {
         config.validate()?;
         let config = Arc::new(config);
-        let store = Store::connect(&config.store.database_url).await?;
+        let store = Store::connect(config.store.database_url.expose()).await?;
         if config.store.migrate {
             let applied = store.migrate().await?;
             if !applied.is_empty() {

@@ -7,6 +7,7 @@
 //! ids, client-id takeover, wills) is the hub's: the session hands it every
 //! packet it has checked.
 
+use relay_proto::Secret;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,23 +30,14 @@ use crate::state::{EdgeState, LiveSession};
 /// How long to wait for the client's answer to our close frame.
 const CLOSE_HANDSHAKE_PATIENCE: Duration = Duration::from_secs(2);
 
-/// What the HTTP request said, kept until the CONNECT arrives. The
-/// credentials are secret: never logged.
+/// What the HTTP request said, kept until the CONNECT arrives.
+#[derive(Debug)]
 pub struct SessionRequest {
     /// `None` when the Host did not name a device.
     pub device_id: Option<String>,
-    pub authorization: Option<String>,
-    pub query_token: Option<String>,
+    pub authorization: Option<Secret<String>>,
+    pub query_token: Option<Secret<String>>,
     pub peer_ip: IpAddr,
-}
-
-impl std::fmt::Debug for SessionRequest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionRequest")
-            .field("device_id", &self.device_id)
-            .field("peer_ip", &self.peer_ip)
-            .finish_non_exhaustive()
-    }
 }
 
 /// How the first phase of a session ended.
@@ -213,8 +205,12 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
     // Explorer) may put the key in CONNECT's user name and password.
     let connect_token = connect_credentials(&connect);
     let credentials = RequestCredentials {
-        authorization: request.authorization.as_deref(),
-        query_token: request.query_token.as_deref().or(connect_token.as_deref()),
+        authorization: request.authorization.as_ref().map(Secret::as_ref),
+        query_token: request
+            .query_token
+            .as_ref()
+            .or(connect_token.as_ref())
+            .map(Secret::as_ref),
     };
     let result = match &request.device_id {
         Some(device_id) => {
@@ -277,14 +273,17 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
 /// CONNECT's user name and password as a query-token equivalent: a password
 /// that is a whole key or JWT stands alone; otherwise user name = key id and
 /// password = secret, as HTTP Basic.
-fn connect_credentials(connect: &Connect) -> Option<String> {
+fn connect_credentials(connect: &Connect) -> Option<Secret<String>> {
     use base64::Engine;
-    let password = std::str::from_utf8(connect.password.as_ref()?).ok()?;
+    let password = std::str::from_utf8(connect.password.as_ref()?.expose()).ok()?;
     if password.starts_with("rly_") || password.matches('.').count() == 2 {
-        return Some(password.to_owned());
+        return Some(password.into());
     }
     let username = connect.username.as_deref()?;
-    Some(base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}")))
+    let basic = format!("{username}:{password}");
+    Some(Secret::new(
+        base64::engine::general_purpose::STANDARD.encode(basic),
+    ))
 }
 
 /// Sends the CONNACK (if any) and the close frame, then waits a moment for

@@ -130,7 +130,7 @@ async fn serve_tunnel(
     let device_id = match state
         .authenticator
         .store()
-        .verify_agent_credential(&hello.credential)
+        .verify_agent_credential(hello.credential.expose())
         .await
     {
         Ok(Ok(device_id)) => device_id,

@@ -48,7 +48,7 @@ async fn every_credential_form_authenticates_and_the_device_is_offline() {
     let mut socket = edge.open_device("/mqtt", &[]).await;
     let mut connect = connect_packet("mqttx");
     connect.username = Some(key_id.clone());
-    connect.password = Some(secret.clone().into());
+    connect.password = Some(relay_proto::Secret::new(secret.clone().into()));
     send_connect(&mut socket, connect).await;
     assert_eq!(refusal(&mut socket).await, offline);
 

@@ -38,7 +38,7 @@ async fn logs_carry_no_secret_and_no_query_string() {
         .await;
     let mut connect = connect_packet("with-password");
     connect.username = Some(key_id.clone());
-    connect.password = Some(secret.clone().into());
+    connect.password = Some(relay_proto::Secret::new(secret.clone().into()));
     send_connect(&mut socket, connect).await;
     refusal(&mut socket).await;
     edge.stop().await;

@@ -445,7 +445,11 @@ async fn serve_client<IO: AsyncRead + AsyncWrite + Unpin>(
     };
     let config = &shared.config;
     let authorised = connect.username.as_deref() == Some("bblp")
-        && connect.password.as_deref() == Some(config.access_code.as_bytes());
+        && connect
+            .password
+            .as_ref()
+            .map(|password| password.expose().as_ref())
+            == Some(config.access_code.as_bytes());
     if !authorised {
         shared
             .observations

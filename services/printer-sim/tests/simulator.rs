@@ -62,7 +62,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Peer<T> {
             client_id: "test".into(),
             will: None,
             username: Some("bblp".into()),
-            password: Some(Bytes::from(password.to_owned())),
+            password: Some(Bytes::from(password.to_owned()).into()),
         }))
         .await;
         let Some(Packet::ConnAck(ack)) = peer.next().await else {

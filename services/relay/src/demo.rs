@@ -78,7 +78,7 @@ pub async fn run(data_dir: &Path, port: u16) -> anyhow::Result<()> {
     config.public.tls_cert = Some(certificates.server_cert.clone());
     config.public.tls_key = Some(certificates.server_key.clone());
     config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.store.database_url = database_url;
+    config.store.database_url = database_url.into();
     config.store.migrate = true;
     config.tunnel.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     let edge = RunningEdge::start(config)

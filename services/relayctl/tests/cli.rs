@@ -111,7 +111,7 @@ async fn whole_lifecycle(backend: Backend) {
             device_id,
             RequestCredentials {
                 authorization: None,
-                query_token: Some(token),
+                query_token: Some(relay_store::Secret::new(token)),
             },
         )
         .await

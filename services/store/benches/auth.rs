@@ -15,7 +15,7 @@ use relay_store::{AuthConfig, Authenticator, Backend, NewApiKey, RequestCredenti
 async fn measure(auth: &Authenticator, device: &str, token: &str, calls: usize) -> Vec<Duration> {
     let request = RequestCredentials {
         authorization: None,
-        query_token: Some(token),
+        query_token: Some(relay_store::Secret::new(token)),
     };
     // Warm-up: connections open, caches filled.
     for _ in 0..calls.min(200) {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use dashmap::DashMap;
+use relay_proto::Secret;
 use serde::Serialize;
 
 use crate::StoreError;
@@ -22,22 +23,13 @@ use crate::store::{Scope, Store};
 
 /// The raw inputs of a request that may carry credentials. Both are secret:
 /// never log them.
-#[derive(Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct RequestCredentials<'a> {
     /// The `Authorization` header's value: `Basic …` or `Bearer …`.
-    pub authorization: Option<&'a str>,
+    pub authorization: Option<Secret<&'a str>>,
     /// The `access_token` (or `api_key`) query parameter, for clients that
     /// cannot send headers: base64 of `user:pass`, or a bearer token.
-    pub query_token: Option<&'a str>,
-}
-
-impl std::fmt::Debug for RequestCredentials<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RequestCredentials")
-            .field("authorization", &self.authorization.map(|_| "<redacted>"))
-            .field("query_token", &self.query_token.map(|_| "<redacted>"))
-            .finish()
-    }
+    pub query_token: Option<Secret<&'a str>>,
 }
 
 /// Who a request acts for.
@@ -192,7 +184,10 @@ impl Authenticator {
         device_id: &str,
         request: RequestCredentials<'_>,
     ) -> Result<Principal, AuthFailure> {
-        let (raw, credential) = match (request.authorization, request.query_token) {
+        let (raw, credential) = match (
+            request.authorization.map(Secret::into_exposed),
+            request.query_token.map(Secret::into_exposed),
+        ) {
             (Some(header), _) => (header, parse_authorization(header)?),
             (None, Some(token)) => (token, parse_query_token(token)?),
             (None, None) => return Err(AuthFailure::Missing),
@@ -219,7 +214,7 @@ impl Authenticator {
             Credential::ApiKey { id, secret } => {
                 let presented = PresentedCredential {
                     id: &id,
-                    secret: &secret,
+                    secret: Secret::new(&secret),
                 };
                 let outcome = self.check_api_key(&presented, device_id, now).await;
                 (outcome, Some(id))
@@ -437,7 +432,7 @@ fn parse_bearer(token: &str) -> Result<Credential<'_>, AuthFailure> {
         PresentedCredential::parse(CredentialKind::ApiKey, token).map_err(format_failure)?;
     Ok(Credential::ApiKey {
         id: presented.id.to_owned(),
-        secret: presented.secret.to_owned(),
+        secret: (*presented.secret.expose()).to_owned(),
     })
 }
 
@@ -454,7 +449,7 @@ fn parse_basic(encoded: &str) -> Result<Credential<'static>, AuthFailure> {
     let presented = PresentedCredential::from_parts(id, secret).map_err(format_failure)?;
     Ok(Credential::ApiKey {
         id: presented.id.to_owned(),
-        secret: presented.secret.to_owned(),
+        secret: (*presented.secret.expose()).to_owned(),
     })
 }
 
@@ -542,8 +537,8 @@ mod tests {
     #[test]
     fn debug_hides_request_credentials() {
         let request = RequestCredentials {
-            authorization: Some("Bearer rly_secretsecret"),
-            query_token: Some("c2VjcmV0"),
+            authorization: Some(Secret::new("Bearer rly_secretsecret")),
+            query_token: Some(Secret::new("c2VjcmV0")),
         };
         let printed = format!("{request:?}");
         assert!(!printed.contains("secret") || printed.contains("redacted"));

@@ -12,8 +12,7 @@
 //! Only a SHA-256 digest of the secret is stored; comparisons of digests are
 //! constant-time.
 
-use std::fmt;
-
+use relay_proto::Secret;
 use ring::rand::{SecureRandom, SystemRandom};
 
 const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
@@ -51,11 +50,11 @@ pub enum FormatError {
 
 /// A full credential as handed out once. `Debug` and `Display` hide the
 /// secret; [`IssuedCredential::reveal`] is the one way to get it.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuedCredential {
     pub kind: CredentialKind,
     pub id: String,
-    secret: String,
+    secret: Secret<String>,
 }
 
 impl IssuedCredential {
@@ -64,58 +63,48 @@ impl IssuedCredential {
         Ok(IssuedCredential {
             kind,
             id: random_base32(ID_LEN)?,
-            secret: random_base32(SECRET_LEN)?,
+            secret: Secret::new(random_base32(SECRET_LEN)?),
         })
     }
 
     /// Re-assembles a credential from its parts (no shape check: a
     /// malformed part gives a token that fails to parse).
     pub fn from_parts(kind: CredentialKind, id: String, secret: String) -> IssuedCredential {
-        IssuedCredential { kind, id, secret }
+        IssuedCredential {
+            kind,
+            id,
+            secret: Secret::new(secret),
+        }
     }
 
     /// The whole token, `<prefix>_<id>_<secret>_<checksum>`: show it once.
     pub fn reveal(&self) -> String {
-        let body = format!("{}_{}_{}", self.kind.prefix(), self.id, self.secret);
+        let body = format!(
+            "{}_{}_{}",
+            self.kind.prefix(),
+            self.id,
+            self.secret.expose()
+        );
         let checksum = checksum(&body);
         format!("{body}_{checksum}")
     }
 
     /// The secret alone (the password half of HTTP Basic).
     pub fn secret(&self) -> &str {
-        &self.secret
+        self.secret.expose()
     }
 
     /// What the store keeps instead of the secret.
     pub fn digest(&self) -> String {
-        digest_hex(&self.secret)
-    }
-}
-
-impl fmt::Debug for IssuedCredential {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IssuedCredential")
-            .field("kind", &self.kind)
-            .field("id", &self.id)
-            .field("secret", &"<redacted>")
-            .finish()
+        digest_hex(self.secret.expose())
     }
 }
 
 /// A credential presented by a client, split into its parts.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PresentedCredential<'a> {
     pub id: &'a str,
-    pub secret: &'a str,
-}
-
-impl fmt::Debug for PresentedCredential<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PresentedCredential")
-            .field("id", &self.id)
-            .field("secret", &"<redacted>")
-            .finish()
-    }
+    pub secret: Secret<&'a str>,
 }
 
 impl<'a> PresentedCredential<'a> {
@@ -150,12 +139,15 @@ impl<'a> PresentedCredential<'a> {
         {
             return Err(FormatError::WrongShape);
         }
-        Ok(PresentedCredential { id, secret })
+        Ok(PresentedCredential {
+            id,
+            secret: Secret::new(secret),
+        })
     }
 
     /// Whether the secret matches a stored digest, in constant time.
     pub fn matches_digest(&self, stored_digest_hex: &str) -> bool {
-        let presented = digest_hex(self.secret);
+        let presented = digest_hex(self.secret.expose());
         constant_time_eq(presented.as_bytes(), stored_digest_hex.as_bytes())
     }
 }

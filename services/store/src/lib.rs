@@ -29,6 +29,7 @@ pub use auth::{
 };
 pub use clock::{Clock, ManualClock, Millis, SystemClock};
 pub use error::StoreError;
+pub use relay_proto::Secret;
 pub use revocation::{RevocationEvent, RevocationWatcher, Revoked};
 pub use store::{
     AgentAuthFailure, AgentCredential, ApiKey, Backend, Device, NewApiKey, Scope, Store, Tenant,

@@ -83,7 +83,7 @@ fn bearer(token: &str) -> String {
 
 fn header(value: &str) -> RequestCredentials<'_> {
     RequestCredentials {
-        authorization: Some(value),
+        authorization: Some(relay_store::Secret::new(value)),
         query_token: None,
     }
 }
@@ -91,7 +91,7 @@ fn header(value: &str) -> RequestCredentials<'_> {
 fn query(value: &str) -> RequestCredentials<'_> {
     RequestCredentials {
         authorization: None,
-        query_token: Some(value),
+        query_token: Some(relay_store::Secret::new(value)),
     }
 }
 
@@ -121,8 +121,8 @@ async fn header_and_query_forms_authenticate(db: &TestDatabase) {
     }
     // The header wins over the query parameter.
     let both = RequestCredentials {
-        authorization: Some(&bearer_header),
-        query_token: Some("garbage"),
+        authorization: Some(relay_store::Secret::new(bearer_header.as_str())),
+        query_token: Some(relay_store::Secret::new("garbage")),
     };
     assert!(auth.authenticate(&f.device, both).await.is_ok());
 }

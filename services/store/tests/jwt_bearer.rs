@@ -313,7 +313,7 @@ async fn jwts_authenticate_for_their_tenant_and_device(db: &TestDatabase) {
     let device_token = sign(&key, &claims(&tenant, Some(&device), "read"));
     let header = request(&device_token);
     let creds = RequestCredentials {
-        authorization: Some(&header),
+        authorization: Some(relay_store::Secret::new(header.as_str())),
         query_token: None,
     };
     let principal = auth.authenticate(&device, creds).await.unwrap();
@@ -330,7 +330,7 @@ async fn jwts_authenticate_for_their_tenant_and_device(db: &TestDatabase) {
     let tenant_token = sign(&key, &claims(&tenant, None, "control"));
     let query = RequestCredentials {
         authorization: None,
-        query_token: Some(&tenant_token),
+        query_token: Some(relay_store::Secret::new(tenant_token.as_str())),
     };
     assert_eq!(
         auth.authenticate(&other_device, query).await.unwrap().scope,
@@ -350,7 +350,7 @@ async fn jwts_authenticate_for_their_tenant_and_device(db: &TestDatabase) {
     let token = sign(&key, &wrong_audience);
     let query = RequestCredentials {
         authorization: None,
-        query_token: Some(&token),
+        query_token: Some(relay_store::Secret::new(token.as_str())),
     };
     assert_eq!(
         auth.authenticate(&device, query).await,

@@ -142,7 +142,7 @@ impl TestEdge {
         config.public.tls_handshake_timeout_seconds = 1;
         config.public.http_header_timeout_seconds = 1;
         config.admin.listen = "127.0.0.1:0".parse().unwrap();
-        config.store.database_url = database.url.clone();
+        config.store.database_url = database.url.as_str().into();
         config.limits.connect_timeout_seconds = 1;
         customize(&mut config);
         let edge = RunningEdge::start(config.clone()).await.unwrap();

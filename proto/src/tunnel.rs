@@ -25,7 +25,7 @@ pub const ALPN: &[u8] = b"relay-tunnel/1";
 /// Bytes of a frame header: type and body length.
 pub const FRAME_HEADER_LEN: usize = 5;
 
-/// A sensible maximum frame size for control and session-header frames.
+/// A sensible maximum frame size for control frames and printer-link headers.
 pub const DEFAULT_MAX_FRAME_LEN: usize = 64 * 1024;
 
 /// Application error codes for closing a QUIC connection or resetting a
@@ -51,9 +51,9 @@ mod message_type {
     pub const HELLO_REFUSED: u8 = 0x03;
     pub const PRINTER_LINK: u8 = 0x04;
     pub const GO_AWAY: u8 = 0x05;
-    pub const SESSION_OPEN: u8 = 0x06;
-    pub const SESSION_ACCEPT: u8 = 0x07;
-    pub const SESSION_REFUSED: u8 = 0x08;
+    pub const LINK_OPEN: u8 = 0x06;
+    pub const LINK_ACCEPT: u8 = 0x07;
+    pub const LINK_REFUSED: u8 = 0x08;
     /// Types from here up may be ignored by a peer that does not know them.
     pub const FIRST_IGNORABLE: u8 = 0x80;
 }
@@ -66,9 +66,9 @@ pub enum Message {
     HelloRefused(HelloRefused),
     PrinterLink(PrinterLink),
     GoAway(GoAway),
-    SessionOpen(SessionOpen),
-    SessionAccept(SessionAccept),
-    SessionRefused(SessionRefused),
+    LinkOpen(LinkOpen),
+    LinkAccept(LinkAccept),
+    LinkRefused(LinkRefused),
     /// A message of an unknown type at or above `0x80`, which its sender
     /// allows a receiver to drop.
     Ignored {
@@ -128,8 +128,8 @@ pub struct PrinterLink {
     pub reason: Option<LinkDownReason>,
     /// Human-readable detail, free of secrets.
     pub detail: Option<String>,
-    /// The printer session the state belongs to, if any.
-    pub session: Option<u64>,
+    /// The printer link the state belongs to, if any.
+    pub link: Option<u64>,
 }
 
 /// The printer link's state as the agent sees it.
@@ -143,7 +143,7 @@ pub enum LinkState {
     Other(u8),
 }
 
-/// Why the printer link is down, or why a session was refused.
+/// Why the printer link is down, or why a printer link was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LinkDownReason {
     /// The printer answered CONNACK 4 or 5: wrong access code or user.
@@ -174,7 +174,7 @@ pub struct GoAway {
 }
 
 /// The kind of broker behind a printer link, as the agent reports it in
-/// SESSION_ACCEPT: the edge's hub adapts to it.
+/// LINK_ACCEPT: the edge's hub adapts to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PrinterKind {
     /// Any MQTT broker: other clients may publish, and retain, on it.
@@ -192,30 +192,31 @@ pub enum GoAwayReason {
     Other(u16),
 }
 
-/// Edge → agent, the first frame of a printer-session stream (a
+/// Edge → agent, the first frame of a printer-link stream (a
 /// bidirectional stream the edge opens): open a printer connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionOpen {
-    pub session: u64,
+pub struct LinkOpen {
+    /// The link's id, unique within the tunnel.
+    pub link: u64,
     /// The largest MQTT packet the edge accepts from the printer.
     pub max_packet_size: Option<u32>,
 }
 
-/// Agent → edge, the first frame back on a session stream: the printer
+/// Agent → edge, the first frame back on a printer-link stream: the printer
 /// accepted the connection. MQTT packets follow in both directions.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionAccept {
-    pub session: u64,
+pub struct LinkAccept {
+    pub link: u64,
     /// What kind of broker the agent reached; absent from agents that
     /// predate the field (the edge then assumes a generic broker).
     pub printer_kind: Option<PrinterKind>,
 }
 
-/// Agent → edge, the only frame back on a session stream that failed; the
+/// Agent → edge, the only frame back on a printer-link stream that failed; the
 /// agent then finishes the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionRefused {
-    pub session: u64,
+pub struct LinkRefused {
+    pub link: u64,
     pub reason: LinkDownReason,
     pub detail: Option<String>,
 }
@@ -272,7 +273,7 @@ pub fn decode(buffer: &mut BytesMut, max_frame_len: usize) -> Result<Option<Mess
 }
 
 fn is_known(message_type: u8) -> bool {
-    (message_type::HELLO..=message_type::SESSION_REFUSED).contains(&message_type)
+    (message_type::HELLO..=message_type::LINK_REFUSED).contains(&message_type)
 }
 
 fn decode_body(message_type: u8, body: Bytes) -> Result<Message, TunnelError> {
@@ -303,24 +304,24 @@ fn decode_body(message_type: u8, body: Bytes) -> Result<Message, TunnelError> {
                 .optional(2, "reason", Fields::u8)?
                 .map(LinkDownReason::from_code),
             detail: fields.optional(3, "detail", Fields::string)?,
-            session: fields.optional(4, "session", Fields::u64)?,
+            link: fields.optional(4, "link", Fields::u64)?,
         }),
         message_type::GO_AWAY => Message::GoAway(GoAway {
             reason: GoAwayReason::from_code(fields.required(1, "reason", Fields::u16)?),
             reconnect_after_ms: fields.optional(2, "reconnect_after_ms", Fields::u32)?,
         }),
-        message_type::SESSION_OPEN => Message::SessionOpen(SessionOpen {
-            session: fields.required(1, "session", Fields::u64)?,
+        message_type::LINK_OPEN => Message::LinkOpen(LinkOpen {
+            link: fields.required(1, "link", Fields::u64)?,
             max_packet_size: fields.optional(2, "max_packet_size", Fields::u32)?,
         }),
-        message_type::SESSION_ACCEPT => Message::SessionAccept(SessionAccept {
-            session: fields.required(1, "session", Fields::u64)?,
+        message_type::LINK_ACCEPT => Message::LinkAccept(LinkAccept {
+            link: fields.required(1, "link", Fields::u64)?,
             printer_kind: fields
                 .optional(2, "printer_kind", Fields::u8)?
                 .map(PrinterKind::from_code),
         }),
-        _ => Message::SessionRefused(SessionRefused {
-            session: fields.required(1, "session", Fields::u64)?,
+        _ => Message::LinkRefused(LinkRefused {
+            link: fields.required(1, "link", Fields::u64)?,
             reason: LinkDownReason::from_code(fields.required(2, "reason", Fields::u8)?),
             detail: fields.optional(3, "detail", Fields::string)?,
         }),
@@ -451,8 +452,8 @@ pub fn encode(message: &Message, out: &mut BytesMut) -> Result<(), TunnelError> 
                 body.u8(2, reason.code());
             }
             body.optional_string(3, "detail", link.detail.as_deref())?;
-            if let Some(session) = link.session {
-                body.u64(4, session);
+            if let Some(id) = link.link {
+                body.u64(4, id);
             }
             message_type::PRINTER_LINK
         }
@@ -463,25 +464,25 @@ pub fn encode(message: &Message, out: &mut BytesMut) -> Result<(), TunnelError> 
             }
             message_type::GO_AWAY
         }
-        Message::SessionOpen(open) => {
-            body.u64(1, open.session);
+        Message::LinkOpen(open) => {
+            body.u64(1, open.link);
             if let Some(max) = open.max_packet_size {
                 body.u32(2, max);
             }
-            message_type::SESSION_OPEN
+            message_type::LINK_OPEN
         }
-        Message::SessionAccept(accept) => {
-            body.u64(1, accept.session);
+        Message::LinkAccept(accept) => {
+            body.u64(1, accept.link);
             if let Some(kind) = accept.printer_kind {
                 body.u8(2, kind.code());
             }
-            message_type::SESSION_ACCEPT
+            message_type::LINK_ACCEPT
         }
-        Message::SessionRefused(refused) => {
-            body.u64(1, refused.session);
+        Message::LinkRefused(refused) => {
+            body.u64(1, refused.link);
             body.u8(2, refused.reason.code());
             body.optional_string(3, "detail", refused.detail.as_deref())?;
-            message_type::SESSION_REFUSED
+            message_type::LINK_REFUSED
         }
         Message::Ignored { message_type } => *message_type,
     };

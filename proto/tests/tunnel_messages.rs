@@ -13,9 +13,8 @@ use bytes::BytesMut;
 use common::bytes_of;
 use proptest::prelude::*;
 use relay_proto::tunnel::{
-    GoAway, GoAwayReason, Hello, HelloAck, HelloRefused, LinkDownReason, LinkState, Message,
-    PrinterLink, RefusalReason, SessionAccept, SessionOpen, SessionRefused, TunnelError, decode,
-    encode,
+    GoAway, GoAwayReason, Hello, HelloAck, HelloRefused, LinkAccept, LinkDownReason, LinkOpen,
+    LinkRefused, LinkState, Message, PrinterLink, RefusalReason, TunnelError, decode, encode,
 };
 
 const LIMIT: usize = 64 * 1024;
@@ -48,8 +47,8 @@ fn hello_matches_the_documented_bytes() {
 
 #[test]
 fn session_open_matches_the_documented_bytes() {
-    let open = Message::SessionOpen(SessionOpen {
-        session: 7,
+    let open = Message::LinkOpen(LinkOpen {
+        link: 7,
         max_packet_size: Some(262_144),
     });
     let expected = "06 00000012 01 0008 0000000000000007 02 0004 00040000";
@@ -59,11 +58,11 @@ fn session_open_matches_the_documented_bytes() {
 
 #[test]
 fn unknown_fields_are_skipped() {
-    // SESSION_ACCEPT with an extra field 0x09 from a newer peer.
+    // LINK_ACCEPT with an extra field 0x09 from a newer peer.
     assert_eq!(
         decode_hex("07 00000010 09 0002 abcd 01 0008 0000000000000003"),
-        Ok(Some(Message::SessionAccept(SessionAccept {
-            session: 3,
+        Ok(Some(Message::LinkAccept(LinkAccept {
+            link: 3,
             printer_kind: None
         })))
     );
@@ -151,7 +150,7 @@ fn unknown_codes_survive_a_round_trip() {
         state: LinkState::Other(77),
         reason: Some(LinkDownReason::Other(200)),
         detail: None,
-        session: None,
+        link: None,
     });
     let mut buffer = BytesMut::from(&encoded(&link)[..]);
     assert_eq!(decode(&mut buffer, LIMIT), Ok(Some(link)));
@@ -227,7 +226,7 @@ fn any_message() -> impl Strategy<Value = Message> {
                     state: LinkState::from_code(state),
                     reason,
                     detail,
-                    session
+                    link: session
                 }
             )),
         (any::<u16>(), proptest::option::of(any::<u32>())).prop_map(
@@ -240,15 +239,15 @@ fn any_message() -> impl Strategy<Value = Message> {
         ),
         (any::<u64>(), proptest::option::of(any::<u32>())).prop_map(
             |(session, max_packet_size)| {
-                Message::SessionOpen(SessionOpen {
-                    session,
+                Message::LinkOpen(LinkOpen {
+                    link: session,
                     max_packet_size,
                 })
             }
         ),
         (any::<u64>(), proptest::option::of(any::<u8>())).prop_map(|(session, kind)| {
-            Message::SessionAccept(SessionAccept {
-                session,
+            Message::LinkAccept(LinkAccept {
+                link: session,
                 printer_kind: kind.map(relay_proto::tunnel::PrinterKind::from_code),
             })
         }),
@@ -257,13 +256,13 @@ fn any_message() -> impl Strategy<Value = Message> {
             link_down_reason(),
             proptest::option::of(text())
         )
-            .prop_map(|(session, reason, detail)| Message::SessionRefused(
-                SessionRefused {
-                    session,
+            .prop_map(
+                |(session, reason, detail)| Message::LinkRefused(LinkRefused {
+                    link: session,
                     reason,
                     detail
-                }
-            )),
+                })
+            ),
         (0x80u8..).prop_map(|message_type| Message::Ignored { message_type }),
     ]
 }

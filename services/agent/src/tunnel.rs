@@ -1,5 +1,5 @@
 //! The QUIC tunnel to the edge: dial, HELLO on the control stream, then
-//! serve the printer-session streams the edge opens, relaying MQTT between
+//! serve the printer-link streams the edge opens, relaying MQTT between
 //! each and a fresh printer connection. Reconnects with jittered exponential
 //! backoff; a GO_AWAY makes it reconnect at once.
 
@@ -11,8 +11,8 @@ use bytes::BytesMut;
 use relay_io::FramedReader;
 use relay_proto::mqtt::{self, Packet};
 use relay_proto::tunnel::{
-    self, GoAwayReason, Hello, LinkDownReason, LinkState, Message, PrinterLink, SessionAccept,
-    SessionRefused,
+    self, GoAwayReason, Hello, LinkAccept, LinkDownReason, LinkRefused, LinkState, Message,
+    PrinterLink,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -232,7 +232,7 @@ async fn serve_connection(
             }
         }
     };
-    let sessions = tokio_util::task::TaskTracker::new();
+    let links = tokio_util::task::TaskTracker::new();
     let serve = async {
         loop {
             tokio::select! {
@@ -242,7 +242,7 @@ async fn serve_connection(
                         let reports = reports.clone();
                         let read_only = config.read_only;
                         let standby = standby.clone();
-                        sessions.spawn(serve_session(send, recv, printer, standby, reports, read_only));
+                        links.spawn(serve_printer_link(send, recv, printer, standby, reports, read_only));
                     }
                     Err(error) => return TunnelEnd::Lost(error.to_string()),
                 },
@@ -267,13 +267,13 @@ async fn serve_connection(
         end = serve => end,
         () = control_writer => TunnelEnd::Lost("control stream closed".into()),
     };
-    sessions.close();
+    links.close();
     end
 }
 
-/// One printer session: SESSION_OPEN in, a printer connection, then MQTT
+/// One printer link: LINK_OPEN in, a printer connection, then MQTT
 /// relayed both ways until either side ends.
-async fn serve_session(
+async fn serve_printer_link(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
     printer: Arc<PrinterConfig>,
@@ -282,22 +282,22 @@ async fn serve_session(
     read_only: bool,
 ) {
     let mut recv = FramedReader::new(recv);
-    let session = match recv.read_message().await {
-        Ok(Some(Message::SessionOpen(open))) => open.session,
+    let link_id = match recv.read_message().await {
+        Ok(Some(Message::LinkOpen(open))) => open.link,
         _ => return,
     };
-    // MQTT bytes the edge sent right after SESSION_OPEN are in the buffer.
+    // MQTT bytes the edge sent right after LINK_OPEN are in the buffer.
     let (mut recv, from_edge) = recv.into_parts();
     let link = |state, reason: Option<LinkDownReason>, detail: Option<String>| {
         Message::PrinterLink(PrinterLink {
             state,
             reason,
             detail,
-            session: Some(session),
+            link: Some(link_id),
         })
     };
     let _ = reports.try_send(link(LinkState::Connecting, None, None));
-    // Held until the session ends: the standby makes no connection meanwhile.
+    // Held until the link ends: the standby makes no connection meanwhile.
     let mut lease = match &standby {
         Some(standby) => Some(standby.lease().await),
         None => None,
@@ -316,8 +316,8 @@ async fn serve_session(
                 Some(failure.reason),
                 Some(failure.detail.clone()),
             ));
-            let refused = Message::SessionRefused(SessionRefused {
-                session,
+            let refused = Message::LinkRefused(LinkRefused {
+                link: link_id,
                 reason: failure.reason,
                 detail: Some(failure.detail),
             });
@@ -328,8 +328,8 @@ async fn serve_session(
     };
     if write_message(
         &mut send,
-        &Message::SessionAccept(SessionAccept {
-            session,
+        &Message::LinkAccept(LinkAccept {
+            link: link_id,
             printer_kind: Some(match printer.kind {
                 crate::config::PrinterKind::Bambu { .. } => tunnel::PrinterKind::Bambu,
                 crate::config::PrinterKind::Mqtt { .. } => tunnel::PrinterKind::GenericMqtt,
@@ -342,7 +342,7 @@ async fn serve_session(
         return;
     }
     let _ = reports.try_send(link(LinkState::Up, None, None));
-    tracing::info!(session, "printer session open");
+    tracing::info!(link = link_id, "printer link open");
     let (mut printer_read, mut printer_write) = tokio::io::split(stream);
     let (answers, mut answer_queue) = mpsc::channel(64);
     let to_printer = relay(
@@ -368,7 +368,7 @@ async fn serve_session(
     };
     let _ = printer_write.shutdown().await;
     let _ = send.finish();
-    tracing::info!(session, ?outcome, "printer session closed");
+    tracing::info!(link = link_id, ?outcome, "printer link closed");
     let (state, reason, detail) = match outcome {
         RelayEnd::EdgeClosed => (LinkState::Idle, None, None),
         RelayEnd::PrinterClosed => (LinkState::Down, Some(LinkDownReason::Dropped), None),

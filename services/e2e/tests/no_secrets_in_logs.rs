@@ -46,7 +46,7 @@ async fn no_secret_reaches_the_logs() {
 
     let logs = capture.text();
     assert!(
-        logs.contains("agent connected") && logs.contains("printer session open"),
+        logs.contains("agent connected") && logs.contains("printer link open"),
         "capture saw nothing:\n{logs}"
     );
     for secret_text in [

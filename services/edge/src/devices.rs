@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use dashmap::DashMap;
 use relay_io::FramedReader;
-use relay_proto::tunnel::{self, LinkDownReason, Message, PrinterKind, SessionOpen};
+use relay_proto::tunnel::{self, LinkDownReason, LinkOpen, Message, PrinterKind};
 use tokio::sync::{Mutex, Notify, mpsc};
 
 use crate::hub::{HubConfig, HubHandle, Hubs, RetainedReplay, TunnelProbe};
@@ -59,7 +59,7 @@ pub struct Devices {
     /// One hub opening at a time per device.
     opening: DashMap<String, Arc<Mutex<()>>>,
     next_epoch: AtomicU64,
-    next_session: AtomicU64,
+    next_link: AtomicU64,
     registered: Notify,
     unregistered: Notify,
     limits: HubConfig,
@@ -73,7 +73,7 @@ impl Devices {
             hubs,
             opening: DashMap::new(),
             next_epoch: AtomicU64::new(1),
-            next_session: AtomicU64::new(1),
+            next_link: AtomicU64::new(1),
             registered: Notify::new(),
             unregistered: Notify::new(),
             limits,
@@ -103,7 +103,7 @@ impl Devices {
             },
         );
         if previous.is_some() {
-            // The old tunnel's printer session goes with it.
+            // The old tunnel's printer link goes with it.
             self.hubs.end(device_id);
         }
         self.registered.notify_waiters();
@@ -169,7 +169,7 @@ impl Devices {
             .collect()
     }
 
-    /// The hub of `device_id`, opening the printer session through its
+    /// The hub of `device_id`, opening the printer link through its
     /// agent when there is none yet.
     pub async fn hub_for(&self, device_id: &str) -> Result<HubHandle, Unavailable> {
         if let Some(hub) = self.hubs.get(device_id) {
@@ -189,15 +189,15 @@ impl Devices {
             .get(device_id)
             .map(|t| t.clone())
             .ok_or(Unavailable::Offline)?;
-        let session = self.next_session.fetch_add(1, Ordering::SeqCst);
+        let link = self.next_link.fetch_add(1, Ordering::SeqCst);
         let (mut send, recv) = tunnel
             .connection
             .open_bi()
             .await
             .map_err(|_| Unavailable::Offline)?;
         let mut frame = BytesMut::new();
-        let open = Message::SessionOpen(SessionOpen {
-            session,
+        let open = Message::LinkOpen(LinkOpen {
+            link,
             max_packet_size: u32::try_from(self.limits.max_upstream_packet).ok(),
         });
         tunnel::encode(&open, &mut frame).map_err(|_| Unavailable::Offline)?;
@@ -212,7 +212,7 @@ impl Devices {
                 detail: Some("the agent did not answer".into()),
             })?;
         match reply.ok().flatten() {
-            Some(Message::SessionAccept(accept)) if accept.session == session => {
+            Some(Message::LinkAccept(accept)) if accept.link == link => {
                 let connection = tunnel.connection.clone();
                 let alive: TunnelProbe = Arc::new(move || connection.close_reason().is_none());
                 let config = HubConfig {
@@ -226,7 +226,7 @@ impl Devices {
                     .hubs
                     .start_framed(device_id.to_owned(), recv, send, config, Some(alive)))
             }
-            Some(Message::SessionRefused(refused)) => Err(Unavailable::Printer {
+            Some(Message::LinkRefused(refused)) => Err(Unavailable::Printer {
                 reason: refused.reason,
                 detail: refused.detail,
             }),

@@ -89,19 +89,19 @@ fn unknown_types_split_on_the_high_bit() {
 fn field_errors_are_specific() {
     assert_eq!(
         decode_hex("07 00000000"),
-        Err(TunnelError::MissingField { field: "session" })
+        Err(TunnelError::MissingField { field: "link" })
     );
     assert_eq!(
         decode_hex("07 00000007 01 0004 00000003"),
         Err(TunnelError::InvalidFieldLength {
-            field: "session",
+            field: "link",
             len: 4,
             expected: 8
         })
     );
     assert_eq!(
         decode_hex("07 00000016 01 0008 0000000000000003 01 0008 0000000000000004"),
-        Err(TunnelError::DuplicateField { field: "session" })
+        Err(TunnelError::DuplicateField { field: "link" })
     );
     assert_eq!(
         decode_hex("07 00000002 01 00"),

@@ -76,6 +76,23 @@ pub enum Message {
     },
 }
 
+impl Message {
+    /// The message's name as `PROTOCOL.md` spells it, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "HELLO",
+            Message::HelloAck(_) => "HELLO_ACK",
+            Message::HelloRefused(_) => "HELLO_REFUSED",
+            Message::PrinterLink(_) => "PRINTER_LINK",
+            Message::GoAway(_) => "GO_AWAY",
+            Message::LinkOpen(_) => "LINK_OPEN",
+            Message::LinkAccept(_) => "LINK_ACCEPT",
+            Message::LinkRefused(_) => "LINK_REFUSED",
+            Message::Ignored { .. } => "an ignorable message",
+        }
+    }
+}
+
 /// Agent → edge, the first frame of the control stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {

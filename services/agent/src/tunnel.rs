@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use relay_io::FramedReader;
+use relay_io::{FrameError, FramedReader};
 use relay_proto::mqtt::{self, Packet};
 use relay_proto::tunnel::{
     self, GoAwayReason, Hello, LinkAccept, LinkDownReason, LinkRefused, LinkState, Message,
-    PrinterLink,
+    PrinterLink, RefusalReason, TunnelError,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -29,18 +29,69 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why one tunnel connection ended.
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelEnd {
+    #[error("the edge settings cannot be used: {0}")]
+    Setup(#[from] SetupError),
+    #[error("cannot reach the edge: cannot resolve {address}")]
+    Unresolvable { address: String },
+    #[error("cannot reach the edge: no local UDP socket: {0}")]
+    Socket(std::io::Error),
     #[error("cannot reach the edge: {0}")]
-    Unreachable(String),
-    #[error("the edge refused this agent: {0}")]
-    Refused(String),
+    Connect(#[from] quinn::ConnectError),
+    #[error("cannot reach the edge: {0}")]
+    Handshake(quinn::ConnectionError),
+    #[error("the edge refused this agent: {reason:?}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
+    Refused {
+        reason: RefusalReason,
+        message: Option<String>,
+    },
+    #[error("the edge refused this agent: another agent took over this device")]
+    Superseded,
     #[error("the edge asked to reconnect")]
     GoAway { after: Duration },
     #[error("connection lost: {0}")]
-    Lost(String),
-    #[error("protocol error: {0}")]
-    Protocol(String),
+    Lost(#[from] quinn::ConnectionError),
+    #[error("connection lost: the control stream: {0}")]
+    Control(#[from] ControlError),
+    #[error("connection lost: no answer to HELLO in {HELLO_TIMEOUT:?}")]
+    HelloTimeout,
+    #[error("protocol error: unexpected {message} on the control stream")]
+    Unexpected { message: &'static str },
     #[error("stopped")]
     Stopped,
+}
+
+/// Why the agent could not build its QUIC client from the `[edge]` settings.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("{path}: {error}")]
+    CaFile {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}: not a PEM certificate: {error}")]
+    CaPem {
+        path: std::path::PathBuf,
+        error: rustls::pki_types::pem::Error,
+    },
+    #[error("{0}")]
+    Tls(#[from] rustls::Error),
+    #[error("{0}")]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    #[error("keep_alive_seconds is too large")]
+    KeepAlive,
+}
+
+/// Why the control stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot encode a frame: {0}")]
+    Encode(#[from] TunnelError),
+    #[error("{0}")]
+    Write(#[from] std::io::Error),
+    #[error("{0}")]
+    Read(#[from] FrameError<TunnelError>),
+    #[error("closed by the edge")]
+    Closed,
 }
 
 /// Runs until `stop`: connect, serve, reconnect.
@@ -59,7 +110,7 @@ pub async fn run(config: AgentConfig, printer: PrinterConfig, stop: Cancellation
                 backoff = Duration::from_millis(500);
                 *after
             }
-            TunnelEnd::Refused(_) => MAX_BACKOFF,
+            TunnelEnd::Refused { .. } | TunnelEnd::Superseded | TunnelEnd::Setup(_) => MAX_BACKOFF,
             _ => {
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 jitter(backoff)
@@ -80,33 +131,36 @@ fn jitter(base: Duration) -> Duration {
     base / 2 + base * u32::from(byte[0]) / 512
 }
 
-fn client_config(config: &AgentConfig) -> Result<quinn::ClientConfig, String> {
+fn client_config(config: &AgentConfig) -> Result<quinn::ClientConfig, SetupError> {
     use rustls::pki_types::pem::PemObject;
-    let pem = std::fs::read(&config.edge.ca_file)
-        .map_err(|e| format!("{}: {e}", config.edge.ca_file.display()))?;
+    let path = &config.edge.ca_file;
+    let pem = std::fs::read(path).map_err(|error| SetupError::CaFile {
+        path: path.clone(),
+        error,
+    })?;
     let mut roots = rustls::RootCertStore::empty();
     for certificate in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-        roots
-            .add(certificate.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
+        let certificate = certificate.map_err(|error| SetupError::CaPem {
+            path: path.clone(),
+            error,
+        })?;
+        roots.add(certificate)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![tunnel::ALPN.to_vec()];
     // The credential travels in HELLO on a finished handshake, never 0-RTT.
     tls.enable_early_data = false;
-    let crypto =
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(config.edge.keep_alive_seconds)));
     transport.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_secs(config.edge.keep_alive_seconds * 4))
-            .map_err(|e| e.to_string())?,
+            .map_err(|_| SetupError::KeepAlive)?,
     ));
     client.transport_config(Arc::new(transport));
     Ok(client)
@@ -120,7 +174,7 @@ async fn run_once(
 ) -> TunnelEnd {
     let client = match client_config(config) {
         Ok(client) => client,
-        Err(error) => return TunnelEnd::Unreachable(error),
+        Err(error) => return error.into(),
     };
     let address = match tokio::net::lookup_host(&config.edge.address)
         .await
@@ -128,7 +182,9 @@ async fn run_once(
     {
         Ok(Some(address)) => address,
         Ok(None) | Err(_) => {
-            return TunnelEnd::Unreachable(format!("cannot resolve {}", config.edge.address));
+            return TunnelEnd::Unresolvable {
+                address: config.edge.address.clone(),
+            };
         }
     };
     let server_name = config.edge.server_name.clone().unwrap_or_else(|| {
@@ -148,15 +204,15 @@ async fn run_once(
     .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let endpoint = match quinn::Endpoint::client(bind) {
         Ok(endpoint) => endpoint,
-        Err(error) => return TunnelEnd::Unreachable(error.to_string()),
+        Err(error) => return TunnelEnd::Socket(error),
     };
     let connecting = match endpoint.connect_with(client, address, &server_name) {
         Ok(connecting) => connecting,
-        Err(error) => return TunnelEnd::Unreachable(error.to_string()),
+        Err(error) => return error.into(),
     };
     let connection = match connecting.await {
         Ok(connection) => connection,
-        Err(error) => return TunnelEnd::Unreachable(error.to_string()),
+        Err(error) => return TunnelEnd::Handshake(error),
     };
     let end = serve_connection(config, &connection, printer, standby, stop).await;
     let reason: &[u8] = match end {
@@ -174,10 +230,11 @@ async fn run_once(
 async fn write_message<W: AsyncWrite + Unpin>(
     writer: &mut W,
     message: &Message,
-) -> Result<(), String> {
+) -> Result<(), ControlError> {
     let mut bytes = BytesMut::new();
-    tunnel::encode(message, &mut bytes).map_err(|e| e.to_string())?;
-    writer.write_all(&bytes).await.map_err(|e| e.to_string())
+    tunnel::encode(message, &mut bytes)?;
+    writer.write_all(&bytes).await?;
+    Ok(())
 }
 
 async fn serve_connection(
@@ -189,7 +246,7 @@ async fn serve_connection(
 ) -> TunnelEnd {
     let (mut control_send, control_recv) = match connection.open_bi().await {
         Ok(streams) => streams,
-        Err(error) => return TunnelEnd::Lost(error.to_string()),
+        Err(error) => return error.into(),
     };
     let hello = Message::Hello(Hello {
         version: tunnel::PROTOCOL_VERSION,
@@ -197,30 +254,30 @@ async fn serve_connection(
         agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
     });
     if let Err(error) = write_message(&mut control_send, &hello).await {
-        return TunnelEnd::Lost(error);
+        return error.into();
     }
     let mut control_recv = FramedReader::new(control_recv);
     let reply = match tokio::time::timeout(HELLO_TIMEOUT, control_recv.read_message()).await {
         Ok(Ok(Some(reply))) => reply,
-        Ok(Ok(None)) => return TunnelEnd::Lost("control stream closed".into()),
-        Ok(Err(error)) => return TunnelEnd::Protocol(error.to_string()),
-        Err(_) => return TunnelEnd::Lost("no answer to HELLO".into()),
+        Ok(Ok(None)) => return ControlError::Closed.into(),
+        Ok(Err(error)) => return ControlError::from(error).into(),
+        Err(_) => return TunnelEnd::HelloTimeout,
     };
     match reply {
         Message::HelloAck(ack) => {
             tracing::info!(device = %ack.device_id, epoch = ack.epoch, "connected to the edge");
         }
         Message::HelloRefused(refused) => {
-            return TunnelEnd::Refused(format!(
-                "{:?}{}",
-                refused.reason,
-                refused
-                    .message
-                    .map(|m| format!(": {m}"))
-                    .unwrap_or_default()
-            ));
+            return TunnelEnd::Refused {
+                reason: refused.reason,
+                message: refused.message,
+            };
         }
-        other => return TunnelEnd::Protocol(format!("unexpected {other:?}")),
+        other => {
+            return TunnelEnd::Unexpected {
+                message: other.name(),
+            };
+        }
     }
 
     // Link-state reports go out on the control stream through one writer.
@@ -244,20 +301,20 @@ async fn serve_connection(
                         let standby = standby.clone();
                         links.spawn(serve_printer_link(send, recv, printer, standby, reports, read_only));
                     }
-                    Err(error) => return TunnelEnd::Lost(error.to_string()),
+                    Err(error) => return error.into(),
                 },
                 message = control_recv.read_message() => match message {
                     Ok(Some(Message::GoAway(go_away))) => {
                         let after = Duration::from_millis(u64::from(go_away.reconnect_after_ms.unwrap_or(0)));
                         if go_away.reason == GoAwayReason::Superseded {
-                            return TunnelEnd::Refused("another agent took over this device".into());
+                            return TunnelEnd::Superseded;
                         }
                         return TunnelEnd::GoAway { after };
                     }
                     Ok(Some(Message::Ignored { .. })) => {}
-                    Ok(Some(other)) => return TunnelEnd::Protocol(format!("unexpected {other:?} on control")),
-                    Ok(None) => return TunnelEnd::Lost("control stream closed".into()),
-                    Err(error) => return TunnelEnd::Lost(error.to_string()),
+                    Ok(Some(other)) => return TunnelEnd::Unexpected { message: other.name() },
+                    Ok(None) => return ControlError::Closed.into(),
+                    Err(error) => return ControlError::from(error).into(),
                 },
                 _ = stop.cancelled() => return TunnelEnd::Stopped,
             }
@@ -265,7 +322,7 @@ async fn serve_connection(
     };
     let end = tokio::select! {
         end = serve => end,
-        () = control_writer => TunnelEnd::Lost("control stream closed".into()),
+        () = control_writer => ControlError::Closed.into(),
     };
     links.close();
     end
@@ -372,10 +429,10 @@ async fn serve_printer_link(
     let (state, reason, detail) = match outcome {
         RelayEnd::EdgeClosed => (LinkState::Idle, None, None),
         RelayEnd::PrinterClosed => (LinkState::Down, Some(LinkDownReason::Dropped), None),
-        RelayEnd::Refused(detail) => (
+        RelayEnd::Refused(refusal) => (
             LinkState::Down,
             Some(LinkDownReason::ProtocolError),
-            Some(detail),
+            Some(refusal.to_string()),
         ),
     };
     let _ = reports.try_send(link(state, reason, detail));
@@ -399,7 +456,18 @@ enum Direction<'a> {
 enum RelayEnd {
     EdgeClosed,
     PrinterClosed,
-    Refused(String),
+    Refused(RelayRefusal),
+}
+
+/// Why the agent stopped relaying a printer link's packets.
+#[derive(Debug, thiserror::Error)]
+enum RelayRefusal {
+    #[error("{0} from the edge")]
+    NotFromEdge(mqtt::PacketType),
+    #[error("{0}")]
+    Malformed(#[from] mqtt::DecodeError),
+    #[error("cannot encode an answer: {0}")]
+    Answer(#[from] mqtt::EncodeError),
 }
 
 /// Copies MQTT packets from `reader` to `writer`, decoding each one: the
@@ -441,9 +509,8 @@ where
                             | Packet::PubAck(_)
                             | Packet::PingReq => {}
                             other => {
-                                return RelayEnd::Refused(format!(
-                                    "{} from the edge",
-                                    other.packet_type()
+                                return RelayEnd::Refused(RelayRefusal::NotFromEdge(
+                                    other.packet_type(),
                                 ));
                             }
                         }
@@ -452,7 +519,7 @@ where
                     out.extend_from_slice(&wire);
                 }
                 Ok(None) => break,
-                Err(error) => return RelayEnd::Refused(error.to_string()),
+                Err(error) => return RelayEnd::Refused(error.into()),
             }
         }
         if !out.is_empty() {
@@ -465,8 +532,8 @@ where
             Direction::ToEdge { answers } => tokio::select! {
                 read = reader.read_buf(&mut buffer) => read,
                 Some(answer) = answers.recv() => {
-                    if mqtt::encode(&answer, &mut out).is_err() {
-                        return RelayEnd::Refused("cannot encode an answer".into());
+                    if let Err(error) = mqtt::encode(&answer, &mut out) {
+                        return RelayEnd::Refused(error.into());
                     }
                     continue;
                 }

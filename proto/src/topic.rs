@@ -111,9 +111,111 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
     topic_levels.next().is_none()
 }
 
+/// Whether every topic that `filter` matches is matched by `by` as well:
+/// `device/+/report` covers `device/X1/report`, `#` does not cover
+/// `$SYS/#`, and `a/+` does not cover `a/#`. Both must be valid filters.
+pub fn filter_covers(by: &str, filter: &str) -> bool {
+    // A filter that starts with a wildcard matches no `$` topic.
+    if by.starts_with(['+', '#']) && filter.starts_with('$') {
+        return false;
+    }
+    let mut by_levels = by.split('/');
+    let mut filter_levels = filter.split('/');
+    loop {
+        match (by_levels.next(), filter_levels.next()) {
+            // `#` matches the rest, and the parent level too.
+            (Some("#"), _) => return true,
+            (None, None) => return true,
+            (None, Some(_)) | (Some(_), None) => return false,
+            (Some(_), Some("#")) => return false,
+            (Some("+"), Some(_)) => {}
+            (Some(by_level), Some(level)) => {
+                if level == "+" || by_level != level {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Whether some topic is matched by both filters: `a/+` and `+/b` overlap
+/// (`a/b`), `a/#` and `a` overlap (`a`), `#` and `$SYS/#` do not.
+pub fn filters_overlap(one: &str, other: &str) -> bool {
+    if (one.starts_with(['+', '#']) && other.starts_with('$'))
+        || (other.starts_with(['+', '#']) && one.starts_with('$'))
+    {
+        return false;
+    }
+    let mut one_levels = one.split('/');
+    let mut other_levels = other.split('/');
+    loop {
+        match (one_levels.next(), other_levels.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (None, None) => return true,
+            (None, Some(_)) | (Some(_), None) => return false,
+            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
+            (Some(level), Some(other_level)) => {
+                if level != other_level {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coverage_and_overlap_follow_the_matching_rules() {
+        for (by, filter) in [
+            ("#", "a/b"),
+            ("#", "#"),
+            ("a/#", "a"),
+            ("a/#", "a/+/c"),
+            ("device/+/report", "device/X1/report"),
+            ("+/+", "a/+"),
+            ("$SYS/#", "$SYS/broker/load"),
+        ] {
+            assert!(filter_covers(by, filter), "{by} covers {filter}");
+        }
+        for (by, filter) in [
+            ("#", "$SYS/#"),
+            ("+/x", "$SYS/x"),
+            ("a/+", "a/#"),
+            ("a/+", "a"),
+            ("device/X1/report", "device/+/report"),
+            ("device/X1/#", "#"),
+            ("a", "a/b"),
+        ] {
+            assert!(!filter_covers(by, filter), "{by} does not cover {filter}");
+        }
+        for (one, other) in [
+            ("a/+", "+/b"),
+            ("a/#", "a"),
+            ("#", "x"),
+            ("+", "+"),
+            ("$SYS/#", "$SYS/+"),
+        ] {
+            assert!(
+                filters_overlap(one, other) && filters_overlap(other, one),
+                "{one} {other}"
+            );
+        }
+        for (one, other) in [
+            ("#", "$SYS/#"),
+            ("a/b", "a/c"),
+            ("a/+", "a"),
+            ("+", "a/b"),
+            ("+/#", "$x"),
+        ] {
+            assert!(
+                !filters_overlap(one, other) && !filters_overlap(other, one),
+                "{one} {other}"
+            );
+        }
+    }
 
     #[test]
     fn filters_follow_the_wildcard_rules() {

@@ -227,6 +227,9 @@ pub struct LinkAccept {
     /// What kind of broker the agent reached; absent from agents that
     /// predate the field (the edge then assumes a generic broker).
     pub printer_kind: Option<PrinterKind>,
+    /// The printer's serial, for printers whose topics name it (a Bambu
+    /// printer's `device/<serial>/…`): the edge's topic policy needs it.
+    pub printer_serial: Option<String>,
 }
 
 /// Agent → edge, the only frame back on a printer-link stream that failed; the
@@ -336,6 +339,7 @@ fn decode_body(message_type: u8, body: Bytes) -> Result<Message, TunnelError> {
             printer_kind: fields
                 .optional(2, "printer_kind", Fields::u8)?
                 .map(PrinterKind::from_code),
+            printer_serial: fields.optional(3, "printer_serial", Fields::string)?,
         }),
         _ => Message::LinkRefused(LinkRefused {
             link: fields.required(1, "link", Fields::u64)?,
@@ -492,6 +496,9 @@ pub fn encode(message: &Message, out: &mut BytesMut) -> Result<(), TunnelError> 
             body.u64(1, accept.link);
             if let Some(kind) = accept.printer_kind {
                 body.u8(2, kind.code());
+            }
+            if let Some(serial) = &accept.printer_serial {
+                body.string(3, "printer_serial", serial)?;
             }
             message_type::LINK_ACCEPT
         }

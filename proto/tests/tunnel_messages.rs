@@ -63,7 +63,8 @@ fn unknown_fields_are_skipped() {
         decode_hex("07 00000010 09 0002 abcd 01 0008 0000000000000003"),
         Ok(Some(Message::LinkAccept(LinkAccept {
             link: 3,
-            printer_kind: None
+            printer_kind: None,
+            printer_serial: None,
         })))
     );
 }
@@ -245,12 +246,18 @@ fn any_message() -> impl Strategy<Value = Message> {
                 })
             }
         ),
-        (any::<u64>(), proptest::option::of(any::<u8>())).prop_map(|(session, kind)| {
-            Message::LinkAccept(LinkAccept {
-                link: session,
-                printer_kind: kind.map(relay_proto::tunnel::PrinterKind::from_code),
-            })
-        }),
+        (
+            any::<u64>(),
+            proptest::option::of(any::<u8>()),
+            proptest::option::of(text())
+        )
+            .prop_map(|(session, kind, serial)| {
+                Message::LinkAccept(LinkAccept {
+                    link: session,
+                    printer_kind: kind.map(relay_proto::tunnel::PrinterKind::from_code),
+                    printer_serial: serial,
+                })
+            }),
         (
             any::<u64>(),
             link_down_reason(),

@@ -387,6 +387,10 @@ async fn serve_printer_link(
         &mut send,
         &Message::LinkAccept(LinkAccept {
             link: link_id,
+            printer_serial: match &printer.kind {
+                crate::config::PrinterKind::Bambu { serial, .. } => Some(serial.clone()),
+                crate::config::PrinterKind::Mqtt { .. } => None,
+            },
             printer_kind: Some(match printer.kind {
                 crate::config::PrinterKind::Bambu { .. } => tunnel::PrinterKind::Bambu,
                 crate::config::PrinterKind::Mqtt { .. } => tunnel::PrinterKind::GenericMqtt,

@@ -197,7 +197,18 @@ async fn a_printer_slower_than_the_edge_waits_gives_1014() {
 /// copy it brings back reaches that subscriber only.
 #[tokio::test]
 async fn retained_messages_reach_later_subscribers() {
-    let world = world(ACCESS_CODE).await;
+    // The Bambu policy allows neither this topic nor retained messages
+    // (a real printer has no use for them); the hub's replay is what is
+    // tested here, so the edge allows both.
+    let world = world_with(
+        ACCESS_CODE,
+        |edge| {
+            edge.printers.bambu.allow = vec!["device/{serial}/#".into()];
+            edge.printers.bambu.retain = true;
+        },
+        |_| {},
+    )
+    .await;
     let state_topic = format!("device/{SERIAL}/state");
     let mut publisher =
         Client::connect(&world.edge, &world.edge.bearer(), connect_packet("setter")).await;

@@ -311,3 +311,66 @@ async fn draining_with_an_agent_closes_sessions_as_draining() {
     world.agent.cancel();
     world.edge.database.cleanup().await;
 }
+
+/// A read-only key cannot cut every app off the printer: a real Bambu
+/// printer (and the simulator, like it) drops its whole MQTT connection
+/// when a client subscribes to another serial's topics. The hub's policy
+/// answers those filters 0x80 and the printer never sees them.
+#[tokio::test]
+async fn another_serials_topics_are_refused_before_the_printer_sees_them() {
+    let world = world(ACCESS_CODE).await;
+    let observations = world.simulator.observations();
+    let mut app = Client::connect(&world.edge, &world.edge.bearer(), connect_packet("app")).await;
+    app.send(&subscribe_report(1)).await;
+    assert!(matches!(app.next().await, Some(Packet::SubAck(_))));
+    next_publish(&mut app).await;
+
+    let mut attacker = Client::connect(
+        &world.edge,
+        &world.edge.read_bearer().await,
+        connect_packet("attacker"),
+    )
+    .await;
+    for (round, filter) in ["device/01P00A000000000/report", "device/+/report", "#"]
+        .into_iter()
+        .enumerate()
+    {
+        attacker
+            .send(&Packet::Subscribe(relay_proto::mqtt::Subscribe {
+                packet_id: PacketId::new(round as u16 + 1).unwrap(),
+                filters: vec![(filter.to_owned(), QoS::AtMostOnce)],
+            }))
+            .await;
+        match attacker.next().await {
+            Some(Packet::SubAck(suback)) => assert_eq!(
+                suback.return_codes,
+                vec![relay_proto::mqtt::SubscribeReturnCode::Failure],
+                "{filter}"
+            ),
+            other => panic!("{filter}: expected SUBACK 0x80, got {other:?}"),
+        }
+    }
+    // The app is still served, over the same printer connection.
+    let before = observations.reports.load(Ordering::SeqCst);
+    loop {
+        let report = next_publish(&mut app).await;
+        assert_eq!(report.topic, report_topic());
+        if observations.reports.load(Ordering::SeqCst) > before {
+            break;
+        }
+    }
+    assert_eq!(observations.foreign_subscribes.load(Ordering::SeqCst), 0);
+    assert_eq!(observations.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        observations.subscribe_log(),
+        vec![vec![report_topic()]],
+        "the printer saw the app's SUBSCRIBE only"
+    );
+    let metrics = world.edge.admin_get("/metrics").await.1;
+    assert!(
+        metrics.contains(r#"relay_edge_hub_refusals_total{what="filter"} 3"#),
+        "{metrics}"
+    );
+    world.agent.cancel();
+    world.edge.stop().await;
+}

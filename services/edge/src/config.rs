@@ -1,13 +1,16 @@
 //! The edge's configuration: a TOML file, overridden by environment
 //! variables and flags, validated once with every problem reported together.
 
-use relay_proto::Secret;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use relay_proto::Secret;
+use relay_proto::topic::{TopicLimits, validate_topic_filter};
 use serde::Deserialize;
+
+use crate::hub::{ChurnLimit, TopicPolicy};
 
 /// Everything the edge needs to start.
 #[derive(Debug, Clone, Deserialize)]
@@ -29,6 +32,122 @@ pub struct EdgeConfig {
     pub shutdown: ShutdownConfig,
     #[serde(default)]
     pub tunnel: TunnelConfig,
+    /// What apps may ask of each kind of printer.
+    #[serde(default)]
+    pub printers: PrintersConfig,
+}
+
+/// The topic policy and churn budget per printer kind (as the agent reports
+/// it in LINK_ACCEPT).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrintersConfig {
+    /// Any MQTT broker (agent kind `mqtt`).
+    pub mqtt: PrinterPolicyConfig,
+    /// A Bambu Lab printer (agent kind `bambu`).
+    pub bambu: PrinterPolicyConfig,
+}
+
+impl Default for PrintersConfig {
+    fn default() -> Self {
+        PrintersConfig {
+            mqtt: PrinterPolicyConfig {
+                allow: vec!["#".into()],
+                deny: vec!["$SYS/#".into()],
+                retain: true,
+                ..PrinterPolicyConfig::default()
+            },
+            // A Bambu printer has two topics of its own, and drops every
+            // client when one subscribes to another serial's.
+            bambu: PrinterPolicyConfig {
+                allow: vec![
+                    "device/{serial}/report".into(),
+                    "device/{serial}/request".into(),
+                ],
+                deny: Vec::new(),
+                retain: false,
+                ..PrinterPolicyConfig::default()
+            },
+        }
+    }
+}
+
+/// One printer kind's policy. `{serial}` in a filter stands for the serial
+/// the agent reports; an allow filter that needs it allows nothing when the
+/// agent reports none, and a deny filter then denies every serial.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrinterPolicyConfig {
+    /// Filters apps may subscribe within, and topics they may publish to.
+    pub allow: Vec<String>,
+    /// Never, even inside `allow`.
+    pub deny: Vec<String>,
+    /// Whether apps may publish retained messages (and retained wills).
+    pub retain: bool,
+    /// Upstream SUBSCRIBE/UNSUBSCRIBE packets one session may cause at once…
+    pub churn_burst: u32,
+    /// …and per minute after that.
+    pub churn_per_minute: u32,
+}
+
+impl Default for PrinterPolicyConfig {
+    fn default() -> Self {
+        let churn = ChurnLimit::default();
+        PrinterPolicyConfig {
+            allow: Vec::new(),
+            deny: Vec::new(),
+            retain: true,
+            churn_burst: churn.burst,
+            churn_per_minute: churn.per_minute,
+        }
+    }
+}
+
+impl PrinterPolicyConfig {
+    /// The policy for one printer, `{serial}` replaced.
+    pub fn policy(&self, serial: Option<&str>) -> TopicPolicy {
+        let serial =
+            serial.filter(|serial| !serial.is_empty() && !serial.contains(['/', '+', '#', '\0']));
+        let expand = |filter: &String, unknown: Option<&str>| -> Option<String> {
+            if !filter.contains("{serial}") {
+                return Some(filter.clone());
+            }
+            serial
+                .or(unknown)
+                .map(|serial| filter.replace("{serial}", serial))
+        };
+        TopicPolicy {
+            allow: self.allow.iter().filter_map(|f| expand(f, None)).collect(),
+            deny: self
+                .deny
+                .iter()
+                .filter_map(|f| expand(f, Some("+")))
+                .collect(),
+            retain: self.retain,
+        }
+    }
+
+    pub fn churn(&self) -> ChurnLimit {
+        ChurnLimit {
+            burst: self.churn_burst,
+            per_minute: self.churn_per_minute,
+        }
+    }
+
+    fn problems(&self, kind: &str, problems: &mut Vec<String>) {
+        let limits = TopicLimits::SPEC;
+        for filter in self.allow.iter().chain(&self.deny) {
+            let concrete = filter.replace("{serial}", "serial");
+            if let Err(error) = validate_topic_filter(&concrete, &limits) {
+                problems.push(format!("printers.{kind}: filter {filter:?}: {error}"));
+            }
+        }
+        if self.churn_burst == 0 || self.churn_per_minute == 0 {
+            problems.push(format!(
+                "printers.{kind}: churn_burst and churn_per_minute must be at least 1"
+            ));
+        }
+    }
 }
 
 /// The QUIC listener agents dial.
@@ -240,6 +359,7 @@ impl EdgeConfig {
             auth: AuthSection::default(),
             shutdown: ShutdownConfig::default(),
             tunnel: TunnelConfig::default(),
+            printers: PrintersConfig::default(),
         }
     }
 
@@ -333,6 +453,8 @@ impl EdgeConfig {
                     .into(),
             );
         }
+        self.printers.mqtt.problems("mqtt", &mut problems);
+        self.printers.bambu.problems("bambu", &mut problems);
         if limits.outbound_buffer_bytes < limits.max_packet_size {
             problems.push(
                 "limits.outbound_buffer_bytes must hold at least one max_packet_size packet".into(),

@@ -11,6 +11,7 @@ use relay_io::FramedReader;
 use relay_proto::tunnel::{self, LinkDownReason, LinkOpen, Message, PrinterKind};
 use tokio::sync::{Mutex, Notify, mpsc};
 
+use crate::config::PrintersConfig;
 use crate::hub::{HubConfig, HubHandle, Hubs, RetainedReplay, TunnelProbe};
 
 /// An agent's live tunnel.
@@ -63,11 +64,17 @@ pub struct Devices {
     registered: Notify,
     unregistered: Notify,
     limits: HubConfig,
+    printers: PrintersConfig,
     open_timeout: Duration,
 }
 
 impl Devices {
-    pub fn new(hubs: Arc<Hubs>, limits: HubConfig, open_timeout: Duration) -> Devices {
+    pub fn new(
+        hubs: Arc<Hubs>,
+        limits: HubConfig,
+        printers: PrintersConfig,
+        open_timeout: Duration,
+    ) -> Devices {
         Devices {
             tunnels: DashMap::new(),
             hubs,
@@ -77,6 +84,7 @@ impl Devices {
             registered: Notify::new(),
             unregistered: Notify::new(),
             limits,
+            printers,
             open_timeout,
         }
     }
@@ -215,12 +223,15 @@ impl Devices {
             Some(Message::LinkAccept(accept)) if accept.link == link => {
                 let connection = tunnel.connection.clone();
                 let alive: TunnelProbe = Arc::new(move || connection.close_reason().is_none());
+                let (replay_retained, printer) = match accept.printer_kind {
+                    Some(PrinterKind::Bambu) => (RetainedReplay::WhenSeen, &self.printers.bambu),
+                    _ => (RetainedReplay::Always, &self.printers.mqtt),
+                };
                 let config = HubConfig {
-                    replay_retained: match accept.printer_kind {
-                        Some(PrinterKind::Bambu) => RetainedReplay::WhenSeen,
-                        _ => RetainedReplay::Always,
-                    },
-                    ..self.limits
+                    replay_retained,
+                    policy: Arc::new(printer.policy(accept.printer_serial.as_deref())),
+                    churn: printer.churn(),
+                    ..self.limits.clone()
                 };
                 Ok(self
                     .hubs

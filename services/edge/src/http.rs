@@ -1,7 +1,6 @@
 //! HTTP on the public listener: routing by Host and path, the WebSocket
 //! upgrade, and JSON answers for everything that is not an upgrade.
 
-use relay_proto::Secret;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,6 +11,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use relay_proto::Secret;
 use relay_store::RequestCredentials;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;

@@ -28,6 +28,10 @@ pub struct Metrics {
     pub printer_bytes: IntCounterVec,
     /// Devices whose agent is connected.
     pub agents_connected: IntGauge,
+    /// What device hubs refused or cut, by what: filter (SUBACK 0x80 by
+    /// the topic policy), publish (dropped by the policy), churn (session
+    /// cut for subscription churn), slow_consumer (session cut).
+    pub hub_refusals: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -131,6 +135,12 @@ impl Metrics {
                 &registry,
                 "relay_edge_agents_connected",
                 "devices whose agent is connected",
+            ),
+            hub_refusals: counter_vec(
+                &registry,
+                "relay_edge_hub_refusals_total",
+                "what device hubs refused or cut, by what",
+                "what",
             ),
             registry,
         }

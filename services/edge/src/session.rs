@@ -7,13 +7,13 @@
 //! ids, client-id takeover, wills) is the hub's: the session hands it every
 //! packet it has checked.
 
-use relay_proto::Secret;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use relay_proto::Secret;
 use relay_proto::mqtt::{self, ConnAck, Connect, ConnectReturnCode, DecodeError, Packet, Publish};
 use relay_proto::topic::{TopicLimits, validate_topic_filter, validate_topic_name};
 use relay_store::{AuthFailure, Principal, RequestCredentials, Scope};
@@ -24,7 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::close::{Close, connack_code_name};
 use crate::devices::Unavailable;
-use crate::hub::{HubHandle, Outbound, OutboundSender, SessionAttach, SessionId, outbound_queue};
+use crate::hub::{
+    HubHandle, Outbound, OutboundSender, PublishRefusal, SessionAttach, SessionId, outbound_queue,
+};
 use crate::state::{EdgeState, LiveSession};
 
 /// How long to wait for the client's answer to our close frame.
@@ -193,6 +195,18 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
             )),
         );
     }
+    if let Some(will) = &connect.will {
+        let topic_limits = TopicLimits {
+            max_len_bytes: limits.max_topic_len,
+            max_levels: usize::MAX,
+        };
+        if let Err(error) = validate_topic_name(&will.topic, &topic_limits) {
+            return Outcome::Refuse(
+                Some(ConnectReturnCode::NotAuthorized),
+                Close::limit(&format!("will topic: {error}")),
+            );
+        }
+    }
     if state.failures.is_blocked(request.peer_ip, Instant::now()) {
         state.count_auth_failure("rate_limited");
         return Outcome::Refuse(
@@ -225,12 +239,21 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
         Ok(principal) => {
             let device_id = request.device_id.unwrap_or_default();
             match state.devices.hub_for(&device_id).await {
-                Ok(hub) => Outcome::Connected(Box::new(Admitted {
-                    connect,
-                    principal,
-                    device_id,
-                    hub,
-                })),
+                Ok(hub) => match will_refusal(&connect, &principal, &hub) {
+                    Some(refusal) => {
+                        tracing::info!(key = %principal.key_id, %refusal, "will refused");
+                        Outcome::Refuse(
+                            Some(ConnectReturnCode::NotAuthorized),
+                            Close::forbidden(&format!("will: {refusal}")),
+                        )
+                    }
+                    None => Outcome::Connected(Box::new(Admitted {
+                        connect,
+                        principal,
+                        device_id,
+                        hub,
+                    })),
+                },
                 Err(Unavailable::Offline) => {
                     tracing::info!(key = %principal.key_id, "authenticated; device offline");
                     Outcome::Refuse(
@@ -268,6 +291,21 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
             Outcome::Refuse(Some(code), Close::unauthorized())
         }
     }
+}
+
+/// Why the device's policy refuses the CONNECT's will, if it does: a will
+/// is a publish, checked when it is given. A read key's will is dropped
+/// instead (it could never be published).
+fn will_refusal(
+    connect: &Connect,
+    principal: &Principal,
+    hub: &HubHandle,
+) -> Option<PublishRefusal> {
+    let will = connect.will.as_ref()?;
+    if principal.scope != Scope::Control {
+        return None;
+    }
+    hub.policy().check_publish(&will.topic, will.retain).err()
 }
 
 /// CONNECT's user name and password as a query-token equivalent: a password
@@ -526,7 +564,10 @@ async fn serve<S>(
             } => None,
         }
     };
-    let (client_closed, close) = tokio::join!(reader, bounded_writer);
+    let (client_closed, written_close) = tokio::join!(reader, bounded_writer);
+    // A writer held by a client that stops reading never reached the
+    // close; it is still counted, logged and sent.
+    let close = written_close.or_else(|| receiver.end_close());
     state.live_sessions.remove(&session_id);
     hub.detach(session_id, client.disconnected).await;
     let _ = tokio::time::timeout(CLOSE_HANDSHAKE_PATIENCE, async {

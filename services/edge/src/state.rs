@@ -35,7 +35,10 @@ impl EdgeState {
         metrics: Metrics,
     ) -> EdgeState {
         let failures = FailureLimiter::new(config.auth.failures_per_ip_per_minute);
-        let hubs = Arc::new(Hubs::with_byte_counter(metrics.printer_bytes.clone()));
+        let hubs = Arc::new(Hubs::with_metrics(
+            metrics.printer_bytes.clone(),
+            metrics.hub_refusals.clone(),
+        ));
         let tunnel = &config.tunnel;
         let devices = Devices::new(
             hubs.clone(),
@@ -43,6 +46,7 @@ impl EdgeState {
                 linger: Some(std::time::Duration::from_secs(tunnel.linger_seconds)),
                 ..HubConfig::new(tunnel.max_printer_packet)
             },
+            config.printers.clone(),
             std::time::Duration::from_secs(tunnel.session_open_timeout_seconds),
         );
         EdgeState {

@@ -19,12 +19,14 @@ use support::*;
 use tokio::io::DuplexStream;
 use tokio::net::TcpStream;
 
-const LIMITS: HubConfig = HubConfig {
-    max_upstream_packet: 256 * 1024,
-    upstream_keep_alive: Duration::from_secs(30),
-    linger: None,
-    replay_retained: RetainedReplay::WhenSeen,
-};
+fn limits() -> HubConfig {
+    HubConfig {
+        upstream_keep_alive: Duration::from_secs(30),
+        linger: None,
+        replay_retained: RetainedReplay::WhenSeen,
+        ..HubConfig::new(256 * 1024)
+    }
+}
 
 fn id(value: u16) -> PacketId {
     PacketId::new(value).unwrap()
@@ -56,7 +58,7 @@ fn online_with_scripted_printer(edge: &TestEdge) -> MqttPeer<DuplexStream> {
         .as_ref()
         .unwrap()
         .hubs()
-        .start(edge.device.clone(), reader, writer, LIMITS, None);
+        .start(edge.device.clone(), reader, writer, limits(), None);
     MqttPeer::new(printer_side)
 }
 
@@ -389,7 +391,7 @@ async fn messages_flow_through_a_real_mosquitto() {
         .as_ref()
         .unwrap()
         .hubs()
-        .start(edge.device.clone(), reader, writer, LIMITS, None);
+        .start(edge.device.clone(), reader, writer, limits(), None);
     let mut printer = connect_upstream(format!("printer-{serial}")).await;
 
     let report = format!("device/{serial}/report");

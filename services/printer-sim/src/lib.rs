@@ -27,7 +27,7 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, 
 use relay_proto::mqtt::{
     self, ConnAck, ConnectReturnCode, Packet, Publish, QoS, SubAck, SubscribeReturnCode,
 };
-use relay_proto::topic::topic_matches;
+use relay_proto::topic::{filter_covers, filters_overlap, topic_matches};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -100,6 +100,9 @@ pub struct Observations {
     pub subscribes: Mutex<Vec<Vec<String>>>,
     /// PUBLISH packets received from clients.
     pub publishes: AtomicUsize,
+    /// SUBSCRIBEs naming another serial's topics; each dropped its client,
+    /// as a real printer does.
+    pub foreign_subscribes: AtomicUsize,
     /// Reports sent, counted once per report (not per client).
     pub reports: AtomicU64,
     /// Woken whenever a connection is accepted or refused, or a SUBSCRIBE
@@ -591,6 +594,19 @@ fn handle_packets(
             Packet::PingReq => Some(Packet::PingResp),
             Packet::Subscribe(subscribe) => {
                 let names: Vec<String> = subscribe.filters.iter().map(|(f, _)| f.clone()).collect();
+                // A real printer drops a client that subscribes to another
+                // serial's topics (or to a filter that could match them).
+                let own = format!("device/{}/#", shared.config.serial);
+                if names.iter().any(|filter| {
+                    filters_overlap(filter, "device/+/#") && !filter_covers(&own, filter)
+                }) {
+                    shared
+                        .observations
+                        .foreign_subscribes
+                        .fetch_add(1, Ordering::SeqCst);
+                    shared.observations.record();
+                    return Err(());
+                }
                 if let Ok(mut log) = shared.observations.subscribes.lock() {
                     log.push(names.clone());
                 }

@@ -230,6 +230,23 @@ impl TestEdge {
         assert!(metrics.contains(&line), "{line} missing from\n{metrics}");
     }
 
+    /// A `Bearer` header for a new read-only key of the device's tenant.
+    pub async fn read_bearer(&self) -> String {
+        let (_, credential) = self
+            .database
+            .store
+            .create_api_key(NewApiKey {
+                tenant_id: &self.tenant,
+                device_id: None,
+                scope: Scope::Read,
+                label: "read",
+                expires_at: None,
+            })
+            .await
+            .unwrap();
+        format!("Bearer {}", credential.reveal())
+    }
+
     pub fn bearer(&self) -> String {
         format!("Bearer {}", self.key.0)
     }

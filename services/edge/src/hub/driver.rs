@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::outbound::OutboundSender;
 use super::registry::TunnelProbe;
-use super::state::{HubConfig, HubEnd, HubState, SessionAttach, SessionId};
+use super::state::{HubConfig, HubCounters, HubEnd, HubState, SessionAttach, SessionId};
 
 /// Upstream bytes the hub queues before it stops taking commands: sessions
 /// then wait on the bounded command queue instead of growing this buffer.
@@ -46,7 +46,38 @@ pub(super) struct HubIo<R, W> {
     /// Cancelled from outside to end the hub (tunnel gone, replaced).
     pub ended: CancellationToken,
     pub byte_counter: Option<prometheus::IntCounterVec>,
+    pub refusals: Option<prometheus::IntCounterVec>,
     pub tunnel_alive: Option<TunnelProbe>,
+}
+
+/// Adds to the metric what the state counted since the last export.
+fn export_counters(
+    metric: &prometheus::IntCounterVec,
+    exported: &mut HubCounters,
+    current: HubCounters,
+) {
+    if current == *exported {
+        return;
+    }
+    for (label, now, before) in [
+        ("filter", current.refused_filters, exported.refused_filters),
+        (
+            "publish",
+            current.refused_publishes,
+            exported.refused_publishes,
+        ),
+        ("churn", current.churn_cuts, exported.churn_cuts),
+        (
+            "slow_consumer",
+            current.slow_consumer_cuts,
+            exported.slow_consumer_cuts,
+        ),
+    ] {
+        if now > before {
+            metric.with_label_values(&[label]).inc_by(now - before);
+        }
+    }
+    *exported = current;
 }
 
 fn now() -> Instant {
@@ -66,17 +97,20 @@ where
         mut commands,
         ended,
         byte_counter,
+        refusals,
         tunnel_alive,
     } = io;
+    let mut exported = HubCounters::default();
     let bytes_in = byte_counter.as_ref().map(|c| c.with_label_values(&["in"]));
     let bytes_out = byte_counter.as_ref().map(|c| c.with_label_values(&["out"]));
+    let max_upstream_packet = config.max_upstream_packet;
     let mut state: HubState<OutboundSender> = HubState::new(config, now());
     let end = loop {
         // Packets already buffered: what came with the link's first frame,
         // or the rest of the last read.
         let now_at_read = now();
         loop {
-            match mqtt::decode(reader.buffer_mut(), config.max_upstream_packet) {
+            match mqtt::decode(reader.buffer_mut(), max_upstream_packet) {
                 Ok(Some(packet)) => state.handle_upstream_packet(packet, now_at_read),
                 Ok(None) => break,
                 Err(error) => {
@@ -84,6 +118,9 @@ where
                     break;
                 }
             }
+        }
+        if let Some(refusals) = &refusals {
+            export_counters(refusals, &mut exported, state.counters());
         }
         if let Some(end) = state.take_end() {
             break end;

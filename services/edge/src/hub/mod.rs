@@ -16,6 +16,10 @@
 //! - Client ids are unique per device: a newer session replaces the older.
 //! - Each session's outbound bytes are bounded; a client that stops reading
 //!   is cut off as a slow consumer instead of growing the edge's memory.
+//! - A per-device topic policy ([`policy`]) is checked before anything
+//!   reaches the upstream: a refused filter gets SUBACK 0x80, a refused
+//!   publish is acknowledged and dropped. Each session's SUBSCRIBE and
+//!   UNSUBSCRIBE traffic towards the printer has a budget.
 //!
 //! The rules live in [`state`], a sans-IO state machine; [`driver`] runs it
 //! over the upstream's halves and the sessions' commands; [`outbound`] is a
@@ -23,13 +27,15 @@
 
 mod driver;
 pub mod outbound;
+pub mod policy;
 pub mod registry;
 pub mod state;
 #[cfg(test)]
 mod tests;
 
 pub use outbound::{Outbound, OutboundReceiver, OutboundSender, outbound_queue};
+pub use policy::{ChurnLimit, PublishRefusal, TopicPolicy};
 pub use registry::{HubHandle, Hubs, TunnelProbe};
 pub use state::{
-    HubConfig, HubEnd, HubState, RetainedReplay, SessionAttach, SessionId, SessionSink,
+    HubConfig, HubCounters, HubEnd, HubState, RetainedReplay, SessionAttach, SessionId, SessionSink,
 };

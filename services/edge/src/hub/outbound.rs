@@ -37,6 +37,9 @@ struct OutboundQueue {
     senders: AtomicUsize,
     /// The writer is gone: sending fails.
     closed: AtomicBool,
+    /// The close the session was ended with, first one wins: the session
+    /// reports it even when its writer never got to write it.
+    end: std::sync::Mutex<Option<Close>>,
 }
 
 impl OutboundQueue {
@@ -46,6 +49,14 @@ impl OutboundQueue {
         self.items
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn record_end(&self, close: &Close) {
+        let mut end = self
+            .end
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        end.get_or_insert_with(|| close.clone());
     }
 
     fn push(&self, item: Outbound) -> bool {
@@ -153,12 +164,44 @@ impl OutboundSender {
     /// Ends the session: the close goes after what is queued, and the
     /// session's reader stops at once.
     pub fn end(&self, close: Close) {
+        self.queue.record_end(&close);
         let _ = self.queue.push(Outbound::Close(close));
+        self.ended.cancel();
+    }
+
+    /// Ends the session at once: what is queued is dropped (and its bytes
+    /// released), and the close is next.
+    pub fn abandon(&self, close: Close) {
+        self.queue.record_end(&close);
+        if !self.queue.closed.load(Ordering::SeqCst) {
+            let mut items = self.queue.items();
+            let dropped: usize = items
+                .iter()
+                .map(|item| match item {
+                    Outbound::Bytes(bytes) => bytes.len(),
+                    Outbound::Close(_) => 0,
+                })
+                .sum();
+            items.clear();
+            self.queue.queued.fetch_sub(dropped, Ordering::SeqCst);
+            items.push_back(Outbound::Close(close));
+            drop(items);
+            self.queue.ready.notify_one();
+        }
         self.ended.cancel();
     }
 }
 
 impl OutboundReceiver {
+    /// The close the session was ended with, if it was.
+    pub fn end_close(&self) -> Option<Close> {
+        self.queue
+            .end
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
     /// The next item; `None` once every sender is gone and the queue is
     /// empty.
     pub async fn recv(&mut self) -> Option<Outbound> {
@@ -187,5 +230,9 @@ impl SessionSink for OutboundSender {
 
     fn end(&self, close: Close) {
         OutboundSender::end(self, close);
+    }
+
+    fn abandon(&self, close: Close) {
+        OutboundSender::abandon(self, close);
     }
 }

@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use super::driver::{self, Command, HubIo};
 use super::outbound::OutboundSender;
+use super::policy::TopicPolicy;
 use super::state::{HubConfig, SessionAttach, SessionId};
 
 /// Commands queued per hub before senders wait: sessions are throttled by a
@@ -25,11 +26,18 @@ const COMMAND_QUEUE: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct HubHandle {
     commands: mpsc::Sender<Command>,
+    /// The device's topic policy, for checks a session makes before it
+    /// attaches (its will).
+    policy: Arc<TopicPolicy>,
     /// Cancelled when the hub ends (upstream lost, replaced, drained).
     ended: CancellationToken,
 }
 
 impl HubHandle {
+    pub fn policy(&self) -> &TopicPolicy {
+        &self.policy
+    }
+
     /// Attaches a session; false when the hub has ended.
     pub async fn attach(&self, session: SessionId, attach: SessionAttach<OutboundSender>) -> bool {
         self.commands
@@ -72,15 +80,22 @@ pub struct Hubs {
     next_session: AtomicU64,
     /// Bytes between hubs and their upstreams, by direction.
     upstream_bytes: Option<prometheus::IntCounterVec>,
+    /// What hubs refused or cut (`HubCounters`), by what.
+    refusals: Option<prometheus::IntCounterVec>,
     /// Every hub's driver; the drain waits for them.
     drivers: TaskTracker,
 }
 
 impl Hubs {
-    /// Hubs that count the bytes they exchange with their upstreams.
-    pub fn with_byte_counter(upstream_bytes: prometheus::IntCounterVec) -> Hubs {
+    /// Hubs that count the bytes they exchange with their upstreams, and
+    /// what they refuse.
+    pub fn with_metrics(
+        upstream_bytes: prometheus::IntCounterVec,
+        refusals: prometheus::IntCounterVec,
+    ) -> Hubs {
         Hubs {
             upstream_bytes: Some(upstream_bytes),
+            refusals: Some(refusals),
             ..Hubs::default()
         }
     }
@@ -141,6 +156,7 @@ impl Hubs {
         let ended = CancellationToken::new();
         let handle = HubHandle {
             commands,
+            policy: config.policy.clone(),
             ended: ended.clone(),
         };
         if let Some(previous) = self.by_device.insert(device_id.clone(), handle.clone()) {
@@ -153,6 +169,7 @@ impl Hubs {
             commands: receiver,
             ended: ended.clone(),
             byte_counter: self.upstream_bytes.clone(),
+            refusals: self.refusals.clone(),
             tunnel_alive,
         };
         let span = tracing::info_span!("hub", device = %device_id);

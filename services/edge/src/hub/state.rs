@@ -11,6 +11,7 @@
 //! drive it packet by packet.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -21,6 +22,7 @@ use relay_proto::mqtt::{
 use relay_proto::subscription_index::SubscriptionIndex;
 use relay_proto::topic::topic_matches;
 
+use super::policy::{ChurnBudget, ChurnLimit, TopicPolicy};
 use crate::close::Close;
 
 /// Identifies a session within its edge.
@@ -35,10 +37,16 @@ pub trait SessionSink {
     fn deliver(&self, bytes: Bytes) -> bool;
     /// Ends the session with `close`, after what is already queued.
     fn end(&self, close: Close);
+    /// Ends the session with `close` at once: what is queued and not yet
+    /// written is dropped, so the close is next (a client that stopped
+    /// reading).
+    fn abandon(&self, close: Close) {
+        self.end(close);
+    }
 }
 
 /// What a hub is told once, when it starts.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HubConfig {
     /// Largest packet accepted from the upstream.
     pub max_upstream_packet: usize,
@@ -51,6 +59,23 @@ pub struct HubConfig {
     /// makes the hub subscribe it again, so that the broker re-sends its
     /// retained messages (MQTT 3.1.1 §3.8.4) for that session only.
     pub replay_retained: RetainedReplay,
+    /// What sessions may subscribe to and publish.
+    pub policy: Arc<TopicPolicy>,
+    /// SUBSCRIBE and UNSUBSCRIBE packets one session may cause upstream.
+    pub churn: ChurnLimit,
+}
+
+/// What a hub has refused or cut, counted; the driver exports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HubCounters {
+    /// SUBSCRIBE filters answered 0x80 by the policy.
+    pub refused_filters: u64,
+    /// PUBLISHes (and wills) dropped by the policy.
+    pub refused_publishes: u64,
+    /// Sessions cut for subscription churn.
+    pub churn_cuts: u64,
+    /// Sessions cut for not reading.
+    pub slow_consumer_cuts: u64,
 }
 
 /// When a joining session's filter is subscribed upstream again.
@@ -78,6 +103,8 @@ impl HubConfig {
             upstream_keep_alive: Duration::from_secs(30),
             linger: None,
             replay_retained: RetainedReplay::Always,
+            policy: Arc::new(TopicPolicy::generic()),
+            churn: ChurnLimit::default(),
         }
     }
 }
@@ -161,6 +188,7 @@ struct SessionEntry<S> {
     /// forwarded again (exactly once towards the edge).
     exactly_once: HashMap<PacketId, bool>,
     next_packet_id: u16,
+    churn: ChurnBudget,
 }
 
 impl<S> SessionEntry<S> {
@@ -191,7 +219,9 @@ enum Pending {
 struct WaitingSubscribe {
     session: SessionId,
     packet_id: PacketId,
-    filters: Vec<(String, QoS)>,
+    /// Each filter with its requested QoS; `None` when the policy refused
+    /// it (answered 0x80 without the upstream).
+    filters: Vec<(String, Option<QoS>)>,
 }
 
 /// Sessions waiting for the retained messages that one upstream SUBSCRIBE
@@ -235,10 +265,12 @@ pub struct HubState<S> {
     /// Topics known to hold a retained message upstream; `None` once
     /// there were too many to track.
     seen_retained: Option<std::collections::HashSet<String>>,
+    counters: HubCounters,
 }
 
 impl<S: SessionSink> HubState<S> {
     pub fn new(config: HubConfig, now: Instant) -> HubState<S> {
+        let next_ping = now + config.upstream_keep_alive;
         HubState {
             config,
             sessions: HashMap::new(),
@@ -251,16 +283,22 @@ impl<S: SessionSink> HubState<S> {
             pings_in_flight: VecDeque::new(),
             next_upstream_id: 0,
             idle_since: Some(now),
-            next_ping: now + config.upstream_keep_alive,
+            next_ping,
             to_upstream: BytesMut::new(),
             end: None,
             matches: Vec::new(),
             seen_retained: Some(std::collections::HashSet::new()),
+            counters: HubCounters::default(),
         }
     }
 
     pub fn config(&self) -> &HubConfig {
         &self.config
+    }
+
+    /// What was refused or cut so far.
+    pub fn counters(&self) -> HubCounters {
+        self.counters
     }
 
     pub fn session_count(&self) -> usize {
@@ -321,18 +359,32 @@ impl<S: SessionSink> HubState<S> {
             self.end_session(older, Close::replaced(), now);
         }
         self.idle_since = None;
+        // The session refused a will the policy forbids already; a will
+        // that slipped through is not published.
+        let will = attach.will.filter(|will| {
+            let permitted = self
+                .config
+                .policy
+                .check_publish(&will.topic, will.retain)
+                .is_ok();
+            if !permitted {
+                self.counters.refused_publishes += 1;
+            }
+            permitted
+        });
         self.sessions.insert(
             session,
             SessionEntry {
                 sink: attach.sink,
                 client_id: attach.client_id,
-                will: attach.will,
+                will,
                 filters: HashMap::new(),
                 max_subscriptions: attach.max_subscriptions,
                 max_unacknowledged: attach.max_unacknowledged,
                 unacknowledged: 0,
                 exactly_once: HashMap::new(),
                 next_packet_id: 0,
+                churn: ChurnBudget::new(self.config.churn, now),
             },
         );
     }
@@ -356,7 +408,7 @@ impl<S: SessionSink> HubState<S> {
         }
         match packet {
             Packet::Subscribe(subscribe) => self.on_subscribe(session, subscribe, now),
-            Packet::Unsubscribe(unsubscribe) => self.on_unsubscribe(session, unsubscribe),
+            Packet::Unsubscribe(unsubscribe) => self.on_unsubscribe(session, unsubscribe, now),
             Packet::Publish(publish) => self.on_client_publish(session, publish, now),
             Packet::PubRel(id) => {
                 if let Some(entry) = self.sessions.get_mut(&session) {
@@ -451,8 +503,42 @@ impl<S: SessionSink> HubState<S> {
             return;
         };
         if !entry.sink.deliver(encode(packet)) {
-            self.end_session(session, Close::limit("slow consumer"), now);
+            self.cut_slow_consumer(session, now);
         }
+    }
+
+    /// Ends a session whose client stopped reading: its queue is dropped so
+    /// that the close is the next thing it gets.
+    fn cut_slow_consumer(&mut self, session: SessionId, now: Instant) {
+        if let Some(entry) = self.remove_session(session, now) {
+            self.counters.slow_consumer_cuts += 1;
+            entry.sink.abandon(Close::limit("slow consumer"));
+            if let Some(will) = entry.will {
+                self.publish_upstream(None, will);
+            }
+        }
+    }
+
+    /// Charges one upstream SUBSCRIBE or UNSUBSCRIBE to `session`; a session
+    /// over its budget is cut and false returned.
+    fn charge_churn(&mut self, session: SessionId, now: Instant) -> bool {
+        let limit = self.config.churn;
+        let Some(entry) = self.sessions.get_mut(&session) else {
+            return false;
+        };
+        if entry.churn.take(limit, now) {
+            return true;
+        }
+        self.counters.churn_cuts += 1;
+        self.end_session(
+            session,
+            Close::limit(&format!(
+                "subscription churn (more than {} a minute)",
+                limit.per_minute
+            )),
+            now,
+        );
+        false
     }
 
     fn queue_upstream(&mut self, packet: &Packet) {
@@ -480,13 +566,23 @@ impl<S: SessionSink> HubState<S> {
     }
 
     fn on_subscribe(&mut self, session: SessionId, subscribe: Subscribe, now: Instant) {
+        let policy = self.config.policy.clone();
+        let requested: Vec<(String, Option<QoS>)> = subscribe
+            .filters
+            .into_iter()
+            .map(|(filter, qos)| {
+                let permitted = policy.permits_filter(&filter);
+                (filter, permitted.then_some(qos))
+            })
+            .collect();
+        self.counters.refused_filters +=
+            requested.iter().filter(|(_, qos)| qos.is_none()).count() as u64;
         let Some(entry) = self.sessions.get_mut(&session) else {
             return;
         };
-        let added = subscribe
-            .filters
+        let added = requested
             .iter()
-            .filter(|(filter, _)| !entry.filters.contains_key(filter))
+            .filter(|(filter, qos)| qos.is_some() && !entry.filters.contains_key(filter))
             .count();
         if entry.filters.len() + added > entry.max_subscriptions {
             let limit = entry.max_subscriptions;
@@ -505,7 +601,10 @@ impl<S: SessionSink> HubState<S> {
         let mut carried = Vec::new();
         let mut joiners = Vec::new();
         let mut joins_in_flight: Vec<(PacketId, String, QoS)> = Vec::new();
-        for (filter, qos) in &subscribe.filters {
+        for (filter, qos) in &requested {
+            let Some(qos) = qos else {
+                continue;
+            };
             let newly_held = entry.filters.insert(filter.clone(), *qos).is_none();
             if newly_held {
                 self.index.insert(filter, session);
@@ -560,6 +659,9 @@ impl<S: SessionSink> HubState<S> {
             }
         }
         if !carried.is_empty() {
+            if !self.charge_churn(session, now) {
+                return;
+            }
             let Some(upstream_id) = self.allocate_upstream_id() else {
                 self.end_session(session, Close::limit("hub busy"), now);
                 return;
@@ -587,12 +689,27 @@ impl<S: SessionSink> HubState<S> {
         self.waiting_subscribes.push(WaitingSubscribe {
             session,
             packet_id: subscribe.packet_id,
-            filters: subscribe.filters,
+            filters: requested,
         });
         self.answer_ready_subscribes(now);
     }
 
-    fn on_unsubscribe(&mut self, session: SessionId, unsubscribe: Unsubscribe) {
+    fn on_unsubscribe(&mut self, session: SessionId, unsubscribe: Unsubscribe, now: Instant) {
+        let Some(entry) = self.sessions.get(&session) else {
+            return;
+        };
+        // Whether this UNSUBSCRIBE reaches the upstream: it drops a filter
+        // no other session holds.
+        let reaches_upstream = unsubscribe.filters.iter().any(|filter| {
+            entry.filters.contains_key(filter)
+                && self
+                    .upstream_filters
+                    .get(filter)
+                    .is_some_and(|upstream| upstream.holders == 1)
+        });
+        if reaches_upstream && !self.charge_churn(session, now) {
+            return;
+        }
         for filter in &unsubscribe.filters {
             self.drop_filter(session, filter);
         }
@@ -619,6 +736,9 @@ impl<S: SessionSink> HubState<S> {
                 .filters
                 .iter()
                 .map(|(filter, requested)| {
+                    let Some(requested) = requested else {
+                        return Some(SubscribeReturnCode::Failure);
+                    };
                     let granted = self.upstream_filters.get(filter)?.granted?;
                     Some(match granted {
                         SubscribeReturnCode::Success(upstream) => {
@@ -634,9 +754,9 @@ impl<S: SessionSink> HubState<S> {
             }
         }
         for (waiting, grants) in answered {
-            // Refused filters are dropped again.
-            for ((filter, _), grant) in waiting.filters.iter().zip(&grants) {
-                if *grant == SubscribeReturnCode::Failure {
+            // Filters the upstream refused are dropped again.
+            for ((filter, requested), grant) in waiting.filters.iter().zip(&grants) {
+                if requested.is_some() && *grant == SubscribeReturnCode::Failure {
                     self.drop_filter(waiting.session, filter);
                 }
             }
@@ -681,6 +801,21 @@ impl<S: SessionSink> HubState<S> {
     }
 
     fn on_client_publish(&mut self, session: SessionId, publish: Publish, now: Instant) {
+        if self
+            .config
+            .policy
+            .check_publish(&publish.topic, publish.retain)
+            .is_err()
+        {
+            // Acknowledged and dropped, as a broker's ACL does.
+            self.counters.refused_publishes += 1;
+            match (publish.qos, publish.packet_id) {
+                (QoS::AtLeastOnce, Some(id)) => self.send_to(session, &Packet::PubAck(id), now),
+                (QoS::ExactlyOnce, Some(id)) => self.send_to(session, &Packet::PubRec(id), now),
+                _ => {}
+            }
+            return;
+        }
         let Some(entry) = self.sessions.get_mut(&session) else {
             return;
         };
@@ -919,7 +1054,7 @@ impl<S: SessionSink> HubState<S> {
         matches.clear();
         self.matches = matches;
         for session in slow {
-            self.end_session(session, Close::limit("slow consumer"), now);
+            self.cut_slow_consumer(session, now);
         }
     }
 }

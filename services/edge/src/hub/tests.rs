@@ -15,8 +15,9 @@ use relay_proto::mqtt::{
     self, Packet, PacketId, Publish, QoS, SubAck, Subscribe, SubscribeReturnCode, Unsubscribe,
 };
 
+use super::policy::{ChurnLimit, TopicPolicy};
 use super::state::{
-    HubConfig, HubEnd, HubState, RetainedReplay, SessionAttach, SessionId, SessionSink,
+    HubConfig, HubCounters, HubEnd, HubState, RetainedReplay, SessionAttach, SessionId, SessionSink,
 };
 use crate::close::Close;
 
@@ -27,6 +28,8 @@ struct Received {
     queued: usize,
     packets: Vec<Packet>,
     ended: Option<Close>,
+    /// Ended with what was queued dropped.
+    abandoned: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +53,12 @@ impl SessionSink for RecordingSink {
     fn end(&self, close: Close) {
         self.0.borrow_mut().ended.get_or_insert(close);
     }
+
+    fn abandon(&self, close: Close) {
+        let mut received = self.0.borrow_mut();
+        received.abandoned = true;
+        received.ended.get_or_insert(close);
+    }
 }
 
 struct Harness {
@@ -64,10 +73,10 @@ fn id(value: u16) -> PacketId {
 
 fn config(replay: RetainedReplay) -> HubConfig {
     HubConfig {
-        max_upstream_packet: 1 << 20,
         upstream_keep_alive: Duration::from_secs(30),
         linger: None,
         replay_retained: replay,
+        ..HubConfig::new(1 << 20)
     }
 }
 
@@ -666,6 +675,11 @@ fn a_slow_consumer_is_ended_and_its_filters_released() {
         &[0; 60],
     )));
     assert_eq!(hub.ended(2), Some(Close::limit("slow consumer")));
+    assert!(
+        hub.sessions[&2].borrow().abandoned,
+        "its queue is dropped so that the close goes next"
+    );
+    assert_eq!(hub.hub.counters().slow_consumer_cuts, 1);
     assert_eq!(hub.hub.session_count(), 1);
     // The other reader got both; the slow one is no longer served.
     assert_eq!(hub.publishes(1).len(), 2);
@@ -754,4 +768,185 @@ fn a_printer_that_sends_what_a_server_never_sends_ends_the_hub() {
         hub.ended(1),
         Some(Close::printer_unreachable("connection lost"))
     );
+}
+
+fn bambu_like_policy() -> HubConfig {
+    HubConfig {
+        policy: std::sync::Arc::new(TopicPolicy {
+            allow: vec!["device/X1/report".into(), "device/X1/request".into()],
+            deny: Vec::new(),
+            retain: false,
+        }),
+        ..config(RetainedReplay::WhenSeen)
+    }
+}
+
+#[test]
+fn refused_filters_get_0x80_and_never_reach_the_printer() {
+    let mut hub = Harness::new(bambu_like_policy());
+    hub.attach(1);
+    hub.client(
+        1,
+        subscribe(
+            7,
+            &[
+                ("device/X2/report", QoS::AtMostOnce),
+                ("device/X1/report", QoS::AtLeastOnce),
+                ("#", QoS::AtMostOnce),
+            ],
+        ),
+    );
+    let upstream = hub.upstream_subscribe();
+    assert_eq!(
+        upstream.filters,
+        vec![("device/X1/report".to_owned(), QoS::AtLeastOnce)],
+        "only the allowed filter goes upstream"
+    );
+    hub.printer(suback(
+        upstream.packet_id.get(),
+        &[granted(QoS::AtLeastOnce)],
+    ));
+    assert_eq!(
+        hub.received(1),
+        vec![suback(
+            7,
+            &[
+                SubscribeReturnCode::Failure,
+                granted(QoS::AtLeastOnce),
+                SubscribeReturnCode::Failure
+            ]
+        )]
+    );
+    // Wholly refused: answered at once, and the printer sees nothing.
+    hub.client(1, subscribe(8, &[("device/+/report", QoS::AtMostOnce)]));
+    assert_eq!(hub.upstream(), vec![]);
+    assert_eq!(
+        hub.received(1),
+        vec![suback(8, &[SubscribeReturnCode::Failure])]
+    );
+    assert_eq!(hub.hub.counters().refused_filters, 3);
+    assert_eq!(hub.hub.upstream_filter_count(), 1);
+}
+
+#[test]
+fn refused_publishes_are_acknowledged_and_dropped() {
+    let mut hub = Harness::new(bambu_like_policy());
+    hub.attach(1);
+    hub.client(
+        1,
+        Packet::Publish(publish(
+            "device/X2/request",
+            QoS::AtLeastOnce,
+            Some(3),
+            b"{}",
+        )),
+    );
+    hub.client(
+        1,
+        Packet::Publish(Publish {
+            retain: true,
+            ..publish("device/X1/request", QoS::AtMostOnce, None, b"{}")
+        }),
+    );
+    hub.client(
+        1,
+        Packet::Publish(publish(
+            "device/X2/request",
+            QoS::ExactlyOnce,
+            Some(4),
+            b"{}",
+        )),
+    );
+    assert_eq!(hub.upstream(), vec![], "nothing reached the printer");
+    assert_eq!(
+        hub.received(1),
+        vec![Packet::PubAck(id(3)), Packet::PubRec(id(4))]
+    );
+    // An allowed one still goes.
+    hub.client(
+        1,
+        Packet::Publish(publish("device/X1/request", QoS::AtMostOnce, None, b"{}")),
+    );
+    assert_eq!(hub.upstream().len(), 1);
+    assert_eq!(
+        hub.hub.counters(),
+        HubCounters {
+            refused_publishes: 3,
+            ..HubCounters::default()
+        }
+    );
+}
+
+#[test]
+fn a_will_the_policy_refuses_is_not_published() {
+    let mut hub = Harness::new(bambu_like_policy());
+    hub.attach_with(
+        1,
+        "a",
+        Some(publish("device/X2/request", QoS::AtMostOnce, None, b"gone")),
+    );
+    hub.attach_with(
+        2,
+        "b",
+        Some(publish("device/X1/request", QoS::AtMostOnce, None, b"gone")),
+    );
+    hub.hub.detach(1, false, hub.now);
+    hub.hub.detach(2, false, hub.now);
+    let upstream = hub.upstream();
+    assert_eq!(upstream.len(), 1, "{upstream:?}");
+    assert!(matches!(&upstream[0], Packet::Publish(p) if p.topic == "device/X1/request"));
+    assert_eq!(hub.hub.counters().refused_publishes, 1);
+}
+
+#[test]
+fn subscription_churn_is_cut_after_its_budget() {
+    let mut hub = Harness::new(HubConfig {
+        churn: ChurnLimit {
+            burst: 4,
+            per_minute: 60,
+        },
+        ..config(RetainedReplay::WhenSeen)
+    });
+    hub.attach(1);
+    let mut packets_upstream = 0;
+    for round in 0..10u16 {
+        hub.client(1, subscribe(round + 1, &[("t", QoS::AtMostOnce)]));
+        hub.client(
+            1,
+            Packet::Unsubscribe(Unsubscribe {
+                packet_id: id(round + 100),
+                filters: vec!["t".into()],
+            }),
+        );
+        packets_upstream += hub
+            .upstream()
+            .iter()
+            .filter(|p| matches!(p, Packet::Subscribe(_) | Packet::Unsubscribe(_)))
+            .count();
+        if hub.ended(1).is_some() {
+            break;
+        }
+    }
+    assert_eq!(
+        hub.ended(1),
+        Some(Close::limit("subscription churn (more than 60 a minute)"))
+    );
+    assert!(packets_upstream <= 5, "{packets_upstream} packets upstream");
+    assert_eq!(hub.hub.counters().churn_cuts, 1);
+
+    // A patient client is never cut: one change a second stays in budget.
+    hub.attach(2);
+    for round in 0..20u16 {
+        hub.advance(Duration::from_secs(2));
+        hub.client(2, subscribe(round + 1, &[("u", QoS::AtMostOnce)]));
+        hub.client(
+            2,
+            Packet::Unsubscribe(Unsubscribe {
+                packet_id: id(round + 100),
+                filters: vec!["u".into()],
+            }),
+        );
+        hub.upstream();
+    }
+    assert!(hub.ended(2).is_none());
 }

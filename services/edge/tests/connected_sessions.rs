@@ -9,7 +9,7 @@ use relay_testkit::edge as support;
 use std::time::Duration;
 
 use bytes::Bytes;
-use relay_edge::hub::{HubConfig, RetainedReplay};
+use relay_edge::hub::{HubConfig, RetainedReplay, TopicPolicy};
 use relay_proto::mqtt::{
     ConnectReturnCode, Packet, PacketId, Publish, QoS, SubAck, Subscribe, SubscribeReturnCode,
     Unsubscribe,
@@ -52,14 +52,31 @@ fn publish(topic: &str, qos: QoS, packet_id: Option<u16>, payload: &'static [u8]
 
 /// Puts the device online with a scripted printer behind an in-memory pipe.
 fn online_with_scripted_printer(edge: &TestEdge) -> MqttPeer<DuplexStream> {
+    online_with_scripted_printer_and(edge, limits())
+}
+
+/// [`online_with_scripted_printer`], with the hub's configuration given.
+fn online_with_scripted_printer_and(edge: &TestEdge, config: HubConfig) -> MqttPeer<DuplexStream> {
     let (hub_side, printer_side) = tokio::io::duplex(1 << 20);
     let (reader, writer) = tokio::io::split(hub_side);
     edge.edge
         .as_ref()
         .unwrap()
         .hubs()
-        .start(edge.device.clone(), reader, writer, limits(), None);
+        .start(edge.device.clone(), reader, writer, config, None);
     MqttPeer::new(printer_side)
+}
+
+/// A hub whose policy is a Bambu printer's, for serial X1.
+fn bambu_like() -> HubConfig {
+    HubConfig {
+        policy: std::sync::Arc::new(TopicPolicy {
+            allow: vec!["device/X1/report".into(), "device/X1/request".into()],
+            deny: Vec::new(),
+            retain: false,
+        }),
+        ..limits()
+    }
 }
 
 /// The printer answers a SUBSCRIBE with a grant per filter.
@@ -613,5 +630,127 @@ async fn a_close_from_the_client_is_answered_with_a_close_frame() {
         other => panic!("expected the close frame echoed, got {other:?}"),
     }
     edge.assert_closes_counted(1000, 1).await;
+    edge.stop().await;
+}
+
+/// A will is a publish: at CONNECT it meets the topic length limit and the
+/// device's policy, and a refused one refuses the CONNECT (CONNACK 5) with
+/// the reason; before, every one of these reached the printer.
+#[tokio::test]
+async fn a_will_meets_the_publish_rules_at_connect() {
+    let edge = TestEdge::start().await;
+    let mut printer = online_with_scripted_printer_and(&edge, bambu_like());
+    let bearer = edge.bearer();
+    let with_will = |topic: String, retain: bool| {
+        let mut connect = connect_packet("willing");
+        connect.will = Some(relay_proto::mqtt::Will {
+            topic,
+            payload: Bytes::from_static(b"gone"),
+            qos: QoS::AtMostOnce,
+            retain,
+        });
+        connect
+    };
+    for (connect, expected) in [
+        (
+            with_will(format!("device/X1/{}", "x".repeat(60_000)), false),
+            refused(
+                Some(5),
+                1008,
+                "limit: will topic: topic is 60010 bytes, over the limit of 128",
+            ),
+        ),
+        (
+            with_will("device/X2/request".into(), false),
+            refused(
+                Some(5),
+                1008,
+                "forbidden: will: topic not allowed on this device",
+            ),
+        ),
+        (
+            with_will("device/X1/request".into(), true),
+            refused(
+                Some(5),
+                1008,
+                "forbidden: will: retained messages not allowed on this device",
+            ),
+        ),
+    ] {
+        let mut socket = edge
+            .open_device("/mqtt", &[("authorization", &bearer)])
+            .await;
+        send_connect(&mut socket, connect).await;
+        assert_eq!(refusal(&mut socket).await, expected);
+    }
+    // An allowed will is accepted, and published when its session dies.
+    let client =
+        Client::connect(&edge, &bearer, with_will("device/X1/request".into(), false)).await;
+    drop(client);
+    match printer.next().await {
+        Some(Packet::Publish(will)) => assert_eq!(will.topic, "device/X1/request"),
+        other => panic!("expected the will upstream, got {other:?}"),
+    }
+    edge.stop().await;
+}
+
+/// A client that stops reading is cut as a slow consumer, and that is not
+/// silent: the close (1008 `limit: slow consumer`) is counted, logged and
+/// sent, ahead of what was queued for it.
+#[tokio::test]
+async fn a_slow_consumer_gets_its_close_and_is_counted() {
+    let edge = TestEdge::start_with(|config| config.limits.outbound_buffer_bytes = 64 * 1024).await;
+    let mut printer = online_with_scripted_printer(&edge);
+    let mut reader = Client::connect(&edge, &edge.bearer(), connect_packet("reader")).await;
+    reader.send(&subscribe(1, &[("t", QoS::AtMostOnce)])).await;
+    grant(&mut printer, QoS::AtMostOnce).await;
+    assert!(matches!(reader.next().await, Some(Packet::SubAck(_))));
+    // The client reads no more; the printer talks until the edge gives up.
+    static PAYLOAD: [u8; 16 * 1024] = [7; 16 * 1024];
+    let cut = async {
+        loop {
+            let metrics = edge.admin_get("/metrics").await.1;
+            if metrics.contains(r#"relay_edge_hub_refusals_total{what="slow_consumer"} 1"#) {
+                return;
+            }
+            // Less than its queue at a time: the edge's writer keeps up
+            // until the socket's buffers are full, then the queue fills.
+            for _ in 0..2 {
+                printer
+                    .send(&publish("t", QoS::AtMostOnce, None, &PAYLOAD))
+                    .await;
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, cut)
+        .await
+        .expect("cut as a slow consumer");
+    // Counted (and logged) though the client still reads nothing.
+    let counted = async {
+        loop {
+            let metrics = edge.admin_get("/metrics").await.1;
+            if metrics.contains(r#"relay_edge_close_codes_total{code="1008"} 1"#) {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, counted)
+        .await
+        .expect("the close was counted while the client read nothing");
+    // Reading again, it finds the close after what was already on its way.
+    let closed = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match reader.next().await {
+                Some(Packet::Publish(_)) => {}
+                Some(other) => panic!("unexpected {other:?}"),
+                None => return reader.closed_with.clone(),
+            }
+        }
+    })
+    .await
+    .expect("closed in time");
+    assert_eq!(closed, Some((1008, "limit: slow consumer".to_owned())));
+    edge.assert_closes_counted(1008, 1).await;
     edge.stop().await;
 }

@@ -40,6 +40,14 @@ pub async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let state = &context.state;
     let public = &state.config.public;
+    if let Err(problem) = check_host(&request) {
+        state
+            .metrics
+            .upgrades
+            .with_label_values(&["bad_request"])
+            .inc();
+        return Ok(json(StatusCode::BAD_REQUEST, problem));
+    }
     let device_id = match device_of(request.uri().path(), request.headers(), public) {
         Ok(device_id) => device_id,
         Err(status) => {
@@ -57,7 +65,7 @@ pub async fn handle(
             .upgrades
             .with_label_values(&["not_websocket"])
             .inc();
-        return Ok(plain_request(&request, device_id, state).await);
+        return Ok(plain_request(&request, device_id, context.peer.ip(), state).await);
     };
 
     let (authorization, query_token) = credentials(&request);
@@ -203,6 +211,23 @@ fn valid_device_label(label: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
+/// HTTP/1.1 wants exactly one Host header (RFC 9112 §3.2: 400 otherwise),
+/// and an absolute-form target must name the same host: the device a
+/// request reaches is never in doubt.
+fn check_host<B>(request: &Request<B>) -> Result<(), &'static str> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let (Some(host), None) = (hosts.next(), hosts.next()) else {
+        return Err("exactly one Host header is required");
+    };
+    if let Some(authority) = request.uri().authority() {
+        let named = host.to_str().unwrap_or("");
+        if !authority.as_str().eq_ignore_ascii_case(named) {
+            return Err("the request target names another host than Host");
+        }
+    }
+    Ok(())
+}
+
 /// The device id of `Host: <device-id>.<base_domain>[:port]`, lower-cased;
 /// `None` for anything else.
 pub fn device_from_host(headers: &HeaderMap, base_domain: &str) -> Option<String> {
@@ -276,11 +301,23 @@ fn percent_decode(value: &str) -> String {
 async fn plain_request<B>(
     request: &Request<B>,
     device_id: Option<String>,
+    peer_ip: std::net::IpAddr,
     state: &EdgeState,
 ) -> Response<Full<Bytes>> {
     let Some(device_id) = device_id else {
         return json(StatusCode::NOT_FOUND, "not found");
     };
+    // The same limiter as the WebSocket path: a plain GET is a guess too.
+    if state
+        .failures
+        .is_blocked(peer_ip, std::time::Instant::now())
+    {
+        state.count_auth_failure("rate_limited");
+        return json(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed authentications",
+        );
+    }
     let (authorization, query_token) = credentials(request);
     let credentials = RequestCredentials {
         authorization: authorization.as_ref().map(Secret::as_ref),
@@ -300,6 +337,9 @@ async fn plain_request<B>(
         }
         Err(failure) => {
             state.count_auth_failure(failure.label());
+            state
+                .failures
+                .record_failure(peer_ip, std::time::Instant::now());
             let mut response = json(StatusCode::UNAUTHORIZED, "unauthorized");
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -573,3 +573,73 @@ async fn the_optional_plain_listener_serves_ws() {
     assert_eq!(connack, Some(3));
     edge.stop().await;
 }
+
+/// Bytes sent as they are over TLS to the device's name; the response.
+async fn raw_request(edge: &TestEdge, request: &str) -> String {
+    let mut tls = edge.tls(&edge.host()).await;
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tls.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+/// HTTP/1.1 wants exactly one Host (RFC 9112 §3.2), and a request must not
+/// name one device in its target and another in Host: all get 400.
+#[tokio::test]
+async fn requests_with_a_doubtful_host_get_400() {
+    let edge = TestEdge::start().await;
+    let host = edge.host();
+    let other = format!("otherdevice1.{BASE_DOMAIN}");
+    for request in [
+        "GET /mqtt HTTP/1.1\r\nConnection: close\r\n\r\n".to_owned(),
+        format!("GET /mqtt HTTP/1.1\r\nHost: {host}\r\nHost: {other}\r\nConnection: close\r\n\r\n"),
+        format!("GET https://{other}/mqtt HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+    ] {
+        let response = raw_request(&edge, &request).await;
+        assert!(
+            response.starts_with("HTTP/1.1 400"),
+            "{request:?}: {response}"
+        );
+    }
+    // The absolute form naming the same host is fine.
+    let response = raw_request(
+        &edge,
+        &format!("GET https://{host}/mqtt HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+    edge.stop().await;
+}
+
+/// Plain HTTP guesses count against the same limit as WebSocket ones:
+/// before, a GET with a key was answered 401 without limit.
+#[tokio::test]
+async fn plain_http_guesses_are_rate_limited_too() {
+    let edge = TestEdge::start_with(|config| config.auth.failures_per_ip_per_minute = 3).await;
+    let wrong = format!("Basic {}", basic(&edge.key.1, "abcdefghijklmnopqrstuvwxyz"));
+    let guess = format!(
+        "GET /mqtt HTTP/1.1\r\nHost: {}\r\nAuthorization: {wrong}\r\nConnection: close\r\n\r\n",
+        edge.host()
+    );
+    for _ in 0..3 {
+        let response = raw_request(&edge, &guess).await;
+        assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+    }
+    let response = raw_request(&edge, &guess).await;
+    assert!(response.starts_with("HTTP/1.1 429"), "{response}");
+    // And the WebSocket path from the same address is limited as well.
+    let mut socket = edge
+        .open_device("/mqtt", &[("authorization", &wrong)])
+        .await;
+    send_connect(&mut socket, connect_packet("a")).await;
+    assert_eq!(
+        refusal(&mut socket).await,
+        refused(Some(5), 1008, "limit: too many failed authentications")
+    );
+    let metrics = edge.admin_get("/metrics").await.1;
+    assert!(
+        metrics.contains(r#"relay_edge_auth_failures_total{reason="rate_limited"} 2"#),
+        "{metrics}"
+    );
+    edge.stop().await;
+}

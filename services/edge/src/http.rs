@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::session::{self, SessionRequest};
-use crate::state::EdgeState;
+use crate::state::{EdgeState, Refusal};
 
 /// The MQTT WebSocket subprotocols, in our order of preference.
 const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
@@ -307,39 +307,28 @@ async fn plain_request<B>(
     let Some(device_id) = device_id else {
         return json(StatusCode::NOT_FOUND, "not found");
     };
-    // The same limiter as the WebSocket path: a plain GET is a guess too.
-    if state
-        .failures
-        .is_blocked(peer_ip, std::time::Instant::now())
-    {
-        state.count_auth_failure("rate_limited");
-        return json(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many failed authentications",
-        );
-    }
     let (authorization, query_token) = credentials(request);
     let credentials = RequestCredentials {
         authorization: authorization.as_ref().map(Secret::as_ref),
         query_token: query_token.as_ref().map(Secret::as_ref),
     };
+    // The same gate as the WebSocket path: a plain GET is a guess too.
     match state
-        .authenticator
-        .authenticate(&device_id, credentials)
+        .authenticate(Some(&device_id), credentials, peer_ip)
         .await
     {
         Ok(_) => json(
             StatusCode::UPGRADE_REQUIRED,
             "WebSocket upgrade required (MQTT over WebSocket)",
         ),
-        Err(relay_store::AuthFailure::Unavailable) => {
+        Err(Refusal::RateLimited) => json(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed authentications",
+        ),
+        Err(Refusal::Auth(relay_store::AuthFailure::Unavailable)) => {
             json(StatusCode::SERVICE_UNAVAILABLE, "try again later")
         }
-        Err(failure) => {
-            state.count_auth_failure(failure.label());
-            state
-                .failures
-                .record_failure(peer_ip, std::time::Instant::now());
+        Err(Refusal::Auth(_)) => {
             let mut response = json(StatusCode::UNAUTHORIZED, "unauthorized");
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -1,20 +1,56 @@
-//! Failed authentications per client IP, in fixed one-minute windows, so
-//! that guessing keys from one address stops being cheap.
+//! Failed authentications, limited per client address and per API key id,
+//! in fixed one-minute windows: guessing keys from one address, or one
+//! key's secret from many, stops being cheap.
+//!
+//! Only attempts that need the store are limited. A credential the
+//! authenticator's cache already knows to be valid gets in from a busy
+//! address, so one guesser behind a NAT does not lock out everyone behind
+//! it; a malformed one is refused without the store, and still counts.
+//!
+//! The limit is exact under concurrency: an attempt reserves its place in
+//! every window it is counted in before the lookup starts ([`Attempt`]),
+//! and gives it back only if it succeeds.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
-/// Most addresses tracked at once; past that, expired windows are swept and
-/// new addresses are not tracked until there is room (memory stays bounded).
+/// Most windows tracked at once; past that, expired windows are swept and
+/// new ones are not tracked until there is room (memory stays bounded).
 const MAX_TRACKED: usize = 100_000;
 const WINDOW: Duration = Duration::from_secs(60);
+
+/// What a failure is counted against.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LimitKey {
+    Address(IpAddr),
+    /// An API key id (the public half of a key).
+    KeyId(String),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: Instant,
+    failures: u32,
+    /// Attempts reserved and not yet finished.
+    in_flight: u32,
+}
 
 #[derive(Debug)]
 pub struct FailureLimiter {
     allowed_per_window: u32,
-    windows: DashMap<IpAddr, (Instant, u32)>,
+    windows: DashMap<LimitKey, Window>,
+}
+
+/// One attempt's reservation. Dropped without [`Attempt::failed`], it is
+/// given back (a success, or a store that could not answer).
+#[derive(Debug)]
+pub struct Attempt {
+    limiter: Arc<FailureLimiter>,
+    keys: Vec<LimitKey>,
+    failed: bool,
 }
 
 impl FailureLimiter {
@@ -25,26 +61,111 @@ impl FailureLimiter {
         }
     }
 
-    /// Whether `ip` used up its failures for the current window.
-    pub fn is_blocked(&self, ip: IpAddr, now: Instant) -> bool {
-        self.windows.get(&ip).is_some_and(|entry| {
-            now.duration_since(entry.0) < WINDOW && entry.1 >= self.allowed_per_window
+    /// Reserves one attempt in the window of each of `keys`; `None` when any
+    /// of them has no room left (then nothing is reserved).
+    pub fn begin(self: &Arc<Self>, keys: Vec<LimitKey>, now: Instant) -> Option<Attempt> {
+        for (index, key) in keys.iter().enumerate() {
+            if !self.reserve(key, now) {
+                for reserved in &keys[..index] {
+                    self.release(reserved);
+                }
+                return None;
+            }
+        }
+        Some(Attempt {
+            limiter: self.clone(),
+            keys,
+            failed: false,
         })
     }
 
-    pub fn record_failure(&self, ip: IpAddr, now: Instant) {
-        if self.windows.len() >= MAX_TRACKED && !self.windows.contains_key(&ip) {
-            self.windows
-                .retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
-            if self.windows.len() >= MAX_TRACKED {
-                return;
+    /// Counts a failure that needed no reservation (decided without the
+    /// store: a malformed credential, a cached refusal).
+    pub fn record_failure(&self, keys: &[LimitKey], now: Instant) {
+        for key in keys {
+            if let Some(mut window) = self.window(key, now) {
+                window.failures = window.failures.saturating_add(1);
             }
         }
-        let mut entry = self.windows.entry(ip).or_insert((now, 0));
-        if now.duration_since(entry.0) >= WINDOW {
-            *entry = (now, 0);
+    }
+
+    /// Whether `key` has no room left in its current window.
+    pub fn is_blocked(&self, key: &LimitKey, now: Instant) -> bool {
+        self.windows.get(key).is_some_and(|window| {
+            now.duration_since(window.start) < WINDOW
+                && window.failures + window.in_flight >= self.allowed_per_window
+        })
+    }
+
+    fn reserve(&self, key: &LimitKey, now: Instant) -> bool {
+        let Some(mut window) = self.window(key, now) else {
+            // Not tracked (the table is full of live windows): let it be.
+            return true;
+        };
+        if window.failures + window.in_flight >= self.allowed_per_window {
+            return false;
         }
-        entry.1 = entry.1.saturating_add(1);
+        window.in_flight += 1;
+        true
+    }
+
+    fn release(&self, key: &LimitKey) {
+        if let Some(mut window) = self.windows.get_mut(key) {
+            window.in_flight = window.in_flight.saturating_sub(1);
+        }
+    }
+
+    fn fail(&self, key: &LimitKey) {
+        if let Some(mut window) = self.windows.get_mut(key) {
+            window.in_flight = window.in_flight.saturating_sub(1);
+            window.failures = window.failures.saturating_add(1);
+        }
+    }
+
+    /// The current window of `key`, started afresh when the last one ended.
+    fn window(
+        &self,
+        key: &LimitKey,
+        now: Instant,
+    ) -> Option<dashmap::mapref::one::RefMut<'_, LimitKey, Window>> {
+        if self.windows.len() >= MAX_TRACKED && !self.windows.contains_key(key) {
+            self.windows.retain(|_, window| {
+                now.duration_since(window.start) < WINDOW || window.in_flight > 0
+            });
+            if self.windows.len() >= MAX_TRACKED {
+                return None;
+            }
+        }
+        let mut window = self.windows.entry(key.clone()).or_insert(Window {
+            start: now,
+            failures: 0,
+            in_flight: 0,
+        });
+        if now.duration_since(window.start) >= WINDOW {
+            window.start = now;
+            window.failures = 0;
+        }
+        Some(window)
+    }
+}
+
+impl Attempt {
+    /// The attempt failed: its reservation becomes a failure.
+    pub fn failed(mut self) {
+        self.failed = true;
+        for key in &self.keys {
+            self.limiter.fail(key);
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.failed {
+            for key in &self.keys {
+                self.limiter.release(key);
+            }
+        }
     }
 }
 
@@ -52,20 +173,63 @@ impl FailureLimiter {
 mod tests {
     use super::*;
 
+    fn address(last: u8) -> LimitKey {
+        LimitKey::Address([192, 0, 2, last].into())
+    }
+
     #[test]
     fn blocks_after_the_allowance_until_the_window_passes() {
-        let limiter = FailureLimiter::new(2);
-        let ip: IpAddr = [192, 0, 2, 1].into();
-        let other: IpAddr = [192, 0, 2, 2].into();
+        let limiter = Arc::new(FailureLimiter::new(2));
         let start = Instant::now();
-        limiter.record_failure(ip, start);
-        assert!(!limiter.is_blocked(ip, start));
-        limiter.record_failure(ip, start);
-        assert!(limiter.is_blocked(ip, start));
-        assert!(!limiter.is_blocked(other, start));
+        for _ in 0..2 {
+            limiter.begin(vec![address(1)], start).unwrap().failed();
+        }
+        assert!(limiter.is_blocked(&address(1), start));
+        assert!(limiter.begin(vec![address(1)], start).is_none());
+        assert!(!limiter.is_blocked(&address(2), start));
         let later = start + WINDOW;
-        assert!(!limiter.is_blocked(ip, later));
-        limiter.record_failure(ip, later);
-        assert!(!limiter.is_blocked(ip, later));
+        assert!(!limiter.is_blocked(&address(1), later));
+        limiter.begin(vec![address(1)], later).unwrap().failed();
+        assert!(!limiter.is_blocked(&address(1), later));
+    }
+
+    #[test]
+    fn reservations_make_the_limit_exact_and_successes_give_them_back() {
+        let limiter = Arc::new(FailureLimiter::new(3));
+        let now = Instant::now();
+        // Ten attempts at once: three get a place, whatever they turn into.
+        let attempts: Vec<_> = (0..10)
+            .filter_map(|_| limiter.begin(vec![address(1)], now))
+            .collect();
+        assert_eq!(attempts.len(), 3);
+        // Two succeed and leave; their places are free again.
+        let mut attempts = attempts.into_iter();
+        drop(attempts.next());
+        drop(attempts.next());
+        let again: Vec<_> = (0..10)
+            .filter_map(|_| limiter.begin(vec![address(1)], now))
+            .collect();
+        assert_eq!(again.len(), 2);
+        for attempt in attempts.chain(again) {
+            attempt.failed();
+        }
+        assert!(limiter.is_blocked(&address(1), now));
+    }
+
+    #[test]
+    fn one_keys_guesses_from_many_addresses_are_limited_by_its_id() {
+        let limiter = Arc::new(FailureLimiter::new(5));
+        let now = Instant::now();
+        let key = LimitKey::KeyId("abcdefghij".into());
+        let mut admitted = 0;
+        for last in 0..100 {
+            if let Some(attempt) = limiter.begin(vec![address(last), key.clone()], now) {
+                admitted += 1;
+                attempt.failed();
+            }
+        }
+        assert_eq!(admitted, 5);
+        // A refused attempt reserved nothing on its address.
+        assert!(!limiter.is_blocked(&address(99), now));
     }
 }

@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
@@ -27,7 +27,7 @@ use crate::devices::Unavailable;
 use crate::hub::{
     HubHandle, Outbound, OutboundSender, PublishRefusal, SessionAttach, SessionId, outbound_queue,
 };
-use crate::state::{EdgeState, LiveSession};
+use crate::state::{EdgeState, LiveSession, Refusal};
 
 /// How long to wait for the client's answer to our close frame.
 const CLOSE_HANDSHAKE_PATIENCE: Duration = Duration::from_secs(2);
@@ -207,14 +207,6 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
             );
         }
     }
-    if state.failures.is_blocked(request.peer_ip, Instant::now()) {
-        state.count_auth_failure("rate_limited");
-        return Outcome::Refuse(
-            Some(ConnectReturnCode::NotAuthorized),
-            Close::limit("too many failed authentications"),
-        );
-    }
-
     // HTTP credentials first; clients that cannot send them (MQTTX, MQTT
     // Explorer) may put the key in CONNECT's user name and password.
     let connect_token = connect_credentials(&connect);
@@ -226,15 +218,9 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
             .or(connect_token.as_ref())
             .map(Secret::as_ref),
     };
-    let result = match &request.device_id {
-        Some(device_id) => {
-            state
-                .authenticator
-                .authenticate(device_id, credentials)
-                .await
-        }
-        None => Err(AuthFailure::UnknownDevice),
-    };
+    let result = state
+        .authenticate(request.device_id.as_deref(), credentials, request.peer_ip)
+        .await;
     match result {
         Ok(principal) => {
             let device_id = request.device_id.unwrap_or_default();
@@ -270,19 +256,15 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
                 }
             }
         }
-        Err(AuthFailure::Unavailable) => {
-            state.count_auth_failure("unavailable");
-            Outcome::Refuse(
-                Some(ConnectReturnCode::ServerUnavailable),
-                Close::store_unavailable(),
-            )
-        }
-        Err(failure) => {
-            state.count_auth_failure(failure.label());
-            state
-                .failures
-                .record_failure(request.peer_ip, Instant::now());
-            tracing::info!(reason = failure.label(), "authentication failed");
+        Err(Refusal::RateLimited) => Outcome::Refuse(
+            Some(ConnectReturnCode::NotAuthorized),
+            Close::limit("too many failed authentications"),
+        ),
+        Err(Refusal::Auth(AuthFailure::Unavailable)) => Outcome::Refuse(
+            Some(ConnectReturnCode::ServerUnavailable),
+            Close::store_unavailable(),
+        ),
+        Err(Refusal::Auth(failure)) => {
             let code = if failure == AuthFailure::Missing {
                 ConnectReturnCode::NotAuthorized
             } else {

@@ -3,14 +3,17 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::net::IpAddr;
+use std::time::Instant;
+
 use dashmap::DashMap;
-use relay_store::Authenticator;
+use relay_store::{AuthFailure, Authenticator, Precheck, Principal, RequestCredentials};
 
 use crate::close::Close;
 use crate::config::EdgeConfig;
 use crate::devices::Devices;
 use crate::hub::{HubConfig, Hubs, OutboundSender, SessionId};
-use crate::limiter::FailureLimiter;
+use crate::limiter::{FailureLimiter, LimitKey};
 use crate::metrics::Metrics;
 
 #[derive(Debug)]
@@ -18,7 +21,7 @@ pub struct EdgeState {
     pub config: Arc<EdgeConfig>,
     pub authenticator: Authenticator,
     pub metrics: Metrics,
-    pub failures: FailureLimiter,
+    pub failures: Arc<FailureLimiter>,
     pub hubs: Arc<Hubs>,
     /// Agents' tunnels, and hubs opened through them.
     pub devices: Devices,
@@ -34,7 +37,7 @@ impl EdgeState {
         authenticator: Authenticator,
         metrics: Metrics,
     ) -> EdgeState {
-        let failures = FailureLimiter::new(config.auth.failures_per_ip_per_minute);
+        let failures = Arc::new(FailureLimiter::new(config.auth.failures_per_ip_per_minute));
         let hubs = Arc::new(Hubs::with_metrics(
             metrics.printer_bytes.clone(),
             metrics.hub_refusals.clone(),
@@ -69,6 +72,61 @@ impl EdgeState {
         self.draining.load(Ordering::SeqCst)
     }
 
+    /// Authenticates a request from `peer_ip` for `device_id` (`None`: the
+    /// Host named no device), through the failure limiter: a valid cached
+    /// credential always gets in; a store lookup needs room in the windows
+    /// of the address and of the key id. Failures are counted and logged.
+    pub async fn authenticate(
+        &self,
+        device_id: Option<&str>,
+        credentials: RequestCredentials<'_>,
+        peer_ip: IpAddr,
+    ) -> Result<Principal, Refusal> {
+        let now = Instant::now();
+        let mut keys = vec![LimitKey::Address(peer_ip)];
+        let Some(device_id) = device_id else {
+            self.failures.record_failure(&keys, now);
+            return Err(self.refused(AuthFailure::UnknownDevice));
+        };
+        let key_id = match self.authenticator.precheck(device_id, credentials) {
+            Precheck::Decided(Ok(principal)) => return Ok(principal),
+            Precheck::Decided(Err(AuthFailure::Unavailable)) => {
+                return Err(self.refused(AuthFailure::Unavailable));
+            }
+            Precheck::Decided(Err(failure)) => {
+                self.failures.record_failure(&keys, now);
+                return Err(self.refused(failure));
+            }
+            Precheck::Lookup { key_id } => key_id,
+        };
+        keys.extend(key_id.map(LimitKey::KeyId));
+        let Some(attempt) = self.failures.begin(keys, now) else {
+            self.count_auth_failure("rate_limited");
+            return Err(Refusal::RateLimited);
+        };
+        match self
+            .authenticator
+            .authenticate(device_id, credentials)
+            .await
+        {
+            Ok(principal) => Ok(principal),
+            // Not the client's fault: its reservation is given back.
+            Err(AuthFailure::Unavailable) => Err(self.refused(AuthFailure::Unavailable)),
+            Err(failure) => {
+                attempt.failed();
+                Err(self.refused(failure))
+            }
+        }
+    }
+
+    fn refused(&self, failure: AuthFailure) -> Refusal {
+        self.count_auth_failure(failure.label());
+        if failure != AuthFailure::Unavailable {
+            tracing::info!(reason = failure.label(), "authentication failed");
+        }
+        Refusal::Auth(failure)
+    }
+
     pub fn count_auth_failure(&self, reason: &str) {
         self.metrics
             .auth_failures
@@ -87,6 +145,14 @@ impl EdgeState {
         }
         ended
     }
+}
+
+/// Why [`EdgeState::authenticate`] let a request not in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Too many failures from its address, or for its key id.
+    RateLimited,
+    Auth(AuthFailure),
 }
 
 /// A session past CONNACK.

@@ -616,17 +616,20 @@ async fn requests_with_a_doubtful_host_get_400() {
 #[tokio::test]
 async fn plain_http_guesses_are_rate_limited_too() {
     let edge = TestEdge::start_with(|config| config.auth.failures_per_ip_per_minute = 3).await;
-    let wrong = format!("Basic {}", basic(&edge.key.1, "abcdefghijklmnopqrstuvwxyz"));
-    let guess = format!(
-        "GET /mqtt HTTP/1.1\r\nHost: {}\r\nAuthorization: {wrong}\r\nConnection: close\r\n\r\n",
-        edge.host()
-    );
-    for _ in 0..3 {
-        let response = raw_request(&edge, &guess).await;
+    let guess = |attempt| {
+        format!(
+            "GET /mqtt HTTP/1.1\r\nHost: {}\r\nAuthorization: {}\r\nConnection: close\r\n\r\n",
+            edge.host(),
+            wrong_guess(&edge, attempt)
+        )
+    };
+    for attempt in 0..3 {
+        let response = raw_request(&edge, &guess(attempt)).await;
         assert!(response.starts_with("HTTP/1.1 401"), "{response}");
     }
-    let response = raw_request(&edge, &guess).await;
+    let response = raw_request(&edge, &guess(3)).await;
     assert!(response.starts_with("HTTP/1.1 429"), "{response}");
+    let wrong = wrong_guess(&edge, 4);
     // And the WebSocket path from the same address is limited as well.
     let mut socket = edge
         .open_device("/mqtt", &[("authorization", &wrong)])
@@ -641,5 +644,101 @@ async fn plain_http_guesses_are_rate_limited_too() {
         metrics.contains(r#"relay_edge_auth_failures_total{reason="rate_limited"} 2"#),
         "{metrics}"
     );
+    edge.stop().await;
+}
+
+/// A wrong secret for the test key, different each time (so that each is a
+/// store lookup, not a cached refusal).
+fn wrong_guess(edge: &TestEdge, attempt: u8) -> String {
+    let secret = format!(
+        "abcdefghijklmnopqrstuvwx{}{}",
+        (b'a' + attempt / 26) as char,
+        (b'a' + attempt % 26) as char
+    );
+    format!("Basic {}", basic(&edge.key.1, &secret))
+}
+
+async fn connack_for(socket: &mut Socket) -> Refusal {
+    send_connect(socket, connect_packet("a")).await;
+    refusal(socket).await
+}
+
+/// One guesser behind a NAT does not lock out everyone behind it: a key
+/// the edge has already checked gets in from an address that is over its
+/// failure limit (only store lookups are limited).
+#[tokio::test]
+async fn a_valid_cached_key_gets_in_from_a_busy_address() {
+    let edge = TestEdge::start_with(|config| config.auth.failures_per_ip_per_minute = 2).await;
+    let bearer = edge.bearer();
+    // Authenticated (the device is offline: 3 and 1013, not a refusal).
+    let in_but_offline = refused(Some(3), 1013, "device offline");
+    let mut socket = edge
+        .open_device("/mqtt", &[("authorization", &bearer)])
+        .await;
+    assert_eq!(connack_for(&mut socket).await, in_but_offline);
+    for attempt in 0..3 {
+        let wrong = wrong_guess(&edge, attempt);
+        let mut socket = edge
+            .open_device("/mqtt", &[("authorization", &wrong)])
+            .await;
+        let answer = connack_for(&mut socket).await;
+        if attempt < 2 {
+            assert_eq!(answer.connack, Some(4));
+        } else {
+            assert_eq!(
+                answer,
+                refused(Some(5), 1008, "limit: too many failed authentications")
+            );
+        }
+    }
+    // The owner's key, checked before: in, though the address is busy.
+    let mut socket = edge
+        .open_device("/mqtt", &[("authorization", &bearer)])
+        .await;
+    assert_eq!(connack_for(&mut socket).await, in_but_offline);
+    edge.stop().await;
+}
+
+/// An attacker spreading one key's guesses over many addresses is limited
+/// by the key id: before, 100 addresses made 100 times the guesses.
+#[tokio::test]
+async fn one_keys_guesses_from_many_addresses_are_limited() {
+    let edge = TestEdge::start_with(|config| config.auth.failures_per_ip_per_minute = 3).await;
+    let mut wrong_secret = 0;
+    let mut rate_limited = 0;
+    for attempt in 0..12u8 {
+        let source = std::net::IpAddr::from([127, 0, 0, 10 + attempt]);
+        let wrong = wrong_guess(&edge, attempt);
+        let mut socket = edge
+            .open_device_from(source, &[("authorization", &wrong)])
+            .await;
+        match connack_for(&mut socket).await.connack {
+            Some(4) => wrong_secret += 1,
+            Some(5) => rate_limited += 1,
+            other => panic!("unexpected CONNACK {other:?}"),
+        }
+    }
+    assert_eq!((wrong_secret, rate_limited), (3, 9));
+    edge.stop().await;
+}
+
+/// The limit is exact when guesses arrive at once: each store lookup
+/// reserves its place first (before, 30 allowed became 41).
+#[tokio::test]
+async fn concurrent_guesses_do_not_overshoot_the_limit() {
+    let edge = TestEdge::start_with(|config| config.auth.failures_per_ip_per_minute = 5).await;
+    let guesses = (0..24u8).map(|attempt| {
+        let edge = &edge;
+        async move {
+            let wrong = wrong_guess(edge, attempt);
+            let mut socket = edge
+                .open_device("/mqtt", &[("authorization", &wrong)])
+                .await;
+            connack_for(&mut socket).await.connack
+        }
+    });
+    let answers = futures_util::future::join_all(guesses).await;
+    let lookups = answers.iter().filter(|code| **code == Some(4)).count();
+    assert_eq!(lookups, 5, "{answers:?}");
     edge.stop().await;
 }

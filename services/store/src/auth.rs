@@ -32,6 +32,17 @@ pub struct RequestCredentials<'a> {
     pub query_token: Option<Secret<&'a str>>,
 }
 
+/// What [`Authenticator::precheck`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precheck {
+    /// Decided without the store: by the credential's shape, or by a fresh
+    /// cache entry.
+    Decided(Result<Principal, AuthFailure>),
+    /// Only the store can tell; `key_id` is the API key id presented (none
+    /// for a JWT).
+    Lookup { key_id: Option<String> },
+}
+
 /// Who a request acts for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Principal {
@@ -178,37 +189,58 @@ impl Authenticator {
         &self.store
     }
 
+    /// What can be told about a request without the store: its shape
+    /// (and an API key's checksum), and the cache. A rate limiter asks this
+    /// first, so that a valid cached key is never limited and only store
+    /// lookups are.
+    pub fn precheck(&self, device_id: &str, request: RequestCredentials<'_>) -> Precheck {
+        let (raw, credential) = match parse_request(request) {
+            Ok(parsed) => parsed,
+            Err(failure) => return Precheck::Decided(Err(failure)),
+        };
+        let now = self.store.now();
+        if let Some(outcome) = self.cached(&cache_key(raw, device_id), now) {
+            return Precheck::Decided(outcome);
+        }
+        Precheck::Lookup {
+            key_id: match credential {
+                Credential::ApiKey { id, .. } => Some(id),
+                Credential::Jwt(_) => None,
+            },
+        }
+    }
+
+    /// The cached outcome for `cache_key`, if it is fresh.
+    fn cached(&self, cache_key: &[u8; 32], now: Millis) -> Option<Result<Principal, AuthFailure>> {
+        let entry = self.cache.get(cache_key)?;
+        if entry.valid_until <= now {
+            return None;
+        }
+        let outcome = entry.outcome.clone();
+        drop(entry);
+        Some(match outcome {
+            Ok(principal) if principal.expires_at.is_some_and(|at| at <= now) => {
+                Err(AuthFailure::Expired)
+            }
+            Ok(principal) => {
+                self.note_use(&principal, now);
+                Ok(principal)
+            }
+            Err(failure) => Err(failure),
+        })
+    }
+
     /// Authenticates a request for `device_id`.
     pub async fn authenticate(
         &self,
         device_id: &str,
         request: RequestCredentials<'_>,
     ) -> Result<Principal, AuthFailure> {
-        let (raw, credential) = match (
-            request.authorization.map(Secret::into_exposed),
-            request.query_token.map(Secret::into_exposed),
-        ) {
-            (Some(header), _) => (header, parse_authorization(header)?),
-            (None, Some(token)) => (token, parse_query_token(token)?),
-            (None, None) => return Err(AuthFailure::Missing),
-        };
+        let (raw, credential) = parse_request(request)?;
         let now = self.store.now();
         let cache_key = cache_key(raw, device_id);
-        if let Some(entry) = self.cache.get(&cache_key)
-            && entry.valid_until > now
-        {
-            let outcome = entry.outcome.clone();
-            drop(entry);
-            return match outcome {
-                Ok(principal) if principal.expires_at.is_some_and(|at| at <= now) => {
-                    Err(AuthFailure::Expired)
-                }
-                Ok(principal) => {
-                    self.note_use(&principal, now);
-                    Ok(principal)
-                }
-                Err(failure) => Err(failure),
-            };
+        if let Some(outcome) = self.cached(&cache_key, now) {
+            return outcome;
         }
         let (outcome, key_id) = match credential {
             Credential::ApiKey { id, secret } => {
@@ -398,6 +430,18 @@ fn format_failure(error: FormatError) -> AuthFailure {
 
 /// `Basic <base64 user:pass>` or `Bearer <token>`; the scheme is
 /// case-insensitive.
+/// The raw credential of a request (header first) and what it is.
+fn parse_request(request: RequestCredentials<'_>) -> Result<(&str, Credential<'_>), AuthFailure> {
+    match (
+        request.authorization.map(Secret::into_exposed),
+        request.query_token.map(Secret::into_exposed),
+    ) {
+        (Some(header), _) => Ok((header, parse_authorization(header)?)),
+        (None, Some(token)) => Ok((token, parse_query_token(token)?)),
+        (None, None) => Err(AuthFailure::Missing),
+    }
+}
+
 fn parse_authorization(header: &str) -> Result<Credential<'_>, AuthFailure> {
     let (scheme, value) = header
         .trim()

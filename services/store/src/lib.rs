@@ -25,7 +25,8 @@ mod store;
 pub mod testing;
 
 pub use auth::{
-    AuthConfig, AuthFailure, Authenticator, Principal, PrincipalSource, RequestCredentials,
+    AuthConfig, AuthFailure, Authenticator, Precheck, Principal, PrincipalSource,
+    RequestCredentials,
 };
 pub use clock::{Clock, ManualClock, Millis, SystemClock};
 pub use error::StoreError;

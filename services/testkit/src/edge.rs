@@ -215,6 +215,33 @@ impl TestEdge {
         tokio_tungstenite::client_async(request, tls).await
     }
 
+    /// Opens `wss://<device host>/mqtt` from the loopback address `source`
+    /// (any of 127.0.0.0/8), as a client at another address would.
+    pub async fn open_device_from(
+        &self,
+        source: std::net::IpAddr,
+        headers: &[(&str, &str)],
+    ) -> Socket {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(source, 0)).unwrap();
+        let tcp = socket.connect(self.addr).await.unwrap();
+        let host = self.host();
+        let name = ServerName::try_from(host.clone()).unwrap();
+        let tls = self.client_tls().connect(name, tcp).await.unwrap();
+        let mut request = format!("wss://{host}/mqtt").into_client_request().unwrap();
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                    .unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        tokio_tungstenite::client_async(request, tls)
+            .await
+            .unwrap()
+            .0
+    }
+
     pub async fn open_device(&self, path_and_query: &str, headers: &[(&str, &str)]) -> Socket {
         self.open(&self.host(), path_and_query, headers)
             .await

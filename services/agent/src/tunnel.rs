@@ -166,7 +166,8 @@ fn client_config(config: &AgentConfig) -> Result<quinn::ClientConfig, SetupError
     Ok(client)
 }
 
-async fn run_once(
+/// One tunnel connection, from dialling to its end (no retry).
+pub async fn run_once(
     config: &AgentConfig,
     printer: Arc<PrinterConfig>,
     standby: Option<Arc<Standby>>,

@@ -276,3 +276,67 @@ async fn an_insecure_agent_connects_without_a_ca() {
     world.agent.cancel();
     world.edge.stop().await;
 }
+
+/// Failed agent HELLOs are limited per source address and refused with the
+/// "rate limited" reason (before, 200 bad HELLOs were all checked against
+/// the store).
+#[tokio::test]
+async fn failed_hellos_are_rate_limited_per_address() {
+    let world = world_with(
+        ACCESS_CODE,
+        |edge| edge.auth.agent_failures_per_ip_per_minute = 3,
+        |_| {},
+    )
+    .await;
+    // The world's own agent goes, so that only this test's HELLOs count.
+    world.agent.cancel();
+    let edge = world.edge.edge.as_ref().unwrap();
+    tokio::time::timeout(PATIENCE, edge.wait_offline(&world.edge.device))
+        .await
+        .unwrap();
+    let store = &world.edge.database.store;
+    let (_, stale) = store
+        .rotate_agent_credential(&world.edge.device)
+        .await
+        .unwrap();
+    store
+        .rotate_agent_credential(&world.edge.device)
+        .await
+        .unwrap();
+    let tunnel = world.edge.edge.as_ref().unwrap().tunnel_addr.unwrap();
+    let config = agent_config(
+        &world.edge,
+        tunnel,
+        &world.simulator,
+        ACCESS_CODE,
+        &stale.reveal(),
+    );
+    let printer = std::sync::Arc::new(config.validate().unwrap());
+    let mut reasons = Vec::new();
+    for _ in 0..5 {
+        let end = relay_agent::tunnel::run_once(
+            &config,
+            printer.clone(),
+            None,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await;
+        match end {
+            relay_agent::tunnel::TunnelEnd::Refused { reason, .. } => reasons.push(reason),
+            other => panic!("expected a refusal, got {other}"),
+        }
+    }
+    use relay_proto::tunnel::RefusalReason::{BadCredential, RateLimited};
+    assert_eq!(
+        reasons,
+        vec![
+            BadCredential,
+            BadCredential,
+            BadCredential,
+            RateLimited,
+            RateLimited
+        ]
+    );
+    world.agent.cancel();
+    world.edge.stop().await;
+}

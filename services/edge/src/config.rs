@@ -297,8 +297,11 @@ impl Default for Limits {
 pub struct AuthSection {
     pub cache_success_seconds: u64,
     pub cache_failure_seconds: u64,
-    /// Failed authentications allowed per client IP per minute.
+    /// Failed authentications allowed per client IP (and per API key id)
+    /// per minute.
     pub failures_per_ip_per_minute: u32,
+    /// Failed agent HELLOs allowed per source address per minute.
+    pub agent_failures_per_ip_per_minute: u32,
 }
 
 impl Default for AuthSection {
@@ -307,6 +310,7 @@ impl Default for AuthSection {
             cache_success_seconds: 60,
             cache_failure_seconds: 5,
             failures_per_ip_per_minute: 30,
+            agent_failures_per_ip_per_minute: 10,
         }
     }
 }

@@ -22,6 +22,8 @@ pub struct EdgeState {
     pub authenticator: Authenticator,
     pub metrics: Metrics,
     pub failures: Arc<FailureLimiter>,
+    /// Failed agent HELLOs per source address.
+    pub agent_failures: Arc<FailureLimiter>,
     pub hubs: Arc<Hubs>,
     /// Agents' tunnels, and hubs opened through them.
     pub devices: Devices,
@@ -38,6 +40,9 @@ impl EdgeState {
         metrics: Metrics,
     ) -> EdgeState {
         let failures = Arc::new(FailureLimiter::new(config.auth.failures_per_ip_per_minute));
+        let agent_failures = Arc::new(FailureLimiter::new(
+            config.auth.agent_failures_per_ip_per_minute,
+        ));
         let hubs = Arc::new(Hubs::with_metrics(
             metrics.printer_bytes.clone(),
             metrics.hub_refusals.clone(),
@@ -57,6 +62,7 @@ impl EdgeState {
             authenticator,
             metrics,
             failures,
+            agent_failures,
             hubs,
             devices,
             live_sessions: DashMap::new(),

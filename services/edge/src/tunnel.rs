@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::limiter::LimitKey;
 use crate::state::EdgeState;
 use relay_io::FramedReader;
 
@@ -77,10 +78,20 @@ async fn refuse(
     reason: RefusalReason,
     message: &str,
 ) {
+    refuse_with_retry(connection, send, reason, message, None).await;
+}
+
+async fn refuse_with_retry(
+    connection: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    reason: RefusalReason,
+    message: &str,
+    retry_after_ms: Option<u32>,
+) {
     let refused = Message::HelloRefused(HelloRefused {
         reason,
         message: Some(message.into()),
-        retry_after_ms: None,
+        retry_after_ms,
     });
     send_message(send, &refused).await;
     let _ = send.finish();
@@ -127,6 +138,22 @@ async fn serve_tunnel(
         .await;
         return;
     }
+    let source = LimitKey::Address(connection.remote_address().ip());
+    let Some(attempt) = state
+        .agent_failures
+        .begin(vec![source], std::time::Instant::now())
+    else {
+        tracing::info!("agent refused: too many failed HELLOs from its address");
+        refuse_with_retry(
+            &connection,
+            &mut send,
+            RefusalReason::RateLimited,
+            "too many failed agent authentications from this address",
+            Some(60_000),
+        )
+        .await;
+        return;
+    };
     let device_id = match state
         .authenticator
         .store()
@@ -135,6 +162,7 @@ async fn serve_tunnel(
     {
         Ok(Ok(device_id)) => device_id,
         Ok(Err(failure)) => {
+            attempt.failed();
             tracing::info!(reason = %failure, "agent refused");
             refuse(
                 &connection,

@@ -44,8 +44,30 @@ pub struct Target {
     pub host: String,
     pub path: String,
     pub tls: Option<TlsConnector>,
-    /// `Authorization` header (the relay's key); `None` for the baselines.
-    pub authorization: Option<String>,
+    /// `Authorization` headers (the relay's keys), spread over the clients
+    /// by client id; empty for the baselines.
+    pub authorizations: Vec<String>,
+    /// Loopback source addresses (127.0.0.1, .2, …) spread over the
+    /// clients by client id: the edge caps sessions per key and per
+    /// address, and 10,000 clients are many users, not one.
+    pub sources: u8,
+}
+
+impl Target {
+    /// The key and the source address of `client_id`.
+    fn slot(&self, client_id: &str) -> (Option<&String>, Option<std::net::IpAddr>) {
+        let hash = client_id.bytes().fold(0u32, |hash, byte| {
+            hash.wrapping_mul(31).wrapping_add(u32::from(byte))
+        });
+        let authorization = match self.authorizations.len() {
+            0 => None,
+            keys => self.authorizations.get(hash as usize % keys),
+        };
+        let source = (self.sources > 0).then(|| {
+            std::net::IpAddr::from([127, 0, 0, 1 + (hash % u32::from(self.sources)) as u8])
+        });
+        (authorization, source)
+    }
 }
 
 impl std::fmt::Debug for Target {
@@ -197,9 +219,18 @@ impl MqttClient {
         bytes_read: ByteCounter,
     ) -> Result<MqttClient, ConnectFailure> {
         ensure_loopback(target.addr).map_err(|_| ConnectFailure::Tcp)?;
-        let tcp = TcpStream::connect(target.addr)
-            .await
-            .map_err(|_| ConnectFailure::Tcp)?;
+        let (authorization, source) = target.slot(client_id);
+        let tcp = match source {
+            Some(source) => {
+                let socket = tokio::net::TcpSocket::new_v4().map_err(|_| ConnectFailure::Tcp)?;
+                socket
+                    .bind(SocketAddr::new(source, 0))
+                    .map_err(|_| ConnectFailure::Tcp)?;
+                socket.connect(target.addr).await
+            }
+            None => TcpStream::connect(target.addr).await,
+        }
+        .map_err(|_| ConnectFailure::Tcp)?;
         let _ = tcp.set_nodelay(true);
         let counted = Counted {
             inner: tcp,
@@ -222,7 +253,7 @@ impl MqttClient {
             .map_err(|_| ConnectFailure::Upgrade)?;
         let headers = request.headers_mut();
         headers.insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
-        if let Some(authorization) = &target.authorization {
+        if let Some(authorization) = authorization {
             headers.insert(
                 "authorization",
                 HeaderValue::from_str(authorization).map_err(|_| ConnectFailure::Upgrade)?,

@@ -46,6 +46,11 @@ pub fn free_tcp_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Keys and loopback source addresses the clients are spread over: 10,000
+/// clients are 625 per key and per address, under the edge's default caps
+/// of 1,000.
+const SPREAD: u8 = 16;
+
 fn free_udp_port() -> anyhow::Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -392,15 +397,21 @@ impl Rig {
         let store = &database.store;
         let tenant = store.create_tenant("loadtest").await?;
         let device = store.create_device(&tenant.id, "loadtest printer").await?;
-        let (_, key) = store
-            .create_api_key(NewApiKey {
-                tenant_id: &tenant.id,
-                device_id: Some(&device.id),
-                scope: Scope::Control,
-                label: "loadtest",
-                expires_at: None,
-            })
-            .await?;
+        // Clients are spread over keys and source addresses, as many users
+        // would be: the edge caps sessions per key and per address.
+        let mut keys = Vec::new();
+        for _ in 0..SPREAD {
+            let (_, key) = store
+                .create_api_key(NewApiKey {
+                    tenant_id: &tenant.id,
+                    device_id: Some(&device.id),
+                    scope: Scope::Control,
+                    label: "loadtest",
+                    expires_at: None,
+                })
+                .await?;
+            keys.push(key);
+        }
         let (_, agent_credential) = store.issue_agent_credential(&device.id).await?;
 
         // Mosquitto: plain MQTT on loopback for the printer side, WebSocket
@@ -434,7 +445,8 @@ impl Rig {
             host: "localhost".into(),
             path: "/mqtt".into(),
             tls: None,
-            authorization: None,
+            authorizations: Vec::new(),
+            sources: SPREAD,
         };
 
         // rathole: server on loopback, client next to Mosquitto; clients
@@ -538,7 +550,11 @@ tls = false
             host: format!("{}.{BASE_DOMAIN}", device.id),
             path: "/mqtt".into(),
             tls: Some(pki.connector.clone()),
-            authorization: Some(format!("Bearer {}", key.reveal())),
+            authorizations: keys
+                .iter()
+                .map(|key| format!("Bearer {}", key.reveal()))
+                .collect(),
+            sources: SPREAD,
         };
         let relay_ws = Target {
             name: "relay-ws",

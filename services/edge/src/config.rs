@@ -35,6 +35,33 @@ pub struct EdgeConfig {
     /// What apps may ask of each kind of printer.
     #[serde(default)]
     pub printers: PrintersConfig,
+    #[serde(default)]
+    pub quotas: QuotaConfig,
+}
+
+/// Open sessions allowed at once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    pub sessions_per_key: u32,
+    pub sessions_per_device: u32,
+    pub sessions_per_tenant: u32,
+    /// Per client IP address (all keys).
+    pub sessions_per_address: u32,
+}
+
+impl Default for QuotaConfig {
+    /// An app holds a session or two; a household a few dozen. These stop
+    /// one key or one address from holding thousands, and leave room for
+    /// the load test's 10,000 sessions spread over keys and addresses.
+    fn default() -> Self {
+        QuotaConfig {
+            sessions_per_key: 1_000,
+            sessions_per_device: 20_000,
+            sessions_per_tenant: 100_000,
+            sessions_per_address: 1_000,
+        }
+    }
 }
 
 /// The topic policy and churn budget per printer kind (as the agent reports
@@ -364,6 +391,7 @@ impl EdgeConfig {
             shutdown: ShutdownConfig::default(),
             tunnel: TunnelConfig::default(),
             printers: PrintersConfig::default(),
+            quotas: QuotaConfig::default(),
         }
     }
 

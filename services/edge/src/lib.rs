@@ -17,6 +17,7 @@ pub mod http;
 pub mod hub;
 mod limiter;
 pub mod metrics;
+mod quotas;
 pub mod server;
 pub mod session;
 pub mod state;

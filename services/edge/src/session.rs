@@ -27,6 +27,7 @@ use crate::devices::Unavailable;
 use crate::hub::{
     HubHandle, Outbound, OutboundSender, PublishRefusal, SessionAttach, SessionId, outbound_queue,
 };
+use crate::quotas::QuotaGuard;
 use crate::state::{EdgeState, LiveSession, Refusal};
 
 /// How long to wait for the client's answer to our close frame.
@@ -58,6 +59,8 @@ struct Admitted {
     principal: Principal,
     device_id: String,
     hub: HubHandle,
+    /// The session's places in the quotas, held until it ends.
+    _quota: QuotaGuard,
 }
 
 /// Runs a session to its end.
@@ -224,6 +227,21 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
     match result {
         Ok(principal) => {
             let device_id = request.device_id.unwrap_or_default();
+            let quota = match state.quotas.admit(
+                &principal.key_id,
+                &device_id,
+                &principal.tenant_id,
+                request.peer_ip,
+            ) {
+                Ok(quota) => quota,
+                Err(exceeded) => {
+                    tracing::info!(key = %principal.key_id, %exceeded, "session refused");
+                    return Outcome::Refuse(
+                        Some(ConnectReturnCode::ServerUnavailable),
+                        Close::limit(&exceeded.to_string()),
+                    );
+                }
+            };
             match state.devices.hub_for(&device_id).await {
                 Ok(hub) => match will_refusal(&connect, &principal, &hub) {
                     Some(refusal) => {
@@ -238,6 +256,7 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
                         principal,
                         device_id,
                         hub,
+                        _quota: quota,
                     })),
                 },
                 Err(Unavailable::Offline) => {
@@ -372,6 +391,7 @@ async fn serve<S>(
         principal,
         device_id,
         hub,
+        _quota: _held_until_the_session_ends,
     } = admitted;
     let limits = &state.config.limits;
     let session_id = state.hubs.next_session_id();

@@ -15,6 +15,7 @@ use crate::devices::Devices;
 use crate::hub::{HubConfig, Hubs, OutboundSender, SessionId};
 use crate::limiter::{FailureLimiter, LimitKey};
 use crate::metrics::Metrics;
+use crate::quotas::Quotas;
 
 #[derive(Debug)]
 pub struct EdgeState {
@@ -25,6 +26,8 @@ pub struct EdgeState {
     /// Failed agent HELLOs per source address.
     pub agent_failures: Arc<FailureLimiter>,
     pub hubs: Arc<Hubs>,
+    /// Open sessions per key, device, tenant and address.
+    pub quotas: Arc<Quotas>,
     /// Agents' tunnels, and hubs opened through them.
     pub devices: Devices,
     /// Connected sessions, so that a revocation can end them.
@@ -57,12 +60,14 @@ impl EdgeState {
             config.printers.clone(),
             std::time::Duration::from_secs(tunnel.session_open_timeout_seconds),
         );
+        let quotas = Arc::new(Quotas::new(config.quotas.clone()));
         EdgeState {
             config,
             authenticator,
             metrics,
             failures,
             agent_failures,
+            quotas,
             hubs,
             devices,
             live_sessions: DashMap::new(),

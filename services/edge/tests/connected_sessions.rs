@@ -754,3 +754,78 @@ async fn a_slow_consumer_gets_its_close_and_is_counted() {
     edge.assert_closes_counted(1008, 1).await;
     edge.stop().await;
 }
+
+/// Sessions are capped per key and per client address (and per device and
+/// tenant): before, 3,000 sessions on one device with one key were all
+/// accepted. A refusal is CONNACK 3 with a `limit:` close; a closed session
+/// gives its place back.
+#[tokio::test]
+async fn sessions_are_capped_per_key_and_per_address() {
+    let edge = TestEdge::start_with(|config| {
+        config.quotas.sessions_per_key = 2;
+        config.quotas.sessions_per_address = 3;
+    })
+    .await;
+    let _printer = online_with_scripted_printer(&edge);
+    let bearer = edge.bearer();
+    let first = Client::connect(&edge, &bearer, connect_packet("one")).await;
+    let _second = Client::connect(&edge, &bearer, connect_packet("two")).await;
+    let mut socket = edge
+        .open_device("/mqtt", &[("authorization", &bearer)])
+        .await;
+    send_connect(&mut socket, connect_packet("three")).await;
+    assert_eq!(
+        refusal(&mut socket).await,
+        refused(Some(3), 1008, "limit: too many sessions for this key")
+    );
+    let other_key = edge.new_bearer(Scope::Control).await;
+    let _third = Client::connect(&edge, &other_key, connect_packet("four")).await;
+    let yet_another = edge.new_bearer(Scope::Control).await;
+    let mut socket = edge
+        .open_device("/mqtt", &[("authorization", &yet_another)])
+        .await;
+    send_connect(&mut socket, connect_packet("five")).await;
+    assert_eq!(
+        refusal(&mut socket).await,
+        refused(Some(3), 1008, "limit: too many sessions from this address")
+    );
+    // From another address, the same key gets in.
+    let mut socket = edge
+        .open_device_from([127, 0, 0, 2].into(), &[("authorization", &yet_another)])
+        .await;
+    send_connect(&mut socket, connect_packet("six")).await;
+    let mut buffer = bytes::BytesMut::new();
+    let answer = loop {
+        use futures_util::StreamExt;
+        match socket.next().await {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(bytes))) => {
+                buffer.extend_from_slice(&bytes);
+                if let Some(packet) = relay_proto::mqtt::decode(&mut buffer, 1024).unwrap() {
+                    break packet;
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(
+        matches!(answer, Packet::ConnAck(ack) if ack.code == relay_proto::mqtt::ConnectReturnCode::Accepted)
+    );
+    // A closed session gives its place back.
+    let mut first = first;
+    first.send(&Packet::Disconnect).await;
+    first.closed().await;
+    let gone = async {
+        loop {
+            let metrics = edge.admin_get("/metrics").await.1;
+            if metrics.contains("relay_edge_sessions_open 3") {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, gone)
+        .await
+        .expect("the first session ended");
+    let _again = Client::connect(&edge, &bearer, connect_packet("again")).await;
+    edge.stop().await;
+}

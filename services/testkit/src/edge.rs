@@ -259,14 +259,19 @@ impl TestEdge {
 
     /// A `Bearer` header for a new read-only key of the device's tenant.
     pub async fn read_bearer(&self) -> String {
+        self.new_bearer(Scope::Read).await
+    }
+
+    /// A `Bearer` header for a new key of the device's tenant.
+    pub async fn new_bearer(&self, scope: Scope) -> String {
         let (_, credential) = self
             .database
             .store
             .create_api_key(NewApiKey {
                 tenant_id: &self.tenant,
                 device_id: None,
-                scope: Scope::Read,
-                label: "read",
+                scope,
+                label: "another",
                 expires_at: None,
             })
             .await

@@ -374,3 +374,50 @@ async fn another_serials_topics_are_refused_before_the_printer_sees_them() {
     world.agent.cancel();
     world.edge.stop().await;
 }
+
+/// The printer gets PUBLISHes at its kind's rate (a Bambu printer: 20 at
+/// once, then 10 a second), whatever an app sends: excess QoS 0 is dropped
+/// and counted, and a QoS 1 PUBLISH waits for its turn and its PUBACK.
+/// Before, every publish was forwarded as fast as it came.
+#[tokio::test]
+async fn a_flooding_app_reaches_the_printer_at_its_rate() {
+    let world = world(ACCESS_CODE).await;
+    let observations = world.simulator.observations();
+    let mut app = Client::connect(&world.edge, &world.edge.bearer(), connect_packet("flood")).await;
+    let request = format!("device/{SERIAL}/request");
+    let command = |qos, packet_id: Option<u16>| {
+        Packet::Publish(Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: request.clone(),
+            packet_id: packet_id.map(|id| PacketId::new(id).unwrap()),
+            payload: Bytes::from_static(br#"{"pushing":{"sequence_id":"1","command":"pushall"}}"#),
+        })
+    };
+    for _ in 0..200 {
+        app.send(&command(QoS::AtMostOnce, None)).await;
+    }
+    app.send(&command(QoS::AtLeastOnce, Some(9))).await;
+    loop {
+        match app.next().await {
+            Some(Packet::PubAck(id)) if id.get() == 9 => break,
+            Some(Packet::Publish(_)) => {}
+            other => panic!("expected the PUBACK, got {other:?}"),
+        }
+    }
+    let reached = observations.publishes.load(Ordering::SeqCst);
+    assert!(
+        (21..=30).contains(&reached),
+        "{reached} publishes reached the printer"
+    );
+    let metrics = world.edge.admin_get("/metrics").await.1;
+    let throttled = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(r#"relay_edge_hub_refusals_total{what="throttled"} "#))
+        .and_then(|value| value.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert_eq!(throttled as usize + reached, 201, "{metrics}");
+    world.agent.cancel();
+    world.edge.stop().await;
+}

@@ -10,7 +10,7 @@ use relay_proto::Secret;
 use relay_proto::topic::{TopicLimits, validate_topic_filter};
 use serde::Deserialize;
 
-use crate::hub::{ChurnLimit, TopicPolicy};
+use crate::hub::{ChurnLimit, PublishRate, TopicPolicy};
 
 /// Everything the edge needs to start.
 #[derive(Debug, Clone, Deserialize)]
@@ -93,6 +93,10 @@ impl Default for PrintersConfig {
                 ],
                 deny: Vec::new(),
                 retain: false,
+                // A printer is a small computer: apps send it a command
+                // now and then.
+                publishes_per_second: 10,
+                publish_burst: 20,
                 ..PrinterPolicyConfig::default()
             },
         }
@@ -115,17 +119,27 @@ pub struct PrinterPolicyConfig {
     pub churn_burst: u32,
     /// …and per minute after that.
     pub churn_per_minute: u32,
+    /// PUBLISHes all of a device's apps together may send the printer per
+    /// second…
+    pub publishes_per_second: u32,
+    /// …and at once. Excess QoS 0 is dropped; excess QoS 1 and 2 waits
+    /// without its PUBACK, up to 100 per session, past which the session
+    /// is cut.
+    pub publish_burst: u32,
 }
 
 impl Default for PrinterPolicyConfig {
     fn default() -> Self {
         let churn = ChurnLimit::default();
+        let rate = PublishRate::generic();
         PrinterPolicyConfig {
             allow: Vec::new(),
             deny: Vec::new(),
             retain: true,
             churn_burst: churn.burst,
             churn_per_minute: churn.per_minute,
+            publishes_per_second: rate.per_second,
+            publish_burst: rate.burst,
         }
     }
 }
@@ -154,6 +168,14 @@ impl PrinterPolicyConfig {
         }
     }
 
+    pub fn publish_rate(&self) -> PublishRate {
+        PublishRate {
+            per_second: self.publishes_per_second,
+            burst: self.publish_burst,
+            ..PublishRate::generic()
+        }
+    }
+
     pub fn churn(&self) -> ChurnLimit {
         ChurnLimit {
             burst: self.churn_burst,
@@ -168,6 +190,11 @@ impl PrinterPolicyConfig {
             if let Err(error) = validate_topic_filter(&concrete, &limits) {
                 problems.push(format!("printers.{kind}: filter {filter:?}: {error}"));
             }
+        }
+        if self.publishes_per_second == 0 || self.publish_burst == 0 {
+            problems.push(format!(
+                "printers.{kind}: publishes_per_second and publish_burst must be at least 1"
+            ));
         }
         if self.churn_burst == 0 || self.churn_per_minute == 0 {
             problems.push(format!(

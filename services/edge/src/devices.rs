@@ -231,6 +231,7 @@ impl Devices {
                     replay_retained,
                     policy: Arc::new(printer.policy(accept.printer_serial.as_deref())),
                     churn: printer.churn(),
+                    publish_rate: printer.publish_rate(),
                     ..self.limits.clone()
                 };
                 Ok(self

@@ -72,6 +72,12 @@ fn export_counters(
             current.slow_consumer_cuts,
             exported.slow_consumer_cuts,
         ),
+        (
+            "throttled",
+            current.throttled_publishes,
+            exported.throttled_publishes,
+        ),
+        ("rate", current.rate_cuts, exported.rate_cuts),
     ] {
         if now > before {
             metric.with_label_values(&[label]).inc_by(now - before);

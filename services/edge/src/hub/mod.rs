@@ -34,7 +34,7 @@ pub mod state;
 mod tests;
 
 pub use outbound::{Outbound, OutboundReceiver, OutboundSender, outbound_queue};
-pub use policy::{ChurnLimit, PublishRefusal, TopicPolicy};
+pub use policy::{ChurnLimit, PublishRate, PublishRefusal, TopicPolicy};
 pub use registry::{HubHandle, Hubs, TunnelProbe};
 pub use state::{
     HubConfig, HubCounters, HubEnd, HubState, RetainedReplay, SessionAttach, SessionId, SessionSink,

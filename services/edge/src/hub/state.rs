@@ -22,7 +22,7 @@ use relay_proto::mqtt::{
 use relay_proto::subscription_index::SubscriptionIndex;
 use relay_proto::topic::topic_matches;
 
-use super::policy::{ChurnBudget, ChurnLimit, TopicPolicy};
+use super::policy::{Bucket, ChurnBudget, ChurnLimit, PublishRate, TopicPolicy};
 use crate::close::Close;
 
 /// Identifies a session within its edge.
@@ -63,6 +63,8 @@ pub struct HubConfig {
     pub policy: Arc<TopicPolicy>,
     /// SUBSCRIBE and UNSUBSCRIBE packets one session may cause upstream.
     pub churn: ChurnLimit,
+    /// PUBLISHes all sessions together may send upstream.
+    pub publish_rate: PublishRate,
 }
 
 /// What a hub has refused or cut, counted; the driver exports them.
@@ -76,6 +78,10 @@ pub struct HubCounters {
     pub churn_cuts: u64,
     /// Sessions cut for not reading.
     pub slow_consumer_cuts: u64,
+    /// QoS 0 PUBLISHes dropped over the device's publish rate.
+    pub throttled_publishes: u64,
+    /// Sessions cut for publishing faster than the rate, past the wait.
+    pub rate_cuts: u64,
 }
 
 /// When a joining session's filter is subscribed upstream again.
@@ -105,6 +111,7 @@ impl HubConfig {
             replay_retained: RetainedReplay::Always,
             policy: Arc::new(TopicPolicy::generic()),
             churn: ChurnLimit::default(),
+            publish_rate: PublishRate::generic(),
         }
     }
 }
@@ -189,6 +196,8 @@ struct SessionEntry<S> {
     exactly_once: HashMap<PacketId, bool>,
     next_packet_id: u16,
     churn: ChurnBudget,
+    /// Its QoS 1 and 2 PUBLISHes waiting for the publish rate.
+    waiting_for_rate: usize,
 }
 
 impl<S> SessionEntry<S> {
@@ -236,6 +245,9 @@ struct OpenReplay {
     joiners: Vec<(String, SessionId, QoS)>,
 }
 
+/// Wills waiting for the publish rate, at most (their sessions are gone).
+const MAX_WAITING_WILLS: usize = 10_000;
+
 /// Open replays kept at most; past this the oldest is forgotten (its
 /// sessions then get later retained copies as live messages).
 const MAX_OPEN_REPLAYS: usize = 256;
@@ -266,11 +278,16 @@ pub struct HubState<S> {
     /// there were too many to track.
     seen_retained: Option<std::collections::HashSet<String>>,
     counters: HubCounters,
+    /// The device's publish rate towards the upstream.
+    publish_bucket: Bucket,
+    /// QoS 1 and 2 PUBLISHes over the rate, oldest first, with their origin.
+    over_rate: VecDeque<(Option<(SessionId, PacketId)>, Publish)>,
 }
 
 impl<S: SessionSink> HubState<S> {
     pub fn new(config: HubConfig, now: Instant) -> HubState<S> {
         let next_ping = now + config.upstream_keep_alive;
+        let publish_bucket = Bucket::full(config.publish_rate.burst, now);
         HubState {
             config,
             sessions: HashMap::new(),
@@ -289,6 +306,8 @@ impl<S: SessionSink> HubState<S> {
             matches: Vec::new(),
             seen_retained: Some(std::collections::HashSet::new()),
             counters: HubCounters::default(),
+            publish_bucket,
+            over_rate: VecDeque::new(),
         }
     }
 
@@ -330,9 +349,15 @@ impl<S: SessionSink> HubState<S> {
 
     /// When [`Self::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Instant {
-        match (self.config.linger, self.idle_since) {
+        let next = match (self.config.linger, self.idle_since) {
             (Some(linger), Some(since)) => self.next_ping.min(since + linger),
             _ => self.next_ping,
+        };
+        if self.over_rate.is_empty() {
+            next
+        } else {
+            let per_second = f64::from(self.config.publish_rate.per_second);
+            next.min(self.publish_bucket.next_token(per_second))
         }
     }
 
@@ -347,6 +372,86 @@ impl<S: SessionSink> HubState<S> {
             self.ping_upstream(None);
             self.next_ping = now + self.config.upstream_keep_alive;
         }
+        self.release_over_rate(now);
+    }
+
+    /// Takes one publish token.
+    fn take_publish_token(&mut self, now: Instant) -> bool {
+        let rate = self.config.publish_rate;
+        self.publish_bucket
+            .take(f64::from(rate.per_second), rate.burst, now)
+    }
+
+    /// Sends what waited for the rate, as far as the rate allows now.
+    fn release_over_rate(&mut self, now: Instant) {
+        while !self.over_rate.is_empty() && self.take_publish_token(now) {
+            let Some((origin, publish)) = self.over_rate.pop_front() else {
+                break;
+            };
+            if let Some((session, _)) = origin {
+                match self.sessions.get_mut(&session) {
+                    Some(entry) => {
+                        entry.waiting_for_rate = entry.waiting_for_rate.saturating_sub(1)
+                    }
+                    // Its session is gone; the token is given back.
+                    None => {
+                        self.publish_bucket.give_back();
+                        continue;
+                    }
+                }
+            }
+            self.publish_upstream(origin, publish);
+        }
+    }
+
+    /// Publishes a will within the rate: QoS 0 only if a token is there.
+    fn publish_will(&mut self, will: Publish, now: Instant) {
+        if will.qos != QoS::AtMostOnce {
+            self.publish_within_rate(None, will, now);
+        } else if self.over_rate.is_empty() && self.take_publish_token(now) {
+            self.publish_upstream(None, will);
+        } else {
+            self.counters.throttled_publishes += 1;
+        }
+    }
+
+    /// Sends a client's QoS 1 or 2 PUBLISH upstream within the rate, or
+    /// queues it (its acknowledgement waits); a session past its share of
+    /// the queue is cut.
+    fn publish_within_rate(
+        &mut self,
+        origin: Option<(SessionId, PacketId)>,
+        publish: Publish,
+        now: Instant,
+    ) {
+        if self.over_rate.is_empty() && self.take_publish_token(now) {
+            self.publish_upstream(origin, publish);
+            return;
+        }
+        if let Some((session, _)) = origin {
+            let max = self.config.publish_rate.max_waiting_per_session;
+            let Some(entry) = self.sessions.get_mut(&session) else {
+                return;
+            };
+            if entry.waiting_for_rate >= max {
+                self.counters.rate_cuts += 1;
+                let per_second = self.config.publish_rate.per_second;
+                self.end_session(
+                    session,
+                    Close::limit(&format!(
+                        "publishing faster than the printer takes ({per_second} a second)"
+                    )),
+                    now,
+                );
+                return;
+            }
+            entry.waiting_for_rate += 1;
+        } else if self.over_rate.len() >= MAX_WAITING_WILLS {
+            // Wills of sessions already gone, past the bound: dropped.
+            self.counters.throttled_publishes += 1;
+            return;
+        }
+        self.over_rate.push_back((origin, publish));
     }
 
     /// A new session. One that holds the same client id is ended (replaced)
@@ -385,6 +490,7 @@ impl<S: SessionSink> HubState<S> {
                 exactly_once: HashMap::new(),
                 next_packet_id: 0,
                 churn: ChurnBudget::new(self.config.churn, now),
+                waiting_for_rate: 0,
             },
         );
     }
@@ -396,7 +502,7 @@ impl<S: SessionSink> HubState<S> {
             return;
         };
         if !graceful && let Some(will) = entry.will {
-            self.publish_upstream(None, will);
+            self.publish_will(will, now);
         }
     }
 
@@ -473,6 +579,10 @@ impl<S: SessionSink> HubState<S> {
         }
         self.waiting_subscribes
             .retain(|waiting| waiting.session != session);
+        if entry.waiting_for_rate > 0 {
+            self.over_rate
+                .retain(|(origin, _)| origin.is_none_or(|(from, _)| from != session));
+        }
         for replay in &mut self.replays {
             replay.joiners.retain(|(_, joiner, _)| *joiner != session);
         }
@@ -491,7 +601,7 @@ impl<S: SessionSink> HubState<S> {
         if let Some(entry) = self.remove_session(session, now) {
             entry.sink.end(close);
             if let Some(will) = entry.will {
-                self.publish_upstream(None, will);
+                self.publish_will(will, now);
             }
         }
     }
@@ -514,7 +624,7 @@ impl<S: SessionSink> HubState<S> {
             self.counters.slow_consumer_cuts += 1;
             entry.sink.abandon(Close::limit("slow consumer"));
             if let Some(will) = entry.will {
-                self.publish_upstream(None, will);
+                self.publish_will(will, now);
             }
         }
     }
@@ -820,7 +930,11 @@ impl<S: SessionSink> HubState<S> {
             return;
         };
         let Some(client_id) = publish.packet_id else {
-            self.publish_upstream(None, publish);
+            if self.over_rate.is_empty() && self.take_publish_token(now) {
+                self.publish_upstream(None, publish);
+            } else {
+                self.counters.throttled_publishes += 1;
+            }
             return;
         };
         if publish.qos == QoS::ExactlyOnce {
@@ -854,7 +968,7 @@ impl<S: SessionSink> HubState<S> {
                 entry.exactly_once.insert(client_id, false);
             }
         }
-        self.publish_upstream(Some((session, client_id)), publish);
+        self.publish_within_rate(Some((session, client_id)), publish, now);
     }
 
     /// Sends a PUBLISH upstream: QoS 0 as it is, QoS 1 and 2 as QoS 1 with

@@ -15,7 +15,7 @@ use relay_proto::mqtt::{
     self, Packet, PacketId, Publish, QoS, SubAck, Subscribe, SubscribeReturnCode, Unsubscribe,
 };
 
-use super::policy::{ChurnLimit, TopicPolicy};
+use super::policy::{ChurnLimit, PublishRate, TopicPolicy};
 use super::state::{
     HubConfig, HubCounters, HubEnd, HubState, RetainedReplay, SessionAttach, SessionId, SessionSink,
 };
@@ -949,4 +949,104 @@ fn subscription_churn_is_cut_after_its_budget() {
         hub.upstream();
     }
     assert!(hub.ended(2).is_none());
+}
+
+fn rate(per_second: u32, burst: u32, max_waiting_per_session: usize) -> HubConfig {
+    HubConfig {
+        publish_rate: PublishRate {
+            per_second,
+            burst,
+            max_waiting_per_session,
+        },
+        ..config(RetainedReplay::WhenSeen)
+    }
+}
+
+#[test]
+fn publishes_over_the_rate_wait_without_their_puback_in_order() {
+    let mut hub = Harness::new(rate(10, 2, 10));
+    hub.attach(1);
+    for index in 1..=4u16 {
+        hub.client(
+            1,
+            Packet::Publish(publish("cmd", QoS::AtLeastOnce, Some(index), b"go")),
+        );
+    }
+    // The burst goes at once; the rest waits, and the hub wants to wake.
+    assert_eq!(hub.upstream().len(), 2);
+    assert_eq!(hub.hub.poll_timeout(), hub.now + Duration::from_millis(100));
+    hub.advance(Duration::from_millis(100));
+    let mut released = hub.upstream();
+    assert_eq!(released.len(), 1);
+    hub.advance(Duration::from_millis(100));
+    released.extend(hub.upstream());
+    assert_eq!(released.len(), 2);
+    // In order, and each acknowledged only after the printer's PUBACK.
+    let upstream_ids: Vec<PacketId> = released
+        .iter()
+        .map(|packet| match packet {
+            Packet::Publish(publish) => publish.packet_id.unwrap(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(hub.received(1).is_empty());
+    for upstream_id in upstream_ids {
+        hub.printer(Packet::PubAck(upstream_id));
+    }
+    assert_eq!(
+        hub.received(1),
+        vec![Packet::PubAck(id(3)), Packet::PubAck(id(4))]
+    );
+}
+
+#[test]
+fn qos0_over_the_rate_is_dropped_and_counted() {
+    let mut hub = Harness::new(rate(10, 3, 10));
+    hub.attach(1);
+    for _ in 0..10 {
+        hub.client(
+            1,
+            Packet::Publish(publish("cmd", QoS::AtMostOnce, None, b"go")),
+        );
+    }
+    assert_eq!(hub.upstream().len(), 3);
+    assert_eq!(hub.hub.counters().throttled_publishes, 7);
+    hub.advance(Duration::from_secs(1));
+    hub.client(
+        1,
+        Packet::Publish(publish("cmd", QoS::AtMostOnce, None, b"go")),
+    );
+    assert_eq!(hub.upstream().len(), 1);
+}
+
+#[test]
+fn a_session_far_over_the_rate_is_cut_and_its_waiting_publishes_dropped() {
+    let mut hub = Harness::new(rate(1, 1, 2));
+    hub.attach(1);
+    hub.attach(2);
+    for index in 1..=4u16 {
+        hub.client(
+            1,
+            Packet::Publish(publish("cmd", QoS::AtLeastOnce, Some(index), b"go")),
+        );
+    }
+    assert_eq!(
+        hub.ended(1),
+        Some(Close::limit(
+            "publishing faster than the printer takes (1 a second)"
+        ))
+    );
+    assert_eq!(hub.hub.counters().rate_cuts, 1);
+    assert_eq!(hub.upstream().len(), 1, "only the burst went");
+    // What it left waiting is gone; another session's publish is next.
+    hub.client(
+        2,
+        Packet::Publish(publish("cmd", QoS::AtLeastOnce, Some(9), b"mine")),
+    );
+    hub.advance(Duration::from_secs(1));
+    let released = hub.upstream();
+    assert!(
+        matches!(released.as_slice(), [Packet::Publish(p)] if p.payload == Bytes::from_static(b"mine")),
+        "{released:?}"
+    );
 }

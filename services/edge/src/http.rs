@@ -84,6 +84,12 @@ pub async fn handle(
         async move {
             match upgrade.await {
                 Ok(upgraded) => {
+                    // The HTTP connection's task has handed the socket
+                    // over and stopped counting it; the session counts it
+                    // while it lives.
+                    let open = &session_state.metrics.connections_open;
+                    open.inc();
+                    let _counted = decrement_on_drop(open.clone());
                     let socket = WebSocketStream::from_raw_socket(
                         TokioIo::new(upgraded),
                         Role::Server,
@@ -113,6 +119,17 @@ pub async fn handle(
     Ok(response
         .body(Full::new(Bytes::new()))
         .unwrap_or_else(|_| json(StatusCode::INTERNAL_SERVER_ERROR, "internal error")))
+}
+
+/// Decrements `gauge` when dropped (the session's end, however it ends).
+fn decrement_on_drop(gauge: prometheus::IntGauge) -> impl Drop {
+    struct Decrement(prometheus::IntGauge);
+    impl Drop for Decrement {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
+    Decrement(gauge)
 }
 
 /// WebSocket settings: small eager buffers (memory per idle session: the

@@ -829,3 +829,34 @@ async fn sessions_are_capped_per_key_and_per_address() {
     let _again = Client::connect(&edge, &bearer, connect_packet("again")).await;
     edge.stop().await;
 }
+
+/// An upgraded socket is an open connection (before, the gauge read 0 for
+/// every WebSocket, as the HTTP task let go of it at the upgrade).
+#[tokio::test]
+async fn upgraded_sockets_count_as_open_connections() {
+    let edge = TestEdge::start().await;
+    let _printer = online_with_scripted_printer(&edge);
+    let mut client = Client::connect(&edge, &edge.bearer(), connect_packet("counted")).await;
+    client.send(&Packet::PingReq).await;
+    assert_eq!(client.next().await, Some(Packet::PingResp));
+    let metrics = edge.admin_get("/metrics").await.1;
+    assert!(
+        metrics.contains("relay_edge_connections_open 1"),
+        "{metrics}"
+    );
+    client.send(&Packet::Disconnect).await;
+    client.closed().await;
+    let closed = async {
+        loop {
+            let metrics = edge.admin_get("/metrics").await.1;
+            if metrics.contains("relay_edge_connections_open 0") {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, closed)
+        .await
+        .expect("the gauge came back to 0");
+    edge.stop().await;
+}

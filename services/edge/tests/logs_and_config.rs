@@ -130,3 +130,60 @@ fn the_readme_configuration_reference_parses() {
     assert_eq!(config.tunnel.linger_seconds, defaults.tunnel.linger_seconds);
     assert_eq!(config.public.device_in_path, defaults.public.device_in_path);
 }
+
+/// The README's by-hand certificate steps make what the agent accepts: a CA,
+/// and a leaf for `*.relay.localhost` it signed (a one-step self-signed
+/// certificate is a CA, which rustls refuses as a server's own).
+#[test]
+fn the_readme_certificate_steps_make_a_certificate_the_agent_accepts() {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let block = readme
+        .split("<!-- snippet-certificate -->\n```sh\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("the README's certificate block");
+    let dir = std::env::temp_dir().join(format!(
+        "relay-readme-cert-{}",
+        relay_store::credential::random_base32(8).unwrap()
+    ));
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    let output = Command::new("bash")
+        .args(["-euc", block])
+        .current_dir(&dir)
+        .output()
+        .expect("bash runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let ca = CertificateDer::from_pem_file(dir.join("data/ca.crt")).unwrap();
+    let leaf = CertificateDer::from_pem_file(dir.join("data/tls.crt")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+            .build()
+            .unwrap();
+    for name in ["tunnel.relay.localhost", "abc123.relay.localhost"] {
+        let name = ServerName::try_from(name).unwrap();
+        verifier
+            .verify_server_cert(&leaf, &[], &name, &[], UnixTime::now())
+            .unwrap_or_else(|error| panic!("{name:?}: {error}"));
+    }
+    // The CA itself is no server certificate (the old one-step recipe).
+    let as_leaf = verifier.verify_server_cert(
+        &ca,
+        &[],
+        &ServerName::try_from("tunnel.relay.localhost").unwrap(),
+        &[],
+        UnixTime::now(),
+    );
+    assert!(as_leaf.is_err());
+    let _ = std::fs::remove_dir_all(dir);
+}

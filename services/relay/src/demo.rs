@@ -62,12 +62,13 @@ pub async fn run(data_dir: &Path, port: u16) -> anyhow::Result<()> {
         ),
     );
 
-    let certificates = Certificates::load_or_create(&dir)?;
+    let certificates = Certificates::load_or_create(&dir, &state.device)?;
     step(
         2,
         &format!(
-            "certificates: CA {} (server certificate for localhost, *.localhost, 127.0.0.1, ::1)",
-            certificates.ca.display()
+            "certificates: CA {} (server certificate for localhost, {}.localhost, *.localhost, 127.0.0.1, ::1)",
+            certificates.ca.display(),
+            state.device
         ),
     );
 
@@ -231,19 +232,33 @@ struct Certificates {
 }
 
 impl Certificates {
-    fn load_or_create(dir: &Path) -> anyhow::Result<Certificates> {
+    /// The server certificate names the device itself: Python, curl and
+    /// Node refuse a `*.localhost` wildcard for `<device>.localhost`.
+    fn load_or_create(dir: &Path, device: &str) -> anyhow::Result<Certificates> {
         let certificates = Certificates {
             ca: dir.join("ca.pem"),
             server_cert: dir.join("server.pem"),
             server_key: dir.join("server.key"),
         };
-        if [
-            &certificates.ca,
-            &certificates.server_cert,
-            &certificates.server_key,
-        ]
-        .iter()
-        .all(|path| path.is_file())
+        let names = vec![
+            "localhost".to_owned(),
+            format!("{device}.localhost"),
+            "*.localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ];
+        // What the kept certificate was made for; another device (or an
+        // older demo's certificate) makes a new one.
+        let names_file = dir.join("server.names");
+        let kept_names = std::fs::read_to_string(&names_file).unwrap_or_default();
+        if kept_names == names.join("\n")
+            && [
+                &certificates.ca,
+                &certificates.server_cert,
+                &certificates.server_key,
+            ]
+            .iter()
+            .all(|path| path.is_file())
         {
             return Ok(certificates);
         }
@@ -253,12 +268,7 @@ impl Certificates {
             .distinguished_name
             .push(DnType::CommonName, "relay demo CA");
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
-        let mut server_params = CertificateParams::new(vec![
-            "localhost".to_owned(),
-            "*.localhost".to_owned(),
-            "127.0.0.1".to_owned(),
-            "::1".to_owned(),
-        ])?;
+        let mut server_params = CertificateParams::new(names.clone())?;
         server_params
             .distinguished_name
             .push(DnType::CommonName, "localhost");
@@ -267,6 +277,7 @@ impl Certificates {
         write_private(&certificates.server_key, &server_key.serialize_pem())?;
         write_private(&certificates.server_cert, &server.pem())?;
         write_private(&certificates.ca, &ca.pem())?;
+        write_private(&names_file, &names.join("\n"))?;
         Ok(certificates)
     }
 }
@@ -335,7 +346,7 @@ client.loop_forever()
 relay demo is ready.
 
   URL    {url}
-         ({host_url} works too where *.localhost resolves)
+         ({host_url} works too where *.localhost resolves; the certificate names it)
   key    {key}
          (Authorization: Bearer <key>, or as the MQTT password with any user name)
   CA     {ca}

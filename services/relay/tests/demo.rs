@@ -242,6 +242,24 @@ async fn the_demo_serves_real_clients_and_restarts_on_its_data() {
         };
         assert!(line.starts_with(REPORT_TOPIC), "{name} printed {line:?}");
     }
+    // The device's own name is on the certificate: Python (OpenSSL) does
+    // not accept a `*.localhost` wildcard for it.
+    let check = data_dir.join("check-name.py");
+    std::fs::write(
+        &check,
+        format!(
+            "import socket, ssl\n\
+             context = ssl.create_default_context(cafile={ca:?})\n\
+             with socket.create_connection(('127.0.0.1', {port})) as raw:\n\
+             \x20   with context.wrap_socket(raw, server_hostname='{device}.localhost') as tls:\n\
+             \x20       print('verified', tls.version())\n",
+            ca = ca.to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    let line = first_line(&python, &[&check], &data_dir).await;
+    assert!(line.starts_with("verified"), "{line}");
+
     let said = demo.interrupt().await;
     assert!(said.contains("relay demo: stopping"), "{said}");
 

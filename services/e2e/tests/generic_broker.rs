@@ -429,3 +429,46 @@ async fn retained_messages_and_wills_look_the_same_through_the_relay_as_direct()
     stop.cancel();
     edge.stop().await;
 }
+
+/// The one deliberate difference from Mosquitto in what an app may
+/// subscribe to on a generic broker: its `$SYS` tree. Straight to Mosquitto
+/// `$SYS/#` is granted; through the relay it is refused (SUBACK 0x80) and
+/// never reaches the broker, while `#` is granted by both.
+#[tokio::test]
+async fn sys_topics_are_the_one_filter_refused_compared_with_mosquitto() {
+    let (edge, broker, stop) = edge_with_agent(PASSWORD).await;
+    let ca = edge.pki.dir.join("broker-ca.pem");
+    for through_relay in [false, true] {
+        let apps = Apps {
+            edge: &edge,
+            broker: &broker,
+            ca: &ca,
+            through_relay,
+        };
+        let mut app = apps.open("sys-watcher", None).await;
+        app.send(&Packet::Subscribe(Subscribe {
+            packet_id: PacketId::new(4).unwrap(),
+            filters: vec![
+                ("$SYS/#".to_owned(), QoS::AtMostOnce),
+                ("#".to_owned(), QoS::AtMostOnce),
+            ],
+        }))
+        .await;
+        let codes = loop {
+            match app.next().await {
+                Some(Packet::SubAck(suback)) => break suback.return_codes,
+                Some(Packet::Publish(_)) => {}
+                other => panic!("expected SUBACK, got {other:?}"),
+            }
+        };
+        let granted = relay_proto::mqtt::SubscribeReturnCode::Success(QoS::AtMostOnce);
+        let expected = if through_relay {
+            vec![relay_proto::mqtt::SubscribeReturnCode::Failure, granted]
+        } else {
+            vec![granted, granted]
+        };
+        assert_eq!(codes, expected, "through the relay: {through_relay}");
+    }
+    stop.cancel();
+    edge.stop().await;
+}

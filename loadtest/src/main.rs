@@ -1,12 +1,14 @@
 //! `relay-loadtest`: measures the relay side by side with a direct Mosquitto
 //! WebSocket listener and a rathole tunnel to it, in one run on this machine
 //! (loopback only). Scenarios: latency, fan-out, publish path, connect storm
-//! with an edge restart, idle sessions. Writes one JSON file per scenario,
+//! with an edge restart, idle sessions, and abuse (attacks beside a
+//! legitimate app). Writes one JSON file per scenario,
 //! `results.json` and `table.md` to `--out`, and prints a summary of each.
 //!
 //! `loadtest/run` builds everything in release mode and runs the full set;
 //! `--quick` is the small run the test suite uses.
 
+mod abuse;
 mod client;
 mod report;
 mod rig;
@@ -37,6 +39,7 @@ enum Scenario {
     Publish,
     Storm,
     Idle,
+    Abuse,
 }
 
 #[derive(Parser, Debug)]
@@ -100,6 +103,13 @@ struct Flags {
     storm_concurrency: usize,
     #[arg(long, default_value_t = 10_000)]
     idle_sessions: usize,
+    /// Abuse: sessions one key opens from one address (the default cap is
+    /// 1,000)
+    #[arg(long, default_value_t = 1_200)]
+    abuse_sessions: usize,
+    /// Abuse: QoS 0 PUBLISHes of the flood
+    #[arg(long, default_value_t = 20_000)]
+    abuse_flood: u32,
 }
 
 impl Flags {
@@ -113,6 +123,8 @@ impl Flags {
             self.storm_clients = 100;
             self.storm_concurrency = 32;
             self.idle_sessions = 100;
+            self.abuse_sessions = 20;
+            self.abuse_flood = 500;
         }
     }
 
@@ -123,6 +135,7 @@ impl Flags {
             ("--publish-clients", self.publish_clients),
             ("--storm-clients", self.storm_clients),
             ("--idle-sessions", self.idle_sessions),
+            ("--abuse-sessions", self.abuse_sessions),
         ]
         .into_iter()
         .chain(self.fan_out.iter().map(|count| ("--fan-out", *count)))
@@ -153,6 +166,9 @@ impl Flags {
                 "--latency-size must be 17..=60000, not {}",
                 self.latency_size
             ));
+        }
+        if self.abuse_flood == 0 || self.abuse_flood > 1_000_000 {
+            problems.push("--abuse-flood must be 1..=1000000".into());
         }
         if self.storm_concurrency == 0 {
             problems.push("--storm-concurrency must be at least 1".into());
@@ -378,6 +394,19 @@ async fn scenarios(
         println!("{}", report::idle_summary(&idle));
         write_json(out, "idle", &idle)?;
         results.idle = Some(idle);
+    }
+    if flags.runs(Scenario::Abuse) {
+        let size = abuse::AbuseSize {
+            foreign_subscribes: if flags.quick { 9 } else { 300 },
+            churn_rounds: if flags.quick { 2 } else { 50 },
+            flood_publishes: flags.abuse_flood,
+            sessions: flags.abuse_sessions,
+            guesses: if flags.quick { 35 } else { 200 },
+        };
+        let report = abuse::abuse(rig, size, progress).await?;
+        println!("{}", report::abuse_summary(&report));
+        write_json(out, "abuse", &report)?;
+        results.abuse = Some(report);
     }
     Ok(())
 }

@@ -16,6 +16,7 @@ pub struct Results {
     pub publish: Option<Vec<PublishResult>>,
     pub storm: Option<StormResult>,
     pub idle: Option<IdleResult>,
+    pub abuse: Option<crate::abuse::AbuseReport>,
     /// Baselines that were not measured, and why.
     pub skipped: Vec<String>,
 }
@@ -303,6 +304,30 @@ pub fn idle_summary(idle: &IdleResult) -> String {
     )
 }
 
+pub fn abuse_summary(abuse: &crate::abuse::AbuseReport) -> String {
+    let mib = |bytes: u64| bytes as f64 / 1024.0 / 1024.0;
+    let mut out = String::from("abuse: attacks beside one legitimate app\n");
+    for attack in &abuse.attacks {
+        let _ = writeln!(
+            out,
+            "  {:<20} sent {}; answered {}; {} bytes to the printer",
+            attack.attack, attack.sent, attack.answered, attack.printer_bytes
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  flood PUBLISHes that reached the printer: {}\n  legitimate app: {} of {} reports, connected throughout: {}\n  edge RSS {:.1} MiB → peak {:.1} MiB → {:.1} MiB",
+        abuse.flood_reached_printer,
+        abuse.legit_received,
+        abuse.legit_sent,
+        abuse.legit_stayed_connected,
+        mib(abuse.edge_rss_before_bytes),
+        mib(abuse.edge_rss_peak_bytes),
+        mib(abuse.edge_rss_after_bytes),
+    );
+    out
+}
+
 /// The Markdown tables for docs/benchmarks.md.
 pub fn markdown(results: &Results) -> String {
     let mut out = String::new();
@@ -417,6 +442,30 @@ pub fn markdown(results: &Results) -> String {
             idle.edge_rss_with_sessions_bytes as f64 / 1048576.0,
             idle.edge_rss_per_session_bytes / 1024.0,
             idle.agent_rss_bytes as f64 / 1048576.0,
+        );
+    }
+    if let Some(abuse) = &results.abuse {
+        let _ = writeln!(
+            out,
+            "**Abuse**, attacks beside one legitimate app (printer: Mosquitto as a generic broker, allowed its own device's topics only):\n\n| attack | sent | the edge answered | bytes to the printer |\n|---|---|---|---:|"
+        );
+        for attack in &abuse.attacks {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.0} |",
+                attack.attack, attack.sent, attack.answered, attack.printer_bytes
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nFlood PUBLISHes that reached the printer: {}. The legitimate app got {} of {} reports and stayed connected: {}. Edge RSS {:.1} MiB → peak {:.1} MiB → {:.1} MiB after.\n",
+            abuse.flood_reached_printer,
+            abuse.legit_received,
+            abuse.legit_sent,
+            abuse.legit_stayed_connected,
+            abuse.edge_rss_before_bytes as f64 / 1048576.0,
+            abuse.edge_rss_peak_bytes as f64 / 1048576.0,
+            abuse.edge_rss_after_bytes as f64 / 1048576.0,
         );
     }
     for skipped in &results.skipped {

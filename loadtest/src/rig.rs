@@ -251,6 +251,14 @@ migrate = false
 [limits]
 max_packet_size = 65536
 
+# The printer is Mosquitto, reached as a generic broker, with the rules of
+# a real printer: its own device's topics only, and a rate a small
+# computer takes (five times what the publish scenario sends).
+[printers.mqtt]
+allow = ["device/{SERIAL}/#"]
+publishes_per_second = 500
+publish_burst = 500
+
 [auth]
 cache_success_seconds = 300
 

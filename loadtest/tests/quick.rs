@@ -91,7 +91,40 @@ fn the_quick_run_measures_every_scenario_and_loses_nothing() {
     assert!(stdout.contains("added p50 over direct"), "{stdout}");
     let table = std::fs::read_to_string(out.join("table.md")).unwrap();
     assert!(table.contains("**Fan-out**"), "{table}");
-    for scenario in ["latency", "fan-out", "publish", "storm", "idle"] {
+    // Abuse: the printer is protected and the legitimate app served.
+    let abuse = &results["abuse"];
+    assert_eq!(abuse["legit_stayed_connected"], true, "{abuse}");
+    assert!(
+        abuse["legit_received"].as_u64().unwrap() >= abuse["legit_sent"].as_u64().unwrap(),
+        "{abuse}"
+    );
+    let attack = |name: &str| {
+        abuse["attacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|attack| attack["attack"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {abuse}"))
+            .clone()
+    };
+    let foreign = attack("foreign filters");
+    assert_eq!(foreign["answered"], "9 SUBACK 0x80", "{foreign}");
+    assert_eq!(foreign["printer_bytes"], 0.0, "{foreign}");
+    assert!(
+        attack("subscription churn")["answered"]
+            .as_str()
+            .unwrap()
+            .starts_with("cut"),
+        "{abuse}"
+    );
+    assert!(
+        attack("key guessing")["answered"]
+            .as_str()
+            .unwrap()
+            .contains("30 checked"),
+        "{abuse}"
+    );
+    for scenario in ["latency", "fan-out", "publish", "storm", "idle", "abuse"] {
         assert!(
             out.join(format!("{scenario}.json")).is_file(),
             "{scenario}.json"

@@ -191,7 +191,7 @@ async fn retained_messages_and_faults() {
             dup: false,
             qos: QoS::AtMostOnce,
             retain: true,
-            topic: "device/x/state".into(),
+            topic: format!("device/{SERIAL}/state"),
             packet_id: None,
             payload: Bytes::from_static(b"on"),
         }))
@@ -202,7 +202,7 @@ async fn retained_messages_and_faults() {
     reader
         .send(Packet::Subscribe(Subscribe {
             packet_id: PacketId::MIN,
-            filters: vec![("device/x/#".into(), QoS::AtMostOnce)],
+            filters: vec![(format!("device/{SERIAL}/state"), QoS::AtMostOnce)],
         }))
         .await;
     assert!(matches!(reader.next().await, Some(Packet::SubAck(_))));
@@ -221,6 +221,39 @@ async fn retained_messages_and_faults() {
     simulator.drop_all_clients();
     while reader.next().await.is_some() {}
     assert_eq!(writer.next().await, None);
+}
+
+/// Like a real Bambu printer, the simulator drops a client that subscribes
+/// to another serial's topics, or to a filter that could match them.
+#[tokio::test]
+async fn a_subscribe_to_another_serials_topics_drops_the_client() {
+    let simulator = RunningSimulator::start(plain_config(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    for filter in ["device/01P00A000000000/report", "device/+/report", "#"] {
+        let (mut peer, _) = plain_peer(&simulator, CODE).await;
+        peer.send(Packet::Subscribe(Subscribe {
+            packet_id: PacketId::MIN,
+            filters: vec![(filter.into(), QoS::AtMostOnce)],
+        }))
+        .await;
+        assert_eq!(peer.next().await, None, "{filter}");
+    }
+    assert_eq!(
+        simulator
+            .observations()
+            .foreign_subscribes
+            .load(Ordering::SeqCst),
+        3
+    );
+    // Its own topics are fine.
+    let (mut peer, _) = plain_peer(&simulator, CODE).await;
+    peer.send(Packet::Subscribe(Subscribe {
+        packet_id: PacketId::MIN,
+        filters: vec![(format!("device/{SERIAL}/#"), QoS::AtMostOnce)],
+    }))
+    .await;
+    assert!(matches!(peer.next().await, Some(Packet::SubAck(_))));
 }
 
 /// The TLS certificate is named only by the serial (common name, no SAN),

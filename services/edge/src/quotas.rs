@@ -2,8 +2,12 @@
 //! address, so that no one client holds thousands of sessions. A session
 //! takes its place in all four at once, or in none, and gives them back
 //! when its [`QuotaGuard`] drops.
+//!
+//! Keys, devices and tenants are counted by a keyed 64-bit hash of their
+//! id, so that a session's guard holds no copy of them (it lives as long
+//! as the session: memory per idle session matters).
 
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -27,9 +31,11 @@ pub enum QuotaExceeded {
 #[derive(Debug, Default)]
 pub struct Quotas {
     config: QuotaConfig,
-    by_key: DashMap<String, u32>,
-    by_device: DashMap<String, u32>,
-    by_tenant: DashMap<String, u32>,
+    /// Keys the hashes of the ids (random per process).
+    hasher: RandomState,
+    by_key: DashMap<u64, u32>,
+    by_device: DashMap<u64, u32>,
+    by_tenant: DashMap<u64, u32>,
     by_address: DashMap<IpAddr, u32>,
 }
 
@@ -37,9 +43,9 @@ pub struct Quotas {
 #[derive(Debug)]
 pub struct QuotaGuard {
     quotas: Arc<Quotas>,
-    key: String,
-    device: String,
-    tenant: String,
+    key: u64,
+    device: u64,
+    tenant: u64,
     address: IpAddr,
 }
 
@@ -77,9 +83,11 @@ impl Quotas {
         address: IpAddr,
     ) -> Result<QuotaGuard, QuotaExceeded> {
         let config = &self.config;
-        let key = key.to_owned();
-        let device = device.to_owned();
-        let tenant = tenant.to_owned();
+        // Apart by kind, so that a key and a device with the same id never
+        // share a count.
+        let key = self.hasher.hash_one(("key", key));
+        let device = self.hasher.hash_one(("device", device));
+        let tenant = self.hasher.hash_one(("tenant", tenant));
         if !take(&self.by_address, &address, config.sessions_per_address) {
             return Err(QuotaExceeded::Address);
         }
@@ -156,7 +164,8 @@ mod tests {
         drop(one);
         // A refusal took nothing: the freed place is there.
         let _again = quotas.admit("k1", "d1", "t", at(1)).unwrap();
-        assert_eq!(quotas.by_key.get("k1").map(|count| *count), Some(2));
+        let k1 = quotas.hasher.hash_one(("key", "k1"));
+        assert_eq!(quotas.by_key.get(&k1).map(|count| *count), Some(2));
     }
 
     #[test]

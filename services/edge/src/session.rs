@@ -569,7 +569,7 @@ async fn serve<S>(
     let (client_closed, written_close) = tokio::join!(reader, bounded_writer);
     // A writer held by a client that stops reading never reached the
     // close; it is still counted, logged and sent.
-    let close = written_close.or_else(|| receiver.end_close());
+    let close = written_close.or_else(|| receiver.take_close());
     state.live_sessions.remove(&session_id);
     hub.detach(session_id, client.disconnected).await;
     let _ = tokio::time::timeout(CLOSE_HANDSHAKE_PATIENCE, async {

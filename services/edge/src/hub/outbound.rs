@@ -37,9 +37,6 @@ struct OutboundQueue {
     senders: AtomicUsize,
     /// The writer is gone: sending fails.
     closed: AtomicBool,
-    /// The close the session was ended with, first one wins: the session
-    /// reports it even when its writer never got to write it.
-    end: std::sync::Mutex<Option<Close>>,
 }
 
 impl OutboundQueue {
@@ -49,14 +46,6 @@ impl OutboundQueue {
         self.items
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn record_end(&self, close: &Close) {
-        let mut end = self
-            .end
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        end.get_or_insert_with(|| close.clone());
     }
 
     fn push(&self, item: Outbound) -> bool {
@@ -164,7 +153,6 @@ impl OutboundSender {
     /// Ends the session: the close goes after what is queued, and the
     /// session's reader stops at once.
     pub fn end(&self, close: Close) {
-        self.queue.record_end(&close);
         let _ = self.queue.push(Outbound::Close(close));
         self.ended.cancel();
     }
@@ -172,7 +160,6 @@ impl OutboundSender {
     /// Ends the session at once: what is queued is dropped (and its bytes
     /// released), and the close is next.
     pub fn abandon(&self, close: Close) {
-        self.queue.record_end(&close);
         if !self.queue.closed.load(Ordering::SeqCst) {
             let mut items = self.queue.items();
             let dropped: usize = items
@@ -193,13 +180,19 @@ impl OutboundSender {
 }
 
 impl OutboundReceiver {
-    /// The close the session was ended with, if it was.
-    pub fn end_close(&self) -> Option<Close> {
-        self.queue
-            .end
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+    /// The close the session was ended with, if one is still queued (its
+    /// writer never got to it); what is queued before it is dropped.
+    pub fn take_close(&mut self) -> Option<Close> {
+        let mut items = self.queue.items();
+        while let Some(item) = items.pop_front() {
+            match item {
+                Outbound::Bytes(bytes) => {
+                    self.queue.queued.fetch_sub(bytes.len(), Ordering::SeqCst);
+                }
+                Outbound::Close(close) => return Some(close),
+            }
+        }
+        None
     }
 
     /// The next item; `None` once every sender is gone and the queue is

@@ -183,7 +183,8 @@ struct UpstreamFilter {
 struct SessionEntry<S> {
     sink: S,
     client_id: String,
-    will: Option<Publish>,
+    /// Boxed: most sessions have none, and every entry pays its size.
+    will: Option<Box<Publish>>,
     /// Filters and the QoS this session asked for.
     filters: HashMap<String, QoS>,
     max_subscriptions: usize,
@@ -482,7 +483,7 @@ impl<S: SessionSink> HubState<S> {
             SessionEntry {
                 sink: attach.sink,
                 client_id: attach.client_id,
-                will,
+                will: will.map(Box::new),
                 filters: HashMap::new(),
                 max_subscriptions: attach.max_subscriptions,
                 max_unacknowledged: attach.max_unacknowledged,
@@ -502,7 +503,7 @@ impl<S: SessionSink> HubState<S> {
             return;
         };
         if !graceful && let Some(will) = entry.will {
-            self.publish_will(will, now);
+            self.publish_will(*will, now);
         }
     }
 
@@ -601,7 +602,7 @@ impl<S: SessionSink> HubState<S> {
         if let Some(entry) = self.remove_session(session, now) {
             entry.sink.end(close);
             if let Some(will) = entry.will {
-                self.publish_will(will, now);
+                self.publish_will(*will, now);
             }
         }
     }
@@ -624,7 +625,7 @@ impl<S: SessionSink> HubState<S> {
             self.counters.slow_consumer_cuts += 1;
             entry.sink.abandon(Close::limit("slow consumer"));
             if let Some(will) = entry.will {
-                self.publish_will(will, now);
+                self.publish_will(*will, now);
             }
         }
     }

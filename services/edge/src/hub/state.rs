@@ -187,18 +187,41 @@ struct SessionEntry<S> {
     will: Option<Box<Publish>>,
     /// Filters and the QoS this session asked for.
     filters: HashMap<String, QoS>,
-    max_subscriptions: usize,
-    max_unacknowledged: usize,
+    max_subscriptions: u32,
+    max_unacknowledged: u32,
     /// QoS 1 and 2 PUBLISHes waiting for the printer.
-    unacknowledged: usize,
+    unacknowledged: u32,
     /// The client's QoS 2 packet ids between its PUBLISH and its PUBREL:
     /// true once PUBREC went out. A re-sent PUBLISH with such an id is not
     /// forwarded again (exactly once towards the edge).
-    exactly_once: HashMap<PacketId, bool>,
+    exactly_once: ExactlyOnce,
     next_packet_id: u16,
     churn: ChurnBudget,
     /// Its QoS 1 and 2 PUBLISHes waiting for the publish rate.
-    waiting_for_rate: usize,
+    waiting_for_rate: u32,
+}
+
+/// A session's QoS 2 packet ids between its PUBLISH and its PUBREL (true
+/// once PUBREC went out); boxed, since few sessions ever use QoS 2.
+#[derive(Debug, Default)]
+struct ExactlyOnce(Option<Box<HashMap<PacketId, bool>>>);
+
+impl ExactlyOnce {
+    fn get(&self, id: &PacketId) -> Option<&bool> {
+        self.0.as_ref()?.get(id)
+    }
+
+    fn insert(&mut self, id: PacketId, acknowledged: bool) {
+        self.0
+            .get_or_insert_with(Box::default)
+            .insert(id, acknowledged);
+    }
+
+    fn remove(&mut self, id: &PacketId) {
+        if let Some(ids) = &mut self.0 {
+            ids.remove(id);
+        }
+    }
 }
 
 impl<S> SessionEntry<S> {
@@ -434,7 +457,7 @@ impl<S: SessionSink> HubState<S> {
             let Some(entry) = self.sessions.get_mut(&session) else {
                 return;
             };
-            if entry.waiting_for_rate >= max {
+            if entry.waiting_for_rate as usize >= max {
                 self.counters.rate_cuts += 1;
                 let per_second = self.config.publish_rate.per_second;
                 self.end_session(
@@ -485,10 +508,10 @@ impl<S: SessionSink> HubState<S> {
                 client_id: attach.client_id,
                 will: will.map(Box::new),
                 filters: HashMap::new(),
-                max_subscriptions: attach.max_subscriptions,
-                max_unacknowledged: attach.max_unacknowledged,
+                max_subscriptions: u32::try_from(attach.max_subscriptions).unwrap_or(u32::MAX),
+                max_unacknowledged: u32::try_from(attach.max_unacknowledged).unwrap_or(u32::MAX),
                 unacknowledged: 0,
-                exactly_once: HashMap::new(),
+                exactly_once: ExactlyOnce::default(),
                 next_packet_id: 0,
                 churn: ChurnBudget::new(self.config.churn, now),
                 waiting_for_rate: 0,
@@ -695,7 +718,7 @@ impl<S: SessionSink> HubState<S> {
             .iter()
             .filter(|(filter, qos)| qos.is_some() && !entry.filters.contains_key(filter))
             .count();
-        if entry.filters.len() + added > entry.max_subscriptions {
+        if entry.filters.len() + added > entry.max_subscriptions as usize {
             let limit = entry.max_subscriptions;
             self.end_session(
                 session,

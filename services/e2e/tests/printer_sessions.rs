@@ -392,7 +392,10 @@ async fn a_flooding_app_reaches_the_printer_at_its_rate() {
             retain: false,
             topic: request.clone(),
             packet_id: packet_id.map(|id| PacketId::new(id).unwrap()),
-            payload: Bytes::from_static(br#"{"pushing":{"sequence_id":"1","command":"pushall"}}"#),
+            // Not a pushall: the hub absorbs those (see below).
+            payload: Bytes::from_static(
+                br#"{"print":{"sequence_id":"1","command":"gcode_line","param":"M105"}}"#,
+            ),
         })
     };
     for _ in 0..200 {
@@ -418,6 +421,73 @@ async fn a_flooding_app_reaches_the_printer_at_its_rate() {
         .and_then(|value| value.parse::<u64>().ok())
         .unwrap_or(0);
     assert_eq!(throttled as usize + reached, 201, "{metrics}");
+    world.agent.cancel();
+    world.edge.stop().await;
+}
+
+/// A Bambu P1 sends deltas, and the full report only on `pushall`. A late
+/// joiner gets the full state right after its SUBACK without asking, and
+/// twenty apps that ask `pushall` on connect cost the printer one.
+#[tokio::test]
+async fn late_joiners_get_the_full_state_and_pushall_is_absorbed() {
+    let world = world(ACCESS_CODE).await;
+    let observations = world.simulator.observations();
+    let bearer = world.edge.bearer();
+    let full_report = |publish: &Publish| {
+        serde_json::from_slice::<serde_json::Value>(&publish.payload)
+            .is_ok_and(|report| report["print"]["msg"] == 0 && publish.payload.len() > 4_000)
+    };
+    let mut first = Client::connect(&world.edge, &bearer, connect_packet("first")).await;
+    first.send(&subscribe_report(1)).await;
+    assert!(matches!(first.next().await, Some(Packet::SubAck(_))));
+    // The hub asked for the full report for it.
+    loop {
+        if full_report(&next_publish(&mut first).await) {
+            break;
+        }
+    }
+    let mut late = Client::connect(&world.edge, &bearer, connect_packet("late")).await;
+    let asked_at = std::time::Instant::now();
+    late.send(&subscribe_report(1)).await;
+    assert!(matches!(late.next().await, Some(Packet::SubAck(_))));
+    let next = tokio::time::timeout(Duration::from_secs(1), next_publish(&mut late))
+        .await
+        .expect("the full state within a second");
+    assert!(full_report(&next), "{:?}", next.payload);
+    assert!(asked_at.elapsed() < Duration::from_secs(1));
+
+    let mut apps = Vec::new();
+    for index in 0..20u16 {
+        let mut app = Client::connect(
+            &world.edge,
+            &bearer,
+            connect_packet(&format!("app-{index}")),
+        )
+        .await;
+        app.send(&subscribe_report(1)).await;
+        app.send(&Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: format!("device/{SERIAL}/request"),
+            packet_id: Some(PacketId::new(2).unwrap()),
+            payload: Bytes::from_static(br#"{"pushing":{"sequence_id":"1","command":"pushall"}}"#),
+        }))
+        .await;
+        loop {
+            match app.next().await {
+                Some(Packet::PubAck(_)) => break,
+                Some(_) => {}
+                None => panic!("app {index} closed: {:?}", app.closed_with),
+            }
+        }
+        apps.push(app);
+    }
+    assert_eq!(
+        observations.publishes.load(Ordering::SeqCst),
+        1,
+        "one pushall reached the printer: the hub's own"
+    );
     world.agent.cancel();
     world.edge.stop().await;
 }

@@ -126,6 +126,9 @@ pub struct PrinterPolicyConfig {
     /// without its PUBACK, up to 100 per session, past which the session
     /// is cut.
     pub publish_burst: u32,
+    /// Bambu only: at most one `pushall` reaches the printer per this many
+    /// seconds; apps' others are answered from the hub's state.
+    pub pushall_interval_seconds: u64,
 }
 
 impl Default for PrinterPolicyConfig {
@@ -140,6 +143,7 @@ impl Default for PrinterPolicyConfig {
             churn_per_minute: churn.per_minute,
             publishes_per_second: rate.per_second,
             publish_burst: rate.burst,
+            pushall_interval_seconds: 10,
         }
     }
 }
@@ -190,6 +194,11 @@ impl PrinterPolicyConfig {
             if let Err(error) = validate_topic_filter(&concrete, &limits) {
                 problems.push(format!("printers.{kind}: filter {filter:?}: {error}"));
             }
+        }
+        if self.pushall_interval_seconds == 0 {
+            problems.push(format!(
+                "printers.{kind}: pushall_interval_seconds must be at least 1"
+            ));
         }
         if self.publishes_per_second == 0 || self.publish_burst == 0 {
             problems.push(format!(

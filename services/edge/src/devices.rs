@@ -12,7 +12,7 @@ use relay_proto::tunnel::{self, LinkDownReason, LinkOpen, Message, PrinterKind};
 use tokio::sync::{Mutex, Notify, mpsc};
 
 use crate::config::PrintersConfig;
-use crate::hub::{HubConfig, HubHandle, Hubs, RetainedReplay, TunnelProbe};
+use crate::hub::{BambuProfile, HubConfig, HubHandle, Hubs, RetainedReplay, TunnelProbe};
 
 /// An agent's live tunnel.
 #[derive(Debug, Clone)]
@@ -232,6 +232,13 @@ impl Devices {
                     policy: Arc::new(printer.policy(accept.printer_serial.as_deref())),
                     churn: printer.churn(),
                     publish_rate: printer.publish_rate(),
+                    bambu: match (accept.printer_kind, &accept.printer_serial) {
+                        (Some(PrinterKind::Bambu), Some(serial)) => Some(BambuProfile {
+                            pushall_interval: Duration::from_secs(printer.pushall_interval_seconds),
+                            ..BambuProfile::new(serial)
+                        }),
+                        _ => None,
+                    },
                     ..self.limits.clone()
                 };
                 Ok(self

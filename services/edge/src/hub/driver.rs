@@ -59,6 +59,11 @@ fn export_counters(
     if current == *exported {
         return;
     }
+    if current.oversized_reports > exported.oversized_reports {
+        tracing::warn!(
+            "a printer report is over the hub's state bound: passed on, not kept for late joiners"
+        );
+    }
     for (label, now, before) in [
         ("filter", current.refused_filters, exported.refused_filters),
         (
@@ -78,6 +83,16 @@ fn export_counters(
             exported.throttled_publishes,
         ),
         ("rate", current.rate_cuts, exported.rate_cuts),
+        (
+            "oversized_report",
+            current.oversized_reports,
+            exported.oversized_reports,
+        ),
+        (
+            "pushall_absorbed",
+            current.pushalls_absorbed,
+            exported.pushalls_absorbed,
+        ),
     ] {
         if now > before {
             metric.with_label_values(&[label]).inc_by(now - before);

@@ -25,6 +25,7 @@
 //! over the upstream's halves and the sessions' commands; [`outbound`] is a
 //! session's bounded queue; [`registry`] finds and starts hubs.
 
+pub mod bambu;
 mod driver;
 pub mod outbound;
 pub mod policy;
@@ -33,6 +34,7 @@ pub mod state;
 #[cfg(test)]
 mod tests;
 
+pub use bambu::BambuProfile;
 pub use outbound::{Outbound, OutboundReceiver, OutboundSender, outbound_queue};
 pub use policy::{ChurnLimit, PublishRate, PublishRefusal, TopicPolicy};
 pub use registry::{HubHandle, Hubs, TunnelProbe};

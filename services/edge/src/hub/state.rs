@@ -22,6 +22,7 @@ use relay_proto::mqtt::{
 use relay_proto::subscription_index::SubscriptionIndex;
 use relay_proto::topic::topic_matches;
 
+use super::bambu::{BambuProfile, BambuState, Pushall, ReportRefusal, is_pushall};
 use super::policy::{Bucket, ChurnBudget, ChurnLimit, PublishRate, TopicPolicy};
 use crate::close::Close;
 
@@ -65,6 +66,9 @@ pub struct HubConfig {
     pub churn: ChurnLimit,
     /// PUBLISHes all sessions together may send upstream.
     pub publish_rate: PublishRate,
+    /// A Bambu printer: its report state is kept, late joiners get the
+    /// full report, `pushall` is absorbed.
+    pub bambu: Option<BambuProfile>,
 }
 
 /// What a hub has refused or cut, counted; the driver exports them.
@@ -82,6 +86,11 @@ pub struct HubCounters {
     pub throttled_publishes: u64,
     /// Sessions cut for publishing faster than the rate, past the wait.
     pub rate_cuts: u64,
+    /// Bambu reports passed on but not kept (over the state's bound).
+    pub oversized_reports: u64,
+    /// Apps' `pushall`s answered from the state or by another's answer,
+    /// instead of reaching the printer.
+    pub pushalls_absorbed: u64,
 }
 
 /// When a joining session's filter is subscribed upstream again.
@@ -112,6 +121,7 @@ impl HubConfig {
             policy: Arc::new(TopicPolicy::generic()),
             churn: ChurnLimit::default(),
             publish_rate: PublishRate::generic(),
+            bambu: None,
         }
     }
 }
@@ -308,12 +318,14 @@ pub struct HubState<S> {
     publish_bucket: Bucket,
     /// QoS 1 and 2 PUBLISHes over the rate, oldest first, with their origin.
     over_rate: VecDeque<(Option<(SessionId, PacketId)>, Publish)>,
+    bambu: Option<BambuState>,
 }
 
 impl<S: SessionSink> HubState<S> {
     pub fn new(config: HubConfig, now: Instant) -> HubState<S> {
         let next_ping = now + config.upstream_keep_alive;
         let publish_bucket = Bucket::full(config.publish_rate.burst, now);
+        let bambu = config.bambu.clone().map(BambuState::new);
         HubState {
             config,
             sessions: HashMap::new(),
@@ -334,6 +346,7 @@ impl<S: SessionSink> HubState<S> {
             counters: HubCounters::default(),
             publish_bucket,
             over_rate: VecDeque::new(),
+            bambu,
         }
     }
 
@@ -896,6 +909,16 @@ impl<S: SessionSink> HubState<S> {
                     self.drop_filter(waiting.session, filter);
                 }
             }
+            let joins_report = self.bambu.as_ref().is_some_and(|bambu| {
+                waiting
+                    .filters
+                    .iter()
+                    .zip(&grants)
+                    .any(|((filter, _), grant)| {
+                        *grant != SubscribeReturnCode::Failure
+                            && topic_matches(filter, bambu.report_topic())
+                    })
+            });
             self.send_to(
                 waiting.session,
                 &Packet::SubAck(SubAck {
@@ -904,7 +927,75 @@ impl<S: SessionSink> HubState<S> {
                 }),
                 now,
             );
+            if joins_report {
+                self.serve_late_joiner(waiting.session, now);
+            }
         }
+    }
+
+    /// A session just subscribed to the Bambu report: it gets the full
+    /// state now, or, with none yet, the hub asks the printer for it.
+    fn serve_late_joiner(&mut self, session: SessionId, now: Instant) {
+        let Some(bambu) = &mut self.bambu else {
+            return;
+        };
+        if let Some(full) = bambu.full_report() {
+            let report = Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain: false,
+                topic: bambu.report_topic().to_owned(),
+                packet_id: None,
+                payload: full,
+            });
+            self.send_to(session, &report, now);
+        } else if bambu.wants_pushall(now) {
+            let request = Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain: false,
+                topic: bambu.request_topic().to_owned(),
+                packet_id: None,
+                payload: BambuState::pushall_request(),
+            };
+            self.publish_upstream(None, request);
+        }
+    }
+
+    /// An app's `pushall` on a Bambu printer: answered from the state, or
+    /// by a `pushall` already on its way; true when it must not go on.
+    fn absorb_pushall(&mut self, session: SessionId, publish: &Publish, now: Instant) -> bool {
+        let Some(bambu) = &mut self.bambu else {
+            return false;
+        };
+        if publish.topic != bambu.request_topic() || !is_pushall(&publish.payload) {
+            return false;
+        }
+        match bambu.on_pushall(now) {
+            Pushall::Forward => return false,
+            Pushall::FromState => {
+                let report_topic = bambu.report_topic().to_owned();
+                if let Some(full) = bambu.full_report() {
+                    let report = Packet::Publish(Publish {
+                        dup: false,
+                        qos: QoS::AtMostOnce,
+                        retain: false,
+                        topic: report_topic,
+                        packet_id: None,
+                        payload: full,
+                    });
+                    self.send_to(session, &report, now);
+                }
+            }
+            Pushall::Absorbed => {}
+        }
+        self.counters.pushalls_absorbed += 1;
+        match (publish.qos, publish.packet_id) {
+            (QoS::AtLeastOnce, Some(id)) => self.send_to(session, &Packet::PubAck(id), now),
+            (QoS::ExactlyOnce, Some(id)) => self.send_to(session, &Packet::PubRec(id), now),
+            _ => {}
+        }
+        true
     }
 
     fn drop_filter(&mut self, session: SessionId, filter: &str) {
@@ -950,6 +1041,9 @@ impl<S: SessionSink> HubState<S> {
                 (QoS::ExactlyOnce, Some(id)) => self.send_to(session, &Packet::PubRec(id), now),
                 _ => {}
             }
+            return;
+        }
+        if self.absorb_pushall(session, &publish, now) {
             return;
         }
         let Some(entry) = self.sessions.get_mut(&session) else {
@@ -1091,6 +1185,12 @@ impl<S: SessionSink> HubState<S> {
     fn on_upstream_publish(&mut self, publish: Publish, now: Instant) {
         if let Some(id) = publish.packet_id {
             self.queue_upstream(&Packet::PubAck(id));
+        }
+        if let Some(bambu) = &mut self.bambu
+            && publish.topic == bambu.report_topic()
+            && let Err(ReportRefusal::TooLarge(_)) = bambu.on_report(&publish.payload, now)
+        {
+            self.counters.oversized_reports += 1;
         }
         if publish.retain {
             self.note_retained(&publish.topic, publish.payload.is_empty());

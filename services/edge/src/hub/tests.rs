@@ -15,6 +15,7 @@ use relay_proto::mqtt::{
     self, Packet, PacketId, Publish, QoS, SubAck, Subscribe, SubscribeReturnCode, Unsubscribe,
 };
 
+use super::bambu::BambuProfile;
 use super::policy::{ChurnLimit, PublishRate, TopicPolicy};
 use super::state::{
     HubConfig, HubCounters, HubEnd, HubState, RetainedReplay, SessionAttach, SessionId, SessionSink,
@@ -1049,4 +1050,95 @@ fn a_session_far_over_the_rate_is_cut_and_its_waiting_publishes_dropped() {
         matches!(released.as_slice(), [Packet::Publish(p)] if p.payload == Bytes::from_static(b"mine")),
         "{released:?}"
     );
+}
+
+fn bambu_hub() -> Harness {
+    Harness::new(HubConfig {
+        bambu: Some(BambuProfile::new("X1")),
+        ..bambu_like_policy()
+    })
+}
+
+fn report(json: &'static str) -> Packet {
+    Packet::Publish(publish(
+        "device/X1/report",
+        QoS::AtMostOnce,
+        None,
+        json.as_bytes(),
+    ))
+}
+
+#[test]
+fn a_late_joiner_gets_the_full_state_after_its_suback() {
+    let mut hub = bambu_hub();
+    hub.attach(1);
+    // The first subscriber: no state yet, so the hub asks for it, once.
+    hub.client(1, subscribe(1, &[("device/X1/report", QoS::AtMostOnce)]));
+    let upstream = hub.upstream_subscribe();
+    hub.printer(suback(
+        upstream.packet_id.get(),
+        &[granted(QoS::AtMostOnce)],
+    ));
+    let asked = hub.upstream();
+    assert!(
+        matches!(asked.as_slice(), [Packet::Publish(p)] if p.topic == "device/X1/request" && p.payload.windows(7).any(|w| w == b"pushall")),
+        "{asked:?}"
+    );
+    hub.printer(report(
+        r#"{"print":{"msg":0,"nozzle_temper":25,"gcode_state":"IDLE"}}"#,
+    ));
+    hub.printer(report(r#"{"print":{"msg":1,"nozzle_temper":200}}"#));
+    hub.received(1);
+    // A later app gets SUBACK, then one full report built from the state.
+    hub.attach(2);
+    hub.client(2, subscribe(4, &[("device/X1/report", QoS::AtMostOnce)]));
+    let received = hub.received(2);
+    assert!(
+        matches!(received.first(), Some(Packet::SubAck(_))),
+        "{received:?}"
+    );
+    let Some(Packet::Publish(full)) = received.get(1) else {
+        panic!("no full report: {received:?}");
+    };
+    let full: serde_json::Value = serde_json::from_slice(&full.payload).unwrap();
+    assert_eq!(
+        full,
+        serde_json::json!({"print": {"msg": 0, "nozzle_temper": 200, "gcode_state": "IDLE"}})
+    );
+    assert_eq!(hub.upstream(), vec![], "nothing more reached the printer");
+}
+
+#[test]
+fn twenty_apps_asking_pushall_cost_the_printer_one() {
+    let mut hub = bambu_hub();
+    let pushall = || {
+        Packet::Publish(publish(
+            "device/X1/request",
+            QoS::AtLeastOnce,
+            Some(5),
+            br#"{"pushing":{"sequence_id":"1","command":"pushall"}}"#,
+        ))
+    };
+    for session in 1..=20 {
+        hub.attach(session);
+        hub.client(session, pushall());
+    }
+    let upstream = hub.upstream();
+    assert_eq!(upstream.len(), 1, "{upstream:?}");
+    // The one that went is acknowledged after the printer's PUBACK; the
+    // others at once.
+    for session in 2..=20 {
+        assert_eq!(hub.received(session), vec![Packet::PubAck(id(5))]);
+    }
+    assert_eq!(hub.hub.counters().pushalls_absorbed, 19);
+    // With a fresh state, a pushall is answered from it.
+    hub.printer(report(r#"{"print":{"msg":0,"gcode_state":"RUNNING"}}"#));
+    hub.attach(21);
+    hub.client(21, pushall());
+    let received = hub.received(21);
+    assert!(
+        matches!(received.as_slice(), [Packet::Publish(p), Packet::PubAck(_)] if p.topic == "device/X1/report"),
+        "{received:?}"
+    );
+    assert_eq!(hub.upstream(), vec![]);
 }

@@ -1,0 +1,295 @@
+//! The Bambu Lab profile of a hub: what the hub knows about a Bambu
+//! printer's one report stream, so that every app gets the full state at
+//! once and `pushall` stops loading the printer.
+//!
+//! P1 and A1 printers publish small deltas (`"msg":1`) on
+//! `device/<serial>/report`, and the full report (`"msg":0`) only when asked
+//! with `pushall` on `device/<serial>/request`. The hub keeps the merged
+//! state: a full report replaces it, a delta is deep-merged into it (objects
+//! merged key by key, scalars and arrays replaced), as Home Assistant's
+//! pybambu applies them field by field. X1 printers send the full report
+//! every time; it simply replaces the state.
+//!
+//! Plain data and arithmetic on a passed-in clock, like the rest of the
+//! hub's state.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::Value;
+
+/// How a hub treats a Bambu printer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BambuProfile {
+    pub serial: String,
+    /// At most one `pushall` reaches the printer per this interval; the
+    /// state counts as fresh while reports came within it.
+    pub pushall_interval: Duration,
+    /// Largest merged state kept, in bytes of JSON; a report that would
+    /// make it larger is passed on but not kept.
+    pub max_state_bytes: usize,
+}
+
+impl BambuProfile {
+    pub fn new(serial: &str) -> BambuProfile {
+        BambuProfile {
+            serial: serial.to_owned(),
+            pushall_interval: Duration::from_secs(10),
+            max_state_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// What to do with a `pushall`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pushall {
+    /// Answer the asking app from the state; nothing reaches the printer.
+    FromState,
+    /// Let it reach the printer (the first in its interval).
+    Forward,
+    /// Another `pushall` is on its way: its answer serves this app too.
+    Absorbed,
+}
+
+/// Why a report was not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReportRefusal {
+    #[error("report of {0} bytes is over the state's bound")]
+    TooLarge(usize),
+    #[error("report is not a JSON object")]
+    NotJson,
+}
+
+#[derive(Debug)]
+pub(super) struct BambuState {
+    profile: BambuProfile,
+    report_topic: String,
+    request_topic: String,
+    /// The last full report with the deltas since merged in.
+    state: Option<Value>,
+    last_report: Option<Instant>,
+    /// When a `pushall` last went to the printer.
+    last_pushall: Option<Instant>,
+}
+
+impl BambuState {
+    pub(super) fn new(profile: BambuProfile) -> BambuState {
+        BambuState {
+            report_topic: format!("device/{}/report", profile.serial),
+            request_topic: format!("device/{}/request", profile.serial),
+            profile,
+            state: None,
+            last_report: None,
+            last_pushall: None,
+        }
+    }
+
+    pub(super) fn report_topic(&self) -> &str {
+        &self.report_topic
+    }
+
+    pub(super) fn request_topic(&self) -> &str {
+        &self.request_topic
+    }
+
+    /// A report from the printer: kept, merged, or refused (it still goes
+    /// to the apps either way).
+    pub(super) fn on_report(&mut self, payload: &[u8], now: Instant) -> Result<(), ReportRefusal> {
+        self.last_report = Some(now);
+        if payload.len() > self.profile.max_state_bytes {
+            return Err(ReportRefusal::TooLarge(payload.len()));
+        }
+        let Ok(report @ Value::Object(_)) = serde_json::from_slice::<Value>(payload) else {
+            return Err(ReportRefusal::NotJson);
+        };
+        let full = report["print"]["msg"].as_i64() != Some(1);
+        match (&mut self.state, full) {
+            (_, true) => self.state = Some(report),
+            (Some(state), false) => {
+                merge(state, report);
+                let size = serde_json::to_vec(state).map_or(usize::MAX, |json| json.len());
+                if size > self.profile.max_state_bytes {
+                    self.state = None;
+                    return Err(ReportRefusal::TooLarge(size));
+                }
+            }
+            // A delta without a full report to merge into says too little.
+            (None, false) => {}
+        }
+        Ok(())
+    }
+
+    /// The state as one full report, marked as the printer marks one.
+    pub(super) fn full_report(&self) -> Option<Bytes> {
+        let mut state = self.state.clone()?;
+        if let Some(print) = state.get_mut("print").and_then(Value::as_object_mut) {
+            print.insert("msg".into(), Value::from(0));
+        }
+        serde_json::to_vec(&state).ok().map(Bytes::from)
+    }
+
+    fn is_fresh(&self, now: Instant) -> bool {
+        self.state.is_some()
+            && self
+                .last_report
+                .is_some_and(|at| now.saturating_duration_since(at) < self.profile.pushall_interval)
+    }
+
+    /// What to do with an app's `pushall`.
+    pub(super) fn on_pushall(&mut self, now: Instant) -> Pushall {
+        if self.is_fresh(now) {
+            Pushall::FromState
+        } else if self.take_pushall_slot(now) {
+            Pushall::Forward
+        } else {
+            Pushall::Absorbed
+        }
+    }
+
+    /// Whether the hub should ask for the full report itself (an app joined
+    /// and there is no state yet), within the one-per-interval rule.
+    pub(super) fn wants_pushall(&mut self, now: Instant) -> bool {
+        self.state.is_none() && self.take_pushall_slot(now)
+    }
+
+    fn take_pushall_slot(&mut self, now: Instant) -> bool {
+        let free = self
+            .last_pushall
+            .is_none_or(|at| now.saturating_duration_since(at) >= self.profile.pushall_interval);
+        if free {
+            self.last_pushall = Some(now);
+        }
+        free
+    }
+
+    /// The `pushall` the hub sends on its own.
+    pub(super) fn pushall_request() -> Bytes {
+        Bytes::from_static(br#"{"pushing":{"sequence_id":"0","command":"pushall"}}"#)
+    }
+}
+
+/// Whether a request payload is a `pushall` (`{"pushing":{"command":"pushall"}}`).
+pub(super) fn is_pushall(payload: &[u8]) -> bool {
+    // Cheap test first: most requests are not.
+    if !payload.windows(7).any(|window| window == b"pushall") {
+        return false;
+    }
+    serde_json::from_slice::<Value>(payload)
+        .is_ok_and(|request| request["pushing"]["command"] == "pushall")
+}
+
+/// Deep-merges `delta` into `base`: objects key by key, everything else
+/// (scalars, arrays) replaced.
+fn merge(base: &mut Value, delta: Value) {
+    match (base, delta) {
+        (Value::Object(base), Value::Object(delta)) => {
+            for (key, value) in delta {
+                match base.get_mut(&key) {
+                    Some(existing) if existing.is_object() && value.is_object() => {
+                        merge(existing, value)
+                    }
+                    _ => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (base, delta) => *base = delta,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn state() -> BambuState {
+        BambuState::new(BambuProfile::new("X1"))
+    }
+
+    fn bytes(value: Value) -> Vec<u8> {
+        serde_json::to_vec(&value).unwrap()
+    }
+
+    #[test]
+    fn deltas_merge_objects_and_replace_scalars_and_arrays() {
+        let mut state = state();
+        let now = Instant::now();
+        let full = json!({"print": {"msg": 0, "command": "push_status", "nozzle_temper": 25.0,
+            "ams": {"ams": [{"id": "0"}, {"id": "1"}], "tray_now": "0"},
+            "lights_report": [{"node": "chamber_light", "mode": "on"}]}});
+        state.on_report(&bytes(full), now).unwrap();
+        let delta = json!({"print": {"msg": 1, "nozzle_temper": 210.5,
+            "ams": {"tray_now": "1"}, "lights_report": [{"node": "chamber_light", "mode": "off"}]}});
+        state.on_report(&bytes(delta), now).unwrap();
+        let merged: Value = serde_json::from_slice(&state.full_report().unwrap()).unwrap();
+        assert_eq!(
+            merged,
+            json!({"print": {"msg": 0, "command": "push_status", "nozzle_temper": 210.5,
+                "ams": {"ams": [{"id": "0"}, {"id": "1"}], "tray_now": "1"},
+                "lights_report": [{"node": "chamber_light", "mode": "off"}]}})
+        );
+        // A full report replaces the state; a delta before any is not kept.
+        state
+            .on_report(
+                &bytes(json!({"print": {"msg": 0, "gcode_state": "IDLE"}})),
+                now,
+            )
+            .unwrap();
+        let merged: Value = serde_json::from_slice(&state.full_report().unwrap()).unwrap();
+        assert_eq!(merged, json!({"print": {"msg": 0, "gcode_state": "IDLE"}}));
+        let mut fresh = self::state();
+        fresh
+            .on_report(&bytes(json!({"print": {"msg": 1, "x": 1}})), now)
+            .unwrap();
+        assert!(fresh.full_report().is_none());
+    }
+
+    #[test]
+    fn the_state_is_bounded() {
+        let mut state = state();
+        let now = Instant::now();
+        let big = bytes(json!({"print": {"msg": 0, "blob": "x".repeat(100_000)}}));
+        assert!(matches!(
+            state.on_report(&big, now),
+            Err(ReportRefusal::TooLarge(_))
+        ));
+        assert!(state.full_report().is_none());
+        // Deltas that grow the state past its bound drop it.
+        state
+            .on_report(&bytes(json!({"print": {"msg": 0}})), now)
+            .unwrap();
+        let mut refused = false;
+        for index in 0..40 {
+            let delta = json!({"print": {"msg": 1, format!("k{index}"): "y".repeat(2_000)}});
+            refused |= state.on_report(&bytes(delta), now).is_err();
+        }
+        assert!(refused);
+        assert!(state.full_report().is_none());
+        assert_eq!(state.on_report(b"[1,2]", now), Err(ReportRefusal::NotJson));
+    }
+
+    #[test]
+    fn one_pushall_per_interval_and_answers_from_a_fresh_state() {
+        let mut state = state();
+        let start = Instant::now();
+        assert_eq!(state.on_pushall(start), Pushall::Forward);
+        assert_eq!(state.on_pushall(start), Pushall::Absorbed);
+        state
+            .on_report(&bytes(json!({"print": {"msg": 0}})), start)
+            .unwrap();
+        assert_eq!(state.on_pushall(start), Pushall::FromState);
+        // Stale (no report for an interval): one goes to the printer again.
+        let later = start + Duration::from_secs(10);
+        assert_eq!(state.on_pushall(later), Pushall::Forward);
+        assert_eq!(state.on_pushall(later), Pushall::Absorbed);
+        assert!(!state.wants_pushall(later), "there is a state");
+        assert!(is_pushall(
+            br#"{"pushing": {"sequence_id": "7", "command": "pushall"}}"#
+        ));
+        assert!(!is_pushall(
+            br#"{"print": {"command": "pause", "note": "pushall"}}"#
+        ));
+    }
+}

@@ -668,6 +668,20 @@ impl<S: SessionSink> HubState<S> {
         }
     }
 
+    /// The upstream filter that serves a session's `filter`: itself when
+    /// the policy allows it; on a Bambu printer, the report topic for any
+    /// filter that can match it (`#`, `device/+/report`: MQTT Explorer's
+    /// default is `#`), since that is all the printer may be asked for;
+    /// `None` when refused.
+    fn upstream_of(&self, filter: &str) -> Option<String> {
+        if self.config.policy.permits_filter(filter) {
+            return Some(filter.to_owned());
+        }
+        let bambu = self.bambu.as_ref()?;
+        relay_proto::topic::filters_overlap(filter, bambu.report_topic())
+            .then(|| bambu.report_topic().to_owned())
+    }
+
     /// Charges one upstream SUBSCRIBE or UNSUBSCRIBE to `session`; a session
     /// over its budget is cut and false returned.
     fn charge_churn(&mut self, session: SessionId, now: Instant) -> bool {
@@ -715,14 +729,16 @@ impl<S: SessionSink> HubState<S> {
     }
 
     fn on_subscribe(&mut self, session: SessionId, subscribe: Subscribe, now: Instant) {
-        let policy = self.config.policy.clone();
+        let upstream_of: Vec<Option<String>> = subscribe
+            .filters
+            .iter()
+            .map(|(filter, _)| self.upstream_of(filter))
+            .collect();
         let requested: Vec<(String, Option<QoS>)> = subscribe
             .filters
             .into_iter()
-            .map(|(filter, qos)| {
-                let permitted = policy.permits_filter(&filter);
-                (filter, permitted.then_some(qos))
-            })
+            .zip(&upstream_of)
+            .map(|((filter, qos), upstream)| (filter, upstream.is_some().then_some(qos)))
             .collect();
         self.counters.refused_filters +=
             requested.iter().filter(|(_, qos)| qos.is_none()).count() as u64;
@@ -750,41 +766,41 @@ impl<S: SessionSink> HubState<S> {
         let mut carried = Vec::new();
         let mut joiners = Vec::new();
         let mut joins_in_flight: Vec<(PacketId, String, QoS)> = Vec::new();
-        for (filter, qos) in &requested {
-            let Some(qos) = qos else {
+        for ((filter, qos), upstream) in requested.iter().zip(&upstream_of) {
+            let (Some(qos), Some(upstream)) = (qos, upstream) else {
                 continue;
             };
             let newly_held = entry.filters.insert(filter.clone(), *qos).is_none();
             if newly_held {
                 self.index.insert(filter, session);
             }
-            match self.upstream_filters.get_mut(filter) {
+            match self.upstream_filters.get_mut(upstream) {
                 None => {
                     self.upstream_filters.insert(
-                        filter.clone(),
+                        upstream.clone(),
                         UpstreamFilter {
                             holders: 1,
                             granted: None,
                         },
                     );
-                    carried.push(filter.clone());
+                    carried.push(upstream.clone());
                     joiners.push((filter.clone(), session, *qos));
                 }
-                Some(upstream) => {
+                Some(held) => {
                     if newly_held {
-                        upstream.holders += 1;
+                        held.holders += 1;
                     }
                     let in_flight = self.replays.iter().rev().find(|replay| {
                         !replay.suback_seen
                             && matches!(
                                 self.pending.get(&replay.subscribe_id),
-                                Some(Pending::Subscribe { filters }) if filters.contains(filter)
+                                Some(Pending::Subscribe { filters }) if filters.contains(upstream)
                             )
                     });
                     if let Some(replay) = in_flight {
                         // Its retained messages have not started yet.
                         joins_in_flight.push((replay.subscribe_id, filter.clone(), *qos));
-                    } else if upstream.granted.is_none() {
+                    } else if held.granted.is_none() {
                         // Subscribing, but its replay was forgotten: it
                         // waits for the grant without retained messages.
                     } else if replay_wanted(
@@ -792,7 +808,9 @@ impl<S: SessionSink> HubState<S> {
                         self.seen_retained.as_ref(),
                         filter,
                     ) {
-                        carried.push(filter.clone());
+                        if !carried.contains(upstream) {
+                            carried.push(upstream.clone());
+                        }
                         joiners.push((filter.clone(), session, *qos));
                     }
                 }
@@ -852,8 +870,8 @@ impl<S: SessionSink> HubState<S> {
         let reaches_upstream = unsubscribe.filters.iter().any(|filter| {
             entry.filters.contains_key(filter)
                 && self
-                    .upstream_filters
-                    .get(filter)
+                    .upstream_of(filter)
+                    .and_then(|upstream| self.upstream_filters.get(&upstream))
                     .is_some_and(|upstream| upstream.holders == 1)
         });
         if reaches_upstream && !self.charge_churn(session, now) {
@@ -888,7 +906,8 @@ impl<S: SessionSink> HubState<S> {
                     let Some(requested) = requested else {
                         return Some(SubscribeReturnCode::Failure);
                     };
-                    let granted = self.upstream_filters.get(filter)?.granted?;
+                    let upstream = self.upstream_of(filter)?;
+                    let granted = self.upstream_filters.get(&upstream)?.granted?;
                     Some(match granted {
                         SubscribeReturnCode::Success(upstream) => {
                             SubscribeReturnCode::Success((*requested).min(upstream))
@@ -1009,6 +1028,10 @@ impl<S: SessionSink> HubState<S> {
     }
 
     fn release_upstream(&mut self, filter: &str) {
+        let Some(filter) = self.upstream_of(filter) else {
+            return;
+        };
+        let filter = filter.as_str();
         let Some(upstream) = self.upstream_filters.get_mut(filter) else {
             return;
         };

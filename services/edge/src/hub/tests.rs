@@ -1142,3 +1142,60 @@ fn twenty_apps_asking_pushall_cost_the_printer_one() {
     );
     assert_eq!(hub.upstream(), vec![]);
 }
+
+#[test]
+fn wildcards_on_a_bambu_printer_are_served_from_the_report() {
+    let mut hub = bambu_hub();
+    hub.attach(1);
+    hub.client(
+        1,
+        subscribe(
+            3,
+            &[("#", QoS::AtMostOnce), ("device/+/report", QoS::AtMostOnce)],
+        ),
+    );
+    let upstream = hub.upstream_subscribe();
+    assert_eq!(
+        upstream.filters,
+        vec![("device/X1/report".to_owned(), QoS::AtLeastOnce)],
+        "the printer sees its own report topic only"
+    );
+    hub.printer(suback(
+        upstream.packet_id.get(),
+        &[granted(QoS::AtMostOnce)],
+    ));
+    let received = hub.received(1);
+    assert_eq!(
+        received.first(),
+        Some(&suback(
+            3,
+            &[granted(QoS::AtMostOnce), granted(QoS::AtMostOnce)]
+        ))
+    );
+    hub.printer(report(r#"{"print":{"msg":1}}"#));
+    assert_eq!(hub.publishes(1).len(), 1, "once, though two filters match");
+    // Still refused: what cannot match the report.
+    hub.client(1, subscribe(4, &[("device/X2/#", QoS::AtMostOnce)]));
+    assert_eq!(
+        hub.received(1),
+        vec![suback(4, &[SubscribeReturnCode::Failure])]
+    );
+    // Dropping both filters unsubscribes the report upstream once.
+    hub.client(
+        1,
+        Packet::Unsubscribe(Unsubscribe {
+            packet_id: id(5),
+            filters: vec!["#".into(), "device/+/report".into()],
+        }),
+    );
+    // (The hub's own pushall, asked for at the SUBACK, went before.)
+    let after: Vec<Packet> = hub
+        .upstream()
+        .into_iter()
+        .filter(|packet| !matches!(packet, Packet::Publish(_)))
+        .collect();
+    assert!(
+        matches!(after.as_slice(), [Packet::Unsubscribe(u)] if u.filters == vec!["device/X1/report".to_owned()]),
+        "{after:?}"
+    );
+}

@@ -407,12 +407,14 @@ async fn serve_printer_link(
     tracing::info!(link = link_id, "printer link open");
     let (mut printer_read, mut printer_write) = tokio::io::split(stream);
     let (answers, mut answer_queue) = mpsc::channel(64);
+    let own_topics = OwnTopics::of(&printer);
     let to_printer = relay(
         &mut recv,
         &mut printer_write,
         from_edge,
         Direction::ToPrinter {
             read_only,
+            own_topics: own_topics.as_ref(),
             answers: &answers,
         },
     );
@@ -450,11 +452,34 @@ async fn serve_printer_link(
 enum Direction<'a> {
     ToPrinter {
         read_only: bool,
+        /// A Bambu printer's own topics: nothing else reaches it.
+        own_topics: Option<&'a OwnTopics>,
         answers: &'a mpsc::Sender<Packet>,
     },
     ToEdge {
         answers: &'a mut mpsc::Receiver<Packet>,
     },
+}
+
+/// A Bambu printer's two topics. A real printer drops its whole MQTT
+/// connection when a client subscribes to another serial's topics; the edge
+/// never asks for one, and the agent, the LAN's last line, makes sure.
+#[derive(Debug)]
+struct OwnTopics {
+    report: String,
+    request: String,
+}
+
+impl OwnTopics {
+    fn of(printer: &PrinterConfig) -> Option<OwnTopics> {
+        match &printer.kind {
+            crate::config::PrinterKind::Bambu { serial, .. } => Some(OwnTopics {
+                report: format!("device/{serial}/report"),
+                request: format!("device/{serial}/request"),
+            }),
+            crate::config::PrinterKind::Mqtt { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -497,8 +522,49 @@ where
         loop {
             match mqtt::decode_with_bytes(&mut buffer, MAX_PACKET) {
                 Ok(Some((packet, wire))) => {
-                    if let Direction::ToPrinter { read_only, answers } = &direction {
+                    if let Direction::ToPrinter {
+                        read_only,
+                        own_topics,
+                        answers,
+                    } = &direction
+                    {
                         match &packet {
+                            Packet::Subscribe(subscribe)
+                                if own_topics.is_some_and(|own| {
+                                    subscribe
+                                        .filters
+                                        .iter()
+                                        .any(|(filter, _)| *filter != own.report)
+                                }) =>
+                            {
+                                tracing::warn!(
+                                    "refused a SUBSCRIBE to topics not the printer's own"
+                                );
+                                let refused = Packet::SubAck(mqtt::SubAck {
+                                    packet_id: subscribe.packet_id,
+                                    return_codes: vec![
+                                        mqtt::SubscribeReturnCode::Failure;
+                                        subscribe.filters.len()
+                                    ],
+                                });
+                                if answers.send(refused).await.is_err() {
+                                    return closed;
+                                }
+                                continue;
+                            }
+                            Packet::Publish(publish)
+                                if own_topics.is_some_and(|own| publish.topic != own.request) =>
+                            {
+                                tracing::warn!(
+                                    "dropped a PUBLISH to a topic not the printer's own"
+                                );
+                                if let Some(id) = publish.packet_id
+                                    && answers.send(Packet::PubAck(id)).await.is_err()
+                                {
+                                    return closed;
+                                }
+                                continue;
+                            }
                             Packet::Publish(publish) if *read_only => {
                                 tracing::info!("dropped a PUBLISH: this agent is read-only");
                                 if let Some(id) = publish.packet_id

@@ -197,16 +197,41 @@ async fn a_printer_slower_than_the_edge_waits_gives_1014() {
 /// copy it brings back reaches that subscriber only.
 #[tokio::test]
 async fn retained_messages_reach_later_subscribers() {
-    // The Bambu policy allows neither this topic nor retained messages
-    // (a real printer has no use for them); the hub's replay is what is
-    // tested here, so the edge allows both.
+    // A Bambu printer has no use for retained messages, and neither the
+    // edge nor the agent lets an app publish anywhere but its request
+    // topic. The hub's replay is what is tested here, so the agent reaches
+    // the simulator as a generic broker (kind `mqtt`, user bblp over TLS),
+    // which retains what it is given.
     let world = world_with(
         ACCESS_CODE,
-        |edge| {
-            edge.printers.bambu.allow = vec!["device/{serial}/#".into()];
-            edge.printers.bambu.retain = true;
-        },
         |_| {},
+        |agent| {
+            let relay_agent::config::PrinterSection::Bambu {
+                host,
+                port,
+                access_code,
+                ..
+            } = agent.printer.clone()
+            else {
+                unreachable!()
+            };
+            agent.printer = relay_agent::config::PrinterSection::Mqtt {
+                host,
+                port,
+                username: Some("bblp".into()),
+                password: Some(access_code),
+                keep_alive_seconds: None,
+                tls: true,
+                // The simulator's certificate is named by the serial, as a
+                // Bambu printer's; a generic broker's check wants the host.
+                ca_file: None,
+                insecure: true,
+                protocol: None,
+                client_cert: None,
+                client_key: None,
+                ciphers: None,
+            };
+        },
     )
     .await;
     let state_topic = format!("device/{SERIAL}/state");
@@ -337,6 +362,76 @@ async fn failed_hellos_are_rate_limited_per_address() {
             RateLimited
         ]
     );
+    world.agent.cancel();
+    world.edge.stop().await;
+}
+
+/// Defence in depth: with an edge misconfigured to allow anything on a
+/// Bambu printer, the agent still lets only the printer's own topics
+/// through. A SUBSCRIBE to another serial's report gets SUBACK 0x80 from
+/// the agent, and a PUBLISH elsewhere is acknowledged and dropped: the
+/// printer (which would drop every app) never sees them.
+#[tokio::test]
+async fn the_agent_lets_only_the_printers_own_topics_through() {
+    let world = world_with(
+        ACCESS_CODE,
+        |edge| {
+            edge.printers.bambu.allow = vec!["#".into()];
+            edge.printers.bambu.retain = true;
+        },
+        |_| {},
+    )
+    .await;
+    let observations = world.simulator.observations();
+    let mut app = subscribed_client(&world, "app").await;
+    // The hub's own pushall (asked for the first subscriber) is through
+    // once the full report is here.
+    loop {
+        if next_publish(&mut app).await.payload.len() > 4_000 {
+            break;
+        }
+    }
+    let publishes_before = observations.publishes.load(Ordering::SeqCst);
+    let mut stray =
+        Client::connect(&world.edge, &world.edge.bearer(), connect_packet("stray")).await;
+    stray
+        .send(&Packet::Subscribe(Subscribe {
+            packet_id: PacketId::new(3).unwrap(),
+            filters: vec![("device/01P00A000000000/report".into(), QoS::AtMostOnce)],
+        }))
+        .await;
+    match stray.next().await {
+        Some(Packet::SubAck(suback)) => assert_eq!(
+            suback.return_codes,
+            vec![relay_proto::mqtt::SubscribeReturnCode::Failure]
+        ),
+        other => panic!("expected SUBACK 0x80, got {other:?}"),
+    }
+    stray
+        .send(&Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "device/01P00A000000000/request".into(),
+            packet_id: Some(PacketId::new(4).unwrap()),
+            payload: Bytes::from_static(b"{}"),
+        }))
+        .await;
+    loop {
+        match stray.next().await {
+            Some(Packet::PubAck(id)) if id.get() == 4 => break,
+            Some(Packet::Publish(_)) => {}
+            other => panic!("expected the PUBACK, got {other:?}"),
+        }
+    }
+    assert_eq!(observations.foreign_subscribes.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        observations.publishes.load(Ordering::SeqCst),
+        publishes_before
+    );
+    assert_eq!(observations.connections.load(Ordering::SeqCst), 1);
+    // The other app is still served.
+    next_publish(&mut app).await;
     world.agent.cancel();
     world.edge.stop().await;
 }

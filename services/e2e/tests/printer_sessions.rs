@@ -507,10 +507,11 @@ async fn late_joiners_get_the_full_state_and_pushall_is_absorbed() {
         apps.push(app);
     }
     assert_eq!(
-        observations.publishes.load(Ordering::SeqCst),
+        observations.pushalls.load(Ordering::SeqCst),
         1,
         "one pushall reached the printer: the hub's own"
     );
+    assert_eq!(observations.penalized_pushalls.load(Ordering::SeqCst), 0);
     world.agent.cancel();
     world.edge.stop().await;
 }

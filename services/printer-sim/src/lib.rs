@@ -61,6 +61,10 @@ pub struct SimulatorConfig {
     pub over_limit: OverLimit,
     /// TLS as on real printers; off for plain-MQTT tests.
     pub tls: bool,
+    /// A `pushall` that comes sooner than this after the last one is
+    /// answered only after `pushall_penalty` (a printer handles it poorly).
+    pub pushall_min_interval: Duration,
+    pub pushall_penalty: Duration,
 }
 
 impl SimulatorConfig {
@@ -73,6 +77,8 @@ impl SimulatorConfig {
             client_limit: 4,
             over_limit: OverLimit::Refuse,
             tls: true,
+            pushall_min_interval: Duration::from_secs(5),
+            pushall_penalty: Duration::from_secs(2),
         }
     }
 
@@ -103,6 +109,10 @@ pub struct Observations {
     /// SUBSCRIBEs naming another serial's topics; each dropped its client,
     /// as a real printer does.
     pub foreign_subscribes: AtomicUsize,
+    /// `pushall` requests received, and how many came too soon (answered
+    /// late, with the penalty).
+    pub pushalls: AtomicUsize,
+    pub penalized_pushalls: AtomicUsize,
     /// Reports sent, counted once per report (not per client).
     pub reports: AtomicU64,
     /// Woken whenever a connection is accepted or refused, or a SUBSCRIBE
@@ -159,6 +169,8 @@ struct Shared {
     retained: Mutex<HashMap<String, Bytes>>,
     sequence: AtomicU64,
     next_client: AtomicU64,
+    /// When the last `pushall` came.
+    last_pushall: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// A running simulator; stops when dropped or with [`RunningSimulator::stop`].
@@ -237,6 +249,7 @@ impl RunningSimulator {
             retained: Mutex::new(HashMap::new()),
             sequence: AtomicU64::new(0),
             next_client: AtomicU64::new(0),
+            last_pushall: Mutex::new(None),
         });
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -387,6 +400,30 @@ async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
 }
 
 /// Sends a PUBLISH to every client with a matching filter (QoS 0).
+/// Counts a `pushall`; the delay of its answer when it came too soon.
+fn pushall_delay(shared: &Shared, payload: &[u8]) -> Option<Duration> {
+    let is_pushall = serde_json::from_slice::<serde_json::Value>(payload)
+        .is_ok_and(|request| request["pushing"]["command"] == "pushall");
+    if !is_pushall {
+        return None;
+    }
+    shared.observations.pushalls.fetch_add(1, Ordering::SeqCst);
+    let now = tokio::time::Instant::now();
+    let mut last = shared.last_pushall.lock().ok()?;
+    let too_soon =
+        last.is_some_and(|at| now.duration_since(at) < shared.config.pushall_min_interval);
+    *last = Some(now);
+    if too_soon {
+        shared
+            .observations
+            .penalized_pushalls
+            .fetch_add(1, Ordering::SeqCst);
+        Some(shared.config.pushall_penalty)
+    } else {
+        None
+    }
+}
+
 fn route(shared: &Shared, topic: &str, payload: Bytes, retain: bool, encoded: Option<Bytes>) {
     let bytes = encoded.unwrap_or_else(|| {
         let mut bytes = BytesMut::new();
@@ -581,7 +618,7 @@ async fn write_packet<IO: AsyncWrite + Unpin>(io: &mut IO, packet: &Packet) -> s
 /// with, or `Err` when the client broke the protocol.
 fn handle_packets(
     buffer: &mut BytesMut,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     filters: &Mutex<Vec<String>>,
     silent: bool,
 ) -> Result<BytesMut, ()> {
@@ -652,13 +689,29 @@ fn handle_packets(
                 if publish.topic == shared.config.request_topic() {
                     let sequence = shared.sequence.fetch_add(1, Ordering::SeqCst);
                     if let Some(answer) = reports::answer(&publish.payload, sequence) {
-                        route(
-                            shared,
-                            &shared.config.report_topic(),
-                            Bytes::from(answer),
-                            false,
-                            None,
-                        );
+                        let delay = pushall_delay(shared, &publish.payload);
+                        match delay {
+                            None => route(
+                                shared,
+                                &shared.config.report_topic(),
+                                Bytes::from(answer),
+                                false,
+                                None,
+                            ),
+                            Some(delay) => {
+                                let shared = shared.clone();
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(delay).await;
+                                    route(
+                                        &shared,
+                                        &shared.config.report_topic(),
+                                        Bytes::from(answer),
+                                        false,
+                                        None,
+                                    );
+                                });
+                            }
+                        }
                     }
                 } else {
                     let mut encoded = BytesMut::new();

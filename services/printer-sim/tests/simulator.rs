@@ -256,6 +256,43 @@ async fn a_subscribe_to_another_serials_topics_drops_the_client() {
     assert!(matches!(peer.next().await, Some(Packet::SubAck(_))));
 }
 
+/// A `pushall` sooner than the printer likes is answered late (counted),
+/// as printers handle it poorly.
+#[tokio::test]
+async fn a_pushall_too_soon_is_answered_with_a_penalty() {
+    let mut config = plain_config();
+    config.pushall_min_interval = Duration::from_secs(60);
+    config.pushall_penalty = Duration::from_millis(100);
+    let simulator = RunningSimulator::start(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let (mut peer, _) = plain_peer(&simulator, CODE).await;
+    peer.subscribe(&format!("device/{SERIAL}/report")).await;
+    for _ in 0..2 {
+        peer.send(Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: format!("device/{SERIAL}/request"),
+            packet_id: None,
+            payload: Bytes::from_static(br#"{"pushing":{"sequence_id":"1","command":"pushall"}}"#),
+        }))
+        .await;
+    }
+    // Both are answered, the second after its penalty.
+    let mut full = 0;
+    while full < 2 {
+        if let Some(Packet::Publish(report)) = peer.next().await
+            && report.payload.len() > 4_000
+        {
+            full += 1;
+        }
+    }
+    let observations = simulator.observations();
+    assert_eq!(observations.pushalls.load(Ordering::SeqCst), 2);
+    assert_eq!(observations.penalized_pushalls.load(Ordering::SeqCst), 1);
+}
+
 /// The TLS certificate is named only by the serial (common name, no SAN),
 /// as on real printers; a client must check the chain and the CN itself.
 #[tokio::test]

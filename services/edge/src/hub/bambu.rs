@@ -246,6 +246,43 @@ mod tests {
         assert!(fresh.full_report().is_none());
     }
 
+    /// A real printer's full report and recorded deltas (from pybambu's
+    /// test data): each delta lands where pybambu's models would put it,
+    /// and nothing else of the report moves.
+    #[test]
+    fn recorded_deltas_of_a_real_printer_merge_into_its_full_report() {
+        let fixture: Value =
+            serde_json::from_str(include_str!("testdata/pybambu-h2d.json")).unwrap();
+        let mut state = state();
+        let now = Instant::now();
+        let mut full = fixture["push_all"].clone();
+        full["msg"] = json!(0);
+        state
+            .on_report(&bytes(json!({ "print": full })), now)
+            .unwrap();
+        let mut expected = full.clone();
+        for (name, delta) in fixture["deltas"].as_object().unwrap() {
+            let mut print = delta.clone();
+            print["msg"] = json!(1);
+            state
+                .on_report(&bytes(json!({ "print": print })), now)
+                .unwrap_or_else(|error| panic!("{name}: {error}"));
+        }
+        // By hand, what each delta changes:
+        expected["home_flag"] = json!(-1058546177);
+        expected["stat"] = json!("46A58008");
+        expected["device"]["extruder"]["state"] = json!(274);
+        expected["device"]["nozzle"]["info"] =
+            fixture["deltas"]["push_alt_nozzle_info"]["device"]["nozzle"]["info"].clone();
+        let merged: Value = serde_json::from_slice(&state.full_report().unwrap()).unwrap();
+        assert_eq!(merged, json!({ "print": expected }));
+        // The extruder's per-nozzle info (an object's other key) stayed.
+        assert_eq!(
+            merged["print"]["device"]["extruder"]["info"][0]["temp"],
+            14745864
+        );
+    }
+
     #[test]
     fn the_state_is_bounded() {
         let mut state = state();

@@ -504,3 +504,19 @@ fn connect_debug_hides_the_password() {
     assert!(!printed.contains("s3cr3t"), "{printed}");
     assert!(printed.contains("redacted"));
 }
+
+/// An oversized packet is refused from its fixed header alone, and the
+/// buffer is left as it was: a caller may skip the packet and go on.
+#[test]
+fn an_oversized_packet_leaves_the_buffer_untouched() {
+    let mut buffer = bytes::BytesMut::from(&[0x30u8, 0xff, 0xff, 0x03, b'x'][..]);
+    let before = buffer.clone();
+    assert!(matches!(
+        relay_proto::mqtt::decode(&mut buffer, 1024),
+        Err(relay_proto::mqtt::DecodeError::PacketTooLarge {
+            size: 65_539,
+            max: 1024
+        })
+    ));
+    assert_eq!(buffer, before);
+}

@@ -76,8 +76,10 @@ impl FixedHeader {
 /// untouched. On success the packet's bytes are removed from the buffer. A
 /// packet whose size (fixed header included) exceeds `max_packet_size` is
 /// refused as soon as its fixed header is readable, before its body is
-/// buffered or anything is allocated. After an error the connection must be
-/// closed; the buffer's contents are unspecified.
+/// buffered or anything is allocated; the buffer is then left untouched, so
+/// a caller may skip the packet's `size` bytes and go on. After any other
+/// error the connection must be closed; the buffer's contents are
+/// unspecified.
 pub fn decode(
     buffer: &mut BytesMut,
     max_packet_size: usize,

@@ -860,3 +860,33 @@ async fn upgraded_sockets_count_as_open_connections() {
         .expect("the gauge came back to 0");
     edge.stop().await;
 }
+
+/// A printer packet over `max_printer_packet` is skipped, not the end of
+/// the printer link: before, one oversized report ended the hub and every
+/// app got 1014.
+#[tokio::test]
+async fn an_oversized_printer_packet_is_skipped_and_the_apps_stay() {
+    let edge = TestEdge::start().await;
+    let mut printer = online_with_scripted_printer(&edge);
+    let mut app = Client::connect(&edge, &edge.bearer(), connect_packet("app")).await;
+    app.send(&subscribe(1, &[("t", QoS::AtMostOnce)])).await;
+    grant(&mut printer, QoS::AtMostOnce).await;
+    assert!(matches!(app.next().await, Some(Packet::SubAck(_))));
+    static HUGE: [u8; 300 * 1024] = [b'x'; 300 * 1024];
+    printer
+        .send(&publish("t", QoS::AtMostOnce, None, &HUGE))
+        .await;
+    printer
+        .send(&publish("t", QoS::AtMostOnce, None, b"small"))
+        .await;
+    match app.next().await {
+        Some(Packet::Publish(next)) => assert_eq!(next.payload, Bytes::from_static(b"small")),
+        other => panic!("expected the small message, got {other:?}"),
+    }
+    let metrics = edge.admin_get("/metrics").await.1;
+    assert!(
+        metrics.contains(r#"relay_edge_hub_refusals_total{what="oversized_upstream"} 1"#),
+        "{metrics}"
+    );
+    edge.stop().await;
+}

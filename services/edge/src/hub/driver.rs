@@ -89,6 +89,11 @@ fn export_counters(
             exported.oversized_reports,
         ),
         (
+            "oversized_upstream",
+            current.oversized_upstream,
+            exported.oversized_upstream,
+        ),
+        (
             "pushall_absorbed",
             current.pushalls_absorbed,
             exported.pushalls_absorbed,
@@ -126,14 +131,33 @@ where
     let bytes_out = byte_counter.as_ref().map(|c| c.with_label_values(&["out"]));
     let max_upstream_packet = config.max_upstream_packet;
     let mut state: HubState<OutboundSender> = HubState::new(config, now());
+    // Bytes of an oversized upstream packet still to be thrown away.
+    let mut skipping = 0usize;
     let end = loop {
         // Packets already buffered: what came with the link's first frame,
         // or the rest of the last read.
         let now_at_read = now();
         loop {
+            if skipping > 0 {
+                let buffer = reader.buffer_mut();
+                let skipped = skipping.min(buffer.len());
+                let _ = buffer.split_to(skipped);
+                skipping -= skipped;
+                if skipping > 0 {
+                    break;
+                }
+            }
             match mqtt::decode(reader.buffer_mut(), max_upstream_packet) {
                 Ok(Some(packet)) => state.handle_upstream_packet(packet, now_at_read),
                 Ok(None) => break,
+                // One packet over the limit is skipped (its bytes are
+                // known from its header), not the end of the link: a
+                // printer's oversized report must not cut every app off.
+                Err(mqtt::DecodeError::PacketTooLarge { size, max }) => {
+                    tracing::warn!(size, max, "skipped an upstream packet over the size limit");
+                    state.handle_upstream_oversized();
+                    skipping = size;
+                }
                 Err(error) => {
                     state.handle_upstream_error(error);
                     break;

@@ -88,6 +88,8 @@ pub struct HubCounters {
     pub rate_cuts: u64,
     /// Bambu reports passed on but not kept (over the state's bound).
     pub oversized_reports: u64,
+    /// Upstream packets over `max_upstream_packet`, skipped.
+    pub oversized_upstream: u64,
     /// Apps' `pushall`s answered from the state or by another's answer,
     /// instead of reaching the printer.
     pub pushalls_absorbed: u64,
@@ -592,6 +594,12 @@ impl<S: SessionSink> HubState<S> {
                     )));
             }
         }
+    }
+
+    /// The upstream sent a packet over `max_upstream_packet`; the driver
+    /// skips its bytes and the link goes on.
+    pub fn handle_upstream_oversized(&mut self) {
+        self.counters.oversized_upstream += 1;
     }
 
     /// Bytes from the upstream that do not decode.

@@ -518,8 +518,18 @@ where
         Direction::ToEdge { .. } => RelayEnd::PrinterClosed,
     };
     let mut out = BytesMut::new();
+    // Bytes of an oversized printer packet still to be thrown away.
+    let mut skipping = 0usize;
     loop {
         loop {
+            if skipping > 0 {
+                let skipped = skipping.min(buffer.len());
+                let _ = buffer.split_to(skipped);
+                skipping -= skipped;
+                if skipping > 0 {
+                    break;
+                }
+            }
             match mqtt::decode_with_bytes(&mut buffer, MAX_PACKET) {
                 Ok(Some((packet, wire))) => {
                     if let Direction::ToPrinter {
@@ -590,6 +600,15 @@ where
                     out.extend_from_slice(&wire);
                 }
                 Ok(None) => break,
+                // A printer packet over the limit is skipped (its size is
+                // in its header): one oversized report must not end the
+                // link for every app. From the edge, it is a violation.
+                Err(mqtt::DecodeError::PacketTooLarge { size, max })
+                    if matches!(direction, Direction::ToEdge { .. }) =>
+                {
+                    tracing::warn!(size, max, "skipped a printer packet over the size limit");
+                    skipping = size;
+                }
                 Err(error) => return RelayEnd::Refused(error.into()),
             }
         }

@@ -472,3 +472,43 @@ async fn sys_topics_are_the_one_filter_refused_compared_with_mosquitto() {
     stop.cancel();
     edge.stop().await;
 }
+
+/// A broker message too large for the relay (over the agent's 1 MiB, and
+/// the edge's 256 KiB) is skipped where it is found too large, not the end
+/// of the printer link: the app behind the relay gets the next message and
+/// stays connected. Before, the agent ended the link and every app got 1014.
+#[tokio::test]
+async fn a_message_too_large_for_the_relay_is_skipped_and_the_app_stays() {
+    let (edge, broker, stop) = edge_with_agent(PASSWORD).await;
+    let ca = edge.pki.dir.join("broker-ca.pem");
+    let relay_apps = Apps {
+        edge: &edge,
+        broker: &broker,
+        ca: &ca,
+        through_relay: true,
+    };
+    let direct_apps = Apps {
+        through_relay: false,
+        ..relay_apps
+    };
+    let mut reader = relay_apps.open("reader", None).await;
+    reader.subscribe("big/#", QoS::AtMostOnce).await;
+    let mut writer = direct_apps.open("writer", None).await;
+    for payload in [vec![b'x'; 1_500_000], vec![b'y'; 400_000]] {
+        writer
+            .send(&Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain: false,
+                topic: "big/x".into(),
+                packet_id: None,
+                payload: Bytes::from(payload),
+            }))
+            .await;
+    }
+    writer.publish("big/x", b"small", false).await;
+    let next = reader.next_publish().await;
+    assert_eq!(next.payload, Bytes::from_static(b"small"));
+    stop.cancel();
+    edge.stop().await;
+}

@@ -47,6 +47,10 @@ struct Flags {
     /// Log as JSON lines
     #[arg(long, env = "RELAY_LOG_JSON")]
     log_json: bool,
+    /// Check the configuration (file, environment and flags) and exit: 0
+    /// when it is valid, 64 listing every problem. Nothing is started.
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn load(flags: &Flags) -> Result<EdgeConfig, String> {
@@ -111,6 +115,10 @@ async fn main() -> ExitCode {
     if let Err(problems) = config.validate() {
         eprint!("relay-edge: {problems}");
         return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    if flags.check_config {
+        println!("relay-edge: the configuration is valid");
+        return ExitCode::SUCCESS;
     }
     let grace = Duration::from_secs(config.shutdown.grace_period_seconds);
     let edge = match RunningEdge::start(config).await {

@@ -146,6 +146,36 @@ impl Metrics {
         }
     }
 
+    /// The name of every metric this edge exports (series of a labelled
+    /// metric appear in `/metrics` only once they have a value; the names
+    /// are known from the start), for checking dashboards and alerts.
+    pub fn names(&self) -> Vec<String> {
+        use prometheus::core::Collector;
+        let collectors: [&dyn Collector; 13] = [
+            &self.connections,
+            &self.connections_open,
+            &self.tls_handshake_failures,
+            &self.upgrades,
+            &self.auth_failures,
+            &self.sessions_open,
+            &self.bytes,
+            &self.messages,
+            &self.close_codes,
+            &self.connacks,
+            &self.printer_bytes,
+            &self.agents_connected,
+            &self.hub_refusals,
+        ];
+        let mut names: Vec<String> = collectors
+            .iter()
+            .flat_map(|collector| collector.desc())
+            .map(|desc| desc.fq_name.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
@@ -159,5 +189,26 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// `names` lists every metric this file registers.
+    #[test]
+    fn names_cover_every_registered_metric() {
+        let source = include_str!("metrics.rs");
+        let mut registered: Vec<String> = source
+            .split('"')
+            .filter(|part| {
+                part.len() > "relay_edge_".len()
+                    && part.starts_with("relay_edge_")
+                    && part.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            })
+            .map(str::to_owned)
+            .collect();
+        registered.sort();
+        registered.dedup();
+        assert_eq!(super::Metrics::new().names(), registered);
     }
 }

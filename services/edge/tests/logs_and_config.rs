@@ -187,3 +187,34 @@ fn the_readme_certificate_steps_make_a_certificate_the_agent_accepts() {
     assert!(as_leaf.is_err());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The alerts and the dashboard of deploy/kubernetes use only metrics the
+/// edge exports.
+#[test]
+fn the_kubernetes_alerts_and_dashboard_name_real_metrics() {
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/kubernetes/components/monitoring"
+    );
+    let exported = relay_edge::metrics::Metrics::new().names();
+    let mut used = Vec::new();
+    for file in ["prometheusrule.yaml", "relay-edge.json"] {
+        let text = std::fs::read_to_string(format!("{dir}/{file}")).unwrap();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("relay_edge_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            used.push((file, name));
+        }
+    }
+    assert!(used.len() >= 8, "{used:?}");
+    for (file, name) in used {
+        assert!(
+            exported.contains(&name),
+            "{file} uses {name}, which the edge does not export"
+        );
+    }
+}

@@ -11,6 +11,7 @@ RUN cargo build --release --locked -p relay-agent \
 # distroless: glibc and CA roots, no shell, runs as uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/relay-agent /usr/local/bin/relay-agent
-USER nonroot:nonroot
+# distroless's nonroot user, by number (hadolint DL3066)
+USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/relay-agent"]
 CMD ["--config", "/etc/relay/agent.toml"]

@@ -12,7 +12,8 @@ RUN cargo build --release --locked -p relay-edge -p relayctl \
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/ /usr/local/bin/
-USER nonroot:nonroot
+# distroless's nonroot user, by number (hadolint DL3066)
+USER 65532:65532
 # wss, agents' QUIC (UDP), admin (/metrics, /healthz, /readyz)
 EXPOSE 8443 7443/udp 9090
 ENTRYPOINT ["/usr/local/bin/relay-edge"]

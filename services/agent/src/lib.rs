@@ -9,5 +9,6 @@
 
 pub mod config;
 pub mod printer;
+pub mod setup;
 pub mod standby;
 pub mod tunnel;

@@ -1,5 +1,6 @@
 //! `relay-agent --config agent.toml`: runs the agent beside one printer.
 //! Exits with 64 on a bad configuration, listing every problem.
+//! `relay-agent setup` writes that file, asking for what it needs.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,12 +13,16 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "relay-agent",
     version,
-    about = "relay's agent: shares one printer connection through the edge"
+    about = "relay's agent: shares one printer connection through the edge",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 struct Flags {
+    #[command(subcommand)]
+    command: Option<Subcommand>,
     /// TOML configuration file
-    #[arg(long, env = "RELAY_AGENT_CONFIG")]
-    config: PathBuf,
+    #[arg(long, env = "RELAY_AGENT_CONFIG", required = true)]
+    config: Option<PathBuf>,
     /// Overrides edge.address
     #[arg(long, env = "RELAY_AGENT_EDGE")]
     edge_address: Option<String>,
@@ -27,6 +32,13 @@ struct Flags {
     /// Overrides printer.access_code of a Bambu printer
     #[arg(long, env = "RELAY_AGENT_ACCESS_CODE", hide_env_values = true)]
     access_code: Option<String>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Subcommand {
+    /// Write the configuration file, asking for what it needs (or from
+    /// flags), then try the edge and the printer
+    Setup(relay_agent::setup::SetupArgs),
 }
 
 fn apply_overrides(config: &mut AgentConfig, flags: &Flags) -> Result<(), Vec<String>> {
@@ -55,12 +67,20 @@ async fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).init();
     let flags = Flags::parse();
-    let text = match std::fs::read_to_string(&flags.config) {
+    if let Some(Subcommand::Setup(args)) = flags.command {
+        return ExitCode::from(relay_agent::setup::run(args).await);
+    }
+    // Required by clap unless a subcommand was given.
+    let Some(config_path) = flags.config.clone() else {
+        eprintln!("relay-agent: --config is required");
+        return ExitCode::from(64);
+    };
+    let text = match std::fs::read_to_string(&config_path) {
         Ok(text) => text,
         Err(error) => {
             eprintln!(
                 "relay-agent: cannot read {}: {error}",
-                flags.config.display()
+                config_path.display()
             );
             return ExitCode::from(64);
         }

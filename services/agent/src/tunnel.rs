@@ -11,8 +11,8 @@ use bytes::BytesMut;
 use relay_io::{FrameError, FramedReader};
 use relay_proto::mqtt::{self, Packet};
 use relay_proto::tunnel::{
-    self, GoAwayReason, Hello, LinkAccept, LinkDownReason, LinkRefused, LinkState, Message,
-    PrinterLink, RefusalReason, TunnelError,
+    self, GoAwayReason, Hello, HelloAck, LinkAccept, LinkDownReason, LinkRefused, LinkState,
+    Message, PrinterLink, RefusalReason, TunnelError,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -173,9 +173,28 @@ pub async fn run_once(
     standby: Option<Arc<Standby>>,
     stop: CancellationToken,
 ) -> TunnelEnd {
+    let (endpoint, connection) = match dial(config).await {
+        Ok(dialled) => dialled,
+        Err(end) => return end,
+    };
+    let end = serve_connection(config, &connection, printer, standby, stop).await;
+    let reason: &[u8] = match end {
+        TunnelEnd::Stopped => b"agent stopping",
+        _ => b"agent reconnecting",
+    };
+    connection.close(
+        quinn::VarInt::from_u32(tunnel::close_code::NO_ERROR),
+        reason,
+    );
+    endpoint.wait_idle().await;
+    end
+}
+
+/// A QUIC connection to the edge, handshake done.
+async fn dial(config: &AgentConfig) -> Result<(quinn::Endpoint, quinn::Connection), TunnelEnd> {
     let client = match client_config(config) {
         Ok(client) => client,
-        Err(error) => return error.into(),
+        Err(error) => return Err(error.into()),
     };
     let address = match tokio::net::lookup_host(&config.edge.address)
         .await
@@ -183,9 +202,9 @@ pub async fn run_once(
     {
         Ok(Some(address)) => address,
         Ok(None) | Err(_) => {
-            return TunnelEnd::Unresolvable {
+            return Err(TunnelEnd::Unresolvable {
                 address: config.edge.address.clone(),
-            };
+            });
         }
     };
     let server_name = config.edge.server_name.clone().unwrap_or_else(|| {
@@ -205,27 +224,62 @@ pub async fn run_once(
     .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let endpoint = match quinn::Endpoint::client(bind) {
         Ok(endpoint) => endpoint,
-        Err(error) => return TunnelEnd::Socket(error),
+        Err(error) => return Err(TunnelEnd::Socket(error)),
     };
     let connecting = match endpoint.connect_with(client, address, &server_name) {
         Ok(connecting) => connecting,
-        Err(error) => return error.into(),
+        Err(error) => return Err(error.into()),
     };
     let connection = match connecting.await {
         Ok(connection) => connection,
-        Err(error) => return TunnelEnd::Handshake(error),
+        Err(error) => return Err(TunnelEnd::Handshake(error)),
     };
-    let end = serve_connection(config, &connection, printer, standby, stop).await;
-    let reason: &[u8] = match end {
-        TunnelEnd::Stopped => b"agent stopping",
-        _ => b"agent reconnecting",
-    };
+    Ok((endpoint, connection))
+}
+
+/// Dials the edge and says HELLO, then hangs up: what `relay-agent setup`
+/// checks. The edge counts it as this device's agent for that moment (a
+/// running agent of the same device is fenced off and comes back later).
+pub async fn probe_edge(config: &AgentConfig) -> Result<HelloAck, TunnelEnd> {
+    let (endpoint, connection) = dial(config).await?;
+    let outcome = hello(config, &connection).await.map(|(_, _, ack)| ack);
     connection.close(
         quinn::VarInt::from_u32(tunnel::close_code::NO_ERROR),
-        reason,
+        b"agent probe",
     );
     endpoint.wait_idle().await;
-    end
+    outcome
+}
+
+/// HELLO on a new control stream, and the edge's answer.
+async fn hello(
+    config: &AgentConfig,
+    connection: &quinn::Connection,
+) -> Result<(quinn::SendStream, FramedReader<quinn::RecvStream>, HelloAck), TunnelEnd> {
+    let (mut control_send, control_recv) = connection.open_bi().await?;
+    let hello = Message::Hello(Hello {
+        version: tunnel::PROTOCOL_VERSION,
+        credential: config.edge.credential.clone(),
+        agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+    });
+    write_message(&mut control_send, &hello).await?;
+    let mut control_recv = FramedReader::new(control_recv);
+    let reply = match tokio::time::timeout(HELLO_TIMEOUT, control_recv.read_message()).await {
+        Ok(Ok(Some(reply))) => reply,
+        Ok(Ok(None)) => return Err(ControlError::Closed.into()),
+        Ok(Err(error)) => return Err(ControlError::from(error).into()),
+        Err(_) => return Err(TunnelEnd::HelloTimeout),
+    };
+    match reply {
+        Message::HelloAck(ack) => Ok((control_send, control_recv, ack)),
+        Message::HelloRefused(refused) => Err(TunnelEnd::Refused {
+            reason: refused.reason,
+            message: refused.message,
+        }),
+        other => Err(TunnelEnd::Unexpected {
+            message: other.name(),
+        }),
+    }
 }
 
 async fn write_message<W: AsyncWrite + Unpin>(
@@ -245,41 +299,11 @@ async fn serve_connection(
     standby: Option<Arc<Standby>>,
     stop: CancellationToken,
 ) -> TunnelEnd {
-    let (mut control_send, control_recv) = match connection.open_bi().await {
-        Ok(streams) => streams,
-        Err(error) => return error.into(),
+    let (mut control_send, mut control_recv, ack) = match hello(config, connection).await {
+        Ok(hello) => hello,
+        Err(end) => return end,
     };
-    let hello = Message::Hello(Hello {
-        version: tunnel::PROTOCOL_VERSION,
-        credential: config.edge.credential.clone(),
-        agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
-    });
-    if let Err(error) = write_message(&mut control_send, &hello).await {
-        return error.into();
-    }
-    let mut control_recv = FramedReader::new(control_recv);
-    let reply = match tokio::time::timeout(HELLO_TIMEOUT, control_recv.read_message()).await {
-        Ok(Ok(Some(reply))) => reply,
-        Ok(Ok(None)) => return ControlError::Closed.into(),
-        Ok(Err(error)) => return ControlError::from(error).into(),
-        Err(_) => return TunnelEnd::HelloTimeout,
-    };
-    match reply {
-        Message::HelloAck(ack) => {
-            tracing::info!(device = %ack.device_id, epoch = ack.epoch, "connected to the edge");
-        }
-        Message::HelloRefused(refused) => {
-            return TunnelEnd::Refused {
-                reason: refused.reason,
-                message: refused.message,
-            };
-        }
-        other => {
-            return TunnelEnd::Unexpected {
-                message: other.name(),
-            };
-        }
-    }
+    tracing::info!(device = %ack.device_id, epoch = ack.epoch, "connected to the edge");
 
     // Link-state reports go out on the control stream through one writer.
     let (reports, mut report_queue) = mpsc::channel::<Message>(64);

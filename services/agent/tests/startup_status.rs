@@ -156,3 +156,184 @@ async fn sigterm_stops_the_agent_and_the_edge_knows_at_once() {
         .expect("the edge saw the agent go");
     world.edge.stop().await;
 }
+
+/// The arguments of `relay-agent setup` for this world's edge and printer.
+fn setup_args(
+    world: &World,
+    file: &std::path::Path,
+    credential: &str,
+    access_code: &str,
+) -> Vec<String> {
+    let tunnel = world.edge.edge.as_ref().unwrap().tunnel_addr.unwrap();
+    let dir = &world.edge.pki.dir;
+    let edge_ca = write(dir, "setup-edge-ca.pem", &world.edge.pki.ca_pem());
+    let printer_ca = write(dir, "setup-printer-ca.pem", &world.simulator.ca_pem);
+    [
+        "setup".to_owned(),
+        "--config".into(),
+        file.display().to_string(),
+        "--edge".into(),
+        tunnel.to_string(),
+        "--server-name".into(),
+        format!("tunnel.{BASE_DOMAIN}"),
+        "--edge-ca".into(),
+        edge_ca.display().to_string(),
+        "--credential".into(),
+        credential.into(),
+        "--kind".into(),
+        "bambu".into(),
+        "--host".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        world.simulator.addr.port().to_string(),
+        "--serial".into(),
+        SERIAL.into(),
+        "--access-code".into(),
+        access_code.into(),
+        "--printer-ca".into(),
+        printer_ca.display().to_string(),
+    ]
+    .into()
+}
+
+/// `relay-agent setup` driven by flags: it writes a 0600 file the agent
+/// accepts, tries the edge and the printer, and says what works; a wrong
+/// access code is reported in plain words, and never printed.
+#[tokio::test]
+async fn setup_with_flags_writes_the_file_and_says_what_works() {
+    use std::os::unix::fs::PermissionsExt;
+    let world = world(ACCESS_CODE).await;
+    world.agent.cancel();
+    let (_, credential) = world
+        .edge
+        .database
+        .store
+        .rotate_agent_credential(&world.edge.device)
+        .await
+        .unwrap();
+    let file = world.edge.pki.dir.join("setup/agent.toml");
+    let output = Command::new(env!("CARGO_BIN_EXE_relay-agent"))
+        .args(setup_args(&world, &file, &credential.reveal(), ACCESS_CODE))
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("edge: works") && said.contains(&world.edge.device),
+        "{said}"
+    );
+    assert!(said.contains("printer: works"), "{said}");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let config =
+        relay_agent::config::AgentConfig::from_toml(&std::fs::read_to_string(&file).unwrap())
+            .unwrap();
+    assert!(config.validate().is_ok());
+
+    // Again, with a wrong access code: the file is refused without --force,
+    // then written, and the printer's refusal is said plainly.
+    let again = Command::new(env!("CARGO_BIN_EXE_relay-agent"))
+        .args(setup_args(&world, &file, &credential.reveal(), "wrongcod"))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(again.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    let forced = Command::new(env!("CARGO_BIN_EXE_relay-agent"))
+        .args(setup_args(&world, &file, &credential.reveal(), "wrongcod"))
+        .arg("--force")
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&forced.stdout).to_string()
+        + &String::from_utf8_lossy(&forced.stderr);
+    assert_eq!(forced.status.code(), Some(1), "{said}");
+    assert!(said.contains("printer: does not work"), "{said}");
+    assert!(
+        !said.contains("wrongcod") && !said.contains(&credential.reveal()),
+        "{said}"
+    );
+    world.edge.stop().await;
+}
+
+/// `relay-agent setup` in a terminal, as a person uses it (a tmux pane):
+/// it asks for what the flags left out, and the answers make a working
+/// configuration.
+#[tokio::test]
+async fn setup_in_a_terminal_asks_for_what_is_missing() {
+    let world = world(ACCESS_CODE).await;
+    world.agent.cancel();
+    let (_, credential) = world
+        .edge
+        .database
+        .store
+        .rotate_agent_credential(&world.edge.device)
+        .await
+        .unwrap();
+    let file = world.edge.pki.dir.join("tty/agent.toml");
+    let mut args = setup_args(&world, &file, &credential.reveal(), ACCESS_CODE);
+    // Leave out the credential and the access code: setup must ask.
+    for flag in ["--credential", "--access-code"] {
+        let at = args.iter().position(|arg| arg == flag).unwrap();
+        args.drain(at..at + 2);
+    }
+    let session = format!("relay-setup-{}", std::process::id());
+    let command = std::iter::once(env!("CARGO_BIN_EXE_relay-agent").to_owned())
+        .chain(args)
+        .map(|arg| format!("'{arg}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let tmux = |args: &[&str]| {
+        let output = std::process::Command::new("tmux")
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "200",
+        "-y",
+        "50",
+        &format!("{command}; echo setup-exit-$?; sleep 60"),
+    ]);
+    let screen = || tmux(&["capture-pane", "-p", "-t", &session, "-S", "-50"]);
+    // Waits (bounded) for the pane to show `text`.
+    let wait_for = |text: &'static str| {
+        let screen = &screen;
+        async move {
+            tokio::time::timeout(PATIENCE, async {
+                loop {
+                    let shown = screen();
+                    if shown.contains(text) {
+                        return shown;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("the terminal never showed {text:?}:\n{}", screen()))
+        }
+    };
+    wait_for("Agent credential").await;
+    tmux(&["send-keys", "-t", &session, &credential.reveal(), "Enter"]);
+    wait_for("LAN access code").await;
+    tmux(&["send-keys", "-t", &session, ACCESS_CODE, "Enter"]);
+    let shown = wait_for("setup-exit-").await;
+    tmux(&["kill-session", "-t", &session]);
+    assert!(shown.contains("setup-exit-0"), "{shown}");
+    assert!(
+        shown.contains("edge: works") && shown.contains("printer: works"),
+        "{shown}"
+    );
+    let written = std::fs::read_to_string(&file).unwrap();
+    assert!(written.contains(&credential.reveal()));
+    world.edge.stop().await;
+}

@@ -1,0 +1,282 @@
+//! `relay-agent setup`: a guided first run. It asks (or takes from flags)
+//! the edge's address, its CA, the agent credential and the printer, writes
+//! the configuration file with mode 0600, then tries the edge and the
+//! printer and says in plain words what works and what does not.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use crate::config::AgentConfig;
+use crate::{printer, tunnel};
+
+/// What `setup` is told by flags; what is missing is asked for in a
+/// terminal, and is an error otherwise.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SetupArgs {
+    /// The configuration file to write
+    #[arg(long, default_value = "/etc/relay/agent.toml")]
+    pub config: PathBuf,
+    /// Replace the file if it exists
+    #[arg(long)]
+    pub force: bool,
+    /// Only write the file; do not try the edge and the printer
+    #[arg(long)]
+    pub no_probe: bool,
+    /// The edge's tunnel address, host:port (from your operator)
+    #[arg(long)]
+    pub edge: Option<String>,
+    /// The name on the edge's certificate, when not the address's host
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// The edge's CA certificate, PEM (from your operator)
+    #[arg(long)]
+    pub edge_ca: Option<PathBuf>,
+    /// The agent credential, rla_… (from your operator)
+    #[arg(long, hide_env_values = true)]
+    pub credential: Option<String>,
+    /// bambu (a Bambu Lab printer) or mqtt (any MQTT broker)
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// The printer's address on your network
+    #[arg(long)]
+    pub host: Option<String>,
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Bambu: the printer's serial number
+    #[arg(long)]
+    pub serial: Option<String>,
+    /// Bambu: the LAN access code (8 characters, on the printer's screen)
+    #[arg(long, hide_env_values = true)]
+    pub access_code: Option<String>,
+    /// Bambu: the CA that signed the printer's certificate; without one, the
+    /// certificate is pinned on first use
+    #[arg(long)]
+    pub printer_ca: Option<PathBuf>,
+    /// mqtt: user name and password, if the broker wants them
+    #[arg(long)]
+    pub username: Option<String>,
+    #[arg(long, hide_env_values = true)]
+    pub password: Option<String>,
+}
+
+/// Asks for what the flags left out, one line each, while stdin is a
+/// terminal; otherwise lists what is missing.
+struct Asker {
+    interactive: bool,
+    missing: Vec<&'static str>,
+}
+
+impl Asker {
+    fn value(&mut self, given: Option<String>, flag: &'static str, question: &str) -> String {
+        if let Some(value) = given {
+            return value;
+        }
+        if !self.interactive {
+            self.missing.push(flag);
+            return String::new();
+        }
+        eprint!("{question}: ");
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut line);
+        line.trim().to_owned()
+    }
+}
+
+fn quote(value: &str) -> String {
+    let escaped: String = value
+        .chars()
+        .flat_map(|c| match c {
+            '"' => vec!['\\', '"'],
+            '\\' => vec!['\\', '\\'],
+            c => vec![c],
+        })
+        .collect();
+    format!("\"{escaped}\"")
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// The configuration file for `args`, or what is missing.
+pub fn config_text(args: &SetupArgs, interactive: bool) -> Result<String, Vec<&'static str>> {
+    let mut ask = Asker {
+        interactive,
+        missing: Vec::new(),
+    };
+    let edge = ask.value(
+        args.edge.clone(),
+        "--edge",
+        "Edge address (host:port, from your operator)",
+    );
+    let edge_ca = ask.value(
+        args.edge_ca
+            .as_ref()
+            .map(|path| absolute(path).display().to_string()),
+        "--edge-ca",
+        "Edge CA file (PEM, from your operator)",
+    );
+    let credential = ask.value(
+        args.credential.clone(),
+        "--credential",
+        "Agent credential (rla_…)",
+    );
+    let kind = ask.value(args.kind.clone(), "--kind", "Printer kind (bambu or mqtt)");
+    let host = ask.value(
+        args.host.clone(),
+        "--host",
+        "Printer address on your network",
+    );
+    let mut text = format!(
+        "# Written by relay-agent setup. Holds secrets: keep it mode 0600.\n\n[edge]\naddress = {}\nca_file = {}\ncredential = {}\n",
+        quote(&edge),
+        quote(&edge_ca),
+        quote(&credential)
+    );
+    if let Some(name) = &args.server_name {
+        text.push_str(&format!("server_name = {}\n", quote(name)));
+    }
+    text.push_str(&format!(
+        "\n[printer]\nkind = {}\nhost = {}\n",
+        quote(&kind),
+        quote(&host)
+    ));
+    if let Some(port) = args.port {
+        text.push_str(&format!("port = {port}\n"));
+    }
+    match kind.as_str() {
+        "bambu" => {
+            let serial = ask.value(args.serial.clone(), "--serial", "Printer serial number");
+            let code = ask.value(
+                args.access_code.clone(),
+                "--access-code",
+                "LAN access code (8 characters, on the printer's screen)",
+            );
+            text.push_str(&format!(
+                "serial = {}\naccess_code = {}\n",
+                quote(&serial),
+                quote(&code)
+            ));
+            match &args.printer_ca {
+                Some(ca) => text.push_str(&format!(
+                    "ca_file = {}\n",
+                    quote(&absolute(ca).display().to_string())
+                )),
+                None => text.push_str(
+                    "pin_on_first_use = true\nfingerprint_file = \"/var/lib/relay-agent/printer.fingerprint\"\n",
+                ),
+            }
+        }
+        _ => {
+            if let Some(user) = &args.username {
+                text.push_str(&format!("username = {}\n", quote(user)));
+            }
+            if let Some(password) = &args.password {
+                text.push_str(&format!("password = {}\n", quote(password)));
+            }
+        }
+    }
+    if ask.missing.is_empty() {
+        Ok(text)
+    } else {
+        Err(ask.missing)
+    }
+}
+
+/// Writes `text` to `path` with mode 0600 (the directory is made when
+/// missing); an existing file is replaced only with `force`.
+fn write_private(path: &Path, text: &str, force: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).mode(0o600);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(text.as_bytes())?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
+/// Runs `setup`; the process's exit code: 0 when everything works, 1 when
+/// the file was written but the edge or the printer did not answer, 64 when
+/// nothing usable could be written.
+pub async fn run(args: SetupArgs) -> u8 {
+    let interactive = std::io::stdin().is_terminal();
+    let text = match config_text(&args, interactive) {
+        Ok(text) => text,
+        Err(missing) => {
+            eprintln!(
+                "relay-agent setup: not a terminal, and these are missing: {}",
+                missing.join(", ")
+            );
+            return 64;
+        }
+    };
+    let checked = AgentConfig::from_toml(&text)
+        .and_then(|config| config.validate().map(|printer| (config, printer)));
+    let (config, printer) = match checked {
+        Ok(checked) => checked,
+        Err(problems) => {
+            eprintln!("relay-agent setup: these settings cannot work:");
+            for problem in problems {
+                eprintln!("  - {problem}");
+            }
+            return 64;
+        }
+    };
+    if let Err(error) = write_private(&args.config, &text, args.force) {
+        let hint = if error.kind() == std::io::ErrorKind::AlreadyExists {
+            " (it exists: --force replaces it)"
+        } else {
+            ""
+        };
+        eprintln!(
+            "relay-agent setup: cannot write {}: {error}{hint}",
+            args.config.display()
+        );
+        return 64;
+    }
+    println!("wrote {} (mode 0600)", args.config.display());
+    if args.no_probe {
+        return 0;
+    }
+    let mut works = true;
+    match tunnel::probe_edge(&config).await {
+        Ok(ack) => println!(
+            "edge: works: {} accepted this agent, for device {}",
+            config.edge.address, ack.device_id
+        ),
+        Err(end) => {
+            works = false;
+            println!("edge: does not work: {end}");
+        }
+    }
+    match printer::connect(&printer).await {
+        Ok(_) => println!(
+            "printer: works: {}:{} accepted the agent's login",
+            printer.host,
+            printer.port()
+        ),
+        Err(failure) => {
+            works = false;
+            println!(
+                "printer: does not work: {} ({:?})",
+                failure.detail, failure.reason
+            );
+        }
+    }
+    if works {
+        println!("All set. Start it: sudo systemctl enable --now relay-agent");
+        0
+    } else {
+        println!("Fix what does not work, then run relay-agent setup --force again.");
+        1
+    }
+}

@@ -126,31 +126,133 @@ async fn losing_the_agent_closes_sessions_with_1013_and_recovery_works() {
     world.edge.stop().await;
 }
 
+/// A printer that drops every client (it reboots, its Wi-Fi blinks) costs
+/// the apps nothing: within the grace the agent reconnects to it, the hub
+/// opens a new printer link and resubscribes, and the same session
+/// receives again.
 #[tokio::test]
-async fn a_printer_dropping_everyone_closes_sessions_with_1014_and_clients_get_back_in() {
-    let world = world(ACCESS_CODE).await;
+async fn a_printer_dropping_everyone_keeps_the_sessions_and_they_receive_again() {
+    let world = world_with(
+        ACCESS_CODE,
+        |edge| edge.tunnel.upstream_grace_seconds = 30,
+        |_| {},
+    )
+    .await;
     let bearer = world.edge.bearer();
     let mut client = Client::connect(&world.edge, &bearer, connect_packet("app")).await;
     client.send(&subscribe_report(1)).await;
     assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
     next_publish(&mut client).await;
+    let observations = world.simulator.observations();
     world.simulator.drop_all_clients();
-    assert!(client.closed().await.is_some());
-    world.edge.assert_closes_counted(1014, 1).await;
-    // After the drop, a client gets in again: the agent reconnects to the printer.
-    let mut again = Client::connect(&world.edge, &bearer, connect_packet("again")).await;
-    again.send(&subscribe_report(2)).await;
-    assert!(matches!(again.next().await, Some(Packet::SubAck(_))));
-    assert_eq!(next_publish(&mut again).await.topic, report_topic());
-    assert_eq!(
+    observations
+        .wait_until(|seen| seen.connections.load(Ordering::Relaxed) >= 2)
+        .await;
+    // Reports from the new printer connection reach the same session.
+    let before = observations.subscribe_log().len();
+    observations
+        .wait_until(|seen| seen.subscribe_log().len() > before)
+        .await;
+    world
+        .simulator
+        .publish_report(bytes::Bytes::from_static(b"{\"after\":\"the drop\"}"));
+    loop {
+        let publish = next_publish(&mut client).await;
+        if publish.payload.as_ref() == b"{\"after\":\"the drop\"}" {
+            break;
+        }
+    }
+    assert_eq!(client.closed_with, None);
+    assert!(
         world
-            .simulator
-            .observations()
-            .connections
-            .load(Ordering::Relaxed),
-        2
+            .edge
+            .admin_get("/metrics")
+            .await
+            .1
+            .contains("relay_edge_hub_upstream_resumes_total 1"),
     );
     world.agent.cancel();
+    world.edge.stop().await;
+}
+
+/// A printer that stays away past the grace: its sessions get 1014.
+#[tokio::test]
+async fn a_printer_gone_past_the_grace_closes_sessions_with_1014() {
+    let world = world(ACCESS_CODE).await;
+    let bearer = world.edge.bearer();
+    let mut client = Client::connect(&world.edge, &bearer, connect_packet("app")).await;
+    client.send(&subscribe_report(1)).await;
+    assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
+    world.simulator.stop().await;
+    assert!(client.closed().await.is_some());
+    world.edge.assert_closes_counted(1014, 1).await;
+    world.agent.cancel();
+    world.edge.stop().await;
+}
+
+/// An agent that blinks (its QUIC connection cut, back within the grace):
+/// the apps stay connected, are resubscribed, and receive again; an app
+/// that connects during the blink gets in and is served once the agent is
+/// back.
+#[tokio::test]
+async fn an_agent_blink_within_the_grace_keeps_the_sessions() {
+    let world = world_with(
+        ACCESS_CODE,
+        |edge| edge.tunnel.upstream_grace_seconds = 30,
+        |_| {},
+    )
+    .await;
+    let edge = world.edge.edge.as_ref().unwrap();
+    let first_epoch = edge.wait_online(&world.edge.device).await;
+    let bearer = world.edge.bearer();
+    let mut client = Client::connect(&world.edge, &bearer, connect_packet("app")).await;
+    client.send(&subscribe_report(1)).await;
+    assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
+    next_publish(&mut client).await;
+
+    world.agent.cancel();
+    tokio::time::timeout(PATIENCE, edge.wait_offline(&world.edge.device))
+        .await
+        .expect("the tunnel went");
+    let mut during = Client::connect(&world.edge, &bearer, connect_packet("during")).await;
+    during.send(&subscribe_report(2)).await;
+
+    let (_, credential) = world
+        .edge
+        .database
+        .store
+        .rotate_agent_credential(&world.edge.device)
+        .await
+        .unwrap();
+    let again = start_agent(agent_config(
+        &world.edge,
+        edge.tunnel_addr.unwrap(),
+        &world.simulator,
+        ACCESS_CODE,
+        &credential.reveal(),
+    ));
+    tokio::time::timeout(
+        PATIENCE,
+        edge.wait_newer_tunnel(&world.edge.device, first_epoch),
+    )
+    .await
+    .expect("the agent came back");
+    // The held filter is answered at once, from the hub.
+    assert!(matches!(during.next().await, Some(Packet::SubAck(_))));
+    let observations = world.simulator.observations();
+    observations
+        .wait_until(|seen| {
+            seen.connections.load(Ordering::Relaxed) >= 2 && seen.subscribe_log().len() >= 2
+        })
+        .await;
+    // What the printer says now reaches both sessions.
+    let marker = bytes::Bytes::from_static(b"{\"after\":\"the blink\"}");
+    world.simulator.publish_report(marker.clone());
+    for session in [&mut client, &mut during] {
+        while next_publish(session).await.payload != marker {}
+    }
+    assert_eq!(client.closed_with, None);
+    again.cancel();
     world.edge.stop().await;
 }
 

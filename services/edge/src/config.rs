@@ -224,6 +224,11 @@ pub struct TunnelConfig {
     pub session_open_timeout_seconds: u64,
     /// How long a printer connection stays up after its last client left.
     pub linger_seconds: u64,
+    /// When a device's upstream ends (its agent reconnects, its printer
+    /// drops the link), its hub keeps the client sessions this long while
+    /// it finds a new one; a client arriving meanwhile waits for the agent.
+    /// 0: sessions end with the upstream.
+    pub upstream_grace_seconds: u64,
     /// QUIC keep-alive the agents are asked to use.
     pub keep_alive_seconds: u32,
     /// Largest packet accepted from a printer.
@@ -236,6 +241,7 @@ impl Default for TunnelConfig {
             listen: None,
             session_open_timeout_seconds: 20,
             linger_seconds: 30,
+            upstream_grace_seconds: 30,
             keep_alive_seconds: 15,
             max_printer_packet: 256 * 1024,
         }

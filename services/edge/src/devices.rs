@@ -3,16 +3,20 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use dashmap::DashMap;
 use relay_io::FramedReader;
-use relay_proto::tunnel::{self, LinkDownReason, LinkOpen, Message, PrinterKind};
+use relay_proto::tunnel::{self, LinkAccept, LinkDownReason, LinkOpen, Message, PrinterKind};
 use tokio::sync::{Mutex, Notify, mpsc};
 
+use crate::close::Close;
 use crate::config::PrintersConfig;
-use crate::hub::{BambuProfile, HubConfig, HubHandle, Hubs, RetainedReplay, TunnelProbe};
+use crate::hub::{
+    BambuProfile, HubConfig, HubHandle, Hubs, RetainedReplay, TunnelProbe, Upstream,
+    UpstreamFailure, UpstreamSource,
+};
 
 /// An agent's live tunnel.
 #[derive(Debug, Clone)]
@@ -52,10 +56,20 @@ impl Unavailable {
     }
 }
 
-/// Tunnels by device, and the way from a tunnel to a hub.
-#[derive(Debug)]
+/// Tunnels by device, and the way from a tunnel to a hub. Cloning shares
+/// the table (a hub's upstream source holds one).
+#[derive(Debug, Clone)]
 pub struct Devices {
+    table: Arc<DeviceTable>,
+}
+
+/// What every clone of [`Devices`] shares.
+#[derive(Debug)]
+pub struct DeviceTable {
     tunnels: DashMap<String, Tunnel>,
+    /// When a device's tunnel last went away: a client arriving within the
+    /// grace waits for the agent instead of being refused at once.
+    gone_at: DashMap<String, Instant>,
     hubs: Arc<Hubs>,
     /// One hub opening at a time per device.
     opening: DashMap<String, Arc<Mutex<()>>>,
@@ -66,6 +80,22 @@ pub struct Devices {
     limits: HubConfig,
     printers: PrintersConfig,
     open_timeout: Duration,
+    /// How long a hub keeps its sessions for a new upstream.
+    grace: Duration,
+}
+
+/// How long a hub's search for a new upstream waits for a tunnel before it
+/// reports the device offline (and looks again).
+const TUNNEL_RECHECK: Duration = Duration::from_secs(1);
+
+/// Past this many, devices gone longer than the grace are forgotten.
+const MAX_GONE_REMEMBERED: usize = 100_000;
+
+impl std::ops::Deref for Devices {
+    type Target = DeviceTable;
+    fn deref(&self) -> &DeviceTable {
+        &self.table
+    }
 }
 
 impl Devices {
@@ -74,18 +104,23 @@ impl Devices {
         limits: HubConfig,
         printers: PrintersConfig,
         open_timeout: Duration,
+        grace: Duration,
     ) -> Devices {
         Devices {
-            tunnels: DashMap::new(),
-            hubs,
-            opening: DashMap::new(),
-            next_epoch: AtomicU64::new(1),
-            next_link: AtomicU64::new(1),
-            registered: Notify::new(),
-            unregistered: Notify::new(),
-            limits,
-            printers,
-            open_timeout,
+            table: Arc::new(DeviceTable {
+                tunnels: DashMap::new(),
+                gone_at: DashMap::new(),
+                hubs,
+                opening: DashMap::new(),
+                next_epoch: AtomicU64::new(1),
+                next_link: AtomicU64::new(1),
+                registered: Notify::new(),
+                unregistered: Notify::new(),
+                limits,
+                printers,
+                open_timeout,
+                grace,
+            }),
         }
     }
 
@@ -94,7 +129,8 @@ impl Devices {
     }
 
     /// Registers a new tunnel for `device_id`; returns its epoch and the
-    /// tunnel it replaced (to be told to go away).
+    /// tunnel it replaced (to be told to go away). The device's hub moves
+    /// to the new tunnel, keeping its sessions.
     pub fn register(
         &self,
         device_id: &str,
@@ -110,27 +146,38 @@ impl Devices {
                 control,
             },
         );
-        if previous.is_some() {
+        self.gone_at.remove(device_id);
+        if previous.is_some()
+            && let Some(hub) = self.hubs.get(device_id)
+        {
             // The old tunnel's printer link goes with it.
-            self.hubs.end(device_id);
+            hub.upstream_moved(epoch);
         }
         self.registered.notify_waiters();
         (epoch, previous)
     }
 
-    /// Removes the tunnel of `device_id` if it is still the one of `epoch`,
-    /// and ends the device's hub.
+    /// Removes the tunnel of `device_id` if it is still the one of `epoch`.
+    /// Its hub keeps its sessions for the grace, waiting for the agent.
     pub fn unregister(&self, device_id: &str, epoch: u64) {
         if self
             .tunnels
             .remove_if(device_id, |_, tunnel| tunnel.epoch == epoch)
             .is_some()
         {
-            self.hubs.end(device_id);
+            let now = Instant::now();
+            if self.gone_at.len() >= MAX_GONE_REMEMBERED {
+                let grace = self.grace;
+                self.gone_at
+                    .retain(|_, gone| now.saturating_duration_since(*gone) < grace);
+            }
+            self.gone_at.insert(device_id.to_owned(), now);
+            if let Some(hub) = self.hubs.get(device_id) {
+                hub.upstream_moved(u64::MAX);
+            }
             self.unregistered.notify_waiters();
         }
     }
-
     /// Waits until `device_id` has no tunnel.
     pub async fn wait_offline(&self, device_id: &str) {
         loop {
@@ -177,8 +224,18 @@ impl Devices {
             .collect()
     }
 
+    /// How long a client of `device_id` may wait for its agent: what is
+    /// left of the grace since its tunnel went, if it went within it.
+    fn wait_for_agent(&self, device_id: &str) -> Option<Duration> {
+        let gone = *self.gone_at.get(device_id)?;
+        self.grace
+            .checked_sub(gone.elapsed())
+            .filter(|left| !left.is_zero())
+    }
+
     /// The hub of `device_id`, opening the printer link through its
-    /// agent when there is none yet.
+    /// agent when there is none yet. A device whose agent went within the
+    /// grace is waited for, up to the grace's end.
     pub async fn hub_for(&self, device_id: &str) -> Result<HubHandle, Unavailable> {
         if let Some(hub) = self.hubs.get(device_id) {
             return Ok(hub);
@@ -192,6 +249,72 @@ impl Devices {
         if let Some(hub) = self.hubs.get(device_id) {
             return Ok(hub);
         }
+        if !self.is_online(device_id) {
+            let wait = self.wait_for_agent(device_id).ok_or(Unavailable::Offline)?;
+            tokio::time::timeout(wait, self.wait_online(device_id, 0))
+                .await
+                .map_err(|_| Unavailable::Offline)?;
+        }
+        let (upstream, accept) = self.open_link(device_id).await?;
+        let (replay_retained, printer) = match accept.printer_kind {
+            Some(PrinterKind::Bambu) => (RetainedReplay::WhenSeen, &self.printers.bambu),
+            _ => (RetainedReplay::Always, &self.printers.mqtt),
+        };
+        let config = HubConfig {
+            replay_retained,
+            policy: Arc::new(printer.policy(accept.printer_serial.as_deref())),
+            churn: printer.churn(),
+            publish_rate: printer.publish_rate(),
+            bambu: match (accept.printer_kind, &accept.printer_serial) {
+                (Some(PrinterKind::Bambu), Some(serial)) => Some(BambuProfile {
+                    pushall_interval: Duration::from_secs(printer.pushall_interval_seconds),
+                    ..BambuProfile::new(serial)
+                }),
+                _ => None,
+            },
+            ..self.limits.clone()
+        };
+        Ok(self.hubs.start(
+            device_id.to_owned(),
+            upstream,
+            config,
+            Some(self.upstream_source(device_id)),
+            self.grace,
+        ))
+    }
+
+    /// Where the hub of `device_id` finds a new upstream: a printer link
+    /// through whichever tunnel serves the device by then. The printer's
+    /// kind is the one the hub started with.
+    fn upstream_source(&self, device_id: &str) -> UpstreamSource {
+        let devices = self.clone();
+        let device_id = device_id.to_owned();
+        Arc::new(move || {
+            let devices = devices.clone();
+            let device_id = device_id.clone();
+            Box::pin(async move { devices.reopen(&device_id).await })
+        })
+    }
+
+    async fn reopen(&self, device_id: &str) -> Result<Upstream, UpstreamFailure> {
+        if !self.is_online(device_id) {
+            let _ = tokio::time::timeout(TUNNEL_RECHECK, self.wait_online(device_id, 0)).await;
+        }
+        match self.open_link(device_id).await {
+            Ok((upstream, _)) => Ok(upstream),
+            Err(Unavailable::Offline) => Err(UpstreamFailure {
+                close: Close::device_offline(),
+                retry_after: Duration::ZERO,
+            }),
+            Err(Unavailable::Printer { reason, .. }) => Err(UpstreamFailure {
+                close: Close::printer_unreachable(Unavailable::printer_text(reason)),
+                retry_after: Duration::from_secs(1),
+            }),
+        }
+    }
+
+    /// Opens a printer link through the device's tunnel.
+    async fn open_link(&self, device_id: &str) -> Result<(Upstream, LinkAccept), Unavailable> {
         let tunnel = self
             .tunnels
             .get(device_id)
@@ -223,27 +346,7 @@ impl Devices {
             Some(Message::LinkAccept(accept)) if accept.link == link => {
                 let connection = tunnel.connection.clone();
                 let alive: TunnelProbe = Arc::new(move || connection.close_reason().is_none());
-                let (replay_retained, printer) = match accept.printer_kind {
-                    Some(PrinterKind::Bambu) => (RetainedReplay::WhenSeen, &self.printers.bambu),
-                    _ => (RetainedReplay::Always, &self.printers.mqtt),
-                };
-                let config = HubConfig {
-                    replay_retained,
-                    policy: Arc::new(printer.policy(accept.printer_serial.as_deref())),
-                    churn: printer.churn(),
-                    publish_rate: printer.publish_rate(),
-                    bambu: match (accept.printer_kind, &accept.printer_serial) {
-                        (Some(PrinterKind::Bambu), Some(serial)) => Some(BambuProfile {
-                            pushall_interval: Duration::from_secs(printer.pushall_interval_seconds),
-                            ..BambuProfile::new(serial)
-                        }),
-                        _ => None,
-                    },
-                    ..self.limits.clone()
-                };
-                Ok(self
-                    .hubs
-                    .start_framed(device_id.to_owned(), recv, send, config, Some(alive)))
+                Ok((Upstream::new(recv, send, Some(alive), tunnel.epoch), accept))
             }
             Some(Message::LinkRefused(refused)) => Err(Unavailable::Printer {
                 reason: refused.reason,

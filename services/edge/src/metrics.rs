@@ -32,6 +32,9 @@ pub struct Metrics {
     /// the topic policy), publish (dropped by the policy), churn (session
     /// cut for subscription churn), slow_consumer (session cut).
     pub hub_refusals: IntCounterVec,
+    /// Hubs that found a new upstream within the grace, their sessions
+    /// kept.
+    pub hub_upstream_resumes: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -142,6 +145,11 @@ impl Metrics {
                 "what device hubs refused or cut, by what",
                 "what",
             ),
+            hub_upstream_resumes: counter(
+                &registry,
+                "relay_edge_hub_upstream_resumes_total",
+                "device hubs that found a new upstream within the grace, keeping their sessions",
+            ),
             registry,
         }
     }
@@ -151,7 +159,7 @@ impl Metrics {
     /// are known from the start), for checking dashboards and alerts.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 13] = [
+        let collectors: [&dyn Collector; 14] = [
             &self.connections,
             &self.connections_open,
             &self.tls_handshake_failures,
@@ -165,6 +173,7 @@ impl Metrics {
             &self.printer_bytes,
             &self.agents_connected,
             &self.hub_refusals,
+            &self.hub_upstream_resumes,
         ];
         let mut names: Vec<String> = collectors
             .iter()

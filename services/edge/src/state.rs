@@ -49,6 +49,7 @@ impl EdgeState {
         let hubs = Arc::new(Hubs::with_metrics(
             metrics.printer_bytes.clone(),
             metrics.hub_refusals.clone(),
+            metrics.hub_upstream_resumes.clone(),
         ));
         let tunnel = &config.tunnel;
         let devices = Devices::new(
@@ -59,6 +60,7 @@ impl EdgeState {
             },
             config.printers.clone(),
             std::time::Duration::from_secs(tunnel.session_open_timeout_seconds),
+            std::time::Duration::from_secs(tunnel.upstream_grace_seconds),
         );
         let quotas = Arc::new(Quotas::new(config.quotas.clone()));
         EdgeState {

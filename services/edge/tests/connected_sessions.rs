@@ -9,7 +9,7 @@ use relay_testkit::edge as support;
 use std::time::Duration;
 
 use bytes::Bytes;
-use relay_edge::hub::{HubConfig, RetainedReplay, TopicPolicy};
+use relay_edge::hub::{HubConfig, RetainedReplay, TopicPolicy, Upstream};
 use relay_proto::mqtt::{
     ConnectReturnCode, Packet, PacketId, Publish, QoS, SubAck, Subscribe, SubscribeReturnCode,
     Unsubscribe,
@@ -59,11 +59,13 @@ fn online_with_scripted_printer(edge: &TestEdge) -> MqttPeer<DuplexStream> {
 fn online_with_scripted_printer_and(edge: &TestEdge, config: HubConfig) -> MqttPeer<DuplexStream> {
     let (hub_side, printer_side) = tokio::io::duplex(1 << 20);
     let (reader, writer) = tokio::io::split(hub_side);
-    edge.edge
-        .as_ref()
-        .unwrap()
-        .hubs()
-        .start(edge.device.clone(), reader, writer, config, None);
+    edge.edge.as_ref().unwrap().hubs().start(
+        edge.device.clone(),
+        Upstream::from_halves(reader, writer),
+        config,
+        None,
+        Duration::ZERO,
+    );
     MqttPeer::new(printer_side)
 }
 
@@ -404,11 +406,13 @@ async fn messages_flow_through_a_real_mosquitto() {
     };
     let hub_upstream = connect_upstream(format!("relay-hub-{serial}")).await;
     let (reader, writer) = hub_upstream.io.into_split();
-    edge.edge
-        .as_ref()
-        .unwrap()
-        .hubs()
-        .start(edge.device.clone(), reader, writer, limits(), None);
+    edge.edge.as_ref().unwrap().hubs().start(
+        edge.device.clone(),
+        Upstream::from_halves(reader, writer),
+        limits(),
+        None,
+        Duration::ZERO,
+    );
     let mut printer = connect_upstream(format!("printer-{serial}")).await;
 
     let report = format!("device/{serial}/report");

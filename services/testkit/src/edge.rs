@@ -144,6 +144,9 @@ impl TestEdge {
         config.admin.listen = "127.0.0.1:0".parse().unwrap();
         config.store.database_url = database.url.as_str().into();
         config.limits.connect_timeout_seconds = 1;
+        // Sessions outlive a lost upstream briefly; tests of the grace
+        // itself set their own.
+        config.tunnel.upstream_grace_seconds = 1;
         customize(&mut config);
         let edge = RunningEdge::start(config.clone()).await.unwrap();
         TestEdge {

@@ -152,6 +152,12 @@ impl BambuState {
         self.state.is_none() && self.take_pushall_slot(now)
     }
 
+    /// Whether a new upstream should be asked for the full report (the
+    /// state may be stale), within the one-per-interval rule.
+    pub(super) fn wants_refresh(&mut self, now: Instant) -> bool {
+        self.take_pushall_slot(now)
+    }
+
     fn take_pushall_slot(&mut self, now: Instant) -> bool {
         let free = self
             .last_pushall

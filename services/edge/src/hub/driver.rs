@@ -5,7 +5,10 @@
 //! is into a persistent buffer (cancel-safe), and a write reports what it
 //! wrote before another branch runs.
 
-use std::time::Instant;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use relay_io::FramedReader;
 use relay_proto::mqtt::{self, Packet};
@@ -16,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::outbound::OutboundSender;
 use super::registry::TunnelProbe;
 use super::state::{HubConfig, HubCounters, HubEnd, HubState, SessionAttach, SessionId};
+use crate::close::Close;
 
 /// Upstream bytes the hub queues before it stops taking commands: sessions
 /// then wait on the bounded command queue instead of growing this buffer.
@@ -36,18 +40,98 @@ pub(super) enum Command {
         session: SessionId,
         graceful: bool,
     },
+    /// The device's tunnel moved to `epoch`: an upstream through an older
+    /// one is stale, and a new one is to be found.
+    UpstreamMoved {
+        epoch: u64,
+    },
 }
 
+/// One upstream MQTT connection, already past CONNECT/CONNACK.
+pub struct Upstream {
+    pub reader: FramedReader<Box<dyn AsyncRead + Send + Unpin>>,
+    pub writer: Box<dyn AsyncWrite + Send + Unpin>,
+    /// Tells, when this upstream ends, whether the way to the device went
+    /// with it (1013) or only the printer (1014).
+    pub tunnel_alive: Option<TunnelProbe>,
+    /// The epoch of the tunnel it runs through (0: none).
+    pub epoch: u64,
+}
+
+impl Upstream {
+    /// An upstream over a reader that may already hold bytes (those that
+    /// came with the printer link's first frame) and a writer.
+    pub fn new<R, W>(
+        reader: FramedReader<R>,
+        writer: W,
+        tunnel_alive: Option<TunnelProbe>,
+        epoch: u64,
+    ) -> Self
+    where
+        R: AsyncRead + Send + Unpin + 'static,
+        W: AsyncWrite + Send + Unpin + 'static,
+    {
+        let (reader, buffered) = reader.into_parts();
+        let reader: Box<dyn AsyncRead + Send + Unpin> = Box::new(reader);
+        Upstream {
+            reader: FramedReader::with_buffer(reader, buffered),
+            writer: Box::new(writer),
+            tunnel_alive,
+            epoch,
+        }
+    }
+
+    /// An upstream over a connection's two halves, through no tunnel.
+    pub fn from_halves<R, W>(reader: R, writer: W) -> Self
+    where
+        R: AsyncRead + Send + Unpin + 'static,
+        W: AsyncWrite + Send + Unpin + 'static,
+    {
+        Upstream::new(FramedReader::new(reader), writer, None, 0)
+    }
+
+    /// The close a hub's sessions get when this upstream ended with `end`.
+    fn close_for(&self, end: &HubEnd) -> Close {
+        let tunnel_gone = self.tunnel_alive.as_ref().is_some_and(|alive| !alive());
+        end.close(tunnel_gone)
+    }
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").finish_non_exhaustive()
+    }
+}
+
+/// Why a new upstream could not be had (yet).
+#[derive(Debug, Clone)]
+pub struct UpstreamFailure {
+    /// What the sessions get if the grace ends on this failure.
+    pub close: Close,
+    /// When to try again.
+    pub retry_after: Duration,
+}
+
+pub type UpstreamFuture = Pin<Box<dyn Future<Output = Result<Upstream, UpstreamFailure>> + Send>>;
+
+/// Finds a hub a new upstream once its upstream ended: the device's
+/// printer link through whichever tunnel now serves it.
+pub type UpstreamSource = Arc<dyn Fn() -> UpstreamFuture + Send + Sync>;
+
 /// What the driver works with besides the state.
-pub(super) struct HubIo<R, W> {
-    pub reader: FramedReader<R>,
-    pub writer: W,
+pub(super) struct HubIo {
+    pub upstream: Upstream,
+    /// Where a new upstream comes from; `None`: the hub ends with its
+    /// upstream.
+    pub source: Option<UpstreamSource>,
+    /// How long sessions wait for a new upstream.
+    pub grace: Duration,
     pub commands: mpsc::Receiver<Command>,
-    /// Cancelled from outside to end the hub (tunnel gone, replaced).
+    /// Cancelled from outside to end the hub (drain, replaced).
     pub ended: CancellationToken,
     pub byte_counter: Option<prometheus::IntCounterVec>,
     pub refusals: Option<prometheus::IntCounterVec>,
-    pub tunnel_alive: Option<TunnelProbe>,
+    pub resumes: Option<prometheus::IntCounter>,
 }
 
 /// Adds to the metric what the state counted since the last export.
@@ -110,30 +194,131 @@ fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
-/// Runs a hub until its upstream ends or it is told to end; its sessions
-/// are ended with the matching close.
-pub(super) async fn run<R, W>(config: HubConfig, io: HubIo<R, W>) -> HubEnd
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+/// What the driver loops share.
+struct Context {
+    commands: mpsc::Receiver<Command>,
+    ended: CancellationToken,
+    refusals: Option<prometheus::IntCounterVec>,
+    exported: HubCounters,
+    bytes_in: Option<prometheus::IntCounter>,
+    bytes_out: Option<prometheus::IntCounter>,
+}
+
+impl Context {
+    /// Exports the counters and takes the state's end, if it decided one.
+    fn settle(&mut self, state: &mut HubState<OutboundSender>) -> Option<HubEnd> {
+        if let Some(refusals) = &self.refusals {
+            export_counters(refusals, &mut self.exported, state.counters());
+        }
+        state.take_end()
+    }
+}
+
+/// Hands a session's command to the state; `Err` when no handle is left.
+fn apply(state: &mut HubState<OutboundSender>, command: Option<Command>) -> Result<(), HubEnd> {
+    match command {
+        Some(Command::Attach { session, attach }) => state.attach(session, attach, now()),
+        Some(Command::ClientPacket { session, packet }) => {
+            state.handle_client_packet(session, packet, now());
+        }
+        Some(Command::Detach { session, graceful }) => state.detach(session, graceful, now()),
+        Some(Command::UpstreamMoved { .. }) => {}
+        // Every handle is gone: nobody can reach this hub.
+        None => return Err(HubEnd::Ended),
+    }
+    Ok(())
+}
+
+/// How serving one upstream ended.
+enum Served {
+    /// The hub ends.
+    End(HubEnd),
+    /// The upstream ended; the hub may find another.
+    Lost(HubEnd),
+}
+
+/// Runs a hub until it ends: through its upstream, and through the new
+/// upstreams its source finds within the grace when one ends. Its
+/// sessions are ended with the matching close.
+pub(super) async fn run(config: HubConfig, io: HubIo) -> HubEnd {
     let HubIo {
-        mut reader,
-        mut writer,
-        mut commands,
+        upstream,
+        source,
+        grace,
+        commands,
         ended,
         byte_counter,
         refusals,
-        tunnel_alive,
+        resumes,
     } = io;
-    let mut exported = HubCounters::default();
-    let bytes_in = byte_counter.as_ref().map(|c| c.with_label_values(&["in"]));
-    let bytes_out = byte_counter.as_ref().map(|c| c.with_label_values(&["out"]));
+    let mut context = Context {
+        commands,
+        ended,
+        refusals,
+        exported: HubCounters::default(),
+        bytes_in: byte_counter.as_ref().map(|c| c.with_label_values(&["in"])),
+        bytes_out: byte_counter.as_ref().map(|c| c.with_label_values(&["out"])),
+    };
     let max_upstream_packet = config.max_upstream_packet;
     let mut state: HubState<OutboundSender> = HubState::new(config, now());
+    let mut upstream = Some(upstream);
+    // What the sessions get if the hub ends without an upstream.
+    let mut close = Close::device_offline();
+    let end = loop {
+        let Some(mut current) = upstream.take() else {
+            let Some(source) = &source else {
+                break HubEnd::NoUpstream;
+            };
+            match find_upstream(&mut state, source, &mut context, &mut close).await {
+                Ok(found) => {
+                    tracing::info!("the upstream is back: sessions resubscribed");
+                    if let Some(resumes) = &resumes {
+                        resumes.inc();
+                    }
+                    state.upstream_resumed(now());
+                    upstream = Some(found);
+                    continue;
+                }
+                Err(end) => break end,
+            }
+        };
+        let served = serve(&mut state, &mut current, &mut context, max_upstream_packet).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), current.writer.shutdown()).await;
+        match served {
+            Served::End(end) => {
+                close = current.close_for(&end);
+                break end;
+            }
+            Served::Lost(end) => {
+                close = current.close_for(&end);
+                if source.is_none() || grace.is_zero() {
+                    break end;
+                }
+                tracing::info!(%end, grace_seconds = grace.as_secs_f64(), "upstream lost: sessions wait for a new one");
+                state.upstream_lost(now() + grace);
+            }
+        }
+    };
+    state.end_all_sessions(&close);
+    end
+}
+
+/// Serves the state over one upstream until it ends.
+async fn serve(
+    state: &mut HubState<OutboundSender>,
+    upstream: &mut Upstream,
+    context: &mut Context,
+    max_upstream_packet: usize,
+) -> Served {
+    let Upstream {
+        reader,
+        writer,
+        epoch,
+        ..
+    } = upstream;
     // Bytes of an oversized upstream packet still to be thrown away.
     let mut skipping = 0usize;
-    let end = loop {
+    loop {
         // Packets already buffered: what came with the link's first frame,
         // or the rest of the last read.
         let now_at_read = now();
@@ -164,50 +349,90 @@ where
                 }
             }
         }
-        if let Some(refusals) = &refusals {
-            export_counters(refusals, &mut exported, state.counters());
-        }
-        if let Some(end) = state.take_end() {
-            break end;
+        if let Some(end) = context.settle(state) {
+            return match end {
+                HubEnd::UpstreamProtocol(_) => Served::Lost(end),
+                end => Served::End(end),
+            };
         }
         let wake_at = tokio::time::Instant::from_std(state.poll_timeout());
         let writing = !state.upstream_pending().is_empty();
         let taking_commands = state.upstream_pending().len() < MAX_UPSTREAM_BACKLOG;
         tokio::select! {
             read = reader.read_more() => match read {
-                Ok(0) => break HubEnd::UpstreamClosed,
+                Ok(0) => return Served::Lost(HubEnd::UpstreamClosed),
                 Ok(read) => {
-                    if let Some(counter) = &bytes_in {
+                    if let Some(counter) = &context.bytes_in {
                         counter.inc_by(read as u64);
                     }
                 }
-                Err(error) => break HubEnd::UpstreamIo(error),
+                Err(error) => return Served::Lost(HubEnd::UpstreamIo(error)),
             },
             written = writer.write(state.upstream_pending()), if writing => match written {
-                Ok(0) => break HubEnd::UpstreamClosed,
+                Ok(0) => return Served::Lost(HubEnd::UpstreamClosed),
                 Ok(written) => {
-                    if let Some(counter) = &bytes_out {
+                    if let Some(counter) = &context.bytes_out {
                         counter.inc_by(written as u64);
                     }
                     state.upstream_written(written);
                 }
-                Err(error) => break HubEnd::UpstreamIo(error),
+                Err(error) => return Served::Lost(HubEnd::UpstreamIo(error)),
             },
-            command = commands.recv(), if taking_commands => match command {
-                Some(Command::Attach { session, attach }) => state.attach(session, attach, now()),
-                Some(Command::ClientPacket { session, packet }) => {
-                    state.handle_client_packet(session, packet, now());
+            command = context.commands.recv(), if taking_commands => {
+                if let Some(Command::UpstreamMoved { epoch: moved_to }) = command {
+                    if *epoch < moved_to {
+                        return Served::Lost(HubEnd::UpstreamMoved);
+                    }
+                    continue;
                 }
-                Some(Command::Detach { session, graceful }) => state.detach(session, graceful, now()),
-                // Every handle is gone: nobody can reach this hub.
-                None => break HubEnd::Ended,
+                if let Err(end) = apply(state, command) {
+                    return Served::End(end);
+                }
             },
             () = tokio::time::sleep_until(wake_at) => state.handle_timeout(now()),
-            () = ended.cancelled() => break HubEnd::Ended,
+            () = context.ended.cancelled() => return Served::End(HubEnd::Ended),
         }
-    };
-    let tunnel_gone = tunnel_alive.as_ref().is_some_and(|alive| !alive());
-    state.end_all_sessions(&end.close(tunnel_gone));
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer.shutdown()).await;
-    end
+    }
+}
+
+/// Longest wait between attempts at a new upstream.
+const MAX_RETRY: Duration = Duration::from_secs(5);
+
+/// Keeps the sessions while the source looks for a new upstream, until
+/// the state's grace ends (`Err`). `close` becomes the last failure's.
+async fn find_upstream(
+    state: &mut HubState<OutboundSender>,
+    source: &UpstreamSource,
+    context: &mut Context,
+    close: &mut Close,
+) -> Result<Upstream, HubEnd> {
+    let mut attempt: Option<UpstreamFuture> = Some(source());
+    let mut retry_at = tokio::time::Instant::now();
+    loop {
+        if let Some(end) = context.settle(state) {
+            return Err(end);
+        }
+        let wake_at = tokio::time::Instant::from_std(state.poll_timeout());
+        tokio::select! {
+            result = async {
+                match attempt.as_mut() {
+                    Some(opening) => opening.await,
+                    None => std::future::pending().await,
+                }
+            }, if attempt.is_some() => {
+                attempt = None;
+                match result {
+                    Ok(upstream) => return Ok(upstream),
+                    Err(failure) => {
+                        *close = failure.close;
+                        retry_at = tokio::time::Instant::now() + failure.retry_after.min(MAX_RETRY);
+                    }
+                }
+            },
+            () = tokio::time::sleep_until(retry_at), if attempt.is_none() => attempt = Some(source()),
+            command = context.commands.recv() => apply(state, command)?,
+            () = tokio::time::sleep_until(wake_at) => state.handle_timeout(now()),
+            () = context.ended.cancelled() => return Err(HubEnd::Ended),
+        }
+    }
 }

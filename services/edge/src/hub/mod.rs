@@ -35,6 +35,7 @@ pub mod state;
 mod tests;
 
 pub use bambu::BambuProfile;
+pub use driver::{Upstream, UpstreamFailure, UpstreamFuture, UpstreamSource};
 pub use outbound::{Outbound, OutboundReceiver, OutboundSender, outbound_queue};
 pub use policy::{ChurnLimit, PublishRate, PublishRefusal, TopicPolicy};
 pub use registry::{HubHandle, Hubs, TunnelProbe};

@@ -5,15 +5,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
-use relay_io::FramedReader;
+use std::time::Duration;
+
 use relay_proto::mqtt::Packet;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::driver::{self, Command, HubIo};
+use super::driver::{self, Command, HubIo, Upstream, UpstreamSource};
 use super::outbound::OutboundSender;
 use super::policy::TopicPolicy;
 use super::state::{HubConfig, SessionAttach, SessionId};
@@ -62,6 +62,13 @@ impl HubHandle {
             .await;
     }
 
+    /// The device's tunnel moved to `epoch` (or went, `u64::MAX`): the hub
+    /// drops an upstream through an older one and finds the new one,
+    /// keeping its sessions.
+    pub fn upstream_moved(&self, epoch: u64) {
+        let _ = self.commands.try_send(Command::UpstreamMoved { epoch });
+    }
+
     /// Resolves when the hub has ended.
     pub async fn ended(&self) {
         self.ended.cancelled().await;
@@ -82,6 +89,8 @@ pub struct Hubs {
     upstream_bytes: Option<prometheus::IntCounterVec>,
     /// What hubs refused or cut (`HubCounters`), by what.
     refusals: Option<prometheus::IntCounterVec>,
+    /// Hubs that found a new upstream within the grace.
+    resumes: Option<prometheus::IntCounter>,
     /// Every hub's driver; the drain waits for them.
     drivers: TaskTracker,
 }
@@ -92,10 +101,12 @@ impl Hubs {
     pub fn with_metrics(
         upstream_bytes: prometheus::IntCounterVec,
         refusals: prometheus::IntCounterVec,
+        resumes: prometheus::IntCounter,
     ) -> Hubs {
         Hubs {
             upstream_bytes: Some(upstream_bytes),
             refusals: Some(refusals),
+            resumes: Some(resumes),
             ..Hubs::default()
         }
     }
@@ -114,44 +125,18 @@ impl Hubs {
     }
 
     /// Starts the hub of `device_id` over an upstream MQTT connection that
-    /// is already past CONNECT/CONNACK, given as its two halves. A hub that
-    /// was there is replaced (its sessions end). The driver is a tracked
-    /// task that ends with the upstream.
-    pub fn start<R, W>(
+    /// is already past CONNECT/CONNACK. A hub that was there is replaced
+    /// (its sessions end). When the upstream ends, the hub keeps its
+    /// sessions for `grace` while `source` finds a new one; with no source
+    /// (or no grace) the hub ends with it. The driver is a tracked task.
+    pub fn start(
         self: &Arc<Self>,
         device_id: String,
-        reader: R,
-        writer: W,
+        upstream: Upstream,
         config: HubConfig,
-        tunnel_alive: Option<TunnelProbe>,
-    ) -> HubHandle
-    where
-        R: AsyncRead + Send + Unpin + 'static,
-        W: AsyncWrite + Send + Unpin + 'static,
-    {
-        self.start_framed(
-            device_id,
-            FramedReader::new(reader),
-            writer,
-            config,
-            tunnel_alive,
-        )
-    }
-
-    /// [`Hubs::start`] over a reader that may already hold upstream bytes
-    /// (those that came with the printer link's first frame).
-    pub fn start_framed<R, W>(
-        self: &Arc<Self>,
-        device_id: String,
-        reader: FramedReader<R>,
-        writer: W,
-        config: HubConfig,
-        tunnel_alive: Option<TunnelProbe>,
-    ) -> HubHandle
-    where
-        R: AsyncRead + Send + Unpin + 'static,
-        W: AsyncWrite + Send + Unpin + 'static,
-    {
+        source: Option<UpstreamSource>,
+        grace: Duration,
+    ) -> HubHandle {
         let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
         let ended = CancellationToken::new();
         let handle = HubHandle {
@@ -164,13 +149,14 @@ impl Hubs {
         }
         let hubs = self.clone();
         let io = HubIo {
-            reader,
-            writer,
+            upstream,
+            source,
+            grace,
             commands: receiver,
             ended: ended.clone(),
             byte_counter: self.upstream_bytes.clone(),
             refusals: self.refusals.clone(),
-            tunnel_alive,
+            resumes: self.resumes.clone(),
         };
         let span = tracing::info_span!("hub", device = %device_id);
         self.drivers.spawn(

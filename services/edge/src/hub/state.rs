@@ -159,6 +159,13 @@ pub enum HubEnd {
     /// No session for the linger time.
     #[error("idle for the linger time")]
     Idle,
+    /// The device's tunnel moved; the upstream through the old one is
+    /// stale.
+    #[error("the device's tunnel moved")]
+    UpstreamMoved,
+    /// The upstream was lost and no new one came within the grace.
+    #[error("no upstream within the grace")]
+    NoUpstream,
 }
 
 impl HubEnd {
@@ -166,7 +173,9 @@ impl HubEnd {
     /// offline (1013); a lost printer behind a live tunnel is 1014.
     pub fn close(&self, tunnel_gone: bool) -> Close {
         match self {
-            HubEnd::Ended | HubEnd::Idle => Close::device_offline(),
+            HubEnd::Ended | HubEnd::Idle | HubEnd::NoUpstream | HubEnd::UpstreamMoved => {
+                Close::device_offline()
+            }
             _ if tunnel_gone => Close::device_offline(),
             _ => Close::printer_unreachable("connection lost"),
         }
@@ -254,10 +263,15 @@ enum Pending {
     },
     Unsubscribe,
     /// A QoS 1 PUBLISH: `origin` (a session and its own packet id) is
-    /// acknowledged when the upstream does. A will has no origin.
+    /// acknowledged when the upstream does. A will has no origin. The
+    /// packet is kept so that a new upstream gets it again (DUP once
+    /// `sent`); `order` keeps the order they came in.
     Publish {
         origin: Option<(SessionId, PacketId)>,
         exactly_once: bool,
+        publish: Box<Publish>,
+        order: u64,
+        sent: bool,
     },
 }
 
@@ -285,6 +299,9 @@ struct OpenReplay {
 
 /// Wills waiting for the publish rate, at most (their sessions are gone).
 const MAX_WAITING_WILLS: usize = 10_000;
+
+/// Filters per SUBSCRIBE when a new upstream gets every held filter.
+const MAX_FILTERS_PER_RESUBSCRIBE: usize = 64;
 
 /// Open replays kept at most; past this the oldest is forgotten (its
 /// sessions then get later retained copies as live messages).
@@ -321,6 +338,10 @@ pub struct HubState<S> {
     /// QoS 1 and 2 PUBLISHes over the rate, oldest first, with their origin.
     over_rate: VecDeque<(Option<(SessionId, PacketId)>, Publish)>,
     bambu: Option<BambuState>,
+    /// Set while the hub has no upstream: when the grace ends.
+    lost_until: Option<Instant>,
+    /// Next [`Pending::Publish`] order.
+    next_publish_order: u64,
 }
 
 impl<S: SessionSink> HubState<S> {
@@ -349,6 +370,8 @@ impl<S: SessionSink> HubState<S> {
             publish_bucket,
             over_rate: VecDeque::new(),
             bambu,
+            lost_until: None,
+            next_publish_order: 0,
         }
     }
 
@@ -390,9 +413,11 @@ impl<S: SessionSink> HubState<S> {
 
     /// When [`Self::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Instant {
+        // No keep-alive without an upstream: the grace's end instead.
+        let base = self.lost_until.unwrap_or(self.next_ping);
         let next = match (self.config.linger, self.idle_since) {
-            (Some(linger), Some(since)) => self.next_ping.min(since + linger),
-            _ => self.next_ping,
+            (Some(linger), Some(since)) => base.min(since + linger),
+            _ => base,
         };
         if self.over_rate.is_empty() {
             next
@@ -409,7 +434,12 @@ impl<S: SessionSink> HubState<S> {
             self.end.get_or_insert(HubEnd::Idle);
             return;
         }
-        if now >= self.next_ping {
+        if let Some(until) = self.lost_until {
+            if now >= until {
+                self.end.get_or_insert(HubEnd::NoUpstream);
+                return;
+            }
+        } else if now >= self.next_ping {
             self.ping_upstream(None);
             self.next_ping = now + self.config.upstream_keep_alive;
         }
@@ -638,6 +668,10 @@ impl<S: SessionSink> HubState<S> {
         }
         if self.sessions.is_empty() {
             self.idle_since = Some(now);
+            if self.lost_until.is_some() {
+                // Nobody waits for a new upstream.
+                self.end.get_or_insert(HubEnd::Idle);
+            }
         }
         Some(entry)
     }
@@ -713,14 +747,112 @@ impl<S: SessionSink> HubState<S> {
     }
 
     fn queue_upstream(&mut self, packet: &Packet) {
+        if self.lost_until.is_some() {
+            // No upstream: what must survive is redone on resume.
+            return;
+        }
         // Every packet the hub builds is within MQTT's limits: its parts
         // were decoded from packets that were.
         let _ = mqtt::encode(packet, &mut self.to_upstream);
     }
 
     fn ping_upstream(&mut self, closes_replay: Option<PacketId>) {
+        if self.lost_until.is_some() {
+            return;
+        }
         self.queue_upstream(&Packet::PingReq);
         self.pings_in_flight.push_back(closes_replay);
+    }
+
+    /// Whether the hub is waiting for a new upstream.
+    pub fn upstream_is_lost(&self) -> bool {
+        self.lost_until.is_some()
+    }
+
+    /// The upstream is gone. Sessions are kept until `until`; their
+    /// subscriptions and unacknowledged QoS 1 publishes are redone on a
+    /// new upstream ([`Self::upstream_resumed`]). QoS 0 publishes meanwhile
+    /// are dropped (counted as throttled). A hub with no session ends now.
+    pub fn upstream_lost(&mut self, until: Instant) {
+        self.lost_until = Some(until);
+        self.to_upstream.clear();
+        self.pings_in_flight.clear();
+        self.replays.clear();
+        // SUBSCRIBEs in flight are redone with every held filter;
+        // UNSUBSCRIBEs are moot on a new connection.
+        self.pending
+            .retain(|_, pending| matches!(pending, Pending::Publish { .. }));
+        if self.sessions.is_empty() {
+            self.end.get_or_insert(HubEnd::Idle);
+        }
+    }
+
+    /// A new upstream (already past CONNECT/CONNACK) serves the hub: every
+    /// held filter is subscribed again (the broker re-sends its retained
+    /// messages, delivered as such), unacknowledged QoS 1 publishes are
+    /// sent again in their order (DUP when they had gone out), and a Bambu
+    /// hub asks for the full report.
+    pub fn upstream_resumed(&mut self, now: Instant) {
+        self.lost_until = None;
+        self.next_ping = now + self.config.upstream_keep_alive;
+        let mut filters: Vec<String> = self.upstream_filters.keys().cloned().collect();
+        filters.sort_unstable();
+        for chunk in filters.chunks(MAX_FILTERS_PER_RESUBSCRIBE) {
+            let Some(id) = self.allocate_upstream_id() else {
+                break;
+            };
+            self.queue_upstream(&Packet::Subscribe(Subscribe {
+                packet_id: id,
+                filters: chunk
+                    .iter()
+                    .map(|filter| (filter.clone(), QoS::AtLeastOnce))
+                    .collect(),
+            }));
+            self.pending.insert(
+                id,
+                Pending::Subscribe {
+                    filters: chunk.to_vec(),
+                },
+            );
+        }
+        let mut resend: Vec<(u64, PacketId)> = self
+            .pending
+            .iter()
+            .filter_map(|(id, pending)| match pending {
+                Pending::Publish { order, .. } => Some((*order, *id)),
+                _ => None,
+            })
+            .collect();
+        resend.sort_unstable();
+        for (_, id) in resend {
+            let Some(Pending::Publish { publish, sent, .. }) = self.pending.get_mut(&id) else {
+                continue;
+            };
+            let mut again = (**publish).clone();
+            again.dup = *sent;
+            *sent = true;
+            self.queue_upstream(&Packet::Publish(again));
+        }
+        let report_held = self.bambu.as_ref().is_some_and(|bambu| {
+            self.upstream_filters
+                .keys()
+                .any(|filter| topic_matches(filter, bambu.report_topic()))
+        });
+        if report_held
+            && let Some(bambu) = &mut self.bambu
+            && bambu.wants_refresh(now)
+        {
+            let request = Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain: false,
+                topic: bambu.request_topic().to_owned(),
+                packet_id: None,
+                payload: BambuState::pushall_request(),
+            };
+            self.queue_upstream(&Packet::Publish(request));
+        }
+        self.answer_ready_subscribes(now);
     }
 
     fn allocate_upstream_id(&mut self) -> Option<PacketId> {
@@ -833,7 +965,7 @@ impl<S: SessionSink> HubState<S> {
                 replay.joiners.push((filter, session, qos));
             }
         }
-        if !carried.is_empty() {
+        if !carried.is_empty() && self.lost_until.is_none() {
             if !self.charge_churn(session, now) {
                 return;
             }
@@ -976,7 +1108,7 @@ impl<S: SessionSink> HubState<S> {
                 payload: full,
             });
             self.send_to(session, &report, now);
-        } else if bambu.wants_pushall(now) {
+        } else if self.lost_until.is_none() && bambu.wants_pushall(now) {
             let request = Publish {
                 dup: false,
                 qos: QoS::AtMostOnce,
@@ -1049,7 +1181,10 @@ impl<S: SessionSink> HubState<S> {
         }
         let was_granted = matches!(upstream.granted, Some(SubscribeReturnCode::Success(_)));
         self.upstream_filters.remove(filter);
-        if was_granted && let Some(id) = self.allocate_upstream_id() {
+        if was_granted
+            && self.lost_until.is_none()
+            && let Some(id) = self.allocate_upstream_id()
+        {
             self.queue_upstream(&Packet::Unsubscribe(Unsubscribe {
                 packet_id: id,
                 filters: vec![filter.to_owned()],
@@ -1130,6 +1265,10 @@ impl<S: SessionSink> HubState<S> {
             self.note_retained(&publish.topic, publish.payload.is_empty());
         }
         if publish.qos == QoS::AtMostOnce {
+            if self.lost_until.is_some() {
+                self.counters.throttled_publishes += 1;
+                return;
+            }
             publish.packet_id = None;
             self.queue_upstream(&Packet::Publish(publish));
             return;
@@ -1140,12 +1279,18 @@ impl<S: SessionSink> HubState<S> {
         let exactly_once = publish.qos == QoS::ExactlyOnce;
         publish.qos = QoS::AtLeastOnce;
         publish.packet_id = Some(id);
-        self.queue_upstream(&Packet::Publish(publish));
+        let sent = self.lost_until.is_none();
+        self.queue_upstream(&Packet::Publish(publish.clone()));
+        let order = self.next_publish_order;
+        self.next_publish_order += 1;
         self.pending.insert(
             id,
             Pending::Publish {
                 origin,
                 exactly_once,
+                publish: Box::new(publish),
+                order,
+                sent,
             },
         );
     }
@@ -1154,6 +1299,7 @@ impl<S: SessionSink> HubState<S> {
         let Some(Pending::Publish {
             origin: Some((session, client_id)),
             exactly_once,
+            ..
         }) = self.pending.remove(&id)
         else {
             return;

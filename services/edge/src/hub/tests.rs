@@ -1199,3 +1199,146 @@ fn wildcards_on_a_bambu_printer_are_served_from_the_report() {
         "{after:?}"
     );
 }
+
+/// Upstream continuity: a lost upstream keeps the sessions; a new one gets
+/// every held filter again, in one SUBSCRIBE, and what a client subscribed
+/// to meanwhile is answered once the new upstream grants it.
+#[test]
+fn a_new_upstream_gets_every_held_filter_and_waiting_subscribes_are_answered() {
+    let mut hub = Harness::new(config(RetainedReplay::Always));
+    hub.attach(1);
+    hub.attach(2);
+    hub.subscribed(1, "device/a/report", QoS::AtLeastOnce);
+    hub.hub.upstream_lost(hub.now + Duration::from_secs(30));
+    assert!(hub.hub.upstream_is_lost());
+    // A subscribe during the grace waits; nothing is written anywhere.
+    hub.client(2, subscribe(7, &[("device/b/report", QoS::AtMostOnce)]));
+    assert_eq!(hub.upstream_with_pings(), vec![]);
+    assert!(hub.received(2).is_empty());
+    // No keep-alive while there is no upstream.
+    hub.advance(Duration::from_secs(29));
+    assert_eq!(hub.upstream_with_pings(), vec![]);
+    assert!(hub.hub.take_end().is_none());
+
+    hub.hub.upstream_resumed(hub.now);
+    let again = hub.upstream_subscribe();
+    assert_eq!(
+        again.filters,
+        vec![
+            ("device/a/report".to_owned(), QoS::AtLeastOnce),
+            ("device/b/report".to_owned(), QoS::AtLeastOnce),
+        ]
+    );
+    hub.printer(suback(
+        again.packet_id.get(),
+        &[granted(QoS::AtLeastOnce), granted(QoS::AtLeastOnce)],
+    ));
+    assert_eq!(
+        hub.received(2),
+        vec![suback(7, &[granted(QoS::AtMostOnce)])]
+    );
+    assert!(
+        hub.received(1).is_empty(),
+        "the held filter is not answered twice"
+    );
+    // Both receive from the new upstream.
+    hub.printer(Packet::Publish(publish(
+        "device/a/report",
+        QoS::AtMostOnce,
+        None,
+        b"1",
+    )));
+    hub.printer(Packet::Publish(publish(
+        "device/b/report",
+        QoS::AtMostOnce,
+        None,
+        b"2",
+    )));
+    assert_eq!(hub.publishes(1)[0].payload, Bytes::from_static(b"1"));
+    assert_eq!(hub.publishes(2)[0].payload, Bytes::from_static(b"2"));
+    assert!(hub.ended(1).is_none() && hub.ended(2).is_none());
+}
+
+/// A QoS 1 publish the old upstream never acknowledged goes out again on
+/// the new one (DUP), after one published during the grace (not DUP), in
+/// their order; each client gets its PUBACK only from the new upstream.
+#[test]
+fn unacknowledged_publishes_are_resent_in_order_on_the_new_upstream() {
+    let mut hub = Harness::new(config(RetainedReplay::Always));
+    hub.attach(1);
+    hub.client(
+        1,
+        Packet::Publish(publish(
+            "device/a/request",
+            QoS::AtLeastOnce,
+            Some(5),
+            b"first",
+        )),
+    );
+    let sent = hub.upstream();
+    assert!(
+        matches!(sent.as_slice(), [Packet::Publish(first)] if !first.dup),
+        "{sent:?}"
+    );
+    hub.hub.upstream_lost(hub.now + Duration::from_secs(30));
+    hub.client(
+        1,
+        Packet::Publish(publish(
+            "device/a/request",
+            QoS::AtLeastOnce,
+            Some(6),
+            b"second",
+        )),
+    );
+    // QoS 0 has nowhere to go: dropped and counted.
+    hub.client(
+        1,
+        Packet::Publish(publish("device/a/request", QoS::AtMostOnce, None, b"lost")),
+    );
+    assert_eq!(hub.hub.counters().throttled_publishes, 1);
+    assert!(
+        hub.received(1).is_empty(),
+        "nothing acknowledged without the printer"
+    );
+
+    hub.hub.upstream_resumed(hub.now);
+    let resent: Vec<Publish> = hub
+        .upstream()
+        .into_iter()
+        .map(|packet| match packet {
+            Packet::Publish(publish) => publish,
+            other => panic!("expected PUBLISH, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(resent.len(), 2, "{resent:?}");
+    assert_eq!(resent[0].payload, Bytes::from_static(b"first"));
+    assert!(resent[0].dup, "it had gone out before");
+    assert_eq!(resent[1].payload, Bytes::from_static(b"second"));
+    assert!(!resent[1].dup, "it never went out");
+    for publish in &resent {
+        hub.printer(Packet::PubAck(publish.packet_id.unwrap()));
+    }
+    assert_eq!(
+        hub.received(1),
+        vec![Packet::PubAck(id(5)), Packet::PubAck(id(6))]
+    );
+}
+
+/// No new upstream within the grace: the hub ends (its sessions then get
+/// the last failure's close). A hub whose last session leaves during the
+/// grace ends at once.
+#[test]
+fn the_grace_ends_the_hub_and_so_does_its_last_session_leaving() {
+    let mut hub = Harness::new(config(RetainedReplay::Always));
+    hub.attach(1);
+    hub.hub.upstream_lost(hub.now + Duration::from_secs(30));
+    assert_eq!(hub.hub.poll_timeout(), hub.now + Duration::from_secs(30));
+    hub.advance(Duration::from_secs(30));
+    assert!(matches!(hub.hub.take_end(), Some(HubEnd::NoUpstream)));
+
+    let mut hub = Harness::new(config(RetainedReplay::Always));
+    hub.attach(1);
+    hub.hub.upstream_lost(hub.now + Duration::from_secs(30));
+    hub.hub.detach(1, true, hub.now);
+    assert!(matches!(hub.hub.take_end(), Some(HubEnd::Idle)));
+}

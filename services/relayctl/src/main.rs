@@ -52,6 +52,15 @@ enum Command {
     /// Agent credentials (one live credential per device)
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Edge instances sharing this store
+    #[command(subcommand)]
+    Instance(InstanceCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum InstanceCommand {
+    /// Every registered edge instance, with its lease
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -252,14 +261,62 @@ async fn execute(store: &Store, command: Command, output: &Output) -> Result<(),
         }
         Command::Device(DeviceCommand::Show { id }) => {
             let device = store.device(&id).await?;
-            output.print(&device, || {
+            let claim = store.device_claim(&id).await?;
+            let now = store.now();
+            let agent = match &claim {
+                None => "never connected".to_owned(),
+                Some(claim) if claim.is_live(now) => format!(
+                    "on instance {} (epoch {}, since {})",
+                    claim.instance_id,
+                    claim.epoch,
+                    time(Some(claim.connected_at))
+                ),
+                Some(claim) => format!(
+                    "not connected (last on instance {}, until {})",
+                    claim.instance_id,
+                    time(Some(claim.last_served(now)))
+                ),
+            };
+            let mut shown = serde_json::to_value(&device).unwrap_or_default();
+            if let Some(fields) = shown.as_object_mut() {
+                fields.insert(
+                    "tunnel".into(),
+                    claim.as_ref().map_or(serde_json::Value::Null, |claim| {
+                        serde_json::json!({
+                            "instance": claim.instance_id,
+                            "epoch": claim.epoch,
+                            "connected_at": claim.connected_at,
+                            "released_at": claim.released_at,
+                            "live": claim.is_live(now),
+                        })
+                    }),
+                );
+            }
+            output.print(&shown, || {
                 format!(
-                    "id:       {}\ntenant:   {}\nname:     {}\ncreated:  {}\ndeleted:  {}",
+                    "id:       {}\ntenant:   {}\nname:     {}\ncreated:  {}\ndeleted:  {}\nagent:    {agent}",
                     device.id,
                     device.tenant_id,
                     device.name,
                     time(Some(device.created_at)),
                     time(device.deleted_at)
+                )
+            });
+        }
+        Command::Instance(InstanceCommand::List) => {
+            let instances = store.list_instances().await?;
+            output.print(&instances, || {
+                table(
+                    &["INSTANCE", "PEER ADDRESS", "STARTED", "LEASE UNTIL", "LIVE"],
+                    instances.iter().map(|instance| {
+                        vec![
+                            instance.id.clone(),
+                            instance.peer_address.clone(),
+                            time(Some(instance.started_at)),
+                            time(Some(instance.lease_until)),
+                            if instance.live { "yes" } else { "no (expired)" }.to_owned(),
+                        ]
+                    }),
                 )
             });
         }

@@ -155,6 +155,34 @@ async fn whole_lifecycle(backend: Backend) {
         "not found",
     );
 
+    // Which instance holds the agent, as the edges' registry says.
+    assert!(succeed(url, &["device", "show", device_id]).contains("agent:    never connected"));
+    assert!(succeed(url, &["instance", "list"]).contains("(none)"));
+    db.store
+        .renew_instance_lease("edge-7f", "10.1.2.3:7444", 60_000)
+        .await
+        .unwrap();
+    db.store.claim_device(device_id, "edge-7f").await.unwrap();
+    let shown = succeed(url, &["device", "show", device_id]);
+    assert!(shown.contains("on instance edge-7f (epoch 1"), "{shown}");
+    assert_eq!(
+        json(url, &["device", "show", device_id])["tunnel"]["live"],
+        true
+    );
+    let instances = succeed(url, &["instance", "list"]);
+    assert!(
+        instances.contains("edge-7f")
+            && instances.contains("10.1.2.3:7444")
+            && instances.contains("yes"),
+        "{instances}"
+    );
+    db.store.end_instance_lease("edge-7f").await.unwrap();
+    assert!(
+        succeed(url, &["device", "show", device_id])
+            .contains("not connected (last on instance edge-7f")
+    );
+    assert_eq!(json(url, &["instance", "list"])[0]["live"], false);
+
     succeed(url, &["device", "delete", device_id]);
     assert_ne!(
         json(url, &["device", "show", device_id])["deleted_at"],

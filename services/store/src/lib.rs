@@ -10,8 +10,10 @@
 //! - [`jwt`]: operator-signed JWTs checked against a JWKS file.
 //! - [`RevocationWatcher`]: revocations as events, from Postgres NOTIFY and
 //!   a periodic re-check.
+//! - [`registry`]: the edge instances' leases and which instance holds
+//!   which device's agent (several instances on one store).
 //!
-//! This crate knows nothing of MQTT, WebSockets or tunnels.
+//! This crate knows nothing of MQTT, WebSockets or the tunnel protocol.
 
 pub mod auth;
 pub mod clock;
@@ -19,6 +21,7 @@ pub mod credential;
 mod error;
 pub mod jwt;
 mod migrate;
+pub mod registry;
 pub mod revocation;
 mod store;
 #[cfg(feature = "testing")]
@@ -30,6 +33,7 @@ pub use auth::{
 };
 pub use clock::{Clock, ManualClock, Millis, SystemClock};
 pub use error::StoreError;
+pub use registry::{Claim, ClaimListener, Claimed, Instance};
 pub use relay_proto::Secret;
 pub use revocation::{RevocationEvent, RevocationWatcher, Revoked};
 pub use store::{

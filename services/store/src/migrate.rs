@@ -29,6 +29,18 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/postgres/0002_revocation_notify.sql"),
         backends: &[Backend::Postgres],
     },
+    Migration {
+        version: 3,
+        name: "0003_instance_registry",
+        sql: include_str!("../../../migrations/0003_instance_registry.sql"),
+        backends: BOTH,
+    },
+    Migration {
+        version: 4,
+        name: "0004_tunnel_notify",
+        sql: include_str!("../../../migrations/postgres/0004_tunnel_notify.sql"),
+        backends: &[Backend::Postgres],
+    },
 ];
 
 /// Any constant will do; it only has to be the same in every process.

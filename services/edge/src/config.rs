@@ -37,6 +37,38 @@ pub struct EdgeConfig {
     pub printers: PrintersConfig,
     #[serde(default)]
     pub quotas: QuotaConfig,
+    /// This instance among several on one store.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+/// This instance's identity and lease among the edge instances that share
+/// one store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Unique per running instance (on Kubernetes, the pod name). Empty: a
+    /// random `edge-…` id per start.
+    pub instance_id: String,
+    /// Where other instances reach this one's peer listener (on Kubernetes,
+    /// the pod IP and the peer port). Empty: not reachable by peers.
+    pub peer_address: String,
+    /// The lease other instances trust; an instance that cannot renew it
+    /// for this long fences itself (stops serving its agents' tunnels).
+    pub lease_seconds: u64,
+    /// How often the lease is renewed and this instance's claims checked.
+    pub renew_seconds: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            instance_id: String::new(),
+            peer_address: String::new(),
+            lease_seconds: 10,
+            renew_seconds: 3,
+        }
+    }
 }
 
 /// Open sessions allowed at once.
@@ -434,6 +466,7 @@ impl EdgeConfig {
             tunnel: TunnelConfig::default(),
             printers: PrintersConfig::default(),
             quotas: QuotaConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 
@@ -441,6 +474,24 @@ impl EdgeConfig {
     /// problems at once.
     pub fn validate(&self) -> Result<(), ConfigProblems> {
         let mut problems = Vec::new();
+        let cluster = &self.cluster;
+        if cluster.renew_seconds == 0 || cluster.renew_seconds * 2 > cluster.lease_seconds {
+            problems.push(format!(
+                "cluster.renew_seconds ({}) must be at least 1 and at most half of cluster.lease_seconds ({})",
+                cluster.renew_seconds, cluster.lease_seconds
+            ));
+        }
+        if !cluster
+            .instance_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            || cluster.instance_id.len() > 253
+        {
+            problems.push(format!(
+                "cluster.instance_id {:?} may hold letters, digits, '-', '_' and '.' only",
+                cluster.instance_id
+            ));
+        }
         let public = &self.public;
         if public.base_domain.is_empty() {
             problems.push(

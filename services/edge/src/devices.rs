@@ -11,6 +11,9 @@ use relay_io::FramedReader;
 use relay_proto::tunnel::{self, LinkAccept, LinkDownReason, LinkOpen, Message, PrinterKind};
 use tokio::sync::{Mutex, Notify, mpsc};
 
+use relay_proto::tunnel::{GoAway, GoAwayReason};
+use relay_store::Store;
+
 use crate::close::Close;
 use crate::config::PrintersConfig;
 use crate::hub::{
@@ -73,7 +76,6 @@ pub struct DeviceTable {
     hubs: Arc<Hubs>,
     /// One hub opening at a time per device.
     opening: DashMap<String, Arc<Mutex<()>>>,
-    next_epoch: AtomicU64,
     next_link: AtomicU64,
     registered: Notify,
     unregistered: Notify,
@@ -82,6 +84,9 @@ pub struct DeviceTable {
     open_timeout: Duration,
     /// How long a hub keeps its sessions for a new upstream.
     grace: Duration,
+    /// The registry: when a device was last served, by any instance.
+    store: Store,
+    fenced: prometheus::IntCounter,
 }
 
 /// How long a hub's search for a new upstream waits for a tunnel before it
@@ -105,6 +110,8 @@ impl Devices {
         printers: PrintersConfig,
         open_timeout: Duration,
         grace: Duration,
+        store: Store,
+        fenced: prometheus::IntCounter,
     ) -> Devices {
         Devices {
             table: Arc::new(DeviceTable {
@@ -112,7 +119,6 @@ impl Devices {
                 gone_at: DashMap::new(),
                 hubs,
                 opening: DashMap::new(),
-                next_epoch: AtomicU64::new(1),
                 next_link: AtomicU64::new(1),
                 registered: Notify::new(),
                 unregistered: Notify::new(),
@@ -120,6 +126,8 @@ impl Devices {
                 printers,
                 open_timeout,
                 grace,
+                store,
+                fenced,
             }),
         }
     }
@@ -128,16 +136,16 @@ impl Devices {
         &self.hubs
     }
 
-    /// Registers a new tunnel for `device_id`; returns its epoch and the
-    /// tunnel it replaced (to be told to go away). The device's hub moves
-    /// to the new tunnel, keeping its sessions.
+    /// Registers a new tunnel for `device_id` at `epoch` (its claim in the
+    /// store); returns the tunnel it replaced (to be told to go away). The
+    /// device's hub moves to the new tunnel, keeping its sessions.
     pub fn register(
         &self,
         device_id: &str,
+        epoch: u64,
         connection: quinn::Connection,
         control: mpsc::Sender<Message>,
-    ) -> (u64, Option<Tunnel>) {
-        let epoch = self.next_epoch.fetch_add(1, Ordering::SeqCst);
+    ) -> Option<Tunnel> {
         let previous = self.tunnels.insert(
             device_id.to_owned(),
             Tunnel {
@@ -154,7 +162,43 @@ impl Devices {
             hub.upstream_moved(epoch);
         }
         self.registered.notify_waiters();
-        (epoch, previous)
+        previous
+    }
+
+    /// Every local tunnel's device and epoch.
+    pub fn tunnel_epochs(&self) -> Vec<(String, u64)> {
+        self.tunnels
+            .iter()
+            .map(|entry| (entry.key().clone(), entry.epoch))
+            .collect()
+    }
+
+    /// Another instance claimed `device_id` at `epoch`: a local tunnel of
+    /// an older epoch is sent away (GO_AWAY superseded). True when one was.
+    pub fn fence_older(&self, device_id: &str, epoch: u64) -> bool {
+        let Some(tunnel) = self.tunnels.get(device_id).map(|t| t.clone()) else {
+            return false;
+        };
+        if tunnel.epoch >= epoch {
+            return false;
+        }
+        tracing::info!(device = %device_id, old_epoch = tunnel.epoch, epoch, "claimed by another instance: fencing the local tunnel");
+        self.fenced.inc();
+        let _ = tunnel.control.try_send(superseded());
+        true
+    }
+
+    /// Sends every local tunnel away (this instance lost its lease): as a
+    /// drain does, so that the agents come back soon, to an instance that
+    /// holds its lease (or to this one once it renews).
+    pub fn fence_all(&self) {
+        for tunnel in self.tunnels() {
+            self.fenced.inc();
+            let _ = tunnel.control.try_send(Message::GoAway(GoAway {
+                reason: GoAwayReason::Draining,
+                reconnect_after_ms: Some(1_000),
+            }));
+        }
     }
 
     /// Removes the tunnel of `device_id` if it is still the one of `epoch`.
@@ -225,12 +269,17 @@ impl Devices {
     }
 
     /// How long a client of `device_id` may wait for its agent: what is
-    /// left of the grace since its tunnel went, if it went within it.
-    fn wait_for_agent(&self, device_id: &str) -> Option<Duration> {
-        let gone = *self.gone_at.get(device_id)?;
-        self.grace
-            .checked_sub(gone.elapsed())
-            .filter(|left| !left.is_zero())
+    /// left of the grace since the device was last served, here or (the
+    /// registry says) on any instance, as after a restart.
+    async fn wait_for_agent(&self, device_id: &str) -> Option<Duration> {
+        let left = |since: Duration| self.grace.checked_sub(since).filter(|left| !left.is_zero());
+        if let Some(gone) = self.gone_at.get(device_id).map(|gone| *gone) {
+            return left(gone.elapsed());
+        }
+        let claim = self.store.device_claim(device_id).await.ok()??;
+        let now = self.store.now();
+        let since = now.saturating_sub(claim.last_served(now));
+        left(Duration::from_millis(u64::try_from(since).unwrap_or(0)))
     }
 
     /// The hub of `device_id`, opening the printer link through its
@@ -250,7 +299,10 @@ impl Devices {
             return Ok(hub);
         }
         if !self.is_online(device_id) {
-            let wait = self.wait_for_agent(device_id).ok_or(Unavailable::Offline)?;
+            let wait = self
+                .wait_for_agent(device_id)
+                .await
+                .ok_or(Unavailable::Offline)?;
             tokio::time::timeout(wait, self.wait_online(device_id, 0))
                 .await
                 .map_err(|_| Unavailable::Offline)?;
@@ -355,4 +407,11 @@ impl Devices {
             _ => Err(Unavailable::Offline),
         }
     }
+}
+
+fn superseded() -> Message {
+    Message::GoAway(GoAway {
+        reason: GoAwayReason::Superseded,
+        reconnect_after_ms: None,
+    })
 }

@@ -11,6 +11,7 @@
 //! tunnel protocol in `relay-proto`.
 
 pub mod close;
+pub mod cluster;
 pub mod config;
 pub mod devices;
 pub mod http;

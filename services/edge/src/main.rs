@@ -44,6 +44,12 @@ struct Flags {
     tls_cert: Option<PathBuf>,
     #[arg(long, env = "RELAY_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// This instance's id among several on one store (the pod name)
+    #[arg(long, env = "RELAY_INSTANCE_ID")]
+    instance_id: Option<String>,
+    /// Where other instances reach this one's peer listener (pod IP:port)
+    #[arg(long, env = "RELAY_PEER_ADDRESS")]
+    peer_address: Option<String>,
     /// Log as JSON lines
     #[arg(long, env = "RELAY_LOG_JSON")]
     log_json: bool,
@@ -74,6 +80,12 @@ fn load(flags: &Flags) -> Result<EdgeConfig, String> {
     }
     if flags.tunnel_listen.is_some() {
         config.tunnel.listen = flags.tunnel_listen;
+    }
+    if let Some(id) = &flags.instance_id {
+        config.cluster.instance_id = id.clone();
+    }
+    if let Some(address) = &flags.peer_address {
+        config.cluster.peer_address = address.clone();
     }
     if let Some(address) = flags.admin_listen {
         config.admin.listen = address;

@@ -35,6 +35,11 @@ pub struct Metrics {
     /// Hubs that found a new upstream within the grace, their sessions
     /// kept.
     pub hub_upstream_resumes: IntCounter,
+    /// This instance's lease, by result: renewed, failed, lost.
+    pub leases: IntCounterVec,
+    /// Local tunnels sent away because another instance claimed their
+    /// device, or this one lost its lease.
+    pub tunnels_fenced: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -150,6 +155,17 @@ impl Metrics {
                 "relay_edge_hub_upstream_resumes_total",
                 "device hubs that found a new upstream within the grace, keeping their sessions",
             ),
+            leases: counter_vec(
+                &registry,
+                "relay_edge_instance_leases_total",
+                "this instance's lease renewals by result (renewed, failed, lost)",
+                "result",
+            ),
+            tunnels_fenced: counter(
+                &registry,
+                "relay_edge_tunnels_fenced_total",
+                "local tunnels sent away: their device claimed elsewhere, or the lease lost",
+            ),
             registry,
         }
     }
@@ -159,7 +175,7 @@ impl Metrics {
     /// are known from the start), for checking dashboards and alerts.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 14] = [
+        let collectors: [&dyn Collector; 16] = [
             &self.connections,
             &self.connections_open,
             &self.tls_handshake_failures,
@@ -174,6 +190,8 @@ impl Metrics {
             &self.agents_connected,
             &self.hub_refusals,
             &self.hub_upstream_resumes,
+            &self.leases,
+            &self.tunnels_fenced,
         ];
         let mut names: Vec<String> = collectors
             .iter()

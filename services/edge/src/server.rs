@@ -105,6 +105,17 @@ impl RunningEdge {
             authenticator,
             Metrics::new(),
         ));
+        // The lease first, so that the claims of the first agents route here.
+        let membership = &state.membership;
+        let lease_ms =
+            i64::try_from(config.cluster.lease_seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
+        match store
+            .renew_instance_lease(&membership.instance_id, &membership.peer_address, lease_ms)
+            .await
+        {
+            Ok(_) => tracing::info!(instance = %membership.instance_id, "instance registered"),
+            Err(error) => tracing::warn!(%error, "cannot register this instance yet; retrying"),
+        }
 
         let certificates = match (
             &config.public.listen,
@@ -286,6 +297,11 @@ impl RunningEdge {
                 }
             }
         });
+        self.tasks.spawn(crate::cluster::run(
+            self.state.clone(),
+            store.clone(),
+            self.background.clone(),
+        ));
         let stop = self.background.clone();
         let state = self.state.clone();
         self.tasks.spawn(async move {
@@ -325,6 +341,12 @@ impl RunningEdge {
                 }
             }
         });
+    }
+
+    /// Waits until this instance is fenced (lost its lease, `true`) or
+    /// serving (`false`).
+    pub async fn wait_fenced(&self, fenced: bool) {
+        self.state.membership.wait_fenced(fenced).await;
     }
 
     /// Waits until `device_id`'s agent is connected; returns the tunnel's
@@ -480,6 +502,11 @@ async fn admin_response(
             state.metrics.render(),
         ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/readyz" if state.membership.is_fenced() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "fenced: this instance lost its lease\n".to_owned(),
+        ),
         "/readyz" if state.is_draining() => (
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",

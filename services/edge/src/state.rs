@@ -30,6 +30,8 @@ pub struct EdgeState {
     pub quotas: Arc<Quotas>,
     /// Agents' tunnels, and hubs opened through them.
     pub devices: Devices,
+    /// This instance among several on the store.
+    pub membership: crate::cluster::Membership,
     /// Connected sessions, so that a revocation can end them.
     pub live_sessions: DashMap<SessionId, LiveSession>,
     /// Set once the drain starts: `/readyz` fails from then on.
@@ -61,7 +63,10 @@ impl EdgeState {
             config.printers.clone(),
             std::time::Duration::from_secs(tunnel.session_open_timeout_seconds),
             std::time::Duration::from_secs(tunnel.upstream_grace_seconds),
+            authenticator.store().clone(),
+            metrics.tunnels_fenced.clone(),
         );
+        let membership = crate::cluster::Membership::new(&config.cluster);
         let quotas = Arc::new(Quotas::new(config.quotas.clone()));
         EdgeState {
             config,
@@ -72,6 +77,7 @@ impl EdgeState {
             quotas,
             hubs,
             devices,
+            membership,
             live_sessions: DashMap::new(),
             draining: AtomicBool::new(false),
         }

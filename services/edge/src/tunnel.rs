@@ -185,10 +185,37 @@ async fn serve_tunnel(
             return;
         }
     };
+    if state.membership.is_fenced() {
+        refuse_with_retry(
+            &connection,
+            &mut send,
+            RefusalReason::Internal,
+            "this edge instance lost its lease; try another",
+            Some(1_000),
+        )
+        .await;
+        return;
+    }
+    let store = state.authenticator.store().clone();
+    let instance_id = state.membership.instance_id.clone();
+    let epoch = match store.claim_device(&device_id, &instance_id).await {
+        Ok(epoch) => epoch,
+        Err(error) => {
+            tracing::warn!(%error, "cannot claim a device for its agent");
+            refuse(
+                &connection,
+                &mut send,
+                RefusalReason::Internal,
+                "try again later",
+            )
+            .await;
+            return;
+        }
+    };
     let (control, mut control_queue) = mpsc::channel::<Message>(8);
-    let (epoch, previous) = state
+    let previous = state
         .devices
-        .register(&device_id, connection.clone(), control);
+        .register(&device_id, epoch, connection.clone(), control);
     if let Some(previous) = previous {
         tracing::info!(device = %device_id, old_epoch = previous.epoch, epoch, "a newer agent fences the older");
         let _ = previous.control.try_send(Message::GoAway(GoAway {
@@ -240,5 +267,8 @@ async fn serve_tunnel(
     };
     state.devices.unregister(&device_id, epoch);
     state.metrics.agents_connected.dec();
+    if let Err(error) = store.release_device(&device_id, &instance_id, epoch).await {
+        tracing::warn!(%error, "cannot release the device's claim; the lease covers it");
+    }
     tracing::info!(device = %device_id, epoch, %end, "agent disconnected");
 }

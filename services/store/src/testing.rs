@@ -102,6 +102,15 @@ impl TestDatabase {
         }
     }
 
+    /// Runs one SQL statement on the test database, as an operator would
+    /// by hand (tests of what the store's own operations do not reach).
+    pub async fn execute(&self, sql: &str) {
+        sqlx::query(sql)
+            .execute(self.store.pool())
+            .await
+            .expect("the test's SQL runs");
+    }
+
     /// Closes the store and removes the database.
     pub async fn cleanup(self) {
         self.store.close().await;

@@ -12,5 +12,6 @@
     missing_debug_implementations
 )]
 
+pub mod cut;
 pub mod edge;
 pub mod world;

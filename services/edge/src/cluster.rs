@@ -1,0 +1,167 @@
+//! This instance among several edge instances on one store: its lease,
+//! renewed every few seconds, and the claims it holds. A claim another
+//! instance made (announced by NOTIFY, or found by the periodic check)
+//! fences the stale local tunnel with GO_AWAY superseded; an instance that
+//! cannot renew its lease for the lease's length fences itself: it sends
+//! its agents away, fails readiness and refuses HELLOs until it renews.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use relay_store::{ClaimListener, Store};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ClusterConfig;
+use crate::state::EdgeState;
+
+/// Who this instance is, and whether it may serve its claims.
+#[derive(Debug)]
+pub struct Membership {
+    pub instance_id: String,
+    pub peer_address: String,
+    lease: Duration,
+    renew: Duration,
+    /// True while the lease is lost.
+    fenced: watch::Sender<bool>,
+}
+
+impl Membership {
+    pub fn new(config: &ClusterConfig) -> Membership {
+        let instance_id = if config.instance_id.is_empty() {
+            let suffix = relay_store::credential::random_base32(8)
+                .unwrap_or_else(|_| format!("{:x}", std::process::id()));
+            format!("edge-{suffix}")
+        } else {
+            config.instance_id.clone()
+        };
+        Membership {
+            instance_id,
+            peer_address: config.peer_address.clone(),
+            lease: Duration::from_secs(config.lease_seconds),
+            renew: Duration::from_secs(config.renew_seconds),
+            fenced: watch::Sender::new(false),
+        }
+    }
+
+    /// Whether this instance lost its lease and fenced itself.
+    pub fn is_fenced(&self) -> bool {
+        *self.fenced.borrow()
+    }
+
+    /// Waits until this instance is fenced (`true`) or serving (`false`).
+    pub async fn wait_fenced(&self, fenced: bool) {
+        let mut changes = self.fenced.subscribe();
+        let _ = changes.wait_for(|now| *now == fenced).await;
+    }
+
+    /// Sets the fenced state; returns the previous one.
+    fn set_fenced(&self, fenced: bool) -> bool {
+        self.fenced.send_replace(fenced)
+    }
+
+    fn lease_millis(&self) -> i64 {
+        i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+/// Renews the lease and keeps the claims true until `stop`; ends the lease
+/// when stopped.
+pub async fn run(state: Arc<EdgeState>, store: Store, stop: CancellationToken) {
+    let membership = &state.membership;
+    let mut listener = start_listener(&store).await;
+    let mut renew = tokio::time::interval(membership.renew);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut renewed_at = Instant::now();
+    loop {
+        tokio::select! {
+            _ = renew.tick() => {
+                // Local tunnels before the query: one registered after it
+                // may be newer than what the query saw.
+                let local = state.devices.tunnel_epochs();
+                match store
+                    .renew_instance_lease(&membership.instance_id, &membership.peer_address, membership.lease_millis())
+                    .await
+                {
+                    Ok(_) => {
+                        renewed_at = Instant::now();
+                        state.metrics.leases.with_label_values(&["renewed"]).inc();
+                        if membership.set_fenced(false) {
+                            tracing::info!(instance = %membership.instance_id, "lease renewed again: serving");
+                        }
+                        check_claims(&state, &store, local).await;
+                        if listener.is_none() {
+                            listener = start_listener(&store).await;
+                        }
+                    }
+                    Err(error) => {
+                        state.metrics.leases.with_label_values(&["failed"]).inc();
+                        tracing::warn!(%error, "cannot renew this instance's lease");
+                        if renewed_at.elapsed() >= membership.lease
+                            && !membership.set_fenced(true)
+                        {
+                            state.metrics.leases.with_label_values(&["lost"]).inc();
+                            tracing::error!(instance = %membership.instance_id, "lease lost: fencing this instance (its agents are sent away)");
+                            state.devices.fence_all();
+                        }
+                    }
+                }
+            }
+            claimed = next_claim(&mut listener) => match claimed {
+                Ok(claimed) => {
+                    if claimed.instance_id != membership.instance_id {
+                        state.devices.fence_older(&claimed.device_id, claimed.epoch);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "lost the claim announcements; the periodic check covers them");
+                    listener = None;
+                }
+            },
+            _ = stop.cancelled() => break,
+        }
+    }
+    if let Err(error) = store.end_instance_lease(&membership.instance_id).await {
+        tracing::warn!(%error, "cannot end this instance's lease; it runs out by itself");
+    }
+}
+
+async fn start_listener(store: &Store) -> Option<ClaimListener> {
+    match ClaimListener::start(store).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for claims; the periodic check covers them");
+            None
+        }
+    }
+}
+
+async fn next_claim(
+    listener: &mut Option<ClaimListener>,
+) -> Result<relay_store::Claimed, relay_store::StoreError> {
+    match listener {
+        Some(listener) => listener.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Fences every local tunnel (of those in `local`) whose claim this
+/// instance no longer holds in the store.
+async fn check_claims(state: &EdgeState, store: &Store, local: Vec<(String, u64)>) {
+    if local.is_empty() {
+        return;
+    }
+    let held: HashSet<(String, u64)> = match store.claims_of(&state.membership.instance_id).await {
+        Ok(claims) => claims.into_iter().collect(),
+        Err(error) => {
+            tracing::warn!(%error, "cannot check this instance's claims");
+            return;
+        }
+    };
+    for (device_id, epoch) in local {
+        if !held.contains(&(device_id.clone(), epoch)) {
+            state.devices.fence_older(&device_id, epoch + 1);
+        }
+    }
+}

@@ -22,6 +22,14 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// the edge.
 pub const ALPN: &[u8] = b"relay-tunnel/1";
 
+/// The ALPN protocol id of the peer links between edge instances, which
+/// share this framing (PEER_HELLO, PEER_WELCOME, PEER_LINK_OPEN, then
+/// LINK_ACCEPT / LINK_REFUSED) on a listener of their own.
+pub const PEER_ALPN: &[u8] = b"relay-peer/1";
+
+/// Bytes of a peer's proof of the cluster secret (an HMAC-SHA256).
+pub const PEER_PROOF_LEN: usize = 32;
+
 /// Bytes of a frame header: type and body length.
 pub const FRAME_HEADER_LEN: usize = 5;
 
@@ -54,6 +62,9 @@ mod message_type {
     pub const LINK_OPEN: u8 = 0x06;
     pub const LINK_ACCEPT: u8 = 0x07;
     pub const LINK_REFUSED: u8 = 0x08;
+    pub const PEER_HELLO: u8 = 0x09;
+    pub const PEER_WELCOME: u8 = 0x0a;
+    pub const PEER_LINK_OPEN: u8 = 0x0b;
     /// Types from here up may be ignored by a peer that does not know them.
     pub const FIRST_IGNORABLE: u8 = 0x80;
 }
@@ -69,6 +80,9 @@ pub enum Message {
     LinkOpen(LinkOpen),
     LinkAccept(LinkAccept),
     LinkRefused(LinkRefused),
+    PeerHello(PeerHello),
+    PeerWelcome(PeerWelcome),
+    PeerLinkOpen(PeerLinkOpen),
     /// A message of an unknown type at or above `0x80`, which its sender
     /// allows a receiver to drop.
     Ignored {
@@ -88,6 +102,9 @@ impl Message {
             Message::LinkOpen(_) => "LINK_OPEN",
             Message::LinkAccept(_) => "LINK_ACCEPT",
             Message::LinkRefused(_) => "LINK_REFUSED",
+            Message::PeerHello(_) => "PEER_HELLO",
+            Message::PeerWelcome(_) => "PEER_WELCOME",
+            Message::PeerLinkOpen(_) => "PEER_LINK_OPEN",
             Message::Ignored { .. } => "an ignorable message",
         }
     }
@@ -179,6 +196,9 @@ pub enum LinkDownReason {
     TimedOut,
     /// The agent's local policy refused.
     Policy,
+    /// Over a peer link: the device's agent is not on this instance (any
+    /// more); ask the registry again.
+    NotHere,
     Other(u8),
 }
 
@@ -241,6 +261,34 @@ pub struct LinkRefused {
     pub detail: Option<String>,
 }
 
+/// Edge instance → edge instance, the first frame of the first stream of a
+/// peer connection: who dials, and its proof of the cluster secret bound to
+/// this TLS session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerHello {
+    pub version: u16,
+    pub instance_id: String,
+    pub proof: [u8; PEER_PROOF_LEN],
+}
+
+/// The answer to PEER_HELLO: the listener's own id and proof. A wrong
+/// proof gets HELLO_REFUSED (bad credential) instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerWelcome {
+    pub instance_id: String,
+    pub proof: [u8; PEER_PROOF_LEN],
+}
+
+/// The first frame of every later stream of a peer connection: the dialing
+/// instance's hub asks for the device's hub on the instance that holds its
+/// agent. LINK_ACCEPT (link 0) then raw MQTT 3.1.1 packets, as on a
+/// printer link; or LINK_REFUSED (`NotHere` when the agent is elsewhere).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerLinkOpen {
+    pub device_id: String,
+    pub max_packet_size: Option<u32>,
+}
+
 /// Why bytes are not a valid tunnel frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TunnelError {
@@ -293,7 +341,7 @@ pub fn decode(buffer: &mut BytesMut, max_frame_len: usize) -> Result<Option<Mess
 }
 
 fn is_known(message_type: u8) -> bool {
-    (message_type::HELLO..=message_type::LINK_REFUSED).contains(&message_type)
+    (message_type::HELLO..=message_type::PEER_LINK_OPEN).contains(&message_type)
 }
 
 fn decode_body(message_type: u8, body: Bytes) -> Result<Message, TunnelError> {
@@ -340,6 +388,19 @@ fn decode_body(message_type: u8, body: Bytes) -> Result<Message, TunnelError> {
                 .optional(2, "printer_kind", Fields::u8)?
                 .map(PrinterKind::from_code),
             printer_serial: fields.optional(3, "printer_serial", Fields::string)?,
+        }),
+        message_type::PEER_HELLO => Message::PeerHello(PeerHello {
+            version: fields.required(1, "version", Fields::u16)?,
+            instance_id: fields.required(2, "instance_id", Fields::string)?,
+            proof: fields.required(3, "proof", Fields::fixed)?,
+        }),
+        message_type::PEER_WELCOME => Message::PeerWelcome(PeerWelcome {
+            instance_id: fields.required(1, "instance_id", Fields::string)?,
+            proof: fields.required(2, "proof", Fields::fixed)?,
+        }),
+        message_type::PEER_LINK_OPEN => Message::PeerLinkOpen(PeerLinkOpen {
+            device_id: fields.required(1, "device_id", Fields::string)?,
+            max_packet_size: fields.optional(2, "max_packet_size", Fields::u32)?,
         }),
         _ => Message::LinkRefused(LinkRefused {
             link: fields.required(1, "link", Fields::u64)?,
@@ -508,6 +569,24 @@ pub fn encode(message: &Message, out: &mut BytesMut) -> Result<(), TunnelError> 
             body.optional_string(3, "detail", refused.detail.as_deref())?;
             message_type::LINK_REFUSED
         }
+        Message::PeerHello(hello) => {
+            body.u16(1, hello.version);
+            body.string(2, "instance_id", &hello.instance_id)?;
+            body.raw(3, &hello.proof);
+            message_type::PEER_HELLO
+        }
+        Message::PeerWelcome(welcome) => {
+            body.string(1, "instance_id", &welcome.instance_id)?;
+            body.raw(2, &welcome.proof);
+            message_type::PEER_WELCOME
+        }
+        Message::PeerLinkOpen(open) => {
+            body.string(1, "device_id", &open.device_id)?;
+            if let Some(max) = open.max_packet_size {
+                body.u32(2, max);
+            }
+            message_type::PEER_LINK_OPEN
+        }
         Message::Ignored { message_type } => *message_type,
     };
     let body = body.bytes;
@@ -621,6 +700,7 @@ wire_codes!(LinkDownReason: u8 {
     ProtocolError = 6,
     TimedOut = 7,
     Policy = 8,
+    NotHere = 9,
 });
 
 wire_codes!(PrinterKind: u8 {

@@ -173,8 +173,8 @@ fn text() -> impl Strategy<Value = String> {
 
 fn link_down_reason() -> impl Strategy<Value = LinkDownReason> {
     prop_oneof![
-        (1u8..=8).prop_map(LinkDownReason::from_code),
-        (9u8..).prop_map(LinkDownReason::Other),
+        (1u8..=9).prop_map(LinkDownReason::from_code),
+        (10u8..).prop_map(LinkDownReason::Other),
         Just(LinkDownReason::Other(0)),
     ]
 }
@@ -270,6 +270,22 @@ fn any_message() -> impl Strategy<Value = Message> {
                     detail
                 })
             ),
+        (any::<u16>(), text(), any::<[u8; 32]>()).prop_map(|(version, instance_id, proof)| {
+            Message::PeerHello(relay_proto::tunnel::PeerHello {
+                version,
+                instance_id,
+                proof,
+            })
+        }),
+        (text(), any::<[u8; 32]>()).prop_map(|(instance_id, proof)| {
+            Message::PeerWelcome(relay_proto::tunnel::PeerWelcome { instance_id, proof })
+        }),
+        (text(), proptest::option::of(any::<u32>())).prop_map(|(device_id, max_packet_size)| {
+            Message::PeerLinkOpen(relay_proto::tunnel::PeerLinkOpen {
+                device_id,
+                max_packet_size,
+            })
+        }),
         (0x80u8..).prop_map(|message_type| Message::Ignored { message_type }),
     ]
 }

@@ -54,6 +54,7 @@ impl Unavailable {
             LinkDownReason::ProtocolError => "protocol error",
             LinkDownReason::TimedOut => "timed out",
             LinkDownReason::Policy => "refused by the agent's policy",
+            LinkDownReason::NotHere => "moved to another edge instance",
             LinkDownReason::Other(_) => "unavailable",
         }
     }

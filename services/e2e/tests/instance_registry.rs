@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use relay_proto::mqtt::Packet;
 use relay_testkit::cut::{CuttableLink, target_of, through};
 use relay_testkit::world::*;
 
@@ -201,5 +202,49 @@ async fn an_instance_cut_off_from_the_store_fences_itself() {
         .expect("the lease renewed");
     assert_eq!(http_get(edge.admin_addr, "/readyz").await.0, 200);
     world.agent.cancel();
+    world.edge.stop().await;
+}
+
+/// A quick look at a peer link in one process: the client on edge-a, the
+/// agent on edge-b.
+#[tokio::test]
+async fn a_client_on_one_instance_reaches_the_agent_on_another() {
+    const SECRET: &str = "a cluster secret of some length";
+    let mut world = world_with(
+        ACCESS_CODE,
+        |edge| {
+            edge.cluster.instance_id = "edge-b".into();
+            edge.cluster.peer_listen = Some("127.0.0.1:0".parse().unwrap());
+            edge.cluster.secret = SECRET.into();
+        },
+        |_| {},
+    )
+    .await;
+    let mut config = world.edge.config.clone();
+    config.cluster.instance_id = "edge-a".into();
+    config.tunnel.listen = None;
+    let a = relay_edge::RunningEdge::start(config).await.unwrap();
+    // The clients dial edge-a.
+    world.edge.addr = a.public_addr.unwrap();
+    let mut client = Client::connect(
+        &world.edge,
+        &world.edge.bearer(),
+        connect_packet("app-on-a"),
+    )
+    .await;
+    client.send(&subscribe_report(1)).await;
+    assert!(
+        matches!(client.next().await, Some(Packet::SubAck(_))),
+        "{:?}",
+        client.closed_with
+    );
+    next_publish(&mut client).await;
+    let metrics = http_get(a.admin_addr, "/metrics").await.1;
+    assert!(
+        metric(&metrics, "relay_edge_peer_bytes_total{direction=\"in\"}") > 0,
+        "{metrics}"
+    );
+    world.agent.cancel();
+    a.drain(Duration::from_secs(2)).await;
     world.edge.stop().await;
 }

@@ -20,7 +20,9 @@ use crate::state::EdgeState;
 #[derive(Debug)]
 pub struct Membership {
     pub instance_id: String,
-    pub peer_address: String,
+    /// Where peers reach this instance; set once the peer listener is
+    /// bound when the configuration leaves it empty.
+    peer_address: std::sync::RwLock<String>,
     lease: Duration,
     renew: Duration,
     /// True while the lease is lost.
@@ -38,11 +40,35 @@ impl Membership {
         };
         Membership {
             instance_id,
-            peer_address: config.peer_address.clone(),
+            peer_address: std::sync::RwLock::new(config.peer_address.clone()),
             lease: Duration::from_secs(config.lease_seconds),
             renew: Duration::from_secs(config.renew_seconds),
             fenced: watch::Sender::new(false),
         }
+    }
+
+    pub fn peer_address(&self) -> String {
+        self.peer_address
+            .read()
+            .map(|address| address.clone())
+            .unwrap_or_default()
+    }
+
+    /// Advertises the peer listener's bound address, unless one is
+    /// configured.
+    pub fn bound_peer_listener(&self, bound: std::net::SocketAddr) {
+        if let Ok(mut address) = self.peer_address.write()
+            && address.is_empty()
+        {
+            *address = bound.to_string();
+        }
+    }
+
+    /// Renews (or takes) this instance's lease in `store`.
+    pub async fn renew(&self, store: &Store) -> Result<i64, relay_store::StoreError> {
+        store
+            .renew_instance_lease(&self.instance_id, &self.peer_address(), self.lease_millis())
+            .await
     }
 
     /// Whether this instance lost its lease and fenced itself.
@@ -80,10 +106,7 @@ pub async fn run(state: Arc<EdgeState>, store: Store, stop: CancellationToken) {
                 // Local tunnels before the query: one registered after it
                 // may be newer than what the query saw.
                 let local = state.devices.tunnel_epochs();
-                match store
-                    .renew_instance_lease(&membership.instance_id, &membership.peer_address, membership.lease_millis())
-                    .await
-                {
+                match membership.renew(&store).await {
                     Ok(_) => {
                         renewed_at = Instant::now();
                         state.metrics.leases.with_label_values(&["renewed"]).inc();

@@ -51,13 +51,22 @@ pub struct ClusterConfig {
     /// random `edge-…` id per start.
     pub instance_id: String,
     /// Where other instances reach this one's peer listener (on Kubernetes,
-    /// the pod IP and the peer port). Empty: not reachable by peers.
+    /// the pod IP and the peer port). Empty: the peer listener's bound
+    /// address (which must then not be a wildcard).
     pub peer_address: String,
     /// The lease other instances trust; an instance that cannot renew it
     /// for this long fences itself (stops serving its agents' tunnels).
     pub lease_seconds: u64,
     /// How often the lease is renewed and this instance's claims checked.
     pub renew_seconds: u64,
+    /// The peer listener (QUIC, ALPN `relay-peer/1`): other instances'
+    /// hubs reach the devices whose agents are here. Never the public
+    /// address. Off when absent: this instance then serves only the
+    /// devices whose agents it holds.
+    pub peer_listen: Option<SocketAddr>,
+    /// The secret every instance of the cluster shares; peers prove it to
+    /// each other. Required with `peer_listen` (env RELAY_CLUSTER_SECRET).
+    pub secret: Secret<String>,
 }
 
 impl Default for ClusterConfig {
@@ -67,6 +76,8 @@ impl Default for ClusterConfig {
             peer_address: String::new(),
             lease_seconds: 10,
             renew_seconds: 3,
+            peer_listen: None,
+            secret: Secret::new(String::new()),
         }
     }
 }
@@ -491,6 +502,27 @@ impl EdgeConfig {
                 "cluster.instance_id {:?} may hold letters, digits, '-', '_' and '.' only",
                 cluster.instance_id
             ));
+        }
+        if cluster.peer_listen.is_some() {
+            if cluster.secret.expose().len() < 16 {
+                problems.push("cluster.secret (or RELAY_CLUSTER_SECRET) of at least 16 characters is required with cluster.peer_listen".into());
+            }
+            let unspecified = cluster
+                .peer_listen
+                .is_some_and(|listen| listen.ip().is_unspecified());
+            if cluster.peer_address.is_empty() && unspecified {
+                problems.push("cluster.peer_address (or RELAY_PEER_ADDRESS) is required when cluster.peer_listen is a wildcard address: other instances dial it".into());
+            } else if !cluster.peer_address.is_empty()
+                && cluster.peer_address.parse::<SocketAddr>().is_err()
+            {
+                problems.push(format!(
+                    "cluster.peer_address {:?} must be an IP address and port",
+                    cluster.peer_address
+                ));
+            }
+            if self.public.tls_cert.is_none() {
+                problems.push("cluster.peer_listen needs public.tls_cert and public.tls_key (its TLS certificate)".into());
+            }
         }
         let public = &self.public;
         if public.base_domain.is_empty() {

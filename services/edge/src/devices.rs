@@ -17,9 +17,10 @@ use relay_store::Store;
 use crate::close::Close;
 use crate::config::PrintersConfig;
 use crate::hub::{
-    BambuProfile, HubConfig, HubHandle, Hubs, RetainedReplay, TunnelProbe, Upstream,
-    UpstreamFailure, UpstreamSource,
+    BambuProfile, HubConfig, HubHandle, Hubs, PrinterIdentity, RetainedReplay, TunnelProbe,
+    Upstream, UpstreamFailure, UpstreamSource,
 };
+use crate::peer::Peers;
 
 /// An agent's live tunnel.
 #[derive(Debug, Clone)]
@@ -87,6 +88,8 @@ pub struct DeviceTable {
     grace: Duration,
     /// The registry: when a device was last served, by any instance.
     store: Store,
+    /// The way to hubs on other instances.
+    peers: Arc<Peers>,
     fenced: prometheus::IntCounter,
 }
 
@@ -96,6 +99,15 @@ const TUNNEL_RECHECK: Duration = Duration::from_secs(1);
 
 /// Past this many, devices gone longer than the grace are forgotten.
 const MAX_GONE_REMEMBERED: usize = 100_000;
+
+/// How long a device's hub waits.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceTiming {
+    /// For the agent to answer LINK_OPEN (its printer connection).
+    pub open_timeout: Duration,
+    /// For a new upstream, keeping its sessions.
+    pub grace: Duration,
+}
 
 impl std::ops::Deref for Devices {
     type Target = DeviceTable;
@@ -109,11 +121,15 @@ impl Devices {
         hubs: Arc<Hubs>,
         limits: HubConfig,
         printers: PrintersConfig,
-        open_timeout: Duration,
-        grace: Duration,
+        timing: DeviceTiming,
         store: Store,
+        peers: Arc<Peers>,
         fenced: prometheus::IntCounter,
     ) -> Devices {
+        let DeviceTiming {
+            open_timeout,
+            grace,
+        } = timing;
         Devices {
             table: Arc::new(DeviceTable {
                 tunnels: DashMap::new(),
@@ -128,6 +144,7 @@ impl Devices {
                 open_timeout,
                 grace,
                 store,
+                peers,
                 fenced,
             }),
         }
@@ -283,9 +300,11 @@ impl Devices {
         left(Duration::from_millis(u64::try_from(since).unwrap_or(0)))
     }
 
-    /// The hub of `device_id`, opening the printer link through its
-    /// agent when there is none yet. A device whose agent went within the
-    /// grace is waited for, up to the grace's end.
+    /// The hub of `device_id`: this instance's, with its upstream the
+    /// printer link through the local tunnel, or a peer link to the hub of
+    /// the instance that holds the agent. A device served within the grace
+    /// (here or, the registry says, anywhere) is waited for, up to the
+    /// grace's end.
     pub async fn hub_for(&self, device_id: &str) -> Result<HubHandle, Unavailable> {
         if let Some(hub) = self.hubs.get(device_id) {
             return Ok(hub);
@@ -299,16 +318,75 @@ impl Devices {
         if let Some(hub) = self.hubs.get(device_id) {
             return Ok(hub);
         }
-        if !self.is_online(device_id) {
-            let wait = self
-                .wait_for_agent(device_id)
-                .await
-                .ok_or(Unavailable::Offline)?;
-            tokio::time::timeout(wait, self.wait_online(device_id, 0))
-                .await
-                .map_err(|_| Unavailable::Offline)?;
+        let (upstream, accept) = match self.open_upstream(device_id).await {
+            Ok(opened) => opened,
+            Err(Unavailable::Offline) => {
+                let wait = self
+                    .wait_for_agent(device_id)
+                    .await
+                    .ok_or(Unavailable::Offline)?;
+                tokio::time::timeout(wait, self.wait_online(device_id, 0))
+                    .await
+                    .map_err(|_| Unavailable::Offline)?;
+                self.open_upstream(device_id).await?
+            }
+            Err(printer) => return Err(printer),
+        };
+        Ok(self.start_hub(device_id, upstream, &accept))
+    }
+
+    /// The hub of `device_id` only if its agent is on this instance (a
+    /// peer link asks for it), with what its printer is.
+    pub async fn local_hub_for(
+        &self,
+        device_id: &str,
+    ) -> Result<(HubHandle, PrinterIdentity), Unavailable> {
+        if let Some(hub) = self.hubs.get(device_id)
+            && self.is_online(device_id)
+        {
+            let printer = hub.printer().clone();
+            return Ok((hub, printer));
         }
-        let (upstream, accept) = self.open_link(device_id).await?;
+        let lock = self
+            .opening
+            .entry(device_id.to_owned())
+            .or_default()
+            .clone();
+        let _opening = lock.lock().await;
+        if !self.is_online(device_id) {
+            return Err(Unavailable::Offline);
+        }
+        let hub = match self.hubs.get(device_id) {
+            Some(hub) => hub,
+            None => {
+                let (upstream, accept) = self.open_link(device_id).await?;
+                self.start_hub(device_id, upstream, &accept)
+            }
+        };
+        let printer = hub.printer().clone();
+        Ok((hub, printer))
+    }
+
+    /// A new upstream for `device_id`: the printer link through the local
+    /// tunnel, else a peer link to the owning instance.
+    async fn open_upstream(&self, device_id: &str) -> Result<(Upstream, LinkAccept), Unavailable> {
+        if self.is_online(device_id) {
+            self.peers
+                .metrics()
+                .lookups
+                .with_label_values(&["local"])
+                .inc();
+            return self.open_link(device_id).await;
+        }
+        let Some(owner) = self.peers.owner_of(&self.store, device_id).await else {
+            return Err(Unavailable::Offline);
+        };
+        self.peers
+            .open_link(&owner, device_id, self.limits.max_upstream_packet)
+            .await
+    }
+
+    fn start_hub(&self, device_id: &str, upstream: Upstream, accept: &LinkAccept) -> HubHandle {
         let (replay_retained, printer) = match accept.printer_kind {
             Some(PrinterKind::Bambu) => (RetainedReplay::WhenSeen, &self.printers.bambu),
             _ => (RetainedReplay::Always, &self.printers.mqtt),
@@ -325,20 +403,24 @@ impl Devices {
                 }),
                 _ => None,
             },
+            printer: PrinterIdentity {
+                kind: accept.printer_kind,
+                serial: accept.printer_serial.clone(),
+            },
             ..self.limits.clone()
         };
-        Ok(self.hubs.start(
+        self.hubs.start(
             device_id.to_owned(),
             upstream,
             config,
             Some(self.upstream_source(device_id)),
             self.grace,
-        ))
+        )
     }
 
-    /// Where the hub of `device_id` finds a new upstream: a printer link
-    /// through whichever tunnel serves the device by then. The printer's
-    /// kind is the one the hub started with.
+    /// Where the hub of `device_id` finds a new upstream: the printer link
+    /// through whichever tunnel serves the device by then, here or on
+    /// another instance. The printer's kind is the one the hub started with.
     fn upstream_source(&self, device_id: &str) -> UpstreamSource {
         let devices = self.clone();
         let device_id = device_id.to_owned();
@@ -350,10 +432,15 @@ impl Devices {
     }
 
     async fn reopen(&self, device_id: &str) -> Result<Upstream, UpstreamFailure> {
-        if !self.is_online(device_id) {
-            let _ = tokio::time::timeout(TUNNEL_RECHECK, self.wait_online(device_id, 0)).await;
-        }
-        match self.open_link(device_id).await {
+        let opened = match self.open_upstream(device_id).await {
+            Err(Unavailable::Offline) => {
+                // Nowhere yet: the agent may be on its way back here.
+                let _ = tokio::time::timeout(TUNNEL_RECHECK, self.wait_online(device_id, 0)).await;
+                self.open_upstream(device_id).await
+            }
+            other => other,
+        };
+        match opened {
             Ok((upstream, _)) => Ok(upstream),
             Err(Unavailable::Offline) => Err(UpstreamFailure {
                 close: Close::device_offline(),

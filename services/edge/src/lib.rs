@@ -18,6 +18,7 @@ pub mod http;
 pub mod hub;
 mod limiter;
 pub mod metrics;
+pub mod peer;
 mod quotas;
 pub mod server;
 pub mod session;

@@ -50,6 +50,12 @@ struct Flags {
     /// Where other instances reach this one's peer listener (pod IP:port)
     #[arg(long, env = "RELAY_PEER_ADDRESS")]
     peer_address: Option<String>,
+    /// Peer listener for other edge instances (QUIC)
+    #[arg(long, env = "RELAY_PEER_LISTEN")]
+    peer_listen: Option<SocketAddr>,
+    /// The cluster secret edge instances share
+    #[arg(long, env = "RELAY_CLUSTER_SECRET", hide_env_values = true)]
+    cluster_secret: Option<String>,
     /// Log as JSON lines
     #[arg(long, env = "RELAY_LOG_JSON")]
     log_json: bool,
@@ -86,6 +92,12 @@ fn load(flags: &Flags) -> Result<EdgeConfig, String> {
     }
     if let Some(address) = &flags.peer_address {
         config.cluster.peer_address = address.clone();
+    }
+    if flags.peer_listen.is_some() {
+        config.cluster.peer_listen = flags.peer_listen;
+    }
+    if let Some(secret) = &flags.cluster_secret {
+        config.cluster.secret = secret.as_str().into();
     }
     if let Some(address) = flags.admin_listen {
         config.admin.listen = address;

@@ -40,6 +40,15 @@ pub struct Metrics {
     /// Local tunnels sent away because another instance claimed their
     /// device, or this one lost its lease.
     pub tunnels_fenced: IntCounter,
+    /// Peer-link bytes, by direction (in: received by this instance).
+    pub peer_bytes: IntCounterVec,
+    /// Peer hubs served by this instance (as the device's owner).
+    pub peer_links_served: IntGauge,
+    /// Peer connections and links refused, by reason.
+    pub peer_refusals: IntCounterVec,
+    /// Owner lookups of devices, by where the answer came from: local,
+    /// cache, store.
+    pub owner_lookups: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -166,6 +175,29 @@ impl Metrics {
                 "relay_edge_tunnels_fenced_total",
                 "local tunnels sent away: their device claimed elsewhere, or the lease lost",
             ),
+            peer_bytes: counter_vec(
+                &registry,
+                "relay_edge_peer_bytes_total",
+                "bytes over peer links between edge instances, by direction",
+                "direction",
+            ),
+            peer_links_served: gauge(
+                &registry,
+                "relay_edge_peer_links_served",
+                "other instances' hubs served by this one through peer links",
+            ),
+            peer_refusals: counter_vec(
+                &registry,
+                "relay_edge_peer_refusals_total",
+                "peer connections and links refused, by reason",
+                "reason",
+            ),
+            owner_lookups: counter_vec(
+                &registry,
+                "relay_edge_owner_lookups_total",
+                "where the instance holding a device was found: local, cache, store",
+                "source",
+            ),
             registry,
         }
     }
@@ -175,7 +207,7 @@ impl Metrics {
     /// are known from the start), for checking dashboards and alerts.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 16] = [
+        let collectors: [&dyn Collector; 20] = [
             &self.connections,
             &self.connections_open,
             &self.tls_handshake_failures,
@@ -192,6 +224,10 @@ impl Metrics {
             &self.hub_upstream_resumes,
             &self.leases,
             &self.tunnels_fenced,
+            &self.peer_bytes,
+            &self.peer_links_served,
+            &self.peer_refusals,
+            &self.owner_lookups,
         ];
         let mut names: Vec<String> = collectors
             .iter()

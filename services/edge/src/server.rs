@@ -56,6 +56,8 @@ pub struct RunningEdge {
     pub admin_addr: SocketAddr,
     /// The agents' QUIC (UDP) listener, when configured.
     pub tunnel_addr: Option<SocketAddr>,
+    /// The peer listener for other edge instances, when configured.
+    pub peer_addr: Option<SocketAddr>,
     state: Arc<EdgeState>,
     certificates: Option<Arc<CertificateSource>>,
     /// Stops the accept loops.
@@ -105,17 +107,6 @@ impl RunningEdge {
             authenticator,
             Metrics::new(),
         ));
-        // The lease first, so that the claims of the first agents route here.
-        let membership = &state.membership;
-        let lease_ms =
-            i64::try_from(config.cluster.lease_seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
-        match store
-            .renew_instance_lease(&membership.instance_id, &membership.peer_address, lease_ms)
-            .await
-        {
-            Ok(_) => tracing::info!(instance = %membership.instance_id, "instance registered"),
-            Err(error) => tracing::warn!(%error, "cannot register this instance yet; retrying"),
-        }
 
         let certificates = match (
             &config.public.listen,
@@ -130,6 +121,7 @@ impl RunningEdge {
             plain_addr: None,
             admin_addr: config.admin.listen,
             tunnel_addr: None,
+            peer_addr: None,
             state: state.clone(),
             certificates: certificates.clone(),
             accepting: CancellationToken::new(),
@@ -188,12 +180,39 @@ impl RunningEdge {
                 self.tasks.clone(),
             );
         }
+        if let (Some(address), Some(certificates)) =
+            (config.cluster.peer_listen, certificates.as_ref())
+        {
+            let server = crate::peer::listener_config(certificates)?;
+            let endpoint = quinn::Endpoint::server(server, address)
+                .map_err(|source| StartError::Listen { address, source })?;
+            self.peer_addr = endpoint.local_addr().ok();
+            if let Some(bound) = self.peer_addr {
+                self.state.membership.bound_peer_listener(bound);
+            }
+            crate::peer::spawn_listener(
+                endpoint,
+                self.state.clone(),
+                self.background.clone(),
+                self.tasks.clone(),
+            );
+        }
+        // The lease before anything is served, so that the claims of the
+        // first agents route here.
+        let membership = &self.state.membership;
+        match membership.renew(&store).await {
+            Ok(_) => {
+                tracing::info!(instance = %membership.instance_id, peer_address = %membership.peer_address(), "instance registered")
+            }
+            Err(error) => tracing::warn!(%error, "cannot register this instance yet; retrying"),
+        }
         self.spawn_admin(admin);
         self.spawn_upkeep(certificates, jwt, store);
         tracing::info!(
             public = ?self.public_addr,
             plain = ?self.plain_addr,
             tunnel = ?self.tunnel_addr,
+            peer = ?self.peer_addr,
             admin = %self.admin_addr,
             "edge started"
         );

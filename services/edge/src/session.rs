@@ -415,6 +415,7 @@ async fn serve<S>(
         will,
         max_subscriptions: limits.max_subscriptions,
         max_unacknowledged: MAX_UNACKNOWLEDGED_PUBLISHES,
+        peer: false,
     };
     // CONNACK first: the hub may queue deliveries (or a takeover's close)
     // right after the attach.

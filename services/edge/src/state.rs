@@ -32,6 +32,8 @@ pub struct EdgeState {
     pub devices: Devices,
     /// This instance among several on the store.
     pub membership: crate::cluster::Membership,
+    /// The way to hubs on other instances, and theirs to ours.
+    pub peers: Arc<crate::peer::Peers>,
     /// Connected sessions, so that a revocation can end them.
     pub live_sessions: DashMap<SessionId, LiveSession>,
     /// Set once the drain starts: `/readyz` fails from then on.
@@ -54,6 +56,8 @@ impl EdgeState {
             metrics.hub_upstream_resumes.clone(),
         ));
         let tunnel = &config.tunnel;
+        let membership = crate::cluster::Membership::new(&config.cluster);
+        let peers = Arc::new(peers(&membership, &config, &metrics));
         let devices = Devices::new(
             hubs.clone(),
             HubConfig {
@@ -61,12 +65,14 @@ impl EdgeState {
                 ..HubConfig::new(tunnel.max_printer_packet)
             },
             config.printers.clone(),
-            std::time::Duration::from_secs(tunnel.session_open_timeout_seconds),
-            std::time::Duration::from_secs(tunnel.upstream_grace_seconds),
+            crate::devices::DeviceTiming {
+                open_timeout: std::time::Duration::from_secs(tunnel.session_open_timeout_seconds),
+                grace: std::time::Duration::from_secs(tunnel.upstream_grace_seconds),
+            },
             authenticator.store().clone(),
+            peers.clone(),
             metrics.tunnels_fenced.clone(),
         );
-        let membership = crate::cluster::Membership::new(&config.cluster);
         let quotas = Arc::new(Quotas::new(config.quotas.clone()));
         EdgeState {
             config,
@@ -78,6 +84,7 @@ impl EdgeState {
             hubs,
             devices,
             membership,
+            peers,
             live_sessions: DashMap::new(),
             draining: AtomicBool::new(false),
         }
@@ -180,4 +187,36 @@ pub struct LiveSession {
     pub key_id: String,
     pub device_id: String,
     pub outbound: OutboundSender,
+}
+
+/// This instance's side of the peer links. Without a usable endpoint (no
+/// cluster secret, or no UDP socket) it serves only local agents.
+fn peers(
+    membership: &crate::cluster::Membership,
+    config: &EdgeConfig,
+    metrics: &Metrics,
+) -> crate::peer::Peers {
+    let peer_metrics = crate::peer::PeerMetrics {
+        bytes: metrics.peer_bytes.clone(),
+        served: metrics.peer_links_served.clone(),
+        refusals: metrics.peer_refusals.clone(),
+        lookups: metrics.owner_lookups.clone(),
+    };
+    let secret = config.cluster.secret.clone();
+    crate::peer::Peers::new(membership.instance_id.clone(), secret, peer_metrics.clone())
+        .unwrap_or_else(|error| {
+            tracing::error!(%error, "cannot dial peers; serving local agents only");
+            crate::peer::Peers::new(
+                membership.instance_id.clone(),
+                relay_proto::Secret::new(String::new()),
+                peer_metrics,
+            )
+            .unwrap_or_else(|_| unreachable_without_endpoint())
+        })
+}
+
+// Without a secret no endpoint is made, so this cannot fail.
+#[allow(clippy::panic)]
+fn unreachable_without_endpoint() -> ! {
+    panic!("peers without an endpoint cannot fail")
 }

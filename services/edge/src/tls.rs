@@ -87,12 +87,20 @@ impl CertificateSource {
     pub fn quic_server_config(
         self: &Arc<Self>,
     ) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
+        self.quic_server_config_for(relay_proto::tunnel::ALPN)
+    }
+
+    /// [`Self::quic_server_config`] with another ALPN id (the peer listener).
+    pub fn quic_server_config_for(
+        self: &Arc<Self>,
+        alpn: &[u8],
+    ) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
-        config.alpn_protocols = vec![relay_proto::tunnel::ALPN.to_vec()];
+        config.alpn_protocols = vec![alpn.to_vec()];
         config.max_early_data_size = 0;
         quinn::crypto::rustls::QuicServerConfig::try_from(config)
             .map(Arc::new)
@@ -139,4 +147,72 @@ fn read(cert_path: &Path, key_path: &Path) -> Result<Loaded, TlsError> {
         key: Arc::new(CertifiedKey::new(chain, signing_key)),
         digest: context.finish().as_ref().to_vec(),
     })
+}
+
+/// The QUIC client configuration for dialing other instances' peer
+/// listeners: TLS 1.3, ALPN `relay-peer/1`, and any certificate. A peer is
+/// authenticated by its proof of the cluster secret bound to the TLS
+/// session (PROTOCOL.md, "Peer links"), not by its certificate: instances
+/// are dialled by pod IP, which a public certificate does not name.
+pub fn peer_client_config() -> Result<quinn::ClientConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![relay_proto::tunnel::PEER_ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config)
+        .map_err(|error| TlsError::Quic(error.to_string()))?;
+    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+}
+
+/// Accepts any certificate, but still checks that the server holds its key
+/// (the handshake signature).
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }

@@ -295,7 +295,7 @@ pub(super) async fn run(config: HubConfig, io: HubIo) -> HubEnd {
                     break end;
                 }
                 tracing::info!(%end, grace_seconds = grace.as_secs_f64(), "upstream lost: sessions wait for a new one");
-                state.upstream_lost(now() + grace);
+                state.upstream_lost(now() + grace, now());
             }
         }
     };

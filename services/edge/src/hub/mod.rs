@@ -38,7 +38,7 @@ pub use bambu::BambuProfile;
 pub use driver::{Upstream, UpstreamFailure, UpstreamFuture, UpstreamSource};
 pub use outbound::{Outbound, OutboundReceiver, OutboundSender, outbound_queue};
 pub use policy::{ChurnLimit, PublishRate, PublishRefusal, TopicPolicy};
-pub use registry::{HubHandle, Hubs, TunnelProbe};
+pub use registry::{HubHandle, Hubs, PrinterIdentity, TunnelProbe};
 pub use state::{
     HubConfig, HubCounters, HubEnd, HubState, RetainedReplay, SessionAttach, SessionId, SessionSink,
 };

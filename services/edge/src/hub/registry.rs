@@ -22,9 +22,19 @@ use super::state::{HubConfig, SessionAttach, SessionId};
 /// busy hub rather than queueing without bound.
 const COMMAND_QUEUE: usize = 1024;
 
+/// What the printer behind a hub is, as its agent said (LINK_ACCEPT):
+/// passed on to peer hubs, which configure themselves the same way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrinterIdentity {
+    pub kind: Option<relay_proto::tunnel::PrinterKind>,
+    pub serial: Option<String>,
+}
+
 /// A session's handle on its device's hub.
 #[derive(Debug, Clone)]
 pub struct HubHandle {
+    /// What the printer is.
+    printer: PrinterIdentity,
     commands: mpsc::Sender<Command>,
     /// The device's topic policy, for checks a session makes before it
     /// attaches (its will).
@@ -36,6 +46,10 @@ pub struct HubHandle {
 impl HubHandle {
     pub fn policy(&self) -> &TopicPolicy {
         &self.policy
+    }
+
+    pub fn printer(&self) -> &PrinterIdentity {
+        &self.printer
     }
 
     /// Attaches a session; false when the hub has ended.
@@ -140,6 +154,7 @@ impl Hubs {
         let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
         let ended = CancellationToken::new();
         let handle = HubHandle {
+            printer: config.printer.clone(),
             commands,
             policy: config.policy.clone(),
             ended: ended.clone(),

@@ -69,6 +69,8 @@ pub struct HubConfig {
     /// A Bambu printer: its report state is kept, late joiners get the
     /// full report, `pushall` is absorbed.
     pub bambu: Option<BambuProfile>,
+    /// What the printer is (for peer hubs); the state does not use it.
+    pub printer: super::registry::PrinterIdentity,
 }
 
 /// What a hub has refused or cut, counted; the driver exports them.
@@ -124,6 +126,7 @@ impl HubConfig {
             churn: ChurnLimit::default(),
             publish_rate: PublishRate::generic(),
             bambu: None,
+            printer: super::registry::PrinterIdentity::default(),
         }
     }
 }
@@ -142,6 +145,11 @@ pub struct SessionAttach<S> {
     pub max_subscriptions: usize,
     /// Most of its QoS 1 and 2 PUBLISHes awaiting the printer's PUBACK.
     pub max_unacknowledged: usize,
+    /// Another edge instance's hub: many sessions behind one, whose limits
+    /// (subscription churn) that instance enforces per session. It is ended
+    /// when this hub loses its upstream, so that the peer asks the registry
+    /// where the device went.
+    pub peer: bool,
 }
 
 /// Why a hub ended.
@@ -220,6 +228,7 @@ struct SessionEntry<S> {
     churn: ChurnBudget,
     /// Its QoS 1 and 2 PUBLISHes waiting for the publish rate.
     waiting_for_rate: u32,
+    peer: bool,
 }
 
 /// A session's QoS 2 packet ids between its PUBLISH and its PUBREL (true
@@ -562,6 +571,7 @@ impl<S: SessionSink> HubState<S> {
                 next_packet_id: 0,
                 churn: ChurnBudget::new(self.config.churn, now),
                 waiting_for_rate: 0,
+                peer: attach.peer,
             },
         );
     }
@@ -731,7 +741,7 @@ impl<S: SessionSink> HubState<S> {
         let Some(entry) = self.sessions.get_mut(&session) else {
             return false;
         };
-        if entry.churn.take(limit, now) {
+        if entry.peer || entry.churn.take(limit, now) {
             return true;
         }
         self.counters.churn_cuts += 1;
@@ -773,7 +783,16 @@ impl<S: SessionSink> HubState<S> {
     /// subscriptions and unacknowledged QoS 1 publishes are redone on a
     /// new upstream ([`Self::upstream_resumed`]). QoS 0 publishes meanwhile
     /// are dropped (counted as throttled). A hub with no session ends now.
-    pub fn upstream_lost(&mut self, until: Instant) {
+    pub fn upstream_lost(&mut self, until: Instant, now: Instant) {
+        let peers: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, entry)| entry.peer)
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in peers {
+            self.end_session(peer, Close::device_offline(), now);
+        }
         self.lost_until = Some(until);
         self.to_upstream.clear();
         self.pings_in_flight.clear();

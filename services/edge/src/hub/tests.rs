@@ -141,6 +141,7 @@ impl Harness {
                 will,
                 max_subscriptions: 3,
                 max_unacknowledged: 4,
+                peer: false,
             },
             self.now,
         );
@@ -1209,7 +1210,8 @@ fn a_new_upstream_gets_every_held_filter_and_waiting_subscribes_are_answered() {
     hub.attach(1);
     hub.attach(2);
     hub.subscribed(1, "device/a/report", QoS::AtLeastOnce);
-    hub.hub.upstream_lost(hub.now + Duration::from_secs(30));
+    hub.hub
+        .upstream_lost(hub.now + Duration::from_secs(30), hub.now);
     assert!(hub.hub.upstream_is_lost());
     // A subscribe during the grace waits; nothing is written anywhere.
     hub.client(2, subscribe(7, &[("device/b/report", QoS::AtMostOnce)]));
@@ -1280,7 +1282,8 @@ fn unacknowledged_publishes_are_resent_in_order_on_the_new_upstream() {
         matches!(sent.as_slice(), [Packet::Publish(first)] if !first.dup),
         "{sent:?}"
     );
-    hub.hub.upstream_lost(hub.now + Duration::from_secs(30));
+    hub.hub
+        .upstream_lost(hub.now + Duration::from_secs(30), hub.now);
     hub.client(
         1,
         Packet::Publish(publish(
@@ -1331,14 +1334,16 @@ fn unacknowledged_publishes_are_resent_in_order_on_the_new_upstream() {
 fn the_grace_ends_the_hub_and_so_does_its_last_session_leaving() {
     let mut hub = Harness::new(config(RetainedReplay::Always));
     hub.attach(1);
-    hub.hub.upstream_lost(hub.now + Duration::from_secs(30));
+    hub.hub
+        .upstream_lost(hub.now + Duration::from_secs(30), hub.now);
     assert_eq!(hub.hub.poll_timeout(), hub.now + Duration::from_secs(30));
     hub.advance(Duration::from_secs(30));
     assert!(matches!(hub.hub.take_end(), Some(HubEnd::NoUpstream)));
 
     let mut hub = Harness::new(config(RetainedReplay::Always));
     hub.attach(1);
-    hub.hub.upstream_lost(hub.now + Duration::from_secs(30));
+    hub.hub
+        .upstream_lost(hub.now + Duration::from_secs(30), hub.now);
     hub.hub.detach(1, true, hub.now);
     assert!(matches!(hub.hub.take_end(), Some(HubEnd::Idle)));
 }

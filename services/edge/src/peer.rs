@@ -1,0 +1,686 @@
+//! Peer links between edge instances on one store.
+//!
+//! A client's session always terminates on the instance it reached. When
+//! another instance holds the device's agent, the local hub's upstream is a
+//! peer link to that instance's hub: one QUIC connection per pair of
+//! instances (ALPN `relay-peer/1`, on a listener the public side never
+//! reaches), one bidirectional stream per device, speaking MQTT 3.1.1 as it
+//! would to a printer. The owner's hub counts the link as one subscriber, so
+//! a printer message crosses each peer link once, whatever the number of
+//! clients behind it.
+//!
+//! Both sides prove the cluster secret on the connection's first stream:
+//! HMAC-SHA256 over a label, the sender's instance id and keying material
+//! exported from the TLS session (PROTOCOL.md, "Peer links").
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use dashmap::DashMap;
+use relay_io::FramedReader;
+use relay_proto::Secret;
+use relay_proto::mqtt::Packet;
+use relay_proto::tunnel::{
+    self, HelloRefused, LinkAccept, LinkDownReason, LinkRefused, Message, PEER_PROOF_LEN,
+    PeerHello, PeerLinkOpen, PeerWelcome, RefusalReason, close_code,
+};
+use relay_store::Claim;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::close::Close;
+use crate::devices::Unavailable;
+use crate::hub::{Outbound, SessionAttach, TunnelProbe, Upstream, outbound_queue};
+use crate::state::EdgeState;
+
+/// The version of the peer handshake.
+const PEER_VERSION: u16 = 1;
+
+/// Time for the handshake, and for a link's first frame.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The exporter label both sides derive their proofs from.
+const EXPORTER_LABEL: &[u8] = b"EXPORTER-relay-peer";
+
+/// Bytes queued towards a peer hub before it is cut as a slow consumer:
+/// many clients' worth, since it stands for all of them.
+const PEER_OUTBOUND_BYTES: usize = 8 * 1024 * 1024;
+
+/// Peer links one connection may hold at once (one per device).
+const MAX_LINKS_PER_CONNECTION: u32 = 100_000;
+
+/// How long an owner found in the store is trusted without asking again.
+const OWNER_CACHE_TTL: Duration = Duration::from_secs(2);
+
+/// What every peer link counts.
+#[derive(Debug, Clone)]
+pub struct PeerMetrics {
+    /// Peer-link bytes, by direction (in: received by this instance).
+    pub bytes: prometheus::IntCounterVec,
+    /// Peer hubs this instance serves now (as the owner).
+    pub served: prometheus::IntGauge,
+    /// Peer connections and links refused, by reason.
+    pub refusals: prometheus::IntCounterVec,
+    /// Where owners were found: local, cache, store.
+    pub lookups: prometheus::IntCounterVec,
+}
+
+/// This instance's side of the peer links: its identity, the connections
+/// it dialled, and the owners it looked up.
+pub struct Peers {
+    instance_id: String,
+    secret: Secret<String>,
+    /// The endpoint dials come from; `None` when this instance cannot dial
+    /// (no cluster secret).
+    endpoint: Option<quinn::Endpoint>,
+    connections: DashMap<String, quinn::Connection>,
+    dialing: DashMap<String, Arc<Mutex<()>>>,
+    owners: DashMap<String, (Claim, Instant)>,
+    metrics: PeerMetrics,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field("instance_id", &self.instance_id)
+            .field("connections", &self.connections.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The proof of `secret` that `role` (`dialer` or `listener`) named
+/// `instance_id` gives on a connection with `exported` keying material.
+fn proof(secret: &str, role: &str, instance_id: &str, exported: &[u8]) -> ring::hmac::Tag {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let mut context = ring::hmac::Context::with_key(&key);
+    context.update(b"relay-peer ");
+    context.update(role.as_bytes());
+    context.update(&[0]);
+    context.update(instance_id.as_bytes());
+    context.update(&[0]);
+    context.update(exported);
+    context.sign()
+}
+
+fn proof_bytes(tag: ring::hmac::Tag) -> [u8; PEER_PROOF_LEN] {
+    let mut bytes = [0u8; PEER_PROOF_LEN];
+    bytes.copy_from_slice(&tag.as_ref()[..PEER_PROOF_LEN]);
+    bytes
+}
+
+/// Whether `presented` is the proof of `secret` (compared in constant time).
+fn proof_holds(
+    secret: &str,
+    role: &str,
+    instance_id: &str,
+    exported: &[u8],
+    presented: &[u8],
+) -> bool {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let mut message = Vec::with_capacity(64 + instance_id.len() + exported.len());
+    message.extend_from_slice(b"relay-peer ");
+    message.extend_from_slice(role.as_bytes());
+    message.push(0);
+    message.extend_from_slice(instance_id.as_bytes());
+    message.push(0);
+    message.extend_from_slice(exported);
+    ring::hmac::verify(&key, &message, presented).is_ok()
+}
+
+fn exported(connection: &quinn::Connection) -> Option<[u8; 32]> {
+    let mut material = [0u8; 32];
+    connection
+        .export_keying_material(&mut material, EXPORTER_LABEL, b"")
+        .ok()?;
+    Some(material)
+}
+
+/// The QUIC transport of peer connections: kept alive, and a dead peer
+/// noticed within seconds (its clients' hubs then look for the device's
+/// new owner).
+fn peer_transport() -> Arc<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(4)) {
+        transport.max_idle_timeout(Some(idle));
+    }
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_LINKS_PER_CONNECTION));
+    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    Arc::new(transport)
+}
+
+async fn write_message(send: &mut quinn::SendStream, message: &Message) -> bool {
+    let mut frame = BytesMut::new();
+    tunnel::encode(message, &mut frame).is_ok() && send.write_all(&frame).await.is_ok()
+}
+
+impl Peers {
+    pub fn new(
+        instance_id: String,
+        secret: Secret<String>,
+        metrics: PeerMetrics,
+    ) -> Result<Peers, crate::tls::TlsError> {
+        let endpoint = if secret.expose().is_empty() {
+            None
+        } else {
+            let bind: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
+            let mut endpoint = quinn::Endpoint::client(bind)
+                .or_else(|_| quinn::Endpoint::client((std::net::Ipv4Addr::UNSPECIFIED, 0).into()))
+                .map_err(|error| crate::tls::TlsError::Quic(error.to_string()))?;
+            let mut client = crate::tls::peer_client_config()?;
+            client.transport_config(peer_transport());
+            endpoint.set_default_client_config(client);
+            Some(endpoint)
+        };
+        Ok(Peers {
+            instance_id,
+            secret,
+            endpoint,
+            connections: DashMap::new(),
+            dialing: DashMap::new(),
+            owners: DashMap::new(),
+            metrics,
+        })
+    }
+
+    pub fn metrics(&self) -> &PeerMetrics {
+        &self.metrics
+    }
+
+    /// The instance that holds `device_id`'s agent, if another live one
+    /// does: from a short cache, else from the store.
+    pub async fn owner_of(&self, store: &relay_store::Store, device_id: &str) -> Option<Claim> {
+        if let Some(cached) = self.owners.get(device_id)
+            && cached.1.elapsed() < OWNER_CACHE_TTL
+            && cached.0.is_live(store.now())
+        {
+            self.metrics.lookups.with_label_values(&["cache"]).inc();
+            return Some(cached.0.clone());
+        }
+        self.metrics.lookups.with_label_values(&["store"]).inc();
+        let claim = store.device_claim(device_id).await.ok()??;
+        if !claim.is_live(store.now()) || claim.instance_id == self.instance_id {
+            self.owners.remove(device_id);
+            return None;
+        }
+        self.owners
+            .insert(device_id.to_owned(), (claim.clone(), Instant::now()));
+        Some(claim)
+    }
+
+    /// Forgets the cached owner of `device_id` (it said "not here").
+    pub fn forget_owner(&self, device_id: &str) {
+        self.owners.remove(device_id);
+    }
+
+    /// The connection to `owner`'s instance, dialling and authenticating
+    /// it when there is none.
+    async fn connection(&self, owner: &Claim) -> Result<quinn::Connection, String> {
+        let instance = &owner.instance_id;
+        if let Some(connection) = self.connections.get(instance)
+            && connection.close_reason().is_none()
+        {
+            return Ok(connection.clone());
+        }
+        let lock = self.dialing.entry(instance.clone()).or_default().clone();
+        let _dialing = lock.lock().await;
+        if let Some(connection) = self.connections.get(instance)
+            && connection.close_reason().is_none()
+        {
+            return Ok(connection.clone());
+        }
+        let endpoint = self
+            .endpoint
+            .as_ref()
+            .ok_or("no cluster secret: this instance cannot dial peers")?;
+        let address: SocketAddr = owner
+            .peer_address
+            .as_deref()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|_| format!("instance {instance} has no peer address"))?;
+        let connecting = endpoint
+            .connect(address, "relay-peer")
+            .map_err(|error| error.to_string())?;
+        let connection = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
+            .await
+            .map_err(|_| format!("instance {instance} at {address} did not answer"))?
+            .map_err(|error| error.to_string())?;
+        let material = exported(&connection).ok_or("no keying material")?;
+        let (mut send, recv) = connection
+            .open_bi()
+            .await
+            .map_err(|error| error.to_string())?;
+        let hello = Message::PeerHello(PeerHello {
+            version: PEER_VERSION,
+            instance_id: self.instance_id.clone(),
+            proof: proof_bytes(proof(
+                self.secret.expose(),
+                "dialer",
+                &self.instance_id,
+                &material,
+            )),
+        });
+        if !write_message(&mut send, &hello).await {
+            return Err("the peer closed during the handshake".into());
+        }
+        let mut recv = FramedReader::new(recv);
+        let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, recv.read_message())
+            .await
+            .map_err(|_| "the peer did not welcome us".to_owned())?;
+        match reply {
+            Ok(Some(Message::PeerWelcome(welcome)))
+                if welcome.instance_id == *instance
+                    && proof_holds(
+                        self.secret.expose(),
+                        "listener",
+                        &welcome.instance_id,
+                        &material,
+                        &welcome.proof,
+                    ) =>
+            {
+                // The control stream stays open with the connection.
+                tokio::spawn(async move {
+                    let _keep = (send, recv);
+                    std::future::pending::<()>().await;
+                });
+                self.connections
+                    .insert(instance.clone(), connection.clone());
+                tracing::info!(peer = %instance, %address, "peer connection up");
+                Ok(connection)
+            }
+            Ok(Some(Message::HelloRefused(_))) => {
+                Err(format!("instance {instance} refused our cluster secret"))
+            }
+            _ => {
+                connection.close(
+                    quinn::VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
+                    b"bad welcome",
+                );
+                Err(format!(
+                    "instance {instance} did not prove the cluster secret"
+                ))
+            }
+        }
+    }
+
+    /// Opens a peer link to the hub of `device_id` on `owner`'s instance.
+    pub async fn open_link(
+        &self,
+        owner: &Claim,
+        device_id: &str,
+        max_packet_size: usize,
+    ) -> Result<(Upstream, LinkAccept), Unavailable> {
+        let connection = self.connection(owner).await.map_err(|error| {
+            tracing::warn!(peer = %owner.instance_id, %error, "no peer connection");
+            Unavailable::Offline
+        })?;
+        let (mut send, recv) = connection
+            .open_bi()
+            .await
+            .map_err(|_| Unavailable::Offline)?;
+        let open = Message::PeerLinkOpen(PeerLinkOpen {
+            device_id: device_id.to_owned(),
+            max_packet_size: u32::try_from(max_packet_size).ok(),
+        });
+        if !write_message(&mut send, &open).await {
+            return Err(Unavailable::Offline);
+        }
+        let mut recv = FramedReader::new(recv);
+        let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT * 4, recv.read_message())
+            .await
+            .map_err(|_| Unavailable::Printer {
+                reason: LinkDownReason::TimedOut,
+                detail: Some("the owning instance did not answer".into()),
+            })?;
+        match reply.ok().flatten() {
+            Some(Message::LinkAccept(accept)) => {
+                let alive: TunnelProbe = {
+                    let connection = connection.clone();
+                    Arc::new(move || connection.close_reason().is_none())
+                };
+                let (inner, buffered) = recv.into_parts();
+                let reader = FramedReader::with_buffer(
+                    Counted {
+                        inner,
+                        counter: self.metrics.bytes.with_label_values(&["in"]),
+                    },
+                    buffered,
+                );
+                let writer = Counted {
+                    inner: send,
+                    counter: self.metrics.bytes.with_label_values(&["out"]),
+                };
+                Ok((
+                    Upstream::new(reader, writer, Some(alive), owner.epoch),
+                    accept,
+                ))
+            }
+            Some(Message::LinkRefused(refused)) if refused.reason == LinkDownReason::NotHere => {
+                self.forget_owner(device_id);
+                Err(Unavailable::Offline)
+            }
+            Some(Message::LinkRefused(refused)) => Err(Unavailable::Printer {
+                reason: refused.reason,
+                detail: refused.detail,
+            }),
+            _ => Err(Unavailable::Offline),
+        }
+    }
+}
+
+/// A stream half that counts its bytes.
+struct Counted<T> {
+    inner: T,
+    counter: prometheus::IntCounter,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.counter.inc_by(read as u64);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(written)) = &polled {
+            self.counter.inc_by(*written as u64);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The peer listener's server configuration.
+pub fn listener_config(
+    certificates: &Arc<crate::tls::CertificateSource>,
+) -> Result<quinn::ServerConfig, crate::tls::TlsError> {
+    let mut server = quinn::ServerConfig::with_crypto(
+        certificates.quic_server_config_for(relay_proto::tunnel::PEER_ALPN)?,
+    );
+    server.transport_config(peer_transport());
+    Ok(server)
+}
+
+/// Serves the peer listener until `stop`.
+pub fn spawn_listener(
+    endpoint: quinn::Endpoint,
+    state: Arc<EdgeState>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let connections = TaskTracker::new();
+    tasks.spawn(async move {
+        loop {
+            let incoming = tokio::select! {
+                incoming = endpoint.accept() => match incoming {
+                    Some(incoming) => incoming,
+                    None => return,
+                },
+                _ = stop.cancelled() => {
+                    endpoint.close(quinn::VarInt::from_u32(close_code::GOING_AWAY), b"going away");
+                    connections.close();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
+                    return;
+                }
+            };
+            let state = state.clone();
+            let stop = stop.clone();
+            let remote = incoming.remote_address();
+            let span = tracing::info_span!("peer", %remote);
+            connections.spawn(
+                async move {
+                    match incoming.await {
+                        Ok(connection) => serve_peer(connection, state, stop).await,
+                        Err(error) => {
+                            state
+                                .peers
+                                .metrics
+                                .refusals
+                                .with_label_values(&["handshake"])
+                                .inc();
+                            tracing::info!(%error, "peer handshake failed (not a peer, or the wrong protocol)");
+                        }
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    });
+}
+
+/// One peer connection: its handshake, then one link per stream.
+async fn serve_peer(connection: quinn::Connection, state: Arc<EdgeState>, stop: CancellationToken) {
+    let refusals = &state.peers.metrics.refusals;
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.accept_bi()).await;
+    let Ok(Ok((mut send, recv))) = first else {
+        refusals.with_label_values(&["no_hello"]).inc();
+        connection.close(
+            quinn::VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
+            b"no handshake stream",
+        );
+        return;
+    };
+    let mut recv = FramedReader::new(recv);
+    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, recv.read_message()).await {
+        Ok(Ok(Some(Message::PeerHello(hello)))) if hello.version == PEER_VERSION => hello,
+        _ => {
+            refusals.with_label_values(&["no_hello"]).inc();
+            tracing::warn!("peer refused: no PEER_HELLO");
+            connection.close(
+                quinn::VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
+                b"expected PEER_HELLO",
+            );
+            return;
+        }
+    };
+    let secret = state.peers.secret.expose();
+    let material = exported(&connection);
+    let proven = !secret.is_empty()
+        && material.is_some_and(|material| {
+            proof_holds(
+                secret,
+                "dialer",
+                &hello.instance_id,
+                &material,
+                &hello.proof,
+            )
+        });
+    let Some(material) = material.filter(|_| proven) else {
+        refusals.with_label_values(&["bad_secret"]).inc();
+        tracing::warn!(claimed = %hello.instance_id, "peer refused: wrong cluster secret");
+        let refused = Message::HelloRefused(HelloRefused {
+            reason: RefusalReason::BadCredential,
+            message: Some("wrong cluster secret".into()),
+            retry_after_ms: None,
+        });
+        write_message(&mut send, &refused).await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        connection.close(quinn::VarInt::from_u32(close_code::REFUSED), b"refused");
+        return;
+    };
+    let welcome = Message::PeerWelcome(PeerWelcome {
+        instance_id: state.peers.instance_id.clone(),
+        proof: proof_bytes(proof(
+            secret,
+            "listener",
+            &state.peers.instance_id,
+            &material,
+        )),
+    });
+    if !write_message(&mut send, &welcome).await {
+        return;
+    }
+    tracing::info!(peer = %hello.instance_id, "peer connected");
+    let links = TaskTracker::new();
+    loop {
+        tokio::select! {
+            stream = connection.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    links.spawn(serve_link(send, recv, state.clone(), stop.clone()));
+                }
+                Err(error) => {
+                    tracing::info!(peer = %hello.instance_id, %error, "peer disconnected");
+                    break;
+                }
+            },
+            _ = stop.cancelled() => break,
+        }
+    }
+    links.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), links.wait()).await;
+    drop((send, recv));
+}
+
+/// One peer link, on the instance that holds the device's agent: the
+/// dialer's hub becomes one session of the local hub.
+async fn serve_link(
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    state: Arc<EdgeState>,
+    stop: CancellationToken,
+) {
+    let metrics = state.peers.metrics.clone();
+    let mut recv = FramedReader::new(Counted {
+        inner: recv,
+        counter: metrics.bytes.with_label_values(&["in"]),
+    });
+    let open = match tokio::time::timeout(HANDSHAKE_TIMEOUT, recv.read_message()).await {
+        Ok(Ok(Some(Message::PeerLinkOpen(open)))) => open,
+        _ => {
+            metrics.refusals.with_label_values(&["bad_link"]).inc();
+            let _ = send.reset(quinn::VarInt::from_u32(close_code::PROTOCOL_VIOLATION));
+            return;
+        }
+    };
+    let refuse = |reason: LinkDownReason, detail: Option<String>| {
+        Message::LinkRefused(LinkRefused {
+            link: 0,
+            reason,
+            detail,
+        })
+    };
+    let device_id = open.device_id;
+    let (hub, printer) = match state.devices.local_hub_for(&device_id).await {
+        Ok(found) => found,
+        Err(unavailable) => {
+            let reply = match unavailable {
+                Unavailable::Offline => refuse(LinkDownReason::NotHere, None),
+                Unavailable::Printer { reason, detail } => refuse(reason, detail),
+            };
+            write_message(&mut send, &reply).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    let accept = Message::LinkAccept(LinkAccept {
+        link: 0,
+        printer_kind: printer.kind,
+        printer_serial: printer.serial,
+    });
+    if !write_message(&mut send, &accept).await {
+        return;
+    }
+    let max_packet = state.config.tunnel.max_printer_packet;
+    let session_id = state.hubs.next_session_id();
+    let (outbound, mut receiver, ended) = outbound_queue(PEER_OUTBOUND_BYTES);
+    let attach = SessionAttach {
+        sink: outbound.clone(),
+        client_id: String::new(),
+        will: None,
+        max_subscriptions: 100_000,
+        max_unacknowledged: 60_000,
+        peer: true,
+    };
+    if !hub.attach(session_id, attach).await {
+        write_message(&mut send, &refuse(LinkDownReason::NotHere, None)).await;
+        let _ = send.finish();
+        return;
+    }
+    metrics.served.inc();
+    tracing::info!(device = %device_id, "serving a peer hub");
+    let bytes_out = metrics.bytes.with_label_values(&["out"]);
+    let mut graceful = false;
+    {
+        let reader = async {
+            loop {
+                match recv.read_packet(max_packet).await {
+                    Ok(Some(Packet::PingReq)) => {
+                        outbound.send_packet(&Packet::PingResp);
+                    }
+                    Ok(Some(Packet::Disconnect)) => {
+                        graceful = true;
+                        return;
+                    }
+                    Ok(Some(packet @ (Packet::Connect(_) | Packet::ConnAck(_)))) => {
+                        outbound.end(Close::protocol(format!(
+                            "unexpected {} on a peer link",
+                            packet.packet_type()
+                        )));
+                        return;
+                    }
+                    Ok(Some(packet)) => {
+                        if !hub.client_packet(session_id, packet).await {
+                            return;
+                        }
+                    }
+                    Ok(None) | Err(_) => return,
+                }
+            }
+        };
+        let writer = async {
+            while let Some(item) = receiver.recv().await {
+                match item {
+                    Outbound::Bytes(bytes) => {
+                        bytes_out.inc_by(bytes.len() as u64);
+                        if send.write_all(&bytes).await.is_err() {
+                            return;
+                        }
+                    }
+                    Outbound::Close(_) => return,
+                }
+            }
+        };
+        tokio::select! {
+            () = reader => {}
+            () = writer => {}
+            () = ended.cancelled() => {}
+            () = hub.ended() => {}
+            () = stop.cancelled() => {}
+        }
+    }
+    hub.detach(session_id, graceful).await;
+    let _ = send.finish();
+    metrics.served.dec();
+    tracing::info!(device = %device_id, "peer hub gone");
+}

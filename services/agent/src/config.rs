@@ -28,6 +28,11 @@ pub struct AgentConfig {
 pub struct EdgeSection {
     /// `host:port` of the edge's QUIC listener.
     pub address: String,
+    /// More `host:port`s of edge instances, tried in order after `address`
+    /// when it fails, as several DNS records would be: for places with no
+    /// load balancer in front of the instances.
+    #[serde(default)]
+    pub addresses: Vec<String>,
     /// The name on the edge's certificate (defaults to the host of `address`).
     #[serde(default)]
     pub server_name: Option<String>,
@@ -168,6 +173,15 @@ impl PrinterConfig {
     }
 }
 
+impl EdgeSection {
+    /// Every edge address, in the order they are tried.
+    pub fn all_addresses(&self) -> Vec<&str> {
+        std::iter::once(self.address.as_str())
+            .chain(self.addresses.iter().map(String::as_str))
+            .collect()
+    }
+}
+
 impl AgentConfig {
     pub fn from_toml(text: &str) -> Result<AgentConfig, Vec<String>> {
         toml::from_str(text).map_err(|error| vec![error.to_string()])
@@ -176,11 +190,10 @@ impl AgentConfig {
     /// Checks the file's values; returns the printer settings or every problem.
     pub fn validate(&self) -> Result<PrinterConfig, Vec<String>> {
         let mut problems = Vec::new();
-        if !self.edge.address.contains(':') {
-            problems.push(format!(
-                "edge.address {:?} must be host:port",
-                self.edge.address
-            ));
+        for address in self.edge.all_addresses() {
+            if !address.contains(':') {
+                problems.push(format!("edge address {address:?} must be host:port"));
+            }
         }
         if !self.edge.ca_file.is_file() {
             problems.push(format!(

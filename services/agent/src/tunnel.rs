@@ -102,8 +102,28 @@ pub async fn run(config: AgentConfig, printer: PrinterConfig, stop: Cancellation
         .then(|| Arc::new(Standby::start(printer.clone())));
     let mut backoff = Duration::from_millis(500);
     const MAX_BACKOFF: Duration = Duration::from_secs(60);
+    let addresses: Vec<String> = config
+        .edge
+        .all_addresses()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let mut next_address = 0usize;
     loop {
-        let end = run_once(&config, printer.clone(), standby.clone(), stop.clone()).await;
+        let address = &addresses[next_address % addresses.len()];
+        let end = run_once_at(
+            &config,
+            address,
+            printer.clone(),
+            standby.clone(),
+            stop.clone(),
+        )
+        .await;
+        if addresses.len() > 1 && !matches!(end, TunnelEnd::Stopped) {
+            // That instance failed, went away or drains: the next one.
+            next_address += 1;
+            tracing::info!(failed = %address, next = %addresses[next_address % addresses.len()], "trying the next edge address");
+        }
         let wait = match &end {
             TunnelEnd::Stopped => return,
             TunnelEnd::GoAway { after } => {
@@ -166,14 +186,26 @@ fn client_config(config: &AgentConfig) -> Result<quinn::ClientConfig, SetupError
     Ok(client)
 }
 
-/// One tunnel connection, from dialling to its end (no retry).
+/// One tunnel connection to the first edge address, from dialling to its
+/// end (no retry).
 pub async fn run_once(
     config: &AgentConfig,
     printer: Arc<PrinterConfig>,
     standby: Option<Arc<Standby>>,
     stop: CancellationToken,
 ) -> TunnelEnd {
-    let (endpoint, connection) = match dial(config).await {
+    run_once_at(config, &config.edge.address, printer, standby, stop).await
+}
+
+/// [`run_once`] to the edge at `address`.
+pub async fn run_once_at(
+    config: &AgentConfig,
+    address: &str,
+    printer: Arc<PrinterConfig>,
+    standby: Option<Arc<Standby>>,
+    stop: CancellationToken,
+) -> TunnelEnd {
+    let (endpoint, connection) = match dial(config, address).await {
         Ok(dialled) => dialled,
         Err(end) => return end,
     };
@@ -190,27 +222,28 @@ pub async fn run_once(
     end
 }
 
-/// A QUIC connection to the edge, handshake done.
-async fn dial(config: &AgentConfig) -> Result<(quinn::Endpoint, quinn::Connection), TunnelEnd> {
+/// A QUIC connection to the edge at `edge_address`, handshake done.
+async fn dial(
+    config: &AgentConfig,
+    edge_address: &str,
+) -> Result<(quinn::Endpoint, quinn::Connection), TunnelEnd> {
     let client = match client_config(config) {
         Ok(client) => client,
         Err(error) => return Err(error.into()),
     };
-    let address = match tokio::net::lookup_host(&config.edge.address)
+    let address = match tokio::net::lookup_host(edge_address)
         .await
         .map(|mut a| a.next())
     {
         Ok(Some(address)) => address,
         Ok(None) | Err(_) => {
             return Err(TunnelEnd::Unresolvable {
-                address: config.edge.address.clone(),
+                address: edge_address.to_owned(),
             });
         }
     };
     let server_name = config.edge.server_name.clone().unwrap_or_else(|| {
-        config
-            .edge
-            .address
+        edge_address
             .rsplit_once(':')
             .map_or("", |(host, _)| host)
             .to_owned()
@@ -241,7 +274,7 @@ async fn dial(config: &AgentConfig) -> Result<(quinn::Endpoint, quinn::Connectio
 /// checks. The edge counts it as this device's agent for that moment (a
 /// running agent of the same device is fenced off and comes back later).
 pub async fn probe_edge(config: &AgentConfig) -> Result<HelloAck, TunnelEnd> {
-    let (endpoint, connection) = dial(config).await?;
+    let (endpoint, connection) = dial(config, &config.edge.address).await?;
     let outcome = hello(config, &connection).await.map(|(_, _, ack)| ack);
     connection.close(
         quinn::VarInt::from_u32(tunnel::close_code::NO_ERROR),

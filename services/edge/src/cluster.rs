@@ -134,7 +134,7 @@ pub async fn run(state: Arc<EdgeState>, store: Store, stop: CancellationToken) {
             claimed = next_claim(&mut listener) => match claimed {
                 Ok(claimed) => {
                     if claimed.instance_id != membership.instance_id {
-                        state.devices.fence_older(&claimed.device_id, claimed.epoch);
+                        state.devices.claimed_elsewhere(&claimed.device_id, claimed.epoch);
                     }
                 }
                 Err(error) => {

@@ -206,6 +206,17 @@ impl Devices {
         true
     }
 
+    /// Another instance claimed `device_id` at `epoch`: a stale local tunnel
+    /// is fenced, the cached owner forgotten, and a local hub whose
+    /// upstream goes through an older claim moves to the new owner now.
+    pub fn claimed_elsewhere(&self, device_id: &str, epoch: u64) {
+        self.fence_older(device_id, epoch);
+        self.peers.forget_owner(device_id);
+        if let Some(hub) = self.hubs.get(device_id) {
+            hub.upstream_moved(epoch);
+        }
+    }
+
     /// Sends every local tunnel away (this instance lost its lease): as a
     /// drain does, so that the agents come back soon, to an instance that
     /// holds its lease (or to this one once it renews).

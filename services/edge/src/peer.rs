@@ -44,7 +44,7 @@ use crate::state::EdgeState;
 const PEER_VERSION: u16 = 1;
 
 /// Time for the handshake, and for a link's first frame.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The exporter label both sides derive their proofs from.
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-relay-peer";

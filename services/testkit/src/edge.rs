@@ -118,6 +118,19 @@ impl TestEdge {
     }
 
     pub async fn start_with(customize: impl FnOnce(&mut EdgeConfig)) -> TestEdge {
+        let mut edge = Self::prepare_with(customize).await;
+        let running = RunningEdge::start(edge.config.clone()).await.unwrap();
+        edge.addr = running.public_addr.unwrap();
+        edge.admin = running.admin_addr;
+        edge.edge = Some(running);
+        edge
+    }
+
+    /// Everything [`TestEdge::start_with`] makes (the CA, a database with a
+    /// tenant, a device and a key, the configuration) but the edge: for
+    /// edges run as processes. `addr` and `admin` are unset until a test
+    /// points them at one.
+    pub async fn prepare_with(customize: impl FnOnce(&mut EdgeConfig)) -> TestEdge {
         let pki = TestPki::new();
         let (cert, key, _) = pki.issue("server", &[&format!("*.{BASE_DOMAIN}")]);
         let database = TestDatabase::new(Backend::Postgres).await;
@@ -148,11 +161,11 @@ impl TestEdge {
         // itself set their own.
         config.tunnel.upstream_grace_seconds = 1;
         customize(&mut config);
-        let edge = RunningEdge::start(config.clone()).await.unwrap();
+        let unset: SocketAddr = "0.0.0.0:0".parse().unwrap();
         TestEdge {
-            addr: edge.public_addr.unwrap(),
-            admin: edge.admin_addr,
-            edge: Some(edge),
+            addr: unset,
+            admin: unset,
+            edge: None,
             pki,
             database,
             tenant,

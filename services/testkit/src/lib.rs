@@ -14,4 +14,5 @@
 
 pub mod cut;
 pub mod edge;
+pub mod processes;
 pub mod world;

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 pub use crate::edge::*;
 use relay_agent::config::AgentConfig;
-use relay_printer_sim::{RunningSimulator, SimulatorConfig};
+pub use relay_printer_sim::RunningSimulator;
+use relay_printer_sim::SimulatorConfig;
 use relay_proto::mqtt::{Packet, PacketId, Publish, QoS, Subscribe};
 use tokio_util::sync::CancellationToken;
 
@@ -83,11 +84,7 @@ pub async fn world_with(
         change_edge(config);
     })
     .await;
-    let mut simulator_config = SimulatorConfig::new(SERIAL, ACCESS_CODE);
-    simulator_config.report_interval = Duration::from_millis(50);
-    let simulator = RunningSimulator::start(simulator_config, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let simulator = start_simulator().await;
     let (_, credential) = edge
         .database
         .store
@@ -109,6 +106,16 @@ pub async fn world_with(
         simulator,
         agent,
     }
+}
+
+/// The simulated Bambu printer the worlds use: serial [`SERIAL`], access
+/// code [`ACCESS_CODE`], a report every 50 ms.
+pub async fn start_simulator() -> RunningSimulator {
+    let mut config = SimulatorConfig::new(SERIAL, ACCESS_CODE);
+    config.report_interval = Duration::from_millis(50);
+    RunningSimulator::start(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
 }
 
 pub fn report_topic() -> String {

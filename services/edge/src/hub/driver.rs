@@ -430,7 +430,15 @@ async fn find_upstream(
                 }
             },
             () = tokio::time::sleep_until(retry_at), if attempt.is_none() => attempt = Some(source()),
-            command = context.commands.recv() => apply(state, command)?,
+            command = context.commands.recv() => {
+                if matches!(command, Some(Command::UpstreamMoved { .. })) {
+                    // The device is somewhere new: look there now, instead
+                    // of waiting on an attempt at the old place.
+                    attempt = Some(source());
+                    continue;
+                }
+                apply(state, command)?;
+            }
             () = tokio::time::sleep_until(wake_at) => state.handle_timeout(now()),
             () = context.ended.cancelled() => return Err(HubEnd::Ended),
         }

@@ -1,0 +1,448 @@
+//! Several edge instances as real processes (`relay-edge`) on one Postgres,
+//! with peer links between them over real QUIC on loopback, one agent and
+//! the printer simulator. Apps are paho-mqtt (Python, a library nobody here
+//! wrote) and the test kit's WebSocket client.
+
+// Test code: a failed expectation should panic with its message.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use relay_proto::mqtt::{Packet, PacketId, Publish, QoS};
+use relay_testkit::processes::{EdgeProcess, metric};
+use relay_testkit::world::*;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio_util::sync::CancellationToken;
+
+const EDGE: &str = env!("CARGO_BIN_EXE_relay-edge");
+
+/// The grace the instances give a hub to find a new upstream.
+const GRACE: &str = "upstream_grace_seconds = 30";
+
+/// A database, a CA, the simulator, and an agent credential.
+struct Cluster {
+    setup: TestEdge,
+    simulator: RunningSimulator,
+    credential: String,
+}
+
+impl Cluster {
+    async fn new() -> Cluster {
+        let setup = TestEdge::prepare_with(|_| {}).await;
+        let simulator = start_simulator().await;
+        let (_, credential) = setup
+            .database
+            .store
+            .issue_agent_credential(&setup.device)
+            .await
+            .unwrap();
+        Cluster {
+            setup,
+            simulator,
+            credential: credential.reveal(),
+        }
+    }
+
+    async fn instance(&self, id: &str) -> EdgeProcess {
+        EdgeProcess::start(Path::new(EDGE), &self.setup, id, GRACE).await
+    }
+
+    /// The agent, dialling `tunnels` in order.
+    fn agent(&self, tunnels: &[std::net::SocketAddr]) -> CancellationToken {
+        let mut config = agent_config(
+            &self.setup,
+            tunnels[0],
+            &self.simulator,
+            ACCESS_CODE,
+            &self.credential,
+        );
+        config.edge.keep_alive_seconds = 1;
+        config.edge.addresses = tunnels[1..].iter().map(|t| t.to_string()).collect();
+        start_agent(config)
+    }
+
+    /// Waits until the registry says `instance` holds the device: what it
+    /// says now, then its claim announcements.
+    async fn wait_owner(&self, instance: &str) {
+        let store = &self.setup.database.store;
+        let device = &self.setup.device;
+        let mut claims = relay_store::ClaimListener::start(store)
+            .await
+            .unwrap()
+            .expect("Postgres announces claims");
+        let holds = |claim: &relay_store::Claim| {
+            claim.instance_id == instance && claim.is_live(store.now())
+        };
+        if let Ok(Some(claim)) = store.device_claim(device).await
+            && holds(&claim)
+        {
+            return;
+        }
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                let claimed = claims.next().await.unwrap();
+                if claimed.device_id == *device && claimed.instance_id == instance {
+                    return;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{instance} never held the device"));
+    }
+
+    /// The test kit's client, on `instance`.
+    async fn client(&mut self, instance: &EdgeProcess, name: &str) -> Client {
+        self.setup.addr = instance.public;
+        let mut client =
+            Client::connect(&self.setup, &self.setup.bearer(), connect_packet(name)).await;
+        client.send(&subscribe_report(1)).await;
+        loop {
+            match client.next().await {
+                Some(Packet::SubAck(_)) => return client,
+                Some(_) => {}
+                None => panic!("{name} closed before SUBACK: {:?}", client.closed_with),
+            }
+        }
+    }
+}
+
+/// The `sequence_id` of a simulated report.
+fn sequence_of(publish: &Publish) -> u64 {
+    let text = String::from_utf8_lossy(&publish.payload);
+    text.split("\"sequence_id\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|digits| digits.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether a PUBLISH is one of the printer's periodic status reports
+/// (answers to requests echo the request's `sequence_id` instead).
+fn is_status(publish: &Publish) -> bool {
+    publish.topic == report_topic()
+        && String::from_utf8_lossy(&publish.payload).contains("push_status")
+}
+
+/// The next `count` status reports' sequence ids, in the order they came.
+async fn sequences(client: &mut Client, count: usize) -> Vec<u64> {
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        let publish = next_publish(client).await;
+        if is_status(&publish) {
+            seen.push(sequence_of(&publish));
+        }
+    }
+    seen
+}
+
+fn strictly_increasing(sequence: &[u64]) -> bool {
+    sequence.windows(2).all(|pair| pair[0] < pair[1])
+}
+
+/// A QoS 1 PUBLISH to the printer's request topic; true once PUBACKed.
+async fn publish_acknowledged(client: &mut Client, id: u16) -> bool {
+    client
+        .send(&Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: format!("device/{SERIAL}/request"),
+            packet_id: PacketId::new(id),
+            payload: bytes::Bytes::from_static(
+                br#"{"info":{"sequence_id":"7","command":"get_version"}}"#,
+            ),
+        }))
+        .await;
+    loop {
+        match client.next().await {
+            Some(Packet::PubAck(acked)) if acked.get() == id => return true,
+            Some(_) => {}
+            None => return false,
+        }
+    }
+}
+
+/// paho-mqtt (Python) on `instance`: subscribes to the report, publishes
+/// one QoS 1 request, and prints `puback` and `report <sequence>` lines.
+struct Paho {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Paho {
+    async fn start(python: &Path, cluster: &Cluster, instance: &EdgeProcess, name: &str) -> Paho {
+        let ca = cluster.setup.pki.dir.join("paho-ca.pem");
+        std::fs::write(&ca, cluster.setup.pki.ca_pem()).unwrap();
+        let script = format!(
+            r#"
+import json, re, sys
+import paho.mqtt.client as mqtt
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="{name}", transport="websockets")
+client.ws_set_options(path="/d/{device}/mqtt", headers={{"Authorization": "{bearer}"}})
+client.tls_set(ca_certs="{ca}")
+client.tls_insecure_set(True)  # 127.0.0.1 is not on the *.{domain} certificate; the chain is checked
+def on_connect(client, userdata, flags, reason, properties):
+    client.subscribe("device/{serial}/report", qos=1)
+    client.publish("device/{serial}/request", '{{"info":{{"sequence_id":"1","command":"get_version"}}}}', qos=1)
+def on_publish(client, userdata, mid, reason, properties):
+    print("puback", flush=True)
+def on_message(client, userdata, message):
+    found = re.search(rb'"sequence_id":"(\d+)"', message.payload)
+    print("report", found.group(1).decode() if found else "0", flush=True)
+client.on_connect = on_connect
+client.on_publish = on_publish
+client.on_message = on_message
+client.connect("127.0.0.1", {port})
+client.loop_forever()
+"#,
+            device = cluster.setup.device,
+            bearer = cluster.setup.bearer(),
+            ca = ca.display(),
+            domain = BASE_DOMAIN,
+            serial = SERIAL,
+            port = instance.public.port(),
+        );
+        let mut child = Command::new(python)
+            .arg("-c")
+            .arg(script)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Paho { child, lines }
+    }
+
+    /// Waits for a line starting with `prefix`.
+    async fn said(&mut self, prefix: &str) -> String {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                match self.lines.next_line().await.unwrap() {
+                    Some(line) if line.starts_with(prefix) => return line,
+                    Some(_) => {}
+                    None => panic!("paho ended before {prefix:?}"),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("paho never said {prefix:?}"))
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+fn python() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/client-tools");
+    let output = std::process::Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "scripts/client-tools failed");
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim()).join("venv/bin/python")
+}
+
+#[tokio::test]
+async fn three_instances_serve_one_printer_through_one_connection() {
+    let python = python();
+    let mut cluster = Cluster::new().await;
+    let a = cluster.instance("edge-a").await;
+    let b = cluster.instance("edge-b").await;
+    let c = cluster.instance("edge-c").await;
+    let agent = cluster.agent(&[b.tunnel]);
+    cluster.wait_owner("edge-b").await;
+
+    // paho on every instance receives and gets its QoS 1 publish
+    // acknowledged by the printer.
+    let mut pahos = Vec::new();
+    for (instance, name) in [(&a, "paho-a"), (&b, "paho-b"), (&c, "paho-c")] {
+        let mut paho = Paho::start(&python, &cluster, instance, name).await;
+        paho.said("puback").await;
+        paho.said("report").await;
+        pahos.push(paho);
+    }
+    // One order: every client sees the printer's reports in its order.
+    let mut clients = Vec::new();
+    for (instance, name) in [(&a, "kit-a"), (&b, "kit-b"), (&c, "kit-c")] {
+        clients.push(cluster.client(instance, name).await);
+    }
+    for (index, client) in clients.iter_mut().enumerate() {
+        // The first may be the hub's merged state; live reports follow.
+        let seen = sequences(client, 11).await;
+        assert!(strictly_increasing(&seen[1..]), "client {index}: {seen:?}");
+        assert!(publish_acknowledged(client, 40 + index as u16).await);
+    }
+    // The printer sees one connection and one SUBSCRIBE for the report.
+    let observations = cluster.simulator.observations();
+    assert_eq!(observations.connections.load(Ordering::Relaxed), 1);
+    let report_subscribes = observations
+        .subscribe_log()
+        .iter()
+        .flatten()
+        .filter(|filter| **filter == report_topic())
+        .count();
+    assert_eq!(report_subscribes, 1, "{:?}", observations.subscribe_log());
+    // edge-b serves the other two instances' hubs, one peer link each.
+    assert_eq!(
+        metric(&b.metrics().await, "relay_edge_peer_links_served"),
+        2.0
+    );
+    for paho in pahos {
+        paho.stop().await;
+    }
+    agent.cancel();
+    cluster.setup.database.cleanup().await;
+}
+
+/// Peer-link bytes from the owner over printer bytes into it, while
+/// `window` reports go by on `client`.
+async fn peer_bytes_per_printer_byte(
+    owner: &EdgeProcess,
+    client: &mut Client,
+    window: usize,
+) -> f64 {
+    let before = owner.metrics().await;
+    sequences(client, window).await;
+    let after = owner.metrics().await;
+    let peer = metric(&after, "relay_edge_peer_bytes_total{direction=\"out\"}")
+        - metric(&before, "relay_edge_peer_bytes_total{direction=\"out\"}");
+    let printer = metric(&after, "relay_edge_printer_bytes_total{direction=\"in\"}")
+        - metric(&before, "relay_edge_printer_bytes_total{direction=\"in\"}");
+    peer / printer
+}
+
+#[tokio::test]
+async fn a_printer_message_crosses_the_peer_link_once_whatever_the_clients() {
+    let mut cluster = Cluster::new().await;
+    let a = cluster.instance("edge-a").await;
+    let b = cluster.instance("edge-b").await;
+    let agent = cluster.agent(&[b.tunnel]);
+    cluster.wait_owner("edge-b").await;
+    let mut first = cluster.client(&a, "first").await;
+    sequences(&mut first, 3).await;
+    let one = peer_bytes_per_printer_byte(&b, &mut first, 40).await;
+    let mut others = Vec::new();
+    for index in 0..99 {
+        others.push(cluster.client(&a, &format!("more-{index}")).await);
+    }
+    sequences(&mut first, 3).await;
+    let hundred = peer_bytes_per_printer_byte(&b, &mut first, 40).await;
+    eprintln!(
+        "peer bytes per printer byte: {one:.3} with 1 client on edge-a, {hundred:.3} with 100"
+    );
+    assert!(
+        one > 0.5 && one < 1.5 && hundred < one * 1.2,
+        "peer bytes per printer byte: {one:.3} with 1 client, {hundred:.3} with 100"
+    );
+    agent.cancel();
+    cluster.setup.database.cleanup().await;
+}
+
+#[tokio::test]
+async fn killing_the_owner_moves_the_agent_and_the_others_resume() {
+    let mut cluster = Cluster::new().await;
+    let a = cluster.instance("edge-a").await;
+    let mut b = cluster.instance("edge-b").await;
+    let c = cluster.instance("edge-c").await;
+    let agent = cluster.agent(&[b.tunnel, c.tunnel]);
+    cluster.wait_owner("edge-b").await;
+    let mut on_a = cluster.client(&a, "on-a").await;
+    let mut on_c = cluster.client(&c, "on-c").await;
+    let mut on_b = cluster.client(&b, "on-b").await;
+    sequences(&mut on_a, 2).await;
+    sequences(&mut on_c, 2).await;
+    sequences(&mut on_b, 2).await;
+
+    let last_before = *sequences(&mut on_a, 1).await.last().unwrap();
+    b.kill().await;
+    let killed = Instant::now();
+    // The survivors' clients keep their connections and receive again:
+    // a report the printer made a second after the kill came the new way.
+    for (name, client) in [("on-a", &mut on_a), ("on-c", &mut on_c)] {
+        loop {
+            let publish = next_publish(client).await;
+            if is_status(&publish) && sequence_of(&publish) > last_before + 20 {
+                break;
+            }
+        }
+        let resumed = killed.elapsed();
+        assert!(
+            client.closed_with.is_none(),
+            "{name}: {:?}",
+            client.closed_with
+        );
+        assert!(
+            resumed < Duration::from_secs(10),
+            "{name} resumed after {resumed:?}"
+        );
+        eprintln!("{name} received again {resumed:?} after the owner was killed");
+    }
+    cluster.wait_owner("edge-c").await;
+    // The killed instance's clients come back on another instance.
+    let _ = on_b.closed().await;
+    let mut again = cluster.client(&a, "on-b-again").await;
+    sequences(&mut again, 2).await;
+    agent.cancel();
+    cluster.setup.database.cleanup().await;
+}
+
+#[tokio::test]
+async fn draining_an_instance_moves_its_agent_and_nobody_else_notices() {
+    let mut cluster = Cluster::new().await;
+    let a = cluster.instance("edge-a").await;
+    let mut b = cluster.instance("edge-b").await;
+    let c = cluster.instance("edge-c").await;
+    let agent = cluster.agent(&[b.tunnel, c.tunnel]);
+    cluster.wait_owner("edge-b").await;
+    let mut on_a = cluster.client(&a, "on-a").await;
+    let mut on_b = cluster.client(&b, "on-b").await;
+    sequences(&mut on_a, 2).await;
+
+    let status = b.terminate().await;
+    assert!(status.success(), "{status:?}\n{}", b.log());
+    assert_eq!(on_b.closed().await, Some((1001, "draining".into())));
+    cluster.wait_owner("edge-c").await;
+    // edge-a's client never noticed: same connection, reports again.
+    let before = on_a.closed_with.clone();
+    sequences(&mut on_a, 5).await;
+    assert_eq!(before, None);
+    assert!(on_a.closed_with.is_none());
+    agent.cancel();
+    cluster.setup.database.cleanup().await;
+}
+
+#[tokio::test]
+async fn revoking_a_key_closes_its_session_on_every_instance() {
+    let mut cluster = Cluster::new().await;
+    let a = cluster.instance("edge-a").await;
+    let c = cluster.instance("edge-c").await;
+    let agent = cluster.agent(&[a.tunnel]);
+    cluster.wait_owner("edge-a").await;
+    let mut on_c = cluster.client(&c, "on-c").await;
+    sequences(&mut on_c, 1).await;
+    let revoked = Instant::now();
+    assert!(
+        cluster
+            .setup
+            .database
+            .store
+            .revoke_api_key(&cluster.setup.key.1)
+            .await
+            .unwrap()
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(5), on_c.closed())
+        .await
+        .expect("closed within 5 s");
+    assert_eq!(closed, Some((1008, "unauthorized: revoked".into())));
+    assert!(revoked.elapsed() < Duration::from_secs(5));
+    agent.cancel();
+    cluster.setup.database.cleanup().await;
+}

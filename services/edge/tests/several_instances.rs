@@ -446,3 +446,113 @@ async fn revoking_a_key_closes_its_session_on_every_instance() {
     agent.cancel();
     cluster.setup.database.cleanup().await;
 }
+
+/// Bad input on the peer listener: a wrong cluster secret, garbage, and a
+/// client speaking another protocol are each refused, counted and logged,
+/// and the listener goes on serving real peers.
+#[tokio::test]
+async fn the_peer_listener_refuses_what_is_not_a_peer() {
+    use relay_proto::tunnel::{self, Message, PeerHello};
+    let cluster = Cluster::new().await;
+    let edge = cluster.instance("edge-a").await;
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let peer_client = relay_edge::tls::peer_client_config().unwrap();
+
+    // A wrong secret: HELLO_REFUSED, then the connection closes.
+    let connection = endpoint
+        .connect_with(peer_client.clone(), edge.peer, "relay-peer")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, recv) = connection.open_bi().await.unwrap();
+    let mut frame = bytes::BytesMut::new();
+    tunnel::encode(
+        &Message::PeerHello(PeerHello {
+            version: 1,
+            instance_id: "edge-mallory".into(),
+            proof: [7; 32],
+        }),
+        &mut frame,
+    )
+    .unwrap();
+    send.write_all(&frame).await.unwrap();
+    let mut recv = relay_io::FramedReader::new(recv);
+    let reply = tokio::time::timeout(PATIENCE, recv.read_message())
+        .await
+        .unwrap();
+    assert!(
+        matches!(reply, Ok(Some(Message::HelloRefused(_)))),
+        "{reply:?}"
+    );
+    let closed = tokio::time::timeout(PATIENCE, connection.closed())
+        .await
+        .unwrap();
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(ref close) if close.error_code == quinn::VarInt::from_u32(tunnel::close_code::REFUSED)),
+        "{closed:?}"
+    );
+
+    // Garbage instead of PEER_HELLO: closed as a protocol violation.
+    let connection = endpoint
+        .connect_with(peer_client.clone(), edge.peer, "relay-peer")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, _recv) = connection.open_bi().await.unwrap();
+    send.write_all(&[0x42; 64]).await.unwrap();
+    let closed = tokio::time::timeout(PATIENCE, connection.closed())
+        .await
+        .unwrap();
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(ref close) if close.error_code == quinn::VarInt::from_u32(tunnel::close_code::PROTOCOL_VIOLATION)),
+        "{closed:?}"
+    );
+
+    // An agent (the tunnel's ALPN) dialling the peer port: no handshake.
+    let mut agent_like = agent_config(
+        &cluster.setup,
+        edge.peer,
+        &cluster.simulator,
+        ACCESS_CODE,
+        &cluster.credential,
+    );
+    agent_like.edge.keep_alive_seconds = 1;
+    let printer = agent_like.validate().unwrap();
+    let end = relay_agent::tunnel::run_once(
+        &agent_like,
+        std::sync::Arc::new(printer),
+        None,
+        CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        matches!(end, relay_agent::tunnel::TunnelEnd::Handshake(_)),
+        "{end}"
+    );
+
+    // Still a peer listener for real peers: a client on another instance
+    // reaches the device through it.
+    let b = cluster.instance("edge-b").await;
+    let agent = cluster.agent(&[edge.tunnel]);
+    cluster.wait_owner("edge-a").await;
+    let mut cluster = cluster;
+    let mut on_b = cluster.client(&b, "on-b").await;
+    sequences(&mut on_b, 2).await;
+    // By now the listener has counted what it refused (the refused side
+    // learns of a failed handshake before the listener counts it).
+    let metrics = edge.metrics().await;
+    for reason in ["bad_secret", "no_hello", "handshake"] {
+        assert_eq!(
+            metric(
+                &metrics,
+                &format!("relay_edge_peer_refusals_total{{reason=\"{reason}\"}}")
+            ),
+            1.0,
+            "{reason}: {metrics}"
+        );
+    }
+    let log = edge.log();
+    assert!(log.contains("wrong cluster secret"), "{log}");
+    agent.cancel();
+    cluster.setup.database.cleanup().await;
+}

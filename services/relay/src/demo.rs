@@ -35,7 +35,7 @@ fn step(number: u8, text: &str) {
     println!("[{number}/5] {text}");
 }
 
-pub async fn run(data_dir: &Path, port: u16) -> anyhow::Result<()> {
+pub async fn run(data_dir: &Path, port: u16, edges: u16) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let dir = data_dir
@@ -72,6 +72,9 @@ pub async fn run(data_dir: &Path, port: u16) -> anyhow::Result<()> {
         ),
     );
 
+    if edges > 1 {
+        return run_several(&dir, port, edges, &database_url, &state, &certificates).await;
+    }
     let mut config = EdgeConfig::defaults();
     config.public.listen = Some(free_or_any(port));
     config.public.base_domain = "localhost".into();
@@ -96,53 +99,8 @@ pub async fn run(data_dir: &Path, port: u16) -> anyhow::Result<()> {
         ),
     );
 
-    let simulator = RunningSimulator::start(
-        SimulatorConfig::new(SERIAL, ACCESS_CODE),
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-    )
-    .await
-    .context("the printer simulator did not start")?;
-    let printer_ca = dir.join("printer-ca.pem");
-    write_private(&printer_ca, &simulator.ca_pem)?;
-    step(
-        4,
-        &format!(
-            "printer simulator: Bambu-like broker, serial {SERIAL}, mqtts on {}",
-            simulator.addr
-        ),
-    );
-
-    let agent_config = relay_agent::config::AgentConfig::from_toml(&format!(
-        r#"
-        [edge]
-        address = "{tunnel}"
-        server_name = "localhost"
-        ca_file = {ca:?}
-        credential = "{credential}"
-
-        [printer]
-        kind = "bambu"
-        host = "127.0.0.1"
-        port = {printer_port}
-        serial = "{SERIAL}"
-        access_code = "{ACCESS_CODE}"
-        ca_file = {printer_ca:?}
-        "#,
-        ca = certificates.ca.display().to_string(),
-        credential = state.agent_credential,
-        printer_port = simulator.addr.port(),
-        printer_ca = printer_ca.display().to_string(),
-    ))
-    .map_err(|problems| anyhow::anyhow!("agent configuration: {}", problems.join("; ")))?;
-    let printer = agent_config
-        .validate()
-        .map_err(|problems| anyhow::anyhow!("agent configuration: {}", problems.join("; ")))?;
-    let stop_agent = CancellationToken::new();
-    let agent = tokio::spawn(relay_agent::tunnel::run(
-        agent_config,
-        printer,
-        stop_agent.clone(),
-    ));
+    let simulator = start_simulator(&dir).await?;
+    let (stop_agent, agent) = start_agent(&dir, &[tunnel], &state, &certificates, &simulator, 15)?;
     tokio::time::timeout(Duration::from_secs(20), edge.wait_online(&state.device))
         .await
         .context("the agent did not reach the edge within 20 s (RELAY_LOG=info shows why)")?;
@@ -159,6 +117,320 @@ pub async fn run(data_dir: &Path, port: u16) -> anyhow::Result<()> {
     edge.drain(Duration::from_secs(2)).await;
     simulator.stop().await;
     println!("relay demo: stopped");
+    Ok(())
+}
+
+async fn start_simulator(dir: &Path) -> anyhow::Result<RunningSimulator> {
+    let simulator = RunningSimulator::start(
+        SimulatorConfig::new(SERIAL, ACCESS_CODE),
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    )
+    .await
+    .context("the printer simulator did not start")?;
+    write_private(&dir.join("printer-ca.pem"), &simulator.ca_pem)?;
+    step(
+        4,
+        &format!(
+            "printer simulator: Bambu-like broker, serial {SERIAL}, mqtts on {}",
+            simulator.addr
+        ),
+    );
+    Ok(simulator)
+}
+
+/// The agent, in this process, dialling `tunnels` in order.
+fn start_agent(
+    dir: &Path,
+    tunnels: &[SocketAddr],
+    state: &DemoState,
+    certificates: &Certificates,
+    simulator: &RunningSimulator,
+    keep_alive_seconds: u64,
+) -> anyhow::Result<(CancellationToken, tokio::task::JoinHandle<()>)> {
+    let more: Vec<String> = tunnels[1..].iter().map(|t| format!("\"{t}\"")).collect();
+    let agent_config = relay_agent::config::AgentConfig::from_toml(&format!(
+        r#"
+        [edge]
+        address = "{tunnel}"
+        addresses = [{more}]
+        server_name = "localhost"
+        ca_file = {ca:?}
+        credential = "{credential}"
+        keep_alive_seconds = {keep_alive_seconds}
+
+        [printer]
+        kind = "bambu"
+        host = "127.0.0.1"
+        port = {printer_port}
+        serial = "{SERIAL}"
+        access_code = "{ACCESS_CODE}"
+        ca_file = {printer_ca:?}
+        "#,
+        tunnel = tunnels[0],
+        more = more.join(", "),
+        ca = certificates.ca.display().to_string(),
+        credential = state.agent_credential,
+        printer_port = simulator.addr.port(),
+        printer_ca = dir.join("printer-ca.pem").display().to_string(),
+    ))
+    .map_err(|problems| anyhow::anyhow!("agent configuration: {}", problems.join("; ")))?;
+    let printer = agent_config
+        .validate()
+        .map_err(|problems| anyhow::anyhow!("agent configuration: {}", problems.join("; ")))?;
+    let stop_agent = CancellationToken::new();
+    let agent = tokio::spawn(relay_agent::tunnel::run(
+        agent_config,
+        printer,
+        stop_agent.clone(),
+    ));
+    Ok((stop_agent, agent))
+}
+
+/// One instance of `relay demo --edges N`, as its own process.
+struct EdgeInstance {
+    id: String,
+    child: tokio::process::Child,
+    /// Its stdin: when the demo goes, however it goes, the pipe closes and
+    /// the instance stops.
+    _lifeline: Option<tokio::process::ChildStdin>,
+    public: SocketAddr,
+    tunnel: SocketAddr,
+}
+
+/// What a demo edge process prints once it serves.
+const EDGE_READY: &str = "relay demo edge: ready";
+
+/// `relay demo --edges N`: N edge processes on the demo's SQLite store,
+/// with peer links between them, and the agent on the first.
+async fn run_several(
+    dir: &Path,
+    port: u16,
+    edges: u16,
+    database_url: &str,
+    state: &DemoState,
+    certificates: &Certificates,
+) -> anyhow::Result<()> {
+    let secret = relay_store::credential::random_base32(32)
+        .map_err(|_| anyhow::anyhow!("no randomness for the cluster secret"))?;
+    let mut instances = Vec::new();
+    for number in 1..=edges {
+        let id = format!("demo-edge-{number}");
+        let listen = if number == 1 {
+            free_or_any(port)
+        } else {
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        };
+        let config = dir.join(format!("{id}.toml"));
+        write_private(
+            &config,
+            &format!(
+                r#"[public]
+listen = "{listen}"
+base_domain = "localhost"
+device_in_path = true
+tls_cert = {cert:?}
+tls_key = {key:?}
+
+[admin]
+listen = "127.0.0.1:0"
+
+[store]
+database_url = {database_url:?}
+
+[tunnel]
+listen = "127.0.0.1:0"
+
+[cluster]
+instance_id = "{id}"
+peer_listen = "127.0.0.1:0"
+secret = "{secret}"
+lease_seconds = 4
+renew_seconds = 1
+"#,
+                cert = certificates.server_cert.display().to_string(),
+                key = certificates.server_key.display().to_string(),
+            ),
+        )?;
+        instances.push(spawn_edge(&id, &config).await?);
+    }
+    step(
+        3,
+        &format!("edges: {edges} instances, each its own process, sharing the store"),
+    );
+    for instance in &instances {
+        println!(
+            "      {}  pid {:<7}  wss://127.0.0.1:{}/d/{}/mqtt",
+            instance.id,
+            instance.child.id().unwrap_or(0),
+            instance.public.port(),
+            state.device
+        );
+    }
+    let simulator = start_simulator(dir).await?;
+    let tunnels: Vec<SocketAddr> = instances.iter().map(|i| i.tunnel).collect();
+    // A short keep-alive: a killed instance is noticed within seconds.
+    let (stop_agent, agent) = start_agent(dir, &tunnels, state, certificates, &simulator, 1)?;
+    let store = Store::connect(database_url).await?;
+    let holder = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Ok(Some(claim)) = store.device_claim(&state.device).await
+                && claim.is_live(store.now())
+            {
+                return claim.instance_id;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .context("the agent did not reach an edge within 20 s (RELAY_LOG=info shows why)")?;
+    step(
+        5,
+        &format!(
+            "agent: connected, device {} (its tunnel is on {holder}{})",
+            state.device,
+            pid_of(&instances, &holder)
+        ),
+    );
+    let snippets = Snippets::new(state, instances[0].public.port(), &certificates.ca);
+    snippets.write(dir)?;
+    println!("{}", snippets.banner(dir));
+    println!(
+        "\nThe other instances serve the same device (the URLs above). Kill the one\nthat holds the agent's tunnel (kill -9 <pid>): the agent moves, and the\nclients on the other instances resume."
+    );
+
+    // Report what happens until Ctrl-C: instances that exit, and the
+    // agent's moves (the store is polled; SQLite has no NOTIFY).
+    let mut holder = holder;
+    let mut watch = tokio::time::interval(Duration::from_millis(500));
+    let shutdown = relay_io::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = watch.tick() => {
+                for instance in &mut instances {
+                    if let Ok(Some(status)) = instance.child.try_wait() {
+                        println!("relay demo: {} exited ({status})", instance.id);
+                        instance.id = format!("{} (gone)", instance.id);
+                    }
+                }
+                if let Ok(Some(claim)) = store.device_claim(&state.device).await
+                    && claim.is_live(store.now())
+                    && claim.instance_id != holder
+                {
+                    holder = claim.instance_id;
+                    println!(
+                        "relay demo: the agent moved to {holder}{}",
+                        pid_of(&instances, &holder)
+                    );
+                }
+            }
+        }
+    }
+    println!("relay demo: stopping");
+    stop_agent.cancel();
+    let _ = agent.await;
+    for instance in &mut instances {
+        if let Some(pid) = instance.child.id() {
+            let _ = tokio::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+        }
+    }
+    for instance in &mut instances {
+        let _ = tokio::time::timeout(Duration::from_secs(10), instance.child.wait()).await;
+    }
+    store.close().await;
+    simulator.stop().await;
+    println!("relay demo: stopped");
+    Ok(())
+}
+
+fn pid_of(instances: &[EdgeInstance], id: &str) -> String {
+    instances
+        .iter()
+        .find(|instance| instance.id == id)
+        .and_then(|instance| instance.child.id())
+        .map(|pid| format!(", pid {pid}"))
+        .unwrap_or_default()
+}
+
+/// Starts `relay demo-edge --config <config>` and waits for its ready line.
+async fn spawn_edge(id: &str, config: &Path) -> anyhow::Result<EdgeInstance> {
+    use tokio::io::AsyncBufReadExt;
+    let program = std::env::current_exe().context("cannot find the relay binary")?;
+    let mut child = tokio::process::Command::new(program)
+        .arg("demo-edge")
+        .arg("--config")
+        .arg(config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start an edge process")?;
+    let stdout = child.stdout.take().context("no edge output")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(rest) = line.strip_prefix(EDGE_READY) {
+                return Some(rest.to_owned());
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+    .with_context(|| format!("{id} did not start"))?;
+    // The rest of its output is not needed; keep the pipe drained.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let address = |name: &str| -> anyhow::Result<SocketAddr> {
+        ready
+            .split_whitespace()
+            .find_map(|part| part.strip_prefix(name))
+            .and_then(|value| value.parse().ok())
+            .with_context(|| format!("{id} did not say its {name}"))
+    };
+    let lifeline = child.stdin.take();
+    Ok(EdgeInstance {
+        id: id.to_owned(),
+        _lifeline: lifeline,
+        child,
+        public: address("public=")?,
+        tunnel: address("tunnel=")?,
+    })
+}
+
+/// `relay demo-edge`: one edge instance from a configuration file, until
+/// SIGTERM or Ctrl-C; says where it listens once it serves.
+pub async fn run_edge_process(config: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("cannot read {}", config.display()))?;
+    let config = EdgeConfig::from_toml(&text).map_err(|problems| anyhow::anyhow!("{problems}"))?;
+    let edge = RunningEdge::start(config)
+        .await
+        .map_err(|error| anyhow::anyhow!("the edge did not start: {error}"))?;
+    let (Some(public), Some(tunnel)) = (edge.public_addr, edge.tunnel_addr) else {
+        bail!("the edge started without its listeners");
+    };
+    println!(
+        "{EDGE_READY} public={public} tunnel={tunnel} admin={}",
+        edge.admin_addr
+    );
+    // Until a signal, or the demo's end (its end of stdin closes).
+    let orphaned = async {
+        use tokio::io::AsyncReadExt;
+        let mut stdin = tokio::io::stdin();
+        let mut byte = [0u8; 1];
+        while matches!(stdin.read(&mut byte).await, Ok(n) if n > 0) {}
+    };
+    tokio::select! {
+        () = relay_io::shutdown_signal() => {}
+        () = orphaned => {}
+    }
+    edge.drain(Duration::from_secs(2)).await;
     Ok(())
 }
 

@@ -35,6 +35,17 @@ enum Command {
         /// back to a free one).
         #[arg(long, default_value_t = 8443)]
         port: u16,
+        /// Edge instances, each its own process, sharing the store (peer
+        /// links between them); the agent connects to the first. Kill the
+        /// one holding the agent to see the failover.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+        edges: u16,
+    },
+    /// One edge instance of `relay demo --edges N` (started by the demo).
+    #[command(hide = true)]
+    DemoEdge {
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 
@@ -50,10 +61,21 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match flags.command {
-        Command::Demo { data_dir, port } => match demo::run(&data_dir, port).await {
+        Command::Demo {
+            data_dir,
+            port,
+            edges,
+        } => match demo::run(&data_dir, port, edges).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("relay demo: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::DemoEdge { config } => match demo::run_edge_process(&config).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("relay demo edge: {error:#}");
                 ExitCode::FAILURE
             }
         },

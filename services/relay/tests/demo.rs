@@ -24,9 +24,14 @@ struct Demo {
 
 impl Demo {
     fn start(data_dir: &Path) -> Demo {
+        Self::start_with(data_dir, &[])
+    }
+
+    fn start_with(data_dir: &Path, more: &[&str]) -> Demo {
         let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
             .args(["demo", "--port", "0", "--data-dir"])
             .arg(data_dir)
+            .args(more)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -164,8 +169,8 @@ fn said_value<'a>(said: &'a str, label: &str) -> &'a str {
 fn device_of(said: &str) -> String {
     said.lines()
         .find_map(|line| line.strip_prefix("[5/5] agent: connected, device "))
+        .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("no device line in:\n{said}"))
-        .trim()
         .to_owned()
 }
 
@@ -271,5 +276,115 @@ async fn the_demo_serves_real_clients_and_restarts_on_its_data() {
     let line = first_line(&python, &[&data_dir.join("subscribe.py")], &data_dir).await;
     assert!(line.starts_with(REPORT_TOPIC), "paho printed {line:?}");
     again.interrupt().await;
+    std::fs::remove_dir_all(&data_dir).unwrap();
+}
+
+/// `relay demo --edges 3`: three edge processes on the demo's store. A
+/// paho client on an instance that does not hold the agent's tunnel keeps
+/// receiving after the one that does is killed: the agent moves and the
+/// client's hub finds it.
+#[tokio::test]
+async fn the_demo_with_three_edges_shows_the_failover() {
+    let tools = client_tools();
+    let python = tools.join("venv/bin/python");
+    let data_dir = std::env::temp_dir().join(format!(
+        "relay-demo-edges-test-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let mut demo = Demo::start_with(&data_dir, &["--edges", "3"]);
+    demo.read_until("relay demo is ready.").await;
+    demo.read_until("clients on the other instances resume")
+        .await;
+    let said = demo.said.clone();
+    let device = device_of(&said);
+    let holder = said
+        .lines()
+        .find_map(|line| line.split("(its tunnel is on ").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .unwrap()
+        .to_owned();
+    let holder_pid = said
+        .lines()
+        .find_map(|line| line.split(&format!("{holder}, pid ")).nth(1))
+        .and_then(|rest| rest.split(')').next())
+        .unwrap()
+        .to_owned();
+    // An instance that does not hold the tunnel, and its port.
+    let (other, other_port) = said
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let id = line.split_whitespace().next()?;
+            let url = line.split_whitespace().find(|w| w.starts_with("wss://"))?;
+            let port = url.strip_prefix("wss://127.0.0.1:")?.split('/').next()?;
+            (id.starts_with("demo-edge-") && id != holder).then(|| (id.to_owned(), port.to_owned()))
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no other instance in:\n{said}"));
+    let key = said_value(&said, "key ").to_owned();
+    let script = data_dir.join("follow.py");
+    std::fs::write(
+        &script,
+        format!(
+            r#"import time
+import paho.mqtt.client as mqtt
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, transport="websockets")
+client.ws_set_options(path="/d/{device}/mqtt", headers={{"Authorization": "Bearer {key}"}})
+client.tls_set(ca_certs="{ca}")
+client.on_connect = lambda c, userdata, flags, code, properties: c.subscribe("{REPORT_TOPIC}")
+client.on_message = lambda c, userdata, message: print(time.time(), message.topic, flush=True)
+client.connect("127.0.0.1", {other_port})
+client.loop_forever()
+"#,
+            ca = data_dir.join("ca.pem").display(),
+        ),
+    )
+    .unwrap();
+    let mut follower = Command::new(&python)
+        .arg(&script)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(follower.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(first.contains(REPORT_TOPIC), "{first}");
+
+    let status = Command::new("kill")
+        .args(["-KILL", &holder_pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    demo.read_until("relay demo: the agent moved to").await;
+    // A report made after the kill reaches the client on the other instance.
+    let resumed = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("paho kept running");
+            let at: f64 = line.split_whitespace().next().unwrap().parse().unwrap();
+            if at > killed_at + 1.0 {
+                return at - killed_at;
+            }
+        }
+    })
+    .await
+    .expect("the client on the surviving instance received again");
+    eprintln!("the client on {other} received again {resumed:.1} s after {holder} was killed");
+    let _ = follower.start_kill();
+    let said = demo.interrupt().await;
+    assert!(said.contains(&format!("{holder} exited")), "{said}");
     std::fs::remove_dir_all(&data_dir).unwrap();
 }

@@ -1,7 +1,8 @@
 """Checks that rendered Kubernetes manifests agree with the edge's code:
 
 - the probes ask for /healthz or /readyz on the port the edge's admin
-  listener has in the ConfigMap;
+  listener has in the ConfigMap; the container's ports and the advertised
+  peer address are the listeners' ports;
 - the ConfigMap's edge.toml is a configuration the edge accepts
   (relay-edge --check-config, unknown keys being errors), with the values
   the Deployment's Secrets would give;
@@ -51,6 +52,11 @@ def main(rendered_path, edge):
     if container["readinessProbe"]["httpGet"]["path"] != "/readyz":
         fail("readiness must be /readyz (it fails from the start of a drain)")
     public = {"wss": config["public"]["listen"], "tunnel": config["tunnel"]["listen"]}
+    if "peer_listen" in config.get("cluster", {}):
+        public["peer"] = config["cluster"]["peer_listen"]
+        peer_address = next((v.get("value", "") for v in container.get("env", []) if v["name"] == "RELAY_PEER_ADDRESS"), "")
+        if not peer_address.endswith(":" + config["cluster"]["peer_listen"].rsplit(":", 1)[1]):
+            fail(f"RELAY_PEER_ADDRESS {peer_address!r} is not on the peer listener's port")
     for name, listen in public.items():
         if ports.get(name) != int(listen.rsplit(":", 1)[1]):
             fail(f"the container's {name} port is not the edge's {listen}")
@@ -58,8 +64,13 @@ def main(rendered_path, edge):
     # Environment: only what the edge reads.
     help_text = subprocess.run([edge, "--help"], capture_output=True, text=True, check=True).stdout
     known = set(re.findall(r"env: (RELAY_[A-Z_]+)", help_text)) | {"RELAY_LOG"}
+    # A variable only other variables refer to, as $(NAME), is the pod's
+    # (the downward API), not the edge's.
+    referenced = set()
     for variable in container.get("env", []):
-        if variable["name"] not in known:
+        referenced |= set(re.findall(r"\$\(([A-Z_]+)\)", variable.get("value", "")))
+    for variable in container.get("env", []):
+        if variable["name"] not in known and variable["name"] not in referenced:
             fail(f"the Deployment sets {variable['name']}, which the edge does not read")
 
     # The ConfigMap, as the edge reads it, with stand-ins for the Secrets.
@@ -67,8 +78,17 @@ def main(rendered_path, edge):
         path = os.path.join(scratch, "edge.toml")
         open(path, "w").write(edge_toml)
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        # Stand-ins for what the cluster fills in.
+        stand_ins = {"metadata.name": "relay-edge-6d4f9-x2kq7", "status.podIP": "10.1.2.3"}
         for variable in container.get("env", []):
-            env[variable["name"]] = variable.get("value", "")
+            source = variable.get("valueFrom", {})
+            if "fieldRef" in source:
+                value = stand_ins[source["fieldRef"]["fieldPath"]]
+            elif "secretKeyRef" in source:
+                value = "a stand-in for the secret " + source["secretKeyRef"]["name"]
+            else:
+                value = re.sub(r"\$\(([A-Z_]+)\)", lambda m: env.get(m.group(1), ""), variable.get("value", ""))
+            env[variable["name"]] = value
         env["RELAY_DATABASE_URL"] = "postgres://check@localhost/relay"
         # The certificate files come from the TLS Secret's mount.
         for name in ("tls_cert", "tls_key"):

@@ -1,8 +1,9 @@
 //! `relay-loadtest`: measures the relay side by side with a direct Mosquitto
 //! WebSocket listener and a rathole tunnel to it, in one run on this machine
 //! (loopback only). Scenarios: latency, fan-out, publish path, connect storm
-//! with an edge restart, idle sessions, and abuse (attacks beside a
-//! legitimate app). Writes one JSON file per scenario,
+//! with an edge restart, idle sessions, abuse (attacks beside a
+//! legitimate app), and cross-instance (clients on one edge instance, the
+//! agent on another; last, since it kills an instance). Writes one JSON file per scenario,
 //! `results.json` and `table.md` to `--out`, and prints a summary of each.
 //!
 //! `loadtest/run` builds everything in release mode and runs the full set;
@@ -10,6 +11,7 @@
 
 mod abuse;
 mod client;
+mod cross;
 mod report;
 mod rig;
 mod scenarios;
@@ -40,6 +42,7 @@ enum Scenario {
     Storm,
     Idle,
     Abuse,
+    Cross,
 }
 
 #[derive(Parser, Debug)]
@@ -110,6 +113,12 @@ struct Flags {
     /// Abuse: QoS 0 PUBLISHes of the flood
     #[arg(long, default_value_t = 20_000)]
     abuse_flood: u32,
+    /// Cross-instance: client counts on the other instance
+    #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
+    cross_clients: Vec<usize>,
+    /// Cross-instance: clients on the survivors when the owner is killed
+    #[arg(long, default_value_t = 1_000)]
+    failover_clients: usize,
 }
 
 impl Flags {
@@ -125,6 +134,8 @@ impl Flags {
             self.idle_sessions = 100;
             self.abuse_sessions = 20;
             self.abuse_flood = 500;
+            self.cross_clients = vec![1, 10];
+            self.failover_clients = 20;
         }
     }
 
@@ -136,10 +147,15 @@ impl Flags {
             ("--storm-clients", self.storm_clients),
             ("--idle-sessions", self.idle_sessions),
             ("--abuse-sessions", self.abuse_sessions),
+            ("--failover-clients", self.failover_clients),
         ]
         .into_iter()
         .chain(self.fan_out.iter().map(|count| ("--fan-out", *count)))
-        {
+        .chain(
+            self.cross_clients
+                .iter()
+                .map(|count| ("--cross-clients", *count)),
+        ) {
             if clients == 0 || clients > MAX_CLIENTS {
                 problems.push(format!("{name} must be 1..={MAX_CLIENTS}, not {clients}"));
             }
@@ -407,6 +423,25 @@ async fn scenarios(
         println!("{}", report::abuse_summary(&report));
         write_json(out, "abuse", &report)?;
         results.abuse = Some(report);
+    }
+    if flags.runs(Scenario::Cross) {
+        let plan = scenarios::steady(
+            flags.latency_rate,
+            flags.latency_size,
+            flags.latency_seconds,
+        );
+        let report = cross::cross_instance(
+            rig,
+            &plan,
+            &flags.cross_clients,
+            flags.fan_out_seconds,
+            flags.failover_clients,
+            progress,
+        )
+        .await?;
+        println!("{}", report::cross_summary(&report));
+        write_json(out, "cross", &report)?;
+        results.cross = Some(report);
     }
     Ok(())
 }

@@ -17,6 +17,7 @@ pub struct Results {
     pub storm: Option<StormResult>,
     pub idle: Option<IdleResult>,
     pub abuse: Option<crate::abuse::AbuseReport>,
+    pub cross: Option<crate::cross::CrossReport>,
     /// Baselines that were not measured, and why.
     pub skipped: Vec<String>,
 }
@@ -444,6 +445,9 @@ pub fn markdown(results: &Results) -> String {
             idle.agent_rss_bytes as f64 / 1048576.0,
         );
     }
+    if let Some(cross) = &results.cross {
+        cross_markdown(&mut out, cross);
+    }
     if let Some(abuse) = &results.abuse {
         let _ = writeln!(
             out,
@@ -472,4 +476,107 @@ pub fn markdown(results: &Results) -> String {
         let _ = writeln!(out, "Not measured: {skipped}.");
     }
     out
+}
+
+pub fn cross_summary(report: &crate::cross::CrossReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "cross-instance: the client on one instance, the agent on another"
+    );
+    for run in &report.latency {
+        let latency = p(run, "delta").unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {:<12} p50 {:>9}  p99 {:>9}  lost {}",
+            run.target,
+            micros(latency.p50_us),
+            micros(latency.p99_us),
+            run.lost
+        );
+    }
+    if let (Some(p50), Some(p99)) = (report.added_p50_us, report.added_p99_us) {
+        let _ = writeln!(
+            out,
+            "  added by the peer link: p50 {}, p99 {}",
+            micros(p50),
+            micros(p99)
+        );
+    }
+    for run in &report.fan_out {
+        let _ = writeln!(
+            out,
+            "  {} clients on the other instance: {:.1} peer-link bytes per printer message ({:.1} printer bytes), lost {}",
+            run.subscribers,
+            run.peer_bytes_per_message.unwrap_or(0.0),
+            run.printer_bytes_per_message,
+            run.lost
+        );
+    }
+    let f = &report.failover;
+    let _ = writeln!(
+        out,
+        "  SIGKILL of the owner, {} clients on the survivors (agent keep-alive {} s): {} received again, p50 {:.2} s, max {:.2} s, {} disconnected",
+        f.clients,
+        f.agent_keep_alive_seconds,
+        f.resumed,
+        f.resume_us.p50_us / 1e6,
+        f.resume_us.max_us / 1e6,
+        f.disconnected
+    );
+    out
+}
+
+fn cross_markdown(out: &mut String, report: &crate::cross::CrossReport) {
+    let _ = writeln!(
+        out,
+        "**Cross-instance**, the client on one edge instance and the agent on another (peer link over QUIC on loopback):\n\n| path | p50 | p99 | lost |\n|---|---:|---:|---:|"
+    );
+    for run in &report.latency {
+        let latency = p(run, "delta").unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} |",
+            run.target,
+            micros(latency.p50_us),
+            micros(latency.p99_us),
+            run.lost
+        );
+    }
+    if let (Some(p50), Some(p99)) = (report.added_p50_us, report.added_p99_us) {
+        let _ = writeln!(
+            out,
+            "\nAdded by the peer link: p50 **{}**, p99 {}.\n",
+            micros(p50),
+            micros(p99)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| clients on the other instance | peer-link bytes per printer message | printer bytes per message | full p99 | lost |\n|---:|---:|---:|---:|---:|"
+    );
+    for run in &report.fan_out {
+        let full = p(run, "full").unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "| {} | {:.1} | {:.1} | {} | {} |",
+            run.subscribers,
+            run.peer_bytes_per_message.unwrap_or(0.0),
+            run.printer_bytes_per_message,
+            micros(full.p99_us),
+            run.lost
+        );
+    }
+    let f = &report.failover;
+    let _ = writeln!(
+        out,
+        "\nSIGKILL of the instance holding the agent, {} clients on the two survivors, agent keep-alive {} s: {} received again, p50 {:.2} s, p99 {:.2} s, max **{:.2} s**; {} disconnected.\n",
+        f.clients,
+        f.agent_keep_alive_seconds,
+        f.resumed,
+        f.resume_us.p50_us / 1e6,
+        f.resume_us.p99_us / 1e6,
+        f.resume_us.max_us / 1e6,
+        f.disconnected
+    );
 }

@@ -211,6 +211,8 @@ pub struct EdgeProcess {
     binary: PathBuf,
     config: PathBuf,
     dir: PathBuf,
+    /// Its instance id, and the name of its files.
+    name: String,
     starts: u32,
     pub public: SocketAddr,
     pub plain: SocketAddr,
@@ -218,10 +220,14 @@ pub struct EdgeProcess {
     pub tunnel: SocketAddr,
 }
 
+/// The cluster secret of the rig's edge instances.
+const CLUSTER_SECRET: &str = "the load test's cluster secret";
+
 impl EdgeProcess {
     async fn start(
         binary: &Path,
         dir: &Path,
+        name: &str,
         database_url: &str,
         pki: &Pki,
     ) -> anyhow::Result<EdgeProcess> {
@@ -229,7 +235,8 @@ impl EdgeProcess {
         let plain = loopback(free_tcp_port()?);
         let admin = loopback(free_tcp_port()?);
         let tunnel = loopback(free_udp_port()?);
-        let config = dir.join("edge.toml");
+        let peer = loopback(free_udp_port()?);
+        let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
@@ -268,6 +275,13 @@ grace_period_seconds = 5
 [tunnel]
 listen = "{tunnel}"
 linger_seconds = 30
+
+[cluster]
+instance_id = "{name}"
+peer_listen = "{peer}"
+secret = "{CLUSTER_SECRET}"
+lease_seconds = 4
+renew_seconds = 1
 "#,
                 cert = pki.cert.display().to_string(),
                 key = pki.key.display().to_string(),
@@ -277,13 +291,14 @@ linger_seconds = 30
             binary,
             &["--config", &config.display().to_string()],
             dir,
-            "edge-1",
+            &format!("{name}-1"),
         )?;
         let mut edge = EdgeProcess {
             child,
             binary: binary.to_owned(),
             config,
             dir: dir.to_owned(),
+            name: name.to_owned(),
             starts: 1,
             public,
             plain,
@@ -303,8 +318,9 @@ linger_seconds = 30
         loop {
             if let Some(status) = self.child.try_wait()? {
                 bail!(
-                    "the edge exited with {status} (see {}/edge-{}.log)",
+                    "the edge exited with {status} (see {}/{}-{}.log)",
                     self.dir.display(),
+                    self.name,
                     self.starts
                 );
             }
@@ -369,9 +385,20 @@ linger_seconds = 30
             &self.binary,
             &["--config", &self.config.display().to_string()],
             &self.dir,
-            &format!("edge-{}", self.starts),
+            &format!("{}-{}", self.name, self.starts),
         )?;
         self.wait_ready().await
+    }
+
+    /// A crash: SIGKILL, and the process is gone.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// A value of this edge's /metrics (0 when absent).
+    pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
+        Ok(metric(&self.metrics().await?, series).unwrap_or(0.0))
     }
 }
 
@@ -382,7 +409,22 @@ pub struct Rig {
     _mosquitto: Child,
     _rathole: Vec<Child>,
     pub agent: Child,
+    /// The instance the agent dials: every same-instance path.
     pub edge: EdgeProcess,
+    /// Instances whose clients reach the device through a peer link to
+    /// `edge`: `cross` (the cross-instance path) and `spare` (where the
+    /// agent goes when `edge` is killed).
+    pub cross: EdgeProcess,
+    pub spare: EdgeProcess,
+    pub relay_cross: Target,
+    pub relay_spare: Target,
+    /// What a new agent needs: its binary, its directory, the CA, the
+    /// credential, the printer.
+    agent_binary: PathBuf,
+    agent_dir: PathBuf,
+    agent_ca: PathBuf,
+    agent_credential: String,
+    device_id: String,
     /// Mosquitto's plain MQTT listener: the printer side of every path.
     pub printer: SocketAddr,
     pub relay: Target,
@@ -518,7 +560,11 @@ impl Rig {
             None => None,
         };
 
-        let edge = EdgeProcess::start(&binaries.edge, &dir, &database.url, &pki).await?;
+        let edge = EdgeProcess::start(&binaries.edge, &dir, "edge", &database.url, &pki).await?;
+        let cross =
+            EdgeProcess::start(&binaries.edge, &dir, "edge-cross", &database.url, &pki).await?;
+        let spare =
+            EdgeProcess::start(&binaries.edge, &dir, "edge-spare", &database.url, &pki).await?;
 
         // The agent, with Mosquitto as its printer (a generic MQTT broker).
         let agent_conf = dir.join("agent.toml");
@@ -570,7 +616,26 @@ tls = false
             tls: None,
             ..relay.clone()
         };
+        let relay_cross = Target {
+            name: "relay-cross",
+            addr: cross.public,
+            ..relay.clone()
+        };
+        let relay_spare = Target {
+            name: "relay-spare",
+            addr: spare.public,
+            ..relay.clone()
+        };
         Ok(Rig {
+            cross,
+            spare,
+            relay_cross,
+            relay_spare,
+            agent_binary: binaries.agent.clone(),
+            agent_dir: dir.clone(),
+            agent_ca: pki.ca_pem.clone(),
+            agent_credential: agent_credential.reveal(),
+            device_id: device.id.clone(),
             database: Some(database),
             _mosquitto: mosquitto,
             _rathole: rathole_children,
@@ -584,6 +649,70 @@ tls = false
         })
     }
 
+    /// Replaces the agent with one dialling `edge` then `spare`, on a 1 s
+    /// QUIC keep-alive (a killed instance is noticed in 4 s), and waits
+    /// until it is on `edge`.
+    pub async fn restart_agent_for_failover(&mut self) -> anyhow::Result<()> {
+        let _ = self.agent.kill().await;
+        let conf = self.agent_dir.join("agent-failover.toml");
+        std::fs::write(
+            &conf,
+            format!(
+                r#"
+[edge]
+address = "{tunnel}"
+addresses = ["{spare}"]
+server_name = "tunnel.{BASE_DOMAIN}"
+ca_file = {ca:?}
+credential = "{credential}"
+keep_alive_seconds = 1
+
+[printer]
+kind = "mqtt"
+host = "127.0.0.1"
+port = {port}
+tls = false
+"#,
+                tunnel = self.edge.tunnel,
+                spare = self.spare.tunnel,
+                ca = self.agent_ca.display().to_string(),
+                credential = self.agent_credential,
+                port = self.printer.port(),
+            ),
+        )?;
+        let store = &self.database.as_ref().context("no database")?.store;
+        let claim_epoch = || async {
+            store
+                .device_claim(&self.device_id)
+                .await
+                .ok()
+                .flatten()
+                .map(|claim| (claim.instance_id, claim.epoch))
+        };
+        let before = claim_epoch().await.map_or(0, |(_, epoch)| epoch);
+        self.agent = spawn(
+            &self.agent_binary,
+            &["--config", &conf.display().to_string()],
+            &self.agent_dir,
+            "agent-failover",
+        )?;
+        // The new agent claims the device on `edge` (the killed one's
+        // tunnel is fenced there).
+        let deadline = Instant::now() + START_PATIENCE;
+        loop {
+            if let Some((instance, epoch)) = claim_epoch().await
+                && instance == "edge"
+                && epoch > before
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the failover agent did not reach the edge");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn agent_pid(&self) -> anyhow::Result<u32> {
         self.agent.id().context("the agent has exited")
     }
@@ -591,6 +720,8 @@ tls = false
     /// Stops everything and drops the database.
     pub async fn stop(mut self) {
         let _ = self.edge.terminate().await;
+        let _ = self.cross.terminate().await;
+        let _ = self.spare.terminate().await;
         let _ = self.agent.kill().await;
         if let Some(database) = self.database.take() {
             database.cleanup().await;

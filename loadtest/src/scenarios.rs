@@ -154,7 +154,7 @@ async fn read_stamps(
 }
 
 /// Connects `count` clients to `target`, each subscribed to `filter`.
-async fn subscribers(
+pub(crate) async fn subscribers(
     target: &Target,
     count: usize,
     filter: &str,
@@ -212,6 +212,9 @@ pub struct StreamResult {
     /// `relay_edge_printer_bytes_total` for the relay; for rathole, every
     /// byte its clients read (each client has its own stream through it).
     pub uplink_bytes_per_message: Option<f64>,
+    /// Bytes the owning instance sent over peer links per printer message
+    /// (the cross-instance path only).
+    pub peer_bytes_per_message: Option<f64>,
     /// Edge CPU time per printer message (relay only).
     pub edge_cpu_us_per_message: Option<f64>,
     /// This load generator's own CPU time per printer message (its clients
@@ -325,6 +328,8 @@ pub async fn stream(
     progress.step(format!("{label}: messages delivered"), expected);
     let bytes_before = bytes_read.load(Ordering::Relaxed);
     let tunnel_before = rig.edge.printer_bytes_in().await?;
+    let peer_series = "relay_edge_peer_bytes_total{direction=\"out\"}";
+    let peer_before = rig.edge.metric(peer_series).await?;
     let edge_pid = rig.edge.pid()?;
     let cpu_before = cpu_time(edge_pid)?;
     let own_cpu_before = cpu_time(std::process::id())?;
@@ -367,6 +372,7 @@ pub async fn stream(
     let cpu_used = cpu_time(edge_pid)?.saturating_sub(cpu_before);
     let own_cpu_used = cpu_time(std::process::id())?.saturating_sub(own_cpu_before);
     let tunnel_bytes = rig.edge.printer_bytes_in().await? - tunnel_before;
+    let peer_bytes = rig.edge.metric(peer_series).await? - peer_before;
     let client_bytes = bytes_read.load(Ordering::Relaxed) - bytes_before;
     printer.disconnect().await;
     for client in finished {
@@ -395,6 +401,7 @@ pub async fn stream(
             "rathole" => Some(client_bytes as f64 / messages),
             _ => None,
         },
+        peer_bytes_per_message: (target.name == "relay-cross").then(|| peer_bytes / messages),
         edge_cpu_us_per_message: is_relay
             .then(|| cpu_used.as_secs_f64() * 1e6 / plan.len().max(1) as f64),
         load_generator_cpu_us_per_message: own_cpu_used.as_secs_f64() * 1e6

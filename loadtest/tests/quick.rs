@@ -2,7 +2,9 @@
 //! Mosquitto, and rathole when installed) and checks what it wrote: every
 //! scenario present, nothing lost through the relay, every QoS 1 request
 //! acknowledged and received by the printer side, every client back after
-//! the edge restart. Not a speed test: no timing is asserted.
+//! the edge restart, the cross-instance path losing nothing and crossing
+//! once per printer message, every client back after the owner's SIGKILL.
+//! Not a speed test: no timing is asserted.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -124,7 +126,37 @@ fn the_quick_run_measures_every_scenario_and_loses_nothing() {
             .contains("30 checked"),
         "{abuse}"
     );
-    for scenario in ["latency", "fan-out", "publish", "storm", "idle", "abuse"] {
+    // Cross-instance: nothing lost through the peer link, one crossing per
+    // printer message whatever the clients, and every client on the
+    // survivors receiving again after the owner's SIGKILL.
+    let cross = &results["cross"];
+    for run in cross["latency"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(cross["fan_out"].as_array().unwrap())
+    {
+        assert_eq!(run["lost"], 0, "{run}");
+    }
+    let peer_bytes: Vec<f64> = cross["fan_out"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| {
+            run["peer_bytes_per_message"].as_f64().unwrap()
+                / run["printer_bytes_per_message"].as_f64().unwrap()
+        })
+        .collect();
+    assert!(
+        peer_bytes.iter().all(|ratio| *ratio > 0.9 && *ratio < 1.2),
+        "peer-link bytes per printer byte: {peer_bytes:?}"
+    );
+    let failover = &cross["failover"];
+    assert_eq!(failover["resumed"], failover["clients"], "{failover}");
+    assert_eq!(failover["disconnected"], 0, "{failover}");
+    for scenario in [
+        "latency", "fan-out", "publish", "storm", "idle", "abuse", "cross",
+    ] {
         assert!(
             out.join(format!("{scenario}.json")).is_file(),
             "{scenario}.json"

@@ -9,11 +9,16 @@
 //! stall its reports, or dawdle in the TLS handshake. Counters tell tests
 //! what it saw (connections, SUBSCRIBEs).
 //!
+//! With [`SimulatorConfig::elegoo_cc2`] it is an Elegoo Centauri Carbon 2
+//! instead ([`cc2`]): plain MQTT, user `elegoo`, topics `elegoo/<sn>/…`, a
+//! registration per client, limited to a few.
+//!
 //! It is a test instrument, not a broker: no persistence, QoS 0 and 1 only.
 
 // The full report is one large `json!` literal.
 #![recursion_limit = "1024"]
 
+pub mod cc2;
 pub mod reports;
 
 use std::collections::HashMap;
@@ -65,6 +70,8 @@ pub struct SimulatorConfig {
     /// answered only after `pushall_penalty` (a printer handles it poorly).
     pub pushall_min_interval: Duration,
     pub pushall_penalty: Duration,
+    /// An Elegoo Centauri Carbon 2 instead of a Bambu printer.
+    pub cc2: Option<cc2::Cc2Settings>,
 }
 
 impl SimulatorConfig {
@@ -79,7 +86,25 @@ impl SimulatorConfig {
             tls: true,
             pushall_min_interval: Duration::from_secs(5),
             pushall_penalty: Duration::from_secs(2),
+            cc2: None,
         }
+    }
+
+    /// An Elegoo Centauri Carbon 2: plain MQTT, user `elegoo` with the
+    /// access code, status about once a second, at most `limit` registered
+    /// clients (connections are not what it limits).
+    pub fn elegoo_cc2(serial: &str, access_code: &str) -> SimulatorConfig {
+        SimulatorConfig {
+            tls: false,
+            client_limit: 64,
+            cc2: Some(cc2::Cc2Settings::default()),
+            ..SimulatorConfig::new(serial, access_code)
+        }
+    }
+
+    /// The MQTT user the printer accepts.
+    pub fn username(&self) -> &'static str {
+        if self.cc2.is_some() { "elegoo" } else { "bblp" }
     }
 
     pub fn report_topic(&self) -> String {
@@ -113,6 +138,13 @@ pub struct Observations {
     /// late, with the penalty).
     pub pushalls: AtomicUsize,
     pub penalized_pushalls: AtomicUsize,
+    /// CC2: registrations accepted (new or renewed), refused ("too many
+    /// clients"), replies dropped by the cooldown, and requests from
+    /// clients not registered (unanswered).
+    pub cc2_registrations: AtomicUsize,
+    pub cc2_refused_registrations: AtomicUsize,
+    pub cc2_dropped_replies: AtomicUsize,
+    pub cc2_unregistered_requests: AtomicUsize,
     /// Reports sent, counted once per report (not per client).
     pub reports: AtomicU64,
     /// Woken whenever a connection is accepted or refused, or a SUBSCRIBE
@@ -171,6 +203,7 @@ struct Shared {
     next_client: AtomicU64,
     /// When the last `pushall` came.
     last_pushall: Mutex<Option<tokio::time::Instant>>,
+    cc2: Option<Mutex<cc2::Cc2Printer>>,
 }
 
 /// A running simulator; stops when dropped or with [`RunningSimulator::stop`].
@@ -242,7 +275,6 @@ impl RunningSimulator {
             (String::new(), None)
         };
         let shared = Arc::new(Shared {
-            config,
             observations: Arc::new(Observations::default()),
             faults: Faults::default(),
             clients: Mutex::new(Vec::new()),
@@ -250,6 +282,11 @@ impl RunningSimulator {
             sequence: AtomicU64::new(0),
             next_client: AtomicU64::new(0),
             last_pushall: Mutex::new(None),
+            cc2: config
+                .cc2
+                .clone()
+                .map(|settings| Mutex::new(cc2::Cc2Printer::new(&config.serial, settings))),
+            config,
         });
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -312,6 +349,30 @@ impl RunningSimulator {
     /// the printer would; for load tests.
     pub fn publish(&self, topic: &str, payload: Bytes) {
         route(&self.shared, topic, payload, false, None);
+    }
+
+    /// A CC2's reboot: every client dropped, every registration forgotten.
+    pub fn reboot(&self) {
+        if let Some(printer) = &self.shared.cc2
+            && let Ok(mut printer) = printer.lock()
+        {
+            printer.reboot();
+        }
+        self.drop_all_clients();
+    }
+
+    /// A CC2's registered client ids now.
+    pub fn cc2_registrations(&self) -> Vec<String> {
+        self.shared
+            .cc2
+            .as_ref()
+            .and_then(|printer| {
+                printer
+                    .lock()
+                    .ok()
+                    .map(|mut p| p.registered(std::time::Instant::now()))
+            })
+            .unwrap_or_default()
     }
 
     /// Clients connected right now.
@@ -382,6 +443,14 @@ async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
         if shared.faults.stall_reports.load(Ordering::SeqCst) {
             continue;
         }
+        if let Some(printer) = &shared.cc2 {
+            let status = printer.lock().ok().map(|mut printer| printer.tick());
+            if let Some(status) = status {
+                shared.observations.reports.fetch_add(1, Ordering::Relaxed);
+                publish_cc2(&shared, status);
+            }
+            continue;
+        }
         let sequence = shared.sequence.fetch_add(1, Ordering::SeqCst);
         nozzle = if nozzle > 220.0 { 24.0 } else { nozzle + 1.5 };
         let payload = match shared.config.profile {
@@ -396,6 +465,46 @@ async fn report_loop(shared: Arc<Shared>, stop: CancellationToken) {
             false,
             None,
         );
+    }
+}
+
+/// Publishes what a CC2 answered: now, or after its delay.
+fn publish_cc2(shared: &Arc<Shared>, outgoing: cc2::Outgoing) {
+    let payload = Bytes::from(outgoing.payload.to_string());
+    if outgoing.delay.is_zero() {
+        route(shared, &outgoing.topic, payload, false, None);
+    } else {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(outgoing.delay).await;
+            route(&shared, &outgoing.topic, payload, false, None);
+        });
+    }
+}
+
+/// A CC2's answer to a client's PUBLISH, with its observations.
+fn handle_cc2_publish(shared: &Arc<Shared>, printer: &Mutex<cc2::Cc2Printer>, publish: &Publish) {
+    let answered = printer.lock().ok().map(|mut printer| {
+        printer.on_publish(&publish.topic, &publish.payload, std::time::Instant::now())
+    });
+    let Some((outgoing, noted)) = answered else {
+        return;
+    };
+    let counter = match noted {
+        Some(cc2::Noted::Registered) => Some(&shared.observations.cc2_registrations),
+        Some(cc2::Noted::RegistrationRefused) => {
+            Some(&shared.observations.cc2_refused_registrations)
+        }
+        Some(cc2::Noted::ReplyDropped) => Some(&shared.observations.cc2_dropped_replies),
+        Some(cc2::Noted::Unregistered) => Some(&shared.observations.cc2_unregistered_requests),
+        None => None,
+    };
+    if let Some(counter) = counter {
+        counter.fetch_add(1, Ordering::SeqCst);
+        shared.observations.record();
+    }
+    for out in outgoing {
+        publish_cc2(shared, out);
     }
 }
 
@@ -484,7 +593,7 @@ async fn serve_client<IO: AsyncRead + AsyncWrite + Unpin>(
         return;
     };
     let config = &shared.config;
-    let authorised = connect.username.as_deref() == Some("bblp")
+    let authorised = connect.username.as_deref() == Some(config.username())
         && connect
             .password
             .as_ref()
@@ -634,9 +743,11 @@ fn handle_packets(
                 // A real printer drops a client that subscribes to another
                 // serial's topics (or to a filter that could match them).
                 let own = format!("device/{}/#", shared.config.serial);
-                if names.iter().any(|filter| {
-                    filters_overlap(filter, "device/+/#") && !filter_covers(&own, filter)
-                }) {
+                if shared.cc2.is_none()
+                    && names.iter().any(|filter| {
+                        filters_overlap(filter, "device/+/#") && !filter_covers(&own, filter)
+                    })
+                {
                     shared
                         .observations
                         .foreign_subscribes
@@ -686,7 +797,9 @@ fn handle_packets(
                     .publishes
                     .fetch_add(1, Ordering::Relaxed);
                 shared.observations.record();
-                if publish.topic == shared.config.request_topic() {
+                if let Some(printer) = &shared.cc2 {
+                    handle_cc2_publish(shared, printer, &publish);
+                } else if publish.topic == shared.config.request_topic() {
                     let sequence = shared.sequence.fetch_add(1, Ordering::SeqCst);
                     if let Some(answer) = reports::answer(&publish.payload, sequence) {
                         let delay = pushall_delay(shared, &publish.payload);

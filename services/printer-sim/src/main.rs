@@ -29,6 +29,10 @@ struct Flags {
     access_code: String,
     #[arg(long, value_enum, default_value_t = ProfileArg::P1)]
     profile: ProfileArg,
+    /// Which printer: a Bambu Lab one, or an Elegoo Centauri Carbon 2
+    /// (plain MQTT, user elegoo, registrations; --profile does not apply)
+    #[arg(long, value_enum, default_value_t = PrinterArg::Bambu)]
+    printer: PrinterArg,
     /// Reports per second
     #[arg(long, default_value_t = 1.0)]
     rate: f64,
@@ -48,6 +52,12 @@ struct Flags {
 enum ProfileArg {
     P1,
     X1,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum PrinterArg {
+    Bambu,
+    Cc2,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -78,21 +88,34 @@ async fn main() -> anyhow::Result<()> {
         OverLimitArg::DropOldest => OverLimit::DropOldest,
     };
     config.tls = !flags.no_tls;
+    if flags.printer == PrinterArg::Cc2 {
+        config = SimulatorConfig {
+            report_interval: config.report_interval,
+            ..SimulatorConfig::elegoo_cc2(&flags.serial, &flags.access_code)
+        };
+    }
     let simulator = RunningSimulator::start(config, flags.listen).await?;
     if let Some(path) = &flags.write_ca {
         std::fs::write(path, &simulator.ca_pem)?;
     }
-    println!(
-        "printer simulator {} listening on {} ({}); user bblp; reports on device/{}/report",
-        flags.serial,
-        simulator.addr,
-        if flags.no_tls {
-            "plain MQTT"
-        } else {
-            "MQTT over TLS"
-        },
-        flags.serial
-    );
+    if flags.printer == PrinterArg::Cc2 {
+        println!(
+            "Centauri Carbon 2 simulator {} listening on {} (plain MQTT); user elegoo; register on elegoo/{}/api_register, status on elegoo/{}/api_status",
+            flags.serial, simulator.addr, flags.serial, flags.serial
+        );
+    } else {
+        println!(
+            "printer simulator {} listening on {} ({}); user bblp; reports on device/{}/report",
+            flags.serial,
+            simulator.addr,
+            if flags.no_tls {
+                "plain MQTT"
+            } else {
+                "MQTT over TLS"
+            },
+            flags.serial
+        );
+    }
     relay_io::shutdown_signal().await;
     simulator.stop().await;
     Ok(())

@@ -15,7 +15,16 @@ async fn no_secret_reaches_the_logs() {
     let capture = Capture::default();
     capture.install();
 
-    let world = world(ACCESS_CODE).await;
+    const CLUSTER_SECRET: &str = "the cluster secret of this test";
+    let mut world = world_with(
+        ACCESS_CODE,
+        |edge| {
+            edge.cluster.peer_listen = Some("127.0.0.1:0".parse().unwrap());
+            edge.cluster.secret = CLUSTER_SECRET.into();
+        },
+        |_| {},
+    )
+    .await;
     let (token, key_id, secret) = world.edge.key.clone();
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{key_id}:{secret}"));
     let mut client = Client::connect(
@@ -33,6 +42,20 @@ async fn no_secret_reaches_the_logs() {
         .await;
     send_connect(&mut socket, connect_packet("query")).await;
     drop(socket);
+    // A second instance reaches the device through a peer link: both prove
+    // the cluster secret, which must not show up either.
+    let mut other = world.edge.config.clone();
+    other.cluster.instance_id = "edge-other".into();
+    other.tunnel.listen = None;
+    let other = relay_edge::RunningEdge::start(other).await.unwrap();
+    let home = world.edge.addr;
+    world.edge.addr = other.public_addr.unwrap();
+    let mut far = Client::connect(&world.edge, &world.edge.bearer(), connect_packet("far")).await;
+    far.send(&subscribe_report(1)).await;
+    assert!(matches!(far.next().await, Some(Packet::SubAck(_))));
+    next_publish(&mut far).await;
+    world.edge.addr = home;
+    other.drain(std::time::Duration::from_secs(2)).await;
     // A fresh agent credential must not show up in any log either.
     let (_, rotated) = world
         .edge
@@ -46,7 +69,9 @@ async fn no_secret_reaches_the_logs() {
 
     let logs = capture.text();
     assert!(
-        logs.contains("agent connected") && logs.contains("printer link open"),
+        logs.contains("agent connected")
+            && logs.contains("printer link open")
+            && logs.contains("peer connection up"),
         "capture saw nothing:\n{logs}"
     );
     for secret_text in [
@@ -54,6 +79,7 @@ async fn no_secret_reaches_the_logs() {
         secret.as_str(),
         basic.as_str(),
         ACCESS_CODE,
+        CLUSTER_SECRET,
         &rotated.reveal(),
     ] {
         assert!(

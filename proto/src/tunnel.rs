@@ -218,6 +218,9 @@ pub enum PrinterKind {
     GenericMqtt,
     /// A Bambu Lab printer's own broker.
     Bambu,
+    /// An Elegoo Centauri Carbon 2's broker (topics `elegoo/<sn>/…`; the
+    /// agent holds the one registration).
+    ElegooCc2,
     Other(u8),
 }
 
@@ -706,6 +709,7 @@ wire_codes!(LinkDownReason: u8 {
 wire_codes!(PrinterKind: u8 {
     GenericMqtt = 1,
     Bambu = 2,
+    ElegooCc2 = 3,
 });
 
 wire_codes!(GoAwayReason: u16 {

@@ -77,6 +77,19 @@ pub enum PrinterSection {
         #[serde(default)]
         fingerprint_file: Option<PathBuf>,
     },
+    /// An Elegoo Centauri Carbon 2: plain MQTT on 1883, user `elegoo`, the
+    /// access code as the password (`123456` when the printer shows none).
+    /// The agent registers once with a client id of its own and keeps the
+    /// registration alive with the printer's JSON heartbeat.
+    #[serde(rename = "elegoo_cc2")]
+    ElegooCc2 {
+        host: String,
+        serial: String,
+        #[serde(default)]
+        access_code: Option<Secret<String>>,
+        #[serde(default)]
+        port: Option<u16>,
+    },
     /// Any MQTT broker (the option set of the OctoPrint MQTT plugin).
     #[serde(rename = "mqtt")]
     Mqtt {
@@ -121,7 +134,14 @@ pub enum PrinterKind {
         password: Option<Secret<String>>,
         tls: bool,
     },
+    ElegooCc2 {
+        serial: String,
+        access_code: Secret<String>,
+    },
 }
+
+/// The password of a CC2 that reports no access code.
+pub const CC2_DEFAULT_ACCESS_CODE: &str = "123456";
 
 /// How the printer's certificate is trusted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,7 +176,7 @@ impl PrinterConfig {
         self.port.unwrap_or(match &self.kind {
             PrinterKind::Bambu { .. } => 8883,
             PrinterKind::Mqtt { tls: true, .. } => 8883,
-            PrinterKind::Mqtt { tls: false, .. } => 1883,
+            PrinterKind::Mqtt { tls: false, .. } | PrinterKind::ElegooCc2 { .. } => 1883,
         })
     }
 
@@ -169,6 +189,9 @@ impl PrinterConfig {
             PrinterKind::Mqtt {
                 username, password, ..
             } => (username.clone(), password.clone()),
+            PrinterKind::ElegooCc2 { access_code, .. } => {
+                (Some("elegoo".into()), Some(access_code.clone()))
+            }
         }
     }
 }
@@ -267,6 +290,35 @@ impl AgentConfig {
                     mqtt_3_1: false,
                     client_id,
                     pinning,
+                    client_cert: None,
+                    ciphers: None,
+                }
+            }
+            PrinterSection::ElegooCc2 {
+                host,
+                serial,
+                access_code,
+                port,
+            } => {
+                if serial.is_empty() {
+                    problems.push("printer.serial is required".into());
+                }
+                PrinterConfig {
+                    host: host.clone(),
+                    port: *port,
+                    kind: PrinterKind::ElegooCc2 {
+                        serial: serial.clone(),
+                        access_code: access_code
+                            .clone()
+                            .unwrap_or_else(|| CC2_DEFAULT_ACCESS_CODE.into()),
+                    },
+                    ca_file: None,
+                    insecure: false,
+                    max_tls_1_2: false,
+                    keep_alive_seconds: 60,
+                    mqtt_3_1: false,
+                    client_id,
+                    pinning: Pinning::CertificateAuthority,
                     client_cert: None,
                     ciphers: None,
                 }

@@ -51,6 +51,9 @@ fn apply_overrides(config: &mut AgentConfig, flags: &Flags) -> Result<(), Vec<St
     if let Some(code) = &flags.access_code {
         match &mut config.printer {
             PrinterSection::Bambu { access_code, .. } => *access_code = code.as_str().into(),
+            PrinterSection::ElegooCc2 { access_code, .. } => {
+                *access_code = Some(code.as_str().into());
+            }
             PrinterSection::Mqtt { .. } => {
                 return Err(vec![
                     "--access-code is for printer kind \"bambu\"; this printer is \"mqtt\"".into(),

@@ -123,7 +123,13 @@ pub async fn connect(
         )
     })??;
     match connack.code {
-        ConnectReturnCode::Accepted => Ok((stream, buffer)),
+        ConnectReturnCode::Accepted => match &config.kind {
+            PrinterKind::ElegooCc2 { serial, .. } => {
+                cc2_register(&mut stream, &mut buffer, serial, &config.client_id).await?;
+                Ok((stream, buffer))
+            }
+            _ => Ok((stream, buffer)),
+        },
         ConnectReturnCode::BadUserNameOrPassword | ConnectReturnCode::NotAuthorized => {
             Err(failure(
                 LinkDownReason::CredentialsRefused,
@@ -139,6 +145,100 @@ pub async fn connect(
             format!("CONNACK {other:?}"),
         )),
     }
+}
+
+/// The topic a CC2 client's heartbeat and requests go to.
+pub fn cc2_request_topic(serial: &str, client_id: &str) -> String {
+    format!("elegoo/{serial}/{client_id}/api_request")
+}
+
+/// Registers `client_id` with a CC2 on a fresh connection: SUBSCRIBE to the
+/// answer's topic, PUBLISH the registration, read the answer, UNSUBSCRIBE.
+/// "too many clients" and any other refusal are link failures.
+async fn cc2_register(
+    stream: &mut Box<dyn PrinterStream>,
+    buffer: &mut BytesMut,
+    serial: &str,
+    client_id: &str,
+) -> Result<(), LinkFailure> {
+    use relay_proto::mqtt::{PacketId, Publish, QoS, Subscribe, Unsubscribe};
+    let request_id = format!("{client_id}_req");
+    let answer_topic = format!("elegoo/{serial}/{request_id}/register_response");
+    let registration = serde_json::json!({ "client_id": client_id, "request_id": request_id });
+    let mut bytes = BytesMut::new();
+    let id = |value| PacketId::new(value).unwrap_or(PacketId::MIN);
+    for packet in [
+        Packet::Subscribe(Subscribe {
+            packet_id: id(1),
+            filters: vec![(answer_topic.clone(), QoS::AtMostOnce)],
+        }),
+        Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: format!("elegoo/{serial}/api_register"),
+            packet_id: None,
+            payload: Bytes::from(registration.to_string()),
+        }),
+    ] {
+        mqtt::encode(&packet, &mut bytes)
+            .map_err(|error| failure(LinkDownReason::ProtocolError, error.to_string()))?;
+    }
+    stream
+        .write_all(&bytes)
+        .await
+        .map_err(|error| failure(LinkDownReason::Dropped, error.to_string()))?;
+    let answer = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        loop {
+            match mqtt::decode(buffer, 1 << 20) {
+                Ok(Some(Packet::Publish(publish))) if publish.topic == answer_topic => {
+                    return Ok(publish.payload);
+                }
+                // Its SUBACK, and anything else, before the answer.
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(error) => {
+                    return Err(failure(LinkDownReason::ProtocolError, error.to_string()));
+                }
+            }
+            match stream.read_buf(buffer).await {
+                Ok(0) => return Err(failure(LinkDownReason::Dropped, "closed while registering")),
+                Ok(_) => {}
+                Err(error) => return Err(failure(LinkDownReason::Dropped, error.to_string())),
+            }
+        }
+    })
+    .await
+    .map_err(|_| failure(LinkDownReason::TimedOut, "no answer to the registration"))??;
+    let error = serde_json::from_slice::<serde_json::Value>(&answer)
+        .ok()
+        .and_then(|answer| answer["error"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "an answer that is not JSON".into());
+    if error != "ok" {
+        let reason = if error.contains("too many clients") {
+            LinkDownReason::TooManyClients
+        } else {
+            LinkDownReason::ProtocolError
+        };
+        return Err(failure(
+            reason,
+            format!("the printer refused the registration: {error}"),
+        ));
+    }
+    let mut bytes = BytesMut::new();
+    mqtt::encode(
+        &Packet::Unsubscribe(Unsubscribe {
+            packet_id: id(2),
+            filters: vec![answer_topic],
+        }),
+        &mut bytes,
+    )
+    .map_err(|error| failure(LinkDownReason::ProtocolError, error.to_string()))?;
+    stream
+        .write_all(&bytes)
+        .await
+        .map_err(|error| failure(LinkDownReason::Dropped, error.to_string()))?;
+    Ok(())
 }
 
 /// Connects, logs in and disconnects: the agent's start-up check.
@@ -179,7 +279,7 @@ fn tls_config(
         .with_protocol_versions(versions)
         .map_err(|error| tls_failure(error.to_string()))?;
     let serial = match &config.kind {
-        PrinterKind::Mqtt { tls: false, .. } => return Ok(None),
+        PrinterKind::Mqtt { tls: false, .. } | PrinterKind::ElegooCc2 { .. } => return Ok(None),
         PrinterKind::Bambu { serial, .. } => Some(serial.clone()),
         PrinterKind::Mqtt { .. } => None,
     };

@@ -446,12 +446,14 @@ async fn serve_printer_link(
         &Message::LinkAccept(LinkAccept {
             link: link_id,
             printer_serial: match &printer.kind {
-                crate::config::PrinterKind::Bambu { serial, .. } => Some(serial.clone()),
+                crate::config::PrinterKind::Bambu { serial, .. }
+                | crate::config::PrinterKind::ElegooCc2 { serial, .. } => Some(serial.clone()),
                 crate::config::PrinterKind::Mqtt { .. } => None,
             },
             printer_kind: Some(match printer.kind {
                 crate::config::PrinterKind::Bambu { .. } => tunnel::PrinterKind::Bambu,
                 crate::config::PrinterKind::Mqtt { .. } => tunnel::PrinterKind::GenericMqtt,
+                crate::config::PrinterKind::ElegooCc2 { .. } => tunnel::PrinterKind::ElegooCc2,
             }),
         }),
     )
@@ -465,6 +467,9 @@ async fn serve_printer_link(
     let (mut printer_read, mut printer_write) = tokio::io::split(stream);
     let (answers, mut answer_queue) = mpsc::channel(64);
     let own_topics = OwnTopics::of(&printer);
+    let heartbeat = cc2_heartbeat(&printer);
+    let mut heartbeat_timer =
+        tokio::time::interval_at(tokio::time::Instant::now() + CC2_HEARTBEAT, CC2_HEARTBEAT);
     let to_printer = relay(
         &mut recv,
         &mut printer_write,
@@ -473,6 +478,7 @@ async fn serve_printer_link(
             read_only,
             own_topics: own_topics.as_ref(),
             answers: &answers,
+            heartbeat: heartbeat.map(|ping| (&mut heartbeat_timer, ping)),
         },
     );
     let to_edge = relay(
@@ -512,6 +518,8 @@ enum Direction<'a> {
         /// A Bambu printer's own topics: nothing else reaches it.
         own_topics: Option<&'a OwnTopics>,
         answers: &'a mpsc::Sender<Packet>,
+        /// A CC2's heartbeat, and when to send it.
+        heartbeat: Option<(&'a mut tokio::time::Interval, BytesMut)>,
     },
     ToEdge {
         answers: &'a mut mpsc::Receiver<Packet>,
@@ -534,9 +542,36 @@ impl OwnTopics {
                 report: format!("device/{serial}/report"),
                 request: format!("device/{serial}/request"),
             }),
-            crate::config::PrinterKind::Mqtt { .. } => None,
+            crate::config::PrinterKind::Mqtt { .. }
+            | crate::config::PrinterKind::ElegooCc2 { .. } => None,
         }
     }
+}
+
+/// How often a CC2 hears the agent's heartbeat (its clients send one every
+/// 10 s; a registration without one expires after about 6 minutes).
+const CC2_HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// The CC2 heartbeat the agent sends on its own registration's request
+/// topic, encoded; `None` for other printers.
+fn cc2_heartbeat(printer: &PrinterConfig) -> Option<BytesMut> {
+    let crate::config::PrinterKind::ElegooCc2 { serial, .. } = &printer.kind else {
+        return None;
+    };
+    let mut ping = BytesMut::new();
+    mqtt::encode(
+        &Packet::Publish(mqtt::Publish {
+            dup: false,
+            qos: mqtt::QoS::AtMostOnce,
+            retain: false,
+            topic: crate::printer::cc2_request_topic(serial, &printer.client_id),
+            packet_id: None,
+            payload: bytes::Bytes::from_static(br#"{"type":"PING"}"#),
+        }),
+        &mut ping,
+    )
+    .ok()?;
+    Some(ping)
 }
 
 #[derive(Debug)]
@@ -593,6 +628,7 @@ where
                         read_only,
                         own_topics,
                         answers,
+                        ..
                     } = &direction
                     {
                         match &packet {
@@ -682,6 +718,16 @@ where
                     if let Err(error) = mqtt::encode(&answer, &mut out) {
                         return RelayEnd::Refused(error.into());
                     }
+                    continue;
+                }
+            },
+            Direction::ToPrinter {
+                heartbeat: Some((timer, ping)),
+                ..
+            } => tokio::select! {
+                read = reader.read_buf(&mut buffer) => read,
+                _ = timer.tick() => {
+                    out.extend_from_slice(ping);
                     continue;
                 }
             },

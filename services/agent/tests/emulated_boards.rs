@@ -105,7 +105,8 @@ async fn cross_built_agents_relay_a_printer_under_emulation() {
         let dir = &world.edge.pki.dir;
         let printer = match &config.printer {
             relay_agent::config::PrinterSection::Bambu { ca_file, .. } => ca_file.clone().unwrap(),
-            relay_agent::config::PrinterSection::Mqtt { .. } => unreachable!(),
+            relay_agent::config::PrinterSection::Mqtt { .. }
+            | relay_agent::config::PrinterSection::ElegooCc2 { .. } => unreachable!(),
         };
         let file = write(
             dir,

@@ -292,7 +292,8 @@ async fn an_insecure_agent_connects_without_a_ca() {
                 *ca_file = None;
                 *insecure = true;
             }
-            relay_agent::config::PrinterSection::Mqtt { .. } => unreachable!(),
+            relay_agent::config::PrinterSection::Mqtt { .. }
+            | relay_agent::config::PrinterSection::ElegooCc2 { .. } => unreachable!(),
         },
     )
     .await;

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 pub use crate::edge::*;
 use relay_agent::config::AgentConfig;
-pub use relay_printer_sim::RunningSimulator;
-use relay_printer_sim::SimulatorConfig;
+pub use relay_printer_sim::{RunningSimulator, SimulatorConfig};
+
 use relay_proto::mqtt::{Packet, PacketId, Publish, QoS, Subscribe};
 use tokio_util::sync::CancellationToken;
 

@@ -248,3 +248,89 @@ async fn a_client_on_one_instance_reaches_the_agent_on_another() {
     a.drain(Duration::from_secs(2)).await;
     world.edge.stop().await;
 }
+
+/// A draining instance tells its agents to come back after a random delay
+/// within `[shutdown] agent_reconnect_spread_ms`, so that they do not all
+/// say HELLO to the others at once; the second HELLO of an agent is
+/// answered from the credential cache, not the store.
+#[tokio::test]
+async fn a_drain_spreads_the_agents_return_and_hellos_are_cached() {
+    let mut world = world_with(
+        ACCESS_CODE,
+        |edge| edge.shutdown.agent_reconnect_spread_ms = 1_500,
+        |_| {},
+    )
+    .await;
+    let edge = world.edge.edge.take().unwrap();
+    world.agent.cancel();
+    tokio::time::timeout(PATIENCE, edge.wait_offline(&world.edge.device))
+        .await
+        .unwrap();
+    let (_, credential) = world
+        .edge
+        .database
+        .store
+        .rotate_agent_credential(&world.edge.device)
+        .await
+        .unwrap();
+    let config = agent_config(
+        &world.edge,
+        edge.tunnel_addr.unwrap(),
+        &world.simulator,
+        ACCESS_CODE,
+        &credential.reveal(),
+    );
+    let printer = std::sync::Arc::new(config.validate().unwrap());
+    // The first HELLO of this credential asks the store, the second (after
+    // a short tunnel) the cache.
+    for _ in 0..2 {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let once = tokio::spawn({
+            let config = config.clone();
+            let printer = printer.clone();
+            let stop = stop.clone();
+            async move { relay_agent::tunnel::run_once(&config, printer, None, stop).await }
+        });
+        tokio::time::timeout(PATIENCE, edge.wait_online(&world.edge.device))
+            .await
+            .unwrap();
+        stop.cancel();
+        once.await.unwrap();
+        tokio::time::timeout(PATIENCE, edge.wait_offline(&world.edge.device))
+            .await
+            .unwrap();
+    }
+    let metrics = http_get(edge.admin_addr, "/metrics").await.1;
+    assert_eq!(
+        metric(
+            &metrics,
+            "relay_edge_agent_credential_checks_total{source=\"cache\"}"
+        ),
+        1,
+        "{metrics}"
+    );
+    let once = tokio::spawn({
+        let config = config.clone();
+        async move {
+            relay_agent::tunnel::run_once(
+                &config,
+                printer,
+                None,
+                tokio_util::sync::CancellationToken::new(),
+            )
+            .await
+        }
+    });
+    tokio::time::timeout(PATIENCE, edge.wait_online(&world.edge.device))
+        .await
+        .unwrap();
+    edge.drain(Duration::from_secs(2)).await;
+    let end = once.await.unwrap();
+    match end {
+        relay_agent::tunnel::TunnelEnd::GoAway { after } => {
+            assert!(after <= Duration::from_millis(1_500), "{after:?}")
+        }
+        other => panic!("expected GO_AWAY, got {other}"),
+    }
+    world.edge.database.cleanup().await;
+}

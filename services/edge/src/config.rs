@@ -432,12 +432,16 @@ impl Default for AuthSection {
 pub struct ShutdownConfig {
     /// After SIGTERM, sessions get this long to close before the process exits.
     pub grace_period_seconds: u64,
+    /// Agents are told (GO_AWAY) to come back after a random delay within
+    /// this window, so that they do not all say HELLO at once.
+    pub agent_reconnect_spread_ms: u32,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
         ShutdownConfig {
             grace_period_seconds: 20,
+            agent_reconnect_spread_ms: 5_000,
         }
     }
 }

@@ -49,6 +49,9 @@ pub struct Metrics {
     /// Owner lookups of devices, by where the answer came from: local,
     /// cache, store.
     pub owner_lookups: IntCounterVec,
+    /// Agent credential checks at HELLO, by where the answer came from:
+    /// cache, store.
+    pub agent_credential_checks: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -198,6 +201,12 @@ impl Metrics {
                 "where the instance holding a device was found: local, cache, store",
                 "source",
             ),
+            agent_credential_checks: counter_vec(
+                &registry,
+                "relay_edge_agent_credential_checks_total",
+                "agent credential checks at HELLO, by where the answer came from (cache, store)",
+                "source",
+            ),
             registry,
         }
     }
@@ -207,7 +216,7 @@ impl Metrics {
     /// are known from the start), for checking dashboards and alerts.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 20] = [
+        let collectors: [&dyn Collector; 21] = [
             &self.connections,
             &self.connections_open,
             &self.tls_handshake_failures,
@@ -228,6 +237,7 @@ impl Metrics {
             &self.peer_links_served,
             &self.peer_refusals,
             &self.owner_lookups,
+            &self.agent_credential_checks,
         ];
         let mut names: Vec<String> = collectors
             .iter()

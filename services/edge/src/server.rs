@@ -345,9 +345,12 @@ impl RunningEdge {
                         }
                         Ok(Revoked::Device(device_id)) => {
                             state.authenticator.forget(None);
+                            state.agent_auth.forget(None);
                             state.end_sessions(|session| session.device_id == device_id, &Close::revoked());
                         }
-                        Ok(Revoked::AgentCredential(_)) => {}
+                        Ok(Revoked::AgentCredential(credential_id)) => {
+                            state.agent_auth.forget(Some(&credential_id));
+                        }
                         Err(error) => {
                             tracing::warn!(%error, "revocation check failed");
                             tokio::select! {

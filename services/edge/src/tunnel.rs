@@ -61,6 +61,16 @@ pub fn spawn_accept_loop(
     });
 }
 
+/// A random delay in `0..=window` ms.
+fn spread_ms(window: u32) -> u32 {
+    if window == 0 {
+        return 0;
+    }
+    let mut bytes = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    u32::from_be_bytes(bytes) % (window + 1)
+}
+
 /// Waits for every tunnel task to end.
 async fn connections_drained(connections: &TaskTracker) {
     connections.close();
@@ -154,12 +164,19 @@ async fn serve_tunnel(
         .await;
         return;
     };
-    let device_id = match state
-        .authenticator
-        .store()
-        .verify_agent_credential(hello.credential.expose())
-        .await
-    {
+    let checked = state.agent_auth.verify(hello.credential.expose()).await;
+    if let Ok((_, by)) = &checked {
+        let source = match by {
+            relay_store::CheckedBy::Cache => "cache",
+            relay_store::CheckedBy::Store => "store",
+        };
+        state
+            .metrics
+            .agent_credential_checks
+            .with_label_values(&[source])
+            .inc();
+    }
+    let device_id = match checked.map(|(result, _)| result) {
         Ok(Ok(device_id)) => device_id,
         Ok(Err(failure)) => {
             attempt.failed();
@@ -259,7 +276,14 @@ async fn serve_tunnel(
             },
             reason = connection.closed() => break reason.to_string(),
             _ = stop.cancelled() => {
-                send_message(&mut send, &Message::GoAway(GoAway { reason: GoAwayReason::Draining, reconnect_after_ms: None })).await;
+                // Spread over the configured window: every agent of this
+                // instance coming back at once would be a HELLO storm.
+                let after = spread_ms(state.config.shutdown.agent_reconnect_spread_ms);
+                send_message(&mut send, &Message::GoAway(GoAway { reason: GoAwayReason::Draining, reconnect_after_ms: Some(after) })).await;
+                // The agent hangs up once it has read GO_AWAY; closing at
+                // once could discard it (and its delay) in flight.
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(1), connection.closed()).await;
                 connection.close(quinn::VarInt::from_u32(close_code::GOING_AWAY), b"draining");
                 break "draining".to_owned();
             }

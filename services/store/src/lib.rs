@@ -7,6 +7,9 @@
 //! - [`credential`]: the `rly_…` / `rla_…` secret format, digests.
 //! - [`Authenticator`]: from the raw inputs of an HTTP request to a verified
 //!   [`Principal`] or a specific [`AuthFailure`], with a cache.
+//! - [`AgentAuthenticator`]: agent credential checks with a short cache,
+//!   so that agents coming back together after a restart are not each a
+//!   store query.
 //! - [`jwt`]: operator-signed JWTs checked against a JWKS file.
 //! - [`RevocationWatcher`]: revocations as events, from Postgres NOTIFY and
 //!   a periodic re-check.
@@ -15,6 +18,7 @@
 //!
 //! This crate knows nothing of MQTT, WebSockets or the tunnel protocol.
 
+pub mod agent_auth;
 pub mod auth;
 pub mod clock;
 pub mod credential;
@@ -27,6 +31,7 @@ mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use agent_auth::{AgentAuthenticator, CheckedBy};
 pub use auth::{
     AuthConfig, AuthFailure, Authenticator, Precheck, Principal, PrincipalSource,
     RequestCredentials,

@@ -133,3 +133,42 @@ async fn claims_grow_the_epoch_and_release_only_their_own(db: &TestDatabase) {
         }
     }
 }
+
+mod agent_checks {
+    use std::time::Duration;
+
+    use relay_store::testing::TestDatabase;
+    use relay_store::{AgentAuthFailure, AgentAuthenticator, CheckedBy};
+
+    crate::both_backends!(agent_credential_checks_are_cached_until_forgotten);
+
+    async fn agent_credential_checks_are_cached_until_forgotten(db: &TestDatabase) {
+        let store = &db.store;
+        let tenant = store.create_tenant("acme").await.unwrap();
+        let device = store.create_device(&tenant.id, "cc2").await.unwrap();
+        let (info, credential) = store.issue_agent_credential(&device.id).await.unwrap();
+        let token = credential.reveal();
+        let checks = AgentAuthenticator::new(store.clone(), Duration::from_secs(60));
+        assert_eq!(
+            checks.verify(&token).await.unwrap(),
+            (Ok(device.id.clone()), CheckedBy::Store)
+        );
+        assert_eq!(
+            checks.verify(&token).await.unwrap(),
+            (Ok(device.id.clone()), CheckedBy::Cache)
+        );
+        // A malformed token is refused without a query.
+        assert_eq!(
+            checks.verify("rla_not_a_credential").await.unwrap().0,
+            Err(AgentAuthFailure::Malformed)
+        );
+        // Revoked (rotated): the revocation path forgets it, the store
+        // refuses it.
+        store.rotate_agent_credential(&device.id).await.unwrap();
+        checks.forget(Some(&info.id));
+        assert_eq!(
+            checks.verify(&token).await.unwrap(),
+            (Err(AgentAuthFailure::Revoked), CheckedBy::Store)
+        );
+    }
+}

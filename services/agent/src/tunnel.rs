@@ -526,24 +526,65 @@ enum Direction<'a> {
     },
 }
 
-/// A Bambu printer's two topics. A real printer drops its whole MQTT
-/// connection when a client subscribes to another serial's topics; the edge
-/// never asks for one, and the agent, the LAN's last line, makes sure.
+/// What of the printer's topics apps may use, on printers whose broker
+/// is the printer itself. A real Bambu printer drops its whole MQTT
+/// connection when a client subscribes to another serial's topics; a CC2's
+/// registration (the agent's, shared by every app) must not be replaced.
+/// The edge never asks for either; the agent, the LAN's last line, makes
+/// sure.
 #[derive(Debug)]
-struct OwnTopics {
-    report: String,
-    request: String,
+enum OwnTopics {
+    /// Subscribe to the report only; publish to the request topic only.
+    Bambu { report: String, request: String },
+    /// Anything under `elegoo/<sn>/`, except a registration that names the
+    /// agent's own client id.
+    ElegooCc2 {
+        prefix: String,
+        register: String,
+        agent_client: String,
+    },
 }
 
 impl OwnTopics {
     fn of(printer: &PrinterConfig) -> Option<OwnTopics> {
         match &printer.kind {
-            crate::config::PrinterKind::Bambu { serial, .. } => Some(OwnTopics {
+            crate::config::PrinterKind::Bambu { serial, .. } => Some(OwnTopics::Bambu {
                 report: format!("device/{serial}/report"),
                 request: format!("device/{serial}/request"),
             }),
-            crate::config::PrinterKind::Mqtt { .. }
-            | crate::config::PrinterKind::ElegooCc2 { .. } => None,
+            crate::config::PrinterKind::ElegooCc2 { serial, .. } => Some(OwnTopics::ElegooCc2 {
+                prefix: format!("elegoo/{serial}/"),
+                register: format!("elegoo/{serial}/api_register"),
+                agent_client: printer.client_id.clone(),
+            }),
+            crate::config::PrinterKind::Mqtt { .. } => None,
+        }
+    }
+
+    fn permits_filter(&self, filter: &str) -> bool {
+        match self {
+            OwnTopics::Bambu { report, .. } => filter == report,
+            OwnTopics::ElegooCc2 { prefix, .. } => {
+                relay_proto::topic::filter_covers(&format!("{prefix}#"), filter)
+            }
+        }
+    }
+
+    fn permits_publish(&self, topic: &str, payload: &[u8]) -> bool {
+        match self {
+            OwnTopics::Bambu { request, .. } => topic == request,
+            OwnTopics::ElegooCc2 {
+                prefix,
+                register,
+                agent_client,
+            } => {
+                if !topic.starts_with(prefix.as_str()) {
+                    return false;
+                }
+                topic != register
+                    || serde_json::from_slice::<serde_json::Value>(payload)
+                        .is_ok_and(|registration| registration["client_id"] != **agent_client)
+            }
         }
     }
 }
@@ -637,7 +678,7 @@ where
                                     subscribe
                                         .filters
                                         .iter()
-                                        .any(|(filter, _)| *filter != own.report)
+                                        .any(|(filter, _)| !own.permits_filter(filter))
                                 }) =>
                             {
                                 tracing::warn!(
@@ -656,7 +697,9 @@ where
                                 continue;
                             }
                             Packet::Publish(publish)
-                                if own_topics.is_some_and(|own| publish.topic != own.request) =>
+                                if own_topics.is_some_and(|own| {
+                                    !own.permits_publish(&publish.topic, &publish.payload)
+                                }) =>
                             {
                                 tracing::warn!(
                                     "dropped a PUBLISH to a topic not the printer's own"

@@ -147,3 +147,73 @@ async fn a_printer_at_its_registration_limit_is_too_many_clients() {
     world.agent.cancel();
     world.edge.stop().await;
 }
+
+/// The agent, the LAN's last line, keeps the shared registration safe: a
+/// registration naming its own client id never reaches the printer, nor do
+/// topics outside `elegoo/<sn>/`; an app's own registration does.
+#[tokio::test]
+async fn an_app_cannot_take_the_agents_registration() {
+    use relay_proto::mqtt::{Publish, SubscribeReturnCode};
+    let world = cc2_world(|_| {}).await;
+    let mut client =
+        Client::connect(&world.edge, &world.edge.bearer(), connect_packet("app")).await;
+    client.send(&subscribe_status(1)).await;
+    assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
+    let agent_client = world.simulator.cc2_registrations()[0].clone();
+    let observations = world.simulator.observations();
+    let register = |id: u16, client_id: &str| {
+        Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: format!("elegoo/{CC2_SERIAL}/api_register"),
+            packet_id: PacketId::new(id),
+            payload: bytes::Bytes::from(
+                serde_json::json!({ "client_id": client_id, "request_id": "x_req" }).to_string(),
+            ),
+        })
+    };
+    client.send(&register(2, &agent_client)).await;
+    acknowledged(&mut client, 2).await;
+    client.send(&register(3, "1_PC_4242")).await;
+    acknowledged(&mut client, 3).await;
+    // The agent's own registration, then the app's: the one naming the
+    // agent's client id never reached the printer (it would have counted).
+    assert_eq!(
+        observations.cc2_registrations.load(Ordering::SeqCst),
+        2,
+        "only the app's own registration reached the printer"
+    );
+    let registered = world.simulator.cc2_registrations();
+    assert_eq!(registered.len(), 2, "{registered:?}");
+    // Another printer's topics: refused by the agent.
+    client
+        .send(&Packet::Subscribe(Subscribe {
+            packet_id: PacketId::new(4).unwrap(),
+            filters: vec![("elegoo/OTHER/api_status".into(), QoS::AtMostOnce)],
+        }))
+        .await;
+    loop {
+        match client.next().await {
+            Some(Packet::SubAck(ack)) if ack.packet_id == PacketId::new(4).unwrap() => {
+                assert_eq!(ack.return_codes, vec![SubscribeReturnCode::Failure]);
+                break;
+            }
+            Some(_) => {}
+            None => panic!("closed: {:?}", client.closed_with),
+        }
+    }
+    world.agent.cancel();
+    world.edge.stop().await;
+}
+
+async fn acknowledged(client: &mut Client, id: u16) {
+    let id = PacketId::new(id).unwrap();
+    loop {
+        match client.next().await {
+            Some(Packet::PubAck(acked)) if acked == id => return,
+            Some(_) => {}
+            None => panic!("closed: {:?}", client.closed_with),
+        }
+    }
+}

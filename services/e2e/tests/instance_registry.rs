@@ -251,10 +251,10 @@ async fn a_client_on_one_instance_reaches_the_agent_on_another() {
 
 /// A draining instance tells its agents to come back after a random delay
 /// within `[shutdown] agent_reconnect_spread_ms`, so that they do not all
-/// say HELLO to the others at once; the second HELLO of an agent is
-/// answered from the credential cache, not the store.
+/// say HELLO to the others at once, and releases its claims as it ends its
+/// lease; every HELLO is accepted with one store query.
 #[tokio::test]
-async fn a_drain_spreads_the_agents_return_and_hellos_are_cached() {
+async fn a_drain_spreads_the_agents_return_and_releases_its_claims() {
     let mut world = world_with(
         ACCESS_CODE,
         |edge| edge.shutdown.agent_reconnect_spread_ms = 1_500,
@@ -281,8 +281,8 @@ async fn a_drain_spreads_the_agents_return_and_hellos_are_cached() {
         &credential.reveal(),
     );
     let printer = std::sync::Arc::new(config.validate().unwrap());
-    // The first HELLO of this credential asks the store, the second (after
-    // a short tunnel) the cache.
+    // Two HELLOs, each accepted with one store query (asserted in the
+    // store's tests; here the edge counts them).
     for _ in 0..2 {
         let stop = tokio_util::sync::CancellationToken::new();
         let once = tokio::spawn({
@@ -304,10 +304,10 @@ async fn a_drain_spreads_the_agents_return_and_hellos_are_cached() {
     assert_eq!(
         metric(
             &metrics,
-            "relay_edge_agent_credential_checks_total{source=\"cache\"}"
+            "relay_edge_agent_hellos_total{result=\"accepted\"}"
         ),
-        1,
-        "{metrics}"
+        3,
+        "the world's agent and these two; {metrics}"
     );
     let once = tokio::spawn({
         let config = config.clone();
@@ -332,5 +332,16 @@ async fn a_drain_spreads_the_agents_return_and_hellos_are_cached() {
         }
         other => panic!("expected GO_AWAY, got {other}"),
     }
+    // The drained instance released the claim (with its lease, in one
+    // transaction).
+    let claim = world
+        .edge
+        .database
+        .store
+        .device_claim(&world.edge.device)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(claim.released_at.is_some(), "{claim:?}");
     world.edge.database.cleanup().await;
 }

@@ -49,9 +49,11 @@ pub struct Metrics {
     /// Owner lookups of devices, by where the answer came from: local,
     /// cache, store.
     pub owner_lookups: IntCounterVec,
-    /// Agent credential checks at HELLO, by where the answer came from:
-    /// cache, store.
-    pub agent_credential_checks: IntCounterVec,
+    /// Agent HELLOs, by result: accepted, bad_credential, rate_limited,
+    /// fenced, store_error, unsupported_version.
+    pub agent_hellos: IntCounterVec,
+    /// Queries the store issued, read from the store at each scrape.
+    pub store_queries: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -201,11 +203,16 @@ impl Metrics {
                 "where the instance holding a device was found: local, cache, store",
                 "source",
             ),
-            agent_credential_checks: counter_vec(
+            agent_hellos: counter_vec(
                 &registry,
-                "relay_edge_agent_credential_checks_total",
-                "agent credential checks at HELLO, by where the answer came from (cache, store)",
-                "source",
+                "relay_edge_agent_hellos_total",
+                "agent HELLOs by result: accepted, bad_credential, rate_limited, fenced, store_error, unsupported_version",
+                "result",
+            ),
+            store_queries: counter(
+                &registry,
+                "relay_edge_store_queries_total",
+                "queries and transactions this instance issued to the store (a transaction counts once)",
             ),
             registry,
         }
@@ -216,7 +223,7 @@ impl Metrics {
     /// are known from the start), for checking dashboards and alerts.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 21] = [
+        let collectors: [&dyn Collector; 22] = [
             &self.connections,
             &self.connections_open,
             &self.tls_handshake_failures,
@@ -237,7 +244,8 @@ impl Metrics {
             &self.peer_links_served,
             &self.peer_refusals,
             &self.owner_lookups,
-            &self.agent_credential_checks,
+            &self.agent_hellos,
+            &self.store_queries,
         ];
         let mut names: Vec<String> = collectors
             .iter()
@@ -247,6 +255,14 @@ impl Metrics {
         names.sort();
         names.dedup();
         names
+    }
+
+    /// Brings `relay_edge_store_queries_total` up to the store's own count.
+    pub fn observe_store_queries(&self, total: u64) {
+        let counted = self.store_queries.get();
+        if total > counted {
+            self.store_queries.inc_by(total - counted);
+        }
     }
 
     /// The Prometheus text exposition of every metric.

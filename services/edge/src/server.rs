@@ -345,12 +345,10 @@ impl RunningEdge {
                         }
                         Ok(Revoked::Device(device_id)) => {
                             state.authenticator.forget(None);
-                            state.agent_auth.forget(None);
                             state.end_sessions(|session| session.device_id == device_id, &Close::revoked());
                         }
-                        Ok(Revoked::AgentCredential(credential_id)) => {
-                            state.agent_auth.forget(Some(&credential_id));
-                        }
+                        // Every HELLO asks the store; nothing to forget.
+                        Ok(Revoked::AgentCredential(_)) => {}
                         Err(error) => {
                             tracing::warn!(%error, "revocation check failed");
                             tokio::select! {
@@ -518,11 +516,16 @@ async fn admin_response(
     state: Arc<EdgeState>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, content_type, body) = match request.uri().path() {
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            state.metrics.render(),
-        ),
+        "/metrics" => {
+            state
+                .metrics
+                .observe_store_queries(state.authenticator.store().queries());
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                state.metrics.render(),
+            )
+        }
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         "/readyz" if state.membership.is_fenced() => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -25,8 +25,6 @@ pub struct EdgeState {
     pub failures: Arc<FailureLimiter>,
     /// Failed agent HELLOs per source address.
     pub agent_failures: Arc<FailureLimiter>,
-    /// Agent credential checks, with a cache the revocations clear.
-    pub agent_auth: relay_store::AgentAuthenticator,
     pub hubs: Arc<Hubs>,
     /// Open sessions per key, device, tenant and address.
     pub quotas: Arc<Quotas>,
@@ -76,17 +74,12 @@ impl EdgeState {
             metrics.tunnels_fenced.clone(),
         );
         let quotas = Arc::new(Quotas::new(config.quotas.clone()));
-        let agent_auth = relay_store::AgentAuthenticator::new(
-            authenticator.store().clone(),
-            std::time::Duration::from_secs(config.auth.cache_success_seconds),
-        );
         EdgeState {
             config,
             authenticator,
             metrics,
             failures,
             agent_failures,
-            agent_auth,
             quotas,
             hubs,
             devices,

@@ -71,6 +71,14 @@ fn spread_ms(window: u32) -> u32 {
     u32::from_be_bytes(bytes) % (window + 1)
 }
 
+fn hello_result(state: &EdgeState, result: &str) {
+    state
+        .metrics
+        .agent_hellos
+        .with_label_values(&[result])
+        .inc();
+}
+
 /// Waits for every tunnel task to end.
 async fn connections_drained(connections: &TaskTracker) {
     connections.close();
@@ -139,6 +147,7 @@ async fn serve_tunnel(
         }
     };
     if hello.version != tunnel::PROTOCOL_VERSION {
+        hello_result(&state, "unsupported_version");
         refuse(
             &connection,
             &mut send,
@@ -153,6 +162,7 @@ async fn serve_tunnel(
         .agent_failures
         .begin(vec![source], std::time::Instant::now())
     else {
+        hello_result(&state, "rate_limited");
         tracing::info!("agent refused: too many failed HELLOs from its address");
         refuse_with_retry(
             &connection,
@@ -164,45 +174,8 @@ async fn serve_tunnel(
         .await;
         return;
     };
-    let checked = state.agent_auth.verify(hello.credential.expose()).await;
-    if let Ok((_, by)) = &checked {
-        let source = match by {
-            relay_store::CheckedBy::Cache => "cache",
-            relay_store::CheckedBy::Store => "store",
-        };
-        state
-            .metrics
-            .agent_credential_checks
-            .with_label_values(&[source])
-            .inc();
-    }
-    let device_id = match checked.map(|(result, _)| result) {
-        Ok(Ok(device_id)) => device_id,
-        Ok(Err(failure)) => {
-            attempt.failed();
-            tracing::info!(reason = %failure, "agent refused");
-            refuse(
-                &connection,
-                &mut send,
-                RefusalReason::BadCredential,
-                "bad agent credential",
-            )
-            .await;
-            return;
-        }
-        Err(error) => {
-            tracing::warn!(%error, "cannot check an agent credential");
-            refuse(
-                &connection,
-                &mut send,
-                RefusalReason::Internal,
-                "try again later",
-            )
-            .await;
-            return;
-        }
-    };
     if state.membership.is_fenced() {
+        hello_result(&state, "fenced");
         refuse_with_retry(
             &connection,
             &mut send,
@@ -215,10 +188,28 @@ async fn serve_tunnel(
     }
     let store = state.authenticator.store().clone();
     let instance_id = state.membership.instance_id.clone();
-    let epoch = match store.claim_device(&device_id, &instance_id).await {
-        Ok(epoch) => epoch,
+    // The credential check and the device's claim: one store query.
+    let (device_id, epoch) = match store
+        .accept_agent(hello.credential.expose(), &instance_id)
+        .await
+    {
+        Ok(Ok(claim)) => (claim.device_id, claim.epoch),
+        Ok(Err(failure)) => {
+            attempt.failed();
+            hello_result(&state, "bad_credential");
+            tracing::info!(reason = %failure, "agent refused");
+            refuse(
+                &connection,
+                &mut send,
+                RefusalReason::BadCredential,
+                "bad agent credential",
+            )
+            .await;
+            return;
+        }
         Err(error) => {
-            tracing::warn!(%error, "cannot claim a device for its agent");
+            hello_result(&state, "store_error");
+            tracing::warn!(%error, "cannot check an agent credential and claim its device");
             refuse(
                 &connection,
                 &mut send,
@@ -250,6 +241,7 @@ async fn serve_tunnel(
         state.devices.unregister(&device_id, epoch);
         return;
     }
+    hello_result(&state, "accepted");
     state.metrics.agents_connected.inc();
     tracing::info!(device = %device_id, epoch, agent = hello.agent_version.as_deref().unwrap_or("?"), "agent connected");
     let end = loop {
@@ -291,7 +283,11 @@ async fn serve_tunnel(
     };
     state.devices.unregister(&device_id, epoch);
     state.metrics.agents_connected.dec();
-    if let Err(error) = store.release_device(&device_id, &instance_id, epoch).await {
+    // A draining instance releases all its claims in one statement when it
+    // ends its lease.
+    if !stop.is_cancelled()
+        && let Err(error) = store.release_device(&device_id, &instance_id, epoch).await
+    {
         tracing::warn!(%error, "cannot release the device's claim; the lease covers it");
     }
     tracing::info!(device = %device_id, epoch, %end, "agent disconnected");

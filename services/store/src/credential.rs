@@ -145,6 +145,13 @@ impl<'a> PresentedCredential<'a> {
         })
     }
 
+    /// The digest of the secret, as stored (to find the credential by it in
+    /// one statement: comparing digests leaks nothing usable about the
+    /// secret).
+    pub(crate) fn secret_digest(&self) -> String {
+        digest_hex(self.secret.expose())
+    }
+
     /// Whether the secret matches a stored digest, in constant time.
     pub fn matches_digest(&self, stored_digest_hex: &str) -> bool {
         let presented = digest_hex(self.secret.expose());

@@ -7,18 +7,16 @@
 //! - [`credential`]: the `rly_…` / `rla_…` secret format, digests.
 //! - [`Authenticator`]: from the raw inputs of an HTTP request to a verified
 //!   [`Principal`] or a specific [`AuthFailure`], with a cache.
-//! - [`AgentAuthenticator`]: agent credential checks with a short cache,
-//!   so that agents coming back together after a restart are not each a
-//!   store query.
 //! - [`jwt`]: operator-signed JWTs checked against a JWKS file.
 //! - [`RevocationWatcher`]: revocations as events, from Postgres NOTIFY and
 //!   a periodic re-check.
 //! - [`registry`]: the edge instances' leases and which instance holds
-//!   which device's agent (several instances on one store).
+//!   which device's agent (several instances on one store); an agent's
+//!   HELLO is one statement that checks its credential and claims its
+//!   device.
 //!
 //! This crate knows nothing of MQTT, WebSockets or the tunnel protocol.
 
-pub mod agent_auth;
 pub mod auth;
 pub mod clock;
 pub mod credential;
@@ -31,14 +29,13 @@ mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use agent_auth::{AgentAuthenticator, CheckedBy};
 pub use auth::{
     AuthConfig, AuthFailure, Authenticator, Precheck, Principal, PrincipalSource,
     RequestCredentials,
 };
 pub use clock::{Clock, ManualClock, Millis, SystemClock};
 pub use error::StoreError;
-pub use registry::{Claim, ClaimListener, Claimed, Instance};
+pub use registry::{AgentClaim, Claim, ClaimListener, Claimed, Instance};
 pub use relay_proto::Secret;
 pub use revocation::{RevocationEvent, RevocationWatcher, Revoked};
 pub use store::{

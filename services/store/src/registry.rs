@@ -8,7 +8,15 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::clock::Millis;
-use crate::{Store, StoreError};
+use crate::credential::{CredentialKind, PresentedCredential};
+use crate::{AgentAuthFailure, Store, StoreError};
+
+/// An agent accepted at HELLO: its device, claimed at `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentClaim {
+    pub device_id: String,
+    pub epoch: u64,
+}
 
 /// An edge instance as the registry knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -101,13 +109,25 @@ impl Store {
     }
 
     /// Ends the lease of `instance_id` now (it drains): nothing is routed
-    /// to it any more.
+    /// to it any more, and every claim it still holds is released, in one
+    /// transaction (a draining instance with thousands of agents does not
+    /// release them one query each).
     pub async fn end_instance_lease(&self, instance_id: &str) -> Result<(), StoreError> {
+        let now = self.now();
+        let mut transaction = self.pool().begin().await?;
         sqlx::query("UPDATE edge_instances SET lease_until = $2 WHERE id = $1")
             .bind(instance_id)
-            .bind(self.now())
-            .execute(self.pool())
+            .bind(now)
+            .execute(&mut *transaction)
             .await?;
+        sqlx::query(
+            "UPDATE tunnels SET released_at = $2 WHERE edge_instance = $1 AND released_at IS NULL",
+        )
+        .bind(instance_id)
+        .bind(now)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
         Ok(())
     }
 
@@ -158,6 +178,54 @@ impl Store {
         .fetch_one(self.pool())
         .await?;
         Ok(epoch_of(epoch))
+    }
+
+    /// An agent's HELLO: checks its credential and claims its device for
+    /// `instance_id`, in one statement when the credential is good (after
+    /// an edge restart every agent comes back at once, and each must cost
+    /// the store one query, not a check and a claim). A refused credential
+    /// costs a second query, which says why; it claims nothing.
+    pub async fn accept_agent(
+        &self,
+        token: &str,
+        instance_id: &str,
+    ) -> Result<Result<AgentClaim, AgentAuthFailure>, StoreError> {
+        let Ok(presented) = PresentedCredential::parse(CredentialKind::AgentCredential, token)
+        else {
+            return Ok(Err(AgentAuthFailure::Malformed));
+        };
+        let row = sqlx::query(
+            "INSERT INTO tunnels (device_id, epoch, edge_instance, connected_at, released_at)
+             SELECT c.device_id, 1, $3, $4, NULL
+             FROM agent_credentials c JOIN devices d ON d.id = c.device_id
+             WHERE c.id = $1 AND c.secret_digest = $2
+                 AND c.revoked_at IS NULL AND d.deleted_at IS NULL
+             ON CONFLICT (device_id) DO UPDATE SET epoch = tunnels.epoch + 1,
+                 edge_instance = excluded.edge_instance,
+                 connected_at = excluded.connected_at,
+                 released_at = NULL
+             RETURNING device_id, epoch",
+        )
+        .bind(presented.id)
+        .bind(presented.secret_digest())
+        .bind(instance_id)
+        .bind(self.now())
+        .fetch_optional(self.pool())
+        .await?;
+        if let Some(row) = row {
+            return Ok(Ok(AgentClaim {
+                device_id: row.try_get("device_id")?,
+                epoch: epoch_of(row.try_get("epoch")?),
+            }));
+        }
+        match self.verify_agent_credential(token).await? {
+            Err(failure) => Ok(Err(failure)),
+            // Good now, not a moment ago (issued in between): claim it.
+            Ok(device_id) => {
+                let epoch = self.claim_device(&device_id, instance_id).await?;
+                Ok(Ok(AgentClaim { device_id, epoch }))
+            }
+        }
     }
 
     /// The tunnel of `epoch` ended on `instance_id`: its claim is released,

@@ -2,6 +2,7 @@
 //! backends (sqlx's `Any` driver; `$n` placeholders work on both).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -132,6 +133,9 @@ const NAME_MAX_LEN: usize = 128;
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Queries and transactions issued (a transaction counts once), for
+    /// the edge's metrics and the load test.
+    queries: Arc<AtomicU64>,
     backend: Backend,
     /// Kept for the Postgres LISTEN connection; never logged.
     database_url: Arc<str>,
@@ -185,6 +189,7 @@ impl Store {
             .map_err(StoreError::from_connect)?;
         Ok(Store {
             pool,
+            queries: Arc::new(AtomicU64::new(0)),
             backend,
             database_url: url.into(),
             clock: Arc::new(SystemClock),
@@ -209,13 +214,21 @@ impl Store {
         &self.database_url
     }
 
+    /// The pool, for one query or transaction (counted).
     pub(crate) fn pool(&self) -> &AnyPool {
+        self.queries.fetch_add(1, Ordering::Relaxed);
         &self.pool
+    }
+
+    /// Queries and transactions this store (and its clones) issued so far;
+    /// a transaction counts once.
+    pub fn queries(&self) -> u64 {
+        self.queries.load(Ordering::Relaxed)
     }
 
     /// Applies pending migrations; returns the names applied.
     pub async fn migrate(&self) -> Result<Vec<&'static str>, StoreError> {
-        let mut connection = self.pool.acquire().await?;
+        let mut connection = self.pool().acquire().await?;
         migrate::run(&mut connection, self.backend, self.now()).await
     }
 
@@ -235,7 +248,7 @@ impl Store {
             .bind(&tenant.id)
             .bind(&tenant.name)
             .bind(tenant.created_at)
-            .execute(&self.pool)
+            .execute(self.pool())
             .await
             .map_err(|error| {
                 StoreError::conflict_or(error, format!("a tenant named {name:?} exists"))
@@ -245,7 +258,7 @@ impl Store {
 
     pub async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
         let rows = sqlx::query("SELECT id, name, created_at FROM tenants ORDER BY name")
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool())
             .await?;
         rows.iter().map(tenant_from_row).collect()
     }
@@ -255,7 +268,7 @@ impl Store {
         let row =
             sqlx::query("SELECT id, name, created_at FROM tenants WHERE id = $1 OR name = $1")
                 .bind(id_or_name)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.pool())
                 .await?;
         match row {
             Some(row) => tenant_from_row(&row),
@@ -282,7 +295,7 @@ impl Store {
         .bind(&device.tenant_id)
         .bind(&device.name)
         .bind(device.created_at)
-        .execute(&self.pool)
+        .execute(self.pool())
         .await
         .map_err(|error| {
             StoreError::conflict_or(
@@ -303,7 +316,7 @@ impl Store {
                      WHERE tenant_id = $1 AND deleted_at IS NULL ORDER BY name",
                 )
                 .bind(tenant.id)
-                .fetch_all(&self.pool)
+                .fetch_all(self.pool())
                 .await?
             }
             None => {
@@ -311,7 +324,7 @@ impl Store {
                     "SELECT id, tenant_id, name, created_at, deleted_at FROM devices
                      WHERE deleted_at IS NULL ORDER BY tenant_id, name",
                 )
-                .fetch_all(&self.pool)
+                .fetch_all(self.pool())
                 .await?
             }
         };
@@ -324,7 +337,7 @@ impl Store {
             "SELECT id, tenant_id, name, created_at, deleted_at FROM devices WHERE id = $1",
         )
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool())
         .await?;
         match row {
             Some(row) => device_from_row(&row),
@@ -336,7 +349,7 @@ impl Store {
     /// keys scoped to it are revoked.
     pub async fn delete_device(&self, id: &str) -> Result<(), StoreError> {
         let now = self.now();
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.pool().begin().await?;
         let deleted =
             sqlx::query("UPDATE devices SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL")
                 .bind(now)
@@ -396,7 +409,7 @@ impl Store {
         .bind(credential.digest())
         .bind(key.created_at)
         .bind(key.expires_at)
-        .execute(&self.pool)
+        .execute(self.pool())
         .await?;
         Ok((key, credential))
     }
@@ -411,14 +424,14 @@ impl Store {
                     "SELECT {COLUMNS} FROM api_keys WHERE tenant_id = $1 ORDER BY created_at"
                 ))
                 .bind(tenant.id)
-                .fetch_all(&self.pool)
+                .fetch_all(self.pool())
                 .await?
             }
             None => {
                 sqlx::query(&format!(
                     "SELECT {COLUMNS} FROM api_keys ORDER BY created_at"
                 ))
-                .fetch_all(&self.pool)
+                .fetch_all(self.pool())
                 .await?
             }
         };
@@ -431,14 +444,14 @@ impl Store {
             sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
                 .bind(self.now())
                 .bind(id)
-                .execute(&self.pool)
+                .execute(self.pool())
                 .await?;
         if result.rows_affected() == 1 {
             return Ok(true);
         }
         let exists = sqlx::query("SELECT id FROM api_keys WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool())
             .await?;
         match exists {
             Some(_) => Ok(false),
@@ -474,7 +487,7 @@ impl Store {
         }
         let now = self.now();
         let credential = IssuedCredential::generate(CredentialKind::AgentCredential)?;
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.pool().begin().await?;
         if revoke_current {
             revoke_for_device(&mut transaction, "agent_credentials", device_id, now).await?;
         }
@@ -514,7 +527,7 @@ impl Store {
              FROM agent_credentials c JOIN devices d ON d.id = c.device_id WHERE c.id = $1",
         )
         .bind(presented.id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool())
         .await?;
         let Some(row) = row else {
             return Ok(Err(AgentAuthFailure::Unknown));
@@ -546,7 +559,7 @@ impl Store {
         )
         .bind(key_id)
         .bind(device_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool())
         .await?;
         row.map(|row| {
             Ok(KeyCheck {
@@ -569,7 +582,7 @@ impl Store {
     ) -> Result<Option<String>, StoreError> {
         let row = sqlx::query("SELECT tenant_id FROM devices WHERE id = $1 AND deleted_at IS NULL")
             .bind(device_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool())
             .await?;
         row.map(|row| row.try_get("tenant_id").map_err(StoreError::from))
             .transpose()
@@ -584,7 +597,7 @@ impl Store {
             sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2 AND (last_used_at IS NULL OR last_used_at < $1)")
                 .bind(*at)
                 .bind(key_id)
-                .execute(&self.pool)
+                .execute(self.pool())
                 .await?;
         }
         Ok(())

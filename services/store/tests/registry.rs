@@ -93,11 +93,6 @@ async fn claims_grow_the_epoch_and_release_only_their_own(db: &TestDatabase) {
     assert_eq!((claim.instance_id.as_str(), claim.epoch), ("edge-b", 2));
     assert!(claim.is_live(store.now()));
 
-    // An owner whose lease ended routes nowhere.
-    store.end_instance_lease("edge-b").await.unwrap();
-    let claim = store.device_claim(&device.id).await.unwrap().unwrap();
-    assert!(!claim.is_live(store.now() + 1));
-
     // Its own release counts, once.
     assert!(
         store
@@ -108,6 +103,25 @@ async fn claims_grow_the_epoch_and_release_only_their_own(db: &TestDatabase) {
     assert!(
         !store
             .release_device(&device.id, "edge-b", second)
+            .await
+            .unwrap()
+    );
+    let claim = store.device_claim(&device.id).await.unwrap().unwrap();
+    assert!(claim.released_at.is_some());
+    assert!(!claim.is_live(store.now()));
+
+    // An owner that drains releases what it still holds when it ends its
+    // lease, in one transaction, and routes nowhere.
+    let third = store.claim_device(&device.id, "edge-b").await.unwrap();
+    let other = store.create_device(&tenant.id, "p1s").await.unwrap();
+    store.claim_device(&other.id, "edge-b").await.unwrap();
+    let before = store.queries();
+    store.end_instance_lease("edge-b").await.unwrap();
+    assert_eq!(store.queries() - before, 1, "one transaction");
+    assert_eq!(store.claims_of("edge-b").await.unwrap(), vec![]);
+    assert!(
+        !store
+            .release_device(&device.id, "edge-b", third)
             .await
             .unwrap()
     );
@@ -134,41 +148,102 @@ async fn claims_grow_the_epoch_and_release_only_their_own(db: &TestDatabase) {
     }
 }
 
-mod agent_checks {
-    use std::time::Duration;
-
+mod agent_hello {
     use relay_store::testing::TestDatabase;
-    use relay_store::{AgentAuthFailure, AgentAuthenticator, CheckedBy};
+    use relay_store::{AgentAuthFailure, AgentClaim};
 
-    crate::both_backends!(agent_credential_checks_are_cached_until_forgotten);
+    crate::both_backends!(
+        an_agents_hello_is_one_query_that_checks_and_claims,
+        a_refused_agent_claims_nothing_and_is_told_why,
+    );
 
-    async fn agent_credential_checks_are_cached_until_forgotten(db: &TestDatabase) {
+    async fn an_agents_hello_is_one_query_that_checks_and_claims(db: &TestDatabase) {
         let store = &db.store;
         let tenant = store.create_tenant("acme").await.unwrap();
         let device = store.create_device(&tenant.id, "cc2").await.unwrap();
-        let (info, credential) = store.issue_agent_credential(&device.id).await.unwrap();
+        let (_, credential) = store.issue_agent_credential(&device.id).await.unwrap();
         let token = credential.reveal();
-        let checks = AgentAuthenticator::new(store.clone(), Duration::from_secs(60));
+        for (instance, epoch) in [("edge-a", 1), ("edge-a", 2), ("edge-b", 3)] {
+            let before = store.queries();
+            assert_eq!(
+                store.accept_agent(&token, instance).await.unwrap(),
+                Ok(AgentClaim {
+                    device_id: device.id.clone(),
+                    epoch
+                })
+            );
+            assert_eq!(store.queries() - before, 1, "one query per HELLO");
+            let claim = store.device_claim(&device.id).await.unwrap().unwrap();
+            assert_eq!((claim.instance_id.as_str(), claim.epoch), (instance, epoch));
+            assert_eq!(claim.released_at, None);
+        }
+    }
+
+    async fn a_refused_agent_claims_nothing_and_is_told_why(db: &TestDatabase) {
+        let store = &db.store;
+        let tenant = store.create_tenant("acme").await.unwrap();
+        let device = store.create_device(&tenant.id, "cc2").await.unwrap();
+        let (_, credential) = store.issue_agent_credential(&device.id).await.unwrap();
+        let token = credential.reveal();
+        let claimed = || async {
+            store
+                .device_claim(&device.id)
+                .await
+                .unwrap()
+                .map(|claim| claim.epoch)
+        };
+
+        // Malformed: no query at all.
+        let before = store.queries();
         assert_eq!(
-            checks.verify(&token).await.unwrap(),
-            (Ok(device.id.clone()), CheckedBy::Store)
-        );
-        assert_eq!(
-            checks.verify(&token).await.unwrap(),
-            (Ok(device.id.clone()), CheckedBy::Cache)
-        );
-        // A malformed token is refused without a query.
-        assert_eq!(
-            checks.verify("rla_not_a_credential").await.unwrap().0,
+            store
+                .accept_agent("rla_not_a_credential", "edge-a")
+                .await
+                .unwrap(),
             Err(AgentAuthFailure::Malformed)
         );
-        // Revoked (rotated): the revocation path forgets it, the store
-        // refuses it.
-        store.rotate_agent_credential(&device.id).await.unwrap();
-        checks.forget(Some(&info.id));
+        assert_eq!(store.queries(), before);
+
+        // A well-formed credential nobody issued, one of a deleted device,
+        // and a rotated one.
+        let unknown = relay_store::credential::IssuedCredential::generate(
+            relay_store::credential::CredentialKind::AgentCredential,
+        )
+        .unwrap();
         assert_eq!(
-            checks.verify(&token).await.unwrap(),
-            (Err(AgentAuthFailure::Revoked), CheckedBy::Store)
+            store
+                .accept_agent(&unknown.reveal(), "edge-a")
+                .await
+                .unwrap(),
+            Err(AgentAuthFailure::Unknown)
         );
+        let other_device = store.create_device(&tenant.id, "x1c").await.unwrap();
+        let (_, other) = store
+            .issue_agent_credential(&other_device.id)
+            .await
+            .unwrap();
+        store.delete_device(&other_device.id).await.unwrap();
+        assert_eq!(
+            store.accept_agent(&other.reveal(), "edge-a").await.unwrap(),
+            Err(AgentAuthFailure::Revoked)
+        );
+        let rotated = store.rotate_agent_credential(&device.id).await.unwrap().1;
+        assert_eq!(
+            store.accept_agent(&token, "edge-a").await.unwrap(),
+            Err(AgentAuthFailure::Revoked)
+        );
+        assert_eq!(claimed().await, None, "nothing claimed");
+
+        // The new credential works; the old one still claims nothing.
+        assert_eq!(
+            store
+                .accept_agent(&rotated.reveal(), "edge-a")
+                .await
+                .unwrap()
+                .map(|claim| claim.epoch),
+            Ok(1)
+        );
+        assert!(store.accept_agent(&token, "edge-b").await.unwrap().is_err());
+        assert_eq!(claimed().await, Some(1));
     }
 }

@@ -1,6 +1,8 @@
 //! `relay-loadtest`: measures the relay side by side with a direct Mosquitto
 //! WebSocket listener and a rathole tunnel to it, in one run on this machine
-//! (loopback only). Scenarios: latency, fan-out, publish path, connect storm
+//! (loopback only). Scenarios: tunnels (thousands of idle agents on one
+//! edge, and their return after a restart; first, on a fresh edge),
+//! latency, fan-out, publish path, connect storm
 //! with an edge restart, idle sessions, abuse (attacks beside a
 //! legitimate app), and cross-instance (clients on one edge instance, the
 //! agent on another; last, since it kills an instance). Writes one JSON file per scenario,
@@ -16,6 +18,7 @@ mod report;
 mod rig;
 mod scenarios;
 mod stats;
+mod tunnels;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -32,10 +35,14 @@ use crate::stats::{Percentiles, Progress};
 /// edge; file-descriptor limits are usually 20,000 or more).
 const MAX_CLIENTS: usize = 15_000;
 const MAX_SECONDS: u32 = 300;
+/// Simulated agents are QUIC connections on a few UDP sockets, not file
+/// descriptors each.
+const MAX_TUNNELS: usize = 50_000;
 const MAX_RATE: u32 = 100_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
+    Tunnels,
     Latency,
     FanOut,
     Publish,
@@ -113,6 +120,12 @@ struct Flags {
     /// Abuse: QoS 0 PUBLISHes of the flood
     #[arg(long, default_value_t = 20_000)]
     abuse_flood: u32,
+    /// Tunnels: simulated idle agents on one edge
+    #[arg(long, default_value_t = 20_000)]
+    tunnels: usize,
+    /// Tunnels: how long the idle edge is watched, with the tunnels
+    #[arg(long, default_value_t = 60)]
+    tunnels_idle_seconds: u32,
     /// Cross-instance: client counts on the other instance
     #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
     cross_clients: Vec<usize>,
@@ -136,6 +149,8 @@ impl Flags {
             self.abuse_flood = 500;
             self.cross_clients = vec![1, 10];
             self.failover_clients = 20;
+            self.tunnels = 50;
+            self.tunnels_idle_seconds = 2;
         }
     }
 
@@ -182,6 +197,12 @@ impl Flags {
                 "--latency-size must be 17..=60000, not {}",
                 self.latency_size
             ));
+        }
+        if self.tunnels == 0 || self.tunnels > MAX_TUNNELS {
+            problems.push(format!("--tunnels must be 1..={MAX_TUNNELS}"));
+        }
+        if self.tunnels_idle_seconds == 0 || self.tunnels_idle_seconds > MAX_SECONDS {
+            problems.push(format!("--tunnels-idle-seconds must be 1..={MAX_SECONDS}"));
         }
         if self.abuse_flood == 0 || self.abuse_flood > 1_000_000 {
             problems.push("--abuse-flood must be 1..=1000000".into());
@@ -313,6 +334,24 @@ async fn scenarios(
     out: &Path,
     progress: &Progress,
 ) -> anyhow::Result<()> {
+    if flags.runs(Scenario::Tunnels) {
+        let idle = Duration::from_secs(u64::from(flags.tunnels_idle_seconds));
+        let size = tunnels::TunnelsSize {
+            tunnels: flags.tunnels,
+            idle_window: idle,
+            baseline_window: (idle / 2).max(Duration::from_secs(1)),
+            patience: Duration::from_secs(180),
+        };
+        let plan = scenarios::steady(
+            flags.latency_rate,
+            flags.latency_size,
+            flags.latency_seconds,
+        );
+        let report = tunnels::tunnels(rig, size, &plan, progress).await?;
+        println!("{}", report::tunnels_summary(&report));
+        write_json(out, "tunnels", &report)?;
+        results.tunnels = Some(report);
+    }
     if flags.runs(Scenario::Latency) {
         let plan = scenarios::steady(
             flags.latency_rate,

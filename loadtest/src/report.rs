@@ -18,6 +18,7 @@ pub struct Results {
     pub idle: Option<IdleResult>,
     pub abuse: Option<crate::abuse::AbuseReport>,
     pub cross: Option<crate::cross::CrossReport>,
+    pub tunnels: Option<crate::tunnels::TunnelsReport>,
     /// Baselines that were not measured, and why.
     pub skipped: Vec<String>,
 }
@@ -475,6 +476,62 @@ pub fn markdown(results: &Results) -> String {
     for skipped in &results.skipped {
         let _ = writeln!(out, "Not measured: {skipped}.");
     }
+    out
+}
+
+pub fn tunnels_summary(report: &crate::tunnels::TunnelsReport) -> String {
+    let mut out = String::new();
+    let mib = |bytes: u64| bytes as f64 / 1024.0 / 1024.0;
+    let _ = writeln!(out, "tunnels: {} idle agents on one edge", report.tunnels);
+    let _ = writeln!(
+        out,
+        "  connected in {:.1} s: {:.0} HELLOs/s, {:.2} store queries per HELLO",
+        report.connect_seconds, report.hellos_per_second, report.store_queries_per_hello
+    );
+    let _ = writeln!(
+        out,
+        "  edge memory: {:.1} MiB before, {:.1} MiB connected, {:.1} MiB after {:.0} s idle: {:.1} KiB per tunnel",
+        mib(report.edge_rss_before_bytes),
+        mib(report.edge_rss_connected_bytes),
+        mib(report.edge_rss_idle_bytes),
+        report.idle_window_seconds,
+        report.edge_rss_per_tunnel_bytes / 1024.0
+    );
+    let _ = writeln!(
+        out,
+        "  edge CPU: {:.0} ms/min without them, {:.0} ms/min with them: {:.3} ms per tunnel per minute ({} dropped while idle)",
+        report.edge_cpu_baseline_ms_per_minute,
+        report.edge_cpu_idle_ms_per_minute,
+        report.edge_cpu_per_tunnel_ms_per_minute,
+        report.dropped_while_idle
+    );
+    for (label, run) in [
+        ("alone", &report.latency_alone),
+        ("beside them", &report.latency_beside),
+    ] {
+        let latency = p(run, "delta").unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  a client {label}: p50 {}, p99 {}, lost {}",
+            micros(latency.p50_us),
+            micros(latency.p99_us),
+            run.lost
+        );
+    }
+    let r = &report.restart;
+    let seconds = |value: Option<f64>| value.map_or("—".to_owned(), |s| format!("{s:.1} s"));
+    let _ = writeln!(
+        out,
+        "  edge restart: {} of {} back, all after {} ({} after ready); {:.0} store queries ({:.2} per agent), {:.0} HELLOs accepted, {:.0} refused",
+        r.back,
+        report.tunnels,
+        seconds(r.all_back_seconds),
+        seconds(r.after_ready_seconds),
+        r.store_queries,
+        r.store_queries_per_agent,
+        r.hellos_accepted,
+        r.hellos_refused
+    );
     out
 }
 

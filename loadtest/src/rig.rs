@@ -713,6 +713,16 @@ tls = false
         }
     }
 
+    /// The run's store.
+    pub fn store(&self) -> anyhow::Result<&relay_store::Store> {
+        Ok(&self.database.as_ref().context("no database")?.store)
+    }
+
+    /// The CA agents trust for the edge's tunnel certificate.
+    pub fn tunnel_ca(&self) -> &Path {
+        &self.agent_ca
+    }
+
     pub fn agent_pid(&self) -> anyhow::Result<u32> {
         self.agent.id().context("the agent has exited")
     }

@@ -3,7 +3,9 @@
 //! scenario present, nothing lost through the relay, every QoS 1 request
 //! acknowledged and received by the printer side, every client back after
 //! the edge restart, the cross-instance path losing nothing and crossing
-//! once per printer message, every client back after the owner's SIGKILL.
+//! once per printer message, every client back after the owner's SIGKILL,
+//! simulated idle agents (all from one address) all connected and all back
+//! after a restart at one store query each.
 //! Not a speed test: no timing is asserted.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -154,8 +156,25 @@ fn the_quick_run_measures_every_scenario_and_loses_nothing() {
     let failover = &cross["failover"];
     assert_eq!(failover["resumed"], failover["clients"], "{failover}");
     assert_eq!(failover["disconnected"], 0, "{failover}");
+    // Tunnels: every simulated agent (all from one address, as behind a
+    // carrier's NAT) connected, one store query per HELLO, none dropped
+    // while idle, a client beside them lost nothing, all back after the
+    // edge's restart with one query each.
+    let tunnels = &results["tunnels"];
+    assert_eq!(tunnels["tunnels"], 50, "{tunnels}");
+    assert_eq!(tunnels["dropped_while_idle"], 0, "{tunnels}");
+    let per_hello = tunnels["store_queries_per_hello"].as_f64().unwrap();
+    assert!((1.0..1.5).contains(&per_hello), "{tunnels}");
+    assert!(tunnels["edge_rss_per_tunnel_bytes"].as_f64().unwrap() > 0.0);
+    assert_eq!(tunnels["latency_beside"]["lost"], 0, "{tunnels}");
+    let restart = &tunnels["restart"];
+    assert_eq!(restart["back"], 50, "{restart}");
+    assert!(restart["all_back_seconds"].is_number(), "{restart}");
+    assert_eq!(restart["hellos_refused"], 0.0, "{restart}");
+    let per_agent = restart["store_queries_per_agent"].as_f64().unwrap();
+    assert!((1.0..2.0).contains(&per_agent), "{restart}");
     for scenario in [
-        "latency", "fan-out", "publish", "storm", "idle", "abuse", "cross",
+        "tunnels", "latency", "fan-out", "publish", "storm", "idle", "abuse", "cross",
     ] {
         assert!(
             out.join(format!("{scenario}.json")).is_file(),

@@ -44,8 +44,9 @@ pub struct EdgeSection {
     pub keep_alive_seconds: u64,
 }
 
+/// The edge's default (its idle timeout, 60 s, is more than twice this).
 fn default_quic_keep_alive() -> u64 {
-    15
+    25
 }
 
 /// The printer as written in the file.

@@ -178,6 +178,11 @@ fn client_config(config: &AgentConfig) -> Result<quinn::ClientConfig, SetupError
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(config.edge.keep_alive_seconds)));
+    // The edge ACKs every packet of ours at once instead of after its ACK
+    // delay: a keep-alive then costs it one wake-up, not two.
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(quinn::VarInt::from_u32(0));
+    transport.ack_frequency_config(Some(acks));
     transport.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_secs(config.edge.keep_alive_seconds * 4))
             .map_err(|_| SetupError::KeepAlive)?,

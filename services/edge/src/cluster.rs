@@ -100,6 +100,7 @@ pub async fn run(state: Arc<EdgeState>, store: Store, stop: CancellationToken) {
     let mut renew = tokio::time::interval(membership.renew);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut renewed_at = Instant::now();
+    let mut checks = ClaimChecks::default();
     loop {
         tokio::select! {
             _ = renew.tick() => {
@@ -113,7 +114,7 @@ pub async fn run(state: Arc<EdgeState>, store: Store, stop: CancellationToken) {
                         if membership.set_fenced(false) {
                             tracing::info!(instance = %membership.instance_id, "lease renewed again: serving");
                         }
-                        check_claims(&state, &store, local).await;
+                        checks.check(&state, &store, local).await;
                         if listener.is_none() {
                             listener = start_listener(&store).await;
                         }
@@ -169,17 +170,87 @@ async fn next_claim(
     }
 }
 
+/// A full listing of this instance's claims every this many renewals (a
+/// minute at the default 3 s); in between, only the claims other instances
+/// made since the last check, which are usually none. With tens of
+/// thousands of tunnels, listing them all at every renewal was most of an
+/// idle edge's work.
+const FULL_CHECK_EVERY: u32 = 20;
+
+/// The periodic check of this instance's claims, behind the NOTIFY
+/// announcements (which may be missed while the LISTEN connection is down).
+#[derive(Debug, Default)]
+struct ClaimChecks {
+    renewals: u32,
+    /// When the last check started, by the store's clock.
+    last: Option<relay_store::Millis>,
+    /// What the last recent-claims check found (the look-back overlaps,
+    /// and each claim needs acting on once).
+    seen: HashSet<(String, u64)>,
+}
+
+impl ClaimChecks {
+    async fn check(&mut self, state: &EdgeState, store: &Store, local: Vec<(String, u64)>) {
+        let started = store.now();
+        let full = self.renewals.is_multiple_of(FULL_CHECK_EVERY);
+        let done = match self.last {
+            // Other instances' clocks may lag ours: look back a lease more.
+            Some(last) if !full => {
+                let lease = i64::try_from(state.membership.lease.as_millis()).unwrap_or(i64::MAX);
+                recent_claims(state, store, last.saturating_sub(lease), &mut self.seen).await
+            }
+            _ => all_claims(state, store, local).await,
+        };
+        if done {
+            self.renewals = self.renewals.wrapping_add(1);
+            self.last = Some(started);
+        }
+    }
+}
+
+/// Fences the local tunnels of devices other instances claimed since
+/// `since`. False when the store could not answer.
+async fn recent_claims(
+    state: &EdgeState,
+    store: &Store,
+    since: relay_store::Millis,
+    seen: &mut HashSet<(String, u64)>,
+) -> bool {
+    match store
+        .claims_since(since, &state.membership.instance_id)
+        .await
+    {
+        Ok(claims) => {
+            let mut found = HashSet::with_capacity(claims.len());
+            for claimed in claims {
+                let key = (claimed.device_id, claimed.epoch);
+                if !seen.contains(&key) {
+                    state.devices.claimed_elsewhere(&key.0, key.1);
+                }
+                found.insert(key);
+            }
+            *seen = found;
+            true
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot check this instance's claims");
+            false
+        }
+    }
+}
+
 /// Fences every local tunnel (of those in `local`) whose claim this
-/// instance no longer holds in the store.
-async fn check_claims(state: &EdgeState, store: &Store, local: Vec<(String, u64)>) {
+/// instance no longer holds in the store. False when the store could not
+/// answer.
+async fn all_claims(state: &EdgeState, store: &Store, local: Vec<(String, u64)>) -> bool {
     if local.is_empty() {
-        return;
+        return true;
     }
     let held: HashSet<(String, u64)> = match store.claims_of(&state.membership.instance_id).await {
         Ok(claims) => claims.into_iter().collect(),
         Err(error) => {
             tracing::warn!(%error, "cannot check this instance's claims");
-            return;
+            return false;
         }
     };
     for (device_id, epoch) in local {
@@ -187,4 +258,5 @@ async fn check_claims(state: &EdgeState, store: &Store, local: Vec<(String, u64)
             state.devices.fence_older(&device_id, epoch + 1);
         }
     }
+    true
 }

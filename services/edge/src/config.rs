@@ -272,10 +272,22 @@ pub struct TunnelConfig {
     /// it finds a new one; a client arriving meanwhile waits for the agent.
     /// 0: sessions end with the upstream.
     pub upstream_grace_seconds: u64,
-    /// QUIC keep-alive the agents are asked to use.
+    /// QUIC keep-alive the agents are asked to use (told in HELLO_ACK):
+    /// 25 s, below the UDP timeouts of home routers, as WireGuard's
+    /// persistent keep-alive. Each keep-alive is a packet in and an ACK
+    /// out: this is most of what an idle tunnel costs the edge.
     pub keep_alive_seconds: u32,
+    /// An agent not heard from this long is gone (QUIC idle timeout; at
+    /// least twice `keep_alive_seconds`, since a lost keep-alive is
+    /// retransmitted within a second or so).
+    pub idle_timeout_seconds: u32,
     /// Largest packet accepted from a printer.
     pub max_printer_packet: usize,
+    /// Receive buffer asked for the tunnel's UDP socket: thousands of
+    /// agents' handshakes arrive at once after a restart, and what does not
+    /// fit is dropped and retransmitted a second later. The kernel caps it
+    /// at `net.core.rmem_max`; the edge logs what it got.
+    pub socket_receive_buffer_bytes: usize,
 }
 
 impl Default for TunnelConfig {
@@ -285,8 +297,10 @@ impl Default for TunnelConfig {
             session_open_timeout_seconds: 20,
             linger_seconds: 30,
             upstream_grace_seconds: 30,
-            keep_alive_seconds: 15,
+            keep_alive_seconds: 25,
+            idle_timeout_seconds: 60,
             max_printer_packet: 256 * 1024,
+            socket_receive_buffer_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -489,6 +503,15 @@ impl EdgeConfig {
     /// problems at once.
     pub fn validate(&self) -> Result<(), ConfigProblems> {
         let mut problems = Vec::new();
+        let tunnel = &self.tunnel;
+        if tunnel.keep_alive_seconds == 0
+            || tunnel.idle_timeout_seconds < tunnel.keep_alive_seconds.saturating_mul(2)
+        {
+            problems.push(format!(
+                "tunnel.keep_alive_seconds ({}) must be at least 1, and tunnel.idle_timeout_seconds ({}) at least twice it",
+                tunnel.keep_alive_seconds, tunnel.idle_timeout_seconds
+            ));
+        }
         let cluster = &self.cluster;
         if cluster.renew_seconds == 0 || cluster.renew_seconds * 2 > cluster.lease_seconds {
             problems.push(format!(

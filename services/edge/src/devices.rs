@@ -27,8 +27,9 @@ use crate::peer::Peers;
 pub struct Tunnel {
     pub epoch: u64,
     pub connection: quinn::Connection,
-    /// Messages for the agent's control stream (GO_AWAY).
-    pub control: mpsc::Sender<Message>,
+    /// GO_AWAYs for the agent's control stream (a queue of small values:
+    /// one is allocated per tunnel).
+    pub control: mpsc::Sender<GoAway>,
 }
 
 /// Why a device cannot serve a client now.
@@ -162,7 +163,7 @@ impl Devices {
         device_id: &str,
         epoch: u64,
         connection: quinn::Connection,
-        control: mpsc::Sender<Message>,
+        control: mpsc::Sender<GoAway>,
     ) -> Option<Tunnel> {
         let previous = self.tunnels.insert(
             device_id.to_owned(),
@@ -223,10 +224,10 @@ impl Devices {
     pub fn fence_all(&self) {
         for tunnel in self.tunnels() {
             self.fenced.inc();
-            let _ = tunnel.control.try_send(Message::GoAway(GoAway {
+            let _ = tunnel.control.try_send(GoAway {
                 reason: GoAwayReason::Draining,
                 reconnect_after_ms: Some(1_000),
-            }));
+            });
         }
     }
 
@@ -508,9 +509,9 @@ impl Devices {
     }
 }
 
-fn superseded() -> Message {
-    Message::GoAway(GoAway {
+fn superseded() -> GoAway {
+    GoAway {
         reason: GoAwayReason::Superseded,
         reconnect_after_ms: None,
-    })
+    }
 }

@@ -158,17 +158,11 @@ impl RunningEdge {
             self.spawn_accept_loop(listener, None);
         }
         if let (Some(address), Some(certificates)) = (config.tunnel.listen, certificates.as_ref()) {
-            let mut server = quinn::ServerConfig::with_crypto(certificates.quic_server_config()?);
-            let mut transport = quinn::TransportConfig::default();
-            transport.max_idle_timeout(Some(
-                quinn::IdleTimeout::try_from(Duration::from_secs(
-                    u64::from(config.tunnel.keep_alive_seconds) * 4,
-                ))
-                .map_err(|error| StartError::Tls(TlsError::Quic(error.to_string())))?,
-            ));
-            server.transport_config(Arc::new(transport));
-            let endpoint = quinn::Endpoint::server(server, address)
-                .map_err(|source| StartError::Listen { address, source })?;
+            let endpoint = crate::tunnel::endpoint(
+                &config.tunnel,
+                address,
+                certificates.quic_server_config()?,
+            )?;
             self.tunnel_addr = endpoint.local_addr().ok();
             // Agents stay connected while sessions drain (their clients get
             // 1001, not "device offline"); they get GO_AWAY once the

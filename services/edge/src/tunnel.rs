@@ -14,11 +14,74 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::config::TunnelConfig;
 use crate::limiter::LimitKey;
+use crate::server::StartError;
 use crate::state::EdgeState;
+use crate::tls::TlsError;
 use relay_io::FramedReader;
+use std::net::SocketAddr;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The control stream's first buffer: HELLO and the agent's reports are a
+/// few hundred bytes (it grows for a larger one).
+const CONTROL_BUFFER: usize = 512;
+
+/// The transport of an agent's tunnel, sized for an idle control channel
+/// that carries printer links when apps watch: the agent opens one stream
+/// (control) and no unidirectional ones, and sends no datagrams. quinn sets
+/// up the state of every stream the peer may open at once when a
+/// connection starts, so its default of 100 of each is most of an idle
+/// tunnel's memory. Printer links are streams the edge opens, within the
+/// agent's limits and at full windows.
+pub fn transport(config: &TunnelConfig) -> Result<quinn::TransportConfig, TlsError> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(u64::from(config.idle_timeout_seconds)))
+            .map_err(|error| TlsError::Quic(error.to_string()))?,
+    ));
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
+    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    transport.datagram_receive_buffer_size(None);
+    Ok(transport)
+}
+
+/// The QUIC endpoint agents dial, on a UDP socket with the configured
+/// receive buffer.
+pub fn endpoint(
+    config: &TunnelConfig,
+    address: SocketAddr,
+    crypto: Arc<quinn::crypto::rustls::QuicServerConfig>,
+) -> Result<quinn::Endpoint, StartError> {
+    let listen_error = |source| StartError::Listen { address, source };
+    let mut server = quinn::ServerConfig::with_crypto(crypto);
+    server.transport_config(Arc::new(transport(config).map_err(StartError::Tls)?));
+    let socket = std::net::UdpSocket::bind(address).map_err(listen_error)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into()).map_err(listen_error)?;
+    if let Err(error) =
+        state.set_recv_buffer_size((&socket).into(), config.socket_receive_buffer_bytes)
+    {
+        tracing::warn!(%error, "cannot size the tunnel socket's receive buffer");
+    }
+    let got = state.recv_buffer_size((&socket).into()).unwrap_or(0);
+    // Linux reports twice what it grants (the other half is its overhead).
+    if got / 2 < config.socket_receive_buffer_bytes {
+        tracing::info!(
+            asked = config.socket_receive_buffer_bytes,
+            got,
+            "the tunnel socket's receive buffer is smaller than configured (raise net.core.rmem_max)"
+        );
+    }
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| listen_error(std::io::Error::other("no async runtime")))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        runtime,
+    )
+    .map_err(listen_error)
+}
 
 pub fn spawn_accept_loop(
     endpoint: quinn::Endpoint,
@@ -122,20 +185,41 @@ async fn refuse_with_retry(
     );
 }
 
+/// An agent past HELLO: its tunnel registered, HELLO_ACK sent.
+struct Accepted {
+    send: quinn::SendStream,
+    control_stream: FramedReader<quinn::RecvStream>,
+    control_queue: mpsc::Receiver<GoAway>,
+    device_id: String,
+    epoch: u64,
+}
+
 async fn serve_tunnel(
     connection: quinn::Connection,
     state: Arc<EdgeState>,
     stop: CancellationToken,
 ) {
+    // Boxed: the HELLO's futures (the store query's above all) are large,
+    // and would otherwise stay in every idle tunnel's task for its life.
+    let Some(accepted) = Box::pin(accept_hello(&connection, &state)).await else {
+        return;
+    };
+    hold_tunnel(&connection, &state, &stop, accepted).await;
+}
+
+/// Reads and checks HELLO, claims the device, registers the tunnel and
+/// answers HELLO_ACK; `None` when the agent was refused (and told why).
+async fn accept_hello(connection: &quinn::Connection, state: &Arc<EdgeState>) -> Option<Accepted> {
     let streams = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await;
     let Ok(Ok((mut send, recv))) = streams else {
         connection.close(
             quinn::VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
             b"no control stream",
         );
-        return;
+        return None;
     };
-    let mut control_stream = FramedReader::new(recv);
+    let mut control_stream =
+        FramedReader::with_buffer(recv, BytesMut::with_capacity(CONTROL_BUFFER));
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, control_stream.read_message()).await {
         Ok(Ok(Some(Message::Hello(hello)))) => hello,
         _ => {
@@ -143,48 +227,52 @@ async fn serve_tunnel(
                 quinn::VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
                 b"expected HELLO",
             );
-            return;
+            return None;
         }
     };
     if hello.version != tunnel::PROTOCOL_VERSION {
-        hello_result(&state, "unsupported_version");
+        hello_result(state, "unsupported_version");
         refuse(
-            &connection,
+            connection,
             &mut send,
             RefusalReason::UnsupportedVersion,
             "unsupported tunnel version",
         )
         .await;
-        return;
+        return None;
     }
+    // Only failures count against an address, not HELLOs in flight: many
+    // agents behind one address (a carrier's NAT, an office) come back at
+    // once after an edge restart, and must not be refused for it. Guessers
+    // get past the limit by at most what they have in flight at once.
     let source = LimitKey::Address(connection.remote_address().ip());
-    let Some(attempt) = state
+    if state
         .agent_failures
-        .begin(vec![source], std::time::Instant::now())
-    else {
-        hello_result(&state, "rate_limited");
+        .is_blocked(&source, std::time::Instant::now())
+    {
+        hello_result(state, "rate_limited");
         tracing::info!("agent refused: too many failed HELLOs from its address");
         refuse_with_retry(
-            &connection,
+            connection,
             &mut send,
             RefusalReason::RateLimited,
             "too many failed agent authentications from this address",
             Some(60_000),
         )
         .await;
-        return;
-    };
+        return None;
+    }
     if state.membership.is_fenced() {
-        hello_result(&state, "fenced");
+        hello_result(state, "fenced");
         refuse_with_retry(
-            &connection,
+            connection,
             &mut send,
             RefusalReason::Internal,
             "this edge instance lost its lease; try another",
             Some(1_000),
         )
         .await;
-        return;
+        return None;
     }
     let store = state.authenticator.store().clone();
     let instance_id = state.membership.instance_id.clone();
@@ -195,41 +283,43 @@ async fn serve_tunnel(
     {
         Ok(Ok(claim)) => (claim.device_id, claim.epoch),
         Ok(Err(failure)) => {
-            attempt.failed();
-            hello_result(&state, "bad_credential");
+            state
+                .agent_failures
+                .record_failure(&[source], std::time::Instant::now());
+            hello_result(state, "bad_credential");
             tracing::info!(reason = %failure, "agent refused");
             refuse(
-                &connection,
+                connection,
                 &mut send,
                 RefusalReason::BadCredential,
                 "bad agent credential",
             )
             .await;
-            return;
+            return None;
         }
         Err(error) => {
-            hello_result(&state, "store_error");
+            hello_result(state, "store_error");
             tracing::warn!(%error, "cannot check an agent credential and claim its device");
             refuse(
-                &connection,
+                connection,
                 &mut send,
                 RefusalReason::Internal,
                 "try again later",
             )
             .await;
-            return;
+            return None;
         }
     };
-    let (control, mut control_queue) = mpsc::channel::<Message>(8);
+    let (control, control_queue) = mpsc::channel::<GoAway>(2);
     let previous = state
         .devices
         .register(&device_id, epoch, connection.clone(), control);
     if let Some(previous) = previous {
         tracing::info!(device = %device_id, old_epoch = previous.epoch, epoch, "a newer agent fences the older");
-        let _ = previous.control.try_send(Message::GoAway(GoAway {
+        let _ = previous.control.try_send(GoAway {
             reason: GoAwayReason::Superseded,
             reconnect_after_ms: None,
-        }));
+        });
     }
     let ack = Message::HelloAck(HelloAck {
         version: tunnel::PROTOCOL_VERSION,
@@ -239,11 +329,35 @@ async fn serve_tunnel(
     });
     if !send_message(&mut send, &ack).await {
         state.devices.unregister(&device_id, epoch);
-        return;
+        return None;
     }
-    hello_result(&state, "accepted");
-    state.metrics.agents_connected.inc();
+    hello_result(state, "accepted");
     tracing::info!(device = %device_id, epoch, agent = hello.agent_version.as_deref().unwrap_or("?"), "agent connected");
+    Some(Accepted {
+        send,
+        control_stream,
+        control_queue,
+        device_id,
+        epoch,
+    })
+}
+
+/// An accepted tunnel, until it ends: the agent's reports logged, GO_AWAYs
+/// sent, the claim released.
+async fn hold_tunnel(
+    connection: &quinn::Connection,
+    state: &EdgeState,
+    stop: &CancellationToken,
+    accepted: Accepted,
+) {
+    let Accepted {
+        mut send,
+        mut control_stream,
+        mut control_queue,
+        device_id,
+        epoch,
+    } = accepted;
+    state.metrics.agents_connected.inc();
     let end = loop {
         tokio::select! {
             message = control_stream.read_message() => match message {
@@ -256,9 +370,9 @@ async fn serve_tunnel(
                 Err(error) => break format!("control stream: {error}"),
             },
             outgoing = control_queue.recv() => match outgoing {
-                Some(message) => {
-                    let superseded = matches!(&message, Message::GoAway(go_away) if go_away.reason == GoAwayReason::Superseded);
-                    send_message(&mut send, &message).await;
+                Some(go_away) => {
+                    let superseded = go_away.reason == GoAwayReason::Superseded;
+                    send_message(&mut send, &Message::GoAway(go_away)).await;
                     if superseded {
                         connection.close(quinn::VarInt::from_u32(close_code::SUPERSEDED), b"superseded");
                         break "superseded".to_owned();
@@ -284,9 +398,11 @@ async fn serve_tunnel(
     state.devices.unregister(&device_id, epoch);
     state.metrics.agents_connected.dec();
     // A draining instance releases all its claims in one statement when it
-    // ends its lease.
+    // ends its lease. Boxed, as the HELLO is.
+    let store = state.authenticator.store();
     if !stop.is_cancelled()
-        && let Err(error) = store.release_device(&device_id, &instance_id, epoch).await
+        && let Err(error) =
+            Box::pin(store.release_device(&device_id, &state.membership.instance_id, epoch)).await
     {
         tracing::warn!(%error, "cannot release the device's claim; the lease covers it");
     }

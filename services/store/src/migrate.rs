@@ -41,6 +41,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/postgres/0004_tunnel_notify.sql"),
         backends: &[Backend::Postgres],
     },
+    Migration {
+        version: 5,
+        name: "0005_recent_claims",
+        sql: include_str!("../../../migrations/0005_recent_claims.sql"),
+        backends: BOTH,
+    },
 ];
 
 /// Any constant will do; it only has to be the same in every process.

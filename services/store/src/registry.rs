@@ -280,6 +280,35 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Claims other instances than `instance_id` made at `since` or later
+    /// (by their clocks), as (device, epoch, instance): what the periodic
+    /// check asks between full listings.
+    pub async fn claims_since(
+        &self,
+        since: Millis,
+        instance_id: &str,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT device_id, epoch, edge_instance FROM tunnels
+             WHERE connected_at >= $1 AND edge_instance <> $2",
+        )
+        .bind(since)
+        .bind(instance_id)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Claimed {
+                    device_id: row.try_get("device_id")?,
+                    epoch: epoch_of(row.try_get("epoch")?),
+                    instance_id: row.try_get("edge_instance")?,
+                })
+            })
+            .collect()
+    }
+}
+
 /// A claim announced by Postgres NOTIFY: `instance_id` now holds
 /// `device_id` at `epoch`.
 #[derive(Debug, Clone, PartialEq, Eq)]

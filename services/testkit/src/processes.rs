@@ -69,6 +69,7 @@ renew_seconds = 1
 [tunnel]
 listen = "127.0.0.1:0"
 keep_alive_seconds = 1
+idle_timeout_seconds = 4
 {tunnel}
 "#,
             cert = config.public.tls_cert.as_ref().unwrap().display(),

@@ -522,9 +522,10 @@ pub fn tunnels_summary(report: &crate::tunnels::TunnelsReport) -> String {
     let seconds = |value: Option<f64>| value.map_or("—".to_owned(), |s| format!("{s:.1} s"));
     let _ = writeln!(
         out,
-        "  edge restart: {} of {} back, all after {} ({} after ready); {:.0} store queries ({:.2} per agent), {:.0} HELLOs accepted, {:.0} refused",
+        "  edge restart: {} of {} back ({} read the GO_AWAY), all after {} ({} after ready); {:.0} store queries ({:.2} per agent), {:.0} HELLOs accepted, {:.0} refused",
         r.back,
         report.tunnels,
+        r.go_aways_received,
         seconds(r.all_back_seconds),
         seconds(r.after_ready_seconds),
         r.store_queries,

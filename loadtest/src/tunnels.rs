@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use relay_io::FramedReader;
@@ -33,8 +33,11 @@ const KEEP_ALIVE: Duration = Duration::from_secs(25);
 /// The agent's first retry delay and its ceiling (doubling, jittered).
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Client endpoints (UDP sockets) the simulated agents are spread over.
-const ENDPOINTS: usize = 8;
+/// Client endpoints (UDP sockets) the simulated agents are spread over,
+/// each with a large receive buffer: real agents have a socket each, and
+/// 20,000 GO_AWAYs at once must not overflow a few shared ones.
+const ENDPOINTS: usize = 32;
+const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 /// HELLOs in flight at once while the fleet first connects.
 const CONNECT_CONCURRENCY: usize = 256;
 
@@ -84,7 +87,11 @@ pub struct RestartResult {
     /// over the edge's `agent_reconnect_spread_ms`) until every agent is
     /// back, if they all came back within the patience.
     pub all_back_seconds: Option<f64>,
+    /// Agents accepted again by the restarted edge.
     pub back: usize,
+    /// Agents that read the drain's GO_AWAY (the others noticed the edge
+    /// gone by their connection closing, or by the idle timeout).
+    pub go_aways_received: u64,
     /// From the new process's readiness until every agent is back.
     pub after_ready_seconds: Option<f64>,
     /// Store queries the new process issued until every agent was back,
@@ -103,6 +110,8 @@ struct FleetState {
     /// Tunnels that ended for another reason than a GO_AWAY or the stop.
     dropped: AtomicUsize,
     go_aways: AtomicU64,
+    /// HELLO_ACKs received, in all.
+    hellos: AtomicUsize,
     changed: Notify,
 }
 
@@ -128,11 +137,44 @@ impl Fleet {
 
     /// Waits until `count` tunnels are up, or the patience ends.
     async fn wait_connected(&self, count: usize, patience: Duration, progress: &Progress) -> bool {
+        self.wait_for(count, patience, progress, |state| {
+            state.connected.load(Ordering::SeqCst)
+        })
+        .await
+    }
+
+    /// Waits until `count` tunnels were accepted since `hellos_before`
+    /// HELLO_ACKs (each agent back on the restarted edge, not merely still
+    /// up on the old one), or the patience ends.
+    async fn wait_back(
+        &self,
+        hellos_before: usize,
+        count: usize,
+        patience: Duration,
+        progress: &Progress,
+    ) -> bool {
+        self.wait_for(count, patience, progress, |state| {
+            state
+                .hellos
+                .load(Ordering::SeqCst)
+                .saturating_sub(hellos_before)
+                .min(state.connected.load(Ordering::SeqCst))
+        })
+        .await
+    }
+
+    async fn wait_for(
+        &self,
+        count: usize,
+        patience: Duration,
+        progress: &Progress,
+        measure: impl Fn(&FleetState) -> usize,
+    ) -> bool {
         let deadline = Instant::now() + patience;
         let mut shown = 0;
         loop {
             let notified = self.state.changed.notified();
-            let now = self.connected();
+            let now = measure(&self.state);
             if now > shown {
                 progress.add((now - shown) as u64);
                 shown = now;
@@ -301,6 +343,7 @@ async fn tunnel_once(
     }
     drop(permit);
     fleet.connected.fetch_add(1, Ordering::SeqCst);
+    fleet.hellos.fetch_add(1, Ordering::SeqCst);
     fleet.changed.notify_waiters();
     let ended = loop {
         tokio::select! {
@@ -359,10 +402,16 @@ fn start_fleet(rig: &Rig, credentials: Vec<String>) -> anyhow::Result<Fleet> {
     let client = client_config(rig.tunnel_ca())?;
     let mut endpoints = Vec::with_capacity(ENDPOINTS);
     for _ in 0..ENDPOINTS {
-        endpoints.push(quinn::Endpoint::client(SocketAddr::from((
-            [127, 0, 0, 1],
-            0,
-        )))?);
+        let socket = std::net::UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let udp = quinn::udp::UdpSocketState::new((&socket).into())?;
+        udp.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER)?;
+        let runtime = quinn::default_runtime().context("no async runtime")?;
+        endpoints.push(quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket,
+            runtime,
+        )?);
     }
     let state = Arc::new(FleetState::default());
     let (stop, stopped) = watch::channel(false);
@@ -484,11 +533,14 @@ async fn restart(
 ) -> anyhow::Result<RestartResult> {
     progress.step("tunnels: edge restarted, agents coming back", count as u64);
     let go_aways_before = fleet.state.go_aways.load(Ordering::SeqCst);
+    let hellos_before = fleet.state.hellos.load(Ordering::SeqCst);
     let terminated = Instant::now();
     rig.edge.terminate().await?;
     rig.edge.start_again().await?;
     let ready = Instant::now();
-    let back = fleet.wait_connected(count, patience, progress).await;
+    let back = fleet
+        .wait_back(hellos_before, count, patience, progress)
+        .await;
     let done = Instant::now();
     let metrics = rig.edge.metrics().await?;
     let value = |series: &str| crate::rig::metric(&metrics, series).unwrap_or(0.0);
@@ -509,12 +561,18 @@ async fn restart(
     })
     .sum();
     let go_aways = fleet.state.go_aways.load(Ordering::SeqCst) - go_aways_before;
+    let returned = fleet
+        .state
+        .hellos
+        .load(Ordering::SeqCst)
+        .saturating_sub(hellos_before);
     if go_aways == 0 {
         bail!("the drain sent no GO_AWAY to the simulated agents");
     }
     Ok(RestartResult {
         all_back_seconds: back.then(|| done.duration_since(terminated).as_secs_f64()),
-        back: fleet.connected(),
+        back: returned.min(count),
+        go_aways_received: go_aways,
         after_ready_seconds: back.then(|| done.duration_since(ready).as_secs_f64()),
         store_queries,
         store_queries_per_agent: store_queries / count as f64,

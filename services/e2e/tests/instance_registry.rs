@@ -20,24 +20,19 @@ async fn second_instance(world: &World, instance_id: &str) -> relay_edge::Runnin
     relay_edge::RunningEdge::start(config).await.unwrap()
 }
 
-/// The device's agent, again, on `tunnel` (a fresh credential).
+/// The device's agent, again, on `tunnel`, with the same credential (as
+/// the agent itself reconnecting elsewhere; a rotated credential would end
+/// the first tunnel by revocation, not by the claim).
 async fn another_agent(
     world: &World,
     tunnel: std::net::SocketAddr,
 ) -> tokio_util::sync::CancellationToken {
-    let (_, credential) = world
-        .edge
-        .database
-        .store
-        .rotate_agent_credential(&world.edge.device)
-        .await
-        .unwrap();
     start_agent(agent_config(
         &world.edge,
         tunnel,
         &world.simulator,
         ACCESS_CODE,
-        &credential.reveal(),
+        &world.agent_credential,
     ))
 }
 

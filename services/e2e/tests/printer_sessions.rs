@@ -256,6 +256,28 @@ async fn an_agent_blink_within_the_grace_keeps_the_sessions() {
     world.edge.stop().await;
 }
 
+/// Rotating (revoking) an agent credential ends the tunnel that said HELLO
+/// with it, not only its next HELLO (the store's tests show a revoked
+/// credential claims nothing): the device goes offline at once.
+#[tokio::test]
+async fn a_revoked_agent_credential_ends_the_running_tunnel() {
+    let world = world(ACCESS_CODE).await;
+    let edge = world.edge.edge.as_ref().unwrap();
+    edge.wait_online(&world.edge.device).await;
+    world
+        .edge
+        .database
+        .store
+        .rotate_agent_credential(&world.edge.device)
+        .await
+        .unwrap();
+    tokio::time::timeout(PATIENCE, edge.wait_offline(&world.edge.device))
+        .await
+        .expect("the revoked agent's tunnel ended");
+    world.agent.cancel();
+    world.edge.stop().await;
+}
+
 #[tokio::test]
 async fn a_second_agent_for_the_device_fences_the_first() {
     let world = world(ACCESS_CODE).await;

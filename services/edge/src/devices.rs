@@ -26,6 +26,8 @@ use crate::peer::Peers;
 #[derive(Debug, Clone)]
 pub struct Tunnel {
     pub epoch: u64,
+    /// The id of the agent credential it said HELLO with.
+    pub credential_id: String,
     pub connection: quinn::Connection,
     /// GO_AWAYs for the agent's control stream (a queue of small values:
     /// one is allocated per tunnel).
@@ -162,6 +164,7 @@ impl Devices {
         &self,
         device_id: &str,
         epoch: u64,
+        credential_id: &str,
         connection: quinn::Connection,
         control: mpsc::Sender<GoAway>,
     ) -> Option<Tunnel> {
@@ -169,6 +172,7 @@ impl Devices {
             device_id.to_owned(),
             Tunnel {
                 epoch,
+                credential_id: credential_id.to_owned(),
                 connection,
                 control,
             },
@@ -182,6 +186,30 @@ impl Devices {
         }
         self.registered.notify_waiters();
         previous
+    }
+
+    /// Ends the tunnels that said HELLO with the agent credential
+    /// `credential_id` (it was revoked or rotated): their connections close
+    /// with REFUSED, and their agents' next HELLO is refused. Returns how
+    /// many there were.
+    pub fn end_revoked(&self, credential_id: &str) -> usize {
+        let revoked: Vec<Tunnel> = self
+            .tunnels
+            .iter()
+            .filter(|entry| entry.credential_id == credential_id)
+            .map(|entry| entry.value().clone())
+            .collect();
+        for tunnel in &revoked {
+            tracing::info!(
+                epoch = tunnel.epoch,
+                "agent credential revoked: ending its tunnel"
+            );
+            tunnel.connection.close(
+                quinn::VarInt::from_u32(tunnel::close_code::REFUSED),
+                b"agent credential revoked",
+            );
+        }
+        revoked.len()
     }
 
     /// Every local tunnel's device and epoch.

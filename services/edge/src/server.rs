@@ -341,8 +341,11 @@ impl RunningEdge {
                             state.authenticator.forget(None);
                             state.end_sessions(|session| session.device_id == device_id, &Close::revoked());
                         }
-                        // Every HELLO asks the store; nothing to forget.
-                        Ok(Revoked::AgentCredential(_)) => {}
+                        // Every HELLO asks the store, so nothing is cached;
+                        // the agent's running tunnel ends.
+                        Ok(Revoked::AgentCredential(credential_id)) => {
+                            state.devices.end_revoked(&credential_id);
+                        }
                         Err(error) => {
                             tracing::warn!(%error, "revocation check failed");
                             tokio::select! {

@@ -276,6 +276,14 @@ async fn accept_hello(connection: &quinn::Connection, state: &Arc<EdgeState>) ->
     }
     let store = state.authenticator.store().clone();
     let instance_id = state.membership.instance_id.clone();
+    // The credential's public id, to end the tunnel when it is revoked
+    // (the store has checked the token's shape when this is used).
+    let credential_id = relay_store::credential::PresentedCredential::parse(
+        relay_store::credential::CredentialKind::AgentCredential,
+        hello.credential.expose(),
+    )
+    .map(|presented| presented.id.to_owned())
+    .unwrap_or_default();
     // The credential check and the device's claim: one store query.
     let (device_id, epoch) = match store
         .accept_agent(hello.credential.expose(), &instance_id)
@@ -311,9 +319,13 @@ async fn accept_hello(connection: &quinn::Connection, state: &Arc<EdgeState>) ->
         }
     };
     let (control, control_queue) = mpsc::channel::<GoAway>(2);
-    let previous = state
-        .devices
-        .register(&device_id, epoch, connection.clone(), control);
+    let previous = state.devices.register(
+        &device_id,
+        epoch,
+        &credential_id,
+        connection.clone(),
+        control,
+    );
     if let Some(previous) = previous {
         tracing::info!(device = %device_id, old_epoch = previous.epoch, epoch, "a newer agent fences the older");
         let _ = previous.control.try_send(GoAway {

@@ -17,6 +17,8 @@ pub struct World {
     pub edge: TestEdge,
     pub simulator: RunningSimulator,
     pub agent: CancellationToken,
+    /// The agent credential the world's agent says HELLO with.
+    pub agent_credential: String,
 }
 
 pub fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
@@ -92,7 +94,8 @@ pub async fn world_with(
         .await
         .unwrap();
     let tunnel = edge.edge.as_ref().unwrap().tunnel_addr.unwrap();
-    let mut config = agent_config(&edge, tunnel, &simulator, access_code, &credential.reveal());
+    let agent_credential = credential.reveal();
+    let mut config = agent_config(&edge, tunnel, &simulator, access_code, &agent_credential);
     change_agent(&mut config);
     let agent = start_agent(config);
     tokio::time::timeout(
@@ -105,6 +108,7 @@ pub async fn world_with(
         edge,
         simulator,
         agent,
+        agent_credential,
     }
 }
 

@@ -40,7 +40,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// paho-mqtt over wss to the edge: subscribes to the report and prints the
-/// first message's topic.
+/// topic of each message until its disconnect takes effect.
 fn paho_script(edge: &TestEdge, ca: &Path) -> String {
     format!(
         r#"
@@ -150,8 +150,9 @@ async fn cross_built_agents_relay_a_printer_under_emulation() {
         .expect("paho got a report in time")
         .unwrap();
         let printed = String::from_utf8_lossy(&output.stdout);
+        // A second report may arrive before the disconnect is processed.
         assert!(
-            printed.trim() == report_topic(),
+            !printed.trim().is_empty() && printed.lines().all(|line| line == report_topic()),
             "paho printed {printed:?}, said {}",
             String::from_utf8_lossy(&output.stderr)
         );

@@ -253,6 +253,10 @@ pub struct LinkAccept {
     /// The printer's serial, for printers whose topics name it (a Bambu
     /// printer's `device/<serial>/…`): the edge's topic policy needs it.
     pub printer_serial: Option<String>,
+    /// The client id the agent registered with, on printers that register
+    /// clients (a CC2): the edge sends every app's requests on that
+    /// registration. Absent over a peer link: the owning instance does.
+    pub printer_client_id: Option<String>,
 }
 
 /// Agent → edge, the only frame back on a printer-link stream that failed; the
@@ -391,6 +395,7 @@ fn decode_body(message_type: u8, body: Bytes) -> Result<Message, TunnelError> {
                 .optional(2, "printer_kind", Fields::u8)?
                 .map(PrinterKind::from_code),
             printer_serial: fields.optional(3, "printer_serial", Fields::string)?,
+            printer_client_id: fields.optional(4, "printer_client_id", Fields::string)?,
         }),
         message_type::PEER_HELLO => Message::PeerHello(PeerHello {
             version: fields.required(1, "version", Fields::u16)?,
@@ -564,6 +569,7 @@ pub fn encode(message: &Message, out: &mut BytesMut) -> Result<(), TunnelError> 
             if let Some(serial) = &accept.printer_serial {
                 body.string(3, "printer_serial", serial)?;
             }
+            body.optional_string(4, "printer_client_id", accept.printer_client_id.as_deref())?;
             message_type::LINK_ACCEPT
         }
         Message::LinkRefused(refused) => {

@@ -65,6 +65,7 @@ fn unknown_fields_are_skipped() {
             link: 3,
             printer_kind: None,
             printer_serial: None,
+            printer_client_id: None,
         })))
     );
 }
@@ -249,13 +250,15 @@ fn any_message() -> impl Strategy<Value = Message> {
         (
             any::<u64>(),
             proptest::option::of(any::<u8>()),
+            proptest::option::of(text()),
             proptest::option::of(text())
         )
-            .prop_map(|(session, kind, serial)| {
+            .prop_map(|(session, kind, serial, client_id)| {
                 Message::LinkAccept(LinkAccept {
                     link: session,
                     printer_kind: kind.map(relay_proto::tunnel::PrinterKind::from_code),
                     printer_serial: serial,
+                    printer_client_id: client_id,
                 })
             }),
         (

@@ -90,6 +90,11 @@ pub enum PrinterSection {
         access_code: Option<Secret<String>>,
         #[serde(default)]
         port: Option<u16>,
+        /// How often the agent sends the heartbeat that keeps its
+        /// registration (apps send one every 10 s; the printer forgets a
+        /// registration after about 6 minutes without).
+        #[serde(default = "cc2_heartbeat_ms")]
+        heartbeat_interval_ms: u64,
     },
     /// Any MQTT broker (the option set of the OctoPrint MQTT plugin).
     #[serde(rename = "mqtt")]
@@ -138,7 +143,12 @@ pub enum PrinterKind {
     ElegooCc2 {
         serial: String,
         access_code: Secret<String>,
+        heartbeat_interval: std::time::Duration,
     },
+}
+
+fn cc2_heartbeat_ms() -> u64 {
+    10_000
 }
 
 /// The password of a CC2 that reports no access code.
@@ -300,9 +310,14 @@ impl AgentConfig {
                 serial,
                 access_code,
                 port,
+                heartbeat_interval_ms,
             } => {
                 if serial.is_empty() {
                     problems.push("printer.serial is required".into());
+                }
+                if !(100..=60_000).contains(heartbeat_interval_ms) {
+                    problems
+                        .push("printer.heartbeat_interval_ms must be between 100 and 60000".into());
                 }
                 PrinterConfig {
                     host: host.clone(),
@@ -312,6 +327,9 @@ impl AgentConfig {
                         access_code: access_code
                             .clone()
                             .unwrap_or_else(|| CC2_DEFAULT_ACCESS_CODE.into()),
+                        heartbeat_interval: std::time::Duration::from_millis(
+                            *heartbeat_interval_ms,
+                        ),
                     },
                     ca_file: None,
                     insecure: false,

@@ -238,7 +238,33 @@ async fn cc2_register(
         .write_all(&bytes)
         .await
         .map_err(|error| failure(LinkDownReason::Dropped, error.to_string()))?;
-    Ok(())
+    // Its UNSUBACK is the agent's, not the edge's: read it here.
+    tokio::time::timeout(CONNECT_TIMEOUT, async {
+        loop {
+            match mqtt::decode(buffer, 1 << 20) {
+                Ok(Some(Packet::UnsubAck(acked))) if acked == id(2) => return Ok(()),
+                // What the printer sent meanwhile (a status delta) is
+                // dropped: the link is not open yet.
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(error) => {
+                    return Err(failure(LinkDownReason::ProtocolError, error.to_string()));
+                }
+            }
+            match stream.read_buf(buffer).await {
+                Ok(0) => return Err(failure(LinkDownReason::Dropped, "closed while registering")),
+                Ok(_) => {}
+                Err(error) => return Err(failure(LinkDownReason::Dropped, error.to_string())),
+            }
+        }
+    })
+    .await
+    .map_err(|_| {
+        failure(
+            LinkDownReason::TimedOut,
+            "no UNSUBACK after the registration",
+        )
+    })?
 }
 
 /// Connects, logs in and disconnects: the agent's start-up check.

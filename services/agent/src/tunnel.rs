@@ -455,6 +455,10 @@ async fn serve_printer_link(
                 | crate::config::PrinterKind::ElegooCc2 { serial, .. } => Some(serial.clone()),
                 crate::config::PrinterKind::Mqtt { .. } => None,
             },
+            printer_client_id: match &printer.kind {
+                crate::config::PrinterKind::ElegooCc2 { .. } => Some(printer.client_id.clone()),
+                _ => None,
+            },
             printer_kind: Some(match printer.kind {
                 crate::config::PrinterKind::Bambu { .. } => tunnel::PrinterKind::Bambu,
                 crate::config::PrinterKind::Mqtt { .. } => tunnel::PrinterKind::GenericMqtt,
@@ -472,9 +476,14 @@ async fn serve_printer_link(
     let (mut printer_read, mut printer_write) = tokio::io::split(stream);
     let (answers, mut answer_queue) = mpsc::channel(64);
     let own_topics = OwnTopics::of(&printer);
-    let heartbeat = cc2_heartbeat(&printer);
-    let mut heartbeat_timer =
-        tokio::time::interval_at(tokio::time::Instant::now() + CC2_HEARTBEAT, CC2_HEARTBEAT);
+    let (heartbeat_interval, heartbeat) = match cc2_heartbeat(&printer) {
+        Some((interval, ping)) => (interval, Some(ping)),
+        None => (Duration::from_secs(3600), None),
+    };
+    let mut heartbeat_timer = tokio::time::interval_at(
+        tokio::time::Instant::now() + heartbeat_interval,
+        heartbeat_interval,
+    );
     let to_printer = relay(
         &mut recv,
         &mut printer_write,
@@ -594,14 +603,16 @@ impl OwnTopics {
     }
 }
 
-/// How often a CC2 hears the agent's heartbeat (its clients send one every
-/// 10 s; a registration without one expires after about 6 minutes).
-const CC2_HEARTBEAT: Duration = Duration::from_secs(10);
-
-/// The CC2 heartbeat the agent sends on its own registration's request
-/// topic, encoded; `None` for other printers.
-fn cc2_heartbeat(printer: &PrinterConfig) -> Option<BytesMut> {
-    let crate::config::PrinterKind::ElegooCc2 { serial, .. } = &printer.kind else {
+/// How often a CC2 hears the agent's heartbeat, and the heartbeat the
+/// agent sends on its own registration's request topic, encoded; `None`
+/// for other printers.
+fn cc2_heartbeat(printer: &PrinterConfig) -> Option<(Duration, BytesMut)> {
+    let crate::config::PrinterKind::ElegooCc2 {
+        serial,
+        heartbeat_interval,
+        ..
+    } = &printer.kind
+    else {
         return None;
     };
     let mut ping = BytesMut::new();
@@ -617,7 +628,7 @@ fn cc2_heartbeat(printer: &PrinterConfig) -> Option<BytesMut> {
         &mut ping,
     )
     .ok()?;
-    Some(ping)
+    Some((*heartbeat_interval, ping))
 }
 
 #[derive(Debug)]

@@ -116,6 +116,8 @@ pub struct PrintersConfig {
     pub mqtt: PrinterPolicyConfig,
     /// A Bambu Lab printer (agent kind `bambu`).
     pub bambu: PrinterPolicyConfig,
+    /// An Elegoo Centauri Carbon 2 (agent kind `elegoo_cc2`).
+    pub elegoo_cc2: PrinterPolicyConfig,
 }
 
 impl Default for PrintersConfig {
@@ -138,6 +140,17 @@ impl Default for PrintersConfig {
                 retain: false,
                 // A printer is a small computer: apps send it a command
                 // now and then.
+                publishes_per_second: 10,
+                publish_burst: 20,
+                ..PrinterPolicyConfig::default()
+            },
+            // A CC2's topics all start with its serial; the hub answers
+            // apps' registrations and heartbeats itself and paces their
+            // requests (`request_interval_ms`).
+            elegoo_cc2: PrinterPolicyConfig {
+                allow: vec!["elegoo/{serial}/#".into()],
+                deny: Vec::new(),
+                retain: false,
                 publishes_per_second: 10,
                 publish_burst: 20,
                 ..PrinterPolicyConfig::default()
@@ -172,6 +185,10 @@ pub struct PrinterPolicyConfig {
     /// Bambu only: at most one `pushall` reaches the printer per this many
     /// seconds; apps' others are answered from the hub's state.
     pub pushall_interval_seconds: u64,
+    /// CC2 only: apps' requests reach the printer one per this many
+    /// milliseconds at most, so that its cooldown (three requests in quick
+    /// succession, then about 5 s of dropped replies) never starts.
+    pub request_interval_ms: u64,
 }
 
 impl Default for PrinterPolicyConfig {
@@ -187,6 +204,7 @@ impl Default for PrinterPolicyConfig {
             publishes_per_second: rate.per_second,
             publish_burst: rate.burst,
             pushall_interval_seconds: 10,
+            request_interval_ms: 600,
         }
     }
 }
@@ -241,6 +259,11 @@ impl PrinterPolicyConfig {
         if self.pushall_interval_seconds == 0 {
             problems.push(format!(
                 "printers.{kind}: pushall_interval_seconds must be at least 1"
+            ));
+        }
+        if self.request_interval_ms > 60_000 {
+            problems.push(format!(
+                "printers.{kind}: request_interval_ms must be at most 60000"
             ));
         }
         if self.publishes_per_second == 0 || self.publish_burst == 0 {
@@ -639,6 +662,9 @@ impl EdgeConfig {
         }
         self.printers.mqtt.problems("mqtt", &mut problems);
         self.printers.bambu.problems("bambu", &mut problems);
+        self.printers
+            .elegoo_cc2
+            .problems("elegoo_cc2", &mut problems);
         if limits.outbound_buffer_bytes < limits.max_packet_size {
             problems.push(
                 "limits.outbound_buffer_bytes must hold at least one max_packet_size packet".into(),

@@ -17,8 +17,8 @@ use relay_store::Store;
 use crate::close::Close;
 use crate::config::PrintersConfig;
 use crate::hub::{
-    BambuProfile, HubConfig, HubHandle, Hubs, PrinterIdentity, RetainedReplay, TunnelProbe,
-    Upstream, UpstreamFailure, UpstreamSource,
+    BambuProfile, Cc2Profile, HubConfig, HubHandle, Hubs, PrinterIdentity, RetainedReplay,
+    TunnelProbe, Upstream, UpstreamFailure, UpstreamSource,
 };
 use crate::peer::Peers;
 
@@ -429,6 +429,7 @@ impl Devices {
     fn start_hub(&self, device_id: &str, upstream: Upstream, accept: &LinkAccept) -> HubHandle {
         let (replay_retained, printer) = match accept.printer_kind {
             Some(PrinterKind::Bambu) => (RetainedReplay::WhenSeen, &self.printers.bambu),
+            Some(PrinterKind::ElegooCc2) => (RetainedReplay::WhenSeen, &self.printers.elegoo_cc2),
             _ => (RetainedReplay::Always, &self.printers.mqtt),
         };
         let config = HubConfig {
@@ -440,6 +441,14 @@ impl Devices {
                 (Some(PrinterKind::Bambu), Some(serial)) => Some(BambuProfile {
                     pushall_interval: Duration::from_secs(printer.pushall_interval_seconds),
                     ..BambuProfile::new(serial)
+                }),
+                _ => None,
+            },
+            cc2: match (accept.printer_kind, &accept.printer_serial) {
+                (Some(PrinterKind::ElegooCc2), Some(serial)) => Some(Cc2Profile {
+                    request_interval: Duration::from_millis(printer.request_interval_ms),
+                    first_request_id: first_request_id(),
+                    ..Cc2Profile::new(serial, accept.printer_client_id.clone())
                 }),
                 _ => None,
             },
@@ -481,7 +490,10 @@ impl Devices {
             other => other,
         };
         match opened {
-            Ok((upstream, _)) => Ok(upstream),
+            Ok((mut upstream, accept)) => {
+                upstream.printer_client = accept.printer_client_id;
+                Ok(upstream)
+            }
             Err(Unavailable::Offline) => Err(UpstreamFailure {
                 close: Close::device_offline(),
                 retry_after: Duration::ZERO,
@@ -535,6 +547,15 @@ impl Devices {
             _ => Err(Unavailable::Offline),
         }
     }
+}
+
+/// Where a new CC2 hub starts its request ids: apart from the ids of the
+/// hub it may replace, whose replies may still be on their way.
+fn first_request_id() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.subsec_nanos());
+    1 + nanos % (i32::MAX as u32 / 2)
 }
 
 fn superseded() -> GoAway {

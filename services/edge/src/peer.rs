@@ -607,6 +607,9 @@ async fn serve_link(
         link: 0,
         printer_kind: printer.kind,
         printer_serial: printer.serial,
+        // This instance's hub sends the requests on the agent's
+        // registration; the peer's hub passes them on.
+        printer_client_id: None,
     });
     if !write_message(&mut send, &accept).await {
         return;

@@ -186,7 +186,7 @@ pub(super) fn is_pushall(payload: &[u8]) -> bool {
 
 /// Deep-merges `delta` into `base`: objects key by key, everything else
 /// (scalars, arrays) replaced.
-fn merge(base: &mut Value, delta: Value) {
+pub(super) fn merge(base: &mut Value, delta: Value) {
     match (base, delta) {
         (Value::Object(base), Value::Object(delta)) => {
             for (key, value) in delta {

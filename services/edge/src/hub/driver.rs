@@ -56,6 +56,8 @@ pub struct Upstream {
     pub tunnel_alive: Option<TunnelProbe>,
     /// The epoch of the tunnel it runs through (0: none).
     pub epoch: u64,
+    /// The client id a CC2's agent registered with (its LINK_ACCEPT).
+    pub printer_client: Option<String>,
 }
 
 impl Upstream {
@@ -78,6 +80,7 @@ impl Upstream {
             writer: Box::new(writer),
             tunnel_alive,
             epoch,
+            printer_client: None,
         }
     }
 
@@ -182,6 +185,21 @@ fn export_counters(
             current.pushalls_absorbed,
             exported.pushalls_absorbed,
         ),
+        (
+            "cc2_answered_at_edge",
+            current.cc2_answered_at_edge,
+            exported.cc2_answered_at_edge,
+        ),
+        (
+            "cc2_request_sent",
+            current.cc2_requests_sent,
+            exported.cc2_requests_sent,
+        ),
+        (
+            "cc2_queue_overflow",
+            current.cc2_queue_overflows,
+            exported.cc2_queue_overflows,
+        ),
     ] {
         if now > before {
             metric.with_label_values(&[label]).inc_by(now - before);
@@ -275,6 +293,7 @@ pub(super) async fn run(config: HubConfig, io: HubIo) -> HubEnd {
                     if let Some(resumes) = &resumes {
                         resumes.inc();
                     }
+                    state.set_printer_client(found.printer_client.clone());
                     state.upstream_resumed(now());
                     upstream = Some(found);
                     continue;

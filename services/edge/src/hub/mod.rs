@@ -26,6 +26,7 @@
 //! session's bounded queue; [`registry`] finds and starts hubs.
 
 pub mod bambu;
+pub mod cc2;
 mod driver;
 pub mod outbound;
 pub mod policy;
@@ -35,6 +36,7 @@ pub mod state;
 mod tests;
 
 pub use bambu::BambuProfile;
+pub use cc2::Cc2Profile;
 pub use driver::{Upstream, UpstreamFailure, UpstreamFuture, UpstreamSource};
 pub use outbound::{Outbound, OutboundReceiver, OutboundSender, outbound_queue};
 pub use policy::{ChurnLimit, PublishRate, PublishRefusal, TopicPolicy};

@@ -23,6 +23,7 @@ use relay_proto::subscription_index::SubscriptionIndex;
 use relay_proto::topic::topic_matches;
 
 use super::bambu::{BambuProfile, BambuState, Pushall, ReportRefusal, is_pushall};
+use super::cc2::{AppPublish, Cc2Action, Cc2Profile, Cc2State};
 use super::policy::{Bucket, ChurnBudget, ChurnLimit, PublishRate, TopicPolicy};
 use crate::close::Close;
 
@@ -69,6 +70,9 @@ pub struct HubConfig {
     /// A Bambu printer: its report state is kept, late joiners get the
     /// full report, `pushall` is absorbed.
     pub bambu: Option<BambuProfile>,
+    /// An Elegoo CC2: apps' registrations and heartbeats are answered
+    /// here, their requests go on the agent's registration, paced.
+    pub cc2: Option<Cc2Profile>,
     /// What the printer is (for peer hubs); the state does not use it.
     pub printer: super::registry::PrinterIdentity,
 }
@@ -95,6 +99,13 @@ pub struct HubCounters {
     /// Apps' `pushall`s answered from the state or by another's answer,
     /// instead of reaching the printer.
     pub pushalls_absorbed: u64,
+    /// CC2 registrations, heartbeats and full statuses answered by the
+    /// edge instead of the printer.
+    pub cc2_answered_at_edge: u64,
+    /// CC2 requests sent on the agent's registration.
+    pub cc2_requests_sent: u64,
+    /// CC2 requests answered "busy" (1009): the pacing queue was full.
+    pub cc2_queue_overflows: u64,
 }
 
 /// When a joining session's filter is subscribed upstream again.
@@ -126,6 +137,7 @@ impl HubConfig {
             churn: ChurnLimit::default(),
             publish_rate: PublishRate::generic(),
             bambu: None,
+            cc2: None,
             printer: super::registry::PrinterIdentity::default(),
         }
     }
@@ -347,6 +359,10 @@ pub struct HubState<S> {
     /// QoS 1 and 2 PUBLISHes over the rate, oldest first, with their origin.
     over_rate: VecDeque<(Option<(SessionId, PacketId)>, Publish)>,
     bambu: Option<BambuState>,
+    cc2: Option<Cc2State>,
+    /// The CC2 agent's client id on the next upstream (set before it
+    /// resumes).
+    next_printer_client: Option<String>,
     /// Set while the hub has no upstream: when the grace ends.
     lost_until: Option<Instant>,
     /// Next [`Pending::Publish`] order.
@@ -358,7 +374,9 @@ impl<S: SessionSink> HubState<S> {
         let next_ping = now + config.upstream_keep_alive;
         let publish_bucket = Bucket::full(config.publish_rate.burst, now);
         let bambu = config.bambu.clone().map(BambuState::new);
-        HubState {
+        let cc2 = config.cc2.clone().map(Cc2State::new);
+        let next_printer_client = config.cc2.as_ref().and_then(|cc2| cc2.agent_client.clone());
+        let mut state = HubState {
             config,
             sessions: HashMap::new(),
             client_ids: HashMap::new(),
@@ -379,8 +397,124 @@ impl<S: SessionSink> HubState<S> {
             publish_bucket,
             over_rate: VecDeque::new(),
             bambu,
+            cc2,
+            next_printer_client,
             lost_until: None,
             next_publish_order: 0,
+        };
+        if let Some(filter) = state.cc2.as_ref().and_then(Cc2State::agent_response_topic) {
+            state.hold_filter(filter);
+        }
+        state
+    }
+
+    /// The hub holds `filter` upstream for its own sake (a CC2 agent's
+    /// replies), beside any session holding it.
+    fn hold_filter(&mut self, filter: String) {
+        if let Some(held) = self.upstream_filters.get_mut(&filter) {
+            held.holders += 1;
+            return;
+        }
+        self.upstream_filters.insert(
+            filter.clone(),
+            UpstreamFilter {
+                holders: 1,
+                granted: None,
+            },
+        );
+        if self.lost_until.is_some() {
+            // Subscribed when the upstream resumes.
+            return;
+        }
+        let Some(id) = self.allocate_upstream_id() else {
+            return;
+        };
+        self.queue_upstream(&Packet::Subscribe(Subscribe {
+            packet_id: id,
+            filters: vec![(filter.clone(), QoS::AtLeastOnce)],
+        }));
+        self.pending.insert(
+            id,
+            Pending::Subscribe {
+                filters: vec![filter],
+            },
+        );
+    }
+
+    /// The client id a CC2's agent registered with on the upstream about to
+    /// resume (`None` over a peer link); called before
+    /// [`Self::upstream_resumed`].
+    pub fn set_printer_client(&mut self, client: Option<String>) {
+        let Some(cc2) = &self.cc2 else {
+            return;
+        };
+        if client == self.next_printer_client {
+            return;
+        }
+        let old = cc2.agent_response_topic();
+        self.next_printer_client = client;
+        if let Some(old) = old {
+            self.release_upstream(&old);
+        }
+        if let Some(agent) = &self.next_printer_client {
+            let filter = format!("elegoo/{}/{agent}/api_response", self.cc2_serial());
+            self.hold_filter(filter);
+        }
+    }
+
+    fn cc2_serial(&self) -> &str {
+        self.config
+            .cc2
+            .as_ref()
+            .map_or("", |profile| profile.serial.as_str())
+    }
+
+    /// Carries out what the CC2 profile asked for.
+    fn run_cc2_actions(&mut self, now: Instant) {
+        let Some(cc2) = &mut self.cc2 else {
+            return;
+        };
+        let actions = cc2.take_actions();
+        let counted = cc2.take_counters();
+        self.counters.cc2_answered_at_edge += counted.answered_at_edge;
+        self.counters.cc2_requests_sent += counted.requests_sent;
+        self.counters.cc2_queue_overflows += counted.queue_overflows;
+        for action in actions {
+            match action {
+                Cc2Action::Deliver {
+                    session,
+                    topic,
+                    payload,
+                } => {
+                    let subscribed = self.sessions.get(&session).is_some_and(|entry| {
+                        entry
+                            .filters
+                            .keys()
+                            .any(|filter| topic_matches(filter, &topic))
+                    });
+                    if subscribed {
+                        let publish = Packet::Publish(Publish {
+                            dup: false,
+                            qos: QoS::AtMostOnce,
+                            retain: false,
+                            topic,
+                            packet_id: None,
+                            payload,
+                        });
+                        self.send_to(session, &publish, now);
+                    }
+                }
+                Cc2Action::Upstream { topic, payload } => {
+                    self.queue_upstream(&Packet::Publish(Publish {
+                        dup: false,
+                        qos: QoS::AtMostOnce,
+                        retain: false,
+                        topic,
+                        packet_id: None,
+                        payload,
+                    }));
+                }
+            }
         }
     }
 
@@ -428,6 +562,10 @@ impl<S: SessionSink> HubState<S> {
             (Some(linger), Some(since)) => base.min(since + linger),
             _ => base,
         };
+        let next = match self.cc2.as_ref().and_then(Cc2State::poll_timeout) {
+            Some(cc2) if self.lost_until.is_none() => next.min(cc2),
+            _ => next,
+        };
         if self.over_rate.is_empty() {
             next
         } else {
@@ -448,9 +586,15 @@ impl<S: SessionSink> HubState<S> {
                 self.end.get_or_insert(HubEnd::NoUpstream);
                 return;
             }
-        } else if now >= self.next_ping {
-            self.ping_upstream(None);
-            self.next_ping = now + self.config.upstream_keep_alive;
+        } else {
+            if now >= self.next_ping {
+                self.ping_upstream(None);
+                self.next_ping = now + self.config.upstream_keep_alive;
+            }
+            if let Some(cc2) = &mut self.cc2 {
+                cc2.handle_timeout(now);
+                self.run_cc2_actions(now);
+            }
         }
         self.release_over_rate(now);
     }
@@ -544,6 +688,9 @@ impl<S: SessionSink> HubState<S> {
             self.end_session(older, Close::replaced(), now);
         }
         self.idle_since = None;
+        if let Some(cc2) = &mut self.cc2 {
+            cc2.attach(session, attach.peer);
+        }
         // The session refused a will the policy forbids already; a will
         // that slipped through is not published.
         let will = attach.will.filter(|will| {
@@ -619,7 +766,11 @@ impl<S: SessionSink> HubState<S> {
             Packet::Publish(publish) => self.on_upstream_publish(publish, now),
             Packet::SubAck(suback) => self.on_suback(suback, now),
             Packet::UnsubAck(id) => {
-                self.pending.remove(&id);
+                // Only an UNSUBSCRIBE's: a stray one must not drop what
+                // another packet id waits for.
+                if matches!(self.pending.get(&id), Some(Pending::Unsubscribe)) {
+                    self.pending.remove(&id);
+                }
             }
             Packet::PubAck(id) => self.on_upstream_puback(id, now),
             Packet::PingResp => {
@@ -660,6 +811,9 @@ impl<S: SessionSink> HubState<S> {
 
     fn remove_session(&mut self, session: SessionId, now: Instant) -> Option<SessionEntry<S>> {
         let entry = self.sessions.remove(&session)?;
+        if let Some(cc2) = &mut self.cc2 {
+            cc2.detach(session);
+        }
         for filter in entry.filters.keys() {
             self.index.remove(filter, &session);
             self.release_upstream(filter);
@@ -729,6 +883,10 @@ impl<S: SessionSink> HubState<S> {
         if self.config.policy.permits_filter(filter) {
             return Some(filter.to_owned());
         }
+        if let Some(cc2) = &self.cc2 {
+            let all = cc2.all_topics();
+            return relay_proto::topic::filters_overlap(filter, &all).then_some(all);
+        }
         let bambu = self.bambu.as_ref()?;
         relay_proto::topic::filters_overlap(filter, bambu.report_topic())
             .then(|| bambu.report_topic().to_owned())
@@ -794,6 +952,9 @@ impl<S: SessionSink> HubState<S> {
             self.end_session(peer, Close::device_offline(), now);
         }
         self.lost_until = Some(until);
+        if let Some(cc2) = &mut self.cc2 {
+            cc2.upstream_lost();
+        }
         self.to_upstream.clear();
         self.pings_in_flight.clear();
         self.replays.clear();
@@ -870,6 +1031,10 @@ impl<S: SessionSink> HubState<S> {
                 payload: BambuState::pushall_request(),
             };
             self.queue_upstream(&Packet::Publish(request));
+        }
+        if let Some(cc2) = &mut self.cc2 {
+            cc2.upstream_resumed(self.next_printer_client.clone(), now);
+            self.run_cc2_actions(now);
         }
         self.answer_ready_subscribes(now);
     }
@@ -1097,6 +1262,16 @@ impl<S: SessionSink> HubState<S> {
                             && topic_matches(filter, bambu.report_topic())
                     })
             });
+            let joins_status = self.cc2.as_ref().is_some_and(|cc2| {
+                waiting
+                    .filters
+                    .iter()
+                    .zip(&grants)
+                    .any(|((filter, _), grant)| {
+                        *grant != SubscribeReturnCode::Failure
+                            && topic_matches(filter, cc2.status_topic())
+                    })
+            });
             self.send_to(
                 waiting.session,
                 &Packet::SubAck(SubAck {
@@ -1107,6 +1282,10 @@ impl<S: SessionSink> HubState<S> {
             );
             if joins_report {
                 self.serve_late_joiner(waiting.session, now);
+            }
+            if joins_status && let Some(cc2) = &mut self.cc2 {
+                cc2.joined_status(waiting.session, now);
+                self.run_cc2_actions(now);
             }
         }
     }
@@ -1230,6 +1409,28 @@ impl<S: SessionSink> HubState<S> {
         }
         if self.absorb_pushall(session, &publish, now) {
             return;
+        }
+        if let Some(cc2) = &mut self.cc2 {
+            let taken = cc2.on_app_publish(session, &publish.topic, &publish.payload, now);
+            self.run_cc2_actions(now);
+            match taken {
+                AppPublish::NotMine | AppPublish::Forward => {}
+                AppPublish::Taken | AppPublish::Refused => {
+                    if taken == AppPublish::Refused {
+                        self.counters.refused_publishes += 1;
+                    }
+                    match (publish.qos, publish.packet_id) {
+                        (QoS::AtLeastOnce, Some(id)) => {
+                            self.send_to(session, &Packet::PubAck(id), now)
+                        }
+                        (QoS::ExactlyOnce, Some(id)) => {
+                            self.send_to(session, &Packet::PubRec(id), now)
+                        }
+                        _ => {}
+                    }
+                    return;
+                }
+            }
         }
         let Some(entry) = self.sessions.get_mut(&session) else {
             return;
@@ -1387,6 +1588,13 @@ impl<S: SessionSink> HubState<S> {
             && let Err(ReportRefusal::TooLarge(_)) = bambu.on_report(&publish.payload, now)
         {
             self.counters.oversized_reports += 1;
+        }
+        if let Some(cc2) = &mut self.cc2 {
+            let taken = cc2.on_upstream_publish(&publish.topic, &publish.payload, now);
+            self.run_cc2_actions(now);
+            if taken {
+                return;
+            }
         }
         if publish.retain {
             self.note_retained(&publish.topic, publish.payload.is_empty());

@@ -1347,3 +1347,426 @@ fn the_grace_ends_the_hub_and_so_does_its_last_session_leaving() {
     hub.hub.detach(1, true, hub.now);
     assert!(matches!(hub.hub.take_end(), Some(HubEnd::Idle)));
 }
+
+// An Elegoo CC2: apps register, ping and send requests as on the LAN; the
+// printer sees the agent's registration only.
+
+const CC2_AGENT: &str = "relay-agent-7";
+
+fn cc2_profile() -> super::cc2::Cc2Profile {
+    super::cc2::Cc2Profile {
+        request_interval: Duration::from_millis(600),
+        first_request_id: 100,
+        ..super::cc2::Cc2Profile::new("SN", Some(CC2_AGENT.into()))
+    }
+}
+
+fn cc2_hub_with(profile: super::cc2::Cc2Profile) -> Harness {
+    let mut hub = Harness::new(HubConfig {
+        policy: std::sync::Arc::new(TopicPolicy {
+            allow: vec!["elegoo/SN/#".into()],
+            deny: Vec::new(),
+            retain: false,
+        }),
+        cc2: Some(profile),
+        ..config(RetainedReplay::WhenSeen)
+    });
+    // The hub holds the agent's replies for itself.
+    let held = hub.upstream_subscribe();
+    assert_eq!(
+        held.filters,
+        vec![(
+            format!("elegoo/SN/{CC2_AGENT}/api_response"),
+            QoS::AtLeastOnce
+        )]
+    );
+    hub.printer(suback(held.packet_id.get(), &[granted(QoS::AtMostOnce)]));
+    hub
+}
+
+fn cc2_hub() -> Harness {
+    cc2_hub_with(cc2_profile())
+}
+
+fn json_publish(topic: &str, payload: serde_json::Value) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: topic.into(),
+        packet_id: None,
+        payload: Bytes::from(payload.to_string()),
+    })
+}
+
+fn json_of(publish: &Publish) -> serde_json::Value {
+    serde_json::from_slice(&publish.payload).unwrap()
+}
+
+impl Harness {
+    /// An app as a CC2 client: subscribes to its answers and registers
+    /// as `client_id`; returns the registration's answer.
+    fn cc2_app(&mut self, session: SessionId, client_id: &str) -> serde_json::Value {
+        self.attach(session);
+        let response = format!("elegoo/SN/{client_id}/api_response");
+        let registered = format!("elegoo/SN/{client_id}_req/register_response");
+        self.client(
+            session,
+            subscribe(
+                1,
+                &[
+                    (response.as_str(), QoS::AtMostOnce),
+                    (registered.as_str(), QoS::AtMostOnce),
+                ],
+            ),
+        );
+        let upstream = self.upstream_subscribe();
+        self.printer(suback(
+            upstream.packet_id.get(),
+            &vec![granted(QoS::AtMostOnce); upstream.filters.len()],
+        ));
+        assert!(matches!(
+            self.received(session).as_slice(),
+            [Packet::SubAck(_)]
+        ));
+        self.cc2_register(session, client_id)
+    }
+
+    fn cc2_register(&mut self, session: SessionId, client_id: &str) -> serde_json::Value {
+        self.client(
+            session,
+            json_publish(
+                "elegoo/SN/api_register",
+                serde_json::json!({ "client_id": client_id, "request_id": format!("{client_id}_req") }),
+            ),
+        );
+        let answer = self.publishes(session);
+        assert_eq!(answer.len(), 1, "{answer:?}");
+        assert_eq!(
+            answer[0].topic,
+            format!("elegoo/SN/{client_id}_req/register_response")
+        );
+        json_of(&answer[0])
+    }
+
+    fn cc2_request(&mut self, session: SessionId, client_id: &str, request: serde_json::Value) {
+        self.client(
+            session,
+            json_publish(&format!("elegoo/SN/{client_id}/api_request"), request),
+        );
+    }
+
+    /// Requests that reached the printer since the last look.
+    fn cc2_sent(&mut self) -> Vec<serde_json::Value> {
+        self.upstream()
+            .into_iter()
+            .map(|packet| match packet {
+                Packet::Publish(publish) => {
+                    assert_eq!(publish.topic, format!("elegoo/SN/{CC2_AGENT}/api_request"));
+                    json_of(&publish)
+                }
+                other => panic!("expected a request, got {other:?}"),
+            })
+            .collect()
+    }
+
+    fn cc2_printer_answers(&mut self, answer: serde_json::Value) {
+        self.printer(json_publish(
+            &format!("elegoo/SN/{CC2_AGENT}/api_response"),
+            answer,
+        ));
+    }
+}
+
+#[test]
+fn cc2_apps_register_and_ping_at_the_edge_and_request_on_the_agents_registration() {
+    let mut hub = cc2_hub();
+    for (session, client_id) in [(1, "1_PC_1111"), (2, "1_PC_2222")] {
+        let answer = hub.cc2_app(session, client_id);
+        assert_eq!(
+            answer,
+            serde_json::json!({ "client_id": client_id, "error": "ok" })
+        );
+        hub.cc2_request(session, client_id, serde_json::json!({ "type": "PING" }));
+        let pong = hub.publishes(session);
+        assert_eq!(pong[0].topic, format!("elegoo/SN/{client_id}/api_response"));
+        assert_eq!(json_of(&pong[0]), serde_json::json!({ "type": "PONG" }));
+    }
+    assert_eq!(hub.upstream(), vec![], "registrations and PINGs stay here");
+    // Both use id 7; the second waits for the pace.
+    for (session, client_id) in [(1, "1_PC_1111"), (2, "1_PC_2222")] {
+        hub.cc2_request(
+            session,
+            client_id,
+            serde_json::json!({ "id": 7, "method": 1001, "params": {} }),
+        );
+    }
+    let first = hub.cc2_sent();
+    assert_eq!(first.len(), 1, "{first:?}");
+    hub.advance(Duration::from_millis(599));
+    assert_eq!(hub.cc2_sent(), Vec::<serde_json::Value>::new());
+    hub.advance(Duration::from_millis(1));
+    let second = hub.cc2_sent();
+    assert_eq!(second.len(), 1);
+    let (first_id, second_id) = (first[0]["id"].clone(), second[0]["id"].clone());
+    assert_ne!(first_id, second_id);
+    assert_eq!(first[0]["method"], 1001);
+    // Answers in the other order: each reaches its app only, with its id.
+    for (upstream_id, marker) in [(&second_id, "second"), (&first_id, "first")] {
+        hub.cc2_printer_answers(serde_json::json!({
+            "id": upstream_id, "method": 1001,
+            "result": { "error_code": 0, "marker": marker },
+        }));
+    }
+    for (session, client_id, marker) in [(1, "1_PC_1111", "first"), (2, "1_PC_2222", "second")] {
+        let replies = hub.publishes(session);
+        assert_eq!(replies.len(), 1, "{replies:?}");
+        assert_eq!(
+            replies[0].topic,
+            format!("elegoo/SN/{client_id}/api_response")
+        );
+        assert_eq!(
+            json_of(&replies[0]),
+            serde_json::json!({ "id": 7, "method": 1001, "result": { "error_code": 0, "marker": marker } })
+        );
+    }
+    // The agent's heartbeat's PONG, and a reply nobody waits for, go
+    // nowhere.
+    hub.cc2_printer_answers(serde_json::json!({ "type": "PONG" }));
+    hub.cc2_printer_answers(serde_json::json!({ "id": 5, "method": 1001, "result": {} }));
+    assert!(hub.received(1).is_empty() && hub.received(2).is_empty());
+    let counters = hub.hub.counters();
+    assert_eq!(counters.cc2_answered_at_edge, 4);
+    assert_eq!(counters.cc2_requests_sent, 2);
+}
+
+#[test]
+fn cc2_apps_cannot_take_the_agents_registration_or_each_others() {
+    let mut hub = cc2_hub();
+    hub.cc2_app(1, "1_PC_1111");
+    hub.attach(2);
+    hub.client(
+        2,
+        subscribe(1, &[("elegoo/SN/+/register_response", QoS::AtMostOnce)]),
+    );
+    let upstream = hub.upstream_subscribe();
+    hub.printer(suback(
+        upstream.packet_id.get(),
+        &[granted(QoS::AtMostOnce)],
+    ));
+    hub.received(2);
+    let answer = hub.cc2_register(2, CC2_AGENT);
+    assert!(
+        answer["error"].as_str().unwrap().starts_with("fail"),
+        "{answer}"
+    );
+    let answer = hub.cc2_register(2, "1_PC_1111");
+    assert!(
+        answer["error"].as_str().unwrap().starts_with("fail"),
+        "{answer}"
+    );
+    // Requests as another app, as the agent, or as a client id never
+    // registered; publishing on the printer's own topics: all dropped.
+    for (topic, payload) in [
+        (
+            "elegoo/SN/1_PC_1111/api_request",
+            r#"{"id":1,"method":1022}"#,
+        ),
+        (
+            &format!("elegoo/SN/{CC2_AGENT}/api_request") as &str,
+            r#"{"id":1,"method":1022}"#,
+        ),
+        (
+            "elegoo/SN/1_PC_9999/api_request",
+            r#"{"id":1,"method":1022}"#,
+        ),
+        (
+            "elegoo/SN/api_status",
+            r#"{"id":1,"method":6000,"result":{}}"#,
+        ),
+        ("elegoo/SN/1_PC_1111/api_response", r#"{"id":1}"#),
+    ] {
+        hub.client(
+            2,
+            Packet::Publish(publish(
+                topic,
+                QoS::AtLeastOnce,
+                Some(9),
+                payload.to_owned().leak().as_bytes(),
+            )),
+        );
+        assert_eq!(hub.received(2), vec![Packet::PubAck(id(9))], "{topic}");
+    }
+    assert_eq!(hub.upstream(), vec![]);
+    assert_eq!(hub.hub.counters().refused_publishes, 5);
+    // Past its registrations, an app hears "too many clients".
+    let mut limited = cc2_profile();
+    limited.max_registrations_per_session = 1;
+    let mut hub = cc2_hub_with(limited);
+    hub.cc2_app(1, "a");
+    assert_eq!(hub.cc2_app_again(1, "b")["error"], "too many clients");
+}
+
+impl Harness {
+    fn cc2_app_again(&mut self, session: SessionId, client_id: &str) -> serde_json::Value {
+        let registered = format!("elegoo/SN/{client_id}_req/register_response");
+        self.client(
+            session,
+            subscribe(2, &[(registered.as_str(), QoS::AtMostOnce)]),
+        );
+        let upstream = self.upstream_subscribe();
+        self.printer(suback(
+            upstream.packet_id.get(),
+            &[granted(QoS::AtMostOnce)],
+        ));
+        self.received(session);
+        self.cc2_register(session, client_id)
+    }
+}
+
+#[test]
+fn cc2_requests_past_an_apps_share_of_the_queue_are_answered_busy() {
+    let mut profile = cc2_profile();
+    profile.max_queued_per_session = 2;
+    let mut hub = cc2_hub_with(profile);
+    hub.cc2_app(1, "app");
+    for request_id in 1..=4 {
+        hub.cc2_request(
+            1,
+            "app",
+            serde_json::json!({ "id": request_id, "method": 1026 }),
+        );
+    }
+    // One went at once, two wait; the fourth is answered busy.
+    assert_eq!(hub.cc2_sent().len(), 1);
+    let busy = hub.publishes(1);
+    assert_eq!(busy.len(), 1);
+    let busy = json_of(&busy[0]);
+    assert_eq!(busy["id"], 4);
+    assert_eq!(busy["result"]["error_code"], 1009);
+    assert_eq!(hub.hub.counters().cc2_queue_overflows, 1);
+    hub.advance(Duration::from_millis(600));
+    assert_eq!(hub.cc2_sent().len(), 1, "one per interval");
+    hub.advance(Duration::from_millis(600));
+    assert_eq!(hub.cc2_sent().len(), 1);
+    hub.advance(Duration::from_millis(600));
+    assert_eq!(hub.cc2_sent().len(), 0, "the queue is empty");
+    // A session that leaves takes its waiting requests with it.
+    hub.cc2_request(1, "app", serde_json::json!({ "id": 5, "method": 1026 }));
+    hub.cc2_request(1, "app", serde_json::json!({ "id": 6, "method": 1026 }));
+    assert_eq!(hub.cc2_sent().len(), 1);
+    hub.detach_abruptly(1);
+    hub.advance(Duration::from_millis(600));
+    let after = hub.upstream();
+    assert!(
+        after
+            .iter()
+            .all(|packet| !matches!(packet, Packet::Publish(_))),
+        "{after:?}"
+    );
+}
+
+#[test]
+fn cc2_status_is_merged_for_new_subscribers_and_fresh_1002s() {
+    let mut hub = cc2_hub();
+    hub.cc2_app(1, "app");
+    // The first status subscriber: the hub asks for the full status.
+    hub.client(
+        1,
+        subscribe(3, &[("elegoo/SN/api_status", QoS::AtMostOnce)]),
+    );
+    let upstream = hub.upstream_subscribe();
+    hub.printer(suback(
+        upstream.packet_id.get(),
+        &[granted(QoS::AtMostOnce)],
+    ));
+    let asked = hub.cc2_sent();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0]["method"], 1002);
+    let status = |id: u64, result: serde_json::Value| {
+        json_publish(
+            "elegoo/SN/api_status",
+            serde_json::json!({ "id": id, "method": 6000, "result": result }),
+        )
+    };
+    hub.printer(status(
+        41,
+        serde_json::json!({ "extruder": { "temperature": 30 } }),
+    ));
+    hub.cc2_printer_answers(serde_json::json!({
+        "id": asked[0]["id"], "method": 1002,
+        "result": { "error_code": 0, "extruder": { "temperature": 30, "target": 0 }, "light": { "on": false } },
+    }));
+    hub.printer(status(
+        42,
+        serde_json::json!({ "extruder": { "temperature": 31 } }),
+    ));
+    let got = hub.received(1);
+    // SUBACK, the first delta, the full status once it came, the next delta.
+    assert!(matches!(got[0], Packet::SubAck(_)), "{got:?}");
+    let Packet::Publish(full) = &got[2] else {
+        panic!("{got:?}");
+    };
+    assert_eq!(
+        json_of(full),
+        serde_json::json!({ "id": 41, "method": 6000, "result": { "extruder": { "temperature": 30, "target": 0 }, "light": { "on": false } } })
+    );
+    assert_eq!(got.len(), 4, "{got:?}");
+    // A later subscriber gets the merged status at once.
+    hub.attach(2);
+    hub.client(
+        2,
+        subscribe(1, &[("elegoo/SN/api_status", QoS::AtMostOnce)]),
+    );
+    let got = hub.received(2);
+    let Some(Packet::Publish(merged)) = got.get(1) else {
+        panic!("{got:?}");
+    };
+    assert_eq!(
+        json_of(merged),
+        serde_json::json!({ "id": 42, "method": 6000, "result": { "extruder": { "temperature": 31, "target": 0 }, "light": { "on": false } } })
+    );
+    // A 1002 while the status is fresh: answered here.
+    hub.cc2_request(1, "app", serde_json::json!({ "id": 3, "method": 1002 }));
+    let answer = hub.publishes(1);
+    assert_eq!(
+        json_of(&answer[0]),
+        serde_json::json!({ "id": 3, "method": 1002, "result": { "error_code": 0, "extruder": { "temperature": 31, "target": 0 }, "light": { "on": false } } })
+    );
+    assert_eq!(hub.cc2_sent(), Vec::<serde_json::Value>::new());
+    // A gap in the deltas: the state is asked for again.
+    hub.advance(Duration::from_millis(600));
+    hub.printer(status(45, serde_json::json!({ "light": { "on": true } })));
+    let asked = hub.cc2_sent();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0]["method"], 1002);
+    // Until it comes, apps' 1002s go to the printer.
+    hub.advance(Duration::from_millis(600));
+    hub.received(1);
+    hub.cc2_request(1, "app", serde_json::json!({ "id": 4, "method": 1002 }));
+    assert_eq!(hub.cc2_sent().len(), 1);
+}
+
+#[test]
+fn cc2_over_a_peer_link_requests_pass_on_as_they_came() {
+    let mut hub = Harness::new(HubConfig {
+        policy: std::sync::Arc::new(TopicPolicy {
+            allow: vec!["elegoo/SN/#".into()],
+            deny: Vec::new(),
+            retain: false,
+        }),
+        cc2: Some(super::cc2::Cc2Profile::new("SN", None)),
+        ..config(RetainedReplay::WhenSeen)
+    });
+    assert_eq!(hub.upstream(), vec![], "no agent registration to hold");
+    hub.cc2_app(1, "app");
+    hub.cc2_request(1, "app", serde_json::json!({ "type": "PING" }));
+    assert_eq!(hub.publishes(1).len(), 1, "PONG from here");
+    hub.cc2_request(1, "app", serde_json::json!({ "id": 8, "method": 1029 }));
+    let passed = hub.upstream();
+    let [Packet::Publish(request)] = passed.as_slice() else {
+        panic!("{passed:?}");
+    };
+    assert_eq!(request.topic, "elegoo/SN/app/api_request");
+    assert_eq!(json_of(request)["id"], 8);
+}

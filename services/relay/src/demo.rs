@@ -17,6 +17,19 @@ use tokio_util::sync::CancellationToken;
 /// The simulated printer's serial and LAN access code (demo values).
 const SERIAL: &str = "01P00A000000001";
 const ACCESS_CODE: &str = "12345678";
+/// The simulated CC2's serial and access code (demo values).
+const CC2_SERIAL: &str = "F01CC2000000001";
+const CC2_ACCESS_CODE: &str = "123456";
+
+/// Which printer the demo simulates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoPrinter {
+    /// A Bambu Lab printer: mqtts, `device/<serial>/report`.
+    Bambu,
+    /// An Elegoo Centauri Carbon 2: plain MQTT, `elegoo/<serial>/…`, a
+    /// registration per app (answered by the edge).
+    Cc2,
+}
 const STATE_FILE: &str = "demo.json";
 
 /// What a second run needs to find again: ids and the secrets the demo
@@ -35,7 +48,12 @@ fn step(number: u8, text: &str) {
     println!("[{number}/5] {text}");
 }
 
-pub async fn run(data_dir: &Path, port: u16, edges: u16) -> anyhow::Result<()> {
+pub async fn run(
+    data_dir: &Path,
+    port: u16,
+    edges: u16,
+    printer: DemoPrinter,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let dir = data_dir
@@ -73,7 +91,16 @@ pub async fn run(data_dir: &Path, port: u16, edges: u16) -> anyhow::Result<()> {
     );
 
     if edges > 1 {
-        return run_several(&dir, port, edges, &database_url, &state, &certificates).await;
+        return run_several(
+            &dir,
+            port,
+            edges,
+            &database_url,
+            &state,
+            &certificates,
+            printer,
+        )
+        .await;
     }
     let mut config = EdgeConfig::defaults();
     config.public.listen = Some(free_or_any(port));
@@ -99,14 +126,22 @@ pub async fn run(data_dir: &Path, port: u16, edges: u16) -> anyhow::Result<()> {
         ),
     );
 
-    let simulator = start_simulator(&dir).await?;
-    let (stop_agent, agent) = start_agent(&dir, &[tunnel], &state, &certificates, &simulator, 15)?;
+    let simulator = start_simulator(&dir, printer).await?;
+    let (stop_agent, agent) = start_agent(
+        &dir,
+        &[tunnel],
+        &state,
+        &certificates,
+        &simulator,
+        printer,
+        15,
+    )?;
     tokio::time::timeout(Duration::from_secs(20), edge.wait_online(&state.device))
         .await
         .context("the agent did not reach the edge within 20 s (RELAY_LOG=info shows why)")?;
     step(5, &format!("agent: connected, device {}", state.device));
 
-    let snippets = Snippets::new(&state, public.port(), &certificates.ca);
+    let snippets = Snippets::new(&state, public.port(), &certificates.ca, printer);
     snippets.write(&dir)?;
     println!("{}", snippets.banner(&dir));
 
@@ -120,20 +155,24 @@ pub async fn run(data_dir: &Path, port: u16, edges: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start_simulator(dir: &Path) -> anyhow::Result<RunningSimulator> {
-    let simulator = RunningSimulator::start(
-        SimulatorConfig::new(SERIAL, ACCESS_CODE),
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-    )
-    .await
-    .context("the printer simulator did not start")?;
+async fn start_simulator(dir: &Path, printer: DemoPrinter) -> anyhow::Result<RunningSimulator> {
+    let config = match printer {
+        DemoPrinter::Bambu => SimulatorConfig::new(SERIAL, ACCESS_CODE),
+        DemoPrinter::Cc2 => SimulatorConfig::elegoo_cc2(CC2_SERIAL, CC2_ACCESS_CODE),
+    };
+    let simulator = RunningSimulator::start(config, SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .context("the printer simulator did not start")?;
     write_private(&dir.join("printer-ca.pem"), &simulator.ca_pem)?;
+    let what = match printer {
+        DemoPrinter::Bambu => format!("Bambu-like broker, serial {SERIAL}, mqtts"),
+        DemoPrinter::Cc2 => format!(
+            "Elegoo Centauri Carbon 2, serial {CC2_SERIAL}, mqtt (four registrations at most)"
+        ),
+    };
     step(
         4,
-        &format!(
-            "printer simulator: Bambu-like broker, serial {SERIAL}, mqtts on {}",
-            simulator.addr
-        ),
+        &format!("printer simulator: {what} on {}", simulator.addr),
     );
     Ok(simulator)
 }
@@ -145,9 +184,22 @@ fn start_agent(
     state: &DemoState,
     certificates: &Certificates,
     simulator: &RunningSimulator,
+    printer: DemoPrinter,
     keep_alive_seconds: u64,
 ) -> anyhow::Result<(CancellationToken, tokio::task::JoinHandle<()>)> {
     let more: Vec<String> = tunnels[1..].iter().map(|t| format!("\"{t}\"")).collect();
+    let printer_port = simulator.addr.port();
+    let printer_section = match printer {
+        DemoPrinter::Bambu => format!(
+            "kind = \"bambu\"\nhost = \"127.0.0.1\"\nport = {printer_port}\nserial = \"{SERIAL}\"\n\
+             access_code = \"{ACCESS_CODE}\"\nca_file = {:?}\n",
+            dir.join("printer-ca.pem").display().to_string()
+        ),
+        DemoPrinter::Cc2 => format!(
+            "kind = \"elegoo_cc2\"\nhost = \"127.0.0.1\"\nport = {printer_port}\nserial = \"{CC2_SERIAL}\"\n\
+             access_code = \"{CC2_ACCESS_CODE}\"\n"
+        ),
+    };
     let agent_config = relay_agent::config::AgentConfig::from_toml(&format!(
         r#"
         [edge]
@@ -159,19 +211,12 @@ fn start_agent(
         keep_alive_seconds = {keep_alive_seconds}
 
         [printer]
-        kind = "bambu"
-        host = "127.0.0.1"
-        port = {printer_port}
-        serial = "{SERIAL}"
-        access_code = "{ACCESS_CODE}"
-        ca_file = {printer_ca:?}
+{printer_section}
         "#,
         tunnel = tunnels[0],
         more = more.join(", "),
         ca = certificates.ca.display().to_string(),
         credential = state.agent_credential,
-        printer_port = simulator.addr.port(),
-        printer_ca = dir.join("printer-ca.pem").display().to_string(),
     ))
     .map_err(|problems| anyhow::anyhow!("agent configuration: {}", problems.join("; ")))?;
     let printer = agent_config
@@ -209,6 +254,7 @@ async fn run_several(
     database_url: &str,
     state: &DemoState,
     certificates: &Certificates,
+    printer: DemoPrinter,
 ) -> anyhow::Result<()> {
     let secret = relay_store::credential::random_base32(32)
         .map_err(|_| anyhow::anyhow!("no randomness for the cluster secret"))?;
@@ -266,10 +312,11 @@ renew_seconds = 1
             state.device
         );
     }
-    let simulator = start_simulator(dir).await?;
+    let simulator = start_simulator(dir, printer).await?;
     let tunnels: Vec<SocketAddr> = instances.iter().map(|i| i.tunnel).collect();
     // A short keep-alive: a killed instance is noticed within seconds.
-    let (stop_agent, agent) = start_agent(dir, &tunnels, state, certificates, &simulator, 1)?;
+    let (stop_agent, agent) =
+        start_agent(dir, &tunnels, state, certificates, &simulator, printer, 1)?;
     let store = Store::connect(database_url).await?;
     let holder = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
@@ -291,7 +338,7 @@ renew_seconds = 1
             pid_of(&instances, &holder)
         ),
     );
-    let snippets = Snippets::new(state, instances[0].public.port(), &certificates.ca);
+    let snippets = Snippets::new(state, instances[0].public.port(), &certificates.ca, printer);
     snippets.write(dir)?;
     println!("{}", snippets.banner(dir));
     println!(
@@ -561,20 +608,85 @@ struct Snippets {
     key: String,
     ca: String,
     topic: String,
+    /// What the banner says about the printer's other topics.
+    topics_note: String,
     mqttjs: String,
     python: String,
 }
 
 impl Snippets {
-    fn new(state: &DemoState, port: u16, ca: &Path) -> Snippets {
+    fn new(state: &DemoState, port: u16, ca: &Path, printer: DemoPrinter) -> Snippets {
         let path = format!("/d/{}/mqtt", state.device);
         let ca = ca.display().to_string();
-        let topic = format!("device/{SERIAL}/report");
+        let topic = match printer {
+            DemoPrinter::Bambu => format!("device/{SERIAL}/report"),
+            DemoPrinter::Cc2 => format!("elegoo/{CC2_SERIAL}/api_status"),
+        };
+        let topics_note = match printer {
+            DemoPrinter::Bambu => format!("(requests: device/{SERIAL}/request)"),
+            DemoPrinter::Cc2 => format!(
+                "(register on elegoo/{CC2_SERIAL}/api_register; requests on elegoo/{CC2_SERIAL}/<client id>/api_request,\n         \
+                 answers on …/<client id>/api_response: each app with a client id of its own)"
+            ),
+        };
         let mqttjs = format!(
             "npx --yes mqtt@5 sub -l wss -h 127.0.0.1 -p {port} --path {path} --ca {ca} -u demo -P {key} -t {topic} -v",
             key = state.key,
         );
-        let python = format!(
+        let python = match printer {
+            DemoPrinter::Bambu => Self::bambu_python(state, port, &path, &ca, &topic),
+            DemoPrinter::Cc2 => Self::cc2_python(state, port, &path, &ca),
+        };
+        Snippets {
+            url: format!("wss://127.0.0.1:{port}{path}"),
+            host_url: format!("wss://{}.localhost:{port}/mqtt", state.device),
+            key: state.key.clone(),
+            ca,
+            topic,
+            topics_note,
+            mqttjs,
+            python,
+        }
+    }
+
+    /// paho-mqtt as a CC2 app on the LAN: subscribe to its answers,
+    /// register with its own client id, ask for the full status (1002),
+    /// then follow the status.
+    fn cc2_python(state: &DemoState, port: u16, path: &str, ca: &str) -> String {
+        format!(
+            r#"import json, random
+import paho.mqtt.client as mqtt  # pip install "paho-mqtt>=2"
+
+SN = "{CC2_SERIAL}"
+CID = "demo-app-%04d" % random.randrange(10000)  # any client id of the app's own
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, transport="websockets")
+client.ws_set_options(path="{path}", headers={{"Authorization": "Bearer {key}"}})
+client.tls_set(ca_certs="{ca}")
+
+def on_connect(c, userdata, flags, code, properties):
+    c.subscribe([(f"elegoo/{{SN}}/{{CID}}_req/register_response", 0), (f"elegoo/{{SN}}/{{CID}}/api_response", 0)])
+
+def on_subscribe(c, userdata, mid, codes, properties):
+    if mid == 1:
+        c.publish(f"elegoo/{{SN}}/api_register", json.dumps({{"client_id": CID, "request_id": CID + "_req"}}))
+
+def on_message(c, userdata, message):
+    print(message.topic, message.payload[:80].decode(), flush=True)
+    if message.topic.endswith("/register_response"):
+        c.publish(f"elegoo/{{SN}}/{{CID}}/api_request", json.dumps({{"id": 1, "method": 1002, "params": {{}}}}))
+    elif message.topic.endswith("/api_response"):
+        c.subscribe(f"elegoo/{{SN}}/api_status")
+
+client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+client.connect("127.0.0.1", {port})
+client.loop_forever()
+"#,
+            key = state.key,
+        )
+    }
+
+    fn bambu_python(state: &DemoState, port: u16, path: &str, ca: &str, topic: &str) -> String {
+        format!(
             r#"import paho.mqtt.client as mqtt  # pip install "paho-mqtt>=2"
 
 client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, transport="websockets")
@@ -586,16 +698,7 @@ client.connect("127.0.0.1", {port})
 client.loop_forever()
 "#,
             key = state.key,
-        );
-        Snippets {
-            url: format!("wss://127.0.0.1:{port}{path}"),
-            host_url: format!("wss://{}.localhost:{port}/mqtt", state.device),
-            key: state.key.clone(),
-            ca,
-            topic,
-            mqttjs,
-            python,
-        }
+        )
     }
 
     fn write(&self, dir: &Path) -> anyhow::Result<()> {
@@ -622,7 +725,7 @@ relay demo is ready.
   key    {key}
          (Authorization: Bearer <key>, or as the MQTT password with any user name)
   CA     {ca}
-  topic  {topic}   (requests: device/{SERIAL}/request)
+  topic  {topic}   {topics_note}
 
 Subscribe with MQTT.js's CLI (Node 18+):
     {mqttjs}
@@ -638,6 +741,7 @@ Ctrl-C stops everything; the next run reuses {dir}.",
             key = self.key,
             ca = self.ca,
             topic = self.topic,
+            topics_note = self.topics_note,
             mqttjs = self.mqttjs,
             dir = dir.display(),
         )

@@ -40,6 +40,10 @@ enum Command {
         /// one holding the agent to see the failover.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
         edges: u16,
+        /// The simulated printer: a Bambu Lab printer, or an Elegoo
+        /// Centauri Carbon 2.
+        #[arg(long, value_enum, default_value_t = demo::DemoPrinter::Bambu)]
+        printer: demo::DemoPrinter,
     },
     /// One edge instance of `relay demo --edges N` (started by the demo).
     #[command(hide = true)]
@@ -65,7 +69,8 @@ async fn main() -> ExitCode {
             data_dir,
             port,
             edges,
-        } => match demo::run(&data_dir, port, edges).await {
+            printer,
+        } => match demo::run(&data_dir, port, edges, printer).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("relay demo: {error:#}");

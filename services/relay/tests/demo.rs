@@ -97,6 +97,18 @@ async fn first_line_with(
     dir: &Path,
     env: &[(&str, &Path)],
 ) -> String {
+    first_lines(program, args, dir, env, 1).await.remove(0)
+}
+
+/// Runs `program args…` in `dir` until it printed `count` lines; then
+/// ends it with everything it started.
+async fn first_lines(
+    program: &Path,
+    args: &[&Path],
+    dir: &Path,
+    env: &[(&str, &Path)],
+    count: usize,
+) -> Vec<String> {
     let mut child = Command::new(program)
         .args(args)
         .envs(env.iter().map(|(name, value)| (*name, *value)))
@@ -108,11 +120,15 @@ async fn first_line_with(
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(PATIENCE, lines.next_line())
-        .await
-        .unwrap_or_else(|_| panic!("{} printed nothing", program.display()))
-        .unwrap()
-        .unwrap_or_else(|| panic!("{} ended without output", program.display()));
+    let mut printed = Vec::new();
+    while printed.len() < count {
+        let line = tokio::time::timeout(PATIENCE, lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("{} printed only {printed:?}", program.display()))
+            .unwrap()
+            .unwrap_or_else(|| panic!("{} ended after {printed:?}", program.display()));
+        printed.push(line);
+    }
     let group = format!("-{}", child.id().unwrap());
     let status = Command::new("kill")
         .args(["-TERM", "--", &group])
@@ -121,7 +137,7 @@ async fn first_line_with(
         .unwrap();
     assert!(status.success());
     child.wait().await.unwrap();
-    line
+    printed
 }
 
 fn client_tools() -> PathBuf {
@@ -387,4 +403,58 @@ client.loop_forever()
     let said = demo.interrupt().await;
     assert!(said.contains(&format!("{holder} exited")), "{said}");
     std::fs::remove_dir_all(&data_dir).unwrap();
+}
+
+/// `relay demo --printer cc2`: the printed paho snippet speaks the CC2
+/// protocol through the relay as on the LAN: its registration is answered
+/// (by the edge), its 1002 request gets the full status with its own id,
+/// and status deltas follow.
+#[tokio::test]
+async fn the_cc2_demo_serves_the_cc2_protocol_to_paho() {
+    let tools = client_tools();
+    let data_dir = std::env::temp_dir().join(format!(
+        "relay-demo-cc2-test-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let mut demo = Demo::start_with(&data_dir, &["--printer", "cc2"]);
+    demo.read_until("relay demo is ready.").await;
+    demo.read_until("Ctrl-C stops everything").await;
+    assert!(
+        demo.said.contains("Elegoo Centauri Carbon 2"),
+        "{}",
+        demo.said
+    );
+    assert!(
+        demo.said.contains("elegoo/F01CC2000000001/api_status"),
+        "{}",
+        demo.said
+    );
+    let python = tools.join("venv/bin/python");
+    let lines = first_lines(
+        &python,
+        &[&data_dir.join("subscribe.py")],
+        &data_dir,
+        &[],
+        3,
+    )
+    .await;
+    assert!(
+        lines[0].contains("_req/register_response") && lines[0].contains(r#""error":"ok""#),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].contains("/api_response") && lines[1].contains(r#""id":1"#),
+        "{lines:?}"
+    );
+    assert!(
+        lines[2].starts_with("elegoo/F01CC2000000001/api_status"),
+        "{lines:?}"
+    );
+    let said = demo.interrupt().await;
+    assert!(said.contains("relay demo: stopped"), "{said}");
+    let _ = std::fs::remove_dir_all(&data_dir);
 }

@@ -34,7 +34,8 @@ pub struct SetupArgs {
     /// The agent credential, rla_… (from your operator)
     #[arg(long, hide_env_values = true)]
     pub credential: Option<String>,
-    /// bambu (a Bambu Lab printer) or mqtt (any MQTT broker)
+    /// bambu (a Bambu Lab printer), elegoo_cc2 (an Elegoo Centauri
+    /// Carbon 2) or mqtt (any MQTT broker)
     #[arg(long)]
     pub kind: Option<String>,
     /// The printer's address on your network
@@ -42,10 +43,11 @@ pub struct SetupArgs {
     pub host: Option<String>,
     #[arg(long)]
     pub port: Option<u16>,
-    /// Bambu: the printer's serial number
+    /// Bambu and CC2: the printer's serial number
     #[arg(long)]
     pub serial: Option<String>,
-    /// Bambu: the LAN access code (8 characters, on the printer's screen)
+    /// Bambu: the LAN access code (8 characters, on the printer's screen);
+    /// CC2: its access code, when the printer shows one
     #[arg(long, hide_env_values = true)]
     pub access_code: Option<String>,
     /// Bambu: the CA that signed the printer's certificate; without one, the
@@ -80,6 +82,19 @@ impl Asker {
         let mut line = String::new();
         let _ = std::io::stdin().lock().read_line(&mut line);
         line.trim().to_owned()
+    }
+
+    /// A value that may be left out: asked for in a terminal (an empty
+    /// answer leaves it out), absent otherwise.
+    fn optional(&mut self, given: Option<String>, question: &str) -> Option<String> {
+        if given.is_some() || !self.interactive {
+            return given;
+        }
+        eprint!("{question}: ");
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut line);
+        Some(line.trim().to_owned()).filter(|answer| !answer.is_empty())
     }
 }
 
@@ -122,7 +137,11 @@ pub fn config_text(args: &SetupArgs, interactive: bool) -> Result<String, Vec<&'
         "--credential",
         "Agent credential (rla_…)",
     );
-    let kind = ask.value(args.kind.clone(), "--kind", "Printer kind (bambu or mqtt)");
+    let kind = ask.value(
+        args.kind.clone(),
+        "--kind",
+        "Printer kind (bambu, elegoo_cc2 or mqtt)",
+    );
     let host = ask.value(
         args.host.clone(),
         "--host",
@@ -166,6 +185,21 @@ pub fn config_text(args: &SetupArgs, interactive: bool) -> Result<String, Vec<&'
                 None => text.push_str(
                     "pin_on_first_use = true\nfingerprint_file = \"/var/lib/relay-agent/printer.fingerprint\"\n",
                 ),
+            }
+        }
+        "elegoo_cc2" => {
+            let serial = ask.value(
+                args.serial.clone(),
+                "--serial",
+                "Printer serial number (Settings > About on the printer)",
+            );
+            text.push_str(&format!("serial = {}\n", quote(&serial)));
+            let code = ask.optional(
+                args.access_code.clone(),
+                "Access code (Settings > Network on the printer; empty if it shows none)",
+            );
+            if let Some(code) = code {
+                text.push_str(&format!("access_code = {}\n", quote(&code)));
             }
         }
         _ => {
@@ -278,5 +312,38 @@ pub async fn run(args: SetupArgs) -> u8 {
     } else {
         println!("Fix what does not work, then run relay-agent setup --force again.");
         1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cc2_setup_from_flags_is_a_valid_configuration() {
+        let args = SetupArgs {
+            edge: Some("edge.example.com:7443".into()),
+            // Any readable file: validation does not parse it.
+            edge_ca: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml").into()),
+            credential: Some("rla_abc_def".into()),
+            kind: Some("elegoo_cc2".into()),
+            host: Some("192.168.1.50".into()),
+            serial: Some("F01CC2000000001".into()),
+            ..SetupArgs::default()
+        };
+        let text = config_text(&args, false).unwrap();
+        assert!(!text.contains("access_code"), "{text}");
+        let config = AgentConfig::from_toml(&text).unwrap();
+        let printer = config.validate().unwrap();
+        assert_eq!(printer.port(), 1883);
+        assert!(matches!(
+            printer.kind,
+            crate::config::PrinterKind::ElegooCc2 { .. }
+        ));
+        let without_serial = SetupArgs {
+            serial: None,
+            ..args
+        };
+        assert_eq!(config_text(&without_serial, false), Err(vec!["--serial"]));
     }
 }

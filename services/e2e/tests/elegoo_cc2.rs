@@ -25,11 +25,12 @@ struct Cc2World {
 }
 
 async fn cc2_world(prepare: impl FnOnce(&mut SimulatorConfig)) -> Cc2World {
-    cc2_world_with(prepare, "").await
+    cc2_world_with(|_| {}, prepare, "").await
 }
 
 /// `agent_printer`: more lines for the agent's `[printer]` section.
 async fn cc2_world_with(
+    edge: impl FnOnce(&mut relay_edge::EdgeConfig),
     prepare: impl FnOnce(&mut SimulatorConfig),
     agent_printer: &str,
 ) -> Cc2World {
@@ -37,6 +38,7 @@ async fn cc2_world_with(
         config.tunnel.listen = Some("127.0.0.1:0".parse().unwrap());
         config.tunnel.upstream_grace_seconds = 30;
         config.public.device_in_path = true;
+        edge(config);
     })
     .await;
     let mut config = SimulatorConfig::elegoo_cc2(CC2_SERIAL, CC2_CODE);
@@ -224,6 +226,7 @@ async fn the_agent_holds_one_registration_and_keeps_it_through_a_reboot() {
 #[tokio::test]
 async fn the_heartbeat_keeps_the_registration_through_an_idle_hour() {
     let world = cc2_world_with(
+        |_| {},
         |config| {
             if let Some(cc2) = &mut config.cc2 {
                 cc2.heartbeat_expiry = Duration::from_secs(1);
@@ -500,5 +503,61 @@ async fn ten_paho_apps_share_the_agents_one_registration() {
         "the cooldown dropped no reply"
     );
     world.agent.cancel();
+    world.edge.stop().await;
+}
+
+/// An app on one instance, the agent on another: registration, heartbeat
+/// and status are served where the app is; its request goes over the peer
+/// link as it came, and the instance holding the agent sends it on the
+/// agent's registration and gives the answer back for that app only.
+#[tokio::test]
+async fn an_app_on_another_instance_speaks_cc2_through_the_peer_link() {
+    const SECRET: &str = "a cluster secret of some length";
+    let mut world = cc2_world_with(
+        |edge| {
+            edge.cluster.instance_id = "edge-b".into();
+            edge.cluster.peer_listen = Some("127.0.0.1:0".parse().unwrap());
+            edge.cluster.secret = SECRET.into();
+        },
+        |_| {},
+        "",
+    )
+    .await;
+    let mut config = world.edge.config.clone();
+    config.cluster.instance_id = "edge-a".into();
+    config.tunnel.listen = None;
+    let a = relay_edge::RunningEdge::start(config).await.unwrap();
+    // The apps dial edge-a.
+    world.edge.addr = a.public_addr.unwrap();
+    let mut first = cc2_app(&world, "1_PC_7101").await;
+    let mut second = cc2_app(&world, "1_PC_7102").await;
+    let pong = request(
+        &mut first,
+        "1_PC_7101",
+        serde_json::json!({ "type": "PING" }),
+    )
+    .await;
+    assert_eq!(pong, serde_json::json!({ "type": "PONG" }));
+    for (client, client_id) in [(&mut first, "1_PC_7101"), (&mut second, "1_PC_7102")] {
+        let answer = request(
+            client,
+            client_id,
+            serde_json::json!({ "id": 1, "method": 1044 }),
+        )
+        .await;
+        assert_eq!(answer["id"], 1, "{answer}");
+        assert_eq!(answer["result"]["error_code"], 0, "{answer}");
+        assert_eq!(next_status(client).await["method"], 6000);
+    }
+    let observations = world.simulator.observations();
+    assert_eq!(observations.cc2_registrations.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        observations
+            .cc2_unregistered_requests
+            .load(Ordering::SeqCst),
+        0
+    );
+    world.agent.cancel();
+    a.drain(Duration::from_secs(2)).await;
     world.edge.stop().await;
 }

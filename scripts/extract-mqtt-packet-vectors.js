@@ -7,7 +7,7 @@
 // parser made of it (packets or an error). Nothing is asserted here: the
 // judgement happens in proto/tests/mqtt_packet_corpus.rs.
 //
-// Usage: node extract-mqtt-packet-vectors.js <path to mqtt-packet package>
+// Usage: node extract-mqtt-packet-vectors.js <path to mqtt-packet package> [5]
 'use strict'
 const Module = require('module')
 const path = require('path')
@@ -60,14 +60,17 @@ Module._load = function (request, parent, isMain) {
 
 require(path.join(packageDir, 'test.js'))
 
-// Keep only MQTT 3.1 / 3.1.1 material, recorded once per distinct input.
+// Keep the material of one protocol generation, recorded once per distinct
+// input: MQTT 3.1 / 3.1.1 by default, MQTT 5 with the argument `5`.
+const wantV5 = process.argv[3] === '5'
 const seen = new Set()
 const vectors = []
 for (const r of records) {
-  if (r.protocol_version !== 3 && r.protocol_version !== 4) continue
   if (r.chunks.length === 0) continue
-  // A CONNECT carries its own level: drop the MQTT 5 ones the v4 parser read.
-  if (r.packets.some(p => p.protocolVersion === 5 || p.properties)) continue
+  // A CONNECT carries its own level: the v4 parser reads MQTT 5 ones too.
+  const v5 = r.protocol_version === 5 ||
+    r.packets.some(p => p.protocolVersion === 5 || p.properties)
+  if (wantV5 ? !v5 : (v5 || (r.protocol_version !== 3 && r.protocol_version !== 4))) continue
   const key = r.protocol_version + ':' + r.chunks.join('|')
   if (seen.has(key)) continue
   seen.add(key)

@@ -38,3 +38,8 @@ fn mqtt_seeds_pass_the_fuzz_checks() {
 fn tunnel_seeds_pass_the_fuzz_checks() {
     replay("tunnel_decode", oracles::check_tunnel_decode);
 }
+
+#[test]
+fn mqtt5_seeds_pass_the_fuzz_checks() {
+    replay("mqtt5_decode", oracles::check_mqtt5_decode);
+}

@@ -51,23 +51,31 @@ impl FixedHeader {
                 }
             }
         }
-        let mut remaining_len = 0usize;
-        for index in 0..4 {
-            let Some(&byte) = bytes.get(1 + index) else {
-                return Ok(None);
-            };
-            remaining_len |= usize::from(byte & 0x7f) << (7 * index);
-            if byte & 0x80 == 0 {
-                return Ok(Some(FixedHeader {
-                    packet_type,
-                    flags,
-                    header_len: 2 + index,
-                    remaining_len,
-                }));
-            }
-        }
-        Err(DecodeError::MalformedRemainingLength)
+        Ok(
+            remaining_length(bytes)?.map(|(header_len, remaining_len)| FixedHeader {
+                packet_type,
+                flags,
+                header_len,
+                remaining_len,
+            }),
+        )
     }
+}
+
+/// The remaining-length field after a packet's first byte: the fixed
+/// header's length and the remaining length, or `None` while incomplete.
+pub(crate) fn remaining_length(bytes: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
+    let mut remaining_len = 0usize;
+    for index in 0..4 {
+        let Some(&byte) = bytes.get(1 + index) else {
+            return Ok(None);
+        };
+        remaining_len |= usize::from(byte & 0x7f) << (7 * index);
+        if byte & 0x80 == 0 {
+            return Ok(Some((2 + index, remaining_len)));
+        }
+    }
+    Err(DecodeError::MalformedRemainingLength)
 }
 
 /// Decodes the packet at the front of `buffer`.
@@ -129,7 +137,7 @@ pub fn decode_with_bytes(
 }
 
 fn decode_body(header: FixedHeader, body: Bytes) -> Result<Packet, DecodeError> {
-    let mut reader = BodyReader { body };
+    let mut reader = BodyReader::new(body);
     let packet = match header.packet_type {
         PacketType::Connect => Packet::Connect(decode_connect(&mut reader)?),
         PacketType::ConnAck => Packet::ConnAck(decode_connack(&mut reader)?),
@@ -325,36 +333,70 @@ fn count_length_prefixed(body: &[u8], trailer: usize) -> usize {
 }
 
 /// Reads fields from a packet body whose length is already known; every read
-/// is checked against what is left.
-struct BodyReader {
+/// is checked against what is left. Shared with the MQTT 5 codec.
+pub(crate) struct BodyReader {
     body: Bytes,
 }
 
 impl BodyReader {
-    fn is_empty(&self) -> bool {
+    pub(crate) fn new(body: Bytes) -> BodyReader {
+        BodyReader { body }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
         self.body.is_empty()
     }
 
-    fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
+    /// Bytes left.
+    pub(crate) fn len(&self) -> usize {
+        self.body.len()
+    }
+
+    /// The next `len` bytes as a reader of their own.
+    pub(crate) fn take(
+        &mut self,
+        len: usize,
+        field: &'static str,
+    ) -> Result<BodyReader, DecodeError> {
+        if self.body.len() < len {
+            return Err(DecodeError::Truncated(field));
+        }
+        Ok(BodyReader::new(self.body.split_to(len)))
+    }
+
+    /// Entries of a list of length-prefixed fields (each followed by
+    /// `trailer` bytes) at the front of what is left.
+    pub(crate) fn count_length_prefixed(&self, trailer: usize) -> usize {
+        count_length_prefixed(&self.body, trailer)
+    }
+
+    pub(crate) fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+        if self.body.len() < 4 {
+            return Err(DecodeError::Truncated(field));
+        }
+        Ok(self.body.get_u32())
+    }
+
+    pub(crate) fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
         if self.body.is_empty() {
             return Err(DecodeError::Truncated(field));
         }
         Ok(self.body.get_u8())
     }
 
-    fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
+    pub(crate) fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
         if self.body.len() < 2 {
             return Err(DecodeError::Truncated(field));
         }
         Ok(self.body.get_u16())
     }
 
-    fn packet_id(&mut self) -> Result<PacketId, DecodeError> {
+    pub(crate) fn packet_id(&mut self) -> Result<PacketId, DecodeError> {
         PacketId::new(self.u16("packet identifier")?).ok_or(DecodeError::ZeroPacketId)
     }
 
     /// A two-byte length followed by that many bytes.
-    fn binary(&mut self, field: &'static str) -> Result<Bytes, DecodeError> {
+    pub(crate) fn binary(&mut self, field: &'static str) -> Result<Bytes, DecodeError> {
         let len = usize::from(self.u16(field)?);
         if self.body.len() < len {
             return Err(DecodeError::Truncated(field));
@@ -363,7 +405,7 @@ impl BodyReader {
     }
 
     /// A UTF-8 string as MQTT defines it: valid UTF-8 without U+0000.
-    fn string(&mut self, field: &'static str) -> Result<String, DecodeError> {
+    pub(crate) fn string(&mut self, field: &'static str) -> Result<String, DecodeError> {
         let bytes = self.binary(field)?;
         let text = std::str::from_utf8(&bytes).map_err(|_| DecodeError::InvalidUtf8)?;
         if text.contains('\0') {
@@ -372,11 +414,11 @@ impl BodyReader {
         Ok(text.to_owned())
     }
 
-    fn rest(&mut self) -> Bytes {
+    pub(crate) fn rest(&mut self) -> Bytes {
         std::mem::take(&mut self.body)
     }
 
-    fn finish(self) -> Result<(), DecodeError> {
+    pub(crate) fn finish(self) -> Result<(), DecodeError> {
         if self.body.is_empty() {
             Ok(())
         } else {

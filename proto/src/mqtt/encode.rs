@@ -137,14 +137,14 @@ fn string_len(text: &str, field: &'static str) -> Result<usize, EncodeError> {
     binary_len(text.as_bytes(), field)
 }
 
-fn binary_len(bytes: &[u8], field: &'static str) -> Result<usize, EncodeError> {
+pub(crate) fn binary_len(bytes: &[u8], field: &'static str) -> Result<usize, EncodeError> {
     if bytes.len() > usize::from(u16::MAX) {
         return Err(EncodeError::FieldTooLong(field));
     }
     Ok(2 + bytes.len())
 }
 
-fn remaining_length_size(len: usize) -> usize {
+pub(crate) fn remaining_length_size(len: usize) -> usize {
     match len {
         0..=127 => 1,
         128..=16_383 => 2,
@@ -153,7 +153,7 @@ fn remaining_length_size(len: usize) -> usize {
     }
 }
 
-fn put_remaining_length(out: &mut BytesMut, mut len: usize) {
+pub(crate) fn put_remaining_length(out: &mut BytesMut, mut len: usize) {
     loop {
         // Truncation is the point: seven bits at a time.
         let mut byte = (len & 0x7f) as u8;
@@ -169,7 +169,7 @@ fn put_remaining_length(out: &mut BytesMut, mut len: usize) {
 }
 
 // Lengths were checked by `body_len`, so the `as u16` casts below never truncate.
-fn put_binary(out: &mut BytesMut, bytes: &[u8]) {
+pub(crate) fn put_binary(out: &mut BytesMut, bytes: &[u8]) {
     out.put_u16(bytes.len() as u16);
     out.put_slice(bytes);
 }

@@ -27,8 +27,8 @@
 //! Both protocol levels share one codec. They differ only in CONNECT, whose
 //! [`Connect::protocol`] tells which level the client speaks.
 
-mod decode;
-mod encode;
+pub(crate) mod decode;
+pub(crate) mod encode;
 
 use std::fmt;
 use std::num::NonZeroU16;

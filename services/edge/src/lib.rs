@@ -22,6 +22,7 @@ pub mod peer;
 mod quotas;
 pub mod server;
 pub mod session;
+pub mod session_v5;
 pub mod state;
 pub mod tls;
 pub mod tunnel;

@@ -664,7 +664,7 @@ async fn serve_link(
         let writer = async {
             while let Some(item) = receiver.recv().await {
                 match item {
-                    Outbound::Bytes(bytes) => {
+                    Outbound::Bytes(bytes) | Outbound::Direct(bytes) => {
                         bytes_out.inc_by(bytes.len() as u64);
                         if send.write_all(&bytes).await.is_err() {
                             return;

@@ -5,16 +5,19 @@
 //! binary messages or share one: bytes go through one persistent buffer and
 //! the proto decoder. What needs the device's state (subscriptions, packet
 //! ids, client-id takeover, wills) is the hub's: the session hands it every
-//! packet it has checked.
+//! packet it has checked. MQTT 5 clients are served here too: their
+//! packets are translated to and from the hub's 3.1.1 by
+//! [`crate::session_v5`].
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use relay_proto::Secret;
 use relay_proto::mqtt::{self, ConnAck, Connect, ConnectReturnCode, DecodeError, Packet, Publish};
+use relay_proto::mqtt5::{self, ReasonCode};
 use relay_proto::topic::{TopicLimits, validate_topic_filter, validate_topic_name};
 use relay_store::{AuthFailure, Principal, RequestCredentials, Scope};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -28,6 +31,7 @@ use crate::hub::{
     HubHandle, Outbound, OutboundSender, PublishRefusal, SessionAttach, SessionId, outbound_queue,
 };
 use crate::quotas::QuotaGuard;
+use crate::session_v5::{self, EdgeOffer, Inbound, V5Connect, V5Session};
 use crate::state::{EdgeState, LiveSession, Refusal};
 
 /// How long to wait for the client's answer to our close frame.
@@ -43,19 +47,45 @@ pub struct SessionRequest {
     pub peer_ip: IpAddr,
 }
 
+/// A refused CONNECT's CONNACK, as each protocol generation says it.
+#[derive(Debug, Clone, Copy)]
+struct Refused {
+    /// `None`: a 3.1.1 client gets no CONNACK, only the close.
+    v3: Option<ConnectReturnCode>,
+    v5: ReasonCode,
+}
+
+impl Refused {
+    fn both(v3: ConnectReturnCode, v5: ReasonCode) -> Option<Refused> {
+        Some(Refused { v3: Some(v3), v5 })
+    }
+
+    fn v5_only(v5: ReasonCode) -> Option<Refused> {
+        Some(Refused { v3: None, v5 })
+    }
+}
+
 /// How the first phase of a session ended.
 enum Outcome {
     /// Send this CONNACK (if any), then close with this code.
-    Refuse(Option<ConnectReturnCode>, Close),
+    Refuse(Option<Refused>, Close),
     /// The client went away; nothing to send.
     Gone,
     /// Accepted: the device is online.
     Connected(Box<Admitted>),
 }
 
+/// The CONNECT, in the client's protocol generation.
+enum FirstConnect {
+    V3(Connect),
+    V5(Box<mqtt5::Connect>),
+}
+
 /// An accepted client, ready to be served.
 struct Admitted {
     connect: Connect,
+    /// An MQTT 5 client's own asks.
+    v5: Option<V5Connect>,
     principal: Principal,
     device_id: String,
     hub: HubHandle,
@@ -74,13 +104,20 @@ pub async fn run<S>(
 {
     state.metrics.sessions_open.inc();
     let mut buffer = BytesMut::new();
+    let mut v5 = false;
     let outcome = tokio::select! {
         outcome = read_connect(&mut socket, &mut buffer, &state) => match outcome {
             // Boxed here and below: a task keeps room for its largest
             // state for its whole life, and the key check's database
             // future is large; an idle session should not carry it.
-            Ok(connect) => Box::pin(admit(connect, request, &state)).await,
-            Err(outcome) => outcome,
+            Ok(connect) => {
+                v5 = matches!(connect, FirstConnect::V5(_));
+                Box::pin(admit(connect, request, &state)).await
+            }
+            Err(outcome) => {
+                v5 = speaks_v5(&buffer);
+                outcome
+            }
         },
         _ = tokio::time::sleep(state.config.connect_timeout()) => {
             Outcome::Refuse(None, Close::protocol("no CONNECT in time"))
@@ -88,7 +125,7 @@ pub async fn run<S>(
         _ = shutdown.cancelled() => Outcome::Refuse(None, Close::draining()),
     };
     match outcome {
-        Outcome::Refuse(connack, close) => finish(&mut socket, connack, close, &state).await,
+        Outcome::Refuse(connack, close) => finish(&mut socket, connack, close, v5, &state).await,
         // Completes a closing handshake the client began: the reply is
         // queued by the WebSocket layer and sent by this flush.
         Outcome::Gone => {
@@ -106,32 +143,63 @@ async fn read_connect<S>(
     socket: &mut S,
     buffer: &mut BytesMut,
     state: &EdgeState,
-) -> Result<Connect, Outcome>
+) -> Result<FirstConnect, Outcome>
 where
     S: Stream<Item = Result<Message, WsError>> + Unpin,
 {
+    let max_packet_size = state.config.limits.max_packet_size;
     loop {
-        match mqtt::decode(buffer, state.config.limits.max_packet_size) {
-            Ok(Some(Packet::Connect(connect))) => {
-                state.metrics.messages.with_label_values(&["in"]).inc();
-                return Ok(connect);
+        // An MQTT 5 CONNECT is told apart by its first bytes (the 3.1.1
+        // decoder would take the packet to refuse its level).
+        if speaks_v5(buffer) {
+            match mqtt5::decode(buffer, max_packet_size) {
+                Ok(Some(mqtt5::Packet::Connect(connect))) => {
+                    state.metrics.messages.with_label_values(&["in"]).inc();
+                    return Ok(FirstConnect::V5(Box::new(connect)));
+                }
+                Ok(Some(_)) => {
+                    return Err(Outcome::Refuse(None, Close::protocol("expected CONNECT")));
+                }
+                Ok(None) => {}
+                Err(mqtt5::DecodeError::Packet(error @ DecodeError::PacketTooLarge { .. })) => {
+                    return Err(Outcome::Refuse(
+                        Refused::v5_only(ReasonCode::PACKET_TOO_LARGE),
+                        close_for_decode_error(&error),
+                    ));
+                }
+                Err(error) => {
+                    return Err(Outcome::Refuse(
+                        Refused::v5_only(ReasonCode::MALFORMED_PACKET),
+                        close_for_v5_decode_error(&error),
+                    ));
+                }
             }
-            Ok(Some(other)) => {
-                return Err(Outcome::Refuse(
-                    None,
-                    Close::protocol(format!("expected CONNECT, got {}", other.packet_type())),
-                ));
+        } else {
+            match mqtt::decode(buffer, max_packet_size) {
+                Ok(Some(Packet::Connect(connect))) => {
+                    state.metrics.messages.with_label_values(&["in"]).inc();
+                    return Ok(FirstConnect::V3(connect));
+                }
+                Ok(Some(other)) => {
+                    return Err(Outcome::Refuse(
+                        None,
+                        Close::protocol(format!("expected CONNECT, got {}", other.packet_type())),
+                    ));
+                }
+                Ok(None) => {}
+                Err(DecodeError::UnsupportedProtocolLevel(level)) => {
+                    return Err(Outcome::Refuse(
+                        Refused::both(
+                            ConnectReturnCode::UnacceptableProtocolVersion,
+                            ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+                        ),
+                        Close::protocol(format!(
+                            "unsupported protocol level {level}; use MQTT 5, 3.1.1 or 3.1"
+                        )),
+                    ));
+                }
+                Err(error) => return Err(Outcome::Refuse(None, close_for_decode_error(&error))),
             }
-            Ok(None) => {}
-            Err(DecodeError::UnsupportedProtocolLevel(level)) => {
-                return Err(Outcome::Refuse(
-                    Some(ConnectReturnCode::UnacceptableProtocolVersion),
-                    Close::protocol(format!(
-                        "unsupported protocol level {level}; use MQTT 3.1.1 or 3.1"
-                    )),
-                ));
-            }
-            Err(error) => return Err(Outcome::Refuse(None, close_for_decode_error(&error))),
         }
         match socket.next().await {
             Some(Ok(Message::Binary(bytes))) => {
@@ -154,8 +222,27 @@ where
 pub fn close_for_decode_error(error: &DecodeError) -> Close {
     match error {
         DecodeError::PacketTooLarge { .. } => Close::too_large(),
-        other => Close::protocol(format!("malformed MQTT: {other}")),
+        other => Close::malformed(format!("malformed MQTT: {other}")),
     }
+}
+
+/// The same for an MQTT 5 client's packets.
+fn close_for_v5_decode_error(error: &mqtt5::DecodeError) -> Close {
+    match error {
+        mqtt5::DecodeError::Packet(error) => close_for_decode_error(error),
+        other => Close::malformed(format!("malformed MQTT: {other}")),
+    }
+}
+
+/// Whether the bytes so far are the start of an MQTT 5 CONNECT (protocol
+/// name `MQTT`, level 5), whatever follows.
+fn speaks_v5(buffer: &[u8]) -> bool {
+    let Ok(Some(header)) = mqtt::FixedHeader::parse(buffer) else {
+        return false;
+    };
+    header.packet_type == mqtt::PacketType::Connect
+        && buffer.get(header.header_len..header.header_len + 7)
+            == Some(&[0, 4, b'M', b'Q', b'T', b'T', 5][..])
 }
 
 fn close_for_websocket_error(error: WsError) -> Outcome {
@@ -171,12 +258,41 @@ fn close_for_websocket_error(error: WsError) -> Outcome {
     }
 }
 
+/// A client id the edge assigns to an MQTT 5 client that sent none.
+fn assigned_client_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos() as u64);
+    format!(
+        "relay-{:016x}",
+        nanos ^ NEXT.fetch_add(1, Ordering::Relaxed).rotate_left(32)
+    )
+}
+
 /// Checks the CONNECT and the credentials; says what to answer.
-async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> Outcome {
+async fn admit(connect: FirstConnect, request: SessionRequest, state: &EdgeState) -> Outcome {
     let limits = &state.config.limits;
+    let (connect, v5) = match connect {
+        FirstConnect::V3(connect) => (connect, None),
+        FirstConnect::V5(connect) => {
+            if connect.properties.authentication_method().is_some() {
+                return Outcome::Refuse(
+                    Refused::v5_only(ReasonCode::BAD_AUTHENTICATION_METHOD),
+                    Close::unauthorized(),
+                );
+            }
+            let (connect, v5) = session_v5::neutral_connect(*connect, assigned_client_id);
+            (connect, Some(v5))
+        }
+    };
     if connect.client_id.chars().count() > limits.max_client_id_len {
         return Outcome::Refuse(
-            Some(ConnectReturnCode::IdentifierRejected),
+            Refused::both(
+                ConnectReturnCode::IdentifierRejected,
+                ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+            ),
             Close::limit(&format!(
                 "client id longer than {} characters",
                 limits.max_client_id_len
@@ -185,13 +301,21 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
     }
     if connect.client_id.is_empty() && !connect.clean_session {
         return Outcome::Refuse(
-            Some(ConnectReturnCode::IdentifierRejected),
+            Refused::both(
+                ConnectReturnCode::IdentifierRejected,
+                ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+            ),
             Close::protocol("an empty client id needs clean session"),
         );
     }
-    if connect.keep_alive > limits.keep_alive_max_seconds {
+    // An MQTT 5 client is told the keep-alive to use instead (Server Keep
+    // Alive in its CONNACK).
+    if v5.is_none() && connect.keep_alive > limits.keep_alive_max_seconds {
         return Outcome::Refuse(
-            Some(ConnectReturnCode::IdentifierRejected),
+            Refused::both(
+                ConnectReturnCode::IdentifierRejected,
+                ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+            ),
             Close::limit(&format!(
                 "keep-alive above {} s",
                 limits.keep_alive_max_seconds
@@ -205,7 +329,10 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
         };
         if let Err(error) = validate_topic_name(&will.topic, &topic_limits) {
             return Outcome::Refuse(
-                Some(ConnectReturnCode::NotAuthorized),
+                Refused::both(
+                    ConnectReturnCode::NotAuthorized,
+                    ReasonCode::TOPIC_NAME_INVALID,
+                ),
                 Close::limit(&format!("will topic: {error}")),
             );
         }
@@ -237,7 +364,10 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
                 Err(exceeded) => {
                     tracing::info!(key = %principal.key_id, %exceeded, "session refused");
                     return Outcome::Refuse(
-                        Some(ConnectReturnCode::ServerUnavailable),
+                        Refused::both(
+                            ConnectReturnCode::ServerUnavailable,
+                            ReasonCode::QUOTA_EXCEEDED,
+                        ),
                         Close::limit(&exceeded.to_string()),
                     );
                 }
@@ -247,12 +377,16 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
                     Some(refusal) => {
                         tracing::info!(key = %principal.key_id, %refusal, "will refused");
                         Outcome::Refuse(
-                            Some(ConnectReturnCode::NotAuthorized),
+                            Refused::both(
+                                ConnectReturnCode::NotAuthorized,
+                                ReasonCode::NOT_AUTHORIZED,
+                            ),
                             Close::forbidden(&format!("will: {refusal}")),
                         )
                     }
                     None => Outcome::Connected(Box::new(Admitted {
                         connect,
+                        v5,
                         principal,
                         device_id,
                         hub,
@@ -262,34 +396,49 @@ async fn admit(connect: Connect, request: SessionRequest, state: &EdgeState) -> 
                 Err(Unavailable::Offline) => {
                     tracing::info!(key = %principal.key_id, "authenticated; device offline");
                     Outcome::Refuse(
-                        Some(ConnectReturnCode::ServerUnavailable),
+                        Refused::both(
+                            ConnectReturnCode::ServerUnavailable,
+                            ReasonCode::SERVER_UNAVAILABLE,
+                        ),
                         Close::device_offline(),
                     )
                 }
                 Err(Unavailable::Printer { reason, detail }) => {
                     tracing::info!(key = %principal.key_id, ?reason, detail = detail.as_deref().unwrap_or(""), "printer unavailable");
                     Outcome::Refuse(
-                        Some(ConnectReturnCode::ServerUnavailable),
+                        Refused::both(
+                            ConnectReturnCode::ServerUnavailable,
+                            ReasonCode::SERVER_UNAVAILABLE,
+                        ),
                         Close::printer_unreachable(Unavailable::printer_text(reason)),
                     )
                 }
             }
         }
         Err(Refusal::RateLimited) => Outcome::Refuse(
-            Some(ConnectReturnCode::NotAuthorized),
+            Refused::both(
+                ConnectReturnCode::NotAuthorized,
+                ReasonCode::CONNECTION_RATE_EXCEEDED,
+            ),
             Close::limit("too many failed authentications"),
         ),
         Err(Refusal::Auth(AuthFailure::Unavailable)) => Outcome::Refuse(
-            Some(ConnectReturnCode::ServerUnavailable),
+            Refused::both(
+                ConnectReturnCode::ServerUnavailable,
+                ReasonCode::SERVER_BUSY,
+            ),
             Close::store_unavailable(),
         ),
         Err(Refusal::Auth(failure)) => {
-            let code = if failure == AuthFailure::Missing {
-                ConnectReturnCode::NotAuthorized
+            let refused = if failure == AuthFailure::Missing {
+                Refused::both(ConnectReturnCode::NotAuthorized, ReasonCode::NOT_AUTHORIZED)
             } else {
-                ConnectReturnCode::BadUserNameOrPassword
+                Refused::both(
+                    ConnectReturnCode::BadUserNameOrPassword,
+                    ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+                )
             };
-            Outcome::Refuse(Some(code), Close::unauthorized())
+            Outcome::Refuse(refused, Close::unauthorized())
         }
     }
 }
@@ -329,31 +478,41 @@ fn connect_credentials(connect: &Connect) -> Option<Secret<String>> {
 /// the client's close so the closing handshake completes.
 async fn finish<S>(
     socket: &mut S,
-    connack: Option<ConnectReturnCode>,
+    connack: Option<Refused>,
     close: Close,
+    v5: bool,
     state: &EdgeState,
 ) where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
-    if let Some(code) = connack {
-        let mut bytes = BytesMut::with_capacity(4);
-        let packet = Packet::ConnAck(ConnAck {
-            session_present: false,
-            code,
-        });
-        if mqtt::encode(&packet, &mut bytes).is_ok() {
-            state
-                .metrics
-                .connacks
-                .with_label_values(&[connack_code_name(code)])
-                .inc();
+    let connack = connack.and_then(|refused| {
+        if v5 {
+            let packet = session_v5::refused_connack(refused.v5, &close.reason);
+            Some((
+                format!("{:#04x}", refused.v5.0),
+                session_v5::encode(&packet),
+            ))
+        } else {
+            let code = refused.v3?;
+            let mut bytes = BytesMut::with_capacity(4);
+            let packet = Packet::ConnAck(ConnAck {
+                session_present: false,
+                code,
+            });
+            mqtt::encode(&packet, &mut bytes).ok()?;
+            Some((connack_code_name(code).to_owned(), bytes.freeze()))
+        }
+    });
+    if let Some((label, bytes)) = connack {
+        {
+            state.metrics.connacks.with_label_values(&[&label]).inc();
             state.metrics.messages.with_label_values(&["out"]).inc();
             state
                 .metrics
                 .bytes
                 .with_label_values(&["out"])
                 .inc_by(bytes.len() as u64);
-            if socket.send(Message::Binary(bytes.freeze())).await.is_err() {
+            if socket.send(Message::Binary(bytes)).await.is_err() {
                 return;
             }
         }
@@ -388,6 +547,7 @@ async fn serve<S>(
 {
     let Admitted {
         connect,
+        v5,
         principal,
         device_id,
         hub,
@@ -417,24 +577,55 @@ async fn serve<S>(
         max_unacknowledged: MAX_UNACKNOWLEDGED_PUBLISHES,
         peer: false,
     };
+    // Keep-alive 0 (off) gets the longest one allowed; the client must send
+    // something within one and a half keep-alives. An MQTT 5 client is
+    // told in its CONNACK when that is not its own.
+    let keep_alive = match connect.keep_alive {
+        0 => limits.keep_alive_max_seconds,
+        seconds => seconds.clamp(limits.keep_alive_min_seconds, limits.keep_alive_max_seconds),
+    };
+    let idle_limit = Duration::from_millis(u64::from(keep_alive) * 1500);
     // CONNACK first: the hub may queue deliveries (or a takeover's close)
     // right after the attach.
     state.metrics.connacks.with_label_values(&["0"]).inc();
-    outbound.send_packet(&Packet::ConnAck(ConnAck {
-        session_present: false,
-        code: ConnectReturnCode::Accepted,
-    }));
+    let translator = v5.map(|v5| {
+        let offer = EdgeOffer {
+            maximum_packet_size: limits.max_packet_size,
+            receive_maximum: u16::try_from(MAX_UNACKNOWLEDGED_PUBLISHES).unwrap_or(u16::MAX),
+            retain_available: hub.policy().retain,
+            server_keep_alive: (keep_alive != connect.keep_alive).then_some(keep_alive),
+            assigned_client_id: v5.assigned_client_id.clone(),
+        };
+        outbound.send_direct(session_v5::encode(&session_v5::accepted_connack(&offer)));
+        Mutex::new(V5Session::new(
+            v5,
+            principal.scope == Scope::Read,
+            MAX_UNACKNOWLEDGED_PUBLISHES,
+        ))
+    });
+    if translator.is_none() {
+        outbound.send_packet(&Packet::ConnAck(ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::Accepted,
+        }));
+    }
     if !hub.attach(session_id, attach).await {
         drop(receiver);
         finish(
             &mut socket,
-            Some(ConnectReturnCode::ServerUnavailable),
+            Refused::both(
+                ConnectReturnCode::ServerUnavailable,
+                ReasonCode::SERVER_UNAVAILABLE,
+            ),
             Close::device_offline(),
+            translator.is_some(),
             state,
         )
         .await;
         return;
     }
+    // Wakes the writer when an MQTT 5 client acknowledges a delivery.
+    let acknowledged = tokio::sync::Notify::new();
     state.live_sessions.insert(
         session_id,
         LiveSession {
@@ -443,15 +634,7 @@ async fn serve<S>(
             outbound: outbound.clone(),
         },
     );
-    tracing::info!(key = %principal.key_id, client = %connect.client_id, "session connected");
-
-    // Keep-alive 0 (off) gets the longest one allowed; the client must send
-    // something within one and a half keep-alives.
-    let keep_alive = match connect.keep_alive {
-        0 => limits.keep_alive_max_seconds,
-        seconds => seconds.max(limits.keep_alive_min_seconds),
-    };
-    let idle_limit = Duration::from_millis(u64::from(keep_alive) * 1500);
+    tracing::info!(key = %principal.key_id, client = %connect.client_id, mqtt5 = translator.is_some(), "session connected");
 
     let (mut sink, mut stream) = socket.split();
     let mut client = ClientState {
@@ -471,22 +654,70 @@ async fn serve<S>(
         loop {
             // Packets already buffered (the CONNECT's tail, or a burst).
             loop {
-                match mqtt::decode(&mut buffer, limits.max_packet_size) {
-                    Ok(Some(packet)) => {
-                        state.metrics.messages.with_label_values(&["in"]).inc();
-                        deadline = tokio::time::Instant::now() + idle_limit;
-                        // Boxed: handling a packet (hub calls) takes more room than
-                        // waiting for one, and sessions mostly wait.
-                        if let Err(close) = Box::pin(client.on_packet(packet)).await {
-                            outbound.end(close);
+                let packet = match &translator {
+                    None => match mqtt::decode(&mut buffer, limits.max_packet_size) {
+                        Ok(packet) => packet,
+                        Err(error) => {
+                            outbound.end(close_for_decode_error(&error));
                             return false;
                         }
+                    },
+                    Some(translator) => {
+                        let packet = match mqtt5::decode(&mut buffer, limits.max_packet_size) {
+                            Ok(Some(packet)) => packet,
+                            Ok(None) => break,
+                            Err(error) => {
+                                outbound.end(close_for_v5_decode_error(&error));
+                                return false;
+                            }
+                        };
+                        let inbound = lock(translator).inbound(packet);
+                        match inbound {
+                            Ok(Inbound::Neutral(packet)) => {
+                                if matches!(packet, Packet::PubAck(_)) {
+                                    acknowledged.notify_one();
+                                }
+                                Some(packet)
+                            }
+                            Ok(Inbound::Answer(answer)) => {
+                                state.metrics.messages.with_label_values(&["in"]).inc();
+                                deadline = tokio::time::Instant::now() + idle_limit;
+                                if !outbound.send_direct(session_v5::encode(&answer)) {
+                                    outbound.end(Close::limit("slow consumer"));
+                                    return false;
+                                }
+                                continue;
+                            }
+                            Ok(Inbound::Nothing) => {
+                                state.metrics.messages.with_label_values(&["in"]).inc();
+                                deadline = tokio::time::Instant::now() + idle_limit;
+                                continue;
+                            }
+                            Ok(Inbound::Disconnect { with_will }) => Some(if with_will {
+                                // Ends the session as an abrupt end would:
+                                // the will goes out.
+                                outbound.end(Close::normal());
+                                return false;
+                            } else {
+                                Packet::Disconnect
+                            }),
+                            Err(close) => {
+                                outbound.end(close);
+                                return false;
+                            }
+                        }
                     }
-                    Ok(None) => break,
-                    Err(error) => {
-                        outbound.end(close_for_decode_error(&error));
-                        return false;
-                    }
+                };
+                let Some(packet) = packet else {
+                    break;
+                };
+                state.metrics.messages.with_label_values(&["in"]).inc();
+                deadline = tokio::time::Instant::now() + idle_limit;
+                // Boxed: handling a packet (hub calls) takes more room than
+                // waiting for one, and sessions mostly wait.
+                if let Err(close) = Box::pin(client.on_packet(packet)).await {
+                    outbound.end(close);
+                    return false;
                 }
             }
             tokio::select! {
@@ -518,7 +749,7 @@ async fn serve<S>(
                     }
                 },
                 _ = tokio::time::sleep_until(deadline) => {
-                    outbound.end(Close::protocol("keep-alive timeout"));
+                    outbound.end(Close::keep_alive_timeout());
                     return false;
                 }
                 _ = ended.cancelled() => return false,
@@ -543,15 +774,20 @@ async fn serve<S>(
         let messages_out = state.metrics.messages.with_label_values(&["out"]);
         let bytes_out = state.metrics.bytes.with_label_values(&["out"]);
         while let Some(item) = receiver.recv().await {
-            match item {
-                Outbound::Bytes(bytes) => {
-                    messages_out.inc();
-                    bytes_out.inc_by(bytes.len() as u64);
-                    if sink.send(Message::Binary(bytes)).await.is_err() {
-                        return None;
+            let bytes = match (item, &translator) {
+                (Outbound::Close(close), _) => return Some(close),
+                (Outbound::Bytes(bytes), None) | (Outbound::Direct(bytes), _) => bytes,
+                (Outbound::Bytes(bytes), Some(translator)) => {
+                    match translate_out(bytes, translator, &acknowledged).await {
+                        Some(bytes) => bytes,
+                        None => continue,
                     }
                 }
-                Outbound::Close(close) => return Some(close),
+            };
+            messages_out.inc();
+            bytes_out.inc_by(bytes.len() as u64);
+            if sink.send(Message::Binary(bytes)).await.is_err() {
+                return None;
             }
         }
         None
@@ -582,10 +818,56 @@ async fn serve<S>(
             }
             let _ = sink.close().await;
         } else if let Some(close) = close {
+            // An MQTT 5 client hears why in a DISCONNECT first.
+            if translator.is_some() && close.code != 1000 {
+                let disconnect = session_v5::encode(&session_v5::disconnect_for(&close));
+                let _ = sink.send(Message::Binary(disconnect)).await;
+            }
             let _ = sink.send(close_message(close, state)).await;
         }
     })
     .await;
+}
+
+/// The session's translator. Shared by its reader and writer, which run in
+/// one task: the lock is never contended; a poisoned one still holds
+/// consistent counts.
+fn lock(translator: &Mutex<V5Session>) -> std::sync::MutexGuard<'_, V5Session> {
+    translator
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The hub's 3.1.1 bytes for an MQTT 5 client, translated; a QoS 1
+/// delivery waits while the client holds its Receive Maximum of them
+/// unacknowledged. `None`: nothing to send.
+async fn translate_out(
+    bytes: bytes::Bytes,
+    translator: &Mutex<V5Session>,
+    acknowledged: &tokio::sync::Notify,
+) -> Option<bytes::Bytes> {
+    let mut buffer = BytesMut::from(&bytes[..]);
+    let mut out = BytesMut::new();
+    while let Ok(Some(packet)) = mqtt::decode(&mut buffer, usize::MAX) {
+        let delivery =
+            matches!(&packet, Packet::Publish(publish) if publish.qos != mqtt::QoS::AtMostOnce);
+        if delivery {
+            loop {
+                let notified = acknowledged.notified();
+                if lock(translator).may_deliver() {
+                    break;
+                }
+                notified.await;
+            }
+        }
+        let translated = lock(translator).outbound(packet);
+        if let Some(packet) = translated
+            && mqtt5::encode(&packet, &mut out).is_err()
+        {
+            tracing::warn!("a packet for an MQTT 5 client did not encode");
+        }
+    }
+    (!out.is_empty()).then(|| out.freeze())
 }
 
 /// Counts and logs a session's close.

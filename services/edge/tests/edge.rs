@@ -236,12 +236,12 @@ async fn protocol_violations_get_their_close_codes() {
     let auth = [("authorization", edge.bearer())];
     let auth: Vec<(&str, &str)> = auth.iter().map(|(n, v)| (*n, v.as_str())).collect();
 
-    // MQTT 5: CONNACK 1, then 1002.
+    // A protocol level after MQTT 5: CONNACK 1, then 1002.
     let mut socket = edge.open_device("/mqtt", &auth).await;
     socket
         .send(Message::Binary(
             vec![
-                0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 30, 0, 1, b'a', 0,
+                0x10, 0x0d, 0, 4, b'M', b'Q', b'T', b'T', 6, 2, 0, 30, 0, 1, b'a', 0,
             ]
             .into(),
         ))

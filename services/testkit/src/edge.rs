@@ -539,3 +539,113 @@ impl Capture {
         String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
     }
 }
+
+/// An MQTT 5 client over the edge's WebSocket, with the proto crate's MQTT
+/// 5 codec: what a v5 library sends, packet by packet.
+pub struct V5Client {
+    pub socket: Socket,
+    buffer: BytesMut,
+    /// The close frame's code and reason, once one came.
+    pub closed_with: Option<(u16, String)>,
+}
+
+impl V5Client {
+    /// Opens a session and sends `connect`; returns the client and the
+    /// edge's CONNACK (`None`: closed without one).
+    pub async fn connect(
+        edge: &TestEdge,
+        authorization: &str,
+        connect: relay_proto::mqtt5::Connect,
+    ) -> (V5Client, Option<relay_proto::mqtt5::ConnAck>) {
+        // An empty `authorization` sends no header at all.
+        let headers = [("authorization", authorization)];
+        let headers = if authorization.is_empty() {
+            &headers[..0]
+        } else {
+            &headers[..]
+        };
+        let socket = edge.open_device("/mqtt", headers).await;
+        let mut client = V5Client {
+            socket,
+            buffer: BytesMut::new(),
+            closed_with: None,
+        };
+        client
+            .send(&relay_proto::mqtt5::Packet::Connect(connect))
+            .await;
+        let connack = match client.next().await {
+            Some(relay_proto::mqtt5::Packet::ConnAck(ack)) => Some(ack),
+            None => None,
+            Some(other) => panic!("expected CONNACK, got {other:?}"),
+        };
+        (client, connack)
+    }
+
+    /// A client over a socket that is already open (its CONNECT sent by
+    /// hand).
+    pub fn from_socket(socket: Socket) -> V5Client {
+        V5Client {
+            socket,
+            buffer: BytesMut::new(),
+            closed_with: None,
+        }
+    }
+
+    /// A CONNECT as MQTT 5 libraries send by default.
+    pub fn connect_packet(client_id: &str) -> relay_proto::mqtt5::Connect {
+        relay_proto::mqtt5::Connect {
+            clean_start: true,
+            keep_alive: 60,
+            properties: relay_proto::mqtt5::Properties::new(),
+            client_id: client_id.into(),
+            will: None,
+            username: None,
+            password: None,
+        }
+    }
+
+    pub async fn send(&mut self, packet: &relay_proto::mqtt5::Packet) {
+        let mut bytes = BytesMut::new();
+        relay_proto::mqtt5::encode(packet, &mut bytes).unwrap();
+        self.socket
+            .send(Message::Binary(bytes.freeze()))
+            .await
+            .unwrap();
+    }
+
+    /// The next packet; `None` once the edge closed.
+    pub async fn next(&mut self) -> Option<relay_proto::mqtt5::Packet> {
+        tokio::time::timeout(PATIENCE, self.next_within())
+            .await
+            .expect("the edge answered in time")
+    }
+
+    /// The next packet if one comes within `wait`; for checking that none
+    /// does (a flow-control window that must hold).
+    pub async fn next_within_for(
+        &mut self,
+        wait: std::time::Duration,
+    ) -> Option<relay_proto::mqtt5::Packet> {
+        tokio::time::timeout(wait, self.next_within())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn next_within(&mut self) -> Option<relay_proto::mqtt5::Packet> {
+        loop {
+            if let Some(packet) = relay_proto::mqtt5::decode(&mut self.buffer, 1 << 20).unwrap() {
+                return Some(packet);
+            }
+            match self.socket.next().await {
+                Some(Ok(Message::Binary(bytes))) => self.buffer.extend_from_slice(&bytes),
+                Some(Ok(Message::Close(frame))) => {
+                    self.closed_with = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                    return None;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+}

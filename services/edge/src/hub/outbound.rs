@@ -16,10 +16,24 @@ use crate::close::Close;
 /// What a session receives from its hub, in order.
 #[derive(Debug)]
 pub enum Outbound {
-    /// Encoded MQTT bytes for the client.
+    /// Encoded MQTT 3.1.1 bytes for the client (an MQTT 5 session's writer
+    /// translates them).
     Bytes(Bytes),
+    /// Bytes already in the client's own protocol (an MQTT 5 session's
+    /// answers of its own), sent as they are.
+    Direct(Bytes),
     /// End the session with this close.
     Close(Close),
+}
+
+impl Outbound {
+    /// Bytes it holds against the budget.
+    fn len(&self) -> usize {
+        match self {
+            Outbound::Bytes(bytes) | Outbound::Direct(bytes) => bytes.len(),
+            Outbound::Close(_) => 0,
+        }
+    }
 }
 
 /// A session's outbound queue: a deque under a lock and a wake-up for the
@@ -124,14 +138,23 @@ impl OutboundSender {
     /// Queues bytes for the client. Returns false, queueing nothing, when
     /// they do not fit the budget or the writer is gone.
     pub fn send_bytes(&self, bytes: Bytes) -> bool {
-        let len = bytes.len();
+        self.send(Outbound::Bytes(bytes))
+    }
+
+    /// Queues bytes in the client's own protocol, sent untranslated.
+    pub fn send_direct(&self, bytes: Bytes) -> bool {
+        self.send(Outbound::Direct(bytes))
+    }
+
+    fn send(&self, item: Outbound) -> bool {
+        let len = item.len();
         let queued = &self.queue.queued;
         let before = queued.fetch_add(len, Ordering::SeqCst);
         if before + len > self.limit {
             queued.fetch_sub(len, Ordering::SeqCst);
             return false;
         }
-        if !self.queue.push(Outbound::Bytes(bytes)) {
+        if !self.queue.push(item) {
             queued.fetch_sub(len, Ordering::SeqCst);
             return false;
         }
@@ -162,13 +185,7 @@ impl OutboundSender {
     pub fn abandon(&self, close: Close) {
         if !self.queue.closed.load(Ordering::SeqCst) {
             let mut items = self.queue.items();
-            let dropped: usize = items
-                .iter()
-                .map(|item| match item {
-                    Outbound::Bytes(bytes) => bytes.len(),
-                    Outbound::Close(_) => 0,
-                })
-                .sum();
+            let dropped: usize = items.iter().map(Outbound::len).sum();
             items.clear();
             self.queue.queued.fetch_sub(dropped, Ordering::SeqCst);
             items.push_back(Outbound::Close(close));
@@ -185,11 +202,9 @@ impl OutboundReceiver {
     pub fn take_close(&mut self) -> Option<Close> {
         let mut items = self.queue.items();
         while let Some(item) = items.pop_front() {
-            match item {
-                Outbound::Bytes(bytes) => {
-                    self.queue.queued.fetch_sub(bytes.len(), Ordering::SeqCst);
-                }
-                Outbound::Close(close) => return Some(close),
+            self.queue.queued.fetch_sub(item.len(), Ordering::SeqCst);
+            if let Outbound::Close(close) = item {
+                return Some(close);
             }
         }
         None
@@ -201,9 +216,7 @@ impl OutboundReceiver {
         loop {
             let notified = self.queue.ready.notified();
             if let Some(item) = self.queue.items().pop_front() {
-                if let Outbound::Bytes(bytes) = &item {
-                    self.queue.queued.fetch_sub(bytes.len(), Ordering::SeqCst);
-                }
+                self.queue.queued.fetch_sub(item.len(), Ordering::SeqCst);
                 return Some(item);
             }
             if self.queue.senders.load(Ordering::SeqCst) == 0 {

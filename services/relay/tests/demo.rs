@@ -235,7 +235,7 @@ async fn the_demo_serves_real_clients_and_restarts_on_its_data() {
         .to_owned();
     let ca = data_dir.join("ca.pem");
     let snippets = readme_snippets();
-    assert_eq!(snippets.len(), 4, "{snippets:?}");
+    assert_eq!(snippets.len(), 6, "{snippets:?}");
     for (name, code) in snippets {
         let code = code
             .replace("DEVICE_ID", &device)

@@ -624,6 +624,7 @@ async fn serve_link(
         max_subscriptions: 100_000,
         max_unacknowledged: 60_000,
         peer: true,
+        mqtt5: false,
     };
     if !hub.attach(session_id, attach).await {
         write_message(&mut send, &refuse(LinkDownReason::NotHere, None)).await;

@@ -576,6 +576,7 @@ async fn serve<S>(
         max_subscriptions: limits.max_subscriptions,
         max_unacknowledged: MAX_UNACKNOWLEDGED_PUBLISHES,
         peer: false,
+        mqtt5: v5.is_some(),
     };
     // Keep-alive 0 (off) gets the longest one allowed; the client must send
     // something within one and a half keep-alives. An MQTT 5 client is
@@ -654,6 +655,7 @@ async fn serve<S>(
         loop {
             // Packets already buffered (the CONNECT's tail, or a burst).
             loop {
+                let mut extras = None;
                 let packet = match &translator {
                     None => match mqtt::decode(&mut buffer, limits.max_packet_size) {
                         Ok(packet) => packet,
@@ -673,10 +675,11 @@ async fn serve<S>(
                         };
                         let inbound = lock(translator).inbound(packet);
                         match inbound {
-                            Ok(Inbound::Neutral(packet)) => {
+                            Ok(Inbound::Neutral(packet, packet_extras)) => {
                                 if matches!(packet, Packet::PubAck(_)) {
                                     acknowledged.notify_one();
                                 }
+                                extras = packet_extras;
                                 Some(packet)
                             }
                             Ok(Inbound::Answer(answer)) => {
@@ -715,7 +718,7 @@ async fn serve<S>(
                 deadline = tokio::time::Instant::now() + idle_limit;
                 // Boxed: handling a packet (hub calls) takes more room than
                 // waiting for one, and sessions mostly wait.
-                if let Err(close) = Box::pin(client.on_packet(packet)).await {
+                if let Err(close) = Box::pin(client.on_packet(packet, extras)).await {
                     outbound.end(close);
                     return false;
                 }
@@ -776,7 +779,15 @@ async fn serve<S>(
         while let Some(item) = receiver.recv().await {
             let bytes = match (item, &translator) {
                 (Outbound::Close(close), _) => return Some(close),
-                (Outbound::Bytes(bytes), None) | (Outbound::Direct(bytes), _) => bytes,
+                (Outbound::Direct(bytes), Some(translator)) => {
+                    // The hub's refusal of one of the client's PUBLISHes
+                    // answers it, as a PUBACK passing through would.
+                    if matches!(bytes.first(), Some(0x40 | 0x50)) {
+                        lock(translator).answered();
+                    }
+                    bytes
+                }
+                (Outbound::Bytes(bytes), None) | (Outbound::Direct(bytes), None) => bytes,
                 (Outbound::Bytes(bytes), Some(translator)) => {
                     match translate_out(bytes, translator, &acknowledged).await {
                         Some(bytes) => bytes,
@@ -903,7 +914,11 @@ struct ClientState<'a> {
 impl ClientState<'_> {
     /// Handles one packet from the client; `Err` ends the session. Rules
     /// that need no hub state are checked here; the hub does the rest.
-    async fn on_packet(&mut self, packet: Packet) -> Result<(), Close> {
+    async fn on_packet(
+        &mut self,
+        packet: Packet,
+        extras: Option<Box<crate::hub::PacketExtras>>,
+    ) -> Result<(), Close> {
         match &packet {
             Packet::PingReq => {
                 if !self.outbound.send_packet(&Packet::PingResp) {
@@ -937,7 +952,11 @@ impl ClientState<'_> {
                 )));
             }
         }
-        if !self.hub.client_packet(self.session_id, packet).await {
+        if !self
+            .hub
+            .client_packet_with(self.session_id, packet, extras)
+            .await
+        {
             return Err(Close::device_offline());
         }
         Ok(())

@@ -1,10 +1,12 @@
 //! MQTT 5 clients: the edge speaks 5 with them and 3.1.1 everywhere else.
 //!
-//! The hub works on one model, MQTT 3.1.1's packets; a v5 session
-//! translates at its edges, without IO: [`V5Session::inbound`] turns the
-//! client's v5 packets into the hub's (resolving topic aliases, stripping
-//! properties, counting against the Receive Maximum the edge announced),
-//! or answers them itself (a read-only key's PUBLISH gets PUBACK 0x87);
+//! The hub works on one model, MQTT 3.1.1's packets plus what 3.1.1 has
+//! no word for ([`PacketExtras`]: subscription options, message expiry);
+//! a v5 session translates at its edges, without IO:
+//! [`V5Session::inbound`] turns the client's v5 packets into the hub's
+//! (resolving topic aliases, stripping properties, counting against the
+//! Receive Maximum the edge announced), or answers them itself (a
+//! read-only key's PUBLISH gets PUBACK 0x87);
 //! [`V5Session::outbound`] turns the hub's bytes into v5 packets for the
 //! client (SUBACK reason codes, UNSUBACK codes per filter, the client's
 //! Receive Maximum and Maximum Packet Size respected). The CONNACK and
@@ -19,6 +21,7 @@ use relay_proto::mqtt5::{
 };
 
 use crate::close::Close;
+use crate::hub::{PacketExtras, SubscriptionExtras};
 
 /// Topic aliases a client may set (announced in CONNACK).
 pub const TOPIC_ALIAS_MAXIMUM: u16 = 32;
@@ -145,8 +148,9 @@ pub fn encode(packet: &mqtt5::Packet) -> Bytes {
 /// What a client's v5 packet becomes.
 #[derive(Debug)]
 pub enum Inbound {
-    /// For the hub (or the session's own 3.1.1 handling), as 3.1.1.
-    Neutral(mqtt::Packet),
+    /// For the hub (or the session's own 3.1.1 handling), as 3.1.1, with
+    /// what 3.1.1 has no word for.
+    Neutral(mqtt::Packet, Option<Box<PacketExtras>>),
     /// Answered here; nothing goes further.
     Answer(mqtt5::Packet),
     /// Nothing to do.
@@ -188,6 +192,12 @@ impl V5Session {
         }
     }
 
+    /// The edge answered one of the client's QoS 1 or 2 PUBLISHes itself
+    /// (a refusal in the PUBACK).
+    pub fn answered(&mut self) {
+        self.unacknowledged = self.unacknowledged.saturating_sub(1);
+    }
+
     /// Whether another QoS 1 delivery may go to the client now.
     pub fn may_deliver(&self) -> bool {
         self.in_flight < usize::from(self.client.receive_maximum)
@@ -200,36 +210,54 @@ impl V5Session {
             P::Publish(publish) => return self.inbound_publish(publish),
             P::PubAck(ack) => {
                 self.in_flight = self.in_flight.saturating_sub(1);
-                Inbound::Neutral(mqtt::Packet::PubAck(ack.packet_id))
+                Inbound::Neutral(mqtt::Packet::PubAck(ack.packet_id), None)
             }
-            P::PubRel(ack) => Inbound::Neutral(mqtt::Packet::PubRel(ack.packet_id)),
+            P::PubRel(ack) => Inbound::Neutral(mqtt::Packet::PubRel(ack.packet_id), None),
             // The edge delivers at QoS 1 at most: a client's PUBREC or
             // PUBCOMP answers nothing of ours.
             P::PubRec(_) | P::PubComp(_) => {
                 return Err(Close::protocol("PUBREC or PUBCOMP for no QoS 2 delivery"));
             }
             P::Subscribe(subscribe) => {
-                // Subscription options beyond QoS (No Local, Retain As
-                // Published, Retain Handling) and subscription identifiers
-                // are not served yet: the filter is subscribed as in 3.1.1.
-                Inbound::Neutral(mqtt::Packet::Subscribe(mqtt::Subscribe {
-                    packet_id: subscribe.packet_id,
-                    filters: subscribe
+                // No Local and Retain Handling go to the hub; Retain As
+                // Published cannot be served over a 3.1.1 upstream (the
+                // broker clears RETAIN on live messages), and subscription
+                // identifiers are not offered (CONNACK says so).
+                let extras = PacketExtras {
+                    subscription: subscribe
                         .filters
-                        .into_iter()
-                        .map(|(filter, options)| (filter, options.qos))
+                        .iter()
+                        .map(|(_, options)| SubscriptionExtras {
+                            no_local: options.no_local,
+                            retain_handling: options.retain_handling,
+                        })
                         .collect(),
-                }))
+                    message_expiry: None,
+                };
+                Inbound::Neutral(
+                    mqtt::Packet::Subscribe(mqtt::Subscribe {
+                        packet_id: subscribe.packet_id,
+                        filters: subscribe
+                            .filters
+                            .into_iter()
+                            .map(|(filter, options)| (filter, options.qos))
+                            .collect(),
+                    }),
+                    Some(Box::new(extras)),
+                )
             }
             P::Unsubscribe(unsubscribe) => {
                 self.unsubscribes
                     .insert(unsubscribe.packet_id, unsubscribe.filters.len());
-                Inbound::Neutral(mqtt::Packet::Unsubscribe(mqtt::Unsubscribe {
-                    packet_id: unsubscribe.packet_id,
-                    filters: unsubscribe.filters,
-                }))
+                Inbound::Neutral(
+                    mqtt::Packet::Unsubscribe(mqtt::Unsubscribe {
+                        packet_id: unsubscribe.packet_id,
+                        filters: unsubscribe.filters,
+                    }),
+                    None,
+                )
             }
-            P::PingReq => Inbound::Neutral(mqtt::Packet::PingReq),
+            P::PingReq => Inbound::Neutral(mqtt::Packet::PingReq, None),
             P::Disconnect(disconnect) => Inbound::Disconnect {
                 with_will: disconnect.reason == ReasonCode::DISCONNECT_WITH_WILL,
             },
@@ -289,15 +317,25 @@ impl V5Session {
             self.unacknowledged += 1;
         }
         // Properties (user properties, content type, response topic…)
-        // never reach a printer: 3.1.1 has no place for them.
-        Ok(Inbound::Neutral(mqtt::Packet::Publish(mqtt::Publish {
-            dup: publish.dup,
-            qos: publish.qos,
-            retain: publish.retain,
-            topic,
-            packet_id: publish.packet_id,
-            payload: publish.payload,
-        })))
+        // never reach a printer: 3.1.1 has no place for them. The message
+        // expiry stays at the edge, for as long as the message waits there.
+        let extras = publish.properties.message_expiry_interval().map(|seconds| {
+            Box::new(PacketExtras {
+                subscription: Vec::new(),
+                message_expiry: Some(std::time::Duration::from_secs(u64::from(seconds))),
+            })
+        });
+        Ok(Inbound::Neutral(
+            mqtt::Packet::Publish(mqtt::Publish {
+                dup: publish.dup,
+                qos: publish.qos,
+                retain: publish.retain,
+                topic,
+                packet_id: publish.packet_id,
+                payload: publish.payload,
+            }),
+            extras,
+        ))
     }
 
     /// A reason string, if the client wants them outside CONNACK and
@@ -412,7 +450,7 @@ mod tests {
 
     fn topic_of(inbound: Inbound) -> String {
         match inbound {
-            Inbound::Neutral(mqtt::Packet::Publish(publish)) => publish.topic,
+            Inbound::Neutral(mqtt::Packet::Publish(publish), _) => publish.topic,
             other => panic!("{other:?}"),
         }
     }

@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::outbound::OutboundSender;
 use super::registry::TunnelProbe;
-use super::state::{HubConfig, HubCounters, HubEnd, HubState, SessionAttach, SessionId};
+use super::state::{
+    HubConfig, HubCounters, HubEnd, HubState, PacketExtras, SessionAttach, SessionId,
+};
 use crate::close::Close;
 
 /// Upstream bytes the hub queues before it stops taking commands: sessions
@@ -35,6 +37,8 @@ pub(super) enum Command {
     ClientPacket {
         session: SessionId,
         packet: Packet,
+        /// What an MQTT 5 client's packet adds (boxed: most have none).
+        extras: Option<Box<PacketExtras>>,
     },
     Detach {
         session: SessionId,
@@ -186,6 +190,11 @@ fn export_counters(
             exported.pushalls_absorbed,
         ),
         (
+            "expired_publish",
+            current.expired_publishes,
+            exported.expired_publishes,
+        ),
+        (
             "cc2_answered_at_edge",
             current.cc2_answered_at_edge,
             exported.cc2_answered_at_edge,
@@ -236,8 +245,12 @@ impl Context {
 fn apply(state: &mut HubState<OutboundSender>, command: Option<Command>) -> Result<(), HubEnd> {
     match command {
         Some(Command::Attach { session, attach }) => state.attach(session, attach, now()),
-        Some(Command::ClientPacket { session, packet }) => {
-            state.handle_client_packet(session, packet, now());
+        Some(Command::ClientPacket {
+            session,
+            packet,
+            extras,
+        }) => {
+            state.handle_client_packet_with(session, packet, extras.as_deref(), now());
         }
         Some(Command::Detach { session, graceful }) => state.detach(session, graceful, now()),
         Some(Command::UpstreamMoved { .. }) => {}

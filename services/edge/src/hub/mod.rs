@@ -42,5 +42,6 @@ pub use outbound::{Outbound, OutboundReceiver, OutboundSender, outbound_queue};
 pub use policy::{ChurnLimit, PublishRate, PublishRefusal, TopicPolicy};
 pub use registry::{HubHandle, Hubs, PrinterIdentity, TunnelProbe};
 pub use state::{
-    HubConfig, HubCounters, HubEnd, HubState, RetainedReplay, SessionAttach, SessionId, SessionSink,
+    HubConfig, HubCounters, HubEnd, HubState, PacketExtras, PublishRefused, RetainHandling,
+    RetainedReplay, SessionAttach, SessionId, SessionSink, SubscriptionExtras,
 };

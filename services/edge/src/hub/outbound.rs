@@ -234,6 +234,39 @@ impl SessionSink for OutboundSender {
         self.send_bytes(bytes)
     }
 
+    /// Only MQTT 5 sessions are asked: the answer is in their protocol.
+    fn refuse_publish(
+        &self,
+        packet_id: relay_proto::mqtt::PacketId,
+        qos: relay_proto::mqtt::QoS,
+        why: super::state::PublishRefused,
+    ) -> bool {
+        use relay_proto::mqtt5::{self, Ack, Properties, Property, ReasonCode};
+        let (reason, text) = match why {
+            super::state::PublishRefused::NotAuthorized => {
+                (ReasonCode::NOT_AUTHORIZED, "refused by the device's policy")
+            }
+            super::state::PublishRefused::QuotaExceeded => (
+                ReasonCode::QUOTA_EXCEEDED,
+                "publishing faster than the printer takes",
+            ),
+        };
+        let ack = Ack {
+            packet_id,
+            reason,
+            properties: Properties::new().with(Property::ReasonString(text.into())),
+        };
+        let packet = match qos {
+            relay_proto::mqtt::QoS::ExactlyOnce => mqtt5::Packet::PubRec(ack),
+            _ => mqtt5::Packet::PubAck(ack),
+        };
+        let mut bytes = BytesMut::new();
+        if mqtt5::encode(&packet, &mut bytes).is_err() {
+            return false;
+        }
+        self.send_direct(bytes.freeze())
+    }
+
     fn end(&self, close: Close) {
         OutboundSender::end(self, close);
     }

@@ -16,7 +16,7 @@ use tracing::Instrument;
 use super::driver::{self, Command, HubIo, Upstream, UpstreamSource};
 use super::outbound::OutboundSender;
 use super::policy::TopicPolicy;
-use super::state::{HubConfig, SessionAttach, SessionId};
+use super::state::{HubConfig, PacketExtras, SessionAttach, SessionId};
 
 /// Commands queued per hub before senders wait: sessions are throttled by a
 /// busy hub rather than queueing without bound.
@@ -62,8 +62,22 @@ impl HubHandle {
 
     /// Hands the hub a client packet; false when the hub has ended.
     pub async fn client_packet(&self, session: SessionId, packet: Packet) -> bool {
+        self.client_packet_with(session, packet, None).await
+    }
+
+    /// [`Self::client_packet`], with what an MQTT 5 client's packet adds.
+    pub async fn client_packet_with(
+        &self,
+        session: SessionId,
+        packet: Packet,
+        extras: Option<Box<PacketExtras>>,
+    ) -> bool {
         self.commands
-            .send(Command::ClientPacket { session, packet })
+            .send(Command::ClientPacket {
+                session,
+                packet,
+                extras,
+            })
             .await
             .is_ok()
     }

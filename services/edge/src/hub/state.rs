@@ -30,6 +30,39 @@ use crate::close::Close;
 /// Identifies a session within its edge.
 pub type SessionId = u64;
 
+/// What an MQTT 5 client's packet says that 3.1.1 has no word for: the
+/// hub's model is 3.1.1's packets plus these.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PacketExtras {
+    /// A SUBSCRIBE's options, one per filter, in order.
+    pub subscription: Vec<SubscriptionExtras>,
+    /// A PUBLISH's Message Expiry Interval: it is dropped if it is still
+    /// waiting at the edge (for the publish rate, or for a new upstream)
+    /// once that has passed.
+    pub message_expiry: Option<Duration>,
+}
+
+/// An MQTT 5 subscription's options beyond its QoS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriptionExtras {
+    /// The session's own messages (echoed by the broker) are not
+    /// delivered to it under this filter.
+    pub no_local: bool,
+    pub retain_handling: RetainHandling,
+}
+
+pub use relay_proto::mqtt5::RetainHandling;
+
+/// Why the hub refused a client's PUBLISH, for MQTT 5 sessions, which hear
+/// it in their PUBACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishRefused {
+    /// The device's topic policy (0x87).
+    NotAuthorized,
+    /// Over the device's publish rate, past the session's wait (0x97).
+    QuotaExceeded,
+}
+
 /// Where the hub puts what a session's client should receive. Pushing is
 /// not IO: the production sink is a bounded in-memory queue drained by the
 /// session's writer; the tests' sink is a vector.
@@ -44,6 +77,15 @@ pub trait SessionSink {
     /// reading).
     fn abandon(&self, close: Close) {
         self.end(close);
+    }
+    /// Tells an MQTT 5 session that its PUBLISH `packet_id` (at `qos`) was
+    /// refused. Only called for sessions attached with `mqtt5`.
+    fn refuse_publish(&self, packet_id: PacketId, qos: QoS, why: PublishRefused) -> bool {
+        let _ = why;
+        self.deliver(encode(&match qos {
+            QoS::ExactlyOnce => Packet::PubRec(packet_id),
+            _ => Packet::PubAck(packet_id),
+        }))
     }
 }
 
@@ -94,6 +136,9 @@ pub struct HubCounters {
     pub rate_cuts: u64,
     /// Bambu reports passed on but not kept (over the state's bound).
     pub oversized_reports: u64,
+    /// MQTT 5 PUBLISHes whose Message Expiry passed while they waited at
+    /// the edge (for the rate, or for a new upstream): dropped.
+    pub expired_publishes: u64,
     /// Upstream packets over `max_upstream_packet`, skipped.
     pub oversized_upstream: u64,
     /// Apps' `pushall`s answered from the state or by another's answer,
@@ -162,6 +207,10 @@ pub struct SessionAttach<S> {
     /// when this hub loses its upstream, so that the peer asks the registry
     /// where the device went.
     pub peer: bool,
+    /// An MQTT 5 client: refused PUBLISHes are said so in their PUBACK
+    /// ([`SessionSink::refuse_publish`]) instead of acknowledged as done,
+    /// and one over the rate is refused instead of cutting the session.
+    pub mqtt5: bool,
 }
 
 /// Why a hub ended.
@@ -241,6 +290,11 @@ struct SessionEntry<S> {
     /// Its QoS 1 and 2 PUBLISHes waiting for the publish rate.
     waiting_for_rate: u32,
     peer: bool,
+    mqtt5: bool,
+    /// Filters subscribed with No Local (MQTT 5); boxed, as few have any.
+    // The box is the point: 8 bytes in every entry instead of a set's 48.
+    #[allow(clippy::box_collection)]
+    no_local: Option<Box<std::collections::HashSet<String>>>,
 }
 
 /// A session's QoS 2 packet ids between its PUBLISH and its PUBREL (true
@@ -293,6 +347,8 @@ enum Pending {
         publish: Box<Publish>,
         order: u64,
         sent: bool,
+        /// An MQTT 5 Message Expiry: not sent again after it.
+        expires_at: Option<Instant>,
     },
 }
 
@@ -316,7 +372,15 @@ struct OpenReplay {
     suback_seen: bool,
     /// (filter, session, QoS the session asked for).
     joiners: Vec<(String, SessionId, QoS)>,
+    /// Filters subscribed through it whose sessions want no retained
+    /// messages (MQTT 5 Retain Handling): its retained messages under them
+    /// go to the joiners only, not to everyone as live messages.
+    declined: Vec<String>,
 }
+
+/// A QoS 1 or 2 PUBLISH waiting for the publish rate: its origin (a
+/// session and its packet id; none for a will), and its MQTT 5 expiry.
+type WaitingPublish = (Option<(SessionId, PacketId)>, Publish, Option<Instant>);
 
 /// Wills waiting for the publish rate, at most (their sessions are gone).
 const MAX_WAITING_WILLS: usize = 10_000;
@@ -356,8 +420,13 @@ pub struct HubState<S> {
     counters: HubCounters,
     /// The device's publish rate towards the upstream.
     publish_bucket: Bucket,
-    /// QoS 1 and 2 PUBLISHes over the rate, oldest first, with their origin.
-    over_rate: VecDeque<(Option<(SessionId, PacketId)>, Publish)>,
+    /// QoS 1 and 2 PUBLISHes over the rate, oldest first, with their origin
+    /// and their MQTT 5 expiry.
+    over_rate: VecDeque<WaitingPublish>,
+    /// Recent PUBLISHes of sessions with No Local filters, so that the
+    /// broker's echo of them is not delivered back: (when, session, topic,
+    /// payload digest), oldest first.
+    own_recent: VecDeque<(Instant, SessionId, String, u64)>,
     bambu: Option<BambuState>,
     cc2: Option<Cc2State>,
     /// The CC2 agent's client id on the next upstream (set before it
@@ -396,6 +465,7 @@ impl<S: SessionSink> HubState<S> {
             counters: HubCounters::default(),
             publish_bucket,
             over_rate: VecDeque::new(),
+            own_recent: VecDeque::new(),
             bambu,
             cc2,
             next_printer_client,
@@ -609,7 +679,7 @@ impl<S: SessionSink> HubState<S> {
     /// Sends what waited for the rate, as far as the rate allows now.
     fn release_over_rate(&mut self, now: Instant) {
         while !self.over_rate.is_empty() && self.take_publish_token(now) {
-            let Some((origin, publish)) = self.over_rate.pop_front() else {
+            let Some((origin, publish, expires_at)) = self.over_rate.pop_front() else {
                 break;
             };
             if let Some((session, _)) = origin {
@@ -624,16 +694,23 @@ impl<S: SessionSink> HubState<S> {
                     }
                 }
             }
-            self.publish_upstream(origin, publish);
+            if expires_at.is_some_and(|at| now >= at) {
+                // Expired while it waited: dropped, its flow completed.
+                self.publish_bucket.give_back();
+                self.counters.expired_publishes += 1;
+                self.complete_dropped(origin, publish.qos, now);
+                continue;
+            }
+            self.publish_upstream(origin, publish, expires_at);
         }
     }
 
     /// Publishes a will within the rate: QoS 0 only if a token is there.
     fn publish_will(&mut self, will: Publish, now: Instant) {
         if will.qos != QoS::AtMostOnce {
-            self.publish_within_rate(None, will, now);
+            self.publish_within_rate(None, will, None, now);
         } else if self.over_rate.is_empty() && self.take_publish_token(now) {
-            self.publish_upstream(None, will);
+            self.publish_upstream(None, will, None);
         } else {
             self.counters.throttled_publishes += 1;
         }
@@ -646,17 +723,32 @@ impl<S: SessionSink> HubState<S> {
         &mut self,
         origin: Option<(SessionId, PacketId)>,
         publish: Publish,
+        expires_at: Option<Instant>,
         now: Instant,
     ) {
         if self.over_rate.is_empty() && self.take_publish_token(now) {
-            self.publish_upstream(origin, publish);
+            self.publish_upstream(origin, publish, expires_at);
             return;
         }
-        if let Some((session, _)) = origin {
+        if let Some((session, client_id)) = origin {
             let max = self.config.publish_rate.max_waiting_per_session;
             let Some(entry) = self.sessions.get_mut(&session) else {
                 return;
             };
+            if entry.waiting_for_rate as usize >= max && entry.mqtt5 {
+                // An MQTT 5 client hears it in the PUBACK and goes on.
+                entry.unacknowledged = entry.unacknowledged.saturating_sub(1);
+                entry.exactly_once.remove(&client_id);
+                self.counters.throttled_publishes += 1;
+                self.refuse_publish(
+                    session,
+                    client_id,
+                    publish.qos,
+                    PublishRefused::QuotaExceeded,
+                    now,
+                );
+                return;
+            }
             if entry.waiting_for_rate as usize >= max {
                 self.counters.rate_cuts += 1;
                 let per_second = self.config.publish_rate.per_second;
@@ -675,7 +767,53 @@ impl<S: SessionSink> HubState<S> {
             self.counters.throttled_publishes += 1;
             return;
         }
-        self.over_rate.push_back((origin, publish));
+        self.over_rate.push_back((origin, publish, expires_at));
+    }
+
+    /// Tells a session its PUBLISH was refused: an MQTT 5 session in its
+    /// PUBACK (or PUBREC), a 3.1.1 session by a plain acknowledgement (as
+    /// a broker's ACL does).
+    fn refuse_publish(
+        &mut self,
+        session: SessionId,
+        packet_id: PacketId,
+        qos: QoS,
+        why: PublishRefused,
+        now: Instant,
+    ) {
+        let Some(entry) = self.sessions.get(&session) else {
+            return;
+        };
+        let delivered = if entry.mqtt5 {
+            entry.sink.refuse_publish(packet_id, qos, why)
+        } else {
+            entry.sink.deliver(encode(&match qos {
+                QoS::ExactlyOnce => Packet::PubRec(packet_id),
+                _ => Packet::PubAck(packet_id),
+            }))
+        };
+        if !delivered {
+            self.cut_slow_consumer(session, now);
+        }
+    }
+
+    /// Completes the client's flow for a PUBLISH the edge dropped
+    /// (expired while it waited).
+    fn complete_dropped(&mut self, origin: Option<(SessionId, PacketId)>, qos: QoS, now: Instant) {
+        let Some((session, client_id)) = origin else {
+            return;
+        };
+        let Some(entry) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        entry.unacknowledged = entry.unacknowledged.saturating_sub(1);
+        let answer = if qos == QoS::ExactlyOnce {
+            entry.exactly_once.insert(client_id, true);
+            Packet::PubRec(client_id)
+        } else {
+            Packet::PubAck(client_id)
+        };
+        self.send_to(session, &answer, now);
     }
 
     /// A new session. One that holds the same client id is ended (replaced)
@@ -719,6 +857,8 @@ impl<S: SessionSink> HubState<S> {
                 churn: ChurnBudget::new(self.config.churn, now),
                 waiting_for_rate: 0,
                 peer: attach.peer,
+                mqtt5: attach.mqtt5,
+                no_local: None,
             },
         );
     }
@@ -737,13 +877,33 @@ impl<S: SessionSink> HubState<S> {
     /// A packet from a client. The session has already checked what needs
     /// no hub state (topic syntax, its key's scope).
     pub fn handle_client_packet(&mut self, session: SessionId, packet: Packet, now: Instant) {
+        self.handle_client_packet_with(session, packet, None, now);
+    }
+
+    /// [`Self::handle_client_packet`], with what an MQTT 5 client's packet
+    /// adds.
+    pub fn handle_client_packet_with(
+        &mut self,
+        session: SessionId,
+        packet: Packet,
+        extras: Option<&PacketExtras>,
+        now: Instant,
+    ) {
         if !self.sessions.contains_key(&session) {
             return;
         }
         match packet {
-            Packet::Subscribe(subscribe) => self.on_subscribe(session, subscribe, now),
+            Packet::Subscribe(subscribe) => {
+                let options = extras.map_or(&[][..], |extras| &extras.subscription[..]);
+                self.on_subscribe(session, subscribe, options, now)
+            }
             Packet::Unsubscribe(unsubscribe) => self.on_unsubscribe(session, unsubscribe, now),
-            Packet::Publish(publish) => self.on_client_publish(session, publish, now),
+            Packet::Publish(publish) => {
+                let expires_at = extras
+                    .and_then(|extras| extras.message_expiry)
+                    .map(|expiry| now + expiry);
+                self.on_client_publish(session, publish, expires_at, now)
+            }
             Packet::PubRel(id) => {
                 if let Some(entry) = self.sessions.get_mut(&session) {
                     entry.exactly_once.remove(&id);
@@ -822,7 +982,7 @@ impl<S: SessionSink> HubState<S> {
             .retain(|waiting| waiting.session != session);
         if entry.waiting_for_rate > 0 {
             self.over_rate
-                .retain(|(origin, _)| origin.is_none_or(|(from, _)| from != session));
+                .retain(|(origin, _, _)| origin.is_none_or(|(from, _)| from != session));
         }
         for replay in &mut self.replays {
             replay.joiners.retain(|(_, joiner, _)| *joiner != session);
@@ -1005,6 +1165,27 @@ impl<S: SessionSink> HubState<S> {
             .collect();
         resend.sort_unstable();
         for (_, id) in resend {
+            if let Some(Pending::Publish {
+                expires_at: Some(at),
+                ..
+            }) = self.pending.get(&id)
+                && now >= *at
+                && let Some(Pending::Publish {
+                    origin,
+                    exactly_once,
+                    ..
+                }) = self.pending.remove(&id)
+            {
+                // Expired while the hub waited for this upstream.
+                self.counters.expired_publishes += 1;
+                let qos = if exactly_once {
+                    QoS::ExactlyOnce
+                } else {
+                    QoS::AtLeastOnce
+                };
+                self.complete_dropped(origin, qos, now);
+                continue;
+            }
             let Some(Pending::Publish { publish, sent, .. }) = self.pending.get_mut(&id) else {
                 continue;
             };
@@ -1052,7 +1233,13 @@ impl<S: SessionSink> HubState<S> {
         }
     }
 
-    fn on_subscribe(&mut self, session: SessionId, subscribe: Subscribe, now: Instant) {
+    fn on_subscribe(
+        &mut self,
+        session: SessionId,
+        subscribe: Subscribe,
+        options: &[SubscriptionExtras],
+        now: Instant,
+    ) {
         let upstream_of: Vec<Option<String>> = subscribe
             .filters
             .iter()
@@ -1089,14 +1276,53 @@ impl<S: SessionSink> HubState<S> {
         // messages per upstream SUBSCRIBE in flight.
         let mut carried = Vec::new();
         let mut joiners = Vec::new();
+        let mut declined = Vec::new();
         let mut joins_in_flight: Vec<(PacketId, String, QoS)> = Vec::new();
-        for ((filter, qos), upstream) in requested.iter().zip(&upstream_of) {
+        for (index, ((filter, qos), upstream)) in requested.iter().zip(&upstream_of).enumerate() {
             let (Some(qos), Some(upstream)) = (qos, upstream) else {
                 continue;
             };
+            let option = options.get(index);
             let newly_held = entry.filters.insert(filter.clone(), *qos).is_none();
             if newly_held {
                 self.index.insert(filter, session);
+            }
+            match option {
+                Some(option) if option.no_local => {
+                    entry
+                        .no_local
+                        .get_or_insert_with(Box::default)
+                        .insert(filter.clone());
+                }
+                _ => {
+                    if let Some(no_local) = &mut entry.no_local {
+                        no_local.remove(filter);
+                    }
+                }
+            }
+            // MQTT 5 Retain Handling: retained messages at subscribe time
+            // always (0, and 3.1.1), only for a filter the session did not
+            // hold (1), or never (2).
+            let wants_retained = match option.map(|option| option.retain_handling) {
+                None | Some(RetainHandling::SendAtSubscribe) => true,
+                Some(RetainHandling::SendIfNew) => newly_held,
+                Some(RetainHandling::DoNotSend) => false,
+            };
+            if !wants_retained {
+                if !self.upstream_filters.contains_key(upstream) {
+                    self.upstream_filters.insert(
+                        upstream.clone(),
+                        UpstreamFilter {
+                            holders: 1,
+                            granted: None,
+                        },
+                    );
+                    carried.push(upstream.clone());
+                    declined.push(filter.clone());
+                } else if newly_held && let Some(held) = self.upstream_filters.get_mut(upstream) {
+                    held.holders += 1;
+                }
+                continue;
             }
             match self.upstream_filters.get_mut(upstream) {
                 None => {
@@ -1171,6 +1397,7 @@ impl<S: SessionSink> HubState<S> {
                 subscribe_id: upstream_id,
                 suback_seen: false,
                 joiners,
+                declined,
             });
             if self.replays.len() > MAX_OPEN_REPLAYS {
                 self.replays.pop_front();
@@ -1315,7 +1542,7 @@ impl<S: SessionSink> HubState<S> {
                 packet_id: None,
                 payload: BambuState::pushall_request(),
             };
-            self.publish_upstream(None, request);
+            self.publish_upstream(None, request, None);
         }
     }
 
@@ -1391,21 +1618,33 @@ impl<S: SessionSink> HubState<S> {
         }
     }
 
-    fn on_client_publish(&mut self, session: SessionId, publish: Publish, now: Instant) {
+    fn on_client_publish(
+        &mut self,
+        session: SessionId,
+        publish: Publish,
+        expires_at: Option<Instant>,
+        now: Instant,
+    ) {
         if self
             .config
             .policy
             .check_publish(&publish.topic, publish.retain)
             .is_err()
         {
-            // Acknowledged and dropped, as a broker's ACL does.
+            // Acknowledged and dropped, as a broker's ACL does (an MQTT 5
+            // client hears 0x87 in its PUBACK).
             self.counters.refused_publishes += 1;
-            match (publish.qos, publish.packet_id) {
-                (QoS::AtLeastOnce, Some(id)) => self.send_to(session, &Packet::PubAck(id), now),
-                (QoS::ExactlyOnce, Some(id)) => self.send_to(session, &Packet::PubRec(id), now),
-                _ => {}
+            if let Some(id) = publish.packet_id {
+                self.refuse_publish(session, id, publish.qos, PublishRefused::NotAuthorized, now);
             }
             return;
+        }
+        if self
+            .sessions
+            .get(&session)
+            .is_some_and(|entry| entry.no_local.is_some())
+        {
+            self.remember_own(session, &publish, now);
         }
         if self.absorb_pushall(session, &publish, now) {
             return;
@@ -1415,10 +1654,15 @@ impl<S: SessionSink> HubState<S> {
             self.run_cc2_actions(now);
             match taken {
                 AppPublish::NotMine | AppPublish::Forward => {}
-                AppPublish::Taken | AppPublish::Refused => {
-                    if taken == AppPublish::Refused {
-                        self.counters.refused_publishes += 1;
+                AppPublish::Refused => {
+                    self.counters.refused_publishes += 1;
+                    if let Some(id) = publish.packet_id {
+                        let why = PublishRefused::NotAuthorized;
+                        self.refuse_publish(session, id, publish.qos, why, now);
                     }
+                    return;
+                }
+                AppPublish::Taken => {
                     match (publish.qos, publish.packet_id) {
                         (QoS::AtLeastOnce, Some(id)) => {
                             self.send_to(session, &Packet::PubAck(id), now)
@@ -1437,7 +1681,7 @@ impl<S: SessionSink> HubState<S> {
         };
         let Some(client_id) = publish.packet_id else {
             if self.over_rate.is_empty() && self.take_publish_token(now) {
-                self.publish_upstream(None, publish);
+                self.publish_upstream(None, publish, None);
             } else {
                 self.counters.throttled_publishes += 1;
             }
@@ -1474,12 +1718,71 @@ impl<S: SessionSink> HubState<S> {
                 entry.exactly_once.insert(client_id, false);
             }
         }
-        self.publish_within_rate(Some((session, client_id)), publish, now);
+        self.publish_within_rate(Some((session, client_id)), publish, expires_at, now);
+    }
+
+    /// Notes a PUBLISH of a session with No Local filters, so that the
+    /// broker's echo of it skips that session.
+    fn remember_own(&mut self, session: SessionId, publish: &Publish, now: Instant) {
+        while self
+            .own_recent
+            .front()
+            .is_some_and(|(at, ..)| now.saturating_duration_since(*at) > OWN_ECHO_WINDOW)
+            || self.own_recent.len() >= MAX_OWN_RECENT
+        {
+            self.own_recent.pop_front();
+        }
+        self.own_recent.push_back((
+            now,
+            session,
+            publish.topic.clone(),
+            digest(&publish.payload),
+        ));
+    }
+
+    /// Drops from `self.matches` the sessions that published this message
+    /// themselves and hold a No Local filter matching it: the broker echoes
+    /// what the hub publishes for them (3.1.1 has no No Local).
+    fn drop_own_echoes(&mut self, publish: &Publish) {
+        if self.own_recent.is_empty() {
+            return;
+        }
+        let payload = digest(&publish.payload);
+        let sessions = &self.sessions;
+        let own_recent = &mut self.own_recent;
+        self.matches.retain(|(session, _)| {
+            let no_local = sessions
+                .get(session)
+                .and_then(|entry| entry.no_local.as_ref())
+                .is_some_and(|filters| {
+                    filters
+                        .iter()
+                        .any(|filter| topic_matches(filter, &publish.topic))
+                });
+            if !no_local {
+                return true;
+            }
+            let own = own_recent.iter().position(|(_, from, topic, digest)| {
+                from == session && *topic == publish.topic && *digest == payload
+            });
+            match own {
+                Some(position) => {
+                    own_recent.remove(position);
+                    false
+                }
+                None => true,
+            }
+        });
     }
 
     /// Sends a PUBLISH upstream: QoS 0 as it is, QoS 1 and 2 as QoS 1 with
     /// an upstream packet id (QoS 2 completes at the edge).
-    fn publish_upstream(&mut self, origin: Option<(SessionId, PacketId)>, mut publish: Publish) {
+    fn publish_upstream(
+        &mut self,
+        origin: Option<(SessionId, PacketId)>,
+        mut publish: Publish,
+        expires_at: Option<Instant>,
+    ) {
         publish.dup = false;
         if publish.retain {
             self.note_retained(&publish.topic, publish.payload.is_empty());
@@ -1511,6 +1814,7 @@ impl<S: SessionSink> HubState<S> {
                 publish: Box::new(publish),
                 order,
                 sent,
+                expires_at,
             },
         );
     }
@@ -1615,6 +1919,10 @@ impl<S: SessionSink> HubState<S> {
                         .joiners
                         .iter()
                         .any(|(filter, _, _)| topic_matches(filter, &publish.topic))
+                        || replay
+                            .declined
+                            .iter()
+                            .any(|filter| topic_matches(filter, &publish.topic))
                 });
             if let Some(replay) = replay {
                 retained_replay = true;
@@ -1653,6 +1961,7 @@ impl<S: SessionSink> HubState<S> {
     /// Delivers `publish` once to each session in `self.matches`, at the
     /// lowest of its QoS, the session's and QoS 1.
     fn deliver_publish(&mut self, publish: &Publish, now: Instant) {
+        self.drop_own_echoes(publish);
         let mut matches = std::mem::take(&mut self.matches);
         if matches.len() > 1 {
             // One delivery per session, at its best matching QoS.
@@ -1701,6 +2010,20 @@ impl<S: SessionSink> HubState<S> {
             self.cut_slow_consumer(session, now);
         }
     }
+}
+
+/// How long a No Local session's own PUBLISH waits for the broker's echo.
+const OWN_ECHO_WINDOW: Duration = Duration::from_secs(30);
+
+/// Own PUBLISHes remembered for No Local at most.
+const MAX_OWN_RECENT: usize = 1_024;
+
+/// A payload's digest, to recognise the broker's echo of it.
+fn digest(payload: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    payload.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Whether a joining session's held `filter` is subscribed upstream again.

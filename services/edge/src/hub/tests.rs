@@ -28,6 +28,8 @@ struct Received {
     budget: usize,
     queued: usize,
     packets: Vec<Packet>,
+    /// MQTT 5 refusals of the session's PUBLISHes.
+    refusals: Vec<(PacketId, super::state::PublishRefused)>,
     ended: Option<Close>,
     /// Ended with what was queued dropped.
     abandoned: bool,
@@ -53,6 +55,16 @@ impl SessionSink for RecordingSink {
 
     fn end(&self, close: Close) {
         self.0.borrow_mut().ended.get_or_insert(close);
+    }
+
+    fn refuse_publish(
+        &self,
+        packet_id: PacketId,
+        _: QoS,
+        why: super::state::PublishRefused,
+    ) -> bool {
+        self.0.borrow_mut().refusals.push((packet_id, why));
+        true
     }
 
     fn abandon(&self, close: Close) {
@@ -128,6 +140,21 @@ impl Harness {
     }
 
     fn attach_with(&mut self, session: SessionId, client_id: &str, will: Option<Publish>) {
+        self.attach_as(session, client_id, will, false);
+    }
+
+    /// An MQTT 5 session.
+    fn attach_v5(&mut self, session: SessionId) {
+        self.attach_as(session, &format!("client-{session}"), None, true);
+    }
+
+    fn attach_as(
+        &mut self,
+        session: SessionId,
+        client_id: &str,
+        will: Option<Publish>,
+        mqtt5: bool,
+    ) {
         let received = Rc::new(RefCell::new(Received {
             budget: 1 << 20,
             ..Received::default()
@@ -142,6 +169,7 @@ impl Harness {
                 max_subscriptions: 3,
                 max_unacknowledged: 4,
                 peer: false,
+                mqtt5,
             },
             self.now,
         );
@@ -1769,4 +1797,217 @@ fn cc2_over_a_peer_link_requests_pass_on_as_they_came() {
     };
     assert_eq!(request.topic, "elegoo/SN/app/api_request");
     assert_eq!(json_of(request)["id"], 8);
+}
+
+// MQTT 5 sessions: what the hub serves of their options, and refusals in
+// their PUBACKs.
+
+fn v5_subscribe(
+    hub: &mut Harness,
+    session: SessionId,
+    filter: &str,
+    options: super::state::SubscriptionExtras,
+) {
+    hub.hub.handle_client_packet_with(
+        session,
+        subscribe(1, &[(filter, QoS::AtMostOnce)]),
+        Some(&super::state::PacketExtras {
+            subscription: vec![options],
+            message_expiry: None,
+        }),
+        hub.now,
+    );
+}
+
+fn options(
+    no_local: bool,
+    retain_handling: super::state::RetainHandling,
+) -> super::state::SubscriptionExtras {
+    super::state::SubscriptionExtras {
+        no_local,
+        retain_handling,
+    }
+}
+
+#[test]
+fn retain_handling_2_gets_no_retained_messages_and_1_only_for_a_new_filter() {
+    use super::state::RetainHandling;
+    let mut hub = Harness::new(config(RetainedReplay::Always));
+    hub.attach_v5(1);
+    v5_subscribe(
+        &mut hub,
+        1,
+        "s/#",
+        options(false, RetainHandling::DoNotSend),
+    );
+    let upstream = hub.upstream_subscribe();
+    hub.printer(suback(
+        upstream.packet_id.get(),
+        &[granted(QoS::AtMostOnce)],
+    ));
+    // The broker answers the SUBSCRIBE with its retained message.
+    hub.printer(Packet::Publish(retained("s/a", b"old")));
+    hub.printer(Packet::Publish(publish(
+        "s/a",
+        QoS::AtMostOnce,
+        None,
+        b"live",
+    )));
+    let received = hub.received(1);
+    assert!(matches!(received[0], Packet::SubAck(_)), "{received:?}");
+    let payloads: Vec<&[u8]> = received[1..]
+        .iter()
+        .map(|packet| match packet {
+            Packet::Publish(publish) => &publish.payload[..],
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(payloads, vec![&b"live"[..]], "no retained copy");
+    // Retain Handling 1 for a filter the session already holds: none again
+    // (no new upstream SUBSCRIBE); a session new to it gets them.
+    v5_subscribe(
+        &mut hub,
+        1,
+        "s/#",
+        options(false, RetainHandling::SendIfNew),
+    );
+    assert!(hub.upstream().is_empty(), "no replay for a held filter");
+    hub.attach_v5(2);
+    v5_subscribe(
+        &mut hub,
+        2,
+        "s/#",
+        options(false, RetainHandling::SendIfNew),
+    );
+    let replay = hub.upstream_subscribe();
+    assert_eq!(replay.filters[0].0, "s/#");
+}
+
+#[test]
+fn no_local_skips_the_brokers_echo_of_the_sessions_own_publish() {
+    use super::state::RetainHandling;
+    let mut hub = Harness::new(config(RetainedReplay::WhenSeen));
+    hub.attach_v5(1);
+    hub.attach(2);
+    v5_subscribe(
+        &mut hub,
+        1,
+        "chat/#",
+        options(true, RetainHandling::SendAtSubscribe),
+    );
+    let upstream = hub.upstream_subscribe();
+    hub.printer(suback(
+        upstream.packet_id.get(),
+        &[granted(QoS::AtMostOnce)],
+    ));
+    hub.subscribed_again(2, "chat/#");
+    hub.received(1);
+    hub.client(
+        1,
+        Packet::Publish(publish("chat/x", QoS::AtMostOnce, None, b"mine")),
+    );
+    assert_eq!(hub.upstream().len(), 1);
+    // The broker echoes it to the hub's subscription: session 2 gets it,
+    // session 1 (No Local) does not; another message reaches both.
+    hub.printer(Packet::Publish(publish(
+        "chat/x",
+        QoS::AtMostOnce,
+        None,
+        b"mine",
+    )));
+    hub.printer(Packet::Publish(publish(
+        "chat/x",
+        QoS::AtMostOnce,
+        None,
+        b"theirs",
+    )));
+    let first: Vec<Bytes> = hub.publishes(1).into_iter().map(|p| p.payload).collect();
+    let second: Vec<Bytes> = hub.publishes(2).into_iter().map(|p| p.payload).collect();
+    assert_eq!(first, vec![Bytes::from_static(b"theirs")]);
+    assert_eq!(
+        second,
+        vec![Bytes::from_static(b"mine"), Bytes::from_static(b"theirs")]
+    );
+}
+
+impl Harness {
+    /// Subscribes `session` to a filter the upstream already holds.
+    fn subscribed_again(&mut self, session: SessionId, filter: &str) {
+        self.client(session, subscribe(1, &[(filter, QoS::AtMostOnce)]));
+        let _ = self.upstream();
+        assert!(matches!(
+            self.received(session).as_slice(),
+            [Packet::SubAck(_)]
+        ));
+    }
+
+    fn refusals(&mut self, session: SessionId) -> Vec<(PacketId, super::state::PublishRefused)> {
+        std::mem::take(&mut self.sessions[&session].borrow_mut().refusals)
+    }
+}
+
+#[test]
+fn mqtt5_sessions_hear_refusals_in_their_puback() {
+    use super::state::PublishRefused;
+    // The policy: 0x87, where a 3.1.1 session gets a plain PUBACK.
+    let mut hub = Harness::new(bambu_like_policy());
+    hub.attach_v5(1);
+    hub.attach(2);
+    for session in [1, 2] {
+        hub.client(
+            session,
+            Packet::Publish(publish(
+                "device/OTHER/request",
+                QoS::AtLeastOnce,
+                Some(5),
+                b"x",
+            )),
+        );
+    }
+    assert_eq!(
+        hub.refusals(1),
+        vec![(id(5), PublishRefused::NotAuthorized)]
+    );
+    assert!(hub.received(1).is_empty());
+    assert_eq!(hub.received(2), vec![Packet::PubAck(id(5))]);
+    // Over the rate past the session's wait: 0x97, and the session stays.
+    let mut hub = Harness::new(rate(10, 1, 1));
+    hub.attach_v5(1);
+    for index in 1..=3u16 {
+        hub.client(
+            1,
+            Packet::Publish(publish("cmd", QoS::AtLeastOnce, Some(index), b"go")),
+        );
+    }
+    assert_eq!(hub.upstream().len(), 1);
+    assert_eq!(
+        hub.refusals(1),
+        vec![(id(3), PublishRefused::QuotaExceeded)]
+    );
+    assert_eq!(hub.ended(1), None);
+}
+
+#[test]
+fn an_expired_publish_waiting_for_the_rate_is_dropped() {
+    let mut hub = Harness::new(rate(1, 1, 10));
+    hub.attach_v5(1);
+    let expiring =
+        |index: u16| Packet::Publish(publish("cmd", QoS::AtLeastOnce, Some(index), b"go"));
+    for index in 1..=2u16 {
+        hub.hub.handle_client_packet_with(
+            1,
+            expiring(index),
+            Some(&super::state::PacketExtras {
+                subscription: Vec::new(),
+                message_expiry: Some(Duration::from_millis(500)),
+            }),
+            hub.now,
+        );
+    }
+    assert_eq!(hub.upstream().len(), 1);
+    // Its turn comes after a second; it expired after half of one.
+    hub.advance(Duration::from_secs(1));
+    assert!(hub.upstream().is_empty(), "expired: not sent");
+    assert_eq!(hub.received(1), vec![Packet::PubAck(id(2))]);
+    assert_eq!(hub.hub.counters().expired_publishes, 1);
 }

@@ -428,3 +428,217 @@ async fn a_disconnect_with_will_publishes_the_will() {
     }
     edge.stop().await;
 }
+
+/// An MQTT 5 client straight to Mosquitto over TCP, or to the edge.
+enum Transport {
+    Edge(V5Client),
+    Mosquitto(tokio::net::TcpStream, bytes::BytesMut),
+}
+
+impl Transport {
+    async fn send(&mut self, packet: &mqtt5::Packet) {
+        match self {
+            Transport::Edge(client) => client.send(packet).await,
+            Transport::Mosquitto(stream, _) => {
+                use tokio::io::AsyncWriteExt;
+                let mut bytes = bytes::BytesMut::new();
+                mqtt5::encode(packet, &mut bytes).unwrap();
+                stream.write_all(&bytes).await.unwrap();
+            }
+        }
+    }
+
+    async fn next(&mut self) -> mqtt5::Packet {
+        match self {
+            Transport::Edge(client) => client.next().await.expect("a packet"),
+            Transport::Mosquitto(stream, buffer) => {
+                use tokio::io::AsyncReadExt;
+                tokio::time::timeout(PATIENCE, async {
+                    loop {
+                        if let Some(packet) = mqtt5::decode(buffer, 1 << 20).unwrap() {
+                            return packet;
+                        }
+                        assert!(stream.read_buf(buffer).await.unwrap() > 0, "closed");
+                    }
+                })
+                .await
+                .expect("Mosquitto answered in time")
+            }
+        }
+    }
+}
+
+fn mosquitto_address() -> String {
+    std::env::var("RELAY_TEST_MQTT_ADDR").unwrap_or_else(|_| "127.0.0.1:1883".into())
+}
+
+/// A 3.1.1 connection to Mosquitto (the hub's upstream, or a publisher).
+async fn mosquitto_311(client_id: &str) -> MqttPeer<tokio::net::TcpStream> {
+    let stream = tokio::net::TcpStream::connect(mosquitto_address())
+        .await
+        .expect("Mosquitto (scripts/services starts it)");
+    let mut peer = MqttPeer::new(stream);
+    peer.send(&Packet::Connect(connect_packet(client_id))).await;
+    assert!(
+        matches!(peer.next().await, Some(Packet::ConnAck(ack)) if ack.code == mqtt::ConnectReturnCode::Accepted)
+    );
+    peer
+}
+
+/// What the client sees: SUBACKs, retained and live messages, the PUBACK
+/// of its own publish through a topic alias, UNSUBACKs.
+async fn observe(client: &mut Transport, base: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let subscribe = |id: u16, retain_handling| {
+        mqtt5::Packet::Subscribe(Subscribe {
+            packet_id: PacketId::new(id).unwrap(),
+            properties: Properties::new(),
+            filters: vec![(
+                format!("{base}/#"),
+                SubscriptionOptions {
+                    retain_handling,
+                    ..SubscriptionOptions::at(QoS::AtLeastOnce)
+                },
+            )],
+        })
+    };
+    client
+        .send(&subscribe(1, mqtt5::RetainHandling::SendAtSubscribe))
+        .await;
+    // SUBACK, then the retained message.
+    for _ in 0..2 {
+        seen.push(describe(client.next().await));
+    }
+    // Again, Retain Handling 1: the filter exists, no retained message.
+    client
+        .send(&subscribe(2, mqtt5::RetainHandling::SendIfNew))
+        .await;
+    seen.push(describe(client.next().await));
+    let publish = |topic: &str, payload: &'static [u8]| {
+        mqtt5::Packet::Publish(mqtt5::Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: topic.into(),
+            packet_id: Some(id(7)),
+            properties: Properties::new().with(Property::TopicAlias(1)),
+            payload: Bytes::from_static(payload),
+        })
+    };
+    client.send(&publish(&format!("{base}/b"), b"first")).await;
+    client.send(&publish("", b"second")).await;
+    // Two PUBACKs and the two messages back, in whatever interleaving.
+    let mut rest: Vec<String> = Vec::new();
+    for _ in 0..4 {
+        rest.push(describe(client.next().await));
+    }
+    rest.sort();
+    seen.extend(rest);
+    let unsubscribe = |id: u16| {
+        mqtt5::Packet::Unsubscribe(mqtt5::Unsubscribe {
+            packet_id: PacketId::new(id).unwrap(),
+            properties: Properties::new(),
+            filters: vec![format!("{base}/#")],
+        })
+    };
+    client.send(&unsubscribe(3)).await;
+    seen.push(describe(client.next().await));
+    seen
+}
+
+fn describe(packet: mqtt5::Packet) -> String {
+    match packet {
+        mqtt5::Packet::SubAck(ack) => format!("SUBACK {:?}", ack.reasons),
+        mqtt5::Packet::UnsubAck(ack) => format!("UNSUBACK {:?}", ack.reasons),
+        mqtt5::Packet::PubAck(ack) => format!("PUBACK {:?}", ack.reason),
+        mqtt5::Packet::Publish(publish) => format!(
+            "PUBLISH {} retain={} qos={:?} {}",
+            publish.topic.rsplit('/').next().unwrap_or(""),
+            publish.retain,
+            publish.qos,
+            String::from_utf8_lossy(&publish.payload)
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
+/// An MQTT 5 client sees through the relay what it sees on Mosquitto
+/// directly: SUBACKs, retained messages per Retain Handling, its own
+/// messages back, PUBACKs, UNSUBACKs. The hub's upstream is a 3.1.1
+/// connection to the same Mosquitto.
+#[tokio::test]
+async fn a_v5_client_sees_what_it_sees_on_mosquitto() {
+    let edge = TestEdge::start().await;
+    let serial = relay_store::credential::random_base32(10).unwrap();
+    let hub_upstream = mosquitto_311(&format!("relay-hub-{serial}")).await;
+    let (reader, writer) = hub_upstream.io.into_split();
+    edge.edge.as_ref().unwrap().hubs().start(
+        edge.device.clone(),
+        Upstream::from_halves(reader, writer),
+        HubConfig {
+            replay_retained: RetainedReplay::Always,
+            ..HubConfig::new(256 * 1024)
+        },
+        None,
+        Duration::ZERO,
+    );
+    let mut publisher = mosquitto_311(&format!("publisher-{serial}")).await;
+    let mut observed = Vec::new();
+    for (name, via_edge) in [("direct", false), ("relay", true)] {
+        let base = format!("relay-compare/{serial}/{name}");
+        publisher
+            .send(&Packet::Publish(mqtt::Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: true,
+                topic: format!("{base}/a"),
+                packet_id: Some(id(1)),
+                payload: Bytes::from_static(b"kept"),
+            }))
+            .await;
+        assert!(matches!(publisher.next().await, Some(Packet::PubAck(_))));
+        let mut client = if via_edge {
+            Transport::Edge(
+                connected(&edge, V5Client::connect_packet(&format!("v5-{serial}")))
+                    .await
+                    .0,
+            )
+        } else {
+            let stream = tokio::net::TcpStream::connect(mosquitto_address())
+                .await
+                .unwrap();
+            let mut client = Transport::Mosquitto(stream, bytes::BytesMut::new());
+            client
+                .send(&mqtt5::Packet::Connect(V5Client::connect_packet(&format!(
+                    "v5-direct-{serial}"
+                ))))
+                .await;
+            assert!(
+                matches!(client.next().await, mqtt5::Packet::ConnAck(ack) if ack.reason == ReasonCode::SUCCESS)
+            );
+            client
+        };
+        observed.push(observe(&mut client, &base).await);
+        // Clear the retained message.
+        publisher
+            .send(&Packet::Publish(mqtt::Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain: true,
+                topic: format!("{base}/a"),
+                packet_id: None,
+                payload: Bytes::new(),
+            }))
+            .await;
+    }
+    assert_eq!(observed[0], observed[1], "direct, then through the relay");
+    assert_eq!(
+        observed[0][..3],
+        [
+            "SUBACK [ReasonCode(1)]",
+            "PUBLISH a retain=true qos=AtLeastOnce kept",
+            "SUBACK [ReasonCode(1)]",
+        ]
+    );
+    edge.stop().await;
+}

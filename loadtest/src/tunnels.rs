@@ -545,7 +545,8 @@ async fn restart(
     let metrics = rig.edge.metrics().await?;
     let value = |series: &str| crate::rig::metric(&metrics, series).unwrap_or(0.0);
     let store_queries = value("relay_edge_store_queries_total");
-    let hellos_accepted = value("relay_edge_agent_hellos_total{result=\"accepted\"}");
+    let hellos_accepted =
+        value("relay_edge_agent_hellos_total{result=\"accepted\",transport=\"quic\"}");
     let hellos_refused: f64 = [
         "bad_credential",
         "rate_limited",
@@ -556,7 +557,7 @@ async fn restart(
     .iter()
     .map(|result| {
         value(&format!(
-            "relay_edge_agent_hellos_total{{result=\"{result}\"}}"
+            "relay_edge_agent_hellos_total{{result=\"{result}\",transport=\"quic\"}}"
         ))
     })
     .sum();

@@ -42,6 +42,36 @@ pub struct EdgeSection {
     pub credential: Secret<String>,
     #[serde(default = "default_quic_keep_alive")]
     pub keep_alive_seconds: u64,
+    /// How the tunnel reaches the edge: QUIC, TLS over TCP (for networks
+    /// that block UDP), or QUIC first and TCP when QUIC has no handshake
+    /// within seconds.
+    #[serde(default)]
+    pub transport: TransportChoice,
+    /// `host:port` of the edge's TCP tunnel listener (default: `address`,
+    /// the same host and port over TCP).
+    #[serde(default)]
+    pub tcp_address: Option<String>,
+}
+
+/// The agent's `edge.transport`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// QUIC first; TLS over TCP when QUIC has no handshake in time.
+    #[default]
+    Auto,
+    Quic,
+    Tcp,
+}
+
+impl EdgeSection {
+    /// Where the TCP tunnel listener is: `tcp_address`, or `address` (the
+    /// edge serves the tunnel on the same port over UDP and TCP).
+    pub fn tcp_address(&self) -> String {
+        self.tcp_address
+            .clone()
+            .unwrap_or_else(|| self.address.clone())
+    }
 }
 
 /// The edge's default (its idle timeout, 60 s, is more than twice this).

@@ -3,6 +3,7 @@
 //! each and a fresh printer connection. Reconnects with jittered exponential
 //! backoff; a GO_AWAY makes it reconnect at once.
 
+use relay_io::transport::{TunnelConnection, TunnelRecv, TunnelSend};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AgentConfig, PrinterConfig};
+use crate::config::{AgentConfig, PrinterConfig, TransportChoice};
 use crate::printer;
 use crate::standby::Standby;
 
@@ -50,6 +51,15 @@ pub enum TunnelEnd {
     GoAway { after: Duration },
     #[error("connection lost: {0}")]
     Lost(#[from] quinn::ConnectionError),
+    #[error("connection lost: {0}")]
+    LostIo(#[from] std::io::Error),
+    #[error("cannot reach the edge over TCP at {address}: {error}")]
+    TcpConnect {
+        address: String,
+        error: std::io::Error,
+    },
+    #[error("no QUIC handshake with the edge in {0:?}")]
+    QuicTimeout(Duration),
     #[error("connection lost: the control stream: {0}")]
     Control(#[from] ControlError),
     #[error("connection lost: no answer to HELLO in {HELLO_TIMEOUT:?}")]
@@ -151,7 +161,9 @@ fn jitter(base: Duration) -> Duration {
     base / 2 + base * u32::from(byte[0]) / 512
 }
 
-fn client_config(config: &AgentConfig) -> Result<quinn::ClientConfig, SetupError> {
+/// The TLS client configuration for the edge: its CA, the tunnel's ALPN,
+/// no 0-RTT; TLS 1.3 only over QUIC (which requires it), 1.2 too over TCP.
+fn tls_config(config: &AgentConfig, quic: bool) -> Result<rustls::ClientConfig, SetupError> {
     use rustls::pki_types::pem::PemObject;
     let path = &config.edge.ca_file;
     let pem = std::fs::read(path).map_err(|error| SetupError::CaFile {
@@ -167,13 +179,23 @@ fn client_config(config: &AgentConfig) -> Result<quinn::ClientConfig, SetupError
         roots.add(certificate)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = if quic {
+        &[&rustls::version::TLS13]
+    } else {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    };
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(versions)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![tunnel::ALPN.to_vec()];
     // The credential travels in HELLO on a finished handshake, never 0-RTT.
     tls.enable_early_data = false;
+    Ok(tls)
+}
+
+fn client_config(config: &AgentConfig) -> Result<quinn::ClientConfig, SetupError> {
+    let tls = tls_config(config, true)?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
@@ -210,7 +232,7 @@ pub async fn run_once_at(
     standby: Option<Arc<Standby>>,
     stop: CancellationToken,
 ) -> TunnelEnd {
-    let (endpoint, connection) = match dial(config, address).await {
+    let (endpoint, connection) = match dial_transport(config, address).await {
         Ok(dialled) => dialled,
         Err(end) => return end,
     };
@@ -219,12 +241,90 @@ pub async fn run_once_at(
         TunnelEnd::Stopped => b"agent stopping",
         _ => b"agent reconnecting",
     };
-    connection.close(
-        quinn::VarInt::from_u32(tunnel::close_code::NO_ERROR),
-        reason,
-    );
-    endpoint.wait_idle().await;
+    connection.close(tunnel::close_code::NO_ERROR, reason);
+    if let Some(endpoint) = endpoint {
+        endpoint.wait_idle().await;
+    }
     end
+}
+
+/// How long `transport = "auto"` waits for a QUIC handshake before it
+/// tries TCP.
+const QUIC_HANDSHAKE_PATIENCE: Duration = Duration::from_secs(5);
+
+/// A tunnel connection by the configured transport: QUIC, TCP, or QUIC
+/// first and TCP when QUIC has no handshake in time. The QUIC endpoint,
+/// when there is one, is waited on after the connection closes.
+async fn dial_transport(
+    config: &AgentConfig,
+    address: &str,
+) -> Result<(Option<quinn::Endpoint>, TunnelConnection), TunnelEnd> {
+    match config.edge.transport {
+        TransportChoice::Quic => {
+            let (endpoint, connection) = dial(config, address).await?;
+            Ok((Some(endpoint), TunnelConnection::Quic(connection)))
+        }
+        TransportChoice::Tcp => Ok((None, dial_tcp(config).await?)),
+        TransportChoice::Auto => {
+            let quic = tokio::time::timeout(QUIC_HANDSHAKE_PATIENCE, dial(config, address)).await;
+            let why = match quic {
+                Ok(Ok((endpoint, connection))) => {
+                    return Ok((Some(endpoint), TunnelConnection::Quic(connection)));
+                }
+                Ok(Err(end)) => end,
+                Err(_) => TunnelEnd::QuicTimeout(QUIC_HANDSHAKE_PATIENCE),
+            };
+            tracing::warn!(reason = %why, tcp = %config.edge.tcp_address(), "QUIC does not reach the edge: trying TCP");
+            Ok((None, dial_tcp(config).await?))
+        }
+    }
+}
+
+/// The tunnel over TLS on TCP, multiplexed by yamux.
+async fn dial_tcp(config: &AgentConfig) -> Result<TunnelConnection, TunnelEnd> {
+    let address = config.edge.tcp_address();
+    let tcp_failure = |error: std::io::Error| TunnelEnd::TcpConnect {
+        address: address.clone(),
+        error,
+    };
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(&address),
+    )
+    .await
+    .map_err(|_| tcp_failure(std::io::ErrorKind::TimedOut.into()))?
+    .map_err(tcp_failure)?;
+    let remote = tcp.peer_addr().map_err(tcp_failure)?;
+    let _ = tcp.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(config.edge.keep_alive_seconds))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(4);
+    let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+    let tls = tls_config(config, false)?;
+    let server_name = config.edge.server_name.clone().unwrap_or_else(|| {
+        address
+            .rsplit_once(':')
+            .map_or("", |(host, _)| host)
+            .to_owned()
+    });
+    let server_name = rustls::pki_types::ServerName::try_from(server_name)
+        .map_err(|error| tcp_failure(std::io::Error::other(error.to_string())))?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let stream = tokio::time::timeout(Duration::from_secs(10), connector.connect(server_name, tcp))
+        .await
+        .map_err(|_| tcp_failure(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(tcp_failure)?;
+    let mux = relay_io::mux::Mux::start(
+        stream,
+        relay_io::mux::MuxRole::Client,
+        relay_io::mux::MuxLimits {
+            max_streams: 256,
+            max_pending_inbound: 64,
+        },
+    );
+    tracing::info!(%address, "tunnel over TCP");
+    Ok(TunnelConnection::Tcp { mux, remote })
 }
 
 /// A QUIC connection to the edge at `edge_address`, handshake done.
@@ -279,21 +379,20 @@ async fn dial(
 /// checks. The edge counts it as this device's agent for that moment (a
 /// running agent of the same device is fenced off and comes back later).
 pub async fn probe_edge(config: &AgentConfig) -> Result<HelloAck, TunnelEnd> {
-    let (endpoint, connection) = dial(config, &config.edge.address).await?;
+    let (endpoint, connection) = dial_transport(config, &config.edge.address).await?;
     let outcome = hello(config, &connection).await.map(|(_, _, ack)| ack);
-    connection.close(
-        quinn::VarInt::from_u32(tunnel::close_code::NO_ERROR),
-        b"agent probe",
-    );
-    endpoint.wait_idle().await;
+    connection.close(tunnel::close_code::NO_ERROR, b"agent probe");
+    if let Some(endpoint) = endpoint {
+        endpoint.wait_idle().await;
+    }
     outcome
 }
 
 /// HELLO on a new control stream, and the edge's answer.
 async fn hello(
     config: &AgentConfig,
-    connection: &quinn::Connection,
-) -> Result<(quinn::SendStream, FramedReader<quinn::RecvStream>, HelloAck), TunnelEnd> {
+    connection: &TunnelConnection,
+) -> Result<(TunnelSend, FramedReader<TunnelRecv>, HelloAck), TunnelEnd> {
     let (mut control_send, control_recv) = connection.open_bi().await?;
     let hello = Message::Hello(Hello {
         version: tunnel::PROTOCOL_VERSION,
@@ -332,7 +431,7 @@ async fn write_message<W: AsyncWrite + Unpin>(
 
 async fn serve_connection(
     config: &AgentConfig,
-    connection: &quinn::Connection,
+    connection: &TunnelConnection,
     printer: Arc<PrinterConfig>,
     standby: Option<Arc<Standby>>,
     stop: CancellationToken,
@@ -341,7 +440,7 @@ async fn serve_connection(
         Ok(hello) => hello,
         Err(end) => return end,
     };
-    tracing::info!(device = %ack.device_id, epoch = ack.epoch, "connected to the edge");
+    tracing::info!(device = %ack.device_id, epoch = ack.epoch, transport = %connection.transport(), "connected to the edge");
 
     // Link-state reports go out on the control stream through one writer.
     let (reports, mut report_queue) = mpsc::channel::<Message>(64);
@@ -394,8 +493,8 @@ async fn serve_connection(
 /// One printer link: LINK_OPEN in, a printer connection, then MQTT
 /// relayed both ways until either side ends.
 async fn serve_printer_link(
-    mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    mut send: TunnelSend,
+    recv: TunnelRecv,
     printer: Arc<PrinterConfig>,
     standby: Option<Arc<Standby>>,
     reports: mpsc::Sender<Message>,
@@ -442,7 +541,7 @@ async fn serve_printer_link(
                 detail: Some(failure.detail),
             });
             let _ = write_message(&mut send, &refused).await;
-            let _ = send.finish();
+            send.finish().await;
             return;
         }
     };
@@ -508,7 +607,7 @@ async fn serve_printer_link(
         outcome = to_edge => outcome,
     };
     let _ = printer_write.shutdown().await;
-    let _ = send.finish();
+    send.finish().await;
     tracing::info!(link = link_id, ?outcome, "printer link closed");
     let (state, reason, detail) = match outcome {
         RelayEnd::EdgeClosed => (LinkState::Idle, None, None),

@@ -62,6 +62,7 @@ async fn cc2_world_with(
         server_name = "tunnel.{BASE_DOMAIN}"
         ca_file = "{}"
         credential = "{}"
+        transport = "{transport}"
 
         [printer]
         kind = "elegoo_cc2"
@@ -74,6 +75,7 @@ async fn cc2_world_with(
         ca.display(),
         credential.reveal(),
         simulator.addr.port(),
+        transport = test_transport(),
     ))
     .unwrap();
     let agent = start_agent(agent);

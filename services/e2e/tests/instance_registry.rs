@@ -299,7 +299,10 @@ async fn a_drain_spreads_the_agents_return_and_releases_its_claims() {
     assert_eq!(
         metric(
             &metrics,
-            "relay_edge_agent_hellos_total{result=\"accepted\"}"
+            &format!(
+                "relay_edge_agent_hellos_total{{result=\"accepted\",transport=\"{}\"}}",
+                test_transport()
+            )
         ),
         3,
         "the world's agent and these two; {metrics}"

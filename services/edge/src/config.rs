@@ -286,6 +286,11 @@ pub struct TunnelConfig {
     /// UDP address; off when absent. Uses the public certificate, so agents
     /// dial a name it covers (e.g. `tunnel.<base_domain>`).
     pub listen: Option<SocketAddr>,
+    /// TCP address for the same tunnel over TLS (ALPN `relay-tunnel/1`),
+    /// multiplexed by yamux, for agents whose network blocks UDP; off when
+    /// absent. Same certificate. Port 0 with `listen` set: the QUIC
+    /// listener's port (agents dial the same `host:port` over TCP).
+    pub tcp_listen: Option<SocketAddr>,
     /// Time for an agent to open its printer connection.
     pub session_open_timeout_seconds: u64,
     /// How long a printer connection stays up after its last client left.
@@ -317,6 +322,7 @@ impl Default for TunnelConfig {
     fn default() -> Self {
         TunnelConfig {
             listen: None,
+            tcp_listen: None,
             session_open_timeout_seconds: 20,
             linger_seconds: 30,
             upstream_grace_seconds: 30,
@@ -673,6 +679,14 @@ impl EdgeConfig {
         if self.tunnel.listen.is_some() && (public.tls_cert.is_none() || public.tls_key.is_none()) {
             problems.push(
                 "tunnel.listen needs public.tls_cert and public.tls_key (QUIC is always TLS)"
+                    .into(),
+            );
+        }
+        if self.tunnel.tcp_listen.is_some()
+            && (public.tls_cert.is_none() || public.tls_key.is_none())
+        {
+            problems.push(
+                "tunnel.tcp_listen needs public.tls_cert and public.tls_key (the tunnel is always TLS)"
                     .into(),
             );
         }

@@ -1,9 +1,11 @@
 //! Which devices are reachable: the agents' tunnels, one per device, and
 //! bringing a device's hub up on its first client.
 
+use relay_io::transport::TunnelConnection;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
 
 use bytes::BytesMut;
 use dashmap::DashMap;
@@ -28,7 +30,7 @@ pub struct Tunnel {
     pub epoch: u64,
     /// The id of the agent credential it said HELLO with.
     pub credential_id: String,
-    pub connection: quinn::Connection,
+    pub connection: TunnelConnection,
     /// GO_AWAYs for the agent's control stream (a queue of small values:
     /// one is allocated per tunnel).
     pub control: mpsc::Sender<GoAway>,
@@ -165,7 +167,7 @@ impl Devices {
         device_id: &str,
         epoch: u64,
         credential_id: &str,
-        connection: quinn::Connection,
+        connection: TunnelConnection,
         control: mpsc::Sender<GoAway>,
     ) -> Option<Tunnel> {
         let previous = self.tunnels.insert(
@@ -204,10 +206,9 @@ impl Devices {
                 epoch = tunnel.epoch,
                 "agent credential revoked: ending its tunnel"
             );
-            tunnel.connection.close(
-                quinn::VarInt::from_u32(tunnel::close_code::REFUSED),
-                b"agent credential revoked",
-            );
+            tunnel
+                .connection
+                .close(tunnel::close_code::REFUSED, b"agent credential revoked");
         }
         revoked.len()
     }
@@ -537,7 +538,7 @@ impl Devices {
         match reply.ok().flatten() {
             Some(Message::LinkAccept(accept)) if accept.link == link => {
                 let connection = tunnel.connection.clone();
-                let alive: TunnelProbe = Arc::new(move || connection.close_reason().is_none());
+                let alive: TunnelProbe = Arc::new(move || !connection.is_closed());
                 Ok((Upstream::new(recv, send, Some(alive), tunnel.epoch), accept))
             }
             Some(Message::LinkRefused(refused)) => Err(Unavailable::Printer {

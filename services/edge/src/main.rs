@@ -34,6 +34,10 @@ struct Flags {
     /// QUIC (UDP) listener for agents
     #[arg(long, env = "RELAY_TUNNEL_LISTEN")]
     tunnel_listen: Option<SocketAddr>,
+    /// TLS-over-TCP listener for agents whose network blocks UDP (port 0:
+    /// the QUIC listener's port)
+    #[arg(long, env = "RELAY_TUNNEL_TCP_LISTEN")]
+    tunnel_tcp_listen: Option<SocketAddr>,
     /// Admin listener (/metrics, /healthz, /readyz)
     #[arg(long, env = "RELAY_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
@@ -86,6 +90,9 @@ fn load(flags: &Flags) -> Result<EdgeConfig, String> {
     }
     if flags.tunnel_listen.is_some() {
         config.tunnel.listen = flags.tunnel_listen;
+    }
+    if flags.tunnel_tcp_listen.is_some() {
+        config.tunnel.tcp_listen = flags.tunnel_tcp_listen;
     }
     if let Some(id) = &flags.instance_id {
         config.cluster.instance_id = id.clone();

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub printer_bytes: IntCounterVec,
     /// Devices whose agent is connected.
     pub agents_connected: IntGauge,
+    /// The same, by transport (quic, tcp).
+    pub agents_by_transport: prometheus::IntGaugeVec,
     /// What device hubs refused or cut, by what: filter (SUBACK 0x80 by
     /// the topic policy), publish (dropped by the policy), churn (session
     /// cut for subscription churn), slow_consumer (session cut).
@@ -203,12 +205,27 @@ impl Metrics {
                 "where the instance holding a device was found: local, cache, store",
                 "source",
             ),
-            agent_hellos: counter_vec(
-                &registry,
-                "relay_edge_agent_hellos_total",
-                "agent HELLOs by result: accepted, bad_credential, rate_limited, fenced, store_error, unsupported_version",
-                "result",
-            ),
+            agent_hellos: {
+                let name = "relay_edge_agent_hellos_total";
+                let metric = IntCounterVec::new(
+                    Opts::new(
+                        name,
+                        "agent HELLOs by result (accepted, bad_credential, rate_limited, fenced, store_error, unsupported_version) and transport (quic, tcp)",
+                    ),
+                    &["result", "transport"],
+                )
+                .unwrap_or_else(|error| unreachable_metric(name, error));
+                register(&registry, name, metric)
+            },
+            agents_by_transport: {
+                let name = "relay_edge_agents_by_transport";
+                let metric = prometheus::IntGaugeVec::new(
+                    Opts::new(name, "agents connected, by tunnel transport: quic, tcp"),
+                    &["transport"],
+                )
+                .unwrap_or_else(|error| unreachable_metric(name, error));
+                register(&registry, name, metric)
+            },
             store_queries: counter(
                 &registry,
                 "relay_edge_store_queries_total",
@@ -223,7 +240,7 @@ impl Metrics {
     /// are known from the start), for checking dashboards and alerts.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 22] = [
+        let collectors: [&dyn Collector; 23] = [
             &self.connections,
             &self.connections_open,
             &self.tls_handshake_failures,
@@ -236,6 +253,7 @@ impl Metrics {
             &self.connacks,
             &self.printer_bytes,
             &self.agents_connected,
+            &self.agents_by_transport,
             &self.hub_refusals,
             &self.hub_upstream_resumes,
             &self.leases,

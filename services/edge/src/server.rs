@@ -56,6 +56,8 @@ pub struct RunningEdge {
     pub admin_addr: SocketAddr,
     /// The agents' QUIC (UDP) listener, when configured.
     pub tunnel_addr: Option<SocketAddr>,
+    /// The agents' TCP listener (the tunnel where UDP is blocked).
+    pub tunnel_tcp_addr: Option<SocketAddr>,
     /// The peer listener for other edge instances, when configured.
     pub peer_addr: Option<SocketAddr>,
     state: Arc<EdgeState>,
@@ -121,6 +123,7 @@ impl RunningEdge {
             plain_addr: None,
             admin_addr: config.admin.listen,
             tunnel_addr: None,
+            tunnel_tcp_addr: None,
             peer_addr: None,
             state: state.clone(),
             certificates: certificates.clone(),
@@ -157,18 +160,86 @@ impl RunningEdge {
             self.plain_addr = listener.local_addr().ok();
             self.spawn_accept_loop(listener, None);
         }
+        // The tunnel's TCP listener shares the QUIC port when asked for
+        // port 0 (agents dial the same host:port over TCP): with both on
+        // any port, a pair of free ones is found.
+        let mut tcp_listener = None;
         if let (Some(address), Some(certificates)) = (config.tunnel.listen, certificates.as_ref()) {
-            let endpoint = crate::tunnel::endpoint(
+            let mut endpoint = crate::tunnel::endpoint(
                 &config.tunnel,
                 address,
                 certificates.quic_server_config()?,
             )?;
+            if let Some(tcp) = config.tunnel.tcp_listen.filter(|tcp| tcp.port() == 0) {
+                for _ in 0..20 {
+                    let Ok(quic) = endpoint.local_addr() else {
+                        break;
+                    };
+                    let mut same = tcp;
+                    same.set_port(quic.port());
+                    if let Ok(listener) = tokio::net::TcpListener::bind(same).await {
+                        tcp_listener = Some(listener);
+                        break;
+                    }
+                    if address.port() != 0 {
+                        break;
+                    }
+                    endpoint = crate::tunnel::endpoint(
+                        &config.tunnel,
+                        address,
+                        certificates.quic_server_config()?,
+                    )?;
+                }
+            }
             self.tunnel_addr = endpoint.local_addr().ok();
             // Agents stay connected while sessions drain (their clients get
             // 1001, not "device offline"); they get GO_AWAY once the
             // sessions are gone.
             crate::tunnel::spawn_accept_loop(
                 endpoint,
+                self.state.clone(),
+                self.background.clone(),
+                self.tasks.clone(),
+            );
+        }
+        if let (Some(mut address), Some(certificates)) =
+            (config.tunnel.tcp_listen, certificates.as_ref())
+        {
+            let listener = match tcp_listener.take() {
+                Some(listener) => listener,
+                None => {
+                    if address.port() == 0
+                        && let Some(quic) = self.tunnel_addr
+                    {
+                        address.set_port(quic.port());
+                    }
+                    match tokio::net::TcpListener::bind(address).await {
+                        Ok(listener) => listener,
+                        // The QUIC port is taken over TCP: any port, said in the log.
+                        Err(error)
+                            if config
+                                .tunnel
+                                .tcp_listen
+                                .is_some_and(|asked| asked.port() == 0) =>
+                        {
+                            tracing::warn!(%error, %address, "the tunnel's TCP listener cannot share the QUIC port");
+                            let mut any = address;
+                            any.set_port(0);
+                            tokio::net::TcpListener::bind(any).await.map_err(|source| {
+                                StartError::Listen {
+                                    address: any,
+                                    source,
+                                }
+                            })?
+                        }
+                        Err(source) => return Err(StartError::Listen { address, source }),
+                    }
+                }
+            };
+            self.tunnel_tcp_addr = listener.local_addr().ok();
+            crate::tunnel::spawn_tcp_accept_loop(
+                listener,
+                certificates.tcp_tunnel_server_config()?,
                 self.state.clone(),
                 self.background.clone(),
                 self.tasks.clone(),
@@ -206,6 +277,7 @@ impl RunningEdge {
             public = ?self.public_addr,
             plain = ?self.plain_addr,
             tunnel = ?self.tunnel_addr,
+            tunnel_tcp = ?self.tunnel_tcp_addr,
             peer = ?self.peer_addr,
             admin = %self.admin_addr,
             "edge started"

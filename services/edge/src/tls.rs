@@ -82,6 +82,19 @@ impl CertificateSource {
 }
 
 impl CertificateSource {
+    /// The TLS configuration for the agents' TCP listener (the tunnel where
+    /// UDP is blocked): TLS 1.3 and 1.2, ALPN of the tunnel protocol only,
+    /// the same certificate.
+    pub fn tcp_tunnel_server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![relay_proto::tunnel::ALPN.to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// The QUIC configuration for the agents' listener: TLS 1.3 only (QUIC
     /// requires it), ALPN of the tunnel protocol, the same certificate.
     pub fn quic_server_config(

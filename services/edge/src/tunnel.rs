@@ -2,8 +2,10 @@
 //! first stream, one live tunnel per device (a newer one fences the older
 //! with GO_AWAY and close code SUPERSEDED), printer-link reports logged.
 
+use relay_io::transport::{TunnelConnection, TunnelRecv, TunnelSend};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 
 use bytes::BytesMut;
 use relay_proto::tunnel::{
@@ -114,9 +116,92 @@ pub fn spawn_accept_loop(
             connections.spawn(
                 async move {
                     match incoming.await {
-                        Ok(connection) => serve_tunnel(connection, state, stop).await,
+                        Ok(connection) => {
+                            serve_tunnel(TunnelConnection::Quic(connection), state, stop).await
+                        }
                         Err(error) => tracing::debug!(%error, "QUIC handshake failed"),
                     }
+                }
+                .instrument(span),
+            );
+        }
+    });
+}
+
+/// Time for an agent's TLS handshake on the TCP listener.
+const TCP_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TCP keep-alive on the agents' TCP connections: a vanished agent is
+/// noticed within about a minute, as over QUIC.
+pub fn tcp_keepalive() -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(25))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(4)
+}
+
+/// Accepts agents over TLS on TCP, multiplexed by yamux: the same tunnel
+/// as over QUIC, for networks that block UDP.
+pub fn spawn_tcp_accept_loop(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    state: Arc<EdgeState>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let connections = TaskTracker::new();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tasks.spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot accept a TCP tunnel connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => {
+                    let _ = tokio::time::timeout(Duration::from_secs(3), connections_drained(&connections)).await;
+                    return;
+                }
+            };
+            let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&tcp_keepalive());
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let state = state.clone();
+            let stop = stop.clone();
+            let span = tracing::info_span!("tunnel", peer = %remote, transport = "tcp");
+            connections.spawn(
+                async move {
+                    let tls = match tokio::time::timeout(TCP_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%error, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("no TLS handshake in time");
+                            return;
+                        }
+                    };
+                    if tls.get_ref().1.alpn_protocol() != Some(tunnel::ALPN) {
+                        tracing::debug!("no tunnel ALPN: closing");
+                        return;
+                    }
+                    // The agent opens one stream; the edge the printer links.
+                    let mux = relay_io::mux::Mux::start(
+                        tls,
+                        relay_io::mux::MuxRole::Server,
+                        relay_io::mux::MuxLimits {
+                            max_streams: 256,
+                            max_pending_inbound: 2,
+                        },
+                    );
+                    let connection = TunnelConnection::Tcp { mux: mux.clone(), remote };
+                    serve_tunnel(connection, state, stop).await;
+                    mux.close("tunnel ended");
                 }
                 .instrument(span),
             );
@@ -134,11 +219,11 @@ fn spread_ms(window: u32) -> u32 {
     u32::from_be_bytes(bytes) % (window + 1)
 }
 
-fn hello_result(state: &EdgeState, result: &str) {
+fn hello_result(state: &EdgeState, connection: &TunnelConnection, result: &str) {
     state
         .metrics
         .agent_hellos
-        .with_label_values(&[result])
+        .with_label_values(&[result, connection.transport().name()])
         .inc();
 }
 
@@ -148,14 +233,14 @@ async fn connections_drained(connections: &TaskTracker) {
     connections.wait().await;
 }
 
-async fn send_message(send: &mut quinn::SendStream, message: &Message) -> bool {
+async fn send_message(send: &mut TunnelSend, message: &Message) -> bool {
     let mut bytes = BytesMut::new();
     tunnel::encode(message, &mut bytes).is_ok() && send.write_all(&bytes).await.is_ok()
 }
 
 async fn refuse(
-    connection: &quinn::Connection,
-    send: &mut quinn::SendStream,
+    connection: &TunnelConnection,
+    send: &mut TunnelSend,
     reason: RefusalReason,
     message: &str,
 ) {
@@ -163,8 +248,8 @@ async fn refuse(
 }
 
 async fn refuse_with_retry(
-    connection: &quinn::Connection,
-    send: &mut quinn::SendStream,
+    connection: &TunnelConnection,
+    send: &mut TunnelSend,
     reason: RefusalReason,
     message: &str,
     retry_after_ms: Option<u32>,
@@ -175,27 +260,24 @@ async fn refuse_with_retry(
         retry_after_ms,
     });
     send_message(send, &refused).await;
-    let _ = send.finish();
+    send.finish().await;
     // Closing at once would discard the refusal still in flight; the agent
     // closes when it has read it, or we do after a moment.
     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
-    connection.close(
-        quinn::VarInt::from_u32(close_code::REFUSED),
-        message.as_bytes(),
-    );
+    connection.close(close_code::REFUSED, message.as_bytes());
 }
 
 /// An agent past HELLO: its tunnel registered, HELLO_ACK sent.
 struct Accepted {
-    send: quinn::SendStream,
-    control_stream: FramedReader<quinn::RecvStream>,
+    send: TunnelSend,
+    control_stream: FramedReader<TunnelRecv>,
     control_queue: mpsc::Receiver<GoAway>,
     device_id: String,
     epoch: u64,
 }
 
 async fn serve_tunnel(
-    connection: quinn::Connection,
+    connection: TunnelConnection,
     state: Arc<EdgeState>,
     stop: CancellationToken,
 ) {
@@ -209,13 +291,10 @@ async fn serve_tunnel(
 
 /// Reads and checks HELLO, claims the device, registers the tunnel and
 /// answers HELLO_ACK; `None` when the agent was refused (and told why).
-async fn accept_hello(connection: &quinn::Connection, state: &Arc<EdgeState>) -> Option<Accepted> {
+async fn accept_hello(connection: &TunnelConnection, state: &Arc<EdgeState>) -> Option<Accepted> {
     let streams = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await;
     let Ok(Ok((mut send, recv))) = streams else {
-        connection.close(
-            quinn::VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
-            b"no control stream",
-        );
+        connection.close(close_code::PROTOCOL_VIOLATION, b"no control stream");
         return None;
     };
     let mut control_stream =
@@ -223,15 +302,12 @@ async fn accept_hello(connection: &quinn::Connection, state: &Arc<EdgeState>) ->
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, control_stream.read_message()).await {
         Ok(Ok(Some(Message::Hello(hello)))) => hello,
         _ => {
-            connection.close(
-                quinn::VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
-                b"expected HELLO",
-            );
+            connection.close(close_code::PROTOCOL_VIOLATION, b"expected HELLO");
             return None;
         }
     };
     if hello.version != tunnel::PROTOCOL_VERSION {
-        hello_result(state, "unsupported_version");
+        hello_result(state, connection, "unsupported_version");
         refuse(
             connection,
             &mut send,
@@ -250,7 +326,7 @@ async fn accept_hello(connection: &quinn::Connection, state: &Arc<EdgeState>) ->
         .agent_failures
         .is_blocked(&source, std::time::Instant::now())
     {
-        hello_result(state, "rate_limited");
+        hello_result(state, connection, "rate_limited");
         tracing::info!("agent refused: too many failed HELLOs from its address");
         refuse_with_retry(
             connection,
@@ -263,7 +339,7 @@ async fn accept_hello(connection: &quinn::Connection, state: &Arc<EdgeState>) ->
         return None;
     }
     if state.membership.is_fenced() {
-        hello_result(state, "fenced");
+        hello_result(state, connection, "fenced");
         refuse_with_retry(
             connection,
             &mut send,
@@ -294,7 +370,7 @@ async fn accept_hello(connection: &quinn::Connection, state: &Arc<EdgeState>) ->
             state
                 .agent_failures
                 .record_failure(&[source], std::time::Instant::now());
-            hello_result(state, "bad_credential");
+            hello_result(state, connection, "bad_credential");
             tracing::info!(reason = %failure, "agent refused");
             refuse(
                 connection,
@@ -306,7 +382,7 @@ async fn accept_hello(connection: &quinn::Connection, state: &Arc<EdgeState>) ->
             return None;
         }
         Err(error) => {
-            hello_result(state, "store_error");
+            hello_result(state, connection, "store_error");
             tracing::warn!(%error, "cannot check an agent credential and claim its device");
             refuse(
                 connection,
@@ -343,8 +419,8 @@ async fn accept_hello(connection: &quinn::Connection, state: &Arc<EdgeState>) ->
         state.devices.unregister(&device_id, epoch);
         return None;
     }
-    hello_result(state, "accepted");
-    tracing::info!(device = %device_id, epoch, agent = hello.agent_version.as_deref().unwrap_or("?"), "agent connected");
+    hello_result(state, connection, "accepted");
+    tracing::info!(device = %device_id, epoch, transport = %connection.transport(), agent = hello.agent_version.as_deref().unwrap_or("?"), "agent connected");
     Some(Accepted {
         send,
         control_stream,
@@ -357,7 +433,7 @@ async fn accept_hello(connection: &quinn::Connection, state: &Arc<EdgeState>) ->
 /// An accepted tunnel, until it ends: the agent's reports logged, GO_AWAYs
 /// sent, the claim released.
 async fn hold_tunnel(
-    connection: &quinn::Connection,
+    connection: &TunnelConnection,
     state: &EdgeState,
     stop: &CancellationToken,
     accepted: Accepted,
@@ -370,6 +446,11 @@ async fn hold_tunnel(
         epoch,
     } = accepted;
     state.metrics.agents_connected.inc();
+    let by_transport = state
+        .metrics
+        .agents_by_transport
+        .with_label_values(&[connection.transport().name()]);
+    by_transport.inc();
     let end = loop {
         tokio::select! {
             message = control_stream.read_message() => match message {
@@ -386,13 +467,13 @@ async fn hold_tunnel(
                     let superseded = go_away.reason == GoAwayReason::Superseded;
                     send_message(&mut send, &Message::GoAway(go_away)).await;
                     if superseded {
-                        connection.close(quinn::VarInt::from_u32(close_code::SUPERSEDED), b"superseded");
+                        connection.close(close_code::SUPERSEDED, b"superseded");
                         break "superseded".to_owned();
                     }
                 }
                 None => break "control closed".to_owned(),
             },
-            reason = connection.closed() => break reason.to_string(),
+            reason = connection.closed() => break reason,
             _ = stop.cancelled() => {
                 // Spread over the configured window: every agent of this
                 // instance coming back at once would be a HELLO storm.
@@ -400,15 +481,16 @@ async fn hold_tunnel(
                 send_message(&mut send, &Message::GoAway(GoAway { reason: GoAwayReason::Draining, reconnect_after_ms: Some(after) })).await;
                 // The agent hangs up once it has read GO_AWAY; closing at
                 // once could discard it (and its delay) in flight.
-                let _ = send.finish();
+                send.finish().await;
                 let _ = tokio::time::timeout(Duration::from_secs(1), connection.closed()).await;
-                connection.close(quinn::VarInt::from_u32(close_code::GOING_AWAY), b"draining");
+                connection.close(close_code::GOING_AWAY, b"draining");
                 break "draining".to_owned();
             }
         }
     };
     state.devices.unregister(&device_id, epoch);
     state.metrics.agents_connected.dec();
+    by_transport.dec();
     // A draining instance releases all its claims in one statement when it
     // ends its lease. Boxed, as the HELLO is.
     let store = state.authenticator.store();

@@ -517,6 +517,7 @@ async fn the_peer_listener_refuses_what_is_not_a_peer() {
         &cluster.credential,
     );
     agent_like.edge.keep_alive_seconds = 1;
+    agent_like.edge.transport = relay_agent::config::TransportChoice::Quic;
     let printer = agent_like.validate().unwrap();
     let end = relay_agent::tunnel::run_once(
         &agent_like,

@@ -9,10 +9,16 @@
 //!   agent runs under systemd and as a container's PID 1, which get
 //!   SIGTERM).
 //!
+//! - [`mux`]: streams over one TCP (TLS) connection, multiplexed by yamux,
+//!   and [`transport`]: the tunnel's connection over QUIC or over that, for
+//!   networks that block UDP.
+//!
 //! It must not depend on the edge, the agent or the store.
 
 mod framed;
+pub mod mux;
 mod shutdown;
+pub mod transport;
 
 pub use framed::{FrameError, FramedReader};
 pub use shutdown::shutdown_signal;

@@ -161,6 +161,11 @@ impl TestEdge {
         // itself set their own.
         config.tunnel.upstream_grace_seconds = 1;
         customize(&mut config);
+        // The tunnel over TCP beside QUIC, on the same port: agents of
+        // `RELAY_TEST_TRANSPORT=tcp` runs dial it.
+        if config.tunnel.listen.is_some() && config.tunnel.tcp_listen.is_none() {
+            config.tunnel.tcp_listen = Some("127.0.0.1:0".parse().unwrap());
+        }
         let unset: SocketAddr = "0.0.0.0:0".parse().unwrap();
         TestEdge {
             addr: unset,

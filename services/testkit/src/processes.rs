@@ -68,6 +68,7 @@ renew_seconds = 1
 
 [tunnel]
 listen = "127.0.0.1:0"
+tcp_listen = "127.0.0.1:0"
 keep_alive_seconds = 1
 idle_timeout_seconds = 4
 {tunnel}

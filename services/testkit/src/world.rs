@@ -27,6 +27,16 @@ pub fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBu
     path
 }
 
+/// The tunnel transport the tests' agents use: `RELAY_TEST_TRANSPORT`
+/// (`quic`, the default, or `tcp`), so that the whole suite runs over
+/// either.
+pub fn test_transport() -> String {
+    match std::env::var("RELAY_TEST_TRANSPORT").as_deref() {
+        Ok("tcp") => "tcp".into(),
+        _ => "quic".into(),
+    }
+}
+
 /// An agent for `edge`'s device, dialling `tunnel`, with `credential`.
 pub fn agent_config(
     edge: &TestEdge,
@@ -45,6 +55,7 @@ pub fn agent_config(
         server_name = "tunnel.{BASE_DOMAIN}"
         ca_file = "{}"
         credential = "{credential}"
+        transport = "{transport}"
 
         [printer]
         kind = "bambu"
@@ -56,7 +67,8 @@ pub fn agent_config(
         "#,
         edge_ca.display(),
         simulator.addr.port(),
-        printer_ca.display()
+        printer_ca.display(),
+        transport = test_transport(),
     ))
     .unwrap()
 }

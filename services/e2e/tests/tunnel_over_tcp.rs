@@ -1,0 +1,178 @@
+//! The tunnel where UDP is blocked: the agent's `transport = "auto"` finds
+//! no QUIC handshake behind a UDP black hole and comes over TLS on TCP
+//! (yamux streams) within seconds, and apps work; a cut TCP connection is
+//! dialled again; garbage on the TCP listener is closed. (The whole
+//! end-to-end suite runs over TCP too: `RELAY_TEST_TRANSPORT=tcp`, run by
+//! `scripts/test`.)
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use relay_agent::config::TransportChoice;
+use relay_proto::mqtt::Packet;
+use relay_testkit::cut::CuttableLink;
+use relay_testkit::world::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A UDP socket that takes every datagram and answers none.
+async fn udp_black_hole() -> std::net::SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buffer = vec![0u8; 2048];
+        while socket.recv_from(&mut buffer).await.is_ok() {}
+    });
+    addr
+}
+
+/// The world with its own agent gone: the test starts the one it needs.
+async fn world_without_agent() -> World {
+    let world = world(ACCESS_CODE).await;
+    world.agent.cancel();
+    let edge = world.edge.edge.as_ref().unwrap();
+    tokio::time::timeout(PATIENCE, edge.wait_offline(&world.edge.device))
+        .await
+        .unwrap();
+    world
+}
+
+fn agents_over(metrics: &str, transport: &str) -> u64 {
+    let series = format!("relay_edge_agents_by_transport{{transport=\"{transport}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn a_report_reaches_an_app(world: &World) {
+    let mut client =
+        Client::connect(&world.edge, &world.edge.bearer(), connect_packet("app")).await;
+    client.send(&subscribe_report(1)).await;
+    assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
+    let report = next_publish(&mut client).await;
+    assert_eq!(report.topic, report_topic());
+}
+
+#[tokio::test]
+async fn where_udp_is_blocked_the_agent_comes_over_tcp() {
+    let world = world_without_agent().await;
+    let edge = world.edge.edge.as_ref().unwrap();
+    let black_hole = udp_black_hole().await;
+    let mut config = agent_config(
+        &world.edge,
+        black_hole,
+        &world.simulator,
+        ACCESS_CODE,
+        &world.agent_credential,
+    );
+    config.edge.transport = TransportChoice::Auto;
+    config.edge.tcp_address = Some(edge.tunnel_tcp_addr.unwrap().to_string());
+    let started = Instant::now();
+    let agent = start_agent(config);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        edge.wait_online(&world.edge.device),
+    )
+    .await
+    .expect("online over TCP within 10 s");
+    println!(
+        "online over TCP {:?} after the agent started (QUIC tried first)",
+        started.elapsed()
+    );
+    let metrics = world.edge.admin_get("/metrics").await.1;
+    assert_eq!(agents_over(&metrics, "tcp"), 1, "{metrics}");
+    assert_eq!(agents_over(&metrics, "quic"), 0, "{metrics}");
+    a_report_reaches_an_app(&world).await;
+    agent.cancel();
+    world.edge.stop().await;
+}
+
+#[tokio::test]
+async fn a_cut_tcp_connection_is_dialled_again() {
+    let world = world_without_agent().await;
+    let edge = world.edge.edge.as_ref().unwrap();
+    let link = CuttableLink::start(edge.tunnel_tcp_addr.unwrap()).await;
+    let tunnel = edge.tunnel_addr.unwrap();
+    let mut config = agent_config(
+        &world.edge,
+        tunnel,
+        &world.simulator,
+        ACCESS_CODE,
+        &world.agent_credential,
+    );
+    config.edge.transport = TransportChoice::Tcp;
+    config.edge.tcp_address = Some(link.addr.to_string());
+    let agent = start_agent(config);
+    let first = tokio::time::timeout(PATIENCE, edge.wait_online(&world.edge.device))
+        .await
+        .unwrap();
+    link.cut();
+    tokio::time::timeout(PATIENCE, edge.wait_offline(&world.edge.device))
+        .await
+        .expect("the edge saw the cut");
+    link.restore();
+    let second = tokio::time::timeout(PATIENCE, edge.wait_online(&world.edge.device))
+        .await
+        .expect("the agent dialled again");
+    assert!(second > first, "a new tunnel: epoch {first} then {second}");
+    a_report_reaches_an_app(&world).await;
+    agent.cancel();
+    world.edge.stop().await;
+}
+
+/// A TLS client of the TCP tunnel listener, with `alpn` offered.
+async fn tls_to(
+    addr: std::net::SocketAddr,
+    world: &World,
+    alpn: Option<&[u8]>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(world.edge.pki.ca_der()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    if let Some(alpn) = alpn {
+        tls.alpn_protocols = vec![alpn.to_vec()];
+    }
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(format!("tunnel.{BASE_DOMAIN}")).unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+/// Reads until the edge closes; what came before.
+async fn closed_by_the_edge(stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) {
+    let mut sink = vec![0u8; 4096];
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the edge closed the connection");
+}
+
+#[tokio::test]
+async fn garbage_on_the_tcp_tunnel_listener_is_closed() {
+    let world = world(ACCESS_CODE).await;
+    let edge = world.edge.edge.as_ref().unwrap();
+    let addr = edge.tunnel_tcp_addr.unwrap();
+    // Garbage after the tunnel's ALPN: not yamux.
+    let mut stream = tls_to(addr, &world, Some(relay_proto::tunnel::ALPN)).await;
+    stream.write_all(&[0x42; 64 * 1024]).await.unwrap();
+    closed_by_the_edge(&mut stream).await;
+    // No ALPN at all: closed after the handshake.
+    let mut stream = tls_to(addr, &world, None).await;
+    closed_by_the_edge(&mut stream).await;
+    // The device's agent (over whichever transport the suite runs) is
+    // still served.
+    a_report_reaches_an_app(&world).await;
+    world.edge.stop().await;
+}

@@ -30,6 +30,31 @@ pub enum DemoPrinter {
     /// registration per app (answered by the edge).
     Cc2,
 }
+
+/// How the demo's agent reaches its edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoTunnel {
+    /// QUIC, as agents do where UDP passes.
+    Quic,
+    /// TLS over TCP (yamux streams), as where UDP is blocked.
+    Tcp,
+}
+
+impl DemoTunnel {
+    fn name(self) -> &'static str {
+        match self {
+            DemoTunnel::Quic => "quic",
+            DemoTunnel::Tcp => "tcp",
+        }
+    }
+}
+
+/// What the demo runs: which printer, which tunnel.
+#[derive(Debug, Clone, Copy)]
+pub struct DemoSetup {
+    pub printer: DemoPrinter,
+    pub tunnel: DemoTunnel,
+}
 const STATE_FILE: &str = "demo.json";
 
 /// What a second run needs to find again: ids and the secrets the demo
@@ -48,12 +73,8 @@ fn step(number: u8, text: &str) {
     println!("[{number}/5] {text}");
 }
 
-pub async fn run(
-    data_dir: &Path,
-    port: u16,
-    edges: u16,
-    printer: DemoPrinter,
-) -> anyhow::Result<()> {
+pub async fn run(data_dir: &Path, port: u16, edges: u16, setup: DemoSetup) -> anyhow::Result<()> {
+    let printer = setup.printer;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let dir = data_dir
@@ -98,7 +119,7 @@ pub async fn run(
             &database_url,
             &state,
             &certificates,
-            printer,
+            setup,
         )
         .await;
     }
@@ -112,6 +133,8 @@ pub async fn run(
     config.store.database_url = database_url.into();
     config.store.migrate = true;
     config.tunnel.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    // The tunnel over TCP on the same port, for `--tunnel tcp`.
+    config.tunnel.tcp_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     let edge = RunningEdge::start(config)
         .await
         .map_err(|error| anyhow::anyhow!("the edge did not start: {error}"))?;
@@ -121,7 +144,9 @@ pub async fn run(
     step(
         3,
         &format!(
-            "edge: wss on {public}, agents on udp {tunnel}, metrics on http://{}/metrics",
+            "edge: wss on {public}, agents on udp {tunnel} and tcp {}, metrics on http://{}/metrics",
+            edge.tunnel_tcp_addr
+                .map_or_else(|| "-".to_owned(), |tcp| tcp.to_string()),
             edge.admin_addr
         ),
     );
@@ -133,13 +158,20 @@ pub async fn run(
         &state,
         &certificates,
         &simulator,
-        printer,
+        setup,
         15,
     )?;
     tokio::time::timeout(Duration::from_secs(20), edge.wait_online(&state.device))
         .await
         .context("the agent did not reach the edge within 20 s (RELAY_LOG=info shows why)")?;
-    step(5, &format!("agent: connected, device {}", state.device));
+    step(
+        5,
+        &format!(
+            "agent: connected over {}, device {}",
+            setup.tunnel.name(),
+            state.device
+        ),
+    );
 
     let snippets = Snippets::new(&state, public.port(), &certificates.ca, printer);
     snippets.write(&dir)?;
@@ -184,9 +216,10 @@ fn start_agent(
     state: &DemoState,
     certificates: &Certificates,
     simulator: &RunningSimulator,
-    printer: DemoPrinter,
+    setup: DemoSetup,
     keep_alive_seconds: u64,
 ) -> anyhow::Result<(CancellationToken, tokio::task::JoinHandle<()>)> {
+    let printer = setup.printer;
     let more: Vec<String> = tunnels[1..].iter().map(|t| format!("\"{t}\"")).collect();
     let printer_port = simulator.addr.port();
     let printer_section = match printer {
@@ -209,6 +242,7 @@ fn start_agent(
         ca_file = {ca:?}
         credential = "{credential}"
         keep_alive_seconds = {keep_alive_seconds}
+        transport = "{transport}"
 
         [printer]
 {printer_section}
@@ -217,6 +251,7 @@ fn start_agent(
         more = more.join(", "),
         ca = certificates.ca.display().to_string(),
         credential = state.agent_credential,
+        transport = setup.tunnel.name(),
     ))
     .map_err(|problems| anyhow::anyhow!("agent configuration: {}", problems.join("; ")))?;
     let printer = agent_config
@@ -254,8 +289,9 @@ async fn run_several(
     database_url: &str,
     state: &DemoState,
     certificates: &Certificates,
-    printer: DemoPrinter,
+    setup: DemoSetup,
 ) -> anyhow::Result<()> {
+    let printer = setup.printer;
     let secret = relay_store::credential::random_base32(32)
         .map_err(|_| anyhow::anyhow!("no randomness for the cluster secret"))?;
     let mut instances = Vec::new();
@@ -285,6 +321,7 @@ database_url = {database_url:?}
 
 [tunnel]
 listen = "127.0.0.1:0"
+tcp_listen = "127.0.0.1:0"
 
 [cluster]
 instance_id = "{id}"
@@ -316,7 +353,7 @@ renew_seconds = 1
     let tunnels: Vec<SocketAddr> = instances.iter().map(|i| i.tunnel).collect();
     // A short keep-alive: a killed instance is noticed within seconds.
     let (stop_agent, agent) =
-        start_agent(dir, &tunnels, state, certificates, &simulator, printer, 1)?;
+        start_agent(dir, &tunnels, state, certificates, &simulator, setup, 1)?;
     let store = Store::connect(database_url).await?;
     let holder = tokio::time::timeout(Duration::from_secs(20), async {
         loop {

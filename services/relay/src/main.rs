@@ -44,6 +44,10 @@ enum Command {
         /// Centauri Carbon 2.
         #[arg(long, value_enum, default_value_t = demo::DemoPrinter::Bambu)]
         printer: demo::DemoPrinter,
+        /// How the agent reaches the edge: QUIC, or TLS over TCP (as where
+        /// UDP is blocked).
+        #[arg(long, value_enum, default_value_t = demo::DemoTunnel::Quic)]
+        tunnel: demo::DemoTunnel,
     },
     /// One edge instance of `relay demo --edges N` (started by the demo).
     #[command(hide = true)]
@@ -70,7 +74,8 @@ async fn main() -> ExitCode {
             port,
             edges,
             printer,
-        } => match demo::run(&data_dir, port, edges, printer).await {
+            tunnel,
+        } => match demo::run(&data_dir, port, edges, demo::DemoSetup { printer, tunnel }).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("relay demo: {error:#}");

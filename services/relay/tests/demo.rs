@@ -184,7 +184,8 @@ fn said_value<'a>(said: &'a str, label: &str) -> &'a str {
 
 fn device_of(said: &str) -> String {
     said.lines()
-        .find_map(|line| line.strip_prefix("[5/5] agent: connected, device "))
+        .filter(|line| line.starts_with("[5/5] agent: connected"))
+        .find_map(|line| line.split_once("device ").map(|(_, rest)| rest))
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("no device line in:\n{said}"))
         .to_owned()
@@ -454,6 +455,35 @@ async fn the_cc2_demo_serves_the_cc2_protocol_to_paho() {
         lines[2].starts_with("elegoo/F01CC2000000001/api_status"),
         "{lines:?}"
     );
+    let said = demo.interrupt().await;
+    assert!(said.contains("relay demo: stopped"), "{said}");
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// `relay demo --tunnel tcp`: the agent reaches the edge over TLS on TCP,
+/// and paho (the printed snippet) receives the printer's reports.
+#[tokio::test]
+async fn the_demo_over_the_tcp_tunnel_serves_paho() {
+    let tools = client_tools();
+    let data_dir = std::env::temp_dir().join(format!(
+        "relay-demo-tcp-test-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let mut demo = Demo::start_with(&data_dir, &["--tunnel", "tcp"]);
+    demo.read_until("relay demo is ready.").await;
+    demo.read_until("Ctrl-C stops everything").await;
+    assert!(
+        demo.said.contains("[5/5] agent: connected over tcp"),
+        "{}",
+        demo.said
+    );
+    let python = tools.join("venv/bin/python");
+    let line = first_line(&python, &[&data_dir.join("subscribe.py")], &data_dir).await;
+    assert!(line.starts_with(REPORT_TOPIC), "paho printed {line:?}");
     let said = demo.interrupt().await;
     assert!(said.contains("relay demo: stopped"), "{said}");
     let _ = std::fs::remove_dir_all(&data_dir);

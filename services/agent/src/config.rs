@@ -51,6 +51,11 @@ pub struct EdgeSection {
     /// the same host and port over TCP).
     #[serde(default)]
     pub tcp_address: Option<String>,
+    /// With `transport = "auto"`, while the tunnel is on TCP: how often
+    /// (jittered, half to all of it) the agent tries a QUIC handshake, and
+    /// moves the tunnel back to QUIC once one succeeds.
+    #[serde(default = "default_quic_probe")]
+    pub quic_probe_seconds: u64,
 }
 
 /// The agent's `edge.transport`.
@@ -72,6 +77,11 @@ impl EdgeSection {
             .clone()
             .unwrap_or_else(|| self.address.clone())
     }
+}
+
+/// How often an agent on TCP tries QUIC again.
+fn default_quic_probe() -> u64 {
+    60
 }
 
 /// The edge's default (its idle timeout, 60 s, is more than twice this).
@@ -258,6 +268,9 @@ impl AgentConfig {
             if !address.contains(':') {
                 problems.push(format!("edge address {address:?} must be host:port"));
             }
+        }
+        if self.edge.quic_probe_seconds == 0 {
+            problems.push("edge.quic_probe_seconds must be at least 1".into());
         }
         if !self.edge.ca_file.is_file() {
             problems.push(format!(

@@ -60,6 +60,10 @@ pub enum TunnelEnd {
     },
     #[error("no QUIC handshake with the edge in {0:?}")]
     QuicTimeout(Duration),
+    /// While the tunnel was on TCP, a QUIC handshake succeeded: the tunnel
+    /// moves to this connection at once.
+    #[error("QUIC reaches the edge again")]
+    QuicBack(QuicDialled),
     #[error("connection lost: the control stream: {0}")]
     Control(#[from] ControlError),
     #[error("connection lost: no answer to HELLO in {HELLO_TIMEOUT:?}")]
@@ -68,6 +72,13 @@ pub enum TunnelEnd {
     Unexpected { message: &'static str },
     #[error("stopped")]
     Stopped,
+}
+
+/// A QUIC connection to the edge, handshake done, no HELLO yet.
+#[derive(Debug)]
+pub struct QuicDialled {
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
 }
 
 /// Why the agent could not build its QUIC client from the `[edge]` settings.
@@ -119,16 +130,32 @@ pub async fn run(config: AgentConfig, printer: PrinterConfig, stop: Cancellation
         .map(str::to_owned)
         .collect();
     let mut next_address = 0usize;
+    let mut quic_ready: Option<QuicDialled> = None;
     loop {
         let address = &addresses[next_address % addresses.len()];
-        let end = run_once_at(
+        let end = run_tunnel(
             &config,
             address,
+            quic_ready.take(),
             printer.clone(),
             standby.clone(),
             stop.clone(),
         )
         .await;
+        let end = match end {
+            TunnelEnd::QuicBack(dialled) => {
+                // Same address, no wait: the apps' sessions wait for the
+                // new tunnel within the edge's upstream grace.
+                tracing::info!(
+                    transport = "quic",
+                    "QUIC reaches the edge again: moving the tunnel back from TCP"
+                );
+                quic_ready = Some(dialled);
+                backoff = Duration::from_millis(500);
+                continue;
+            }
+            end => end,
+        };
         if addresses.len() > 1 && !matches!(end, TunnelEnd::Stopped) {
             // That instance failed, went away or drains: the next one.
             next_address += 1;
@@ -232,13 +259,33 @@ pub async fn run_once_at(
     standby: Option<Arc<Standby>>,
     stop: CancellationToken,
 ) -> TunnelEnd {
-    let (endpoint, connection) = match dial_transport(config, address).await {
-        Ok(dialled) => dialled,
-        Err(end) => return end,
+    run_tunnel(config, address, None, printer, standby, stop).await
+}
+
+/// One tunnel connection: `dialled` when QUIC was found again while on
+/// TCP, else dialled here by the configured transport.
+async fn run_tunnel(
+    config: &AgentConfig,
+    address: &str,
+    dialled: Option<QuicDialled>,
+    printer: Arc<PrinterConfig>,
+    standby: Option<Arc<Standby>>,
+    stop: CancellationToken,
+) -> TunnelEnd {
+    let (endpoint, connection) = match dialled {
+        Some(QuicDialled {
+            endpoint,
+            connection,
+        }) => (Some(endpoint), TunnelConnection::Quic(connection)),
+        None => match dial_transport(config, address).await {
+            Ok(dialled) => dialled,
+            Err(end) => return end,
+        },
     };
-    let end = serve_connection(config, &connection, printer, standby, stop).await;
+    let end = serve_connection(config, address, &connection, printer, standby, stop).await;
     let reason: &[u8] = match end {
         TunnelEnd::Stopped => b"agent stopping",
+        TunnelEnd::QuicBack(_) => b"agent moving to QUIC",
         _ => b"agent reconnecting",
     };
     connection.close(tunnel::close_code::NO_ERROR, reason);
@@ -429,8 +476,41 @@ async fn write_message<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// With `transport = "auto"` on a TCP tunnel: QUIC handshakes, every
+/// `quic_probe_seconds` (jittered), until one succeeds. Otherwise never.
+async fn probe_quic(
+    config: &AgentConfig,
+    address: &str,
+    connection: &TunnelConnection,
+) -> QuicDialled {
+    if config.edge.transport != TransportChoice::Auto
+        || connection.transport() != relay_io::transport::Transport::Tcp
+    {
+        return std::future::pending().await;
+    }
+    let interval = Duration::from_secs(config.edge.quic_probe_seconds);
+    loop {
+        tokio::time::sleep(jitter(interval)).await;
+        match tokio::time::timeout(QUIC_HANDSHAKE_PATIENCE, dial(config, address)).await {
+            Ok(Ok((endpoint, connection))) => {
+                return QuicDialled {
+                    endpoint,
+                    connection,
+                };
+            }
+            Ok(Err(end)) => {
+                tracing::debug!(reason = %end, "QUIC still does not reach the edge; staying on TCP")
+            }
+            Err(_) => {
+                tracing::debug!(patience = ?QUIC_HANDSHAKE_PATIENCE, "still no QUIC handshake with the edge; staying on TCP")
+            }
+        }
+    }
+}
+
 async fn serve_connection(
     config: &AgentConfig,
+    address: &str,
     connection: &TunnelConnection,
     printer: Arc<PrinterConfig>,
     standby: Option<Arc<Standby>>,
@@ -452,9 +532,12 @@ async fn serve_connection(
         }
     };
     let links = tokio_util::task::TaskTracker::new();
+    let quic_probe = probe_quic(config, address, connection);
+    tokio::pin!(quic_probe);
     let serve = async {
         loop {
             tokio::select! {
+                dialled = &mut quic_probe => return TunnelEnd::QuicBack(dialled),
                 incoming = connection.accept_bi() => match incoming {
                     Ok((send, recv)) => {
                         let printer = printer.clone();

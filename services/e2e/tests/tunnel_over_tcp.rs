@@ -1,7 +1,8 @@
 //! The tunnel where UDP is blocked: the agent's `transport = "auto"` finds
 //! no QUIC handshake behind a UDP black hole and comes over TLS on TCP
-//! (yamux streams) within seconds, and apps work; a cut TCP connection is
-//! dialled again; garbage on the TCP listener is closed. (The whole
+//! (yamux streams) within seconds, and apps work; when QUIC works again
+//! the agent moves back to it and the apps stay connected; a cut TCP
+//! connection is dialled again; garbage on the TCP listener is closed. (The whole
 //! end-to-end suite runs over TCP too: `RELAY_TEST_TRANSPORT=tcp`, run by
 //! `scripts/test`.)
 
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use relay_agent::config::TransportChoice;
 use relay_proto::mqtt::Packet;
-use relay_testkit::cut::CuttableLink;
+use relay_testkit::cut::{CuttableLink, UdpGate};
 use relay_testkit::world::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -84,6 +85,63 @@ async fn where_udp_is_blocked_the_agent_comes_over_tcp() {
     assert_eq!(agents_over(&metrics, "tcp"), 1, "{metrics}");
     assert_eq!(agents_over(&metrics, "quic"), 0, "{metrics}");
     a_report_reaches_an_app(&world).await;
+    agent.cancel();
+    world.edge.stop().await;
+}
+
+#[tokio::test]
+async fn when_quic_comes_back_the_agent_moves_to_it_and_apps_stay_connected() {
+    let world = world_without_agent().await;
+    let edge = world.edge.edge.as_ref().unwrap();
+    let gate = UdpGate::start(edge.tunnel_addr.unwrap()).await;
+    let mut config = agent_config(
+        &world.edge,
+        gate.addr,
+        &world.simulator,
+        ACCESS_CODE,
+        &world.agent_credential,
+    );
+    config.edge.transport = TransportChoice::Auto;
+    config.edge.tcp_address = Some(edge.tunnel_tcp_addr.unwrap().to_string());
+    config.edge.quic_probe_seconds = 1;
+    let agent = start_agent(config);
+    let over_tcp = tokio::time::timeout(PATIENCE, edge.wait_online(&world.edge.device))
+        .await
+        .expect("online over TCP");
+    let metrics = world.edge.admin_get("/metrics").await.1;
+    assert_eq!(agents_over(&metrics, "tcp"), 1, "{metrics}");
+
+    // An app on the TCP tunnel, subscribed to the reports.
+    let mut client =
+        Client::connect(&world.edge, &world.edge.bearer(), connect_packet("app")).await;
+    client.send(&subscribe_report(1)).await;
+    assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
+    next_publish(&mut client).await;
+
+    gate.open();
+    let over_quic = tokio::time::timeout(
+        PATIENCE,
+        edge.wait_newer_tunnel(&world.edge.device, over_tcp),
+    )
+    .await
+    .expect("the agent moved to QUIC");
+    assert!(over_quic > over_tcp);
+    let metrics = world.edge.admin_get("/metrics").await.1;
+    assert_eq!(agents_over(&metrics, "quic"), 1, "{metrics}");
+    assert_eq!(agents_over(&metrics, "tcp"), 0, "{metrics}");
+
+    // The same MQTT connection goes on getting reports, through the new
+    // tunnel, and answers a ping: it never saw the move.
+    let report = next_publish(&mut client).await;
+    assert_eq!(report.topic, report_topic());
+    client.send(&Packet::PingReq).await;
+    loop {
+        match client.next().await {
+            Some(Packet::PingResp) => break,
+            Some(Packet::Publish(_)) => {}
+            other => panic!("the app lost its connection in the move: {other:?}"),
+        }
+    }
     agent.cancel();
     world.edge.stop().await;
 }

@@ -86,3 +86,77 @@ pub fn target_of(url: &str) -> SocketAddr {
     let host_port = host_port.replace("localhost", "127.0.0.1");
     host_port.parse().unwrap()
 }
+
+/// A UDP forwarder that a test opens and closes: closed, it takes every
+/// datagram and answers none (a network that blocks UDP); open, it relays
+/// each sender's datagrams to `target` and the answers back.
+pub struct UdpGate {
+    pub addr: SocketAddr,
+    open: watch::Sender<bool>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl UdpGate {
+    /// A closed gate on a port-0 loopback socket in front of `target`.
+    pub async fn start(target: SocketAddr) -> UdpGate {
+        use std::collections::HashMap;
+        use tokio::net::UdpSocket;
+        let public = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = public.local_addr().unwrap();
+        let (open, open_seen) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            // One socket towards the target per sender, so the target
+            // tells the senders apart as it would without the gate.
+            let mut towards: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+            let mut buffer = vec![0u8; 65_536];
+            loop {
+                let Ok((length, sender)) = public.recv_from(&mut buffer).await else {
+                    return;
+                };
+                if !*open_seen.borrow() {
+                    continue;
+                }
+                let socket = match towards.get(&sender) {
+                    Some(socket) => socket.clone(),
+                    None => {
+                        let Ok(socket) = UdpSocket::bind("127.0.0.1:0").await else {
+                            continue;
+                        };
+                        if socket.connect(target).await.is_err() {
+                            continue;
+                        }
+                        let socket = Arc::new(socket);
+                        towards.insert(sender, socket.clone());
+                        let (back, public, open_seen) =
+                            (socket.clone(), public.clone(), open_seen.clone());
+                        tokio::spawn(async move {
+                            let mut buffer = vec![0u8; 65_536];
+                            while let Ok(length) = back.recv(&mut buffer).await {
+                                if *open_seen.borrow() {
+                                    let _ = public.send_to(&buffer[..length], sender).await;
+                                }
+                            }
+                        });
+                        socket
+                    }
+                };
+                let _ = socket.send(&buffer[..length]).await;
+            }
+        });
+        UdpGate {
+            addr,
+            open,
+            _task: task,
+        }
+    }
+
+    /// Relays from now on.
+    pub fn open(&self) {
+        let _ = self.open.send(true);
+    }
+
+    /// Drops everything from now on.
+    pub fn close(&self) {
+        let _ = self.open.send(false);
+    }
+}

@@ -362,6 +362,7 @@ async fn scenarios(
         for target in [
             Some(rig.direct.clone()),
             Some(rig.relay.clone()),
+            Some(rig.relay_tcp.clone()),
             Some(rig.relay_ws.clone()),
             rig.rathole.clone(),
         ]
@@ -399,6 +400,7 @@ async fn scenarios(
             for target in [
                 Some(rig.direct.clone()),
                 Some(rig.relay.clone()),
+                Some(rig.relay_tcp.clone()),
                 rig.rathole.clone(),
             ]
             .into_iter()

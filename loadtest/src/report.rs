@@ -131,10 +131,11 @@ pub fn latency_summary(report: &LatencyReport) -> String {
     }
     let _ = writeln!(
         out,
-        "  p50 ratios: relay/direct {}, relay/rathole {}, relay-ws/direct {}",
+        "  p50 ratios: relay/direct {}, relay/rathole {}, relay-ws/direct {}, relay-tcp/relay {}",
         ratio(p50("relay"), p50("direct")),
         ratio(p50("relay"), p50("rathole")),
         ratio(p50("relay-ws"), p50("direct")),
+        ratio(p50("relay-tcp"), p50("relay")),
     );
     out
 }

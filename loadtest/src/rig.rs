@@ -218,6 +218,8 @@ pub struct EdgeProcess {
     pub plain: SocketAddr,
     pub admin: SocketAddr,
     pub tunnel: SocketAddr,
+    /// The tunnel over TLS on TCP (for agents on `transport = "tcp"`).
+    pub tunnel_tcp: SocketAddr,
 }
 
 /// The cluster secret of the rig's edge instances.
@@ -235,6 +237,7 @@ impl EdgeProcess {
         let plain = loopback(free_tcp_port()?);
         let admin = loopback(free_tcp_port()?);
         let tunnel = loopback(free_udp_port()?);
+        let tunnel_tcp = loopback(free_tcp_port()?);
         let peer = loopback(free_udp_port()?);
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(
@@ -274,6 +277,7 @@ grace_period_seconds = 5
 
 [tunnel]
 listen = "{tunnel}"
+tcp_listen = "{tunnel_tcp}"
 linger_seconds = 30
 
 [cluster]
@@ -304,6 +308,7 @@ renew_seconds = 1
             plain,
             admin,
             tunnel,
+            tunnel_tcp,
         };
         edge.wait_ready().await?;
         Ok(edge)
@@ -349,12 +354,12 @@ renew_seconds = 1
         .unwrap_or(0.0))
     }
 
-    /// Waits until the agent has its tunnel up.
-    pub async fn wait_agent(&self, patience: Duration) -> anyhow::Result<()> {
+    /// Waits until `count` agents have their tunnels up.
+    pub async fn wait_agents(&self, count: usize, patience: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + patience;
         loop {
             let text = self.metrics().await.unwrap_or_default();
-            if metric(&text, "relay_edge_agents_connected").is_some_and(|count| count >= 1.0) {
+            if metric(&text, "relay_edge_agents_connected").is_some_and(|up| up >= count as f64) {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -409,6 +414,9 @@ pub struct Rig {
     _mosquitto: Child,
     _rathole: Vec<Child>,
     pub agent: Child,
+    /// A second device's agent, on `transport = "tcp"` to `edge`: the
+    /// `relay-tcp` path.
+    agent_tcp: Child,
     /// The instance the agent dials: every same-instance path.
     pub edge: EdgeProcess,
     /// Instances whose clients reach the device through a peer link to
@@ -428,6 +436,8 @@ pub struct Rig {
     /// Mosquitto's plain MQTT listener: the printer side of every path.
     pub printer: SocketAddr,
     pub relay: Target,
+    /// The same edge, a device whose agent's tunnel runs over TLS on TCP.
+    pub relay_tcp: Target,
     /// The same edge over its plain ws:// listener (no TLS), to compare
     /// with the plain ws baselines.
     pub relay_ws: Target,
@@ -463,6 +473,23 @@ impl Rig {
             keys.push(key);
         }
         let (_, agent_credential) = store.issue_agent_credential(&device.id).await?;
+        let device_tcp = store
+            .create_device(&tenant.id, "loadtest printer over TCP")
+            .await?;
+        let mut keys_tcp = Vec::new();
+        for _ in 0..SPREAD {
+            let (_, key) = store
+                .create_api_key(NewApiKey {
+                    tenant_id: &tenant.id,
+                    device_id: Some(&device_tcp.id),
+                    scope: Scope::Control,
+                    label: "loadtest",
+                    expires_at: None,
+                })
+                .await?;
+            keys_tcp.push(key);
+        }
+        let (_, agent_tcp_credential) = store.issue_agent_credential(&device_tcp.id).await?;
 
         // Mosquitto: plain MQTT on loopback for the printer side, WebSocket
         // for the direct baseline. Debian's build cannot bind a WebSocket
@@ -567,13 +594,17 @@ impl Rig {
             EdgeProcess::start(&binaries.edge, &dir, "edge-spare", &database.url, &pki).await?;
 
         // The agent, with Mosquitto as its printer (a generic MQTT broker).
-        let agent_conf = dir.join("agent.toml");
-        std::fs::write(
-            &agent_conf,
-            format!(
-                r#"
+        // The second device's agent: the same printer, the tunnel over TCP.
+        let agent_config = |name: &str, credential: &str, transport: &str| {
+            let path = dir.join(format!("{name}.toml"));
+            std::fs::write(
+                &path,
+                format!(
+                    r#"
 [edge]
 address = "{tunnel}"
+tcp_address = "{tunnel_tcp}"
+transport = "{transport}"
 server_name = "tunnel.{BASE_DOMAIN}"
 ca_file = {ca:?}
 credential = "{credential}"
@@ -584,19 +615,29 @@ host = "127.0.0.1"
 port = {port}
 tls = false
 "#,
-                tunnel = edge.tunnel,
-                ca = pki.ca_pem.display().to_string(),
-                credential = agent_credential.reveal(),
-                port = printer.port(),
-            ),
-        )?;
+                    tunnel = edge.tunnel,
+                    tunnel_tcp = edge.tunnel_tcp,
+                    ca = pki.ca_pem.display().to_string(),
+                    port = printer.port(),
+                ),
+            )
+            .map(|()| path)
+        };
+        let agent_conf = agent_config("agent", &agent_credential.reveal(), "quic")?;
         let agent = spawn(
             &binaries.agent,
             &["--config", &agent_conf.display().to_string()],
             &dir,
             "agent",
         )?;
-        edge.wait_agent(START_PATIENCE).await?;
+        let agent_tcp_conf = agent_config("agent-tcp", &agent_tcp_credential.reveal(), "tcp")?;
+        let agent_tcp = spawn(
+            &binaries.agent,
+            &["--config", &agent_tcp_conf.display().to_string()],
+            &dir,
+            "agent-tcp",
+        )?;
+        edge.wait_agents(2, START_PATIENCE).await?;
 
         let relay = Target {
             name: "relay",
@@ -609,6 +650,15 @@ tls = false
                 .map(|key| format!("Bearer {}", key.reveal()))
                 .collect(),
             sources: SPREAD,
+        };
+        let relay_tcp = Target {
+            name: "relay-tcp",
+            host: format!("{}.{BASE_DOMAIN}", device_tcp.id),
+            authorizations: keys_tcp
+                .iter()
+                .map(|key| format!("Bearer {}", key.reveal()))
+                .collect(),
+            ..relay.clone()
         };
         let relay_ws = Target {
             name: "relay-ws",
@@ -640,9 +690,11 @@ tls = false
             _mosquitto: mosquitto,
             _rathole: rathole_children,
             agent,
+            agent_tcp,
             edge,
             printer,
             relay,
+            relay_tcp,
             relay_ws,
             direct,
             rathole,
@@ -713,6 +765,11 @@ tls = false
         }
     }
 
+    /// Waits until both of the rig's agents (QUIC and TCP) are on `edge`.
+    pub async fn wait_agents(&self, patience: Duration) -> anyhow::Result<()> {
+        self.edge.wait_agents(2, patience).await
+    }
+
     /// The run's store.
     pub fn store(&self) -> anyhow::Result<&relay_store::Store> {
         Ok(&self.database.as_ref().context("no database")?.store)
@@ -733,6 +790,7 @@ tls = false
         let _ = self.cross.terminate().await;
         let _ = self.spare.terminate().await;
         let _ = self.agent.kill().await;
+        let _ = self.agent_tcp.kill().await;
         if let Some(database) = self.database.take() {
             database.cleanup().await;
         }

@@ -760,8 +760,7 @@ pub async fn connect_storm(
     for task in tasks {
         let _ = task.await;
     }
-    rig.edge
-        .wait_agent(Duration::from_secs(30))
+    rig.wait_agents(Duration::from_secs(30))
         .await
         .context("the agent is not back after the restart")?;
     progress.clear();
@@ -808,7 +807,7 @@ pub async fn idle_sessions(
     progress.step("idle: fresh edge", 1);
     rig.edge.terminate().await?;
     rig.edge.start_again().await?;
-    rig.edge.wait_agent(Duration::from_secs(30)).await?;
+    rig.wait_agents(Duration::from_secs(30)).await?;
     let bytes = ByteCounter::default();
     let first = subscribers(
         &rig.relay,

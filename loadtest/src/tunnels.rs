@@ -500,7 +500,7 @@ pub async fn tunnels(
     fleet.stop().await;
     progress.clear();
     let restart = restart?;
-    rig.edge.wait_agent(Duration::from_secs(60)).await?;
+    rig.wait_agents(Duration::from_secs(60)).await?;
     let per_minute_delta = (edge_cpu_idle - edge_cpu_baseline).max(0.0);
     Ok(TunnelsReport {
         tunnels: count,

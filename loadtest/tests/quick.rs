@@ -38,10 +38,10 @@ fn the_quick_run_measures_every_scenario_and_loses_nothing() {
     let results: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
 
-    // Latency: the relay over wss and ws, and the direct baseline, all
-    // delivered every message.
+    // Latency: the relay over wss and ws, its tunnel over QUIC and over
+    // TCP, and the direct baseline, all delivered every message.
     let latency = results["latency"]["runs"].as_array().unwrap();
-    for target in ["direct", "relay", "relay-ws"] {
+    for target in ["direct", "relay", "relay-tcp", "relay-ws"] {
         let run = latency
             .iter()
             .find(|run| run["target"] == target)
@@ -54,18 +54,26 @@ fn the_quick_run_measures_every_scenario_and_loses_nothing() {
     // Fan-out: one printer message crosses the tunnel once, whatever the
     // number of subscribers.
     let fan_out = results["fan_out"].as_array().unwrap();
-    let uplink = |subscribers: u64| {
+    let uplink = |target: &str, subscribers: u64| {
         let run = fan_out
             .iter()
-            .find(|run| run["target"] == "relay" && run["subscribers"] == subscribers)
-            .unwrap();
+            .find(|run| run["target"] == target && run["subscribers"] == subscribers)
+            .unwrap_or_else(|| panic!("no fan-out run for {target} at {subscribers}"));
         assert_eq!(run["lost"], 0, "{run}");
         run["uplink_bytes_per_message"].as_f64().unwrap()
             / run["printer_bytes_per_message"].as_f64().unwrap()
     };
-    let (one, ten) = (uplink(1), uplink(10));
-    assert!((0.9..1.2).contains(&one), "uplink ×{one} at 1 subscriber");
-    assert!((0.9..1.2).contains(&ten), "uplink ×{ten} at 10 subscribers");
+    for target in ["relay", "relay-tcp"] {
+        let (one, ten) = (uplink(target, 1), uplink(target, 10));
+        assert!(
+            (0.9..1.2).contains(&one),
+            "{target}: uplink ×{one} at 1 subscriber"
+        );
+        assert!(
+            (0.9..1.2).contains(&ten),
+            "{target}: uplink ×{ten} at 10 subscribers"
+        );
+    }
 
     // Publish path: PUBACK only after the printer had it.
     for run in results["publish"].as_array().unwrap() {

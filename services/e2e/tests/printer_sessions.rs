@@ -639,3 +639,53 @@ async fn late_joiners_get_the_full_state_and_pushall_is_absorbed() {
     world.agent.cancel();
     world.edge.stop().await;
 }
+
+/// An agent that goes silent (its network drops every packet; no close
+/// reaches the edge) is noticed by the QUIC idle timeout, with the idle
+/// tunnel's lean settings (one agent stream, every packet ACKed at once):
+/// its sessions get 1013 once the timeout has passed.
+#[tokio::test]
+async fn a_silent_agent_is_noticed_by_the_idle_timeout() {
+    use relay_testkit::cut::UdpGate;
+    let world = world_with(
+        ACCESS_CODE,
+        |edge| {
+            edge.tunnel.keep_alive_seconds = 1;
+            edge.tunnel.idle_timeout_seconds = 2;
+            edge.tunnel.upstream_grace_seconds = 0;
+        },
+        |_| {},
+    )
+    .await;
+    world.agent.cancel();
+    let edge = world.edge.edge.as_ref().unwrap();
+    tokio::time::timeout(PATIENCE, edge.wait_offline(&world.edge.device))
+        .await
+        .unwrap();
+    let gate = UdpGate::start(edge.tunnel_addr.unwrap()).await;
+    gate.open();
+    let mut config = agent_config(
+        &world.edge,
+        gate.addr,
+        &world.simulator,
+        ACCESS_CODE,
+        &world.agent_credential,
+    );
+    config.edge.transport = relay_agent::config::TransportChoice::Quic;
+    config.edge.keep_alive_seconds = 1;
+    let agent = start_agent(config);
+    tokio::time::timeout(PATIENCE, edge.wait_online(&world.edge.device))
+        .await
+        .unwrap();
+    let mut client =
+        Client::connect(&world.edge, &world.edge.bearer(), connect_packet("app")).await;
+    client.send(&subscribe_report(1)).await;
+    assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
+    gate.close();
+    tokio::time::timeout(PATIENCE, edge.wait_offline(&world.edge.device))
+        .await
+        .expect("the idle timeout noticed the silent agent");
+    assert_eq!(client.closed().await, Some((1013, "device offline".into())));
+    agent.cancel();
+    world.edge.stop().await;
+}

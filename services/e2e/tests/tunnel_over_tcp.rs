@@ -185,6 +185,15 @@ async fn tls_to(
     world: &World,
     alpn: Option<&[u8]>,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    try_tls_to(addr, world, alpn).await.unwrap()
+}
+
+/// [`tls_to`], the handshake's failure returned.
+async fn try_tls_to(
+    addr: std::net::SocketAddr,
+    world: &World,
+    alpn: Option<&[u8]>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(world.edge.pki.ca_der()).unwrap();
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
@@ -199,7 +208,7 @@ async fn tls_to(
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from(format!("tunnel.{BASE_DOMAIN}")).unwrap();
-    connector.connect(name, tcp).await.unwrap()
+    connector.connect(name, tcp).await
 }
 
 /// Reads until the edge closes; what came before.
@@ -232,5 +241,156 @@ async fn garbage_on_the_tcp_tunnel_listener_is_closed() {
     // The device's agent (over whichever transport the suite runs) is
     // still served.
     a_report_reaches_an_app(&world).await;
+    world.edge.stop().await;
+}
+
+fn metric_value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn frame(message: &relay_proto::tunnel::Message) -> Vec<u8> {
+    let mut bytes = bytes::BytesMut::new();
+    relay_proto::tunnel::encode(message, &mut bytes).unwrap();
+    bytes.to_vec()
+}
+
+fn hello(credential: &str) -> Vec<u8> {
+    frame(&relay_proto::tunnel::Message::Hello(
+        relay_proto::tunnel::Hello {
+            version: relay_proto::tunnel::PROTOCOL_VERSION,
+            credential: relay_proto::Secret::from(credential.to_owned()),
+            agent_version: Some("flood".into()),
+        },
+    ))
+}
+
+/// One TCP tunnel connection that opens hundreds of streams, each with a
+/// HELLO: the edge reads the first (the control stream) and resets the
+/// rest, so the flood costs one store query and one tunnel. A second HELLO
+/// on the control stream ends the tunnel.
+#[tokio::test]
+async fn a_hello_flood_on_one_tcp_connection_costs_one_hello() {
+    use relay_io::FramedReader;
+    use relay_io::mux::{Mux, MuxLimits, MuxRole};
+    use relay_io::transport::TunnelConnection;
+    use relay_proto::tunnel::Message;
+
+    let world = world_without_agent().await;
+    let edge = world.edge.edge.as_ref().unwrap();
+    let addr = edge.tunnel_tcp_addr.unwrap();
+    let queries = "relay_edge_store_queries_total ";
+    let accepted = "relay_edge_agent_hellos_total{result=\"accepted\",transport=\"tcp\"} ";
+    let before = world.edge.admin_get("/metrics").await.1;
+
+    let stream = tls_to(addr, &world, Some(relay_proto::tunnel::ALPN)).await;
+    let mux = Mux::start(stream, MuxRole::Client, MuxLimits::default());
+    let connection = TunnelConnection::Tcp { mux, remote: addr };
+    let (mut control_send, control_recv) = connection.open_bi().await.unwrap();
+    control_send
+        .write_all(&hello(&world.agent_credential))
+        .await
+        .unwrap();
+    let mut control = FramedReader::new(control_recv);
+    let ack = tokio::time::timeout(PATIENCE, control.read_message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(ack, Some(Message::HelloAck(_))), "{ack:?}");
+
+    // The flood: 200 more streams (yamux allows 256 open), a HELLO on
+    // each; none is answered.
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        let (mut send, recv) = tokio::time::timeout(PATIENCE, connection.open_bi())
+            .await
+            .expect("a stream opens")
+            .unwrap();
+        if send
+            .write_all(&hello(&world.agent_credential))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        flood.push((send, recv));
+    }
+    let mut answered = 0;
+    for (_send, recv) in flood {
+        let mut reader = FramedReader::new(recv);
+        if let Ok(Ok(Some(_))) =
+            tokio::time::timeout(Duration::from_millis(200), reader.read_message()).await
+        {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 0, "only the control stream's HELLO is read");
+    let after = world.edge.admin_get("/metrics").await.1;
+    assert_eq!(
+        metric_value(&after, accepted) - metric_value(&before, accepted),
+        1.0,
+        "{after}"
+    );
+    let spent = metric_value(&after, queries) - metric_value(&before, queries);
+    assert!(spent <= 2.0, "the flood cost {spent} store queries");
+    assert!(edge.wait_online(&world.edge.device).await > 0);
+
+    // Another HELLO on the control stream: a protocol error, the tunnel ends.
+    control_send
+        .write_all(&hello(&world.agent_credential))
+        .await
+        .unwrap();
+    tokio::time::timeout(PATIENCE, edge.wait_offline(&world.edge.device))
+        .await
+        .expect("a second HELLO ends the tunnel");
+    world.edge.stop().await;
+}
+
+/// With `[tunnel] tcp_on_public_listener`, an agent reaches the edge on
+/// the apps' own port (443 in production): the TLS handshake's ALPN tells
+/// the tunnel from wss, and both work side by side.
+#[tokio::test]
+async fn the_tunnel_over_tcp_shares_the_public_listener_by_alpn() {
+    let world = world_with(
+        ACCESS_CODE,
+        |edge| edge.tunnel.tcp_on_public_listener = true,
+        |_| {},
+    )
+    .await;
+    world.agent.cancel();
+    let edge = world.edge.edge.as_ref().unwrap();
+    tokio::time::timeout(PATIENCE, edge.wait_offline(&world.edge.device))
+        .await
+        .unwrap();
+    let mut config = agent_config(
+        &world.edge,
+        edge.tunnel_addr.unwrap(),
+        &world.simulator,
+        ACCESS_CODE,
+        &world.agent_credential,
+    );
+    config.edge.transport = TransportChoice::Tcp;
+    config.edge.tcp_address = Some(world.edge.addr.to_string());
+    let agent = start_agent(config);
+    tokio::time::timeout(PATIENCE, edge.wait_online(&world.edge.device))
+        .await
+        .expect("online over the public listener");
+    let metrics = world.edge.admin_get("/metrics").await.1;
+    assert_eq!(agents_over(&metrics, "tcp"), 1, "{metrics}");
+    // Apps on the same port, with http/1.1.
+    a_report_reaches_an_app(&world).await;
+    // Without the setting, the public listener offers no tunnel ALPN.
+    let plain = world_without_agent().await;
+    // (rustls ends a handshake whose ALPN it does not speak.)
+    let refused = try_tls_to(plain.edge.addr, &plain, Some(relay_proto::tunnel::ALPN)).await;
+    assert!(
+        refused.is_err(),
+        "ALPN {:?}",
+        refused.unwrap().get_ref().1.alpn_protocol()
+    );
+    plain.edge.stop().await;
+    agent.cancel();
     world.edge.stop().await;
 }

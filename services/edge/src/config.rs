@@ -291,6 +291,10 @@ pub struct TunnelConfig {
     /// absent. Same certificate. Port 0 with `listen` set: the QUIC
     /// listener's port (agents dial the same `host:port` over TCP).
     pub tcp_listen: Option<SocketAddr>,
+    /// Also take the tunnel over TCP on the public TLS listener, told
+    /// apart from apps by ALPN (`relay-tunnel/1`; apps offer `http/1.1` or
+    /// nothing): for agents on networks where only port 443 gets out.
+    pub tcp_on_public_listener: bool,
     /// Time for an agent to open its printer connection.
     pub session_open_timeout_seconds: u64,
     /// How long a printer connection stays up after its last client left.
@@ -323,6 +327,7 @@ impl Default for TunnelConfig {
         TunnelConfig {
             listen: None,
             tcp_listen: None,
+            tcp_on_public_listener: false,
             session_open_timeout_seconds: 20,
             linger_seconds: 30,
             upstream_grace_seconds: 30,
@@ -687,6 +692,14 @@ impl EdgeConfig {
         {
             problems.push(
                 "tunnel.tcp_listen needs public.tls_cert and public.tls_key (the tunnel is always TLS)"
+                    .into(),
+            );
+        }
+        if self.tunnel.tcp_on_public_listener
+            && (public.listen.is_none() || public.tls_cert.is_none() || public.tls_key.is_none())
+        {
+            problems.push(
+                "tunnel.tcp_on_public_listener needs the public TLS listener (public.listen, tls_cert, tls_key)"
                     .into(),
             );
         }

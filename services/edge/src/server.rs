@@ -152,13 +152,14 @@ impl RunningEdge {
         if let (Some(address), Some(certificates)) = (config.public.listen, certificates.as_ref()) {
             let listener = bind(address).await?;
             self.public_addr = listener.local_addr().ok();
-            let acceptor = TlsAcceptor::from(certificates.server_config()?);
-            self.spawn_accept_loop(listener, Some(acceptor));
+            let with_tunnel = config.tunnel.tcp_on_public_listener;
+            let acceptor = TlsAcceptor::from(certificates.server_config(with_tunnel)?);
+            self.spawn_accept_loop(listener, Some(acceptor), with_tunnel);
         }
         if let Some(address) = config.public.plain_listen {
             let listener = bind(address).await?;
             self.plain_addr = listener.local_addr().ok();
-            self.spawn_accept_loop(listener, None);
+            self.spawn_accept_loop(listener, None, false);
         }
         // The tunnel's TCP listener shares the QUIC port when asked for
         // port 0 (agents dial the same host:port over TCP): with both on
@@ -285,7 +286,18 @@ impl RunningEdge {
         Ok(self)
     }
 
-    fn spawn_accept_loop(&self, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    /// Serves apps on `listener`; with `with_tunnel`, agents too (those
+    /// whose TLS handshake chose the tunnel's ALPN).
+    fn spawn_accept_loop(
+        &self,
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+        with_tunnel: bool,
+    ) {
+        let tunnels = with_tunnel.then(|| TunnelHandoff {
+            stop: self.background.clone(),
+            tasks: self.tasks.clone(),
+        });
         let state = self.state.clone();
         let accepting = self.accepting.clone();
         let connections = self.connections.clone();
@@ -313,8 +325,9 @@ impl RunningEdge {
                     shutdown: shutdown.clone(),
                 };
                 let tls = tls.clone();
+                let tunnels = tunnels.clone();
                 let span = tracing::info_span!("connection", %peer);
-                connections.spawn(serve_connection(stream, tls, context).instrument(span));
+                connections.spawn(serve_connection(stream, tls, tunnels, context).instrument(span));
             }
         });
     }
@@ -533,9 +546,24 @@ async fn bind(address: SocketAddr) -> Result<TcpListener, StartError> {
     listen().map_err(|source| StartError::Listen { address, source })
 }
 
+/// Where an agent that came to the public listener goes: a tunnel task
+/// of its own, tracked and stopped with the other tunnels (not with the
+/// apps' connections, which a drain waits for).
+#[derive(Clone)]
+struct TunnelHandoff {
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
 /// One TCP connection: TLS (bounded in time), then HTTP/1.1 with a header
-/// timeout, with upgrades.
-async fn serve_connection(stream: TcpStream, tls: Option<TlsAcceptor>, context: RequestContext) {
+/// timeout, with upgrades; or, with `tunnels` and the tunnel's ALPN, an
+/// agent's tunnel.
+async fn serve_connection(
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    tunnels: Option<TunnelHandoff>,
+    context: RequestContext,
+) {
     let metrics = context.state.metrics.clone();
     metrics.connections.inc();
     metrics.connections_open.inc();
@@ -545,7 +573,25 @@ async fn serve_connection(stream: TcpStream, tls: Option<TlsAcceptor>, context: 
             let timeout =
                 Duration::from_secs(context.state.config.public.tls_handshake_timeout_seconds);
             match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls_stream)) => serve_http(tls_stream, context).await,
+                Ok(Ok(tls_stream)) => match tunnels {
+                    Some(tunnels)
+                        if tls_stream.get_ref().1.alpn_protocol()
+                            == Some(relay_proto::tunnel::ALPN) =>
+                    {
+                        let peer = context.peer;
+                        let span = tracing::info_span!("tunnel", %peer, transport = "tcp", listener = "public");
+                        tunnels.tasks.spawn(
+                            crate::tunnel::serve_tcp_tunnel(
+                                tls_stream,
+                                peer,
+                                context.state,
+                                tunnels.stop,
+                            )
+                            .instrument(span),
+                        );
+                    }
+                    _ => serve_http(tls_stream, context).await,
+                },
                 Ok(Err(error)) => {
                     metrics.tls_handshake_failures.inc();
                     tracing::debug!(%error, "TLS handshake failed");

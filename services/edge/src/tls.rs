@@ -69,14 +69,23 @@ impl CertificateSource {
     }
 
     /// A rustls server configuration that always uses the current
-    /// certificate: TLS 1.2 and 1.3, ALPN `http/1.1`.
-    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
+    /// certificate: TLS 1.2 and 1.3, ALPN `http/1.1`, and the tunnel's
+    /// when `with_tunnel` (agents on the public listener).
+    pub fn server_config(
+        self: &Arc<Self>,
+        with_tunnel: bool,
+    ) -> Result<Arc<ServerConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        if with_tunnel {
+            config
+                .alpn_protocols
+                .push(relay_proto::tunnel::ALPN.to_vec());
+        }
         Ok(Arc::new(config))
     }
 }

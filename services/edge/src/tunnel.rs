@@ -190,23 +190,39 @@ pub fn spawn_tcp_accept_loop(
                         tracing::debug!("no tunnel ALPN: closing");
                         return;
                     }
-                    // The agent opens one stream; the edge the printer links.
-                    let mux = relay_io::mux::Mux::start(
-                        tls,
-                        relay_io::mux::MuxRole::Server,
-                        relay_io::mux::MuxLimits {
-                            max_streams: 256,
-                            max_pending_inbound: 2,
-                        },
-                    );
-                    let connection = TunnelConnection::Tcp { mux: mux.clone(), remote };
-                    serve_tunnel(connection, state, stop).await;
-                    mux.close("tunnel ended");
+                    serve_tcp_tunnel(tls, remote, state, stop).await;
                 }
                 .instrument(span),
             );
         }
     });
+}
+
+/// One agent over TLS on TCP, past a handshake that chose the tunnel's
+/// ALPN (on the tunnel's TCP listener or the public one): yamux, then the
+/// tunnel as over QUIC.
+pub async fn serve_tcp_tunnel(
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    remote: std::net::SocketAddr,
+    state: Arc<EdgeState>,
+    stop: CancellationToken,
+) {
+    let _ = socket2::SockRef::from(tls.get_ref().0).set_tcp_keepalive(&tcp_keepalive());
+    // The agent opens one stream; the edge the printer links.
+    let mux = relay_io::mux::Mux::start(
+        tls,
+        relay_io::mux::MuxRole::Server,
+        relay_io::mux::MuxLimits {
+            max_streams: 256,
+            max_pending_inbound: 2,
+        },
+    );
+    let connection = TunnelConnection::Tcp {
+        mux: mux.clone(),
+        remote,
+    };
+    serve_tunnel(connection, state, stop).await;
+    mux.close("tunnel ended");
 }
 
 /// A random delay in `0..=window` ms.

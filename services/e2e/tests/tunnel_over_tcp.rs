@@ -2,9 +2,11 @@
 //! no QUIC handshake behind a UDP black hole and comes over TLS on TCP
 //! (yamux streams) within seconds, and apps work; when QUIC works again
 //! the agent moves back to it and the apps stay connected; a cut TCP
-//! connection is dialled again; garbage on the TCP listener is closed. (The whole
-//! end-to-end suite runs over TCP too: `RELAY_TEST_TRANSPORT=tcp`, run by
-//! `scripts/test`.)
+//! connection is dialled again; garbage on the TCP listener is closed; a
+//! HELLO flood on one connection costs one HELLO; a stalled printer link
+//! does not hold up the control stream; the public listener takes agents
+//! by ALPN. (The whole end-to-end suite runs over TCP too:
+//! `RELAY_TEST_TRANSPORT=tcp`, run by `scripts/test`.)
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -393,4 +395,109 @@ async fn the_tunnel_over_tcp_shares_the_public_listener_by_alpn() {
     plain.edge.stop().await;
     agent.cancel();
     world.edge.stop().await;
+}
+
+/// Head of line over TCP: a printer link nobody reads (a slow printer)
+/// fills its own yamux window and stalls only itself. The edge's GO_AWAY
+/// on the control stream of the same TCP connection still arrives, with
+/// more than a window of the link's bytes, sent before it, unread.
+#[tokio::test]
+async fn a_stalled_printer_link_does_not_hold_up_the_control_stream() {
+    use relay_io::FramedReader;
+    use relay_io::mux::{Mux, MuxLimits, MuxRole};
+    use relay_io::transport::TunnelConnection;
+    use relay_proto::mqtt::{Publish, QoS};
+    use relay_proto::tunnel::{LinkAccept, Message, PrinterKind};
+
+    let mut world = world_without_agent().await;
+    let addr = world.edge.edge.as_ref().unwrap().tunnel_tcp_addr.unwrap();
+    let stream = tls_to(addr, &world, Some(relay_proto::tunnel::ALPN)).await;
+    let mux = Mux::start(stream, MuxRole::Client, MuxLimits::default());
+    let connection = TunnelConnection::Tcp { mux, remote: addr };
+    let (mut control_send, control_recv) = connection.open_bi().await.unwrap();
+    control_send
+        .write_all(&hello(&world.agent_credential))
+        .await
+        .unwrap();
+    let mut control = FramedReader::new(control_recv);
+    let ack = control.read_message().await.unwrap();
+    assert!(matches!(ack, Some(Message::HelloAck(_))), "{ack:?}");
+
+    // An app arrives: the edge opens the printer link; this agent accepts
+    // it, then never reads the link again.
+    let bearer = world.edge.bearer();
+    let connecting = Client::connect(&world.edge, &bearer, connect_packet("app"));
+    let link = async {
+        let (mut send, recv) = tokio::time::timeout(PATIENCE, connection.accept_bi())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut reader = FramedReader::new(recv);
+        let Some(Message::LinkOpen(open)) = reader.read_message().await.unwrap() else {
+            panic!("expected LINK_OPEN");
+        };
+        let accept = Message::LinkAccept(LinkAccept {
+            link: open.link,
+            printer_kind: Some(PrinterKind::GenericMqtt),
+            printer_serial: None,
+            printer_client_id: None,
+        });
+        send.write_all(&frame(&accept)).await.unwrap();
+        // (The agent made the printer's MQTT connection itself: what
+        // follows on the link is the hub's traffic.)
+        let (recv, _) = reader.into_parts();
+        (send, recv)
+    };
+    let (mut app, (_link_send, link_recv)) = tokio::join!(connecting, link);
+
+    // The app publishes about 1 MB towards the printer: four times the
+    // link's window, so the edge's writes to the link block.
+    let payload = bytes::Bytes::from(vec![0x5a; 60_000]);
+    for _ in 0..16 {
+        app.send(&Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: "relay/flood".into(),
+            packet_id: None,
+            payload: payload.clone(),
+        }))
+        .await;
+    }
+
+    // The hub writes to the link until the link's window is used up.
+    let written = "relay_edge_printer_bytes_total{direction=\"out\"} ";
+    let stalled_at = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let metrics = world.edge.admin_get("/metrics").await.1;
+            let bytes = metric_value(&metrics, written);
+            if bytes >= 200.0 * 1024.0 {
+                return bytes;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the hub writes to the link");
+
+    // The edge drains: its sessions close, then the tunnel's GO_AWAY goes
+    // out on the control stream, past the stalled link.
+    let running = world.edge.edge.take().unwrap();
+    let link_bytes = running.metrics().printer_bytes.with_label_values(&["out"]);
+    let draining = tokio::spawn(running.drain(Duration::from_secs(2)));
+    let go_away = tokio::time::timeout(PATIENCE, control.read_message())
+        .await
+        .expect("GO_AWAY arrives while the link is stalled")
+        .unwrap();
+    assert!(matches!(go_away, Some(Message::GoAway(_))), "{go_away:?}");
+    // The link took no more than about its window of the ~1 MB: it was
+    // stalled, not slow, while the control stream went on.
+    let written_bytes = link_bytes.get() as f64;
+    assert!(
+        written_bytes < 512.0 * 1024.0,
+        "{written_bytes} bytes went into the link (first seen at {stalled_at})"
+    );
+    drop(link_recv);
+    draining.await.unwrap();
+    world.edge.database.cleanup().await;
 }

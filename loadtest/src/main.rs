@@ -123,6 +123,9 @@ struct Flags {
     /// Tunnels: simulated idle agents on one edge
     #[arg(long, default_value_t = 20_000)]
     tunnels: usize,
+    /// Tunnels: the simulated agents' transport (tcp: TLS on TCP, yamux)
+    #[arg(long, value_enum, default_value = "quic")]
+    tunnels_transport: tunnels::FleetTransport,
     /// Tunnels: how long the idle edge is watched, with the tunnels
     #[arg(long, default_value_t = 60)]
     tunnels_idle_seconds: u32,
@@ -338,6 +341,7 @@ async fn scenarios(
         let idle = Duration::from_secs(u64::from(flags.tunnels_idle_seconds));
         let size = tunnels::TunnelsSize {
             tunnels: flags.tunnels,
+            transport: flags.tunnels_transport,
             idle_window: idle,
             baseline_window: (idle / 2).max(Duration::from_secs(1)),
             patience: Duration::from_secs(180),

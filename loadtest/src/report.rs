@@ -483,7 +483,15 @@ pub fn markdown(results: &Results) -> String {
 pub fn tunnels_summary(report: &crate::tunnels::TunnelsReport) -> String {
     let mut out = String::new();
     let mib = |bytes: u64| bytes as f64 / 1024.0 / 1024.0;
-    let _ = writeln!(out, "tunnels: {} idle agents on one edge", report.tunnels);
+    let _ = writeln!(
+        out,
+        "tunnels: {} idle agents on one edge, over {}",
+        report.tunnels,
+        match report.transport {
+            crate::tunnels::FleetTransport::Quic => "QUIC",
+            crate::tunnels::FleetTransport::Tcp => "TLS on TCP (yamux)",
+        }
+    );
     let _ = writeln!(
         out,
         "  connected in {:.1} s: {:.0} HELLOs/s, {:.2} store queries per HELLO",

@@ -18,9 +18,12 @@ use anyhow::{Context, bail};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use relay_io::FramedReader;
+use relay_io::mux::{Mux, MuxLimits, MuxRole};
+use relay_io::transport::TunnelConnection;
 use relay_proto::Secret;
 use relay_proto::tunnel::{self, GoAwayReason, Hello, Message};
 use serde::Serialize;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::rig::{Rig, cpu_time, rss_bytes};
@@ -44,6 +47,7 @@ const CONNECT_CONCURRENCY: usize = 256;
 #[derive(Debug, Clone, Copy)]
 pub struct TunnelsSize {
     pub tunnels: usize,
+    pub transport: FleetTransport,
     /// How long the edge is watched idle, with and without the tunnels.
     pub idle_window: Duration,
     pub baseline_window: Duration,
@@ -54,6 +58,7 @@ pub struct TunnelsSize {
 #[derive(Debug, Clone, Serialize)]
 pub struct TunnelsReport {
     pub tunnels: usize,
+    pub transport: FleetTransport,
     /// The fleet's first connect, CONNECT_CONCURRENCY HELLOs in flight.
     pub connect_seconds: f64,
     pub hellos_per_second: f64,
@@ -205,7 +210,8 @@ impl Fleet {
     }
 }
 
-fn client_config(ca_pem: &std::path::Path) -> anyhow::Result<quinn::ClientConfig> {
+/// The agent's TLS: the rig's CA, TLS 1.3, the tunnel's ALPN.
+fn tls_config(ca_pem: &std::path::Path) -> anyhow::Result<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     let pem = std::fs::read(ca_pem)?;
     let mut roots = rustls::RootCertStore::empty();
@@ -219,6 +225,11 @@ fn client_config(ca_pem: &std::path::Path) -> anyhow::Result<quinn::ClientConfig
     .with_root_certificates(roots)
     .with_no_client_auth();
     tls.alpn_protocols = vec![tunnel::ALPN.to_vec()];
+    Ok(tls)
+}
+
+fn client_config(ca_pem: &std::path::Path) -> anyhow::Result<quinn::ClientConfig> {
+    let tls = tls_config(ca_pem)?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
@@ -249,13 +260,58 @@ enum Ended {
     Failed,
 }
 
-/// One simulated agent, from its first dial until the stop: the agent's
-/// reconnect loop.
+/// Which transport the simulated agents' tunnels run over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FleetTransport {
+    Quic,
+    /// TLS on TCP, multiplexed by yamux, as `transport = "tcp"` agents.
+    Tcp,
+}
+
+/// How one simulated agent reaches the edge.
+#[derive(Clone)]
+enum Dialer {
+    Quic {
+        endpoint: quinn::Endpoint,
+        client: quinn::ClientConfig,
+        edge: SocketAddr,
+    },
+    Tcp {
+        tls: tokio_rustls::TlsConnector,
+        edge: SocketAddr,
+    },
+}
+
+impl Dialer {
+    /// A tunnel connection, handshake done.
+    async fn dial(&self) -> Option<TunnelConnection> {
+        match self {
+            Dialer::Quic {
+                endpoint,
+                client,
+                edge,
+            } => {
+                let connecting = endpoint
+                    .connect_with(client.clone(), *edge, "tunnel.relay.test")
+                    .ok()?;
+                Some(TunnelConnection::Quic(connecting.await.ok()?))
+            }
+            Dialer::Tcp { tls, edge } => {
+                let tcp = tokio::net::TcpStream::connect(edge).await.ok()?;
+                let _ = tcp.set_nodelay(true);
+                let name = rustls::pki_types::ServerName::try_from("tunnel.relay.test").ok()?;
+                let stream = tls.connect(name, tcp).await.ok()?;
+                let mux = Mux::start(stream, MuxRole::Client, MuxLimits::default());
+                Some(TunnelConnection::Tcp { mux, remote: *edge })
+            }
+        }
+    }
+}
+
 /// One simulated agent: where it dials, with what.
 struct SimulatedAgent {
-    endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
-    edge: SocketAddr,
+    dialer: Dialer,
     credential: String,
     fleet: Arc<FleetState>,
     /// Bounds the HELLOs in flight of the fleet's first connect.
@@ -264,9 +320,7 @@ struct SimulatedAgent {
 
 async fn hold(agent: SimulatedAgent, mut stop: watch::Receiver<bool>, mut seed: u64) {
     let SimulatedAgent {
-        endpoint,
-        client,
-        edge,
+        dialer,
         credential,
         fleet,
         connecting,
@@ -276,7 +330,7 @@ async fn hold(agent: SimulatedAgent, mut stop: watch::Receiver<bool>, mut seed: 
         let permit = connecting.clone().acquire_owned().await.ok();
         let mut stop_once = stop.clone();
         let ended = tokio::select! {
-            ended = tunnel_once(&endpoint, &client, edge, &credential, &fleet, permit, &mut stop_once) => ended,
+            ended = tunnel_once(&dialer, &credential, &fleet, permit, &mut stop_once) => ended,
             _ = stop.wait_for(|stopped| *stopped) => Ended::Stopped,
         };
         let wait = match ended {
@@ -299,18 +353,13 @@ async fn hold(agent: SimulatedAgent, mut stop: watch::Receiver<bool>, mut seed: 
 }
 
 async fn tunnel_once(
-    endpoint: &quinn::Endpoint,
-    client: &quinn::ClientConfig,
-    edge: SocketAddr,
+    dialer: &Dialer,
     credential: &str,
     fleet: &FleetState,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     stop: &mut watch::Receiver<bool>,
 ) -> Ended {
-    let Ok(connecting) = endpoint.connect_with(client.clone(), edge, "tunnel.relay.test") else {
-        return Ended::Failed;
-    };
-    let Ok(connection) = connecting.await else {
+    let Some(connection) = dialer.dial().await else {
         return Ended::Failed;
     };
     let Ok((mut send, recv)) = connection.open_bi().await else {
@@ -368,10 +417,7 @@ async fn tunnel_once(
     }
     fleet.connected.fetch_sub(1, Ordering::SeqCst);
     fleet.changed.notify_waiters();
-    connection.close(
-        quinn::VarInt::from_u32(tunnel::close_code::NO_ERROR),
-        b"agent reconnecting",
-    );
+    connection.close(tunnel::close_code::NO_ERROR, b"agent reconnecting");
     ended
 }
 
@@ -398,10 +444,19 @@ async fn credentials(rig: &Rig, count: usize, progress: &Progress) -> anyhow::Re
     made.into_iter().collect()
 }
 
-fn start_fleet(rig: &Rig, credentials: Vec<String>) -> anyhow::Result<Fleet> {
+fn start_fleet(
+    rig: &Rig,
+    credentials: Vec<String>,
+    transport: FleetTransport,
+) -> anyhow::Result<Fleet> {
     let client = client_config(rig.tunnel_ca())?;
+    let tcp_tls = tokio_rustls::TlsConnector::from(Arc::new(tls_config(rig.tunnel_ca())?));
     let mut endpoints = Vec::with_capacity(ENDPOINTS);
-    for _ in 0..ENDPOINTS {
+    for _ in 0..(if transport == FleetTransport::Quic {
+        ENDPOINTS
+    } else {
+        0
+    }) {
         let socket = std::net::UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
         let udp = quinn::udp::UdpSocketState::new((&socket).into())?;
         udp.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER)?;
@@ -416,15 +471,23 @@ fn start_fleet(rig: &Rig, credentials: Vec<String>) -> anyhow::Result<Fleet> {
     let state = Arc::new(FleetState::default());
     let (stop, stopped) = watch::channel(false);
     let connecting = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
-    let edge = rig.edge.tunnel;
     let tasks = credentials
         .into_iter()
         .enumerate()
         .map(|(index, credential)| {
+            let dialer = match transport {
+                FleetTransport::Quic => Dialer::Quic {
+                    endpoint: endpoints[index % ENDPOINTS].clone(),
+                    client: client.clone(),
+                    edge: rig.edge.tunnel,
+                },
+                FleetTransport::Tcp => Dialer::Tcp {
+                    tls: tcp_tls.clone(),
+                    edge: rig.edge.tunnel_tcp,
+                },
+            };
             let agent = SimulatedAgent {
-                endpoint: endpoints[index % ENDPOINTS].clone(),
-                client: client.clone(),
-                edge,
+                dialer,
                 credential,
                 fleet: state.clone(),
                 connecting: connecting.clone(),
@@ -472,7 +535,7 @@ pub async fn tunnels(
     progress.step("tunnels: connecting", count as u64);
     let queries_before = rig.edge.metric("relay_edge_store_queries_total").await?;
     let started = Instant::now();
-    let fleet = start_fleet(rig, credentials)?;
+    let fleet = start_fleet(rig, credentials, size.transport)?;
     if !fleet.wait_connected(count, size.patience, progress).await {
         let connected = fleet.connected();
         fleet.stop().await;
@@ -504,6 +567,7 @@ pub async fn tunnels(
     let per_minute_delta = (edge_cpu_idle - edge_cpu_baseline).max(0.0);
     Ok(TunnelsReport {
         tunnels: count,
+        transport: size.transport,
         connect_seconds: connect.as_secs_f64(),
         hellos_per_second: count as f64 / connect.as_secs_f64(),
         store_queries_per_hello: queries / count as f64,
@@ -545,8 +609,18 @@ async fn restart(
     let metrics = rig.edge.metrics().await?;
     let value = |series: &str| crate::rig::metric(&metrics, series).unwrap_or(0.0);
     let store_queries = value("relay_edge_store_queries_total");
-    let hellos_accepted =
-        value("relay_edge_agent_hellos_total{result=\"accepted\",transport=\"quic\"}");
+    // Both transports (the rig's own two agents are among them).
+    let hellos = |result: &str| -> f64 {
+        ["quic", "tcp"]
+            .iter()
+            .map(|transport| {
+                value(&format!(
+                    "relay_edge_agent_hellos_total{{result=\"{result}\",transport=\"{transport}\"}}"
+                ))
+            })
+            .sum()
+    };
+    let hellos_accepted = hellos("accepted");
     let hellos_refused: f64 = [
         "bad_credential",
         "rate_limited",
@@ -555,11 +629,7 @@ async fn restart(
         "unsupported_version",
     ]
     .iter()
-    .map(|result| {
-        value(&format!(
-            "relay_edge_agent_hellos_total{{result=\"{result}\",transport=\"quic\"}}"
-        ))
-    })
+    .map(|result| hellos(result))
     .sum();
     let go_aways = fleet.state.go_aways.load(Ordering::SeqCst) - go_aways_before;
     let returned = fleet

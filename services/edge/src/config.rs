@@ -10,7 +10,7 @@ use relay_proto::Secret;
 use relay_proto::topic::{TopicLimits, validate_topic_filter};
 use serde::Deserialize;
 
-use crate::hub::{ChurnLimit, PublishRate, TopicPolicy};
+use crate::hub::{ChurnLimit, PublishRate, QuarantinePolicy, TopicPolicy};
 
 /// Everything the edge needs to start.
 #[derive(Debug, Clone, Deserialize)]
@@ -189,6 +189,10 @@ pub struct PrinterPolicyConfig {
     /// milliseconds at most, so that its cooldown (three requests in quick
     /// succession, then about 5 s of dropped replies) never starts.
     pub request_interval_ms: u64,
+    /// A filter whose SUBSCRIBE made the printer drop its connection twice
+    /// (or a publisher whose PUBLISHes did) is refused for this long
+    /// (SUBACK 0x80, MQTT 5 0x87), and never reaches the printer meanwhile.
+    pub quarantine_seconds: u64,
 }
 
 impl Default for PrinterPolicyConfig {
@@ -205,6 +209,7 @@ impl Default for PrinterPolicyConfig {
             publish_burst: rate.burst,
             pushall_interval_seconds: 10,
             request_interval_ms: 600,
+            quarantine_seconds: 3600,
         }
     }
 }
@@ -241,6 +246,13 @@ impl PrinterPolicyConfig {
         }
     }
 
+    pub fn quarantine(&self) -> QuarantinePolicy {
+        QuarantinePolicy {
+            duration: Duration::from_secs(self.quarantine_seconds),
+            ..QuarantinePolicy::default()
+        }
+    }
+
     pub fn churn(&self) -> ChurnLimit {
         ChurnLimit {
             burst: self.churn_burst,
@@ -269,6 +281,11 @@ impl PrinterPolicyConfig {
         if self.publishes_per_second == 0 || self.publish_burst == 0 {
             problems.push(format!(
                 "printers.{kind}: publishes_per_second and publish_burst must be at least 1"
+            ));
+        }
+        if self.quarantine_seconds == 0 {
+            problems.push(format!(
+                "printers.{kind}: quarantine_seconds must be at least 1"
             ));
         }
         if self.churn_burst == 0 || self.churn_per_minute == 0 {

@@ -437,6 +437,7 @@ impl Devices {
             replay_retained,
             policy: Arc::new(printer.policy(accept.printer_serial.as_deref())),
             churn: printer.churn(),
+            quarantine: printer.quarantine(),
             publish_rate: printer.publish_rate(),
             bambu: match (accept.printer_kind, &accept.printer_serial) {
                 (Some(PrinterKind::Bambu), Some(serial)) => Some(BambuProfile {

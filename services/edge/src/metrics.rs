@@ -37,6 +37,12 @@ pub struct Metrics {
     /// Hubs that found a new upstream within the grace, their sessions
     /// kept.
     pub hub_upstream_resumes: IntCounter,
+    /// Filters quarantined by a device hub: subscribing to them made the
+    /// printer drop its connection twice.
+    pub hub_quarantined_filters: IntCounter,
+    /// Printer connections the agents reported down, by reason (refused,
+    /// dropped, unreachable, …): each is a reconnect the agent will make.
+    pub printer_link_downs: IntCounterVec,
     /// This instance's lease, by result: renewed, failed, lost.
     pub leases: IntCounterVec,
     /// Local tunnels sent away because another instance claimed their
@@ -171,6 +177,17 @@ impl Metrics {
                 "relay_edge_hub_upstream_resumes_total",
                 "device hubs that found a new upstream within the grace, keeping their sessions",
             ),
+            hub_quarantined_filters: counter(
+                &registry,
+                "relay_edge_hub_quarantined_filters_total",
+                "filters device hubs quarantined: subscribing to them made the printer drop its connection twice",
+            ),
+            printer_link_downs: counter_vec(
+                &registry,
+                "relay_edge_printer_link_downs_total",
+                "printer connections the agents reported down, by reason",
+                "reason",
+            ),
             leases: counter_vec(
                 &registry,
                 "relay_edge_instance_leases_total",
@@ -240,7 +257,7 @@ impl Metrics {
     /// are known from the start), for checking dashboards and alerts.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 23] = [
+        let collectors: [&dyn Collector; 25] = [
             &self.connections,
             &self.connections_open,
             &self.tls_handshake_failures,
@@ -256,6 +273,8 @@ impl Metrics {
             &self.agents_by_transport,
             &self.hub_refusals,
             &self.hub_upstream_resumes,
+            &self.hub_quarantined_filters,
+            &self.printer_link_downs,
             &self.leases,
             &self.tunnels_fenced,
             &self.peer_bytes,

@@ -54,6 +54,7 @@ impl EdgeState {
             metrics.printer_bytes.clone(),
             metrics.hub_refusals.clone(),
             metrics.hub_upstream_resumes.clone(),
+            metrics.hub_quarantined_filters.clone(),
         ));
         let tunnel = &config.tunnel;
         let membership = crate::cluster::Membership::new(&config.cluster);

@@ -9,7 +9,8 @@ use tokio::io::AsyncWriteExt;
 
 use bytes::BytesMut;
 use relay_proto::tunnel::{
-    self, GoAway, GoAwayReason, HelloAck, HelloRefused, Message, RefusalReason, close_code,
+    self, GoAway, GoAwayReason, HelloAck, HelloRefused, LinkDownReason, LinkState, Message,
+    RefusalReason, close_code,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -472,6 +473,9 @@ async fn hold_tunnel(
             message = control_stream.read_message() => match message {
                 Ok(Some(Message::PrinterLink(link))) => {
                     tracing::info!(device = %device_id, state = ?link.state, reason = ?link.reason, detail = link.detail.as_deref().unwrap_or(""), "printer link");
+                    if link.state == LinkState::Down {
+                        state.metrics.printer_link_downs.with_label_values(&[link_down_label(link.reason)]).inc();
+                    }
                 }
                 Ok(Some(Message::Ignored { .. })) => {}
                 Ok(Some(other)) => break format!("unexpected {other:?}"),
@@ -517,4 +521,20 @@ async fn hold_tunnel(
         tracing::warn!(%error, "cannot release the device's claim; the lease covers it");
     }
     tracing::info!(device = %device_id, epoch, %end, "agent disconnected");
+}
+
+/// The `reason` label of `relay_edge_printer_link_downs_total`.
+fn link_down_label(reason: Option<LinkDownReason>) -> &'static str {
+    match reason {
+        Some(LinkDownReason::CredentialsRefused) => "credentials_refused",
+        Some(LinkDownReason::TlsFailure) => "tls_failure",
+        Some(LinkDownReason::Unreachable) => "unreachable",
+        Some(LinkDownReason::TooManyClients) => "too_many_clients",
+        Some(LinkDownReason::Dropped) => "dropped",
+        Some(LinkDownReason::ProtocolError) => "protocol_error",
+        Some(LinkDownReason::TimedOut) => "timed_out",
+        Some(LinkDownReason::Policy) => "policy",
+        Some(LinkDownReason::NotHere) => "not_here",
+        Some(LinkDownReason::Other(_)) | None => "other",
+    }
 }

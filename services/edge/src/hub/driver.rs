@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use super::outbound::OutboundSender;
 use super::registry::TunnelProbe;
 use super::state::{
-    HubConfig, HubCounters, HubEnd, HubState, PacketExtras, SessionAttach, SessionId,
+    HubConfig, HubCounters, HubEnd, HubState, PacketExtras, QuarantineEvent, SessionAttach,
+    SessionId,
 };
 use crate::close::Close;
 
@@ -139,6 +140,8 @@ pub(super) struct HubIo {
     pub byte_counter: Option<prometheus::IntCounterVec>,
     pub refusals: Option<prometheus::IntCounterVec>,
     pub resumes: Option<prometheus::IntCounter>,
+    /// Filters quarantined.
+    pub quarantines: Option<prometheus::IntCounter>,
 }
 
 /// Adds to the metric what the state counted since the last export.
@@ -209,6 +212,21 @@ fn export_counters(
             current.cc2_queue_overflows,
             exported.cc2_queue_overflows,
         ),
+        (
+            "quarantined_filter",
+            current.quarantine_refusals,
+            exported.quarantine_refusals,
+        ),
+        (
+            "quarantine_lost_filter",
+            current.quarantine_lost_filters,
+            exported.quarantine_lost_filters,
+        ),
+        (
+            "quarantined_publisher",
+            current.quarantine_dropped_publishes,
+            exported.quarantine_dropped_publishes,
+        ),
     ] {
         if now > before {
             metric.with_label_values(&[label]).inc_by(now - before);
@@ -227,15 +245,43 @@ struct Context {
     ended: CancellationToken,
     refusals: Option<prometheus::IntCounterVec>,
     exported: HubCounters,
+    quarantines: Option<prometheus::IntCounter>,
     bytes_in: Option<prometheus::IntCounter>,
     bytes_out: Option<prometheus::IntCounter>,
 }
 
 impl Context {
-    /// Exports the counters and takes the state's end, if it decided one.
+    /// Exports the counters, logs what the quarantine decided, and takes
+    /// the state's end, if it decided one.
     fn settle(&mut self, state: &mut HubState<OutboundSender>) -> Option<HubEnd> {
+        let quarantined_before = self.exported.quarantined_filters;
+        let current = state.counters();
+        if let Some(quarantines) = &self.quarantines
+            && current.quarantined_filters > quarantined_before
+        {
+            quarantines.inc_by(current.quarantined_filters - quarantined_before);
+        }
         if let Some(refusals) = &self.refusals {
-            export_counters(refusals, &mut self.exported, state.counters());
+            export_counters(refusals, &mut self.exported, current);
+        }
+        self.exported.quarantined_filters = current.quarantined_filters;
+        for event in state.take_quarantine_events() {
+            // The hub's span names the device; a client id and a filter
+            // are no secrets.
+            match event {
+                QuarantineEvent::Filter {
+                    filter,
+                    sessions_lost,
+                } => tracing::warn!(
+                    %filter,
+                    sessions_lost,
+                    "quarantined a filter: subscribing to it made the printer drop its connection twice"
+                ),
+                QuarantineEvent::Publisher { client_id } => tracing::warn!(
+                    %client_id,
+                    "quarantined a publisher: its messages made the printer drop its connection twice"
+                ),
+            }
         }
         state.take_end()
     }
@@ -281,12 +327,14 @@ pub(super) async fn run(config: HubConfig, io: HubIo) -> HubEnd {
         byte_counter,
         refusals,
         resumes,
+        quarantines,
     } = io;
     let mut context = Context {
         commands,
         ended,
         refusals,
         exported: HubCounters::default(),
+        quarantines,
         bytes_in: byte_counter.as_ref().map(|c| c.with_label_values(&["in"])),
         bytes_out: byte_counter.as_ref().map(|c| c.with_label_values(&["out"])),
     };
@@ -306,7 +354,7 @@ pub(super) async fn run(config: HubConfig, io: HubIo) -> HubEnd {
                     if let Some(resumes) = &resumes {
                         resumes.inc();
                     }
-                    state.set_printer_client(found.printer_client.clone());
+                    state.set_printer_client(found.printer_client.clone(), now());
                     state.upstream_resumed(now());
                     upstream = Some(found);
                     continue;

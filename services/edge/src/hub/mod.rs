@@ -30,6 +30,7 @@ pub mod cc2;
 mod driver;
 pub mod outbound;
 pub mod policy;
+pub mod quarantine;
 pub mod registry;
 pub mod state;
 #[cfg(test)]
@@ -40,8 +41,9 @@ pub use cc2::Cc2Profile;
 pub use driver::{Upstream, UpstreamFailure, UpstreamFuture, UpstreamSource};
 pub use outbound::{Outbound, OutboundReceiver, OutboundSender, outbound_queue};
 pub use policy::{ChurnLimit, PublishRate, PublishRefusal, TopicPolicy};
+pub use quarantine::QuarantinePolicy;
 pub use registry::{HubHandle, Hubs, PrinterIdentity, TunnelProbe};
 pub use state::{
-    HubConfig, HubCounters, HubEnd, HubState, PacketExtras, PublishRefused, RetainHandling,
-    RetainedReplay, SessionAttach, SessionId, SessionSink, SubscriptionExtras,
+    HubConfig, HubCounters, HubEnd, HubState, PacketExtras, PublishRefused, QuarantineEvent,
+    RetainHandling, RetainedReplay, SessionAttach, SessionId, SessionSink, SubscriptionExtras,
 };

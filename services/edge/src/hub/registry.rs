@@ -119,6 +119,8 @@ pub struct Hubs {
     refusals: Option<prometheus::IntCounterVec>,
     /// Hubs that found a new upstream within the grace.
     resumes: Option<prometheus::IntCounter>,
+    /// Filters hubs quarantined.
+    quarantines: Option<prometheus::IntCounter>,
     /// Every hub's driver; the drain waits for them.
     drivers: TaskTracker,
 }
@@ -130,11 +132,13 @@ impl Hubs {
         upstream_bytes: prometheus::IntCounterVec,
         refusals: prometheus::IntCounterVec,
         resumes: prometheus::IntCounter,
+        quarantines: prometheus::IntCounter,
     ) -> Hubs {
         Hubs {
             upstream_bytes: Some(upstream_bytes),
             refusals: Some(refusals),
             resumes: Some(resumes),
+            quarantines: Some(quarantines),
             ..Hubs::default()
         }
     }
@@ -186,6 +190,7 @@ impl Hubs {
             byte_counter: self.upstream_bytes.clone(),
             refusals: self.refusals.clone(),
             resumes: self.resumes.clone(),
+            quarantines: self.quarantines.clone(),
         };
         let span = tracing::info_span!("hub", device = %device_id);
         self.drivers.spawn(

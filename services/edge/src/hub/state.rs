@@ -25,6 +25,7 @@ use relay_proto::topic::topic_matches;
 use super::bambu::{BambuProfile, BambuState, Pushall, ReportRefusal, is_pushall};
 use super::cc2::{AppPublish, Cc2Action, Cc2Profile, Cc2State};
 use super::policy::{Bucket, ChurnBudget, ChurnLimit, PublishRate, TopicPolicy};
+use super::quarantine::{Quarantine, QuarantinePolicy, STRIKES_TO_REFUSE};
 use crate::close::Close;
 
 /// Identifies a session within its edge.
@@ -117,6 +118,9 @@ pub struct HubConfig {
     pub cc2: Option<Cc2Profile>,
     /// What the printer is (for peer hubs); the state does not use it.
     pub printer: super::registry::PrinterIdentity,
+    /// When a filter or a publisher that gets the upstream dropped is
+    /// kept away from it ([`super::quarantine`]).
+    pub quarantine: QuarantinePolicy,
 }
 
 /// What a hub has refused or cut, counted; the driver exports them.
@@ -151,6 +155,33 @@ pub struct HubCounters {
     pub cc2_requests_sent: u64,
     /// CC2 requests answered "busy" (1009): the pacing queue was full.
     pub cc2_queue_overflows: u64,
+    /// Filters quarantined: their trial ended the upstream again.
+    pub quarantined_filters: u64,
+    /// SUBSCRIBE filters answered 0x80 (MQTT 5: 0x87) because they are
+    /// quarantined (also counted in `refused_filters`).
+    pub quarantine_refusals: u64,
+    /// Filters taken from sessions that held them when they were
+    /// quarantined.
+    pub quarantine_lost_filters: u64,
+    /// Publishers whose PUBLISHes ended the upstream twice: refused since.
+    pub quarantined_publishers: u64,
+    /// PUBLISHes refused because their publisher is quarantined (also
+    /// counted in `refused_publishes`), or dropped instead of being sent a
+    /// third time after ending the upstream twice.
+    pub quarantine_dropped_publishes: u64,
+}
+
+/// Something the quarantine decided that deserves a log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuarantineEvent {
+    /// `filter` ended the upstream twice; `sessions_lost` sessions that
+    /// held it lost it, and the waiting ones were refused.
+    Filter {
+        filter: String,
+        sessions_lost: usize,
+    },
+    /// The PUBLISHes of `client_id` ended the upstream twice.
+    Publisher { client_id: String },
 }
 
 /// When a joining session's filter is subscribed upstream again.
@@ -184,6 +215,7 @@ impl HubConfig {
             bambu: None,
             cc2: None,
             printer: super::registry::PrinterIdentity::default(),
+            quarantine: QuarantinePolicy::default(),
         }
     }
 }
@@ -335,6 +367,9 @@ enum Pending {
     /// A SUBSCRIBE for these filters; clients' SUBSCRIBEs wait on it.
     Subscribe {
         filters: Vec<String>,
+        /// When it went out: an upstream that ends soon after, before its
+        /// SUBACK, makes its filters suspects.
+        sent_at: Instant,
     },
     Unsubscribe,
     /// A QoS 1 PUBLISH: `origin` (a session and its own packet id) is
@@ -349,6 +384,11 @@ enum Pending {
         sent: bool,
         /// An MQTT 5 Message Expiry: not sent again after it.
         expires_at: Option<Instant>,
+        /// When it last went out.
+        sent_at: Option<Instant>,
+        /// It was in flight when an upstream ended: it goes out once more,
+        /// and is dropped if that upstream ends too.
+        suspect: bool,
     },
 }
 
@@ -436,6 +476,12 @@ pub struct HubState<S> {
     lost_until: Option<Instant>,
     /// Next [`Pending::Publish`] order.
     next_publish_order: u64,
+    /// Suspect and quarantined filters and publishers.
+    quarantine: Quarantine,
+    /// The last QoS 0 PUBLISH a session sent upstream, and when.
+    last_qos0: Option<(Instant, SessionId)>,
+    /// What the quarantine decided, for the driver's log.
+    quarantine_events: Vec<QuarantineEvent>,
 }
 
 impl<S: SessionSink> HubState<S> {
@@ -445,6 +491,7 @@ impl<S: SessionSink> HubState<S> {
         let bambu = config.bambu.clone().map(BambuState::new);
         let cc2 = config.cc2.clone().map(Cc2State::new);
         let next_printer_client = config.cc2.as_ref().and_then(|cc2| cc2.agent_client.clone());
+        let config_quarantine = config.quarantine;
         let mut state = HubState {
             config,
             sessions: HashMap::new(),
@@ -471,16 +518,19 @@ impl<S: SessionSink> HubState<S> {
             next_printer_client,
             lost_until: None,
             next_publish_order: 0,
+            quarantine: Quarantine::new(config_quarantine),
+            last_qos0: None,
+            quarantine_events: Vec::new(),
         };
         if let Some(filter) = state.cc2.as_ref().and_then(Cc2State::agent_response_topic) {
-            state.hold_filter(filter);
+            state.hold_filter(filter, now);
         }
         state
     }
 
     /// The hub holds `filter` upstream for its own sake (a CC2 agent's
     /// replies), beside any session holding it.
-    fn hold_filter(&mut self, filter: String) {
+    fn hold_filter(&mut self, filter: String, now: Instant) {
         if let Some(held) = self.upstream_filters.get_mut(&filter) {
             held.holders += 1;
             return;
@@ -507,6 +557,7 @@ impl<S: SessionSink> HubState<S> {
             id,
             Pending::Subscribe {
                 filters: vec![filter],
+                sent_at: now,
             },
         );
     }
@@ -514,7 +565,7 @@ impl<S: SessionSink> HubState<S> {
     /// The client id a CC2's agent registered with on the upstream about to
     /// resume (`None` over a peer link); called before
     /// [`Self::upstream_resumed`].
-    pub fn set_printer_client(&mut self, client: Option<String>) {
+    pub fn set_printer_client(&mut self, client: Option<String>, now: Instant) {
         let Some(cc2) = &self.cc2 else {
             return;
         };
@@ -528,7 +579,7 @@ impl<S: SessionSink> HubState<S> {
         }
         if let Some(agent) = &self.next_printer_client {
             let filter = format!("elegoo/{}/{agent}/api_response", self.cc2_serial());
-            self.hold_filter(filter);
+            self.hold_filter(filter, now);
         }
     }
 
@@ -658,6 +709,7 @@ impl<S: SessionSink> HubState<S> {
             }
         } else {
             if now >= self.next_ping {
+                self.quarantine.forget_expired(now);
                 self.ping_upstream(None);
                 self.next_ping = now + self.config.upstream_keep_alive;
             }
@@ -701,7 +753,7 @@ impl<S: SessionSink> HubState<S> {
                 self.complete_dropped(origin, publish.qos, now);
                 continue;
             }
-            self.publish_upstream(origin, publish, expires_at);
+            self.publish_upstream(origin, publish, expires_at, now);
         }
     }
 
@@ -710,7 +762,7 @@ impl<S: SessionSink> HubState<S> {
         if will.qos != QoS::AtMostOnce {
             self.publish_within_rate(None, will, None, now);
         } else if self.over_rate.is_empty() && self.take_publish_token(now) {
-            self.publish_upstream(None, will, None);
+            self.publish_upstream(None, will, None, now);
         } else {
             self.counters.throttled_publishes += 1;
         }
@@ -727,7 +779,7 @@ impl<S: SessionSink> HubState<S> {
         now: Instant,
     ) {
         if self.over_rate.is_empty() && self.take_publish_token(now) {
-            self.publish_upstream(origin, publish, expires_at);
+            self.publish_upstream(origin, publish, expires_at, now);
             return;
         }
         if let Some((session, client_id)) = origin {
@@ -1111,6 +1163,7 @@ impl<S: SessionSink> HubState<S> {
         for peer in peers {
             self.end_session(peer, Close::device_offline(), now);
         }
+        self.judge_loss(now);
         self.lost_until = Some(until);
         if let Some(cc2) = &mut self.cc2 {
             cc2.upstream_lost();
@@ -1135,7 +1188,13 @@ impl<S: SessionSink> HubState<S> {
     pub fn upstream_resumed(&mut self, now: Instant) {
         self.lost_until = None;
         self.next_ping = now + self.config.upstream_keep_alive;
-        let mut filters: Vec<String> = self.upstream_filters.keys().cloned().collect();
+        // Suspects go out alone, after the rest ([`Self::advance_trials`]).
+        let mut filters: Vec<String> = self
+            .upstream_filters
+            .keys()
+            .filter(|filter| !self.quarantine.is_suspect(filter))
+            .cloned()
+            .collect();
         filters.sort_unstable();
         for chunk in filters.chunks(MAX_FILTERS_PER_RESUBSCRIBE) {
             let Some(id) = self.allocate_upstream_id() else {
@@ -1152,6 +1211,7 @@ impl<S: SessionSink> HubState<S> {
                 id,
                 Pending::Subscribe {
                     filters: chunk.to_vec(),
+                    sent_at: now,
                 },
             );
         }
@@ -1186,12 +1246,19 @@ impl<S: SessionSink> HubState<S> {
                 self.complete_dropped(origin, qos, now);
                 continue;
             }
-            let Some(Pending::Publish { publish, sent, .. }) = self.pending.get_mut(&id) else {
+            let Some(Pending::Publish {
+                publish,
+                sent,
+                sent_at,
+                ..
+            }) = self.pending.get_mut(&id)
+            else {
                 continue;
             };
             let mut again = (**publish).clone();
             again.dup = *sent;
             *sent = true;
+            *sent_at = Some(now);
             self.queue_upstream(&Packet::Publish(again));
         }
         let report_held = self.bambu.as_ref().is_some_and(|bambu| {
@@ -1218,6 +1285,199 @@ impl<S: SessionSink> HubState<S> {
             self.run_cc2_actions(now);
         }
         self.answer_ready_subscribes(now);
+        self.advance_trials(now);
+    }
+
+    /// Who a session is, as a publisher the quarantine keeps books on: its
+    /// client id, which outlives a reconnect.
+    fn publisher_of(&self, session: SessionId) -> Option<String> {
+        let entry = self.sessions.get(&session)?;
+        Some(if entry.client_id.is_empty() {
+            format!("session {session}")
+        } else {
+            entry.client_id.clone()
+        })
+    }
+
+    /// The upstream just ended: what was in flight and went out shortly
+    /// before is suspected of ending it. A suspect on trial is the only
+    /// one blamed, and is quarantined.
+    fn judge_loss(&mut self, now: Instant) {
+        let policy = self.quarantine.policy();
+        let recent = |at: Instant| now.saturating_duration_since(at) <= policy.suspect_window;
+        if let Some((trial_id, filter)) = self.quarantine.trial() {
+            let filter = filter.to_owned();
+            let in_flight = matches!(
+                self.pending.get(&trial_id),
+                Some(Pending::Subscribe { sent_at, .. }) if recent(*sent_at)
+            );
+            self.quarantine.end_trial();
+            if in_flight {
+                self.quarantine_filter(&filter, now);
+                return;
+            }
+            // It outlived the window: not its fault, tried again later.
+            self.quarantine.suspect(&filter);
+        }
+        let mut blamed = false;
+        let mut suspects = Vec::new();
+        let mut publishers = Vec::new();
+        let mut dropped = Vec::new();
+        for (id, pending) in &mut self.pending {
+            match pending {
+                Pending::Subscribe { filters, sent_at } if recent(*sent_at) => {
+                    blamed = true;
+                    suspects.extend(filters.iter().cloned());
+                }
+                Pending::Publish {
+                    origin,
+                    sent_at: Some(sent_at),
+                    suspect,
+                    ..
+                } if recent(*sent_at) => {
+                    blamed = true;
+                    if let Some((session, _)) = origin {
+                        publishers.push(*session);
+                    }
+                    if *suspect {
+                        dropped.push(*id);
+                    }
+                    *suspect = true;
+                }
+                _ => {}
+            }
+        }
+        for filter in suspects {
+            if self.upstream_filters.contains_key(&filter) {
+                self.quarantine.suspect(&filter);
+            }
+        }
+        if !blamed
+            && let Some((at, session)) = self.last_qos0
+            && now.saturating_duration_since(at) <= policy.qos0_window
+        {
+            publishers.push(session);
+        }
+        self.last_qos0 = None;
+        publishers.sort_unstable();
+        publishers.dedup();
+        for session in publishers {
+            self.strike(session, now);
+        }
+        for id in dropped {
+            // Sent after one upstream ended, and that one ended too: not
+            // sent a third time.
+            let Some(Pending::Publish {
+                origin,
+                exactly_once,
+                ..
+            }) = self.pending.remove(&id)
+            else {
+                continue;
+            };
+            self.counters.quarantine_dropped_publishes += 1;
+            if let Some((session, packet_id)) = origin {
+                if let Some(entry) = self.sessions.get_mut(&session) {
+                    entry.unacknowledged = entry.unacknowledged.saturating_sub(1);
+                }
+                let qos = if exactly_once {
+                    QoS::ExactlyOnce
+                } else {
+                    QoS::AtLeastOnce
+                };
+                self.refuse_publish(session, packet_id, qos, PublishRefused::NotAuthorized, now);
+            }
+        }
+    }
+
+    /// Charges a session's publisher a strike for an upstream that ended.
+    fn strike(&mut self, session: SessionId, now: Instant) {
+        let Some(publisher) = self.publisher_of(session) else {
+            return;
+        };
+        if self.quarantine.strike(&publisher, now) == STRIKES_TO_REFUSE {
+            self.counters.quarantined_publishers += 1;
+            self.quarantine_events.push(QuarantineEvent::Publisher {
+                client_id: publisher,
+            });
+        }
+    }
+
+    /// `filter` (as sent upstream) ended the upstream on its own: nobody
+    /// gets it for the quarantine's duration. Sessions waiting for it are
+    /// refused; sessions holding it lose it.
+    fn quarantine_filter(&mut self, filter: &str, now: Instant) {
+        self.quarantine.quarantine_filter(filter, now);
+        self.counters.quarantined_filters += 1;
+        if let Some(held) = self.upstream_filters.get_mut(filter) {
+            held.granted = Some(SubscribeReturnCode::Failure);
+        }
+        // Waiting SUBSCRIBEs are answered 0x80 and drop it.
+        self.answer_ready_subscribes(now);
+        let holders: Vec<(SessionId, String)> = self
+            .sessions
+            .iter()
+            .flat_map(|(session, entry)| {
+                entry
+                    .filters
+                    .keys()
+                    .map(move |held| (*session, held.clone()))
+            })
+            .filter(|(_, held)| self.upstream_of(held).as_deref() == Some(filter))
+            .collect();
+        let mut sessions_lost: Vec<SessionId> = holders.iter().map(|(s, _)| *s).collect();
+        sessions_lost.dedup();
+        for (session, held) in holders {
+            self.counters.quarantine_lost_filters += 1;
+            self.drop_filter(session, &held);
+        }
+        self.quarantine_events.push(QuarantineEvent::Filter {
+            filter: filter.to_owned(),
+            sessions_lost: sessions_lost.len(),
+        });
+    }
+
+    /// Sends the next suspect alone, once nothing else that could end the
+    /// upstream is in flight: if the upstream then ends, it was that one.
+    fn advance_trials(&mut self, now: Instant) {
+        if self.lost_until.is_some() || self.quarantine.trial().is_some() {
+            return;
+        }
+        let busy = self.pending.values().any(|pending| match pending {
+            Pending::Subscribe { .. } => true,
+            Pending::Publish { suspect, sent, .. } => *suspect && *sent,
+            Pending::Unsubscribe => false,
+        });
+        if busy {
+            return;
+        }
+        while let Some(filter) = self.quarantine.next_trial() {
+            if !self.upstream_filters.contains_key(&filter) {
+                // Nobody holds it any more.
+                continue;
+            }
+            let Some(id) = self.allocate_upstream_id() else {
+                return;
+            };
+            self.queue_upstream(&Packet::Subscribe(Subscribe {
+                packet_id: id,
+                filters: vec![(filter.clone(), QoS::AtLeastOnce)],
+            }));
+            self.pending.insert(
+                id,
+                Pending::Subscribe {
+                    filters: vec![filter.clone()],
+                    sent_at: now,
+                },
+            );
+            self.quarantine.start_trial(id, filter);
+            return;
+        }
+    }
+
+    /// What the quarantine decided since the last call.
+    pub fn take_quarantine_events(&mut self) -> Vec<QuarantineEvent> {
+        std::mem::take(&mut self.quarantine_events)
     }
 
     fn allocate_upstream_id(&mut self) -> Option<PacketId> {
@@ -1240,11 +1500,20 @@ impl<S: SessionSink> HubState<S> {
         options: &[SubscriptionExtras],
         now: Instant,
     ) {
+        let mut quarantined = 0;
         let upstream_of: Vec<Option<String>> = subscribe
             .filters
             .iter()
-            .map(|(filter, _)| self.upstream_of(filter))
+            .map(|(filter, _)| {
+                let upstream = self.upstream_of(filter)?;
+                if self.quarantine.holds_filter(&upstream, now) {
+                    quarantined += 1;
+                    return None;
+                }
+                Some(upstream)
+            })
             .collect();
+        self.counters.quarantine_refusals += quarantined;
         let requested: Vec<(String, Option<QoS>)> = subscribe
             .filters
             .into_iter()
@@ -1344,15 +1613,16 @@ impl<S: SessionSink> HubState<S> {
                         !replay.suback_seen
                             && matches!(
                                 self.pending.get(&replay.subscribe_id),
-                                Some(Pending::Subscribe { filters }) if filters.contains(upstream)
+                                Some(Pending::Subscribe { filters, .. }) if filters.contains(upstream)
                             )
                     });
                     if let Some(replay) = in_flight {
                         // Its retained messages have not started yet.
                         joins_in_flight.push((replay.subscribe_id, filter.clone(), *qos));
-                    } else if held.granted.is_none() {
-                        // Subscribing, but its replay was forgotten: it
-                        // waits for the grant without retained messages.
+                    } else if held.granted.is_none() || self.quarantine.is_suspect(upstream) {
+                        // Subscribing, but its replay was forgotten, or a
+                        // suspect waiting for its trial: it waits for the
+                        // grant without retained messages.
                     } else if replay_wanted(
                         self.config.replay_retained,
                         self.seen_retained.as_ref(),
@@ -1391,8 +1661,13 @@ impl<S: SessionSink> HubState<S> {
                     .collect(),
             });
             self.queue_upstream(&packet);
-            self.pending
-                .insert(upstream_id, Pending::Subscribe { filters: carried });
+            self.pending.insert(
+                upstream_id,
+                Pending::Subscribe {
+                    filters: carried,
+                    sent_at: now,
+                },
+            );
             self.replays.push_back(OpenReplay {
                 subscribe_id: upstream_id,
                 suback_seen: false,
@@ -1542,7 +1817,7 @@ impl<S: SessionSink> HubState<S> {
                 packet_id: None,
                 payload: BambuState::pushall_request(),
             };
-            self.publish_upstream(None, request, None);
+            self.publish_upstream(None, request, None, now);
         }
     }
 
@@ -1606,6 +1881,7 @@ impl<S: SessionSink> HubState<S> {
         }
         let was_granted = matches!(upstream.granted, Some(SubscribeReturnCode::Success(_)));
         self.upstream_filters.remove(filter);
+        self.quarantine.forget_suspect(filter);
         if was_granted
             && self.lost_until.is_none()
             && let Some(id) = self.allocate_upstream_id()
@@ -1634,6 +1910,18 @@ impl<S: SessionSink> HubState<S> {
             // Acknowledged and dropped, as a broker's ACL does (an MQTT 5
             // client hears 0x87 in its PUBACK).
             self.counters.refused_publishes += 1;
+            if let Some(id) = publish.packet_id {
+                self.refuse_publish(session, id, publish.qos, PublishRefused::NotAuthorized, now);
+            }
+            return;
+        }
+        if self
+            .publisher_of(session)
+            .is_some_and(|publisher| self.quarantine.refuses_publisher(&publisher, now))
+        {
+            // Its PUBLISHes ended the upstream twice.
+            self.counters.refused_publishes += 1;
+            self.counters.quarantine_dropped_publishes += 1;
             if let Some(id) = publish.packet_id {
                 self.refuse_publish(session, id, publish.qos, PublishRefused::NotAuthorized, now);
             }
@@ -1681,7 +1969,8 @@ impl<S: SessionSink> HubState<S> {
         };
         let Some(client_id) = publish.packet_id else {
             if self.over_rate.is_empty() && self.take_publish_token(now) {
-                self.publish_upstream(None, publish, None);
+                self.publish_upstream(None, publish, None, now);
+                self.last_qos0 = Some((now, session));
             } else {
                 self.counters.throttled_publishes += 1;
             }
@@ -1782,6 +2071,7 @@ impl<S: SessionSink> HubState<S> {
         origin: Option<(SessionId, PacketId)>,
         mut publish: Publish,
         expires_at: Option<Instant>,
+        now: Instant,
     ) {
         publish.dup = false;
         if publish.retain {
@@ -1815,16 +2105,20 @@ impl<S: SessionSink> HubState<S> {
                 order,
                 sent,
                 expires_at,
+                sent_at: sent.then_some(now),
+                suspect: false,
             },
         );
     }
 
     fn on_upstream_puback(&mut self, id: PacketId, now: Instant) {
+        let acknowledged = self.pending.remove(&id);
+        self.advance_trials(now);
         let Some(Pending::Publish {
             origin: Some((session, client_id)),
             exactly_once,
             ..
-        }) = self.pending.remove(&id)
+        }) = acknowledged
         else {
             return;
         };
@@ -1842,9 +2136,18 @@ impl<S: SessionSink> HubState<S> {
     }
 
     fn on_suback(&mut self, suback: SubAck, now: Instant) {
-        let Some(Pending::Subscribe { filters }) = self.pending.remove(&suback.packet_id) else {
+        let Some(Pending::Subscribe { filters, .. }) = self.pending.remove(&suback.packet_id)
+        else {
             return;
         };
+        if self
+            .quarantine
+            .trial()
+            .is_some_and(|(trial, _)| trial == suback.packet_id)
+        {
+            // It did not end the upstream: cleared.
+            self.quarantine.end_trial();
+        }
         for (index, filter) in filters.iter().enumerate() {
             let grant = suback
                 .return_codes
@@ -1866,6 +2169,7 @@ impl<S: SessionSink> HubState<S> {
             replay.suback_seen = true;
         }
         self.answer_ready_subscribes(now);
+        self.advance_trials(now);
     }
 
     /// Notes that `topic` holds a retained message upstream (or no longer,

@@ -2011,3 +2011,295 @@ fn an_expired_publish_waiting_for_the_rate_is_dropped() {
     assert_eq!(hub.received(1), vec![Packet::PubAck(id(2))]);
     assert_eq!(hub.hub.counters().expired_publishes, 1);
 }
+
+// The quarantine: a filter or a publisher that gets the upstream dropped
+// (a broker with ACLs drops a client that subscribes where it may not read)
+// is tried alone, then kept away from the printer.
+
+fn lose_upstream(hub: &mut Harness) {
+    hub.hub
+        .upstream_lost(hub.now + Duration::from_secs(30), hub.now);
+}
+
+/// The SUBSCRIBEs the hub wrote upstream since the last look, as lists of
+/// filters (PINGREQs answered).
+fn upstream_subscribes(hub: &mut Harness) -> Vec<Vec<String>> {
+    hub.upstream()
+        .into_iter()
+        .filter_map(|packet| match packet {
+            Packet::Subscribe(subscribe) => Some(
+                subscribe
+                    .filters
+                    .into_iter()
+                    .map(|(filter, _)| filter)
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Grants the one SUBSCRIBE the hub sent since the last look; returns its
+/// filters.
+fn grant_subscribe(hub: &mut Harness) -> Vec<String> {
+    let subscribe = hub.upstream_subscribe();
+    hub.printer(suback(
+        subscribe.packet_id.get(),
+        &vec![granted(QoS::AtLeastOnce); subscribe.filters.len()],
+    ));
+    subscribe.filters.into_iter().map(|(f, _)| f).collect()
+}
+
+#[test]
+fn a_filter_that_ends_the_upstream_twice_is_quarantined_and_nobody_else_notices() {
+    let mut hub = Harness::new(config(RetainedReplay::Always));
+    hub.attach(1);
+    hub.attach(2);
+    hub.subscribed(1, "device/mine/report", QoS::AtMostOnce);
+    // The attacker's SUBSCRIBE goes out; the broker drops the connection.
+    hub.client(2, subscribe(5, &[("device/other/report", QoS::AtMostOnce)]));
+    assert_eq!(
+        upstream_subscribes(&mut hub),
+        vec![vec!["device/other/report".to_owned()]]
+    );
+    lose_upstream(&mut hub);
+
+    // The next upstream gets the innocent filter first, and the suspect
+    // alone once that is granted.
+    hub.hub.upstream_resumed(hub.now);
+    assert_eq!(grant_subscribe(&mut hub), vec!["device/mine/report"]);
+    assert_eq!(
+        upstream_subscribes(&mut hub),
+        vec![vec!["device/other/report".to_owned()]],
+        "the suspect on its own"
+    );
+    assert!(hub.received(2).is_empty(), "still waiting for its trial");
+    // It ends that upstream too: quarantined.
+    lose_upstream(&mut hub);
+    assert_eq!(
+        hub.received(2),
+        vec![suback(5, &[SubscribeReturnCode::Failure])]
+    );
+    assert_eq!(hub.hub.counters().quarantined_filters, 1);
+    assert_eq!(
+        hub.hub.take_quarantine_events(),
+        vec![super::state::QuarantineEvent::Filter {
+            filter: "device/other/report".into(),
+            sessions_lost: 0
+        }]
+    );
+
+    // The third upstream never hears of it.
+    hub.hub.upstream_resumed(hub.now);
+    assert_eq!(grant_subscribe(&mut hub), vec!["device/mine/report"]);
+    assert_eq!(upstream_subscribes(&mut hub), Vec::<Vec<String>>::new());
+    // Asking again, from any session, is refused at once.
+    hub.attach(3);
+    hub.client(
+        3,
+        subscribe(9, &[("device/other/report", QoS::AtLeastOnce)]),
+    );
+    assert_eq!(
+        hub.received(3),
+        vec![suback(9, &[SubscribeReturnCode::Failure])]
+    );
+    assert_eq!(upstream_subscribes(&mut hub), Vec::<Vec<String>>::new());
+    assert_eq!(hub.hub.counters().quarantine_refusals, 1);
+    // The legitimate session kept its subscription all along.
+    hub.printer(Packet::Publish(publish(
+        "device/mine/report",
+        QoS::AtMostOnce,
+        None,
+        b"1",
+    )));
+    assert_eq!(hub.publishes(1).len(), 1);
+    assert!(hub.ended(1).is_none() && hub.ended(2).is_none());
+}
+
+#[test]
+fn a_suspect_that_passes_its_trial_is_granted() {
+    let mut hub = Harness::new(config(RetainedReplay::Always));
+    hub.attach(1);
+    hub.subscribed(1, "a/held", QoS::AtMostOnce);
+    hub.client(
+        1,
+        subscribe(2, &[("b/new", QoS::AtMostOnce), ("c/new", QoS::AtMostOnce)]),
+    );
+    assert_eq!(upstream_subscribes(&mut hub).len(), 1);
+    // The printer restarts for reasons of its own.
+    lose_upstream(&mut hub);
+    hub.hub.upstream_resumed(hub.now);
+    assert_eq!(grant_subscribe(&mut hub), vec!["a/held"]);
+    // One suspect at a time.
+    assert_eq!(grant_subscribe(&mut hub), vec!["b/new"]);
+    assert!(hub.received(1).is_empty(), "c/new still waits");
+    assert_eq!(grant_subscribe(&mut hub), vec!["c/new"]);
+    assert_eq!(
+        hub.received(1),
+        vec![suback(
+            2,
+            &[granted(QoS::AtMostOnce), granted(QoS::AtMostOnce)]
+        )]
+    );
+    assert_eq!(hub.hub.counters().quarantined_filters, 0);
+    // Cleared: a later loss resubscribes everything together.
+    hub.advance(Duration::from_secs(10));
+    lose_upstream(&mut hub);
+    hub.hub.upstream_resumed(hub.now);
+    assert_eq!(grant_subscribe(&mut hub), vec!["a/held", "b/new", "c/new"]);
+}
+
+#[test]
+fn an_upstream_that_ends_long_after_a_subscribe_suspects_nobody() {
+    let mut hub = Harness::new(config(RetainedReplay::Always));
+    hub.attach(1);
+    hub.client(1, subscribe(2, &[("b/new", QoS::AtMostOnce)]));
+    assert_eq!(upstream_subscribes(&mut hub).len(), 1);
+    hub.advance(Duration::from_secs(6));
+    lose_upstream(&mut hub);
+    hub.hub.upstream_resumed(hub.now);
+    assert_eq!(grant_subscribe(&mut hub), vec!["b/new"]);
+    assert_eq!(
+        hub.received(1),
+        vec![suback(2, &[granted(QoS::AtMostOnce)])]
+    );
+}
+
+#[test]
+fn a_quarantined_filter_is_taken_from_its_holders_and_ends_after_its_time() {
+    let mut hub = Harness::new(HubConfig {
+        quarantine: super::QuarantinePolicy {
+            duration: Duration::from_secs(60),
+            ..super::QuarantinePolicy::default()
+        },
+        ..config(RetainedReplay::Always)
+    });
+    hub.attach(1);
+    hub.attach(2);
+    // A filter the broker granted once, then (its ACL changed) drops
+    // the connection for: session 2's join makes the hub subscribe again.
+    hub.subscribed(1, "x/acl", QoS::AtMostOnce);
+    hub.client(2, subscribe(3, &[("x/acl", QoS::AtMostOnce)]));
+    // Granted at once (the upstream holds it), its retained messages asked
+    // for again.
+    assert_eq!(
+        hub.received(2),
+        vec![suback(3, &[granted(QoS::AtMostOnce)])]
+    );
+    assert_eq!(
+        upstream_subscribes(&mut hub),
+        vec![vec!["x/acl".to_owned()]]
+    );
+    lose_upstream(&mut hub);
+    hub.hub.upstream_resumed(hub.now);
+    assert_eq!(
+        upstream_subscribes(&mut hub),
+        vec![vec!["x/acl".to_owned()]]
+    );
+    lose_upstream(&mut hub);
+    // Both holders lose it; nothing else is said to them.
+    assert!(hub.received(1).is_empty() && hub.received(2).is_empty());
+    assert_eq!(hub.hub.counters().quarantine_lost_filters, 2);
+    assert_eq!(
+        hub.hub.take_quarantine_events(),
+        vec![super::state::QuarantineEvent::Filter {
+            filter: "x/acl".into(),
+            sessions_lost: 2
+        }]
+    );
+    assert_eq!(hub.hub.upstream_filter_count(), 0);
+    hub.hub.upstream_resumed(hub.now);
+    assert_eq!(upstream_subscribes(&mut hub), Vec::<Vec<String>>::new());
+    hub.printer(Packet::Publish(publish(
+        "x/acl",
+        QoS::AtMostOnce,
+        None,
+        b"1",
+    )));
+    assert!(hub.received(1).is_empty(), "no longer subscribed");
+    assert!(hub.ended(1).is_none());
+
+    // An hour later (here: a minute) it may be tried again.
+    hub.advance(Duration::from_secs(59));
+    hub.client(1, subscribe(4, &[("x/acl", QoS::AtMostOnce)]));
+    assert_eq!(
+        hub.received(1),
+        vec![suback(4, &[SubscribeReturnCode::Failure])]
+    );
+    hub.advance(Duration::from_secs(1));
+    hub.client(1, subscribe(5, &[("x/acl", QoS::AtMostOnce)]));
+    assert_eq!(grant_subscribe(&mut hub), vec!["x/acl"]);
+    assert_eq!(
+        hub.received(1),
+        vec![suback(5, &[granted(QoS::AtMostOnce)])]
+    );
+}
+
+#[test]
+fn a_publish_that_ends_the_upstream_twice_is_dropped_and_its_publisher_refused() {
+    let mut hub = Harness::new(config(RetainedReplay::Always));
+    hub.attach_v5(1);
+    hub.attach(2);
+    hub.client(
+        1,
+        Packet::Publish(publish("cmd", QoS::AtLeastOnce, Some(3), b"x")),
+    );
+    assert_eq!(hub.upstream().len(), 1);
+    lose_upstream(&mut hub);
+    // Sent once more on the next upstream…
+    hub.hub.upstream_resumed(hub.now);
+    assert!(matches!(
+        hub.upstream().as_slice(),
+        [Packet::Publish(again)] if again.dup
+    ));
+    // …and dropped when that one ends too: the client hears 0x87.
+    lose_upstream(&mut hub);
+    assert_eq!(
+        hub.refusals(1),
+        vec![(id(3), super::state::PublishRefused::NotAuthorized)]
+    );
+    hub.hub.upstream_resumed(hub.now);
+    assert_eq!(hub.upstream(), vec![]);
+    assert_eq!(hub.hub.counters().quarantined_publishers, 1);
+    // Its next PUBLISH is refused at once; another client is not.
+    hub.client(
+        1,
+        Packet::Publish(publish("cmd", QoS::AtLeastOnce, Some(4), b"y")),
+    );
+    assert_eq!(
+        hub.refusals(1),
+        vec![(id(4), super::state::PublishRefused::NotAuthorized)]
+    );
+    hub.client(
+        2,
+        Packet::Publish(publish("cmd", QoS::AtLeastOnce, Some(4), b"z")),
+    );
+    assert_eq!(hub.upstream().len(), 1);
+}
+
+#[test]
+fn a_qos0_publisher_that_ends_the_upstream_twice_is_refused_and_a_3_1_1_client_acknowledged() {
+    let mut hub = Harness::new(config(RetainedReplay::Always));
+    hub.attach(1);
+    for _ in 0..2 {
+        hub.client(
+            1,
+            Packet::Publish(publish("cmd", QoS::AtMostOnce, None, b"x")),
+        );
+        assert_eq!(hub.upstream().len(), 1);
+        lose_upstream(&mut hub);
+        hub.hub.upstream_resumed(hub.now);
+    }
+    hub.client(
+        1,
+        Packet::Publish(publish("cmd", QoS::AtMostOnce, None, b"x")),
+    );
+    assert_eq!(hub.upstream(), vec![], "dropped");
+    // A 3.1.1 client's QoS 1 is acknowledged and dropped, as by an ACL.
+    hub.client(
+        1,
+        Packet::Publish(publish("cmd", QoS::AtLeastOnce, Some(7), b"x")),
+    );
+    assert_eq!(hub.received(1), vec![Packet::PubAck(id(7))]);
+    assert_eq!(hub.upstream(), vec![]);
+}

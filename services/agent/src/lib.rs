@@ -8,6 +8,7 @@
 //! tunnel protocol in `relay-proto`.
 
 pub mod config;
+pub mod pacing;
 pub mod printer;
 pub mod setup;
 pub mod standby;

@@ -17,7 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::PrinterConfig;
-use crate::printer::{self, PrinterStream};
+use crate::pacing::PrinterDialler;
+use crate::printer::PrinterStream;
+use relay_proto::tunnel::LinkDownReason;
 
 /// A printer connection past CONNACK, with any bytes read after it.
 pub type Connected = (Box<dyn PrinterStream>, BytesMut);
@@ -70,10 +72,10 @@ impl Drop for Standby {
 }
 
 impl Standby {
-    pub fn start(printer: Arc<PrinterConfig>) -> Standby {
+    pub fn start(printer: Arc<PrinterConfig>, dialler: Arc<PrinterDialler>) -> Standby {
         let (requests, queue) = mpsc::channel(16);
         let (sessions, active) = watch::channel(0usize);
-        let task = tokio::spawn(keep_warm(printer, queue, active));
+        let task = tokio::spawn(keep_warm(printer, dialler, queue, active));
         Standby {
             requests,
             sessions,
@@ -100,6 +102,7 @@ impl Standby {
 
 async fn keep_warm(
     printer: Arc<PrinterConfig>,
+    dialler: Arc<PrinterDialler>,
     mut requests: mpsc::Receiver<Request>,
     mut sessions: watch::Receiver<usize>,
 ) {
@@ -127,7 +130,9 @@ async fn keep_warm(
             }
         }
         let mut waiting: Vec<Request> = Vec::new();
-        let attempt = printer::connect(&printer);
+        // In turn with the printer links (the dialler's pacing).
+        let attempt = dialler.dial(&printer, Duration::MAX);
+        let dialled_at = tokio::time::Instant::now();
         tokio::pin!(attempt);
         let outcome = loop {
             tokio::select! {
@@ -147,7 +152,7 @@ async fn keep_warm(
                 }
                 connected
             }
-            Err(failure) => {
+            Err(crate::pacing::DialError { failure, .. }) => {
                 if reported != Some(false) {
                     tracing::warn!(reason = ?failure.reason, detail = %failure.detail, retry_in = ?retry, "printer not reachable (always on)");
                     reported = Some(false);
@@ -184,6 +189,7 @@ async fn keep_warm(
             Held::HandedOver => {}
             Held::Dropped(detail) => {
                 tracing::info!(%detail, "printer closed the idle connection; reconnecting");
+                dialler.ended(dialled_at.elapsed(), Some(LinkDownReason::Dropped));
             }
             Held::Stopped => return,
         }

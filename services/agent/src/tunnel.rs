@@ -20,8 +20,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, PrinterConfig, TransportChoice};
-use crate::printer;
+use crate::pacing::{DialError, PrinterDialler};
 use crate::standby::Standby;
+
+/// How long a printer link waits for its turn to dial the printer; past
+/// that it is refused at once (the edge asks again a second later).
+const LINK_DIAL_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Largest MQTT packet the agent relays in either direction.
 const MAX_PACKET: usize = 1 << 20;
@@ -118,9 +122,11 @@ pub enum ControlError {
 /// Runs until `stop`: connect, serve, reconnect.
 pub async fn run(config: AgentConfig, printer: PrinterConfig, stop: CancellationToken) {
     let printer = Arc::new(printer);
+    // One dialler for the agent's life: its pacing outlives tunnels.
+    let dialler = Arc::new(PrinterDialler::new());
     let standby = config
         .always_on
-        .then(|| Arc::new(Standby::start(printer.clone())));
+        .then(|| Arc::new(Standby::start(printer.clone(), dialler.clone())));
     let mut backoff = Duration::from_millis(500);
     const MAX_BACKOFF: Duration = Duration::from_secs(60);
     let addresses: Vec<String> = config
@@ -137,8 +143,11 @@ pub async fn run(config: AgentConfig, printer: PrinterConfig, stop: Cancellation
             &config,
             address,
             quic_ready.take(),
-            printer.clone(),
-            standby.clone(),
+            Printer {
+                config: printer.clone(),
+                dialler: dialler.clone(),
+                standby: standby.clone(),
+            },
             stop.clone(),
         )
         .await;
@@ -259,7 +268,22 @@ pub async fn run_once_at(
     standby: Option<Arc<Standby>>,
     stop: CancellationToken,
 ) -> TunnelEnd {
-    run_tunnel(config, address, None, printer, standby, stop).await
+    let dialler = Arc::new(PrinterDialler::new());
+    let printer = Printer {
+        config: printer,
+        dialler,
+        standby,
+    };
+    run_tunnel(config, address, None, printer, stop).await
+}
+
+/// The printer side of a tunnel: the printer's settings, the dialler that
+/// paces connections to it, and the always-on standby, if any.
+#[derive(Debug, Clone)]
+struct Printer {
+    config: Arc<PrinterConfig>,
+    dialler: Arc<PrinterDialler>,
+    standby: Option<Arc<Standby>>,
 }
 
 /// One tunnel connection: `dialled` when QUIC was found again while on
@@ -268,8 +292,7 @@ async fn run_tunnel(
     config: &AgentConfig,
     address: &str,
     dialled: Option<QuicDialled>,
-    printer: Arc<PrinterConfig>,
-    standby: Option<Arc<Standby>>,
+    printer: Printer,
     stop: CancellationToken,
 ) -> TunnelEnd {
     let (endpoint, connection) = match dialled {
@@ -282,7 +305,7 @@ async fn run_tunnel(
             Err(end) => return end,
         },
     };
-    let end = serve_connection(config, address, &connection, printer, standby, stop).await;
+    let end = serve_connection(config, address, &connection, printer, stop).await;
     let reason: &[u8] = match end {
         TunnelEnd::Stopped => b"agent stopping",
         TunnelEnd::QuicBack(_) => b"agent moving to QUIC",
@@ -512,8 +535,7 @@ async fn serve_connection(
     config: &AgentConfig,
     address: &str,
     connection: &TunnelConnection,
-    printer: Arc<PrinterConfig>,
-    standby: Option<Arc<Standby>>,
+    printer: Printer,
     stop: CancellationToken,
 ) -> TunnelEnd {
     let (mut control_send, mut control_recv, ack) = match hello(config, connection).await {
@@ -543,8 +565,7 @@ async fn serve_connection(
                         let printer = printer.clone();
                         let reports = reports.clone();
                         let read_only = config.read_only;
-                        let standby = standby.clone();
-                        links.spawn(serve_printer_link(send, recv, printer, standby, reports, read_only));
+                        links.spawn(serve_printer_link(send, recv, printer, reports, read_only));
                     }
                     Err(error) => return error.into(),
                 },
@@ -578,11 +599,15 @@ async fn serve_connection(
 async fn serve_printer_link(
     mut send: TunnelSend,
     recv: TunnelRecv,
-    printer: Arc<PrinterConfig>,
-    standby: Option<Arc<Standby>>,
+    printer: Printer,
     reports: mpsc::Sender<Message>,
     read_only: bool,
 ) {
+    let Printer {
+        config: printer,
+        dialler,
+        standby,
+    } = printer;
     let mut recv = FramedReader::new(recv);
     let link_id = match recv.read_message().await {
         Ok(Some(Message::LinkOpen(open))) => open.link,
@@ -607,17 +632,21 @@ async fn serve_printer_link(
     let warm = lease.as_mut().and_then(|lease| lease.connection.take());
     let connected = match warm {
         Some(connected) => Ok(connected),
-        None => printer::connect(&printer).await,
+        None => dialler.dial(&printer, LINK_DIAL_PATIENCE).await,
     };
+    let connected_at = tokio::time::Instant::now();
     let (stream, leftover) = match connected {
         Ok(connected) => connected,
-        Err(failure) => {
-            tracing::warn!(reason = ?failure.reason, detail = %failure.detail, "printer connection failed");
-            let _ = reports.try_send(link(
-                LinkState::Down,
-                Some(failure.reason),
-                Some(failure.detail.clone()),
-            ));
+        Err(DialError { failure, dialled }) => {
+            // The dialler logged it. A link refused without a dial (the
+            // dialler backing off) is no news for the edge's status.
+            if dialled {
+                let _ = reports.try_send(link(
+                    LinkState::Down,
+                    Some(failure.reason),
+                    Some(failure.detail.clone()),
+                ));
+            }
             let refused = Message::LinkRefused(LinkRefused {
                 link: link_id,
                 reason: failure.reason,
@@ -692,6 +721,12 @@ async fn serve_printer_link(
     let _ = printer_write.shutdown().await;
     send.finish().await;
     tracing::info!(link = link_id, ?outcome, "printer link closed");
+    let by_printer = match &outcome {
+        RelayEnd::EdgeClosed => None,
+        RelayEnd::PrinterClosed => Some(LinkDownReason::Dropped),
+        RelayEnd::Refused(_) => Some(LinkDownReason::ProtocolError),
+    };
+    dialler.ended(connected_at.elapsed(), by_printer);
     let (state, reason, detail) = match outcome {
         RelayEnd::EdgeClosed => (LinkState::Idle, None, None),
         RelayEnd::PrinterClosed => (LinkState::Down, Some(LinkDownReason::Dropped), None),

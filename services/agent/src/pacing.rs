@@ -45,8 +45,9 @@ pub struct DialPacing {
     last_failure: Option<LinkDownReason>,
     /// Reconnects, by cause.
     reconnects: BTreeMap<&'static str, u64>,
-    /// A dial is under way: nobody else dials until its outcome is known.
-    dialling: bool,
+    /// Dials under way. While connections fail, nobody else dials until
+    /// the outcome of the one under way is known.
+    dialling: u32,
 }
 
 /// The name of a cause, for logs and counts.
@@ -69,8 +70,8 @@ impl DialPacing {
     /// Takes the next turn to dial if it comes within `patience` of
     /// `now`: `Ok(when)` to dial at, or `Err(wait)` until the next turn.
     pub fn reserve(&mut self, now: Instant, patience: Duration) -> Result<Instant, Duration> {
-        if self.dialling {
-            // Its outcome decides when the next may come.
+        if self.dialling > 0 && self.failures > 0 {
+            // Backing off: its outcome decides when the next may come.
             return Err(MIN_DIAL_INTERVAL);
         }
         let at = self.next_allowed.map_or(now, |allowed| allowed.max(now));
@@ -80,13 +81,14 @@ impl DialPacing {
         }
         self.last_dial = Some(at);
         self.next_allowed = Some(at + MIN_DIAL_INTERVAL);
-        self.dialling = true;
+        self.dialling += 1;
         Ok(at)
     }
 
-    /// The reserved dial made a connection (or was abandoned).
+    /// A reserved dial is over, whatever its outcome (told apart by
+    /// [`Self::failed`]).
     pub fn dialled(&mut self) {
-        self.dialling = false;
+        self.dialling = self.dialling.saturating_sub(1);
     }
 
     /// The backoff after `failures` failures in a row, jittered by
@@ -103,7 +105,6 @@ impl DialPacing {
     /// One more failure in a row, for `cause`: the next dial waits.
     /// Returns the wait from `now`.
     pub fn failed(&mut self, reason: LinkDownReason, now: Instant, random: f64) -> Duration {
-        self.dialling = false;
         self.failures = self.failures.saturating_add(1);
         self.last_failure = Some(reason);
         *self.reconnects.entry(cause_name(reason)).or_default() += 1;
@@ -272,18 +273,20 @@ mod tests {
 
     use super::*;
 
+    /// A printer that refuses every connection, dialled as soon as
+    /// allowed, with a second link asking while each dial is under way.
     fn dial_times(pacing: &mut DialPacing, start: Instant, window: Duration) -> Vec<Duration> {
-        // A printer that refuses every connection, dialled as soon as
-        // allowed.
         let mut now = start;
         let mut dials = Vec::new();
         while now < start + window {
             match pacing.reserve(now, Duration::ZERO) {
                 Ok(at) => {
+                    if !dials.is_empty() {
+                        assert_eq!(pacing.reserve(at, Duration::MAX), Err(MIN_DIAL_INTERVAL));
+                    }
                     dials.push(at - start);
-                    // Another link asks while the dial is under way.
-                    assert_eq!(pacing.reserve(at, Duration::MAX), Err(MIN_DIAL_INTERVAL));
                     pacing.failed(LinkDownReason::CredentialsRefused, at, 0.5);
+                    pacing.dialled();
                 }
                 Err(wait) => now += wait,
             }
@@ -296,47 +299,45 @@ mod tests {
         let mut pacing = DialPacing::default();
         let start = Instant::now();
         let dials = dial_times(&mut pacing, start, Duration::from_secs(60));
-        assert!(dials.len() <= 8, "{dials:?}");
-        for pair in dials.windows(2) {
-            assert!(pair[1] - pair[0] >= MIN_DIAL_INTERVAL, "{dials:?}");
-            assert!(pair[1] - pair[0] <= MAX_BACKOFF, "{dials:?}");
-        }
+        assert_eq!(dials.len(), 6, "{dials:?}");
         let gaps: Vec<Duration> = dials.windows(2).map(|pair| pair[1] - pair[0]).collect();
+        for gap in &gaps {
+            assert!(*gap >= MIN_DIAL_INTERVAL && *gap <= MAX_BACKOFF, "{gaps:?}");
+        }
         assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "growing: {gaps:?}");
-        assert_eq!(
-            pacing.reconnects()["credentials_refused"],
-            dials.len() as u64
-        );
+        assert_eq!(pacing.reconnects()["credentials_refused"], 6);
     }
 
     #[test]
     fn the_backoff_stops_at_thirty_seconds_and_resets_after_a_healthy_minute() {
         let mut pacing = DialPacing::default();
-        let start = Instant::now();
+        let mut now = Instant::now();
         for _ in 0..20 {
-            let at = pacing.reserve(start, Duration::MAX).unwrap();
-            pacing.failed(LinkDownReason::Dropped, at, 0.99);
+            let at = pacing.reserve(now, Duration::MAX).unwrap();
+            let wait = pacing.failed(LinkDownReason::Dropped, at, 0.99);
+            pacing.dialled();
+            assert!(wait <= MAX_BACKOFF, "{wait:?}");
+            now = at;
         }
-        let at = pacing.reserve(start, Duration::MAX).unwrap();
-        let previous_wait = pacing.next_allowed.unwrap() - at;
-        assert_eq!(previous_wait, MIN_DIAL_INTERVAL);
-        pacing.failed(LinkDownReason::Dropped, at, 0.99);
-        assert!(pacing.next_allowed.unwrap() - at <= MAX_BACKOFF);
+        assert_eq!(pacing.failures(), 20);
         // A connection that lived a minute: back to the one-second floor.
-        let later = pacing.reserve(at, Duration::MAX).unwrap();
+        let at = pacing.reserve(now, Duration::MAX).unwrap();
         pacing.dialled();
-        assert_eq!(
-            pacing.ended(
-                HEALTHY_CONNECTION,
-                Some(LinkDownReason::Dropped),
-                later + HEALTHY_CONNECTION,
-                0.5
-            ),
-            None
+        let after = at + HEALTHY_CONNECTION;
+        let waited = pacing.ended(
+            HEALTHY_CONNECTION,
+            Some(LinkDownReason::Dropped),
+            after,
+            0.5,
         );
+        assert_eq!(waited, None);
         assert_eq!(pacing.failures(), 0);
-        let after = later + HEALTHY_CONNECTION;
         assert_eq!(pacing.reserve(after, Duration::ZERO), Ok(after));
+        // Healthy: a second link may dial beside it, a second later.
+        assert_eq!(
+            pacing.reserve(after, Duration::MAX),
+            Ok(after + MIN_DIAL_INTERVAL)
+        );
     }
 
     #[test]
@@ -344,6 +345,7 @@ mod tests {
         let mut pacing = DialPacing::default();
         let start = Instant::now();
         let at = pacing.reserve(start, Duration::ZERO).unwrap();
+        pacing.dialled();
         let dropped = pacing.ended(
             Duration::from_millis(5),
             Some(LinkDownReason::Dropped),

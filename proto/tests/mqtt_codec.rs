@@ -520,3 +520,36 @@ fn an_oversized_packet_leaves_the_buffer_untouched() {
     ));
     assert_eq!(buffer, before);
 }
+
+/// The packet id of a PUBLISH too large to keep is read from its first
+/// bytes, as they arrive, without its payload.
+#[test]
+fn a_publish_prefix_gives_its_packet_id_before_the_payload() {
+    use relay_proto::mqtt::{PublishPrefix, publish_prefix};
+    let publish = Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: "device/X1/report".into(),
+        packet_id: PacketId::new(4242),
+        payload: Bytes::from(vec![b'x'; 300_000]),
+    });
+    let mut wire = BytesMut::new();
+    relay_proto::mqtt::encode(&publish, &mut wire).unwrap();
+    let id_end = 1 + 3 + 2 + "device/X1/report".len() + 2;
+    for cut in 0..id_end {
+        assert!(
+            matches!(publish_prefix(&wire[..cut]).unwrap(), PublishPrefix::NeedMore(n) if n > cut),
+            "{cut}"
+        );
+    }
+    assert_eq!(
+        publish_prefix(&wire[..id_end]).unwrap(),
+        PublishPrefix::PacketId(QoS::AtLeastOnce, PacketId::new(4242).unwrap())
+    );
+    let mut qos0 = BytesMut::new();
+    relay_proto::mqtt::encode(&Packet::PingResp, &mut qos0).unwrap();
+    assert_eq!(publish_prefix(&qos0).unwrap(), PublishPrefix::NoPacketId);
+    // A packet id past the packet's own end is malformed.
+    assert!(publish_prefix(&[0x32, 0x03, 0x00, 0x05, b'a']).is_err());
+}

@@ -110,6 +110,47 @@ pub fn decode(
     decode_body(header, body).map(Some)
 }
 
+/// What the first bytes of a PUBLISH say about its acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishPrefix {
+    /// More bytes are needed: at least this many in all.
+    NeedMore(usize),
+    /// Not a PUBLISH, or a QoS 0 one: nothing to acknowledge.
+    NoPacketId,
+    /// A QoS 1 or 2 PUBLISH with this packet id.
+    PacketId(QoS, PacketId),
+}
+
+/// Reads a PUBLISH's QoS and packet id from the start of `bytes`, which
+/// hold its fixed header, topic and packet id before the payload: enough to
+/// acknowledge a PUBLISH whose payload is too large to keep (its bytes are
+/// then skipped). Reads nothing past the packet id; allocates nothing.
+pub fn publish_prefix(bytes: &[u8]) -> Result<PublishPrefix, DecodeError> {
+    let Some(header) = FixedHeader::parse(bytes)? else {
+        return Ok(PublishPrefix::NeedMore(bytes.len() + 1));
+    };
+    if header.packet_type != PacketType::Publish {
+        return Ok(PublishPrefix::NoPacketId);
+    }
+    let qos = QoS::from_bits((header.flags >> 1) & 0b11)?;
+    if qos == QoS::AtMostOnce {
+        return Ok(PublishPrefix::NoPacketId);
+    }
+    let topic_at = header.header_len;
+    let (Some(&high), Some(&low)) = (bytes.get(topic_at), bytes.get(topic_at + 1)) else {
+        return Ok(PublishPrefix::NeedMore(topic_at + 2));
+    };
+    let id_at = topic_at + 2 + usize::from(u16::from_be_bytes([high, low]));
+    if id_at + 2 > header.packet_len() {
+        return Err(DecodeError::Truncated("packet id"));
+    }
+    let (Some(&high), Some(&low)) = (bytes.get(id_at), bytes.get(id_at + 1)) else {
+        return Ok(PublishPrefix::NeedMore(id_at + 2));
+    };
+    let id = PacketId::new(u16::from_be_bytes([high, low])).ok_or(DecodeError::ZeroPacketId)?;
+    Ok(PublishPrefix::PacketId(qos, id))
+}
+
 /// Like [`decode`], and also returns the packet's bytes as they were on
 /// the wire (a slice of the same buffer, not a copy), for a relay that
 /// checks packets but forwards them unchanged.

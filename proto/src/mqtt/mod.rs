@@ -35,7 +35,7 @@ use std::num::NonZeroU16;
 
 use bytes::Bytes;
 
-pub use decode::{FixedHeader, decode, decode_with_bytes};
+pub use decode::{FixedHeader, PublishPrefix, decode, decode_with_bytes, publish_prefix};
 pub use encode::{encode, encoded_len};
 
 use crate::Secret;

@@ -43,6 +43,10 @@ pub struct Metrics {
     /// Printer connections the agents reported down, by reason (refused,
     /// dropped, unreachable, …): each is a reconnect the agent will make.
     pub printer_link_downs: IntCounterVec,
+    /// Printers found silent (connected, answering nothing), by watchdog:
+    /// pingresp (no PINGRESP in 1.5 × the keep-alive), report (a Bambu
+    /// printer with no report, nor after a pushall).
+    pub printer_silences: IntCounterVec,
     /// This instance's lease, by result: renewed, failed, lost.
     pub leases: IntCounterVec,
     /// Local tunnels sent away because another instance claimed their
@@ -188,6 +192,12 @@ impl Metrics {
                 "printer connections the agents reported down, by reason",
                 "reason",
             ),
+            printer_silences: counter_vec(
+                &registry,
+                "relay_edge_printer_silences_total",
+                "printers found silent (connected, answering nothing) and reconnected, by watchdog",
+                "watchdog",
+            ),
             leases: counter_vec(
                 &registry,
                 "relay_edge_instance_leases_total",
@@ -257,7 +267,7 @@ impl Metrics {
     /// are known from the start), for checking dashboards and alerts.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 25] = [
+        let collectors: [&dyn Collector; 26] = [
             &self.connections,
             &self.connections_open,
             &self.tls_handshake_failures,
@@ -275,6 +285,7 @@ impl Metrics {
             &self.hub_upstream_resumes,
             &self.hub_quarantined_filters,
             &self.printer_link_downs,
+            &self.printer_silences,
             &self.leases,
             &self.tunnels_fenced,
             &self.peer_bytes,

@@ -55,6 +55,7 @@ impl EdgeState {
             metrics.hub_refusals.clone(),
             metrics.hub_upstream_resumes.clone(),
             metrics.hub_quarantined_filters.clone(),
+            metrics.printer_silences.clone(),
         ));
         let tunnel = &config.tunnel;
         let membership = crate::cluster::Membership::new(&config.cluster);

@@ -887,9 +887,32 @@ async fn an_oversized_printer_packet_is_skipped_and_the_apps_stay() {
         Some(Packet::Publish(next)) => assert_eq!(next.payload, Bytes::from_static(b"small")),
         other => panic!("expected the small message, got {other:?}"),
     }
+    // An oversized QoS 1 PUBLISH is acknowledged (from its first bytes),
+    // or the broker would send it again on every new connection.
+    printer
+        .send(&publish("t", QoS::AtLeastOnce, Some(9), &HUGE))
+        .await;
+    loop {
+        match printer.next().await {
+            Some(Packet::PubAck(id)) => {
+                assert_eq!(id.get(), 9);
+                break;
+            }
+            Some(Packet::PingReq) => printer.send(&Packet::PingResp).await,
+            Some(other) => panic!("expected PUBACK 9, got {other:?}"),
+            None => panic!("the printer link closed"),
+        }
+    }
+    printer
+        .send(&publish("t", QoS::AtMostOnce, None, b"after"))
+        .await;
+    match app.next().await {
+        Some(Packet::Publish(next)) => assert_eq!(next.payload, Bytes::from_static(b"after")),
+        other => panic!("expected the message after, got {other:?}"),
+    }
     let metrics = edge.admin_get("/metrics").await.1;
     assert!(
-        metrics.contains(r#"relay_edge_hub_refusals_total{what="oversized_upstream"} 1"#),
+        metrics.contains(r#"relay_edge_hub_refusals_total{what="oversized_upstream"} 2"#),
         "{metrics}"
     );
     edge.stop().await;

@@ -147,6 +147,10 @@ pub struct Observations {
     pub cc2_unregistered_requests: AtomicUsize,
     /// Reports sent, counted once per report (not per client).
     pub reports: AtomicU64,
+    /// Connections that went silent or half-open ([`RunningSimulator::go_silent`]),
+    /// and how many of those have closed since.
+    pub silenced: AtomicUsize,
+    pub silenced_closed: AtomicUsize,
     /// Woken whenever a connection is accepted or refused, or a SUBSCRIBE
     /// or PUBLISH arrives.
     changed: tokio::sync::Notify,
@@ -184,6 +188,35 @@ struct Faults {
     stall_reports: AtomicBool,
     handshake_delay_millis: AtomicU64,
     drop_all: Mutex<CancellationToken>,
+    /// Cancelled: the connections open then go silent (they keep their
+    /// TCP connection, read and answer nothing, send no report).
+    silence: Mutex<CancellationToken>,
+    /// Cancelled: the connections open then stop reading altogether.
+    half_open: Mutex<CancellationToken>,
+}
+
+/// How a printer goes quiet on its open connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Silence {
+    /// Reads what clients send and answers nothing: no PINGRESP, no
+    /// SUBACK, no report (firmware 01.04's "connected, no data").
+    Silent,
+    /// Stops reading and writing at all (a wedged broker, a half-open NAT
+    /// mapping).
+    HalfOpen,
+}
+
+/// Cancels the token in `slot` and puts a fresh one there: connections
+/// holding the old one are hit, later ones are not.
+fn trip(slot: &Mutex<CancellationToken>) {
+    if let Ok(mut token) = slot.lock() {
+        token.cancel();
+        *token = CancellationToken::new();
+    }
+}
+
+fn current(slot: &Mutex<CancellationToken>) -> CancellationToken {
+    slot.lock().map(|token| token.clone()).unwrap_or_default()
 }
 
 struct ClientEntry {
@@ -317,9 +350,16 @@ impl RunningSimulator {
 
     /// Fault: disconnect every client now.
     pub fn drop_all_clients(&self) {
-        if let Ok(mut token) = self.shared.faults.drop_all.lock() {
-            token.cancel();
-            *token = CancellationToken::new();
+        trip(&self.shared.faults.drop_all);
+    }
+
+    /// Fault: every connection open now goes quiet as `silence` says,
+    /// and stays open; connections made later work. Reconnecting is the
+    /// cure, as with the firmware bug this mimics.
+    pub fn go_silent(&self, silence: Silence) {
+        match silence {
+            Silence::Silent => trip(&self.shared.faults.silence),
+            Silence::HalfOpen => trip(&self.shared.faults.half_open),
         }
     }
 
@@ -664,20 +704,19 @@ async fn serve_client<IO: AsyncRead + AsyncWrite + Unpin>(
         let _ = write_packet(&mut io, &connack(ConnectReturnCode::ServerUnavailable)).await;
         return;
     };
-    let drop_all = shared
-        .faults
-        .drop_all
-        .lock()
-        .map(|token| token.clone())
-        .unwrap_or_default();
+    let drop_all = current(&shared.faults.drop_all);
+    let silenced = current(&shared.faults.silence);
+    let half_opened = current(&shared.faults.half_open);
     if write_packet(&mut io, &connack(ConnectReturnCode::Accepted))
         .await
         .is_ok()
     {
         loop {
+            let quiet = silenced.is_cancelled() || half_opened.is_cancelled();
             tokio::select! {
-                read = io.read_buf(&mut buffer) => match read {
+                read = io.read_buf(&mut buffer), if !half_opened.is_cancelled() => match read {
                     Ok(0) | Err(_) => break,
+                    Ok(_) if quiet => buffer.clear(),
                     Ok(_) => {
                         match handle_packets(&mut buffer, &shared, &filters, silent) {
                             Ok(replies) => {
@@ -690,6 +729,7 @@ async fn serve_client<IO: AsyncRead + AsyncWrite + Unpin>(
                     }
                 },
                 bytes = outgoing.recv() => match bytes {
+                    Some(_) if quiet => {}
                     Some(bytes) => {
                         if io.write_all(&bytes).await.is_err() {
                             break;
@@ -697,6 +737,16 @@ async fn serve_client<IO: AsyncRead + AsyncWrite + Unpin>(
                     }
                     None => break,
                 },
+                () = silenced.cancelled(), if !quiet => {
+                    shared.observations.silenced.fetch_add(1, Ordering::SeqCst);
+                    shared.observations.record();
+                }
+                () = half_opened.cancelled(), if !half_opened.is_cancelled() => {
+                    if !silenced.is_cancelled() {
+                        shared.observations.silenced.fetch_add(1, Ordering::SeqCst);
+                        shared.observations.record();
+                    }
+                }
                 _ = kick.cancelled() => break,
                 _ = drop_all.cancelled() => break,
                 _ = stop.cancelled() => break,
@@ -705,6 +755,13 @@ async fn serve_client<IO: AsyncRead + AsyncWrite + Unpin>(
     };
     if let Ok(mut clients) = shared.clients.lock() {
         clients.retain(|(client, _)| *client != id);
+    }
+    if silenced.is_cancelled() || half_opened.is_cancelled() {
+        shared
+            .observations
+            .silenced_closed
+            .fetch_add(1, Ordering::SeqCst);
+        shared.observations.record();
     }
     let _ = io.shutdown().await;
 }

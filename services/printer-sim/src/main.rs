@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use relay_printer_sim::{OverLimit, Profile, RunningSimulator, SimulatorConfig};
+use relay_printer_sim::{OverLimit, Profile, RunningSimulator, Silence, SimulatorConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -46,6 +46,43 @@ struct Flags {
     /// Where to write the CA certificate (PEM)
     #[arg(long)]
     write_ca: Option<PathBuf>,
+    /// A fault to play: `silent-after=N` (N seconds after start, the
+    /// connections open then keep their TCP connection and answer and
+    /// report nothing, like firmware 01.04), `half-open-after=N` (they
+    /// stop reading altogether). Connections made later work.
+    #[arg(long, value_parser = parse_quirk)]
+    quirk: Vec<Quirk>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Quirk {
+    silence: Silence,
+    after: Duration,
+}
+
+fn parse_quirk(text: &str) -> Result<Quirk, String> {
+    let (name, seconds) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected silent-after=N or half-open-after=N"))?;
+    let silence = match name {
+        "silent-after" => Silence::Silent,
+        "half-open-after" => Silence::HalfOpen,
+        other => {
+            return Err(format!(
+                "unknown quirk {other:?}: silent-after or half-open-after"
+            ));
+        }
+    };
+    let seconds: f64 = seconds
+        .parse()
+        .map_err(|_| format!("{text:?}: N is a number of seconds"))?;
+    if !(0.0..=86_400.0).contains(&seconds) {
+        return Err(format!("{text:?}: N is between 0 and 86400 seconds"));
+    }
+    Ok(Quirk {
+        silence,
+        after: Duration::from_secs_f64(seconds),
+    })
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -116,7 +153,18 @@ async fn main() -> anyhow::Result<()> {
             flags.serial
         );
     }
+    let simulator = std::sync::Arc::new(simulator);
+    for quirk in flags.quirk {
+        let simulator = simulator.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(quirk.after).await;
+            tracing::warn!(silence = ?quirk.silence, "quirk: the connections open now go quiet");
+            simulator.go_silent(quirk.silence);
+        });
+    }
     relay_io::shutdown_signal().await;
-    simulator.stop().await;
+    if let Ok(simulator) = std::sync::Arc::try_unwrap(simulator) {
+        simulator.stop().await;
+    }
     Ok(())
 }

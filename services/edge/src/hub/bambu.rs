@@ -28,6 +28,14 @@ pub struct BambuProfile {
     /// Largest merged state kept, in bytes of JSON; a report that would
     /// make it larger is passed on but not kept.
     pub max_state_bytes: usize,
+    /// While the report is held and no report has come for this long, the
+    /// hub asks for `pushall` once (a printer reports about every second
+    /// while printing and every few seconds at idle; Bambu Studio waits
+    /// 15 s, xtouch 15 s, ha-bambulab 60 s).
+    pub report_silence: Duration,
+    /// No report this long after that `pushall`: the printer is silent,
+    /// and the hub ends its connection (Bambu Studio's 30 s in all).
+    pub pushall_answer: Duration,
 }
 
 impl BambuProfile {
@@ -36,6 +44,8 @@ impl BambuProfile {
             serial: serial.to_owned(),
             pushall_interval: Duration::from_secs(10),
             max_state_bytes: 64 * 1024,
+            report_silence: Duration::from_secs(20),
+            pushall_answer: Duration::from_secs(10),
         }
     }
 }
@@ -70,6 +80,21 @@ pub(super) struct BambuState {
     last_report: Option<Instant>,
     /// When a `pushall` last went to the printer.
     last_pushall: Option<Instant>,
+    /// Since when the report watchdog has watched (the upstream came, or
+    /// the report was subscribed); `None`: not watching.
+    watching_since: Option<Instant>,
+    /// When the watchdog asked for `pushall`, with no report since.
+    watchdog_asked: Option<Instant>,
+}
+
+/// What the report watchdog wants now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Watchdog {
+    Quiet,
+    /// No report for `report_silence`: ask for `pushall`.
+    AskPushall,
+    /// No report after that `pushall` either: the printer is silent.
+    Silent,
 }
 
 impl BambuState {
@@ -81,7 +106,45 @@ impl BambuState {
             state: None,
             last_report: None,
             last_pushall: None,
+            watching_since: None,
+            watchdog_asked: None,
         }
+    }
+
+    /// The report watchdog starts (an upstream holding the report) or
+    /// stops (`None`: no upstream, or nobody holds the report).
+    pub(super) fn watch(&mut self, since: Option<Instant>) {
+        if since.is_none() || self.watching_since.is_none() {
+            self.watching_since = since;
+            self.watchdog_asked = None;
+        }
+    }
+
+    /// When the watchdog next needs the hub's attention.
+    pub(super) fn watchdog_deadline(&self) -> Option<Instant> {
+        let since = self.watching_since?;
+        Some(match self.watchdog_asked {
+            Some(asked) => asked + self.profile.pushall_answer,
+            None => {
+                let heard = self.last_report.map_or(since, |at| at.max(since));
+                heard + self.profile.report_silence
+            }
+        })
+    }
+
+    /// What the watchdog wants at `now`; `AskPushall` is returned once per
+    /// silence, and counts as the `pushall` of its interval.
+    pub(super) fn watchdog(&mut self, now: Instant) -> Watchdog {
+        match self.watchdog_deadline() {
+            Some(deadline) if now >= deadline => {}
+            _ => return Watchdog::Quiet,
+        }
+        if self.watchdog_asked.is_some() {
+            return Watchdog::Silent;
+        }
+        self.watchdog_asked = Some(now);
+        self.last_pushall = Some(now);
+        Watchdog::AskPushall
     }
 
     pub(super) fn report_topic(&self) -> &str {
@@ -96,6 +159,7 @@ impl BambuState {
     /// to the apps either way).
     pub(super) fn on_report(&mut self, payload: &[u8], now: Instant) -> Result<(), ReportRefusal> {
         self.last_report = Some(now);
+        self.watchdog_asked = None;
         if payload.len() > self.profile.max_state_bytes {
             return Err(ReportRefusal::TooLarge(payload.len()));
         }

@@ -142,6 +142,8 @@ pub(super) struct HubIo {
     pub resumes: Option<prometheus::IntCounter>,
     /// Filters quarantined.
     pub quarantines: Option<prometheus::IntCounter>,
+    /// Printers found silent, by watchdog.
+    pub silences: Option<prometheus::IntCounterVec>,
 }
 
 /// Adds to the metric what the state counted since the last export.
@@ -213,6 +215,11 @@ fn export_counters(
             exported.cc2_queue_overflows,
         ),
         (
+            "watchdog_pushall",
+            current.watchdog_pushalls,
+            exported.watchdog_pushalls,
+        ),
+        (
             "quarantined_filter",
             current.quarantine_refusals,
             exported.quarantine_refusals,
@@ -246,6 +253,7 @@ struct Context {
     refusals: Option<prometheus::IntCounterVec>,
     exported: HubCounters,
     quarantines: Option<prometheus::IntCounter>,
+    silences: Option<prometheus::IntCounterVec>,
     bytes_in: Option<prometheus::IntCounter>,
     bytes_out: Option<prometheus::IntCounter>,
 }
@@ -256,6 +264,22 @@ impl Context {
     fn settle(&mut self, state: &mut HubState<OutboundSender>) -> Option<HubEnd> {
         let quarantined_before = self.exported.quarantined_filters;
         let current = state.counters();
+        if let Some(silences) = &self.silences {
+            for (watchdog, now, before) in [
+                (
+                    "pingresp",
+                    current.silent_pingresp,
+                    self.exported.silent_pingresp,
+                ),
+                ("report", current.silent_report, self.exported.silent_report),
+            ] {
+                if now > before {
+                    silences.with_label_values(&[watchdog]).inc_by(now - before);
+                }
+            }
+        }
+        self.exported.silent_pingresp = current.silent_pingresp;
+        self.exported.silent_report = current.silent_report;
         if let Some(quarantines) = &self.quarantines
             && current.quarantined_filters > quarantined_before
         {
@@ -328,6 +352,7 @@ pub(super) async fn run(config: HubConfig, io: HubIo) -> HubEnd {
         refusals,
         resumes,
         quarantines,
+        silences,
     } = io;
     let mut context = Context {
         commands,
@@ -335,6 +360,7 @@ pub(super) async fn run(config: HubConfig, io: HubIo) -> HubEnd {
         refusals,
         exported: HubCounters::default(),
         quarantines,
+        silences,
         bytes_in: byte_counter.as_ref().map(|c| c.with_label_values(&["in"])),
         bytes_out: byte_counter.as_ref().map(|c| c.with_label_values(&["out"])),
     };
@@ -398,6 +424,9 @@ async fn serve(
     } = upstream;
     // Bytes of an oversized upstream packet still to be thrown away.
     let mut skipping = 0usize;
+    // An oversized packet whose packet id (if any) is still to be read,
+    // before its bytes are thrown away: its size.
+    let mut oversized: Option<usize> = None;
     loop {
         // Packets already buffered: what came with the link's first frame,
         // or the rest of the last read.
@@ -412,6 +441,19 @@ async fn serve(
                     break;
                 }
             }
+            if let Some(size) = oversized {
+                // A QoS 1 PUBLISH is acknowledged before it is skipped, or
+                // the broker would send it again after every reconnect.
+                let acknowledge = match mqtt::publish_prefix(reader.buffer_mut()) {
+                    Ok(mqtt::PublishPrefix::NeedMore(_)) => break,
+                    Ok(mqtt::PublishPrefix::PacketId(qos, id)) => Some((qos, id)),
+                    Ok(mqtt::PublishPrefix::NoPacketId) | Err(_) => None,
+                };
+                state.handle_upstream_oversized(acknowledge);
+                oversized = None;
+                skipping = size;
+                continue;
+            }
             match mqtt::decode(reader.buffer_mut(), max_upstream_packet) {
                 Ok(Some(packet)) => state.handle_upstream_packet(packet, now_at_read),
                 Ok(None) => break,
@@ -420,8 +462,7 @@ async fn serve(
                 // printer's oversized report must not cut every app off.
                 Err(mqtt::DecodeError::PacketTooLarge { size, max }) => {
                     tracing::warn!(size, max, "skipped an upstream packet over the size limit");
-                    state.handle_upstream_oversized();
-                    skipping = size;
+                    oversized = Some(size);
                 }
                 Err(error) => {
                     state.handle_upstream_error(error);
@@ -432,6 +473,10 @@ async fn serve(
         if let Some(end) = context.settle(state) {
             return match end {
                 HubEnd::UpstreamProtocol(_) => Served::Lost(end),
+                HubEnd::UpstreamSilent(silence) => {
+                    tracing::warn!(%silence, "the printer went silent: ending its connection; the agent makes a new one");
+                    Served::Lost(end)
+                }
                 end => Served::End(end),
             };
         }

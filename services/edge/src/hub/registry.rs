@@ -121,6 +121,8 @@ pub struct Hubs {
     resumes: Option<prometheus::IntCounter>,
     /// Filters hubs quarantined.
     quarantines: Option<prometheus::IntCounter>,
+    /// Printers hubs found silent, by watchdog.
+    silences: Option<prometheus::IntCounterVec>,
     /// Every hub's driver; the drain waits for them.
     drivers: TaskTracker,
 }
@@ -133,12 +135,14 @@ impl Hubs {
         refusals: prometheus::IntCounterVec,
         resumes: prometheus::IntCounter,
         quarantines: prometheus::IntCounter,
+        silences: prometheus::IntCounterVec,
     ) -> Hubs {
         Hubs {
             upstream_bytes: Some(upstream_bytes),
             refusals: Some(refusals),
             resumes: Some(resumes),
             quarantines: Some(quarantines),
+            silences: Some(silences),
             ..Hubs::default()
         }
     }
@@ -191,6 +195,7 @@ impl Hubs {
             refusals: self.refusals.clone(),
             resumes: self.resumes.clone(),
             quarantines: self.quarantines.clone(),
+            silences: self.silences.clone(),
         };
         let span = tracing::info_span!("hub", device = %device_id);
         self.drivers.spawn(

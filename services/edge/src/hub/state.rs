@@ -22,7 +22,7 @@ use relay_proto::mqtt::{
 use relay_proto::subscription_index::SubscriptionIndex;
 use relay_proto::topic::topic_matches;
 
-use super::bambu::{BambuProfile, BambuState, Pushall, ReportRefusal, is_pushall};
+use super::bambu::{BambuProfile, BambuState, Pushall, ReportRefusal, Watchdog, is_pushall};
 use super::cc2::{AppPublish, Cc2Action, Cc2Profile, Cc2State};
 use super::policy::{Bucket, ChurnBudget, ChurnLimit, PublishRate, TopicPolicy};
 use super::quarantine::{Quarantine, QuarantinePolicy, STRIKES_TO_REFUSE};
@@ -97,6 +97,10 @@ pub struct HubConfig {
     pub max_upstream_packet: usize,
     /// PINGREQ towards the upstream at this interval.
     pub upstream_keep_alive: Duration,
+    /// No PINGRESP this long after a PINGREQ: the printer is silent, and
+    /// its connection is ended. `None`: 1.5 × `upstream_keep_alive`, as a
+    /// broker treats a client's keep-alive (MQTT 3.1.1 §3.1.2.10).
+    pub pingresp_deadline: Option<Duration>,
     /// End the hub once it has had no session for this long; `None` keeps
     /// it while the upstream lives.
     pub linger: Option<Duration>,
@@ -145,6 +149,8 @@ pub struct HubCounters {
     pub expired_publishes: u64,
     /// Upstream packets over `max_upstream_packet`, skipped.
     pub oversized_upstream: u64,
+    /// Of those, QoS 1 PUBLISHes acknowledged (from their first bytes).
+    pub oversized_acknowledged: u64,
     /// Apps' `pushall`s answered from the state or by another's answer,
     /// instead of reaching the printer.
     pub pushalls_absorbed: u64,
@@ -165,6 +171,13 @@ pub struct HubCounters {
     pub quarantine_lost_filters: u64,
     /// Publishers whose PUBLISHes ended the upstream twice: refused since.
     pub quarantined_publishers: u64,
+    /// Upstreams ended because the printer went silent: no PINGRESP in
+    /// time…
+    pub silent_pingresp: u64,
+    /// …or, on a Bambu printer, no report after the watchdog's `pushall`.
+    pub silent_report: u64,
+    /// Watchdog `pushall`s sent to a Bambu printer that stopped reporting.
+    pub watchdog_pushalls: u64,
     /// PUBLISHes refused because their publisher is quarantined (also
     /// counted in `refused_publishes`), or dropped instead of being sent a
     /// third time after ending the upstream twice.
@@ -207,6 +220,7 @@ impl HubConfig {
         HubConfig {
             max_upstream_packet,
             upstream_keep_alive: Duration::from_secs(30),
+            pingresp_deadline: None,
             linger: None,
             replay_retained: RetainedReplay::Always,
             policy: Arc::new(TopicPolicy::generic()),
@@ -267,6 +281,28 @@ pub enum HubEnd {
     /// The upstream was lost and no new one came within the grace.
     #[error("no upstream within the grace")]
     NoUpstream,
+    /// The printer kept its connection but stopped answering: ended, to
+    /// be made again.
+    #[error("the printer went silent ({0})")]
+    UpstreamSilent(Silence),
+}
+
+/// Which watchdog found the printer silent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Silence {
+    /// No PINGRESP within the deadline.
+    NoPingResp,
+    /// A Bambu printer: no report, nor after a `pushall`.
+    NoReport,
+}
+
+impl std::fmt::Display for Silence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Silence::NoPingResp => "no PINGRESP in time",
+            Silence::NoReport => "no report, nor after pushall",
+        })
+    }
 }
 
 impl HubEnd {
@@ -278,6 +314,7 @@ impl HubEnd {
                 Close::device_offline()
             }
             _ if tunnel_gone => Close::device_offline(),
+            HubEnd::UpstreamSilent(_) => Close::printer_unreachable("silent"),
             _ => Close::printer_unreachable("connection lost"),
         }
     }
@@ -425,6 +462,9 @@ type WaitingPublish = (Option<(SessionId, PacketId)>, Publish, Option<Instant>);
 /// Wills waiting for the publish rate, at most (their sessions are gone).
 const MAX_WAITING_WILLS: usize = 10_000;
 
+/// PINGREQs in flight at most.
+const MAX_PINGS_IN_FLIGHT: usize = 16;
+
 /// Filters per SUBSCRIBE when a new upstream gets every held filter.
 const MAX_FILTERS_PER_RESUBSCRIBE: usize = 64;
 
@@ -443,8 +483,9 @@ pub struct HubState<S> {
     pending: HashMap<PacketId, Pending>,
     waiting_subscribes: Vec<WaitingSubscribe>,
     replays: VecDeque<OpenReplay>,
-    /// One entry per PINGREQ in flight, oldest first: the replay it closes.
-    pings_in_flight: VecDeque<Option<PacketId>>,
+    /// One entry per PINGREQ in flight, oldest first: when it went out,
+    /// and the replay it closes.
+    pings_in_flight: VecDeque<(Instant, Option<PacketId>)>,
     next_upstream_id: u16,
     /// When the last session left (or the hub started).
     idle_since: Option<Instant>,
@@ -687,6 +728,10 @@ impl<S: SessionSink> HubState<S> {
             Some(cc2) if self.lost_until.is_none() => next.min(cc2),
             _ => next,
         };
+        let next = match self.silence_deadline() {
+            Some(deadline) if self.lost_until.is_none() => next.min(deadline),
+            _ => next,
+        };
         if self.over_rate.is_empty() {
             next
         } else {
@@ -710,15 +755,91 @@ impl<S: SessionSink> HubState<S> {
         } else {
             if now >= self.next_ping {
                 self.quarantine.forget_expired(now);
-                self.ping_upstream(None);
+                self.ping_upstream(None, now);
                 self.next_ping = now + self.config.upstream_keep_alive;
             }
             if let Some(cc2) = &mut self.cc2 {
                 cc2.handle_timeout(now);
                 self.run_cc2_actions(now);
             }
+            self.watch_for_silence(now);
         }
         self.release_over_rate(now);
+    }
+
+    fn pingresp_deadline(&self) -> Duration {
+        self.config
+            .pingresp_deadline
+            .unwrap_or(self.config.upstream_keep_alive.mul_f64(1.5))
+    }
+
+    /// The earliest time a watchdog may find the printer silent.
+    fn silence_deadline(&self) -> Option<Instant> {
+        let ping = self
+            .pings_in_flight
+            .front()
+            .map(|(sent, _)| *sent + self.pingresp_deadline());
+        let report = self.bambu.as_ref().and_then(BambuState::watchdog_deadline);
+        match (ping, report) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The watchdogs: a PINGREQ unanswered past its deadline, and on a
+    /// Bambu printer a report topic held without reports, end the upstream
+    /// as silent (a `pushall` is asked for first).
+    fn watch_for_silence(&mut self, now: Instant) {
+        if self
+            .pings_in_flight
+            .front()
+            .is_some_and(|(sent, _)| now >= *sent + self.pingresp_deadline())
+        {
+            self.counters.silent_pingresp += 1;
+            self.end
+                .get_or_insert(HubEnd::UpstreamSilent(Silence::NoPingResp));
+            return;
+        }
+        let report_held = self.report_held();
+        let Some(bambu) = &mut self.bambu else {
+            return;
+        };
+        if !report_held {
+            bambu.watch(None);
+            return;
+        }
+        match bambu.watchdog(now) {
+            Watchdog::Quiet => {}
+            Watchdog::AskPushall => {
+                self.counters.watchdog_pushalls += 1;
+                let request = Publish {
+                    dup: false,
+                    qos: QoS::AtMostOnce,
+                    retain: false,
+                    topic: bambu.request_topic().to_owned(),
+                    packet_id: None,
+                    payload: BambuState::pushall_request(),
+                };
+                self.queue_upstream(&Packet::Publish(request));
+            }
+            Watchdog::Silent => {
+                self.counters.silent_report += 1;
+                self.end
+                    .get_or_insert(HubEnd::UpstreamSilent(Silence::NoReport));
+            }
+        }
+    }
+
+    /// Whether the upstream holds (and was granted) a filter that matches
+    /// the Bambu report topic.
+    fn report_held(&self) -> bool {
+        let Some(bambu) = &self.bambu else {
+            return false;
+        };
+        self.upstream_filters.iter().any(|(filter, held)| {
+            matches!(held.granted, Some(SubscribeReturnCode::Success(_)))
+                && topic_matches(filter, bambu.report_topic())
+        })
     }
 
     /// Takes one publish token.
@@ -986,7 +1107,7 @@ impl<S: SessionSink> HubState<S> {
             }
             Packet::PubAck(id) => self.on_upstream_puback(id, now),
             Packet::PingResp => {
-                if let Some(Some(replay)) = self.pings_in_flight.pop_front() {
+                if let Some((_, Some(replay))) = self.pings_in_flight.pop_front() {
                     self.replays.retain(|open| open.subscribe_id != replay);
                 }
             }
@@ -1000,9 +1121,20 @@ impl<S: SessionSink> HubState<S> {
     }
 
     /// The upstream sent a packet over `max_upstream_packet`; the driver
-    /// skips its bytes and the link goes on.
-    pub fn handle_upstream_oversized(&mut self) {
+    /// skips its bytes and the link goes on. A QoS 1 PUBLISH's packet id
+    /// (read from its first bytes) is acknowledged, so that the broker
+    /// does not send it again on every new connection.
+    pub fn handle_upstream_oversized(&mut self, publish: Option<(QoS, PacketId)>) {
         self.counters.oversized_upstream += 1;
+        match publish {
+            Some((QoS::AtLeastOnce, id)) => {
+                self.counters.oversized_acknowledged += 1;
+                self.queue_upstream(&Packet::PubAck(id));
+            }
+            // The hub subscribes at QoS 1 at most: a QoS 2 PUBLISH is the
+            // broker's mistake, and it gets no PUBREC.
+            _ => {}
+        }
     }
 
     /// Bytes from the upstream that do not decode.
@@ -1136,12 +1268,14 @@ impl<S: SessionSink> HubState<S> {
         let _ = mqtt::encode(packet, &mut self.to_upstream);
     }
 
-    fn ping_upstream(&mut self, closes_replay: Option<PacketId>) {
-        if self.lost_until.is_some() {
+    fn ping_upstream(&mut self, closes_replay: Option<PacketId>, now: Instant) {
+        if self.lost_until.is_some() || self.pings_in_flight.len() >= MAX_PINGS_IN_FLIGHT {
+            // Bounded: a printer that answers none is found silent by the
+            // oldest; a replay without its ping is forgotten in time.
             return;
         }
         self.queue_upstream(&Packet::PingReq);
-        self.pings_in_flight.push_back(closes_replay);
+        self.pings_in_flight.push_back((now, closes_replay));
     }
 
     /// Whether the hub is waiting for a new upstream.
@@ -1165,6 +1299,9 @@ impl<S: SessionSink> HubState<S> {
         }
         self.judge_loss(now);
         self.lost_until = Some(until);
+        if let Some(bambu) = &mut self.bambu {
+            bambu.watch(None);
+        }
         if let Some(cc2) = &mut self.cc2 {
             cc2.upstream_lost();
         }
@@ -1266,6 +1403,9 @@ impl<S: SessionSink> HubState<S> {
                 .keys()
                 .any(|filter| topic_matches(filter, bambu.report_topic()))
         });
+        if report_held && let Some(bambu) = &mut self.bambu {
+            bambu.watch(Some(now));
+        }
         if report_held
             && let Some(bambu) = &mut self.bambu
             && bambu.wants_refresh(now)
@@ -1677,7 +1817,7 @@ impl<S: SessionSink> HubState<S> {
             if self.replays.len() > MAX_OPEN_REPLAYS {
                 self.replays.pop_front();
             }
-            self.ping_upstream(Some(upstream_id));
+            self.ping_upstream(Some(upstream_id), now);
         }
         self.waiting_subscribes.push(WaitingSubscribe {
             session,
@@ -1783,6 +1923,9 @@ impl<S: SessionSink> HubState<S> {
                 now,
             );
             if joins_report {
+                if let Some(bambu) = &mut self.bambu {
+                    bambu.watch(Some(now));
+                }
                 self.serve_late_joiner(waiting.session, now);
             }
             if joins_status && let Some(cc2) = &mut self.cc2 {

@@ -775,7 +775,9 @@ fn the_hub_pings_upstream_and_ends_after_lingering_idle() {
     assert_eq!(hub.hub.poll_timeout(), hub.now + Duration::from_secs(30));
     hub.advance(Duration::from_secs(30));
     assert_eq!(hub.upstream_with_pings(), vec![Packet::PingReq]);
+    hub.printer(Packet::PingResp);
     hub.advance(Duration::from_secs(40));
+    assert_eq!(hub.upstream(), vec![], "its PINGREQ answered");
     hub.disconnect(1);
     let left_at = hub.now;
     hub.advance(Duration::from_secs(59));
@@ -2302,4 +2304,164 @@ fn a_qos0_publisher_that_ends_the_upstream_twice_is_refused_and_a_3_1_1_client_a
     );
     assert_eq!(hub.received(1), vec![Packet::PubAck(id(7))]);
     assert_eq!(hub.upstream(), vec![]);
+}
+
+// Silent printers: connected, answering nothing. The watchdogs end the
+// upstream so that the agent makes a new connection; a printer that answers
+// is never taken for silent.
+
+fn is_pushall_request(packet: &Packet) -> bool {
+    matches!(packet, Packet::Publish(p) if p.topic == "device/X1/request" && p.payload.windows(7).any(|w| w == b"pushall"))
+}
+
+#[test]
+fn no_pingresp_within_one_and_a_half_keep_alives_ends_the_upstream_as_silent() {
+    let mut hub = Harness::new(config(RetainedReplay::Always));
+    hub.attach(1);
+    hub.advance(Duration::from_secs(30));
+    assert_eq!(hub.upstream_with_pings(), vec![Packet::PingReq]);
+    hub.advance(Duration::from_secs(30));
+    assert_eq!(hub.upstream_with_pings(), vec![Packet::PingReq]);
+    // The first went out at 30 s: its deadline is 75 s.
+    hub.advance(Duration::from_secs(14));
+    assert!(hub.hub.take_end().is_none());
+    assert_eq!(
+        hub.hub.poll_timeout(),
+        hub.now + Duration::from_secs(1),
+        "woken at the deadline"
+    );
+    hub.advance(Duration::from_secs(1));
+    assert!(matches!(
+        hub.hub.take_end(),
+        Some(HubEnd::UpstreamSilent(super::state::Silence::NoPingResp))
+    ));
+    assert_eq!(hub.hub.counters().silent_pingresp, 1);
+    // Pings in flight stay bounded however long nobody answers.
+    let mut quiet = Harness::new(HubConfig {
+        pingresp_deadline: Some(Duration::from_secs(3600)),
+        ..config(RetainedReplay::Always)
+    });
+    quiet.attach(1);
+    let mut pings = 0;
+    for _ in 0..100 {
+        quiet.advance(Duration::from_secs(30));
+        pings += quiet.upstream_with_pings().len();
+    }
+    assert_eq!(pings, 16);
+}
+
+#[test]
+fn a_printer_that_answers_pings_but_reports_rarely_is_never_taken_for_silent() {
+    // A compressed idle hour: a Bambu printer at idle reports every few
+    // seconds; a generic broker publishes nothing at all.
+    let mut bambu = bambu_hub();
+    bambu.attach(1);
+    bambu.client(1, subscribe(1, &[("device/X1/report", QoS::AtMostOnce)]));
+    let upstream = bambu.upstream_subscribe();
+    bambu.printer(suback(
+        upstream.packet_id.get(),
+        &[granted(QoS::AtMostOnce)],
+    ));
+    bambu.upstream();
+    let mut generic = Harness::new(config(RetainedReplay::Always));
+    generic.attach(1);
+    generic.subscribed(1, "a/b", QoS::AtMostOnce);
+    for second in (0..3600).step_by(5) {
+        bambu.advance(Duration::from_secs(5));
+        generic.advance(Duration::from_secs(5));
+        if second % 15 == 0 {
+            bambu.printer(report(r#"{"print":{"msg":1,"wifi_signal":"-40dBm"}}"#));
+        }
+        let sent = bambu.upstream();
+        assert!(
+            !sent.iter().any(is_pushall_request),
+            "at {second} s: {sent:?}"
+        );
+        generic.upstream();
+        assert!(bambu.hub.take_end().is_none() && generic.hub.take_end().is_none());
+    }
+    assert_eq!(bambu.hub.counters().watchdog_pushalls, 0);
+}
+
+#[test]
+fn a_bambu_printer_without_reports_is_asked_for_pushall_then_found_silent() {
+    let mut hub = bambu_hub();
+    hub.attach(1);
+    hub.client(1, subscribe(1, &[("device/X1/report", QoS::AtMostOnce)]));
+    let upstream = hub.upstream_subscribe();
+    hub.printer(suback(
+        upstream.packet_id.get(),
+        &[granted(QoS::AtMostOnce)],
+    ));
+    // The PINGREQ after the SUBSCRIBE, answered.
+    hub.printer(Packet::PingResp);
+    hub.upstream();
+    hub.printer(report(r#"{"print":{"msg":0,"gcode_state":"IDLE"}}"#));
+    // 19 s without a report: nothing yet.
+    hub.advance(Duration::from_secs(19));
+    assert!(!hub.upstream().iter().any(is_pushall_request));
+    hub.advance(Duration::from_secs(1));
+    assert!(
+        hub.upstream().iter().any(is_pushall_request),
+        "asked at 20 s"
+    );
+    // Its answer resets the watch.
+    hub.advance(Duration::from_secs(9));
+    hub.printer(report(r#"{"print":{"msg":0,"gcode_state":"IDLE"}}"#));
+    hub.advance(Duration::from_secs(19));
+    assert!(hub.hub.take_end().is_none());
+    assert!(!hub.upstream().iter().any(is_pushall_request));
+    hub.advance(Duration::from_secs(1));
+    assert!(hub.upstream().iter().any(is_pushall_request));
+    // No answer in 10 s: silent.
+    hub.advance(Duration::from_secs(9));
+    assert!(hub.hub.take_end().is_none());
+    hub.advance(Duration::from_secs(1));
+    assert!(matches!(
+        hub.hub.take_end(),
+        Some(HubEnd::UpstreamSilent(super::state::Silence::NoReport))
+    ));
+    assert_eq!(hub.hub.counters().watchdog_pushalls, 2);
+    assert_eq!(hub.hub.counters().silent_report, 1);
+}
+
+#[test]
+fn nobody_holding_the_report_means_no_report_watchdog() {
+    let mut hub = bambu_hub();
+    hub.attach(1);
+    hub.client(1, subscribe(1, &[("device/X1/report", QoS::AtMostOnce)]));
+    let upstream = hub.upstream_subscribe();
+    hub.printer(suback(
+        upstream.packet_id.get(),
+        &[granted(QoS::AtMostOnce)],
+    ));
+    hub.upstream();
+    hub.client(
+        1,
+        Packet::Unsubscribe(Unsubscribe {
+            packet_id: id(2),
+            filters: vec!["device/X1/report".into()],
+        }),
+    );
+    hub.upstream();
+    for _ in 0..10 {
+        hub.advance(Duration::from_secs(10));
+        assert!(!hub.upstream().iter().any(is_pushall_request));
+    }
+    assert!(hub.hub.take_end().is_none());
+}
+
+#[test]
+fn an_oversized_qos1_publish_from_the_printer_is_acknowledged() {
+    let mut hub = Harness::new(config(RetainedReplay::Always));
+    hub.attach(1);
+    hub.hub
+        .handle_upstream_oversized(Some((QoS::AtLeastOnce, id(77))));
+    hub.hub.handle_upstream_oversized(None);
+    assert_eq!(hub.upstream(), vec![Packet::PubAck(id(77))]);
+    let counters = hub.hub.counters();
+    assert_eq!(
+        (counters.oversized_upstream, counters.oversized_acknowledged),
+        (2, 1)
+    );
 }

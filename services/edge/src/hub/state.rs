@@ -1126,14 +1126,11 @@ impl<S: SessionSink> HubState<S> {
     /// does not send it again on every new connection.
     pub fn handle_upstream_oversized(&mut self, publish: Option<(QoS, PacketId)>) {
         self.counters.oversized_upstream += 1;
-        match publish {
-            Some((QoS::AtLeastOnce, id)) => {
-                self.counters.oversized_acknowledged += 1;
-                self.queue_upstream(&Packet::PubAck(id));
-            }
-            // The hub subscribes at QoS 1 at most: a QoS 2 PUBLISH is the
-            // broker's mistake, and it gets no PUBREC.
-            _ => {}
+        // The hub subscribes at QoS 1 at most: a QoS 2 PUBLISH is the
+        // broker's mistake, and it gets no PUBREC.
+        if let Some((QoS::AtLeastOnce, id)) = publish {
+            self.counters.oversized_acknowledged += 1;
+            self.queue_upstream(&Packet::PubAck(id));
         }
     }
 

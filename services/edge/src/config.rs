@@ -193,6 +193,12 @@ pub struct PrinterPolicyConfig {
     /// (or a publisher whose PUBLISHes did) is refused for this long
     /// (SUBACK 0x80, MQTT 5 0x87), and never reaches the printer meanwhile.
     pub quarantine_seconds: u64,
+    /// Bambu only: while apps hold the report and none has come for this
+    /// long, the edge asks the printer for `pushall`…
+    pub report_silence_seconds: u64,
+    /// …and this long after that without a report the printer is silent:
+    /// its connection is made again.
+    pub pushall_answer_seconds: u64,
 }
 
 impl Default for PrinterPolicyConfig {
@@ -210,6 +216,8 @@ impl Default for PrinterPolicyConfig {
             pushall_interval_seconds: 10,
             request_interval_ms: 600,
             quarantine_seconds: 3600,
+            report_silence_seconds: 20,
+            pushall_answer_seconds: 10,
         }
     }
 }
@@ -283,6 +291,11 @@ impl PrinterPolicyConfig {
                 "printers.{kind}: publishes_per_second and publish_burst must be at least 1"
             ));
         }
+        if self.report_silence_seconds == 0 || self.pushall_answer_seconds == 0 {
+            problems.push(format!(
+                "printers.{kind}: report_silence_seconds and pushall_answer_seconds must be at least 1"
+            ));
+        }
         if self.quarantine_seconds == 0 {
             problems.push(format!(
                 "printers.{kind}: quarantine_seconds must be at least 1"
@@ -316,6 +329,10 @@ pub struct TunnelConfig {
     pub session_open_timeout_seconds: u64,
     /// How long a printer connection stays up after its last client left.
     pub linger_seconds: u64,
+    /// The edge sends the printer a PINGREQ this often, and ends a printer
+    /// connection that has not answered one within 1.5 times this (the
+    /// printer went silent); the agent then makes a new one.
+    pub printer_keep_alive_seconds: u64,
     /// When a device's upstream ends (its agent reconnects, its printer
     /// drops the link), its hub keeps the client sessions this long while
     /// it finds a new one; a client arriving meanwhile waits for the agent.
@@ -347,6 +364,7 @@ impl Default for TunnelConfig {
             tcp_on_public_listener: false,
             session_open_timeout_seconds: 20,
             linger_seconds: 30,
+            printer_keep_alive_seconds: 30,
             upstream_grace_seconds: 30,
             keep_alive_seconds: 25,
             idle_timeout_seconds: 60,
@@ -561,6 +579,12 @@ impl EdgeConfig {
             problems.push(format!(
                 "tunnel.keep_alive_seconds ({}) must be at least 1, and tunnel.idle_timeout_seconds ({}) at least twice it",
                 tunnel.keep_alive_seconds, tunnel.idle_timeout_seconds
+            ));
+        }
+        if !(1..=3600).contains(&tunnel.printer_keep_alive_seconds) {
+            problems.push(format!(
+                "tunnel.printer_keep_alive_seconds ({}) must be between 1 and 3600",
+                tunnel.printer_keep_alive_seconds
             ));
         }
         let cluster = &self.cluster;

@@ -442,6 +442,8 @@ impl Devices {
             bambu: match (accept.printer_kind, &accept.printer_serial) {
                 (Some(PrinterKind::Bambu), Some(serial)) => Some(BambuProfile {
                     pushall_interval: Duration::from_secs(printer.pushall_interval_seconds),
+                    report_silence: Duration::from_secs(printer.report_silence_seconds),
+                    pushall_answer: Duration::from_secs(printer.pushall_answer_seconds),
                     ..BambuProfile::new(serial)
                 }),
                 _ => None,

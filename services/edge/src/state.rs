@@ -64,6 +64,9 @@ impl EdgeState {
             hubs.clone(),
             HubConfig {
                 linger: Some(std::time::Duration::from_secs(tunnel.linger_seconds)),
+                upstream_keep_alive: std::time::Duration::from_secs(
+                    tunnel.printer_keep_alive_seconds,
+                ),
                 ..HubConfig::new(tunnel.max_printer_packet)
             },
             config.printers.clone(),

@@ -14,5 +14,6 @@
 
 pub mod cut;
 pub mod edge;
+pub mod mosquitto;
 pub mod processes;
 pub mod world;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 pub use crate::edge::*;
 use relay_agent::config::AgentConfig;
-pub use relay_printer_sim::{RunningSimulator, SimulatorConfig};
+pub use relay_printer_sim::{RunningSimulator, Silence, SimulatorConfig};
 
 use relay_proto::mqtt::{Packet, PacketId, Publish, QoS, Subscribe};
 use tokio_util::sync::CancellationToken;

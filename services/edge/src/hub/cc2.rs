@@ -69,6 +69,10 @@ pub struct Cc2Profile {
     /// The first request id the hub uses towards the printer (a hub that
     /// moves to a peer link and back must not reuse another hub's ids).
     pub first_request_id: u32,
+    /// Nothing from the printer this long (no PONG to the agent's 10 s
+    /// heartbeat, no status): it is silent, and its connection is made
+    /// again (OctoEverywhere waits 65 s for a PONG).
+    pub silence: Duration,
 }
 
 impl Cc2Profile {
@@ -84,6 +88,7 @@ impl Cc2Profile {
             max_status_bytes: 64 * 1024,
             max_registrations_per_session: 8,
             first_request_id: 1,
+            silence: Duration::from_secs(65),
         }
     }
 }
@@ -199,6 +204,9 @@ pub(super) struct Cc2State {
     awaiting_status: Vec<SessionId>,
     /// No upstream: nothing is sent until one resumes.
     lost: bool,
+    /// When the printer was last heard from on the agent's registration
+    /// (its PONGs, replies) or its status: the silence watchdog's start.
+    last_heard: Option<Instant>,
     actions: Vec<Cc2Action>,
     counters: Cc2Counters,
 }
@@ -224,6 +232,7 @@ impl Cc2State {
             full_status_asked: false,
             awaiting_status: Vec::new(),
             lost: false,
+            last_heard: None,
             actions: Vec::new(),
             counters: Cc2Counters::default(),
         }
@@ -584,8 +593,12 @@ impl Cc2State {
         now: Instant,
     ) -> bool {
         if topic == self.status_topic {
+            self.last_heard = Some(now);
             self.on_status(payload, now);
             return false;
+        }
+        if self.agent_response_topic().as_deref() == Some(topic) {
+            self.last_heard = Some(now);
         }
         if self.agent_response_topic().as_deref() != Some(topic) {
             // The agent's own request (echoed to a `#` subscriber) is not
@@ -712,6 +725,20 @@ impl Cc2State {
         });
     }
 
+    /// The silence watchdog starts (the hub's first upstream).
+    pub(super) fn watch_from(&mut self, now: Instant) {
+        self.last_heard.get_or_insert(now);
+    }
+
+    /// When the printer counts as silent if nothing comes before: only
+    /// over the agent's own connection (a peer link's owner watches).
+    pub(super) fn silence_deadline(&self) -> Option<Instant> {
+        if self.lost || self.profile.agent_client.is_none() {
+            return None;
+        }
+        Some(self.last_heard? + self.profile.silence)
+    }
+
     /// The upstream is gone: replies in flight will not come, and the
     /// printer may have restarted.
     pub(super) fn upstream_lost(&mut self) {
@@ -728,6 +755,7 @@ impl Cc2State {
     /// a peer link.
     pub(super) fn upstream_resumed(&mut self, agent_client: Option<String>, now: Instant) {
         self.lost = false;
+        self.last_heard = Some(now);
         self.profile.agent_client = agent_client;
         if self.profile.agent_client.is_none() {
             let queued: Vec<QueuedRequest> = self.queue.drain(..).collect();

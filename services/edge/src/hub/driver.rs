@@ -272,6 +272,7 @@ impl Context {
                     self.exported.silent_pingresp,
                 ),
                 ("report", current.silent_report, self.exported.silent_report),
+                ("pong", current.silent_pong, self.exported.silent_pong),
             ] {
                 if now > before {
                     silences.with_label_values(&[watchdog]).inc_by(now - before);
@@ -280,6 +281,7 @@ impl Context {
         }
         self.exported.silent_pingresp = current.silent_pingresp;
         self.exported.silent_report = current.silent_report;
+        self.exported.silent_pong = current.silent_pong;
         if let Some(quarantines) = &self.quarantines
             && current.quarantined_filters > quarantined_before
         {

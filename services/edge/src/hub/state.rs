@@ -174,8 +174,10 @@ pub struct HubCounters {
     /// Upstreams ended because the printer went silent: no PINGRESP in
     /// time…
     pub silent_pingresp: u64,
-    /// …or, on a Bambu printer, no report after the watchdog's `pushall`.
+    /// …or, on a Bambu printer, no report after the watchdog's `pushall`…
     pub silent_report: u64,
+    /// …or, on a CC2, nothing at all (no PONG, no status) for 65 s.
+    pub silent_pong: u64,
     /// Watchdog `pushall`s sent to a Bambu printer that stopped reporting.
     pub watchdog_pushalls: u64,
     /// PUBLISHes refused because their publisher is quarantined (also
@@ -294,6 +296,8 @@ pub enum Silence {
     NoPingResp,
     /// A Bambu printer: no report, nor after a `pushall`.
     NoReport,
+    /// A CC2: nothing (no PONG to the agent's heartbeat, no status).
+    NoPong,
 }
 
 impl std::fmt::Display for Silence {
@@ -301,6 +305,7 @@ impl std::fmt::Display for Silence {
         f.write_str(match self {
             Silence::NoPingResp => "no PINGRESP in time",
             Silence::NoReport => "no report, nor after pushall",
+            Silence::NoPong => "no PONG to the heartbeat, no status",
         })
     }
 }
@@ -563,6 +568,9 @@ impl<S: SessionSink> HubState<S> {
             last_qos0: None,
             quarantine_events: Vec::new(),
         };
+        if let Some(cc2) = &mut state.cc2 {
+            cc2.watch_from(now);
+        }
         if let Some(filter) = state.cc2.as_ref().and_then(Cc2State::agent_response_topic) {
             state.hold_filter(filter, now);
         }
@@ -780,10 +788,8 @@ impl<S: SessionSink> HubState<S> {
             .front()
             .map(|(sent, _)| *sent + self.pingresp_deadline());
         let report = self.bambu.as_ref().and_then(BambuState::watchdog_deadline);
-        match (ping, report) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let pong = self.cc2.as_ref().and_then(Cc2State::silence_deadline);
+        [ping, report, pong].into_iter().flatten().min()
     }
 
     /// The watchdogs: a PINGREQ unanswered past its deadline, and on a
@@ -798,6 +804,17 @@ impl<S: SessionSink> HubState<S> {
             self.counters.silent_pingresp += 1;
             self.end
                 .get_or_insert(HubEnd::UpstreamSilent(Silence::NoPingResp));
+            return;
+        }
+        if self
+            .cc2
+            .as_ref()
+            .and_then(Cc2State::silence_deadline)
+            .is_some_and(|deadline| now >= deadline)
+        {
+            self.counters.silent_pong += 1;
+            self.end
+                .get_or_insert(HubEnd::UpstreamSilent(Silence::NoPong));
             return;
         }
         let report_held = self.report_held();

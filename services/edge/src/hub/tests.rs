@@ -2465,3 +2465,37 @@ fn an_oversized_qos1_publish_from_the_printer_is_acknowledged() {
         (2, 1)
     );
 }
+
+#[test]
+fn a_cc2_that_answers_no_heartbeat_for_65_s_is_silent_and_one_that_pongs_is_not() {
+    let pong = || {
+        json_publish(
+            &format!("elegoo/SN/{CC2_AGENT}/api_response"),
+            serde_json::json!({"type": "PONG"}),
+        )
+    };
+    let mut answering = cc2_hub();
+    let mut silent = cc2_hub();
+    for hub in [&mut answering, &mut silent] {
+        hub.attach(1);
+    }
+    // A compressed idle hour: the agent's heartbeat every 10 s, PONGs.
+    for _ in 0..360 {
+        answering.advance(Duration::from_secs(10));
+        answering.printer(pong());
+        answering.upstream();
+        assert!(answering.hub.take_end().is_none());
+    }
+    // Pings answered, but nothing on the registration: 65 s.
+    for _ in 0..6 {
+        silent.advance(Duration::from_secs(10));
+        silent.upstream();
+    }
+    assert!(silent.hub.take_end().is_none(), "60 s");
+    silent.advance(Duration::from_secs(5));
+    assert!(matches!(
+        silent.hub.take_end(),
+        Some(HubEnd::UpstreamSilent(super::state::Silence::NoPong))
+    ));
+    assert_eq!(silent.hub.counters().silent_pong, 1);
+}

@@ -81,6 +81,21 @@ async fn three_apps_ride_out(silence: Silence) -> Duration {
         .await
         .expect("the silent connection closed");
     }
+    // What `relayctl device show` prints: recorded before the new
+    // connection was asked for.
+    let status = world
+        .edge
+        .database
+        .store
+        .printer_status(&world.edge.device)
+        .await
+        .unwrap()
+        .expect("a printer status");
+    assert_eq!(
+        status.reconnects.get("silent_report"),
+        Some(&1),
+        "{status:?}"
+    );
     let metrics = world.edge.admin_get("/metrics").await.1;
     assert!(
         metrics.contains(r#"relay_edge_printer_silences_total{watchdog="report"} 1"#),

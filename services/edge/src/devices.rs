@@ -19,7 +19,7 @@ use relay_store::Store;
 use crate::close::Close;
 use crate::config::PrintersConfig;
 use crate::hub::{
-    BambuProfile, Cc2Profile, HubConfig, HubHandle, Hubs, PrinterIdentity, RetainedReplay,
+    BambuProfile, Cc2Profile, HubConfig, HubHandle, Hubs, PrinterIdentity, RetainedReplay, Silence,
     TunnelProbe, Upstream, UpstreamFailure, UpstreamSource,
 };
 use crate::peer::Peers;
@@ -477,11 +477,34 @@ impl Devices {
     fn upstream_source(&self, device_id: &str) -> UpstreamSource {
         let devices = self.clone();
         let device_id = device_id.to_owned();
-        Arc::new(move || {
+        Arc::new(move |silence: Option<Silence>| {
             let devices = devices.clone();
             let device_id = device_id.clone();
-            Box::pin(async move { devices.reopen(&device_id).await })
+            Box::pin(async move {
+                if let Some(silence) = silence {
+                    devices.record_silence(&device_id, silence).await;
+                }
+                devices.reopen(&device_id).await
+            })
         })
+    }
+
+    /// Notes in the store that the device's printer went silent, for
+    /// `relayctl device show` (bounded: a slow store does not hold up the
+    /// reconnect).
+    async fn record_silence(&self, device_id: &str, silence: Silence) {
+        let watchdog = match silence {
+            Silence::NoPingResp => "pingresp",
+            Silence::NoReport => "report",
+            Silence::NoPong => "pong",
+        };
+        let detail = silence.to_string();
+        let record = self
+            .store
+            .record_printer_silent(device_id, watchdog, &detail);
+        if let Ok(Err(error)) = tokio::time::timeout(Duration::from_secs(2), record).await {
+            tracing::warn!(device = %device_id, %error, "cannot record the printer's silence");
+        }
     }
 
     async fn reopen(&self, device_id: &str) -> Result<Upstream, UpstreamFailure> {

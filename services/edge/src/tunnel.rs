@@ -476,6 +476,17 @@ async fn hold_tunnel(
                     if link.state == LinkState::Down {
                         state.metrics.printer_link_downs.with_label_values(&[link_down_label(link.reason)]).inc();
                     }
+                    // For `relayctl device show`; bounded, so that a slow
+                    // store never holds up the control stream for long.
+                    let record = state.authenticator.store().record_printer_link(
+                        &device_id,
+                        link_state_label(link.state),
+                        link.reason.map(|reason| link_down_label(Some(reason))),
+                        link.detail.as_deref(),
+                    );
+                    if let Ok(Err(error)) = tokio::time::timeout(Duration::from_secs(2), record).await {
+                        tracing::warn!(device = %device_id, %error, "cannot record the printer link's state");
+                    }
                 }
                 Ok(Some(Message::Ignored { .. })) => {}
                 Ok(Some(other)) => break format!("unexpected {other:?}"),
@@ -521,6 +532,17 @@ async fn hold_tunnel(
         tracing::warn!(%error, "cannot release the device's claim; the lease covers it");
     }
     tracing::info!(device = %device_id, epoch, %end, "agent disconnected");
+}
+
+/// How a printer link state is named in the store.
+fn link_state_label(state: LinkState) -> &'static str {
+    match state {
+        LinkState::Idle => "idle",
+        LinkState::Connecting => "connecting",
+        LinkState::Up => "up",
+        LinkState::Down => "down",
+        LinkState::Other(_) => "other",
+    }
 }
 
 /// The `reason` label of `relay_edge_printer_link_downs_total`.

@@ -262,7 +262,38 @@ async fn execute(store: &Store, command: Command, output: &Output) -> Result<(),
         Command::Device(DeviceCommand::Show { id }) => {
             let device = store.device(&id).await?;
             let claim = store.device_claim(&id).await?;
+            let printer_status = store.printer_status(&id).await?;
             let now = store.now();
+            let printer = match &printer_status {
+                None => "never heard of".to_owned(),
+                Some(status) => {
+                    let mut line = status.state.clone();
+                    if let Some(since) = status.silent_since {
+                        line.push_str(&format!(" since {}", time(Some(since))));
+                    }
+                    if let Some(reason) = &status.reason {
+                        line.push_str(&format!(" ({reason}"));
+                        if let Some(detail) = &status.detail {
+                            line.push_str(&format!(": {detail}"));
+                        }
+                        line.push(')');
+                    }
+                    line.push_str(&format!(", as of {}", time(Some(status.updated_at))));
+                    if !status.reconnects.is_empty() {
+                        let causes: Vec<String> = status
+                            .reconnects
+                            .iter()
+                            .map(|(cause, count)| format!("{cause} {count}"))
+                            .collect();
+                        line.push_str(&format!(
+                            "
+reconnects: {}",
+                            causes.join(", ")
+                        ));
+                    }
+                    line
+                }
+            };
             let agent = match &claim {
                 None => "never connected".to_owned(),
                 Some(claim) if claim.is_live(now) => format!(
@@ -291,10 +322,14 @@ async fn execute(store: &Store, command: Command, output: &Output) -> Result<(),
                         })
                     }),
                 );
+                fields.insert(
+                    "printer".into(),
+                    serde_json::to_value(&printer_status).unwrap_or_default(),
+                );
             }
             output.print(&shown, || {
                 format!(
-                    "id:       {}\ntenant:   {}\nname:     {}\ncreated:  {}\ndeleted:  {}\nagent:    {agent}",
+                    "id:       {}\ntenant:   {}\nname:     {}\ncreated:  {}\ndeleted:  {}\nagent:    {agent}\nprinter:  {printer}",
                     device.id,
                     device.tenant_id,
                     device.name,

@@ -183,6 +183,27 @@ async fn whole_lifecycle(backend: Backend) {
     );
     assert_eq!(json(url, &["instance", "list"])[0]["live"], false);
 
+    // The printer's connection, as the edge last heard of it.
+    assert!(succeed(url, &["device", "show", device_id]).contains("printer:  never heard of"));
+    db.store
+        .record_printer_link(device_id, "down", Some("dropped"), None)
+        .await
+        .unwrap();
+    db.store
+        .record_printer_silent(device_id, "report", "no report, nor after pushall")
+        .await
+        .unwrap();
+    let shown = succeed(url, &["device", "show", device_id]);
+    assert!(
+        shown.contains("printer:  silent since ")
+            && shown.contains("(report: no report, nor after pushall)")
+            && shown.contains("reconnects: dropped 1, silent_report 1"),
+        "{shown}"
+    );
+    let shown = json(url, &["device", "show", device_id]);
+    assert_eq!(shown["printer"]["state"], "silent");
+    assert_eq!(shown["printer"]["reconnects"]["silent_report"], 1);
+
     succeed(url, &["device", "delete", device_id]);
     assert_ne!(
         json(url, &["device", "show", device_id])["deleted_at"],

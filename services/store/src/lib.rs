@@ -14,6 +14,8 @@
 //!   which device's agent (several instances on one store); an agent's
 //!   HELLO is one statement that checks its credential and claims its
 //!   device.
+//! - [`printer_status`]: each device's printer connection as the edge last
+//!   heard of it (up, down and why, silent since when, reconnects by cause).
 //!
 //! This crate knows nothing of MQTT, WebSockets or the tunnel protocol.
 
@@ -23,6 +25,7 @@ pub mod credential;
 mod error;
 pub mod jwt;
 mod migrate;
+pub mod printer_status;
 pub mod registry;
 pub mod revocation;
 mod store;
@@ -35,6 +38,7 @@ pub use auth::{
 };
 pub use clock::{Clock, ManualClock, Millis, SystemClock};
 pub use error::StoreError;
+pub use printer_status::PrinterStatus;
 pub use registry::{AgentClaim, Claim, ClaimListener, Claimed, Instance};
 pub use relay_proto::Secret;
 pub use revocation::{RevocationEvent, RevocationWatcher, Revoked};

@@ -47,6 +47,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/0005_recent_claims.sql"),
         backends: BOTH,
     },
+    Migration {
+        version: 6,
+        name: "0006_printer_status",
+        sql: include_str!("../../../migrations/0006_printer_status.sql"),
+        backends: BOTH,
+    },
 ];
 
 /// Any constant will do; it only has to be the same in every process.

@@ -20,7 +20,7 @@ use super::outbound::OutboundSender;
 use super::registry::TunnelProbe;
 use super::state::{
     HubConfig, HubCounters, HubEnd, HubState, PacketExtras, QuarantineEvent, SessionAttach,
-    SessionId,
+    SessionId, Silence,
 };
 use crate::close::Close;
 
@@ -123,8 +123,9 @@ pub struct UpstreamFailure {
 pub type UpstreamFuture = Pin<Box<dyn Future<Output = Result<Upstream, UpstreamFailure>> + Send>>;
 
 /// Finds a hub a new upstream once its upstream ended: the device's
-/// printer link through whichever tunnel now serves it.
-pub type UpstreamSource = Arc<dyn Fn() -> UpstreamFuture + Send + Sync>;
+/// printer link through whichever tunnel now serves it. Told, on the first
+/// attempt after a printer was found silent, which watchdog found it.
+pub type UpstreamSource = Arc<dyn Fn(Option<Silence>) -> UpstreamFuture + Send + Sync>;
 
 /// What the driver works with besides the state.
 pub(super) struct HubIo {
@@ -371,12 +372,15 @@ pub(super) async fn run(config: HubConfig, io: HubIo) -> HubEnd {
     let mut upstream = Some(upstream);
     // What the sessions get if the hub ends without an upstream.
     let mut close = Close::device_offline();
+    // Why the last upstream ended, when a watchdog found it silent.
+    let mut silence: Option<Silence> = None;
     let end = loop {
         let Some(mut current) = upstream.take() else {
             let Some(source) = &source else {
                 break HubEnd::NoUpstream;
             };
-            match find_upstream(&mut state, source, &mut context, &mut close).await {
+            match find_upstream(&mut state, source, &mut context, &mut close, silence.take()).await
+            {
                 Ok(found) => {
                     tracing::info!("the upstream is back: sessions resubscribed");
                     if let Some(resumes) = &resumes {
@@ -399,6 +403,9 @@ pub(super) async fn run(config: HubConfig, io: HubIo) -> HubEnd {
             }
             Served::Lost(end) => {
                 close = current.close_for(&end);
+                if let HubEnd::UpstreamSilent(found) = &end {
+                    silence = Some(*found);
+                }
                 if source.is_none() || grace.is_zero() {
                     break end;
                 }
@@ -532,8 +539,9 @@ async fn find_upstream(
     source: &UpstreamSource,
     context: &mut Context,
     close: &mut Close,
+    silence: Option<Silence>,
 ) -> Result<Upstream, HubEnd> {
-    let mut attempt: Option<UpstreamFuture> = Some(source());
+    let mut attempt: Option<UpstreamFuture> = Some(source(silence));
     let mut retry_at = tokio::time::Instant::now();
     loop {
         if let Some(end) = context.settle(state) {
@@ -556,12 +564,12 @@ async fn find_upstream(
                     }
                 }
             },
-            () = tokio::time::sleep_until(retry_at), if attempt.is_none() => attempt = Some(source()),
+            () = tokio::time::sleep_until(retry_at), if attempt.is_none() => attempt = Some(source(None)),
             command = context.commands.recv() => {
                 if matches!(command, Some(Command::UpstreamMoved { .. })) {
                     // The device is somewhere new: look there now, instead
                     // of waiting on an attempt at the old place.
-                    attempt = Some(source());
+                    attempt = Some(source(None));
                     continue;
                 }
                 apply(state, command)?;

@@ -45,5 +45,6 @@ pub use quarantine::QuarantinePolicy;
 pub use registry::{HubHandle, Hubs, PrinterIdentity, TunnelProbe};
 pub use state::{
     HubConfig, HubCounters, HubEnd, HubState, PacketExtras, PublishRefused, QuarantineEvent,
-    RetainHandling, RetainedReplay, SessionAttach, SessionId, SessionSink, SubscriptionExtras,
+    RetainHandling, RetainedReplay, SessionAttach, SessionId, SessionSink, Silence,
+    SubscriptionExtras,
 };

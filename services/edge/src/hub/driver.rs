@@ -18,11 +18,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::outbound::OutboundSender;
 use super::registry::TunnelProbe;
-use super::state::{
+use crate::close::Close;
+use relay_hub::state::{
     HubConfig, HubCounters, HubEnd, HubState, PacketExtras, QuarantineEvent, SessionAttach,
     SessionId, Silence,
 };
-use crate::close::Close;
 
 /// Upstream bytes the hub queues before it stops taking commands: sessions
 /// then wait on the bounded command queue instead of growing this buffer.

@@ -21,28 +21,25 @@
 //!   publish is acknowledged and dropped. Each session's SUBSCRIBE and
 //!   UNSUBSCRIBE traffic towards the printer has a budget.
 //!
-//! The rules live in [`state`], a sans-IO state machine; [`driver`] runs it
-//! over the upstream's halves and the sessions' commands; [`outbound`] is a
-//! session's bounded queue; [`registry`] finds and starts hubs.
+//! The rules live in the `relay-hub` crate (re-exported here as [`state`],
+//! [`policy`], [`quarantine`], [`bambu`] and [`cc2`]), a state machine with
+//! no IO; [`driver`] runs it over the upstream's halves and the sessions'
+//! commands; [`outbound`] is a session's bounded queue; [`registry`] finds
+//! and starts hubs.
 
-pub mod bambu;
-pub mod cc2;
 mod driver;
 pub mod outbound;
-pub mod policy;
-pub mod quarantine;
 pub mod registry;
-pub mod state;
-#[cfg(test)]
-mod tests;
 
-pub use bambu::BambuProfile;
-pub use cc2::Cc2Profile;
 pub use driver::{Upstream, UpstreamFailure, UpstreamFuture, UpstreamSource};
 pub use outbound::{Outbound, OutboundReceiver, OutboundSender, outbound_queue};
-pub use policy::{ChurnLimit, PublishRate, PublishRefusal, TopicPolicy};
-pub use quarantine::QuarantinePolicy;
-pub use registry::{HubHandle, Hubs, PrinterIdentity, TunnelProbe};
+pub use registry::{HubHandle, Hubs, TunnelProbe};
+pub use relay_hub::PrinterIdentity;
+pub use relay_hub::{
+    BambuProfile, Cc2Profile, ChurnLimit, PublishRate, PublishRefusal, QuarantinePolicy,
+    TopicPolicy,
+};
+pub use relay_hub::{bambu, cc2, policy, quarantine, state};
 pub use state::{
     HubConfig, HubCounters, HubEnd, HubState, PacketExtras, PublishRefused, QuarantineEvent,
     RetainHandling, RetainedReplay, SessionAttach, SessionId, SessionSink, Silence,

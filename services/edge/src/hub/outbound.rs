@@ -10,8 +10,8 @@ use relay_proto::mqtt::{self, Packet};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::state::SessionSink;
 use crate::close::Close;
+use relay_hub::state::SessionSink;
 
 /// What a session receives from its hub, in order.
 #[derive(Debug)]

@@ -15,20 +15,12 @@ use tracing::Instrument;
 
 use super::driver::{self, Command, HubIo, Upstream, UpstreamSource};
 use super::outbound::OutboundSender;
-use super::policy::TopicPolicy;
-use super::state::{HubConfig, PacketExtras, SessionAttach, SessionId};
+use relay_hub::TopicPolicy;
+use relay_hub::{HubConfig, PacketExtras, PrinterIdentity, SessionAttach, SessionId};
 
 /// Commands queued per hub before senders wait: sessions are throttled by a
 /// busy hub rather than queueing without bound.
 const COMMAND_QUEUE: usize = 1024;
-
-/// What the printer behind a hub is, as its agent said (LINK_ACCEPT):
-/// passed on to peer hubs, which configure themselves the same way.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PrinterIdentity {
-    pub kind: Option<relay_proto::tunnel::PrinterKind>,
-    pub serial: Option<String>,
-}
 
 /// A session's handle on its device's hub.
 #[derive(Debug, Clone)]

@@ -237,7 +237,7 @@ mod tests {
             ..QuarantinePolicy::default()
         };
         let mut books = Quarantine::new(policy);
-        let start = Instant::now();
+        let start = crate::test_clock::start();
         books.suspect("a");
         books.quarantine_filter("a", start);
         assert!(!books.is_suspect("a"));
@@ -250,7 +250,7 @@ mod tests {
     #[test]
     fn two_strikes_refuse_a_publisher_until_forgiven() {
         let mut books = Quarantine::new(QuarantinePolicy::default());
-        let start = Instant::now();
+        let start = crate::test_clock::start();
         assert_eq!(books.strike("app", start), 1);
         assert!(!books.refuses_publisher("app", start));
         assert_eq!(books.strike("app", start), 2);
@@ -263,7 +263,7 @@ mod tests {
     #[test]
     fn the_books_stay_bounded() {
         let mut books = Quarantine::new(QuarantinePolicy::default());
-        let start = Instant::now();
+        let start = crate::test_clock::start();
         for n in 0..(MAX_QUARANTINED + 10) {
             books.quarantine_filter(&format!("f/{n}"), start + Duration::from_millis(n as u64));
             books.strike(&format!("p/{n}"), start);

@@ -131,7 +131,7 @@ fn granted(qos: QoS) -> SubscribeReturnCode {
 
 impl Harness {
     fn new(config: HubConfig) -> Harness {
-        let now = Instant::now();
+        let now = crate::test_clock::start();
         Harness {
             hub: HubState::new(config, now),
             now,

@@ -52,7 +52,7 @@ impl BambuProfile {
 
 /// What to do with a `pushall`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Pushall {
+pub(crate) enum Pushall {
     /// Answer the asking app from the state; nothing reaches the printer.
     FromState,
     /// Let it reach the printer (the first in its interval).
@@ -71,7 +71,7 @@ pub enum ReportRefusal {
 }
 
 #[derive(Debug)]
-pub(super) struct BambuState {
+pub(crate) struct BambuState {
     profile: BambuProfile,
     report_topic: String,
     request_topic: String,
@@ -89,7 +89,7 @@ pub(super) struct BambuState {
 
 /// What the report watchdog wants now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Watchdog {
+pub(crate) enum Watchdog {
     Quiet,
     /// No report for `report_silence`: ask for `pushall`.
     AskPushall,
@@ -98,7 +98,7 @@ pub(super) enum Watchdog {
 }
 
 impl BambuState {
-    pub(super) fn new(profile: BambuProfile) -> BambuState {
+    pub(crate) fn new(profile: BambuProfile) -> BambuState {
         BambuState {
             report_topic: format!("device/{}/report", profile.serial),
             request_topic: format!("device/{}/request", profile.serial),
@@ -113,7 +113,7 @@ impl BambuState {
 
     /// The report watchdog starts (an upstream holding the report) or
     /// stops (`None`: no upstream, or nobody holds the report).
-    pub(super) fn watch(&mut self, since: Option<Instant>) {
+    pub(crate) fn watch(&mut self, since: Option<Instant>) {
         if since.is_none() || self.watching_since.is_none() {
             self.watching_since = since;
             self.watchdog_asked = None;
@@ -121,7 +121,7 @@ impl BambuState {
     }
 
     /// When the watchdog next needs the hub's attention.
-    pub(super) fn watchdog_deadline(&self) -> Option<Instant> {
+    pub(crate) fn watchdog_deadline(&self) -> Option<Instant> {
         let since = self.watching_since?;
         Some(match self.watchdog_asked {
             Some(asked) => asked + self.profile.pushall_answer,
@@ -134,7 +134,7 @@ impl BambuState {
 
     /// What the watchdog wants at `now`; `AskPushall` is returned once per
     /// silence, and counts as the `pushall` of its interval.
-    pub(super) fn watchdog(&mut self, now: Instant) -> Watchdog {
+    pub(crate) fn watchdog(&mut self, now: Instant) -> Watchdog {
         match self.watchdog_deadline() {
             Some(deadline) if now >= deadline => {}
             _ => return Watchdog::Quiet,
@@ -147,17 +147,17 @@ impl BambuState {
         Watchdog::AskPushall
     }
 
-    pub(super) fn report_topic(&self) -> &str {
+    pub(crate) fn report_topic(&self) -> &str {
         &self.report_topic
     }
 
-    pub(super) fn request_topic(&self) -> &str {
+    pub(crate) fn request_topic(&self) -> &str {
         &self.request_topic
     }
 
     /// A report from the printer: kept, merged, or refused (it still goes
     /// to the apps either way).
-    pub(super) fn on_report(&mut self, payload: &[u8], now: Instant) -> Result<(), ReportRefusal> {
+    pub(crate) fn on_report(&mut self, payload: &[u8], now: Instant) -> Result<(), ReportRefusal> {
         self.last_report = Some(now);
         self.watchdog_asked = None;
         if payload.len() > self.profile.max_state_bytes {
@@ -184,7 +184,7 @@ impl BambuState {
     }
 
     /// The state as one full report, marked as the printer marks one.
-    pub(super) fn full_report(&self) -> Option<Bytes> {
+    pub(crate) fn full_report(&self) -> Option<Bytes> {
         let mut state = self.state.clone()?;
         if let Some(print) = state.get_mut("print").and_then(Value::as_object_mut) {
             print.insert("msg".into(), Value::from(0));
@@ -200,7 +200,7 @@ impl BambuState {
     }
 
     /// What to do with an app's `pushall`.
-    pub(super) fn on_pushall(&mut self, now: Instant) -> Pushall {
+    pub(crate) fn on_pushall(&mut self, now: Instant) -> Pushall {
         if self.is_fresh(now) {
             Pushall::FromState
         } else if self.take_pushall_slot(now) {
@@ -212,13 +212,13 @@ impl BambuState {
 
     /// Whether the hub should ask for the full report itself (an app joined
     /// and there is no state yet), within the one-per-interval rule.
-    pub(super) fn wants_pushall(&mut self, now: Instant) -> bool {
+    pub(crate) fn wants_pushall(&mut self, now: Instant) -> bool {
         self.state.is_none() && self.take_pushall_slot(now)
     }
 
     /// Whether a new upstream should be asked for the full report (the
     /// state may be stale), within the one-per-interval rule.
-    pub(super) fn wants_refresh(&mut self, now: Instant) -> bool {
+    pub(crate) fn wants_refresh(&mut self, now: Instant) -> bool {
         self.take_pushall_slot(now)
     }
 
@@ -233,13 +233,13 @@ impl BambuState {
     }
 
     /// The `pushall` the hub sends on its own.
-    pub(super) fn pushall_request() -> Bytes {
+    pub(crate) fn pushall_request() -> Bytes {
         Bytes::from_static(br#"{"pushing":{"sequence_id":"0","command":"pushall"}}"#)
     }
 }
 
 /// Whether a request payload is a `pushall` (`{"pushing":{"command":"pushall"}}`).
-pub(super) fn is_pushall(payload: &[u8]) -> bool {
+pub(crate) fn is_pushall(payload: &[u8]) -> bool {
     // Cheap test first: most requests are not.
     if !payload.windows(7).any(|window| window == b"pushall") {
         return false;
@@ -250,7 +250,7 @@ pub(super) fn is_pushall(payload: &[u8]) -> bool {
 
 /// Deep-merges `delta` into `base`: objects key by key, everything else
 /// (scalars, arrays) replaced.
-pub(super) fn merge(base: &mut Value, delta: Value) {
+pub(crate) fn merge(base: &mut Value, delta: Value) {
     match (base, delta) {
         (Value::Object(base), Value::Object(delta)) => {
             for (key, value) in delta {
@@ -285,7 +285,7 @@ mod tests {
     #[test]
     fn deltas_merge_objects_and_replace_scalars_and_arrays() {
         let mut state = state();
-        let now = Instant::now();
+        let now = crate::test_clock::start();
         let full = json!({"print": {"msg": 0, "command": "push_status", "nozzle_temper": 25.0,
             "ams": {"ams": [{"id": "0"}, {"id": "1"}], "tray_now": "0"},
             "lights_report": [{"node": "chamber_light", "mode": "on"}]}});
@@ -324,7 +324,7 @@ mod tests {
         let fixture: Value =
             serde_json::from_str(include_str!("testdata/pybambu-h2d.json")).unwrap();
         let mut state = state();
-        let now = Instant::now();
+        let now = crate::test_clock::start();
         let mut full = fixture["push_all"].clone();
         full["msg"] = json!(0);
         state
@@ -356,7 +356,7 @@ mod tests {
     #[test]
     fn the_state_is_bounded() {
         let mut state = state();
-        let now = Instant::now();
+        let now = crate::test_clock::start();
         let big = bytes(json!({"print": {"msg": 0, "blob": "x".repeat(100_000)}}));
         assert!(matches!(
             state.on_report(&big, now),
@@ -380,7 +380,7 @@ mod tests {
     #[test]
     fn one_pushall_per_interval_and_answers_from_a_fresh_state() {
         let mut state = state();
-        let start = Instant::now();
+        let start = crate::test_clock::start();
         assert_eq!(state.on_pushall(start), Pushall::Forward);
         assert_eq!(state.on_pushall(start), Pushall::Absorbed);
         state

@@ -42,8 +42,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
-use super::bambu::merge;
-use super::state::SessionId;
+use crate::bambu::merge;
+use crate::state::SessionId;
 
 /// How a hub treats a CC2.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,7 +183,7 @@ const STATUS_DELTA: i64 = 6000;
 const BUSY: i64 = 1009;
 
 #[derive(Debug)]
-pub(super) struct Cc2State {
+pub(crate) struct Cc2State {
     profile: Cc2Profile,
     prefix: String,
     status_topic: String,
@@ -212,7 +212,7 @@ pub(super) struct Cc2State {
 }
 
 impl Cc2State {
-    pub(super) fn new(profile: Cc2Profile) -> Cc2State {
+    pub(crate) fn new(profile: Cc2Profile) -> Cc2State {
         let prefix = format!("elegoo/{}/", profile.serial);
         Cc2State {
             status_topic: format!("{prefix}api_status"),
@@ -239,26 +239,26 @@ impl Cc2State {
     }
 
     /// What the hub must do now.
-    pub(super) fn take_actions(&mut self) -> Vec<Cc2Action> {
+    pub(crate) fn take_actions(&mut self) -> Vec<Cc2Action> {
         std::mem::take(&mut self.actions)
     }
 
-    pub(super) fn take_counters(&mut self) -> Cc2Counters {
+    pub(crate) fn take_counters(&mut self) -> Cc2Counters {
         std::mem::take(&mut self.counters)
     }
 
     /// Every filter under the printer's topics.
-    pub(super) fn all_topics(&self) -> String {
+    pub(crate) fn all_topics(&self) -> String {
         format!("{}#", self.prefix)
     }
 
-    pub(super) fn status_topic(&self) -> &str {
+    pub(crate) fn status_topic(&self) -> &str {
         &self.status_topic
     }
 
     /// The filter the hub holds upstream for its own sake: the agent's
     /// replies.
-    pub(super) fn agent_response_topic(&self) -> Option<String> {
+    pub(crate) fn agent_response_topic(&self) -> Option<String> {
         self.profile
             .agent_client
             .as_ref()
@@ -277,7 +277,7 @@ impl Cc2State {
     }
 
     /// A session attached.
-    pub(super) fn attach(&mut self, session: SessionId, peer: bool) {
+    pub(crate) fn attach(&mut self, session: SessionId, peer: bool) {
         self.apps.insert(
             session,
             AppEntry {
@@ -289,7 +289,7 @@ impl Cc2State {
 
     /// A session is gone: its registrations, waiting requests and interest
     /// in the status with it (replies on their way are dropped).
-    pub(super) fn detach(&mut self, session: SessionId) {
+    pub(crate) fn detach(&mut self, session: SessionId) {
         let Some(app) = self.apps.remove(&session) else {
             return;
         };
@@ -310,7 +310,7 @@ impl Cc2State {
     }
 
     /// A PUBLISH from an app.
-    pub(super) fn on_app_publish(
+    pub(crate) fn on_app_publish(
         &mut self,
         session: SessionId,
         topic: &str,
@@ -493,7 +493,7 @@ impl Cc2State {
     }
 
     /// When [`Self::handle_timeout`] should next run.
-    pub(super) fn poll_timeout(&self) -> Option<Instant> {
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         let release = if self.queue.is_empty() || self.lost {
             None
         } else {
@@ -510,7 +510,7 @@ impl Cc2State {
         }
     }
 
-    pub(super) fn handle_timeout(&mut self, now: Instant) {
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
         while let Some(oldest) = self.in_flight_order.front() {
             let expired = self
                 .in_flight
@@ -586,7 +586,7 @@ impl Cc2State {
 
     /// A PUBLISH from the printer; true when it was the agent's reply,
     /// which goes to the app that asked (or nowhere), never fanned out.
-    pub(super) fn on_upstream_publish(
+    pub(crate) fn on_upstream_publish(
         &mut self,
         topic: &str,
         payload: &[u8],
@@ -693,7 +693,7 @@ impl Cc2State {
 
     /// `session` just subscribed to the status: it gets the full status
     /// now, or once the printer sent it.
-    pub(super) fn joined_status(&mut self, session: SessionId, now: Instant) {
+    pub(crate) fn joined_status(&mut self, session: SessionId, now: Instant) {
         if self.fresh_status(now).is_some() {
             self.give_status(session);
             return;
@@ -726,13 +726,13 @@ impl Cc2State {
     }
 
     /// The silence watchdog starts (the hub's first upstream).
-    pub(super) fn watch_from(&mut self, now: Instant) {
+    pub(crate) fn watch_from(&mut self, now: Instant) {
         self.last_heard.get_or_insert(now);
     }
 
     /// When the printer counts as silent if nothing comes before: only
     /// over the agent's own connection (a peer link's owner watches).
-    pub(super) fn silence_deadline(&self) -> Option<Instant> {
+    pub(crate) fn silence_deadline(&self) -> Option<Instant> {
         if self.lost || self.profile.agent_client.is_none() {
             return None;
         }
@@ -741,7 +741,7 @@ impl Cc2State {
 
     /// The upstream is gone: replies in flight will not come, and the
     /// printer may have restarted.
-    pub(super) fn upstream_lost(&mut self) {
+    pub(crate) fn upstream_lost(&mut self) {
         self.lost = true;
         self.in_flight.clear();
         self.in_flight_order.clear();
@@ -753,7 +753,7 @@ impl Cc2State {
     /// A new upstream, with the agent's client id on it (`None` over a
     /// peer link). Waiting requests go on; they pass on as they came over
     /// a peer link.
-    pub(super) fn upstream_resumed(&mut self, agent_client: Option<String>, now: Instant) {
+    pub(crate) fn upstream_resumed(&mut self, agent_client: Option<String>, now: Instant) {
         self.lost = false;
         self.last_heard = Some(now);
         self.profile.agent_client = agent_client;

@@ -7,8 +7,8 @@
 //! each session's [`SessionSink`], session ends, the next time it wants to be
 //! woken ([`HubState::poll_timeout`]) and its own end
 //! ([`HubState::take_end`]). It reads no clock, owns no socket and spawns
-//! nothing: the driver in `driver.rs` does that, and the tests beside it
-//! drive it packet by packet.
+//! nothing: the edge's driver does that, and this crate's tests drive it
+//! packet by packet.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -22,11 +22,11 @@ use relay_proto::mqtt::{
 use relay_proto::subscription_index::SubscriptionIndex;
 use relay_proto::topic::topic_matches;
 
-use super::bambu::{BambuProfile, BambuState, Pushall, ReportRefusal, Watchdog, is_pushall};
-use super::cc2::{AppPublish, Cc2Action, Cc2Profile, Cc2State};
-use super::policy::{Bucket, ChurnBudget, ChurnLimit, PublishRate, TopicPolicy};
-use super::quarantine::{Quarantine, QuarantinePolicy, STRIKES_TO_REFUSE};
+use crate::bambu::{BambuProfile, BambuState, Pushall, ReportRefusal, Watchdog, is_pushall};
+use crate::cc2::{AppPublish, Cc2Action, Cc2Profile, Cc2State};
 use crate::close::Close;
+use crate::policy::{Bucket, ChurnBudget, ChurnLimit, PublishRate, TopicPolicy};
+use crate::quarantine::{Quarantine, QuarantinePolicy, STRIKES_TO_REFUSE};
 
 /// Identifies a session within its edge.
 pub type SessionId = u64;
@@ -90,6 +90,14 @@ pub trait SessionSink {
     }
 }
 
+/// What the printer behind a hub is, as its agent said (LINK_ACCEPT):
+/// passed on to peer hubs, which configure themselves the same way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrinterIdentity {
+    pub kind: Option<relay_proto::tunnel::PrinterKind>,
+    pub serial: Option<String>,
+}
+
 /// What a hub is told once, when it starts.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
@@ -121,7 +129,7 @@ pub struct HubConfig {
     /// here, their requests go on the agent's registration, paced.
     pub cc2: Option<Cc2Profile>,
     /// What the printer is (for peer hubs); the state does not use it.
-    pub printer: super::registry::PrinterIdentity,
+    pub printer: PrinterIdentity,
     /// When a filter or a publisher that gets the upstream dropped is
     /// kept away from it ([`super::quarantine`]).
     pub quarantine: QuarantinePolicy,
@@ -230,7 +238,7 @@ impl HubConfig {
             publish_rate: PublishRate::generic(),
             bambu: None,
             cc2: None,
-            printer: super::registry::PrinterIdentity::default(),
+            printer: PrinterIdentity::default(),
             quarantine: QuarantinePolicy::default(),
         }
     }

@@ -126,13 +126,13 @@ impl PublishRate {
 /// A token bucket on the hub's clock, refilled at `per_second` up to
 /// `burst`.
 #[derive(Debug, Clone)]
-pub(super) struct Bucket {
+pub(crate) struct Bucket {
     tokens: f64,
     updated: Instant,
 }
 
 impl Bucket {
-    pub(super) fn full(burst: u32, now: Instant) -> Bucket {
+    pub(crate) fn full(burst: u32, now: Instant) -> Bucket {
         Bucket {
             tokens: f64::from(burst),
             updated: now,
@@ -146,7 +146,7 @@ impl Bucket {
     }
 
     /// Takes one token; false when there is none.
-    pub(super) fn take(&mut self, per_second: f64, burst: u32, now: Instant) -> bool {
+    pub(crate) fn take(&mut self, per_second: f64, burst: u32, now: Instant) -> bool {
         self.refill(per_second, burst, now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -157,12 +157,12 @@ impl Bucket {
     }
 
     /// Returns a token taken for nothing.
-    pub(super) fn give_back(&mut self) {
+    pub(crate) fn give_back(&mut self) {
         self.tokens += 1.0;
     }
 
     /// When the next token will be there.
-    pub(super) fn next_token(&self, per_second: f64) -> Instant {
+    pub(crate) fn next_token(&self, per_second: f64) -> Instant {
         let missing = (1.0 - self.tokens).max(0.0);
         self.updated + Duration::from_secs_f64(missing / per_second.max(f64::MIN_POSITIVE))
     }
@@ -170,13 +170,13 @@ impl Bucket {
 
 /// One session's churn budget: a token bucket on the hub's clock.
 #[derive(Debug, Clone)]
-pub(super) struct ChurnBudget {
+pub(crate) struct ChurnBudget {
     tokens: f64,
     updated: Instant,
 }
 
 impl ChurnBudget {
-    pub(super) fn new(limit: ChurnLimit, now: Instant) -> ChurnBudget {
+    pub(crate) fn new(limit: ChurnLimit, now: Instant) -> ChurnBudget {
         ChurnBudget {
             tokens: f64::from(limit.burst),
             updated: now,
@@ -184,7 +184,7 @@ impl ChurnBudget {
     }
 
     /// Takes one upstream packet's worth; false when the budget is spent.
-    pub(super) fn take(&mut self, limit: ChurnLimit, now: Instant) -> bool {
+    pub(crate) fn take(&mut self, limit: ChurnLimit, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.updated);
         self.updated = now;
         let refill = elapsed.as_secs_f64() * f64::from(limit.per_minute) / 60.0;
@@ -258,7 +258,7 @@ mod tests {
             burst: 2,
             per_minute: 60,
         };
-        let start = Instant::now();
+        let start = crate::test_clock::start();
         let mut budget = ChurnBudget::new(limit, start);
         assert!(budget.take(limit, start));
         assert!(budget.take(limit, start));

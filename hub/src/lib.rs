@@ -1,0 +1,43 @@
+//! The device hub's rules: how many MQTT sessions share one upstream
+//! connection to a printer, as a state machine without IO.
+//!
+//! [`HubState`] takes what happens (a session attaches, a client packet
+//! arrives, the upstream sends a packet or is lost, time passes) through
+//! `handle_*`, `attach`, `detach` and `upstream_*` calls, with the time
+//! passed in, and answers with bytes for the upstream, deliveries into each
+//! session's [`SessionSink`], session ends, the next time it wants to be
+//! woken and its own end. It depends on `relay-proto` and nothing that does
+//! IO: no tokio, no sockets, no clock (this crate's `Cargo.toml` is the
+//! proof). The edge drives it over the agent's printer link or a peer link.
+//!
+//! - [`state`]: the hub itself: sessions, reference-counted upstream
+//!   subscriptions, packet-id remapping, QoS, retained replay, upstream
+//!   continuity, the watchdogs that find a silent printer.
+//! - [`policy`]: what sessions may subscribe to and publish, the churn and
+//!   publish-rate budgets.
+//! - [`quarantine`]: filters and publishers that get the upstream dropped.
+//! - [`bambu`], [`cc2`]: what a Bambu Lab printer and an Elegoo Centauri
+//!   Carbon 2 need beyond MQTT (report state, `pushall`, registrations).
+//! - [`close`]: how a session ends, as MQTT codes and a WebSocket close.
+
+pub mod bambu;
+pub mod cc2;
+pub mod close;
+pub mod policy;
+pub mod quarantine;
+pub mod state;
+#[cfg(test)]
+mod test_clock;
+#[cfg(test)]
+mod tests;
+
+pub use bambu::BambuProfile;
+pub use cc2::Cc2Profile;
+pub use close::Close;
+pub use policy::{ChurnLimit, PublishRate, PublishRefusal, TopicPolicy};
+pub use quarantine::QuarantinePolicy;
+pub use state::{
+    HubConfig, HubCounters, HubEnd, HubState, PacketExtras, PrinterIdentity, PublishRefused,
+    QuarantineEvent, RetainHandling, RetainedReplay, SessionAttach, SessionId, SessionSink,
+    Silence, SubscriptionExtras,
+};

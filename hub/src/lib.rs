@@ -23,6 +23,8 @@
 pub mod bambu;
 pub mod cc2;
 pub mod close;
+#[cfg(test)]
+mod invariants;
 pub mod policy;
 pub mod quarantine;
 pub mod state;

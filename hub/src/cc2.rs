@@ -73,6 +73,10 @@ pub struct Cc2Profile {
     /// heartbeat, no status): it is silent, and its connection is made
     /// again (OctoEverywhere waits 65 s for a PONG).
     pub silence: Duration,
+    /// While apps hold the status and no status came for this long, the
+    /// hub asks the printer for its full status (1002); no status this
+    /// long after that either: the printer is silent.
+    pub status_silence: Duration,
 }
 
 impl Cc2Profile {
@@ -89,6 +93,7 @@ impl Cc2Profile {
             max_registrations_per_session: 8,
             first_request_id: 1,
             silence: Duration::from_secs(65),
+            status_silence: Duration::from_secs(20),
         }
     }
 }
@@ -207,6 +212,11 @@ pub(crate) struct Cc2State {
     /// When the printer was last heard from on the agent's registration
     /// (its PONGs, replies) or its status: the silence watchdog's start.
     last_heard: Option<Instant>,
+    /// While apps hold the status: when a status (a delta or a 1002
+    /// reply) last came, or the watch began.
+    status_heard: Option<Instant>,
+    /// When the status watchdog asked for a 1002, with no status since.
+    status_probe: Option<Instant>,
     actions: Vec<Cc2Action>,
     counters: Cc2Counters,
 }
@@ -233,6 +243,8 @@ impl Cc2State {
             awaiting_status: Vec::new(),
             lost: false,
             last_heard: None,
+            status_heard: None,
+            status_probe: None,
             actions: Vec::new(),
             counters: Cc2Counters::default(),
         }
@@ -594,6 +606,7 @@ impl Cc2State {
     ) -> bool {
         if topic == self.status_topic {
             self.last_heard = Some(now);
+            self.heard_status(now);
             self.on_status(payload, now);
             return false;
         }
@@ -624,6 +637,7 @@ impl Cc2State {
             && let Some(result) = reply.get("result")
             && result["error_code"].as_i64().unwrap_or(0) == 0
         {
+            self.heard_status(now);
             let mut status = result.clone();
             if let Some(status) = status.as_object_mut() {
                 status.remove("error_code");
@@ -725,6 +739,50 @@ impl Cc2State {
         });
     }
 
+    fn heard_status(&mut self, now: Instant) {
+        // Watching from the first status; the hub stops the watch at its
+        // next look if no app holds the status.
+        self.status_heard = Some(now);
+        self.status_probe = None;
+    }
+
+    /// The status watchdog watches while apps hold the status topic over
+    /// the agent's own connection.
+    pub(crate) fn watch_status(&mut self, held: bool, now: Instant) {
+        if !held || self.lost || self.profile.agent_client.is_none() {
+            self.status_heard = None;
+            self.status_probe = None;
+        } else if self.status_heard.is_none() {
+            self.status_heard = Some(now);
+        }
+    }
+
+    /// When the status watchdog next needs the hub.
+    pub(crate) fn status_deadline(&self) -> Option<Instant> {
+        let heard = self.status_heard?;
+        Some(match self.status_probe {
+            Some(asked) => asked + self.profile.status_silence,
+            None => heard + self.profile.status_silence,
+        })
+    }
+
+    /// The status watchdog at `now`: asks for a 1002 once after
+    /// `status_silence` without a status (true: asked), and says the
+    /// printer is silent (`Err`) when that brought none either.
+    pub(crate) fn status_watchdog(&mut self, now: Instant) -> Result<bool, ()> {
+        match self.status_deadline() {
+            Some(deadline) if now >= deadline => {}
+            _ => return Ok(false),
+        }
+        if self.status_probe.is_some() {
+            return Err(());
+        }
+        self.status_probe = Some(now);
+        self.full_status_asked = false;
+        self.ask_full_status(now);
+        Ok(true)
+    }
+
     /// The silence watchdog starts (the hub's first upstream).
     pub(crate) fn watch_from(&mut self, now: Instant) {
         self.last_heard.get_or_insert(now);
@@ -743,6 +801,8 @@ impl Cc2State {
     /// printer may have restarted.
     pub(crate) fn upstream_lost(&mut self) {
         self.lost = true;
+        self.status_heard = None;
+        self.status_probe = None;
         self.in_flight.clear();
         self.in_flight_order.clear();
         self.full_status_asked = self.queue.iter().any(|queued| queued.origin.is_none());

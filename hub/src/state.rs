@@ -184,8 +184,12 @@ pub struct HubCounters {
     pub silent_pingresp: u64,
     /// …or, on a Bambu printer, no report after the watchdog's `pushall`…
     pub silent_report: u64,
-    /// …or, on a CC2, nothing at all (no PONG, no status) for 65 s.
+    /// …or, on a CC2, nothing at all (no PONG, no status) for 65 s…
     pub silent_pong: u64,
+    /// …or, on a CC2 that apps watch, no status nor after a 1002.
+    pub silent_status: u64,
+    /// Watchdog 1002s sent to a CC2 whose status went quiet.
+    pub watchdog_status_requests: u64,
     /// Watchdog `pushall`s sent to a Bambu printer that stopped reporting.
     pub watchdog_pushalls: u64,
     /// PUBLISHes refused because their publisher is quarantined (also
@@ -306,6 +310,8 @@ pub enum Silence {
     NoReport,
     /// A CC2: nothing (no PONG to the agent's heartbeat, no status).
     NoPong,
+    /// A CC2 watched by apps: no status, nor after a 1002.
+    NoStatus,
 }
 
 impl std::fmt::Display for Silence {
@@ -314,6 +320,7 @@ impl std::fmt::Display for Silence {
             Silence::NoPingResp => "no PINGRESP in time",
             Silence::NoReport => "no report, nor after pushall",
             Silence::NoPong => "no PONG to the heartbeat, no status",
+            Silence::NoStatus => "no status, nor after a full-status request",
         })
     }
 }
@@ -797,7 +804,8 @@ impl<S: SessionSink> HubState<S> {
             .map(|(sent, _)| *sent + self.pingresp_deadline());
         let report = self.bambu.as_ref().and_then(BambuState::watchdog_deadline);
         let pong = self.cc2.as_ref().and_then(Cc2State::silence_deadline);
-        [ping, report, pong].into_iter().flatten().min()
+        let status = self.cc2.as_ref().and_then(Cc2State::status_deadline);
+        [ping, report, pong, status].into_iter().flatten().min()
     }
 
     /// The watchdogs: a PINGREQ unanswered past its deadline, and on a
@@ -824,6 +832,28 @@ impl<S: SessionSink> HubState<S> {
             self.end
                 .get_or_insert(HubEnd::UpstreamSilent(Silence::NoPong));
             return;
+        }
+        let status_held = self.cc2.as_ref().is_some_and(|cc2| {
+            self.upstream_filters.iter().any(|(filter, held)| {
+                matches!(held.granted, Some(SubscribeReturnCode::Success(_)))
+                    && topic_matches(filter, cc2.status_topic())
+            })
+        });
+        if let Some(cc2) = &mut self.cc2 {
+            cc2.watch_status(status_held, now);
+            match cc2.status_watchdog(now) {
+                Ok(false) => {}
+                Ok(true) => {
+                    self.counters.watchdog_status_requests += 1;
+                    self.run_cc2_actions(now);
+                }
+                Err(()) => {
+                    self.counters.silent_status += 1;
+                    self.end
+                        .get_or_insert(HubEnd::UpstreamSilent(Silence::NoStatus));
+                    return;
+                }
+            }
         }
         let report_held = self.report_held();
         let Some(bambu) = &mut self.bambu else {

@@ -2499,3 +2499,49 @@ fn a_cc2_that_answers_no_heartbeat_for_65_s_is_silent_and_one_that_pongs_is_not(
     ));
     assert_eq!(silent.hub.counters().silent_pong, 1);
 }
+
+#[test]
+fn a_cc2_whose_status_goes_quiet_is_asked_for_1002_then_found_silent() {
+    let pong = || {
+        json_publish(
+            &format!("elegoo/SN/{CC2_AGENT}/api_response"),
+            serde_json::json!({"type": "PONG"}),
+        )
+    };
+    let mut hub = cc2_hub();
+    hub.cc2_app(1, "app");
+    hub.client(
+        1,
+        subscribe(3, &[("elegoo/SN/api_status", QoS::AtMostOnce)]),
+    );
+    let upstream = hub.upstream_subscribe();
+    hub.printer(suback(
+        upstream.packet_id.get(),
+        &[granted(QoS::AtMostOnce)],
+    ));
+    hub.printer(Packet::PingResp);
+    let asked = hub.cc2_sent();
+    hub.cc2_printer_answers(serde_json::json!({
+        "id": asked[0]["id"], "method": 1002, "result": { "error_code": 0 },
+    }));
+    // PONGs keep coming (the heartbeat watchdog is content); the status
+    // does not.
+    hub.advance(Duration::from_secs(10));
+    hub.printer(pong());
+    hub.upstream();
+    hub.advance(Duration::from_secs(10));
+    let asked = hub.cc2_sent();
+    assert_eq!(asked.len(), 1, "a 1002 after 20 s without status");
+    assert_eq!(asked[0]["method"], 1002);
+    hub.printer(pong());
+    hub.advance(Duration::from_secs(10));
+    hub.printer(pong());
+    hub.upstream();
+    assert!(hub.hub.take_end().is_none());
+    hub.advance(Duration::from_secs(10));
+    assert!(matches!(
+        hub.hub.take_end(),
+        Some(HubEnd::UpstreamSilent(crate::state::Silence::NoStatus))
+    ));
+    assert_eq!(hub.hub.counters().watchdog_status_requests, 1);
+}

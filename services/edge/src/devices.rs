@@ -497,6 +497,7 @@ impl Devices {
             Silence::NoPingResp => "pingresp",
             Silence::NoReport => "report",
             Silence::NoPong => "pong",
+            Silence::NoStatus => "status",
         };
         let detail = silence.to_string();
         let record = self

@@ -216,6 +216,11 @@ fn export_counters(
             exported.cc2_queue_overflows,
         ),
         (
+            "watchdog_status_request",
+            current.watchdog_status_requests,
+            exported.watchdog_status_requests,
+        ),
+        (
             "watchdog_pushall",
             current.watchdog_pushalls,
             exported.watchdog_pushalls,
@@ -274,6 +279,7 @@ impl Context {
                 ),
                 ("report", current.silent_report, self.exported.silent_report),
                 ("pong", current.silent_pong, self.exported.silent_pong),
+                ("status", current.silent_status, self.exported.silent_status),
             ] {
                 if now > before {
                     silences.with_label_values(&[watchdog]).inc_by(now - before);
@@ -283,6 +289,7 @@ impl Context {
         self.exported.silent_pingresp = current.silent_pingresp;
         self.exported.silent_report = current.silent_report;
         self.exported.silent_pong = current.silent_pong;
+        self.exported.silent_status = current.silent_status;
         if let Some(quarantines) = &self.quarantines
             && current.quarantined_filters > quarantined_before
         {

@@ -232,7 +232,20 @@ impl BambuState {
         free
     }
 
-    /// The `pushall` the hub sends on its own.
+    /// The `pushall` the hub sends on its own, as a PUBLISH to the
+    /// printer's request topic.
+    pub(crate) fn pushall_publish(&self) -> relay_proto::mqtt::Publish {
+        relay_proto::mqtt::Publish {
+            dup: false,
+            qos: relay_proto::mqtt::QoS::AtMostOnce,
+            retain: false,
+            topic: self.request_topic.clone(),
+            packet_id: None,
+            payload: Self::pushall_request(),
+        }
+    }
+
+    /// The `pushall` payload.
     pub(crate) fn pushall_request() -> Bytes {
         Bytes::from_static(br#"{"pushing":{"sequence_id":"0","command":"pushall"}}"#)
     }

@@ -610,9 +610,13 @@ impl<S: SessionSink> HubState<S> {
             // Subscribed when the upstream resumes.
             return;
         }
-        let Some(id) = self.allocate_upstream_id() else {
-            return;
-        };
+        self.subscribe_upstream_alone(filter, now);
+    }
+
+    /// Sends one SUBSCRIBE for `filter` alone and awaits its SUBACK;
+    /// returns its packet id (`None`: every id is in use).
+    fn subscribe_upstream_alone(&mut self, filter: String, now: Instant) -> Option<PacketId> {
+        let id = self.allocate_upstream_id()?;
         self.queue_upstream(&Packet::Subscribe(Subscribe {
             packet_id: id,
             filters: vec![(filter.clone(), QoS::AtLeastOnce)],
@@ -624,6 +628,7 @@ impl<S: SessionSink> HubState<S> {
                 sent_at: now,
             },
         );
+        Some(id)
     }
 
     /// The client id a CC2's agent registered with on the upstream about to
@@ -867,14 +872,7 @@ impl<S: SessionSink> HubState<S> {
             Watchdog::Quiet => {}
             Watchdog::AskPushall => {
                 self.counters.watchdog_pushalls += 1;
-                let request = Publish {
-                    dup: false,
-                    qos: QoS::AtMostOnce,
-                    retain: false,
-                    topic: bambu.request_topic().to_owned(),
-                    packet_id: None,
-                    payload: BambuState::pushall_request(),
-                };
+                let request = bambu.pushall_publish();
                 self.queue_upstream(&Packet::Publish(request));
             }
             Watchdog::Silent => {
@@ -1462,14 +1460,7 @@ impl<S: SessionSink> HubState<S> {
             && let Some(bambu) = &mut self.bambu
             && bambu.wants_refresh(now)
         {
-            let request = Publish {
-                dup: false,
-                qos: QoS::AtMostOnce,
-                retain: false,
-                topic: bambu.request_topic().to_owned(),
-                packet_id: None,
-                payload: BambuState::pushall_request(),
-            };
+            let request = bambu.pushall_publish();
             self.queue_upstream(&Packet::Publish(request));
         }
         if let Some(cc2) = &mut self.cc2 {
@@ -1648,21 +1639,9 @@ impl<S: SessionSink> HubState<S> {
                 // Nobody holds it any more.
                 continue;
             }
-            let Some(id) = self.allocate_upstream_id() else {
-                return;
-            };
-            self.queue_upstream(&Packet::Subscribe(Subscribe {
-                packet_id: id,
-                filters: vec![(filter.clone(), QoS::AtLeastOnce)],
-            }));
-            self.pending.insert(
-                id,
-                Pending::Subscribe {
-                    filters: vec![filter.clone()],
-                    sent_at: now,
-                },
-            );
-            self.quarantine.start_trial(id, filter);
+            if let Some(id) = self.subscribe_upstream_alone(filter.clone(), now) {
+                self.quarantine.start_trial(id, filter);
+            }
             return;
         }
     }
@@ -2082,14 +2061,7 @@ impl<S: SessionSink> HubState<S> {
             });
             self.send_to(session, &report, now);
         } else if self.lost_until.is_none() && bambu.wants_pushall(now) {
-            let request = Publish {
-                dup: false,
-                qos: QoS::AtMostOnce,
-                retain: false,
-                topic: bambu.request_topic().to_owned(),
-                packet_id: None,
-                payload: BambuState::pushall_request(),
-            };
+            let request = bambu.pushall_publish();
             self.publish_upstream(None, request, None, now);
         }
     }

@@ -112,18 +112,7 @@ pub enum Cc2Action {
     Upstream { topic: String, payload: Bytes },
 }
 
-/// What became of an app's PUBLISH.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AppPublish {
-    /// Not one of the printer's topics: the hub's policy decides.
-    NotMine,
-    /// Answered or queued here; acknowledge it, send nothing on.
-    Taken,
-    /// Refused: acknowledged and dropped, counted.
-    Refused,
-    /// Goes to the upstream as it came (over a peer link).
-    Forward,
-}
+pub use crate::profile::AppPublish;
 
 /// What the profile counted; the hub adds them to its counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -810,13 +799,18 @@ impl Cc2State {
         self.last_status_id = None;
     }
 
-    /// A new upstream, with the agent's client id on it (`None` over a
-    /// peer link). Waiting requests go on; they pass on as they came over
-    /// a peer link.
-    pub(crate) fn upstream_resumed(&mut self, agent_client: Option<String>, now: Instant) {
+    /// The client id the agent connected to the printer with, for the
+    /// upstream about to resume (`None`: a peer link). Kept here only.
+    pub(crate) fn set_agent_client(&mut self, agent_client: Option<String>) {
+        self.profile.agent_client = agent_client;
+    }
+
+    /// A new upstream, with the agent's client id on it
+    /// ([`Self::set_agent_client`]). Waiting requests go on; they pass on
+    /// as they came over a peer link.
+    pub(crate) fn upstream_resumed(&mut self, now: Instant) {
         self.lost = false;
         self.last_heard = Some(now);
-        self.profile.agent_client = agent_client;
         if self.profile.agent_client.is_none() {
             let queued: Vec<QueuedRequest> = self.queue.drain(..).collect();
             self.full_status_asked = false;

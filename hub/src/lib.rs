@@ -16,8 +16,10 @@
 //! - [`policy`]: what sessions may subscribe to and publish, the churn and
 //!   publish-rate budgets.
 //! - [`quarantine`]: filters and publishers that get the upstream dropped.
-//! - [`bambu`], [`cc2`]: what a Bambu Lab printer and an Elegoo Centauri
-//!   Carbon 2 need beyond MQTT (report state, `pushall`, registrations).
+//! - [`profile`]: what a kind of printer needs beyond MQTT, behind one
+//!   trait whose hooks return actions; [`bambu`] and [`cc2`] implement it
+//!   for a Bambu Lab printer and an Elegoo Centauri Carbon 2 (report
+//!   state, `pushall`, registrations).
 //! - [`close`]: how a session ends, as MQTT codes and a WebSocket close.
 
 pub mod bambu;
@@ -26,6 +28,7 @@ pub mod close;
 #[cfg(test)]
 mod invariants;
 pub mod policy;
+pub mod profile;
 pub mod quarantine;
 pub mod state;
 #[cfg(test)]
@@ -37,6 +40,7 @@ pub use bambu::BambuProfile;
 pub use cc2::Cc2Profile;
 pub use close::Close;
 pub use policy::{ChurnLimit, PublishRate, PublishRefusal, TopicPolicy};
+pub use profile::{Profile, ProfileConfig};
 pub use quarantine::QuarantinePolicy;
 pub use state::{
     HubConfig, HubCounters, HubEnd, HubState, PacketExtras, PrinterIdentity, PublishRefused,

@@ -1085,7 +1085,7 @@ fn a_session_far_over_the_rate_is_cut_and_its_waiting_publishes_dropped() {
 
 fn bambu_hub() -> Harness {
     Harness::new(HubConfig {
-        bambu: Some(BambuProfile::new("X1")),
+        profile: crate::profile::ProfileConfig::Bambu(BambuProfile::new("X1")),
         ..bambu_like_policy()
     })
 }
@@ -1398,7 +1398,7 @@ fn cc2_hub_with(profile: super::cc2::Cc2Profile) -> Harness {
             deny: Vec::new(),
             retain: false,
         }),
-        cc2: Some(profile),
+        profile: crate::profile::ProfileConfig::Cc2(profile),
         ..config(RetainedReplay::WhenSeen)
     });
     // The hub holds the agent's replies for itself.
@@ -1785,7 +1785,7 @@ fn cc2_over_a_peer_link_requests_pass_on_as_they_came() {
             deny: Vec::new(),
             retain: false,
         }),
-        cc2: Some(super::cc2::Cc2Profile::new("SN", None)),
+        profile: crate::profile::ProfileConfig::Cc2(super::cc2::Cc2Profile::new("SN", None)),
         ..config(RetainedReplay::WhenSeen)
     });
     assert_eq!(hub.upstream(), vec![], "no agent registration to hold");

@@ -19,8 +19,8 @@ use relay_store::Store;
 use crate::close::Close;
 use crate::config::PrintersConfig;
 use crate::hub::{
-    BambuProfile, Cc2Profile, HubConfig, HubHandle, Hubs, PrinterIdentity, RetainedReplay, Silence,
-    TunnelProbe, Upstream, UpstreamFailure, UpstreamSource,
+    BambuProfile, Cc2Profile, HubConfig, HubHandle, Hubs, PrinterIdentity, ProfileConfig,
+    RetainedReplay, Silence, TunnelProbe, Upstream, UpstreamFailure, UpstreamSource,
 };
 use crate::peer::Peers;
 
@@ -439,22 +439,19 @@ impl Devices {
             churn: printer.churn(),
             quarantine: printer.quarantine(),
             publish_rate: printer.publish_rate(),
-            bambu: match (accept.printer_kind, &accept.printer_serial) {
-                (Some(PrinterKind::Bambu), Some(serial)) => Some(BambuProfile {
+            profile: match (accept.printer_kind, &accept.printer_serial) {
+                (Some(PrinterKind::Bambu), Some(serial)) => ProfileConfig::Bambu(BambuProfile {
                     pushall_interval: Duration::from_secs(printer.pushall_interval_seconds),
                     report_silence: Duration::from_secs(printer.report_silence_seconds),
                     pushall_answer: Duration::from_secs(printer.pushall_answer_seconds),
                     ..BambuProfile::new(serial)
                 }),
-                _ => None,
-            },
-            cc2: match (accept.printer_kind, &accept.printer_serial) {
-                (Some(PrinterKind::ElegooCc2), Some(serial)) => Some(Cc2Profile {
+                (Some(PrinterKind::ElegooCc2), Some(serial)) => ProfileConfig::Cc2(Cc2Profile {
                     request_interval: Duration::from_millis(printer.request_interval_ms),
                     first_request_id: first_request_id(),
                     ..Cc2Profile::new(serial, accept.printer_client_id.clone())
                 }),
-                _ => None,
+                _ => ProfileConfig::Generic,
             },
             printer: PrinterIdentity {
                 kind: accept.printer_kind,

@@ -36,10 +36,10 @@ pub use outbound::{Outbound, OutboundReceiver, OutboundSender, outbound_queue};
 pub use registry::{HubHandle, Hubs, TunnelProbe};
 pub use relay_hub::PrinterIdentity;
 pub use relay_hub::{
-    BambuProfile, Cc2Profile, ChurnLimit, PublishRate, PublishRefusal, QuarantinePolicy,
-    TopicPolicy,
+    BambuProfile, Cc2Profile, ChurnLimit, ProfileConfig, PublishRate, PublishRefusal,
+    QuarantinePolicy, TopicPolicy,
 };
-pub use relay_hub::{bambu, cc2, policy, quarantine, state};
+pub use relay_hub::{bambu, cc2, policy, profile, quarantine, state};
 pub use state::{
     HubConfig, HubCounters, HubEnd, HubState, PacketExtras, PublishRefused, QuarantineEvent,
     RetainHandling, RetainedReplay, SessionAttach, SessionId, SessionSink, Silence,

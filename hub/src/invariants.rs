@@ -12,6 +12,8 @@
 //! - what the hub keeps stays bounded.
 //!
 //! `PROPTEST_CASES` sets the number of sequences (CI runs the default).
+//! [`run_ops`] runs the same operations decoded from bytes, for the fuzz
+//! target in `hub/fuzz` (feature `fuzzing`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -82,6 +84,53 @@ enum Op {
 const FILTERS: [&str; 5] = ["a/b", "a/+", "#", "c/d", "a/b/c"];
 const TOPICS: [&str; 4] = ["a/b", "c/d", "a/x", "a/b/c"];
 
+impl Op {
+    /// One operation from the front of `data` (two bytes), as the fuzz
+    /// target reads them; `None` once `data` is used up.
+    fn from_bytes(data: &mut &[u8]) -> Option<Op> {
+        let (&kind, &argument) = (data.first()?, data.get(1)?);
+        *data = &data[2..];
+        let slot = argument % 4;
+        let second = (argument >> 2) % 5;
+        Some(match kind % 11 {
+            0 => Op::Attach(slot),
+            1 => Op::Detach(slot),
+            2 => Op::Subscribe(slot, second),
+            3 => Op::Unsubscribe(slot, second),
+            4 => Op::Publish(slot, second % 4, argument & 0x80 != 0),
+            5 => Op::Answer,
+            6 => Op::AnswerAll,
+            7 => Op::BrokerPublish(slot),
+            8 => Op::Lost,
+            9 => Op::Resumed,
+            _ => Op::Advance(u16::from(argument) * 80),
+        })
+    }
+}
+
+/// Runs the operations `data` encodes, two bytes each, checking the
+/// invariants after every step; panics on a broken one.
+pub fn run_ops(mut data: &[u8]) {
+    let mut world = World::new();
+    let mut steps = 0;
+    while let Some(op) = Op::from_bytes(&mut data) {
+        steps += 1;
+        if steps > 500 {
+            break;
+        }
+        match world.step(op) {
+            Ok(()) => {}
+            Err(TestCaseError::Reject(_)) => return,
+            Err(TestCaseError::Fail(why)) => panic!("{why}"),
+        }
+    }
+    match world.nothing_lost() {
+        Ok(()) | Err(TestCaseError::Reject(_)) => {}
+        Err(TestCaseError::Fail(why)) => panic!("{why}"),
+    }
+}
+
+#[cfg(test)]
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         2 => (0u8..4).prop_map(Op::Attach),
@@ -393,6 +442,7 @@ impl World {
     }
 }
 
+#[cfg(test)]
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(2_000),
@@ -408,4 +458,13 @@ proptest! {
         }
         world.nothing_lost()?;
     }
+}
+
+#[cfg(test)]
+#[test]
+fn the_fuzz_entry_runs_what_bytes_say() {
+    // Attach, subscribe, publish QoS 1, lose and resume, answer all.
+    run_ops(&[0, 0, 2, 0, 4, 0x80, 8, 0, 9, 0, 6, 0, 10, 255]);
+    run_ops(&[]);
+    run_ops(&[7]);
 }

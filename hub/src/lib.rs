@@ -26,12 +26,15 @@ pub mod bambu;
 pub mod cc2;
 pub mod close;
 #[cfg(test)]
-mod invariants;
+mod fake_broker;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod invariants;
 pub mod policy;
 pub mod profile;
 pub mod quarantine;
 pub mod state;
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 mod test_clock;
 #[cfg(test)]
 mod tests;

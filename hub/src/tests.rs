@@ -21,6 +21,7 @@ use super::state::{
     HubConfig, HubCounters, HubEnd, HubState, RetainedReplay, SessionAttach, SessionId, SessionSink,
 };
 use crate::close::Close;
+use crate::fake_broker::FakeBroker;
 
 /// What one session's client has been sent.
 #[derive(Debug, Default)]
@@ -78,6 +79,9 @@ struct Harness {
     hub: HubState<RecordingSink>,
     now: Instant,
     sessions: HashMap<SessionId, Rc<RefCell<Received>>>,
+    /// The upstream, for tests that let a broker answer
+    /// ([`Harness::settle`]) instead of writing its packets.
+    broker: FakeBroker,
 }
 
 fn id(value: u16) -> PacketId {
@@ -136,7 +140,32 @@ impl Harness {
             hub: HubState::new(config, now),
             now,
             sessions: HashMap::new(),
+            broker: FakeBroker::new(),
         }
+    }
+
+    /// The broker answers everything the hub sent, and what that makes
+    /// the hub send, until the hub has nothing more to say.
+    fn settle(&mut self) {
+        loop {
+            let packets = self.upstream_with_pings();
+            if packets.is_empty() {
+                return;
+            }
+            for packet in packets {
+                for answer in self.broker.answer(packet) {
+                    self.printer(answer);
+                }
+            }
+        }
+    }
+
+    /// Another client of the broker (or the printer) publishes.
+    fn published_elsewhere(&mut self, publish: Publish) {
+        for packet in self.broker.publish_from_elsewhere(publish) {
+            self.printer(packet);
+        }
+        self.settle();
     }
 
     fn attach_with(&mut self, session: SessionId, client_id: &str, will: Option<Publish>) {
@@ -2544,4 +2573,77 @@ fn a_cc2_whose_status_goes_quiet_is_asked_for_1002_then_found_silent() {
         Some(HubEnd::UpstreamSilent(crate::state::Silence::NoStatus))
     ));
     assert_eq!(hub.hub.counters().watchdog_status_requests, 1);
+}
+
+#[test]
+fn through_the_hub_each_client_sees_what_mosquitto_would_show_it() {
+    // Three apps on one broker connection; the broker keeps retained
+    // messages and answers as Mosquitto does.
+    let mut hub = Harness::new(config(RetainedReplay::Always));
+    hub.published_elsewhere(retained("home/lamp", b"on"));
+    for session in 1..=3 {
+        hub.attach(session);
+    }
+
+    // Each subscriber gets the retained message once, flagged RETAIN, at
+    // the lower of its QoS and the message's; the broker hears one
+    // SUBSCRIBE per joining filter, never a second connection.
+    hub.client(1, subscribe(1, &[("home/#", QoS::AtLeastOnce)]));
+    hub.settle();
+    hub.client(2, subscribe(1, &[("home/lamp", QoS::AtMostOnce)]));
+    hub.settle();
+    for session in [1, 2] {
+        let packets = hub.received(session);
+        assert!(matches!(packets[0], Packet::SubAck(_)), "{packets:?}");
+        let retained: Vec<&Publish> = packets[1..]
+            .iter()
+            .map(|packet| match packet {
+                Packet::Publish(publish) => publish,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(retained.len(), 1, "session {session}: {packets:?}");
+        assert!(retained[0].retain);
+        assert_eq!(retained[0].payload, Bytes::from_static(b"on"));
+    }
+    assert!(hub.received(3).is_empty(), "not subscribed: nothing");
+
+    // A live message reaches both subscribers once, RETAIN 0.
+    hub.published_elsewhere(publish("home/lamp", QoS::AtLeastOnce, Some(7), b"off"));
+    for session in [1, 2] {
+        let live = hub.publishes(session);
+        assert_eq!(live.len(), 1, "session {session}");
+        assert!(!live[0].retain);
+        assert_eq!(live[0].payload, Bytes::from_static(b"off"));
+    }
+    assert_eq!(hub.publishes(1)[..], [], "once");
+
+    // An app's QoS 1 PUBLISH is acknowledged after the broker's PUBACK,
+    // and reaches the other subscriber as the broker routes it.
+    hub.client(
+        3,
+        Packet::Publish(publish("home/lamp", QoS::AtLeastOnce, Some(9), b"dim")),
+    );
+    assert!(hub.received(3).is_empty(), "no PUBACK before the broker's");
+    hub.settle();
+    assert_eq!(hub.received(3), vec![Packet::PubAck(id(9))]);
+    assert_eq!(hub.publishes(2)[0].payload, Bytes::from_static(b"dim"));
+    assert_eq!(hub.publishes(1)[0].payload, Bytes::from_static(b"dim"));
+
+    // A retained message cleared by another client: a later subscriber
+    // gets nothing, as on Mosquitto.
+    hub.published_elsewhere(retained("home/lamp", b""));
+    hub.received(1);
+    hub.received(2);
+    hub.attach(4);
+    hub.client(4, subscribe(2, &[("home/+", QoS::AtLeastOnce)]));
+    hub.settle();
+    assert!(matches!(hub.received(4).as_slice(), [Packet::SubAck(_)]));
+    let subscribes = hub
+        .broker
+        .heard
+        .iter()
+        .filter(|packet| matches!(packet, Packet::Subscribe(_)))
+        .count();
+    assert_eq!(subscribes, 3, "one SUBSCRIBE per joining filter");
 }

@@ -75,7 +75,7 @@ impl<S: SessionSink> HubState<S> {
         let Some(entry) = self.sessions.get_mut(&session) else {
             return;
         };
-        let Some(client_id) = publish.packet_id else {
+        let Some(client_packet_id) = publish.packet_id else {
             if self.over_rate.is_empty() && self.take_publish_token(now) {
                 self.publish_upstream(None, publish, None, now);
                 self.last_qos0 = Some((now, session));
@@ -85,10 +85,10 @@ impl<S: SessionSink> HubState<S> {
             return;
         };
         if publish.qos == QoS::ExactlyOnce {
-            match entry.exactly_once.get(&client_id) {
+            match entry.exactly_once.get(&client_packet_id) {
                 // A re-sent PUBLISH already acknowledged: PUBREC again.
                 Some(true) => {
-                    self.send_to(session, &Packet::PubRec(client_id), now);
+                    self.send_to(session, &Packet::PubRec(client_packet_id), now);
                     return;
                 }
                 // Still with the printer: its PUBREC follows.
@@ -112,10 +112,10 @@ impl<S: SessionSink> HubState<S> {
         if let Some(entry) = self.sessions.get_mut(&session) {
             entry.unacknowledged += 1;
             if publish.qos == QoS::ExactlyOnce {
-                entry.exactly_once.insert(client_id, false);
+                entry.exactly_once.insert(client_packet_id, false);
             }
         }
-        self.publish_within_rate(Some((session, client_id)), publish, expires_at, now);
+        self.publish_within_rate(Some((session, client_packet_id)), publish, expires_at, now);
     }
 
     /// Takes one publish token.
@@ -179,7 +179,7 @@ impl<S: SessionSink> HubState<S> {
             self.publish_upstream(origin, publish, expires_at, now);
             return;
         }
-        if let Some((session, client_id)) = origin {
+        if let Some((session, client_packet_id)) = origin {
             let max = self.config.publish_rate.max_waiting_per_session;
             let Some(entry) = self.sessions.get_mut(&session) else {
                 return;
@@ -187,11 +187,11 @@ impl<S: SessionSink> HubState<S> {
             if entry.waiting_for_rate as usize >= max && entry.mqtt5 {
                 // An MQTT 5 client hears it in the PUBACK and goes on.
                 entry.unacknowledged = entry.unacknowledged.saturating_sub(1);
-                entry.exactly_once.remove(&client_id);
+                entry.exactly_once.remove(&client_packet_id);
                 self.counters.throttled_publishes += 1;
                 self.refuse_publish(
                     session,
-                    client_id,
+                    client_packet_id,
                     publish.qos,
                     PublishRefused::QuotaExceeded,
                     now,
@@ -254,7 +254,7 @@ impl<S: SessionSink> HubState<S> {
         qos: QoS,
         now: Instant,
     ) {
-        let Some((session, client_id)) = origin else {
+        let Some((session, client_packet_id)) = origin else {
             return;
         };
         let Some(entry) = self.sessions.get_mut(&session) else {
@@ -262,10 +262,10 @@ impl<S: SessionSink> HubState<S> {
         };
         entry.unacknowledged = entry.unacknowledged.saturating_sub(1);
         let answer = if qos == QoS::ExactlyOnce {
-            entry.exactly_once.insert(client_id, true);
-            Packet::PubRec(client_id)
+            entry.exactly_once.insert(client_packet_id, true);
+            Packet::PubRec(client_packet_id)
         } else {
-            Packet::PubAck(client_id)
+            Packet::PubAck(client_packet_id)
         };
         self.send_to(session, &answer, now);
     }

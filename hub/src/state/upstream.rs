@@ -88,7 +88,7 @@ impl<S: SessionSink> HubState<S> {
         let acknowledged = self.pending.remove(&id);
         self.advance_trials(now);
         let Some(Pending::Publish {
-            origin: Some((session, client_id)),
+            origin: Some((session, client_packet_id)),
             exactly_once,
             ..
         }) = acknowledged
@@ -100,10 +100,10 @@ impl<S: SessionSink> HubState<S> {
         };
         entry.unacknowledged = entry.unacknowledged.saturating_sub(1);
         let answer = if exactly_once {
-            entry.exactly_once.insert(client_id, true);
-            Packet::PubRec(client_id)
+            entry.exactly_once.insert(client_packet_id, true);
+            Packet::PubRec(client_packet_id)
         } else {
-            Packet::PubAck(client_id)
+            Packet::PubAck(client_packet_id)
         };
         self.send_to(session, &answer, now);
     }

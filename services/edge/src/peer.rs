@@ -80,7 +80,9 @@ pub struct Peers {
     /// The endpoint dials come from; `None` when this instance cannot dial
     /// (no cluster secret).
     endpoint: Option<quinn::Endpoint>,
-    connections: DashMap<String, quinn::Connection>,
+    /// Dialled connections by instance, each with its control stream,
+    /// which is dropped (and so finished) with its entry.
+    connections: DashMap<String, DialledPeer>,
     dialing: DashMap<String, Arc<Mutex<()>>>,
     owners: DashMap<String, (Claim, Instant)>,
     metrics: PeerMetrics,
@@ -140,6 +142,14 @@ fn exported(connection: &quinn::Connection) -> Option<[u8; 32]> {
         .export_keying_material(&mut material, EXPORTER_LABEL, b"")
         .ok()?;
     Some(material)
+}
+
+/// A connection this instance dialled, and the control stream its
+/// handshake ran on.
+#[derive(Debug)]
+struct DialledPeer {
+    connection: quinn::Connection,
+    _control: (quinn::SendStream, FramedReader<quinn::RecvStream>),
 }
 
 /// The QUIC transport of peer connections: kept alive, and a dead peer
@@ -224,17 +234,17 @@ impl Peers {
     /// it when there is none.
     async fn connection(&self, owner: &Claim) -> Result<quinn::Connection, String> {
         let instance = &owner.instance_id;
-        if let Some(connection) = self.connections.get(instance)
-            && connection.close_reason().is_none()
+        if let Some(peer) = self.connections.get(instance)
+            && peer.connection.close_reason().is_none()
         {
-            return Ok(connection.clone());
+            return Ok(peer.connection.clone());
         }
         let lock = self.dialing.entry(instance.clone()).or_default().clone();
         let _dialing = lock.lock().await;
-        if let Some(connection) = self.connections.get(instance)
-            && connection.close_reason().is_none()
+        if let Some(peer) = self.connections.get(instance)
+            && peer.connection.close_reason().is_none()
         {
-            return Ok(connection.clone());
+            return Ok(peer.connection.clone());
         }
         let endpoint = self
             .endpoint
@@ -286,13 +296,16 @@ impl Peers {
                         &welcome.proof,
                     ) =>
             {
-                // The control stream stays open with the connection.
-                tokio::spawn(async move {
-                    let _keep = (send, recv);
-                    std::future::pending::<()>().await;
-                });
-                self.connections
-                    .insert(instance.clone(), connection.clone());
+                // The control stream stays open with the connection: both
+                // live in the entry, which the next dial replaces once the
+                // connection is closed.
+                self.connections.insert(
+                    instance.clone(),
+                    DialledPeer {
+                        connection: connection.clone(),
+                        _control: (send, recv),
+                    },
+                );
                 tracing::info!(peer = %instance, %address, "peer connection up");
                 Ok(connection)
             }

@@ -360,16 +360,24 @@ async fn mqtt5_and_311_clients_see_the_same_messages_in_the_same_order() {
             ))
             .await;
     }
+    // Every packet must be a PUBLISH: a close or anything else fails the
+    // test instead of being skipped.
     let mut seen_v5 = Vec::new();
     while seen_v5.len() < sent.len() {
-        if let Some(mqtt5::Packet::Publish(publish)) = v5.next().await {
-            seen_v5.push(String::from_utf8(publish.payload.to_vec()).unwrap());
+        match v5.next().await {
+            Some(mqtt5::Packet::Publish(publish)) => {
+                seen_v5.push(String::from_utf8(publish.payload.to_vec()).unwrap())
+            }
+            other => panic!("expected PUBLISH {}, got {other:?}", seen_v5.len()),
         }
     }
     let mut seen_v3 = Vec::new();
     while seen_v3.len() < sent.len() {
-        if let Some(Packet::Publish(publish)) = v3.next().await {
-            seen_v3.push(String::from_utf8(publish.payload.to_vec()).unwrap());
+        match v3.next().await {
+            Some(Packet::Publish(publish)) => {
+                seen_v3.push(String::from_utf8(publish.payload.to_vec()).unwrap())
+            }
+            other => panic!("expected PUBLISH {}, got {other:?}", seen_v3.len()),
         }
     }
     assert_eq!(seen_v5, sent);

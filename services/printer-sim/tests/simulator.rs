@@ -282,10 +282,10 @@ async fn a_pushall_too_soon_is_answered_with_a_penalty() {
     // Both are answered, the second after its penalty.
     let mut full = 0;
     while full < 2 {
-        if let Some(Packet::Publish(report)) = peer.next().await
-            && report.payload.len() > 4_000
-        {
-            full += 1;
+        match peer.next().await {
+            Some(Packet::Publish(report)) if report.payload.len() > 4_000 => full += 1,
+            Some(_) => {}
+            None => panic!("the simulator closed after {full} full reports"),
         }
     }
     let observations = simulator.observations();

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ClusterConfig;
-use crate::state::EdgeState;
+use crate::devices::Devices;
 
 /// Who this instance is, and whether it may serve its claims.
 #[derive(Debug)]
@@ -94,8 +94,18 @@ impl Membership {
 
 /// Renews the lease and keeps the claims true until `stop`; ends the lease
 /// when stopped.
-pub async fn run(state: Arc<EdgeState>, store: Store, stop: CancellationToken) {
-    let membership = &state.membership;
+/// What the lease loop reaches: this instance's membership, its devices'
+/// tunnels (to fence) and the lease counter. The edge's shared state
+/// provides it; the cluster layer does not know that state.
+pub trait LeaseHost: Send + Sync + 'static {
+    fn membership(&self) -> &Membership;
+    fn devices(&self) -> &Devices;
+    /// `relay_edge_instance_leases_total{outcome}`.
+    fn leases(&self) -> &prometheus::IntCounterVec;
+}
+
+pub async fn run<H: LeaseHost>(state: Arc<H>, store: Store, stop: CancellationToken) {
+    let membership = state.membership();
     let mut listener = start_listener(&store).await;
     let mut renew = tokio::time::interval(membership.renew);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -106,28 +116,28 @@ pub async fn run(state: Arc<EdgeState>, store: Store, stop: CancellationToken) {
             _ = renew.tick() => {
                 // Local tunnels before the query: one registered after it
                 // may be newer than what the query saw.
-                let local = state.devices.tunnel_epochs();
+                let local = state.devices().tunnel_epochs();
                 match membership.renew(&store).await {
                     Ok(_) => {
                         renewed_at = Instant::now();
-                        state.metrics.leases.with_label_values(&["renewed"]).inc();
+                        state.leases().with_label_values(&["renewed"]).inc();
                         if membership.set_fenced(false) {
                             tracing::info!(instance = %membership.instance_id, "lease renewed again: serving");
                         }
-                        checks.check(&state, &store, local).await;
+                        checks.check(state.as_ref(), &store, local).await;
                         if listener.is_none() {
                             listener = start_listener(&store).await;
                         }
                     }
                     Err(error) => {
-                        state.metrics.leases.with_label_values(&["failed"]).inc();
+                        state.leases().with_label_values(&["failed"]).inc();
                         tracing::warn!(%error, "cannot renew this instance's lease");
                         if renewed_at.elapsed() >= membership.lease
                             && !membership.set_fenced(true)
                         {
-                            state.metrics.leases.with_label_values(&["lost"]).inc();
+                            state.leases().with_label_values(&["lost"]).inc();
                             tracing::error!(instance = %membership.instance_id, "lease lost: fencing this instance (its agents are sent away)");
-                            state.devices.fence_all();
+                            state.devices().fence_all();
                         }
                     }
                 }
@@ -135,7 +145,7 @@ pub async fn run(state: Arc<EdgeState>, store: Store, stop: CancellationToken) {
             claimed = next_claim(&mut listener) => match claimed {
                 Ok(claimed) => {
                     if claimed.instance_id != membership.instance_id {
-                        state.devices.claimed_elsewhere(&claimed.device_id, claimed.epoch);
+                        state.devices().claimed_elsewhere(&claimed.device_id, claimed.epoch);
                     }
                 }
                 Err(error) => {
@@ -190,13 +200,13 @@ struct ClaimChecks {
 }
 
 impl ClaimChecks {
-    async fn check(&mut self, state: &EdgeState, store: &Store, local: Vec<(String, u64)>) {
+    async fn check<H: LeaseHost>(&mut self, state: &H, store: &Store, local: Vec<(String, u64)>) {
         let started = store.now();
         let full = self.renewals.is_multiple_of(FULL_CHECK_EVERY);
         let done = match self.last {
             // Other instances' clocks may lag ours: look back a lease more.
             Some(last) if !full => {
-                let lease = i64::try_from(state.membership.lease.as_millis()).unwrap_or(i64::MAX);
+                let lease = i64::try_from(state.membership().lease.as_millis()).unwrap_or(i64::MAX);
                 recent_claims(state, store, last.saturating_sub(lease), &mut self.seen).await
             }
             _ => all_claims(state, store, local).await,
@@ -210,14 +220,14 @@ impl ClaimChecks {
 
 /// Fences the local tunnels of devices other instances claimed since
 /// `since`. False when the store could not answer.
-async fn recent_claims(
-    state: &EdgeState,
+async fn recent_claims<H: LeaseHost>(
+    state: &H,
     store: &Store,
     since: relay_store::Millis,
     seen: &mut HashSet<(String, u64)>,
 ) -> bool {
     match store
-        .claims_since(since, &state.membership.instance_id)
+        .claims_since(since, &state.membership().instance_id)
         .await
     {
         Ok(claims) => {
@@ -225,7 +235,7 @@ async fn recent_claims(
             for claimed in claims {
                 let key = (claimed.device_id, claimed.epoch);
                 if !seen.contains(&key) {
-                    state.devices.claimed_elsewhere(&key.0, key.1);
+                    state.devices().claimed_elsewhere(&key.0, key.1);
                 }
                 found.insert(key);
             }
@@ -242,11 +252,12 @@ async fn recent_claims(
 /// Fences every local tunnel (of those in `local`) whose claim this
 /// instance no longer holds in the store. False when the store could not
 /// answer.
-async fn all_claims(state: &EdgeState, store: &Store, local: Vec<(String, u64)>) -> bool {
+async fn all_claims<H: LeaseHost>(state: &H, store: &Store, local: Vec<(String, u64)>) -> bool {
     if local.is_empty() {
         return true;
     }
-    let held: HashSet<(String, u64)> = match store.claims_of(&state.membership.instance_id).await {
+    let held: HashSet<(String, u64)> = match store.claims_of(&state.membership().instance_id).await
+    {
         Ok(claims) => claims.into_iter().collect(),
         Err(error) => {
             tracing::warn!(%error, "cannot check this instance's claims");
@@ -255,7 +266,7 @@ async fn all_claims(state: &EdgeState, store: &Store, local: Vec<(String, u64)>)
     };
     for (device_id, epoch) in local {
         if !held.contains(&(device_id.clone(), epoch)) {
-            state.devices.fence_older(&device_id, epoch + 1);
+            state.devices().fence_older(&device_id, epoch + 1);
         }
     }
     true

@@ -22,7 +22,7 @@ use crate::hub::{
     BambuProfile, Cc2Profile, HubConfig, HubHandle, Hubs, PrinterIdentity, ProfileConfig,
     RetainedReplay, Silence, TunnelProbe, Upstream, UpstreamFailure, UpstreamSource,
 };
-use crate::peer::Peers;
+use crate::peer_link::Peers;
 
 /// An agent's live tunnel.
 #[derive(Debug, Clone)]
@@ -36,35 +36,7 @@ pub struct Tunnel {
     pub control: mpsc::Sender<GoAway>,
 }
 
-/// Why a device cannot serve a client now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Unavailable {
-    /// No agent connected.
-    Offline,
-    /// The agent is there but the printer refused or cannot be reached.
-    Printer {
-        reason: LinkDownReason,
-        detail: Option<String>,
-    },
-}
-
-impl Unavailable {
-    /// Short text for a close reason: `printer: <this>`.
-    pub fn printer_text(reason: LinkDownReason) -> &'static str {
-        match reason {
-            LinkDownReason::CredentialsRefused => "refused the access code",
-            LinkDownReason::TlsFailure => "TLS failure",
-            LinkDownReason::Unreachable => "unreachable",
-            LinkDownReason::TooManyClients => "too many clients",
-            LinkDownReason::Dropped => "connection lost",
-            LinkDownReason::ProtocolError => "protocol error",
-            LinkDownReason::TimedOut => "timed out",
-            LinkDownReason::Policy => "refused by the agent's policy",
-            LinkDownReason::NotHere => "moved to another edge instance",
-            LinkDownReason::Other(_) => "unavailable",
-        }
-    }
-}
+pub use crate::hub::Unavailable;
 
 /// Tunnels by device, and the way from a tunnel to a hub. Cloning shares
 /// the table (a hub's upstream source holds one).

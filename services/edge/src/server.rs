@@ -30,23 +30,7 @@ use crate::metrics::Metrics;
 use crate::state::EdgeState;
 use crate::tls::{CertificateSource, TlsError};
 
-/// Why the edge could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("{0}")]
-    Config(#[from] crate::config::ConfigProblems),
-    #[error("store: {0}")]
-    Store(#[from] relay_store::StoreError),
-    #[error("TLS: {0}")]
-    Tls(#[from] TlsError),
-    #[error("JWKS: {0}")]
-    Jwks(#[from] relay_store::jwt::JwksError),
-    #[error("cannot listen on {address}: {source}")]
-    Listen {
-        address: SocketAddr,
-        source: std::io::Error,
-    },
-}
+pub use crate::start_error::StartError;
 
 /// A running edge. Drop does not stop it: call [`RunningEdge::drain`].
 #[derive(Debug)]
@@ -249,16 +233,21 @@ impl RunningEdge {
         if let (Some(address), Some(certificates)) =
             (config.cluster.peer_listen, certificates.as_ref())
         {
-            let server = crate::peer::listener_config(certificates)?;
+            let server = crate::peer_listener::listener_config(certificates)?;
             let endpoint = quinn::Endpoint::server(server, address)
                 .map_err(|source| StartError::Listen { address, source })?;
             self.peer_addr = endpoint.local_addr().ok();
             if let Some(bound) = self.peer_addr {
                 self.state.membership.bound_peer_listener(bound);
             }
-            crate::peer::spawn_listener(
+            crate::peer_listener::spawn_listener(
                 endpoint,
-                self.state.clone(),
+                crate::peer_listener::PeerListener {
+                    peers: self.state.peers.clone(),
+                    devices: self.state.devices.clone(),
+                    hubs: self.state.hubs.clone(),
+                    max_packet: config.tunnel.max_printer_packet,
+                },
                 self.background.clone(),
                 self.tasks.clone(),
             );

@@ -33,7 +33,7 @@ pub struct EdgeState {
     /// This instance among several on the store.
     pub membership: crate::cluster::Membership,
     /// The way to hubs on other instances, and theirs to ours.
-    pub peers: Arc<crate::peer::Peers>,
+    pub peers: Arc<crate::peer_link::Peers>,
     /// Connected sessions, so that a revocation can end them.
     pub live_sessions: DashMap<SessionId, LiveSession>,
     /// Set once the drain starts: `/readyz` fails from then on.
@@ -200,18 +200,18 @@ fn peers(
     membership: &crate::cluster::Membership,
     config: &EdgeConfig,
     metrics: &Metrics,
-) -> crate::peer::Peers {
-    let peer_metrics = crate::peer::PeerMetrics {
+) -> crate::peer_link::Peers {
+    let peer_metrics = crate::peer_link::PeerMetrics {
         bytes: metrics.peer_bytes.clone(),
         served: metrics.peer_links_served.clone(),
         refusals: metrics.peer_refusals.clone(),
         lookups: metrics.owner_lookups.clone(),
     };
     let secret = config.cluster.secret.clone();
-    crate::peer::Peers::new(membership.instance_id.clone(), secret, peer_metrics.clone())
+    crate::peer_link::Peers::new(membership.instance_id.clone(), secret, peer_metrics.clone())
         .unwrap_or_else(|error| {
             tracing::error!(%error, "cannot dial peers; serving local agents only");
-            crate::peer::Peers::new(
+            crate::peer_link::Peers::new(
                 membership.instance_id.clone(),
                 relay_proto::Secret::new(String::new()),
                 peer_metrics,
@@ -224,4 +224,18 @@ fn peers(
 #[allow(clippy::panic)]
 fn unreachable_without_endpoint() -> ! {
     panic!("peers without an endpoint cannot fail")
+}
+
+impl crate::cluster::LeaseHost for EdgeState {
+    fn membership(&self) -> &crate::cluster::Membership {
+        &self.membership
+    }
+
+    fn devices(&self) -> &Devices {
+        &self.devices
+    }
+
+    fn leases(&self) -> &prometheus::IntCounterVec {
+        &self.metrics.leases
+    }
 }

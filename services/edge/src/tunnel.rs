@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use crate::config::TunnelConfig;
 use crate::limiter::LimitKey;
-use crate::server::StartError;
+use crate::start_error::StartError;
 use crate::state::EdgeState;
 use crate::tls::TlsError;
 use relay_io::FramedReader;

@@ -30,6 +30,7 @@
 mod driver;
 pub mod outbound;
 pub mod registry;
+mod unavailable;
 
 pub use driver::{Upstream, UpstreamFailure, UpstreamFuture, UpstreamSource};
 pub use outbound::{Outbound, OutboundReceiver, OutboundSender, outbound_queue};
@@ -45,3 +46,4 @@ pub use state::{
     RetainHandling, RetainedReplay, SessionAttach, SessionId, SessionSink, Silence,
     SubscriptionExtras,
 };
+pub use unavailable::Unavailable;

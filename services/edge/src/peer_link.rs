@@ -1,4 +1,6 @@
-//! Peer links between edge instances on one store.
+//! Peer links between edge instances on one store: the dialling side, the
+//! upstream of a hub whose device's agent is on another instance
+//! ([`Peers::open_link`]); [`crate::peer_listener`] serves the other end.
 //!
 //! A client's session always terminates on the instance it reached. When
 //! another instance holds the device's agent, the local hub's upstream is a
@@ -23,35 +25,28 @@ use bytes::BytesMut;
 use dashmap::DashMap;
 use relay_io::FramedReader;
 use relay_proto::Secret;
-use relay_proto::mqtt::Packet;
 use relay_proto::tunnel::{
-    self, HelloRefused, LinkAccept, LinkDownReason, LinkRefused, Message, PEER_PROOF_LEN,
-    PeerHello, PeerLinkOpen, PeerWelcome, RefusalReason, close_code,
+    self, LinkAccept, LinkDownReason, Message, PEER_PROOF_LEN, PeerHello, PeerLinkOpen, close_code,
 };
 use relay_store::Claim;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Mutex;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
-use crate::close::Close;
-use crate::devices::Unavailable;
-use crate::hub::{Outbound, SessionAttach, TunnelProbe, Upstream, outbound_queue};
-use crate::state::EdgeState;
+use crate::hub::Unavailable;
+use crate::hub::{TunnelProbe, Upstream};
 
 /// The version of the peer handshake.
-const PEER_VERSION: u16 = 1;
+pub(crate) const PEER_VERSION: u16 = 1;
 
 /// Time for the handshake, and for a link's first frame.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The exporter label both sides derive their proofs from.
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-relay-peer";
 
 /// Bytes queued towards a peer hub before it is cut as a slow consumer:
 /// many clients' worth, since it stands for all of them.
-const PEER_OUTBOUND_BYTES: usize = 8 * 1024 * 1024;
+pub(crate) const PEER_OUTBOUND_BYTES: usize = 8 * 1024 * 1024;
 
 /// Peer links one connection may hold at once (one per device).
 const MAX_LINKS_PER_CONNECTION: u32 = 100_000;
@@ -75,8 +70,8 @@ pub struct PeerMetrics {
 /// This instance's side of the peer links: its identity, the connections
 /// it dialled, and the owners it looked up.
 pub struct Peers {
-    instance_id: String,
-    secret: Secret<String>,
+    pub(crate) instance_id: String,
+    pub(crate) secret: Secret<String>,
     /// The endpoint dials come from; `None` when this instance cannot dial
     /// (no cluster secret).
     endpoint: Option<quinn::Endpoint>,
@@ -85,7 +80,7 @@ pub struct Peers {
     connections: DashMap<String, DialledPeer>,
     dialing: DashMap<String, Arc<Mutex<()>>>,
     owners: DashMap<String, (Claim, Instant)>,
-    metrics: PeerMetrics,
+    pub(crate) metrics: PeerMetrics,
 }
 
 impl std::fmt::Debug for Peers {
@@ -99,7 +94,12 @@ impl std::fmt::Debug for Peers {
 
 /// The proof of `secret` that `role` (`dialer` or `listener`) named
 /// `instance_id` gives on a connection with `exported` keying material.
-fn proof(secret: &str, role: &str, instance_id: &str, exported: &[u8]) -> ring::hmac::Tag {
+pub(crate) fn proof(
+    secret: &str,
+    role: &str,
+    instance_id: &str,
+    exported: &[u8],
+) -> ring::hmac::Tag {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
     let mut context = ring::hmac::Context::with_key(&key);
     context.update(b"relay-peer ");
@@ -111,14 +111,14 @@ fn proof(secret: &str, role: &str, instance_id: &str, exported: &[u8]) -> ring::
     context.sign()
 }
 
-fn proof_bytes(tag: ring::hmac::Tag) -> [u8; PEER_PROOF_LEN] {
+pub(crate) fn proof_bytes(tag: ring::hmac::Tag) -> [u8; PEER_PROOF_LEN] {
     let mut bytes = [0u8; PEER_PROOF_LEN];
     bytes.copy_from_slice(&tag.as_ref()[..PEER_PROOF_LEN]);
     bytes
 }
 
 /// Whether `presented` is the proof of `secret` (compared in constant time).
-fn proof_holds(
+pub(crate) fn proof_holds(
     secret: &str,
     role: &str,
     instance_id: &str,
@@ -136,7 +136,7 @@ fn proof_holds(
     ring::hmac::verify(&key, &message, presented).is_ok()
 }
 
-fn exported(connection: &quinn::Connection) -> Option<[u8; 32]> {
+pub(crate) fn exported(connection: &quinn::Connection) -> Option<[u8; 32]> {
     let mut material = [0u8; 32];
     connection
         .export_keying_material(&mut material, EXPORTER_LABEL, b"")
@@ -155,7 +155,7 @@ struct DialledPeer {
 /// The QUIC transport of peer connections: kept alive, and a dead peer
 /// noticed within seconds (its clients' hubs then look for the device's
 /// new owner).
-fn peer_transport() -> Arc<quinn::TransportConfig> {
+pub(crate) fn peer_transport() -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(1)));
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(4)) {
@@ -166,7 +166,7 @@ fn peer_transport() -> Arc<quinn::TransportConfig> {
     Arc::new(transport)
 }
 
-async fn write_message(send: &mut quinn::SendStream, message: &Message) -> bool {
+pub(crate) async fn write_message(send: &mut quinn::SendStream, message: &Message) -> bool {
     let mut frame = BytesMut::new();
     tunnel::encode(message, &mut frame).is_ok() && send.write_all(&frame).await.is_ok()
 }
@@ -390,9 +390,9 @@ impl Peers {
 }
 
 /// A stream half that counts its bytes.
-struct Counted<T> {
-    inner: T,
-    counter: prometheus::IntCounter,
+pub(crate) struct Counted<T> {
+    pub(crate) inner: T,
+    pub(crate) counter: prometheus::IntCounter,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
@@ -431,273 +431,4 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
-}
-
-/// The peer listener's server configuration.
-pub fn listener_config(
-    certificates: &Arc<crate::tls::CertificateSource>,
-) -> Result<quinn::ServerConfig, crate::tls::TlsError> {
-    let mut server = quinn::ServerConfig::with_crypto(
-        certificates.quic_server_config_for(relay_proto::tunnel::PEER_ALPN)?,
-    );
-    server.transport_config(peer_transport());
-    Ok(server)
-}
-
-/// Serves the peer listener until `stop`.
-pub fn spawn_listener(
-    endpoint: quinn::Endpoint,
-    state: Arc<EdgeState>,
-    stop: CancellationToken,
-    tasks: TaskTracker,
-) {
-    let connections = TaskTracker::new();
-    tasks.spawn(async move {
-        loop {
-            let incoming = tokio::select! {
-                incoming = endpoint.accept() => match incoming {
-                    Some(incoming) => incoming,
-                    None => return,
-                },
-                _ = stop.cancelled() => {
-                    endpoint.close(quinn::VarInt::from_u32(close_code::GOING_AWAY), b"going away");
-                    connections.close();
-                    let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
-                    return;
-                }
-            };
-            let state = state.clone();
-            let stop = stop.clone();
-            let remote = incoming.remote_address();
-            let span = tracing::info_span!("peer", %remote);
-            connections.spawn(
-                async move {
-                    match incoming.await {
-                        Ok(connection) => serve_peer(connection, state, stop).await,
-                        Err(error) => {
-                            state
-                                .peers
-                                .metrics
-                                .refusals
-                                .with_label_values(&["handshake"])
-                                .inc();
-                            tracing::info!(%error, "peer handshake failed (not a peer, or the wrong protocol)");
-                        }
-                    }
-                }
-                .instrument(span),
-            );
-        }
-    });
-}
-
-/// One peer connection: its handshake, then one link per stream.
-async fn serve_peer(connection: quinn::Connection, state: Arc<EdgeState>, stop: CancellationToken) {
-    let refusals = &state.peers.metrics.refusals;
-    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.accept_bi()).await;
-    let Ok(Ok((mut send, recv))) = first else {
-        refusals.with_label_values(&["no_hello"]).inc();
-        connection.close(
-            quinn::VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
-            b"no handshake stream",
-        );
-        return;
-    };
-    let mut recv = FramedReader::new(recv);
-    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, recv.read_message()).await {
-        Ok(Ok(Some(Message::PeerHello(hello)))) if hello.version == PEER_VERSION => hello,
-        _ => {
-            refusals.with_label_values(&["no_hello"]).inc();
-            tracing::warn!("peer refused: no PEER_HELLO");
-            connection.close(
-                quinn::VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
-                b"expected PEER_HELLO",
-            );
-            return;
-        }
-    };
-    let secret = state.peers.secret.expose();
-    let material = exported(&connection);
-    let proven = !secret.is_empty()
-        && material.is_some_and(|material| {
-            proof_holds(
-                secret,
-                "dialer",
-                &hello.instance_id,
-                &material,
-                &hello.proof,
-            )
-        });
-    let Some(material) = material.filter(|_| proven) else {
-        refusals.with_label_values(&["bad_secret"]).inc();
-        tracing::warn!(claimed = %hello.instance_id, "peer refused: wrong cluster secret");
-        let refused = Message::HelloRefused(HelloRefused {
-            reason: RefusalReason::BadCredential,
-            message: Some("wrong cluster secret".into()),
-            retry_after_ms: None,
-        });
-        write_message(&mut send, &refused).await;
-        let _ = send.finish();
-        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-        connection.close(quinn::VarInt::from_u32(close_code::REFUSED), b"refused");
-        return;
-    };
-    let welcome = Message::PeerWelcome(PeerWelcome {
-        instance_id: state.peers.instance_id.clone(),
-        proof: proof_bytes(proof(
-            secret,
-            "listener",
-            &state.peers.instance_id,
-            &material,
-        )),
-    });
-    if !write_message(&mut send, &welcome).await {
-        return;
-    }
-    tracing::info!(peer = %hello.instance_id, "peer connected");
-    let links = TaskTracker::new();
-    loop {
-        tokio::select! {
-            stream = connection.accept_bi() => match stream {
-                Ok((send, recv)) => {
-                    links.spawn(serve_link(send, recv, state.clone(), stop.clone()));
-                }
-                Err(error) => {
-                    tracing::info!(peer = %hello.instance_id, %error, "peer disconnected");
-                    break;
-                }
-            },
-            _ = stop.cancelled() => break,
-        }
-    }
-    links.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), links.wait()).await;
-    drop((send, recv));
-}
-
-/// One peer link, on the instance that holds the device's agent: the
-/// dialer's hub becomes one session of the local hub.
-async fn serve_link(
-    mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    state: Arc<EdgeState>,
-    stop: CancellationToken,
-) {
-    let metrics = state.peers.metrics.clone();
-    let mut recv = FramedReader::new(Counted {
-        inner: recv,
-        counter: metrics.bytes.with_label_values(&["in"]),
-    });
-    let open = match tokio::time::timeout(HANDSHAKE_TIMEOUT, recv.read_message()).await {
-        Ok(Ok(Some(Message::PeerLinkOpen(open)))) => open,
-        _ => {
-            metrics.refusals.with_label_values(&["bad_link"]).inc();
-            let _ = send.reset(quinn::VarInt::from_u32(close_code::PROTOCOL_VIOLATION));
-            return;
-        }
-    };
-    let refuse = |reason: LinkDownReason, detail: Option<String>| {
-        Message::LinkRefused(LinkRefused {
-            link: 0,
-            reason,
-            detail,
-        })
-    };
-    let device_id = open.device_id;
-    let (hub, printer) = match state.devices.local_hub_for(&device_id).await {
-        Ok(found) => found,
-        Err(unavailable) => {
-            let reply = match unavailable {
-                Unavailable::Offline => refuse(LinkDownReason::NotHere, None),
-                Unavailable::Printer { reason, detail } => refuse(reason, detail),
-            };
-            write_message(&mut send, &reply).await;
-            let _ = send.finish();
-            return;
-        }
-    };
-    let accept = Message::LinkAccept(LinkAccept {
-        link: 0,
-        printer_kind: printer.kind,
-        printer_serial: printer.serial,
-        // This instance's hub sends the requests on the agent's
-        // registration; the peer's hub passes them on.
-        printer_client_id: None,
-    });
-    if !write_message(&mut send, &accept).await {
-        return;
-    }
-    let max_packet = state.config.tunnel.max_printer_packet;
-    let session_id = state.hubs.next_session_id();
-    let (outbound, mut receiver, ended) = outbound_queue(PEER_OUTBOUND_BYTES);
-    let attach = SessionAttach {
-        sink: outbound.clone(),
-        client_id: String::new(),
-        will: None,
-        max_subscriptions: 100_000,
-        max_unacknowledged: 60_000,
-        peer: true,
-        mqtt5: false,
-    };
-    if !hub.attach(session_id, attach).await {
-        write_message(&mut send, &refuse(LinkDownReason::NotHere, None)).await;
-        let _ = send.finish();
-        return;
-    }
-    metrics.served.inc();
-    tracing::info!(device = %device_id, "serving a peer hub");
-    let bytes_out = metrics.bytes.with_label_values(&["out"]);
-    let mut graceful = false;
-    {
-        let reader = async {
-            loop {
-                match recv.read_packet(max_packet).await {
-                    Ok(Some(Packet::PingReq)) => {
-                        outbound.send_packet(&Packet::PingResp);
-                    }
-                    Ok(Some(Packet::Disconnect)) => {
-                        graceful = true;
-                        return;
-                    }
-                    Ok(Some(packet @ (Packet::Connect(_) | Packet::ConnAck(_)))) => {
-                        outbound.end(Close::protocol(format!(
-                            "unexpected {} on a peer link",
-                            packet.packet_type()
-                        )));
-                        return;
-                    }
-                    Ok(Some(packet)) => {
-                        if !hub.client_packet(session_id, packet).await {
-                            return;
-                        }
-                    }
-                    Ok(None) | Err(_) => return,
-                }
-            }
-        };
-        let writer = async {
-            while let Some(item) = receiver.recv().await {
-                match item {
-                    Outbound::Bytes(bytes) | Outbound::Direct(bytes) => {
-                        bytes_out.inc_by(bytes.len() as u64);
-                        if send.write_all(&bytes).await.is_err() {
-                            return;
-                        }
-                    }
-                    Outbound::Close(_) => return,
-                }
-            }
-        };
-        tokio::select! {
-            () = reader => {}
-            () = writer => {}
-            () = ended.cancelled() => {}
-            () = hub.ended() => {}
-            () = stop.cancelled() => {}
-        }
-    }
-    hub.detach(session_id, graceful).await;
-    let _ = send.finish();
-    metrics.served.dec();
-    tracing::info!(device = %device_id, "peer hub gone");
 }

@@ -14,6 +14,7 @@ use bytes::{Bytes, BytesMut};
 use relay_proto::mqtt::{
     self, Packet, PacketId, Publish, QoS, SubAck, Subscribe, SubscribeReturnCode, Unsubscribe,
 };
+use relay_proto::mqtt5;
 
 use super::bambu::BambuProfile;
 use super::policy::{ChurnLimit, PublishRate, TopicPolicy};
@@ -34,6 +35,8 @@ struct Received {
     ended: Option<Close>,
     /// Ended with what was queued dropped.
     abandoned: bool,
+    /// Deliveries encoded as MQTT 5 by the hub, as given.
+    mqtt5_deliveries: Vec<Bytes>,
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +52,33 @@ impl SessionSink for RecordingSink {
         let mut buffer = BytesMut::from(&bytes[..]);
         while let Some(packet) = mqtt::decode(&mut buffer, usize::MAX).unwrap() {
             received.packets.push(packet);
+        }
+        assert!(buffer.is_empty(), "a delivery holds whole packets");
+        true
+    }
+
+    /// Recorded as the 3.1.1 PUBLISH it stands for.
+    fn deliver_mqtt5(&self, bytes: Bytes) -> bool {
+        let mut received = self.0.borrow_mut();
+        if received.queued + bytes.len() > received.budget {
+            return false;
+        }
+        received.queued += bytes.len();
+        received.mqtt5_deliveries.push(bytes.clone());
+        let mut buffer = BytesMut::from(&bytes[..]);
+        while let Some(packet) = mqtt5::decode(&mut buffer, usize::MAX).unwrap() {
+            let mqtt5::Packet::Publish(publish) = packet else {
+                panic!("an MQTT 5 delivery holds PUBLISHes only: {packet:?}");
+            };
+            assert!(publish.properties.is_empty());
+            received.packets.push(Packet::Publish(Publish {
+                dup: publish.dup,
+                qos: publish.qos,
+                retain: publish.retain,
+                topic: publish.topic,
+                packet_id: publish.packet_id,
+                payload: publish.payload,
+            }));
         }
         assert!(buffer.is_empty(), "a delivery holds whole packets");
         true
@@ -2646,4 +2676,40 @@ fn through_the_hub_each_client_sees_what_mosquitto_would_show_it() {
         .filter(|packet| matches!(packet, Packet::Subscribe(_)))
         .count();
     assert_eq!(subscribes, 3, "one SUBSCRIBE per joining filter");
+}
+
+#[test]
+fn a_qos0_message_is_encoded_once_per_protocol_version_and_shared() {
+    let mut hub = Harness::new(config(RetainedReplay::Always));
+    hub.attach_v5(1);
+    hub.attach_v5(2);
+    hub.attach(3);
+    hub.subscribed(1, "r/#", QoS::AtMostOnce);
+    for session in [2, 3] {
+        hub.client(session, subscribe(1, &[("r/#", QoS::AtMostOnce)]));
+        assert!(matches!(
+            hub.received(session).as_slice(),
+            [Packet::SubAck(_)]
+        ));
+    }
+    hub.printer(Packet::Publish(publish(
+        "r/x",
+        QoS::AtMostOnce,
+        None,
+        b"state",
+    )));
+    let first = hub.sessions[&1].borrow().mqtt5_deliveries.clone();
+    let second = hub.sessions[&2].borrow().mqtt5_deliveries.clone();
+    assert_eq!((first.len(), second.len()), (1, 1));
+    assert_eq!(
+        first[0].as_ptr(),
+        second[0].as_ptr(),
+        "both MQTT 5 sessions hold the same bytes, not a copy each"
+    );
+    assert!(hub.sessions[&3].borrow().mqtt5_deliveries.is_empty());
+    for session in 1..=3 {
+        let got = hub.publishes(session);
+        assert_eq!(got.len(), 1, "session {session}");
+        assert_eq!(got[0].payload, Bytes::from_static(b"state"));
+    }
 }

@@ -88,14 +88,22 @@ impl<S: SessionSink> HubState<S> {
             matches.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
             matches.dedup_by_key(|(session, _)| *session);
         }
+        // A QoS 0 message is encoded once per protocol version and the
+        // same bytes go to every session of that version.
         let mut shared_at_most_once: Option<Bytes> = None;
+        let mut shared_at_most_once_v5: Option<Bytes> = None;
         let mut slow = Vec::new();
         for (session, wanted) in &matches {
             let Some(entry) = self.sessions.get_mut(session) else {
                 continue;
             };
             let qos = (*wanted).min(publish.qos).min(QoS::AtLeastOnce);
-            let delivered = if qos == QoS::AtMostOnce {
+            let delivered = if qos == QoS::AtMostOnce && entry.mqtt5 {
+                let bytes = shared_at_most_once_v5
+                    .get_or_insert_with(|| encode_mqtt5_at_most_once(publish))
+                    .clone();
+                entry.sink.deliver_mqtt5(bytes)
+            } else if qos == QoS::AtMostOnce {
                 let bytes = shared_at_most_once
                     .get_or_insert_with(|| {
                         encode(&Packet::Publish(Publish {
@@ -130,4 +138,21 @@ impl<S: SessionSink> HubState<S> {
             self.cut_slow_consumer(session, now);
         }
     }
+}
+
+/// `publish` as an MQTT 5 QoS 0 PUBLISH without properties.
+fn encode_mqtt5_at_most_once(publish: &Publish) -> Bytes {
+    let packet = relay_proto::mqtt5::Packet::Publish(relay_proto::mqtt5::Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: publish.retain,
+        topic: publish.topic.clone(),
+        packet_id: None,
+        properties: relay_proto::mqtt5::Properties::new(),
+        payload: publish.payload.clone(),
+    });
+    let mut bytes = BytesMut::new();
+    // Built from a decoded, bounded PUBLISH.
+    let _ = relay_proto::mqtt5::encode(&packet, &mut bytes);
+    bytes.freeze()
 }

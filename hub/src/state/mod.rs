@@ -86,6 +86,10 @@ pub trait SessionSink {
     /// Queues encoded MQTT bytes for the client. False when they do not fit
     /// the session's byte budget, or the session is gone.
     fn deliver(&self, bytes: Bytes) -> bool;
+    /// Queues a QoS 0 PUBLISH already encoded as MQTT 5 (no properties),
+    /// the same bytes for every MQTT 5 session it goes to; only sessions
+    /// attached with `mqtt5` are given one. False as for [`Self::deliver`].
+    fn deliver_mqtt5(&self, bytes: Bytes) -> bool;
     /// Ends the session with `close`, after what is already queued.
     fn end(&self, close: Close);
     /// Ends the session with `close` at once: what is queued and not yet

@@ -2,10 +2,26 @@
 //!
 //! Terminates `wss://<device-id>.<base-domain>/mqtt` (hyper + rustls +
 //! tungstenite), authenticates every connection against the store, and
-//! speaks MQTT 3.1 / 3.1.1 with each client using `relay-proto`. Failures
-//! reach clients as a CONNACK code their library shows, then a WebSocket
-//! close code with a short reason. An admin listener serves `/metrics`,
-//! `/healthz` and `/readyz`.
+//! speaks MQTT 3.1, 3.1.1 and 5 with each client using `relay-proto`.
+//! Failures reach clients as a CONNACK code their library shows, then a
+//! WebSocket close code with a short reason. An admin listener serves
+//! `/metrics`, `/healthz` and `/readyz`.
+//!
+//! How one printer message reaches a client socket:
+//! 1. [`tunnel`] accepted the agent's QUIC (or TLS-over-TCP) connection; the
+//!    agent relays the printer's MQTT bytes on a link stream.
+//! 2. [`devices`] holds that tunnel and opened the link as the hub's
+//!    upstream (or [`peer_link`] did, to the instance holding the agent).
+//! 3. The hub's driver ([`hub`]) reads and decodes the PUBLISH and hands it
+//!    to `relay_hub::HubState`, which encodes it once per protocol version.
+//! 4. Each matching session's bounded queue ([`hub::outbound`]) takes the
+//!    shared bytes; a full queue cuts that session, nobody else.
+//! 5. The session's writer ([`session`]) sends them as one WebSocket frame.
+//!
+//! Layers, each using only those below it (`scripts/check-layers`):
+//! listeners ([`server`], [`http`], [`tunnel`], [`peer_listener`]) → client
+//! sessions ([`session`], [`session_v5`]) → device routing ([`devices`],
+//! [`cluster`]) → upstreams ([`peer_link`]) → the hub driver ([`hub`]).
 //!
 //! The edge never depends on the agent crate: they meet only through the
 //! tunnel protocol in `relay-proto`.

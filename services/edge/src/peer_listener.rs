@@ -284,6 +284,8 @@ async fn serve_link(
                             return;
                         }
                     }
+                    // Only MQTT 5 sessions get these; a peer link is 3.1.1.
+                    Outbound::Refusal(_) | Outbound::Publish5(_) => {}
                     Outbound::Close(_) => return,
                 }
             }

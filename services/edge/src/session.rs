@@ -779,15 +779,21 @@ async fn serve<S>(
         while let Some(item) = receiver.recv().await {
             let bytes = match (item, &translator) {
                 (Outbound::Close(close), _) => return Some(close),
-                (Outbound::Direct(bytes), Some(translator)) => {
+                (Outbound::Refusal(bytes), Some(translator)) => {
                     // The hub's refusal of one of the client's PUBLISHes
                     // answers it, as a PUBACK passing through would.
-                    if matches!(bytes.first(), Some(0x40 | 0x50)) {
-                        lock(translator).answered();
+                    lock(translator).answered();
+                    bytes
+                }
+                (Outbound::Publish5(bytes), Some(translator)) => {
+                    if !lock(translator).fits(bytes.len()) {
+                        continue;
                     }
                     bytes
                 }
-                (Outbound::Bytes(bytes), None) | (Outbound::Direct(bytes), None) => bytes,
+                (Outbound::Direct(bytes), _) | (Outbound::Bytes(bytes), None) => bytes,
+                // The hub sends these to MQTT 5 sessions only.
+                (Outbound::Refusal(_) | Outbound::Publish5(_), None) => continue,
                 (Outbound::Bytes(bytes), Some(translator)) => {
                     match translate_out(bytes, translator, &acknowledged).await {
                         Some(bytes) => bytes,

@@ -348,6 +348,14 @@ impl V5Session {
         }
     }
 
+    /// Whether a packet of `len` bytes may go to the client (its Maximum
+    /// Packet Size; over it a PUBLISH is dropped, as MQTT 5 says).
+    pub fn fits(&self, len: usize) -> bool {
+        self.client
+            .maximum_packet_size
+            .is_none_or(|max| len <= max as usize)
+    }
+
     /// One packet the hub sent this session, as v5; `None` when it is not
     /// sent (over the client's Maximum Packet Size: dropped, as MQTT 5
     /// says).
@@ -401,8 +409,8 @@ impl V5Session {
                 return None;
             }
         };
-        if let (Some(max), mqtt5::Packet::Publish(_)) = (self.client.maximum_packet_size, &packet)
-            && mqtt5::encoded_len(&packet).is_ok_and(|len| len > max as usize)
+        if let mqtt5::Packet::Publish(_) = &packet
+            && mqtt5::encoded_len(&packet).is_ok_and(|len| !self.fits(len))
         {
             return None;
         }

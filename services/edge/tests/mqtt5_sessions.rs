@@ -337,6 +337,45 @@ async fn the_clients_receive_maximum_holds_the_edges_deliveries() {
 }
 
 #[tokio::test]
+async fn a_message_over_the_clients_maximum_packet_size_is_dropped_for_it_alone() {
+    let edge = TestEdge::start().await;
+    let mut printer = scripted_printer(&edge);
+    let mut small = V5Client::connect_packet("small");
+    small.properties = Properties::new().with(mqtt5::Property::MaximumPacketSize(64));
+    let (mut small, _) = connected(&edge, small).await;
+    subscribed(&mut small, &mut printer, "t/#", QoS::AtMostOnce).await;
+    let (mut large, _) = connected(&edge, V5Client::connect_packet("large")).await;
+    large
+        .send(&mqtt5::Packet::Subscribe(Subscribe {
+            packet_id: id(1),
+            properties: Properties::new(),
+            filters: vec![("t/#".into(), SubscriptionOptions::at(QoS::AtMostOnce))],
+        }))
+        .await;
+    assert!(matches!(large.next().await, Some(mqtt5::Packet::SubAck(_))));
+    let big = "x".repeat(200);
+    printer
+        .send(&printer_publish("t/x", QoS::AtMostOnce, None, &big))
+        .await;
+    printer
+        .send(&printer_publish("t/x", QoS::AtMostOnce, None, "fits"))
+        .await;
+    // The client that allows any size gets both; the one that allows 64
+    // bytes gets the small one only (MQTT 5 §3.1.2.11.4: dropped, not cut).
+    for expected in [big.as_str(), "fits"] {
+        match large.next().await {
+            Some(mqtt5::Packet::Publish(publish)) => assert_eq!(publish.payload, expected),
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+    match small.next().await {
+        Some(mqtt5::Packet::Publish(publish)) => assert_eq!(publish.payload, "fits"),
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+    edge.stop().await;
+}
+
+#[tokio::test]
 async fn mqtt5_and_311_clients_see_the_same_messages_in_the_same_order() {
     let edge = TestEdge::start().await;
     let mut printer = scripted_printer(&edge);

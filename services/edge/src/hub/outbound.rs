@@ -19,9 +19,16 @@ pub enum Outbound {
     /// Encoded MQTT 3.1.1 bytes for the client (an MQTT 5 session's writer
     /// translates them).
     Bytes(Bytes),
-    /// Bytes already in the client's own protocol (an MQTT 5 session's
-    /// answers of its own), sent as they are.
+    /// Bytes already in the client's own protocol (the session's answers
+    /// of its own: CONNACK, PINGRESP, v5 SUBACKs), sent as they are.
     Direct(Bytes),
+    /// The hub's MQTT 5 PUBACK or PUBREC refusing one of the client's
+    /// PUBLISHes: sent as it is, and it answers that PUBLISH.
+    Refusal(Bytes),
+    /// A QoS 0 PUBLISH the hub encoded once as MQTT 5 for every MQTT 5
+    /// session it goes to: sent as it is (unless over the client's
+    /// Maximum Packet Size).
+    Publish5(Bytes),
     /// End the session with this close.
     Close(Close),
 }
@@ -30,7 +37,10 @@ impl Outbound {
     /// Bytes it holds against the budget.
     fn len(&self) -> usize {
         match self {
-            Outbound::Bytes(bytes) | Outbound::Direct(bytes) => bytes.len(),
+            Outbound::Bytes(bytes)
+            | Outbound::Direct(bytes)
+            | Outbound::Refusal(bytes)
+            | Outbound::Publish5(bytes) => bytes.len(),
             Outbound::Close(_) => 0,
         }
     }
@@ -264,7 +274,11 @@ impl SessionSink for OutboundSender {
         if mqtt5::encode(&packet, &mut bytes).is_err() {
             return false;
         }
-        self.send_direct(bytes.freeze())
+        self.send(Outbound::Refusal(bytes.freeze()))
+    }
+
+    fn deliver_mqtt5(&self, bytes: Bytes) -> bool {
+        self.send(Outbound::Publish5(bytes))
     }
 
     fn end(&self, close: Close) {

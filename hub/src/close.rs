@@ -89,6 +89,15 @@ impl Close {
         Close::new(1008, "unauthorized")
     }
 
+    /// No device named (an MQTT-over-TLS client without SNI) and a key not
+    /// bound to one.
+    pub fn no_device() -> Close {
+        Close::new(
+            1008,
+            "no device named: connect by the device's hostname, <device-id>.<base domain>",
+        )
+    }
+
     /// The key or device was revoked while the session was open.
     pub fn revoked() -> Close {
         Close::new(1008, "unauthorized: revoked").with_mqtt5(ReasonCode::ADMINISTRATIVE_ACTION)

@@ -381,6 +381,17 @@ pub struct PublicConfig {
     pub listen: Option<SocketAddr>,
     /// Optional plain ws:// listener for local development; off by default.
     pub plain_listen: Option<SocketAddr>,
+    /// MQTT straight over TLS (mqtts) for apps without WebSocket, on the
+    /// same certificate; the device comes from SNI. Off by default;
+    /// production serves `0.0.0.0:8883`.
+    pub mqtts_listen: Option<SocketAddr>,
+    /// Plain MQTT over TCP for local development only (no TLS: the device
+    /// comes from a device-bound key, or the user name `<device-id>`). Off
+    /// by default.
+    pub mqtt_plain_listen: Option<SocketAddr>,
+    /// The wss listener also serves MQTT over TLS to clients that ask for
+    /// ALPN `mqtt` (networks that allow only 443). Off by default.
+    pub mqtt_on_public_listener: bool,
     /// Devices are `<device-id>.<base_domain>`.
     pub base_domain: String,
     /// The WebSocket path; `/` is accepted too unless `accept_root_path` is off.
@@ -405,6 +416,9 @@ impl Default for PublicConfig {
         PublicConfig {
             listen: Some(SocketAddr::from(([0, 0, 0, 0], 8443))),
             plain_listen: None,
+            mqtts_listen: None,
+            mqtt_plain_listen: None,
+            mqtt_on_public_listener: false,
             base_domain: String::new(),
             path: "/mqtt".into(),
             accept_root_path: true,

@@ -561,3 +561,30 @@ fn superseded() -> GoAway {
         reconnect_after_ms: None,
     }
 }
+
+/// The device id of `<device-id>.<base_domain>[:port]` (a Host header, or
+/// the name a TLS client sent as SNI), lower-cased; `None` for anything
+/// else.
+pub fn device_from_name(host: &str, base_domain: &str) -> Option<String> {
+    let host = host.rsplit_once(':').map_or(host, |(name, port)| {
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            name
+        } else {
+            host
+        }
+    });
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let label = host
+        .strip_suffix(&base_domain.to_ascii_lowercase())?
+        .strip_suffix('.')?;
+    valid_device_label(label).then(|| label.to_owned())
+}
+
+/// A device id as a DNS label: lower-case letters and digits, 1 to 63.
+pub fn valid_device_label(label: &str) -> bool {
+    !label.is_empty()
+        && label.len() <= 63
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}

@@ -19,6 +19,8 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::devices::{device_from_name, valid_device_label};
+use crate::metrics::decrement_on_drop;
 use crate::session::{self, SessionRequest};
 use crate::state::{EdgeState, Refusal};
 
@@ -76,6 +78,8 @@ pub async fn handle(
         authorization,
         query_token,
         peer_ip: context.peer.ip(),
+        device_from_key: false,
+        device_from_username: false,
     };
     let span = tracing::info_span!("session", peer = %context.peer, device = session_request.device_id.as_deref().unwrap_or("-"));
     let session_state = state.clone();
@@ -119,17 +123,6 @@ pub async fn handle(
     Ok(response
         .body(Full::new(Bytes::new()))
         .unwrap_or_else(|_| json(StatusCode::INTERNAL_SERVER_ERROR, "internal error")))
-}
-
-/// Decrements `gauge` when dropped (the session's end, however it ends).
-fn decrement_on_drop(gauge: prometheus::IntGauge) -> impl Drop {
-    struct Decrement(prometheus::IntGauge);
-    impl Drop for Decrement {
-        fn drop(&mut self) {
-            self.0.dec();
-        }
-    }
-    Decrement(gauge)
 }
 
 /// WebSocket settings: small eager buffers (memory per idle session: the
@@ -220,14 +213,6 @@ pub fn device_of(
     Err(StatusCode::NOT_FOUND)
 }
 
-fn valid_device_label(label: &str) -> bool {
-    !label.is_empty()
-        && label.len() <= 63
-        && label
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-}
-
 /// HTTP/1.1 wants exactly one Host header (RFC 9112 §3.2: 400 otherwise),
 /// and an absolute-form target must name the same host: the device a
 /// request reaches is never in doubt.
@@ -248,19 +233,7 @@ fn check_host<B>(request: &Request<B>) -> Result<(), &'static str> {
 /// The device id of `Host: <device-id>.<base_domain>[:port]`, lower-cased;
 /// `None` for anything else.
 pub fn device_from_host(headers: &HeaderMap, base_domain: &str) -> Option<String> {
-    let host = headers.get(header::HOST)?.to_str().ok()?;
-    let host = host.rsplit_once(':').map_or(host, |(name, port)| {
-        if port.bytes().all(|b| b.is_ascii_digit()) {
-            name
-        } else {
-            host
-        }
-    });
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    let label = host
-        .strip_suffix(&base_domain.to_ascii_lowercase())?
-        .strip_suffix('.')?;
-    valid_device_label(label).then(|| label.to_owned())
+    device_from_name(headers.get(header::HOST)?.to_str().ok()?, base_domain)
 }
 
 /// The Authorization header and the `access_token` (or `api_key`) query
@@ -345,7 +318,7 @@ async fn plain_request<B>(
         Err(Refusal::Auth(relay_store::AuthFailure::Unavailable)) => {
             json(StatusCode::SERVICE_UNAVAILABLE, "try again later")
         }
-        Err(Refusal::Auth(_)) => {
+        Err(Refusal::Auth(_) | Refusal::NoDevice) => {
             let mut response = json(StatusCode::UNAUTHORIZED, "unauthorized");
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

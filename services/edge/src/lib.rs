@@ -34,6 +34,7 @@ pub mod http;
 pub mod hub;
 mod limiter;
 pub mod metrics;
+pub mod mqtt_tcp;
 pub mod peer_link;
 pub mod peer_listener;
 mod quotas;

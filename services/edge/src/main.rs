@@ -31,6 +31,13 @@ struct Flags {
     /// Plain ws:// listener for local development
     #[arg(long, env = "RELAY_PLAIN_LISTEN")]
     plain_listen: Option<SocketAddr>,
+    /// mqtts listener: MQTT over TLS without WebSocket (production
+    /// 0.0.0.0:8883)
+    #[arg(long, env = "RELAY_MQTTS_LISTEN")]
+    mqtts_listen: Option<SocketAddr>,
+    /// Plain MQTT-over-TCP listener for local development
+    #[arg(long, env = "RELAY_MQTT_PLAIN_LISTEN")]
+    mqtt_plain_listen: Option<SocketAddr>,
     /// QUIC (UDP) listener for agents
     #[arg(long, env = "RELAY_TUNNEL_LISTEN")]
     tunnel_listen: Option<SocketAddr>,
@@ -87,6 +94,12 @@ fn load(flags: &Flags) -> Result<EdgeConfig, String> {
     }
     if flags.plain_listen.is_some() {
         config.public.plain_listen = flags.plain_listen;
+    }
+    if flags.mqtts_listen.is_some() {
+        config.public.mqtts_listen = flags.mqtts_listen;
+    }
+    if flags.mqtt_plain_listen.is_some() {
+        config.public.mqtt_plain_listen = flags.mqtt_plain_listen;
     }
     if flags.tunnel_listen.is_some() {
         config.tunnel.listen = flags.tunnel_listen;

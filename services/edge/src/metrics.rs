@@ -9,6 +9,8 @@ pub struct Metrics {
     registry: Registry,
     pub connections: IntCounter,
     pub connections_open: IntGauge,
+    /// Sessions over MQTT-over-TLS (or TCP) instead of WebSocket.
+    pub mqtt_connections: IntCounter,
     pub tls_handshake_failures: IntCounter,
     /// By result: accepted, not_websocket, wrong_path, bad_request.
     pub upgrades: IntCounterVec,
@@ -116,6 +118,11 @@ impl Metrics {
                 &registry,
                 "relay_edge_connections_open",
                 "TCP connections open",
+            ),
+            mqtt_connections: counter(
+                &registry,
+                "relay_edge_mqtt_connections_total",
+                "Sessions over MQTT straight over TLS or TCP (mqtts, port 8883), not WebSocket",
             ),
             tls_handshake_failures: counter(
                 &registry,
@@ -267,9 +274,10 @@ impl Metrics {
     /// are known from the start), for checking dashboards and alerts.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 26] = [
+        let collectors: [&dyn Collector; 27] = [
             &self.connections,
             &self.connections_open,
+            &self.mqtt_connections,
             &self.tls_handshake_failures,
             &self.upgrades,
             &self.auth_failures,
@@ -327,6 +335,17 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Decrements `gauge` when dropped.
+pub(crate) fn decrement_on_drop(gauge: prometheus::IntGauge) -> impl Drop {
+    struct Decrement(prometheus::IntGauge);
+    impl Drop for Decrement {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
+    Decrement(gauge)
 }
 
 #[cfg(test)]

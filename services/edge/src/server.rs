@@ -37,6 +37,10 @@ pub use crate::start_error::StartError;
 pub struct RunningEdge {
     pub public_addr: Option<SocketAddr>,
     pub plain_addr: Option<SocketAddr>,
+    /// The mqtts listener (MQTT over TLS without WebSocket), when configured.
+    pub mqtts_addr: Option<SocketAddr>,
+    /// The plain MQTT-over-TCP development listener, when configured.
+    pub mqtt_plain_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     /// The agents' QUIC (UDP) listener, when configured.
     pub tunnel_addr: Option<SocketAddr>,
@@ -105,6 +109,8 @@ impl RunningEdge {
         let edge = RunningEdge {
             public_addr: None,
             plain_addr: None,
+            mqtts_addr: None,
+            mqtt_plain_addr: None,
             admin_addr: config.admin.listen,
             tunnel_addr: None,
             tunnel_tcp_addr: None,
@@ -137,13 +143,27 @@ impl RunningEdge {
             let listener = bind(address).await?;
             self.public_addr = listener.local_addr().ok();
             let with_tunnel = config.tunnel.tcp_on_public_listener;
-            let acceptor = TlsAcceptor::from(certificates.server_config(with_tunnel)?);
-            self.spawn_accept_loop(listener, Some(acceptor), with_tunnel);
+            let with_mqtt = config.public.mqtt_on_public_listener;
+            let acceptor = TlsAcceptor::from(certificates.server_config(with_tunnel, with_mqtt)?);
+            self.spawn_accept_loop(listener, Some(acceptor), Listener::Public { with_tunnel });
         }
         if let Some(address) = config.public.plain_listen {
             let listener = bind(address).await?;
             self.plain_addr = listener.local_addr().ok();
-            self.spawn_accept_loop(listener, None, false);
+            self.spawn_accept_loop(listener, None, Listener::Public { with_tunnel: false });
+        }
+        if let (Some(address), Some(certificates)) =
+            (config.public.mqtts_listen, certificates.as_ref())
+        {
+            let listener = bind(address).await?;
+            self.mqtts_addr = listener.local_addr().ok();
+            let acceptor = TlsAcceptor::from(certificates.mqtts_server_config()?);
+            self.spawn_accept_loop(listener, Some(acceptor), Listener::Mqtt);
+        }
+        if let Some(address) = config.public.mqtt_plain_listen {
+            let listener = bind(address).await?;
+            self.mqtt_plain_addr = listener.local_addr().ok();
+            self.spawn_accept_loop(listener, None, Listener::Mqtt);
         }
         // The tunnel's TCP listener shares the QUIC port when asked for
         // port 0 (agents dial the same host:port over TCP): with both on
@@ -275,14 +295,11 @@ impl RunningEdge {
         Ok(self)
     }
 
-    /// Serves apps on `listener`; with `with_tunnel`, agents too (those
-    /// whose TLS handshake chose the tunnel's ALPN).
-    fn spawn_accept_loop(
-        &self,
-        listener: TcpListener,
-        tls: Option<TlsAcceptor>,
-        with_tunnel: bool,
-    ) {
+    /// Serves apps on `listener`: over WebSocket, or MQTT straight over
+    /// TLS (or TCP); on the public listener, agents too (those whose TLS
+    /// handshake chose the tunnel's ALPN) `with_tunnel`.
+    fn spawn_accept_loop(&self, listener: TcpListener, tls: Option<TlsAcceptor>, kind: Listener) {
+        let with_tunnel = matches!(kind, Listener::Public { with_tunnel: true });
         let tunnels = with_tunnel.then(|| TunnelHandoff {
             stop: self.background.clone(),
             tasks: self.tasks.clone(),
@@ -316,7 +333,8 @@ impl RunningEdge {
                 let tls = tls.clone();
                 let tunnels = tunnels.clone();
                 let span = tracing::info_span!("connection", %peer);
-                connections.spawn(serve_connection(stream, tls, tunnels, context).instrument(span));
+                connections
+                    .spawn(serve_connection(stream, tls, tunnels, kind, context).instrument(span));
             }
         });
     }
@@ -544,13 +562,24 @@ struct TunnelHandoff {
     tasks: TaskTracker,
 }
 
+/// What a listener serves.
+#[derive(Debug, Clone, Copy)]
+enum Listener {
+    /// HTTP/1.1 and WebSocket; over TLS, MQTT too for ALPN `mqtt` (when
+    /// the configuration offers it), and agents' tunnels `with_tunnel`.
+    Public { with_tunnel: bool },
+    /// MQTT straight over TLS (mqtts) or TCP.
+    Mqtt,
+}
+
 /// One TCP connection: TLS (bounded in time), then HTTP/1.1 with a header
 /// timeout, with upgrades; or, with `tunnels` and the tunnel's ALPN, an
-/// agent's tunnel.
+/// agent's tunnel; or MQTT (an mqtts listener, or ALPN `mqtt`).
 async fn serve_connection(
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
     tunnels: Option<TunnelHandoff>,
+    kind: Listener,
     context: RequestContext,
 ) {
     let metrics = context.state.metrics.clone();
@@ -563,6 +592,17 @@ async fn serve_connection(
                 Duration::from_secs(context.state.config.public.tls_handshake_timeout_seconds);
             match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls_stream)) => match tunnels {
+                    _ if matches!(kind, Listener::Mqtt)
+                        || tls_stream.get_ref().1.alpn_protocol()
+                            == Some(crate::tls::MQTT_ALPN) =>
+                    {
+                        let base_domain = &context.state.config.public.base_domain;
+                        let device = crate::mqtt_tcp::device_from_sni(
+                            tls_stream.get_ref().1.server_name(),
+                            base_domain,
+                        );
+                        crate::mqtt_tcp::serve(tls_stream, device, true, context);
+                    }
                     Some(tunnels)
                         if tls_stream.get_ref().1.alpn_protocol()
                             == Some(relay_proto::tunnel::ALPN) =>
@@ -590,6 +630,9 @@ async fn serve_connection(
                     tracing::debug!("TLS handshake timed out");
                 }
             }
+        }
+        None if matches!(kind, Listener::Mqtt) => {
+            crate::mqtt_tcp::serve(stream, None, false, context)
         }
         None => serve_http(stream, context).await,
     }

@@ -45,6 +45,13 @@ pub struct SessionRequest {
     pub authorization: Option<Secret<String>>,
     pub query_token: Option<Secret<String>>,
     pub peer_ip: IpAddr,
+    /// With no device named, the one the client's key is bound to serves
+    /// (MQTT over TLS without SNI); otherwise no device is refused.
+    pub device_from_key: bool,
+    /// With no device named, CONNECT's user name names it when it is a
+    /// device id and the password is a whole key or token (the plain
+    /// MQTT development listener, which has no SNI).
+    pub device_from_username: bool,
 }
 
 /// A refused CONNECT's CONNACK, as each protocol generation says it.
@@ -348,12 +355,25 @@ async fn admit(connect: FirstConnect, request: SessionRequest, state: &EdgeState
             .or(connect_token.as_ref())
             .map(Secret::as_ref),
     };
-    let result = state
-        .authenticate(request.device_id.as_deref(), credentials, request.peer_ip)
-        .await;
+    let named = request.device_id.clone().or_else(|| {
+        request
+            .device_from_username
+            .then(|| device_from_username(&connect, &state.config.public.base_domain))
+            .flatten()
+    });
+    let result = match named {
+        None if request.device_from_key => state
+            .authenticate_bound(credentials, request.peer_ip)
+            .await
+            .map(|(device_id, principal)| (Some(device_id), principal)),
+        device_id => state
+            .authenticate(device_id.as_deref(), credentials, request.peer_ip)
+            .await
+            .map(|principal| (device_id, principal)),
+    };
     match result {
-        Ok(principal) => {
-            let device_id = request.device_id.unwrap_or_default();
+        Ok((device_id, principal)) => {
+            let device_id = device_id.unwrap_or_default();
             let quota = match state.quotas.admit(
                 &principal.key_id,
                 &device_id,
@@ -415,6 +435,13 @@ async fn admit(connect: FirstConnect, request: SessionRequest, state: &EdgeState
                 }
             }
         }
+        Err(Refusal::NoDevice) => Outcome::Refuse(
+            Refused::both(
+                ConnectReturnCode::IdentifierRejected,
+                ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+            ),
+            Close::no_device(),
+        ),
         Err(Refusal::RateLimited) => Outcome::Refuse(
             Refused::both(
                 ConnectReturnCode::NotAuthorized,
@@ -456,6 +483,17 @@ fn will_refusal(
         return None;
     }
     hub.policy().check_publish(&will.topic, will.retain).err()
+}
+
+/// The device CONNECT's user name names, when the password alone is the
+/// credential (a whole key or JWT).
+fn device_from_username(connect: &Connect, base_domain: &str) -> Option<String> {
+    let password = std::str::from_utf8(connect.password.as_ref()?.expose()).ok()?;
+    if !(password.starts_with("rly_") || password.matches('.').count() == 2) {
+        return None;
+    }
+    let username = connect.username.as_deref()?;
+    crate::devices::device_from_name(&format!("{username}.{base_domain}"), base_domain)
 }
 
 /// CONNECT's user name and password as a query-token equivalent: a password

@@ -150,6 +150,42 @@ impl EdgeState {
         }
     }
 
+    /// Authenticates a client that named no device (an MQTT-over-TLS
+    /// client that sent no SNI): the device is the one its API key is
+    /// bound to. The lookup is a guess like any other, through the
+    /// address's failure window.
+    pub async fn authenticate_bound(
+        &self,
+        credentials: RequestCredentials<'_>,
+        peer_ip: IpAddr,
+    ) -> Result<(String, Principal), Refusal> {
+        let now = Instant::now();
+        let Some(attempt) = self.failures.begin(vec![LimitKey::Address(peer_ip)], now) else {
+            self.count_auth_failure("rate_limited");
+            return Err(Refusal::RateLimited);
+        };
+        match self.authenticator.bound_device(credentials).await {
+            Ok(Some(device_id)) => {
+                drop(attempt);
+                let principal = self
+                    .authenticate(Some(&device_id), credentials, peer_ip)
+                    .await?;
+                Ok((device_id, principal))
+            }
+            Ok(None) => {
+                attempt.failed();
+                self.count_auth_failure("no_device");
+                tracing::info!("refused: no device named, and the key is not bound to one");
+                Err(Refusal::NoDevice)
+            }
+            Err(AuthFailure::Unavailable) => Err(self.refused(AuthFailure::Unavailable)),
+            Err(failure) => {
+                attempt.failed();
+                Err(self.refused(failure))
+            }
+        }
+    }
+
     fn refused(&self, failure: AuthFailure) -> Refusal {
         self.count_auth_failure(failure.label());
         if failure != AuthFailure::Unavailable {
@@ -184,6 +220,9 @@ pub enum Refusal {
     /// Too many failures from its address, or for its key id.
     RateLimited,
     Auth(AuthFailure),
+    /// The client named no device (no SNI) and its key is not bound to
+    /// one device.
+    NoDevice,
 }
 
 /// A session past CONNACK.

@@ -10,6 +10,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
+/// The ALPN id of MQTT over TLS (IANA registry: `mqtt`).
+pub const MQTT_ALPN: &[u8] = b"mqtt";
+
 /// Why certificates could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -74,6 +77,7 @@ impl CertificateSource {
     pub fn server_config(
         self: &Arc<Self>,
         with_tunnel: bool,
+        with_mqtt: bool,
     ) -> Result<Arc<ServerConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = ServerConfig::builder_with_provider(provider)
@@ -86,11 +90,27 @@ impl CertificateSource {
                 .alpn_protocols
                 .push(relay_proto::tunnel::ALPN.to_vec());
         }
+        if with_mqtt {
+            config.alpn_protocols.push(MQTT_ALPN.to_vec());
+        }
         Ok(Arc::new(config))
     }
 }
 
 impl CertificateSource {
+    /// The TLS configuration for the mqtts listener: TLS 1.3 and 1.2, ALPN
+    /// `mqtt` (a client that offers none is served too), the same
+    /// certificate.
+    pub fn mqtts_server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![MQTT_ALPN.to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// The TLS configuration for the agents' TCP listener (the tunnel where
     /// UDP is blocked): TLS 1.3 and 1.2, ALPN of the tunnel protocol only,
     /// the same certificate.

@@ -230,6 +230,32 @@ impl Authenticator {
         })
     }
 
+    /// The one device the presented API key is bound to, for a client that
+    /// named no device (an MQTT-over-TLS client that sent no SNI). `None`:
+    /// a tenant-wide key, a JWT, or a key that does not check out (its
+    /// secret, revocation and expiry are checked again by
+    /// [`Self::authenticate`] with the device found).
+    pub async fn bound_device(
+        &self,
+        request: RequestCredentials<'_>,
+    ) -> Result<Option<String>, AuthFailure> {
+        let (_, credential) = parse_request(request)?;
+        let Credential::ApiKey { id, secret } = credential else {
+            return Ok(None);
+        };
+        let presented = PresentedCredential {
+            id: &id,
+            secret: Secret::new(&secret),
+        };
+        let Some(check) = self.store.key_check(&id, "").await.map_err(unavailable)? else {
+            return Err(AuthFailure::UnknownKey);
+        };
+        if !presented.matches_digest(&check.secret_digest) {
+            return Err(AuthFailure::WrongSecret);
+        }
+        Ok(check.device_id)
+    }
+
     /// Authenticates a request for `device_id`.
     pub async fn authenticate(
         &self,

@@ -54,6 +54,9 @@ impl DemoTunnel {
 pub struct DemoSetup {
     pub printer: DemoPrinter,
     pub tunnel: DemoTunnel,
+    /// The mqtts port on 127.0.0.1 (0: any free port; a taken one falls
+    /// back to a free one), for apps without WebSocket.
+    pub mqtts_port: u16,
 }
 const STATE_FILE: &str = "demo.json";
 
@@ -125,6 +128,7 @@ pub async fn run(data_dir: &Path, port: u16, edges: u16, setup: DemoSetup) -> an
     }
     let mut config = EdgeConfig::defaults();
     config.public.listen = Some(free_or_any(port));
+    config.public.mqtts_listen = Some(free_or_any(setup.mqtts_port));
     config.public.base_domain = "localhost".into();
     config.public.device_in_path = true;
     config.public.tls_cert = Some(certificates.server_cert.clone());
@@ -138,13 +142,15 @@ pub async fn run(data_dir: &Path, port: u16, edges: u16, setup: DemoSetup) -> an
     let edge = RunningEdge::start(config)
         .await
         .map_err(|error| anyhow::anyhow!("the edge did not start: {error}"))?;
-    let (Some(public), Some(tunnel)) = (edge.public_addr, edge.tunnel_addr) else {
+    let (Some(public), Some(tunnel), Some(mqtts)) =
+        (edge.public_addr, edge.tunnel_addr, edge.mqtts_addr)
+    else {
         bail!("the edge started without its listeners");
     };
     step(
         3,
         &format!(
-            "edge: wss on {public}, agents on udp {tunnel} and tcp {}, metrics on http://{}/metrics",
+            "edge: wss on {public}, mqtts on {mqtts}, agents on udp {tunnel} and tcp {}, metrics on http://{}/metrics",
             edge.tunnel_tcp_addr
                 .map_or_else(|| "-".to_owned(), |tcp| tcp.to_string()),
             edge.admin_addr
@@ -173,7 +179,8 @@ pub async fn run(data_dir: &Path, port: u16, edges: u16, setup: DemoSetup) -> an
         ),
     );
 
-    let snippets = Snippets::new(&state, public.port(), &certificates.ca, printer);
+    let mut snippets = Snippets::new(&state, public.port(), &certificates.ca, printer);
+    snippets.add_mqtts(&state, mqtts.port(), printer);
     snippets.write(&dir)?;
     println!("{}", snippets.banner(&dir));
 
@@ -649,6 +656,15 @@ struct Snippets {
     topics_note: String,
     mqttjs: String,
     python: String,
+    /// For apps without WebSocket: a `mosquitto_sub` line, a paho TCP
+    /// script, and Home Assistant's Bambu Lab integration's settings.
+    mqtts: Option<MqttsSnippets>,
+}
+
+struct MqttsSnippets {
+    mosquitto_sub: String,
+    python: String,
+    home_assistant: String,
 }
 
 impl Snippets {
@@ -683,7 +699,49 @@ impl Snippets {
             topics_note,
             mqttjs,
             python,
+            mqtts: None,
         }
+    }
+
+    /// The mqtts listener's snippets. The demo's key is bound to its
+    /// device, so a client that dials the address (no SNI) reaches it.
+    fn add_mqtts(&mut self, state: &DemoState, port: u16, printer: DemoPrinter) {
+        let (ca, key, topic) = (&self.ca, &state.key, &self.topic);
+        let mosquitto_sub = format!(
+            "mosquitto_sub -h 127.0.0.1 -p {port} --cafile {ca} -u bblp -P {key} -t {topic} -v"
+        );
+        let python = format!(
+            r#"import paho.mqtt.client as mqtt  # pip install "paho-mqtt>=2"
+
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)  # MQTT over TLS, no WebSocket
+client.username_pw_set("bblp", "{key}")
+client.tls_set(ca_certs="{ca}")
+client.on_connect = lambda c, userdata, flags, code, properties: c.subscribe("{topic}")
+client.on_message = lambda c, userdata, message: print(message.topic, message.payload[:60], flush=True)
+client.connect("127.0.0.1", {port})
+client.loop_forever()
+"#
+        );
+        let home_assistant = match printer {
+            DemoPrinter::Bambu => format!(
+                "host          this machine's name or address (the integration dials port 8883{port_note})
+                     serial        {SERIAL}
+                     access code   {key}
+                     CA            {ca} (only for this demo's own certificate: add it to the Home
+                                   Assistant host's trusted CAs; with a real certificate, nothing)",
+                port_note = if port == 8883 {
+                    String::new()
+                } else {
+                    format!("; this demo's mqtts is on {port}, so start it with --mqtts-port 8883")
+                },
+            ),
+            DemoPrinter::Cc2 => "the Bambu Lab integration is for Bambu printers; a CC2 app uses the URL above".into(),
+        };
+        self.mqtts = Some(MqttsSnippets {
+            mosquitto_sub,
+            python,
+            home_assistant,
+        });
     }
 
     /// paho-mqtt as a CC2 app on the LAN: subscribe to its answers,
@@ -743,7 +801,15 @@ client.loop_forever()
             &dir.join("subscribe-mqttjs.sh"),
             &format!("#!/bin/sh\nexec {}\n", self.mqttjs),
         )?;
-        write_private(&dir.join("subscribe.py"), &self.python)
+        write_private(&dir.join("subscribe.py"), &self.python)?;
+        if let Some(mqtts) = &self.mqtts {
+            write_private(
+                &dir.join("subscribe-mqtts.sh"),
+                &format!("#!/bin/sh\nexec {}\n", mqtts.mosquitto_sub),
+            )?;
+            write_private(&dir.join("subscribe-mqtts.py"), &mqtts.python)?;
+        }
+        Ok(())
     }
 
     fn banner(&self, dir: &Path) -> String {
@@ -771,7 +837,7 @@ or with Python's paho-mqtt 2.x:
 {python}
 
 (both are also in {dir}/subscribe-mqttjs.sh and {dir}/subscribe.py)
-
+{mqtts}
 Ctrl-C stops everything; the next run reuses {dir}.",
             url = self.url,
             host_url = self.host_url,
@@ -781,6 +847,22 @@ Ctrl-C stops everything; the next run reuses {dir}.",
             topics_note = self.topics_note,
             mqttjs = self.mqttjs,
             dir = dir.display(),
+            mqtts = self
+                .mqtts
+                .as_ref()
+                .map_or_else(String::new, |mqtts| format!(
+                    "
+Apps without WebSocket (MQTT over TLS, mqtts):
+    {mosquitto_sub}
+  paho-mqtt over TCP: {dir}/subscribe-mqtts.py (and {dir}/subscribe-mqtts.sh)
+
+Home Assistant (Bambu Lab integration):
+    {home_assistant}
+",
+                    mosquitto_sub = mqtts.mosquitto_sub,
+                    dir = dir.display(),
+                    home_assistant = mqtts.home_assistant,
+                )),
         )
     }
 }

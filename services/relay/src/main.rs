@@ -48,6 +48,11 @@ enum Command {
         /// UDP is blocked).
         #[arg(long, value_enum, default_value_t = demo::DemoTunnel::Quic)]
         tunnel: demo::DemoTunnel,
+        /// The mqtts port on 127.0.0.1, for apps without WebSocket (Home
+        /// Assistant's Bambu Lab integration dials 8883; 0: any free port;
+        /// a taken port falls back to a free one).
+        #[arg(long, default_value_t = 8883)]
+        mqtts_port: u16,
     },
     /// One edge instance of `relay demo --edges N` (started by the demo).
     #[command(hide = true)]
@@ -75,7 +80,19 @@ async fn main() -> ExitCode {
             edges,
             printer,
             tunnel,
-        } => match demo::run(&data_dir, port, edges, demo::DemoSetup { printer, tunnel }).await {
+            mqtts_port,
+        } => match demo::run(
+            &data_dir,
+            port,
+            edges,
+            demo::DemoSetup {
+                printer,
+                tunnel,
+                mqtts_port,
+            },
+        )
+        .await
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("relay demo: {error:#}");

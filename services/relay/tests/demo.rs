@@ -29,7 +29,7 @@ impl Demo {
 
     fn start_with(data_dir: &Path, more: &[&str]) -> Demo {
         let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
-            .args(["demo", "--port", "0", "--data-dir"])
+            .args(["demo", "--port", "0", "--mqtts-port", "0", "--data-dir"])
             .arg(data_dir)
             .args(more)
             .stdout(Stdio::piped())
@@ -225,6 +225,24 @@ async fn the_demo_serves_real_clients_and_restarts_on_its_data() {
     )
     .await;
     assert!(line.starts_with(REPORT_TOPIC), "MQTT.js printed {line:?}");
+    // Apps without WebSocket: mosquitto_sub and paho over mqtts, as printed.
+    assert!(demo.said.contains("Home Assistant (Bambu Lab integration)"));
+    assert!(demo.said.contains("access code"), "{}", demo.said);
+    let line = first_line(
+        Path::new("sh"),
+        &[&data_dir.join("subscribe-mqtts.sh")],
+        &data_dir,
+    )
+    .await;
+    assert!(
+        line.starts_with(REPORT_TOPIC),
+        "mosquitto_sub printed {line:?}"
+    );
+    let line = first_line(&python, &[&data_dir.join("subscribe-mqtts.py")], &data_dir).await;
+    assert!(
+        line.starts_with(REPORT_TOPIC),
+        "paho over mqtts printed {line:?}"
+    );
 
     // Every snippet the README marks, with this demo's values put in.
     let key = said_value(&demo.said, "key ").to_owned();

@@ -52,6 +52,10 @@ def main(rendered_path, edge):
     if container["readinessProbe"]["httpGet"]["path"] != "/readyz":
         fail("readiness must be /readyz (it fails from the start of a drain)")
     public = {"wss": config["public"]["listen"], "tunnel": config["tunnel"]["listen"]}
+    if "mqtts_listen" in config["public"]:
+        public["mqtts"] = config["public"]["mqtts_listen"]
+    elif "mqtts" in ports:
+        fail("the container has an mqtts port, but the edge serves no mqtts_listen")
     if "peer_listen" in config.get("cluster", {}):
         public["peer"] = config["cluster"]["peer_listen"]
         peer_address = next((v.get("value", "") for v in container.get("env", []) if v["name"] == "RELAY_PEER_ADDRESS"), "")

@@ -1,6 +1,6 @@
 # relay-edge (with relayctl for migrations and provisioning).
 #   docker build -f deploy/docker/edge.Dockerfile -t relay-edge .
-#   docker run -p 8443:8443 -p 7443:7443/udp -p 7443:7443 -p 9090:9090 \
+#   docker run -p 8443:8443 -p 8883:8883 -p 7443:7443/udp -p 7443:7443 -p 9090:9090 \
 #     -e RELAY_DATABASE_URL=postgres://relay@db/relay -v /etc/relay:/etc/relay:ro \
 #     relay-edge --config /etc/relay/edge.toml
 FROM rust:1.95-bookworm AS build
@@ -14,7 +14,7 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/ /usr/local/bin/
 # distroless's nonroot user, by number (hadolint DL3066)
 USER 65532:65532
-# wss, agents' tunnel (QUIC on UDP, TLS on TCP where UDP is blocked), admin
-# (/metrics, /healthz, /readyz)
-EXPOSE 8443 7443/udp 7443/tcp 9090
+# wss, mqtts, agents' tunnel (QUIC on UDP, TLS on TCP where UDP is
+# blocked), admin (/metrics, /healthz, /readyz)
+EXPOSE 8443 8883 7443/udp 7443/tcp 9090
 ENTRYPOINT ["/usr/local/bin/relay-edge"]

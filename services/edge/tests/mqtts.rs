@@ -344,3 +344,78 @@ async fn mosquitto_sub_without_sni_needs_a_device_bound_key() {
     );
     edge.stop().await;
 }
+
+/// The adversarial basics over mqtts: a TLS handshake that never comes and
+/// a CONNECT that never comes are timed out; a packet over the limit ends
+/// the session; guessing keys from one address is cut off.
+#[tokio::test]
+async fn mqtts_times_out_the_silent_refuses_the_oversized_and_limits_guessing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let edge = TestEdge::start_with(|config| {
+        config.public.mqtts_listen = Some("127.0.0.1:0".parse().unwrap());
+        config.auth.failures_per_ip_per_minute = 3;
+    })
+    .await;
+    let _printer = scripted_printer(&edge);
+    let patience = Duration::from_secs(10);
+
+    // No TLS handshake: closed after tls_handshake_timeout (1 s here).
+    let mut silent = TcpStream::connect(mqtts_addr(&edge)).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(patience, silent.read(&mut byte)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+
+    // A handshake, then no CONNECT: closed after connect_timeout (1 s).
+    let mut quiet = tls_to(&edge, mqtts_addr(&edge), &edge.host(), None)
+        .await
+        .unwrap();
+    let read = tokio::time::timeout(patience, quiet.read(&mut byte)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+
+    // A PUBLISH over max_packet_size (64 KiB) after CONNACK ends the session.
+    let tls = tls_to(&edge, mqtts_addr(&edge), &edge.host(), None)
+        .await
+        .unwrap();
+    let mut client = MqttPeer::new(tls);
+    client.send(&connect_with("big", "bblp", &edge.key.0)).await;
+    assert_eq!(connack(&mut client).await, ConnectReturnCode::Accepted);
+    let header = [0x30u8, 0x80, 0x80, 0x10]; // PUBLISH, remaining length 256 KiB
+    client.io.write_all(&header).await.unwrap();
+    client.io.write_all(&[0u8; 1024]).await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(patience, client.io.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the oversized packet did not end the session");
+
+    // Guessing: after 3 failures from this address, CONNACK 5 without a
+    // look at the store.
+    let mut codes = Vec::new();
+    for attempt in 0..5 {
+        let tls = tls_to(&edge, mqtts_addr(&edge), &edge.host(), None)
+            .await
+            .unwrap();
+        let mut guesser = MqttPeer::new(tls);
+        // The key id as user name and a wrong, well-formed secret (a new
+        // one each time): only the store could tell, so each is a guess.
+        let secret: String = "abcdefghijklmnopqrstuvwxyz"
+            .chars()
+            .cycle()
+            .skip(attempt)
+            .take(26)
+            .collect();
+        guesser
+            .send(&connect_with("guess", &edge.key.1, &secret))
+            .await;
+        codes.push(connack(&mut guesser).await);
+    }
+    assert_eq!(
+        codes,
+        [
+            ConnectReturnCode::BadUserNameOrPassword,
+            ConnectReturnCode::BadUserNameOrPassword,
+            ConnectReturnCode::BadUserNameOrPassword,
+            ConnectReturnCode::NotAuthorized,
+            ConnectReturnCode::NotAuthorized,
+        ]
+    );
+    edge.stop().await;
+}

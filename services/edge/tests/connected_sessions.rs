@@ -57,16 +57,7 @@ fn online_with_scripted_printer(edge: &TestEdge) -> MqttPeer<DuplexStream> {
 
 /// [`online_with_scripted_printer`], with the hub's configuration given.
 fn online_with_scripted_printer_and(edge: &TestEdge, config: HubConfig) -> MqttPeer<DuplexStream> {
-    let (hub_side, printer_side) = tokio::io::duplex(1 << 20);
-    let (reader, writer) = tokio::io::split(hub_side);
-    edge.edge.as_ref().unwrap().hubs().start(
-        edge.device.clone(),
-        Upstream::from_halves(reader, writer),
-        config,
-        None,
-        Duration::ZERO,
-    );
-    MqttPeer::new(printer_side)
+    edge.scripted_printer_with(config)
 }
 
 /// A hub whose policy is a Bambu printer's, for serial X1.

@@ -22,21 +22,7 @@ use support::*;
 use tokio::io::DuplexStream;
 
 fn scripted_printer(edge: &TestEdge) -> MqttPeer<DuplexStream> {
-    let (hub_side, printer_side) = tokio::io::duplex(1 << 20);
-    let (reader, writer) = tokio::io::split(hub_side);
-    edge.edge.as_ref().unwrap().hubs().start(
-        edge.device.clone(),
-        Upstream::from_halves(reader, writer),
-        HubConfig {
-            upstream_keep_alive: Duration::from_secs(30),
-            linger: None,
-            replay_retained: RetainedReplay::WhenSeen,
-            ..HubConfig::new(256 * 1024)
-        },
-        None,
-        Duration::ZERO,
-    );
-    MqttPeer::new(printer_side)
+    edge.scripted_printer()
 }
 
 fn id(value: u16) -> PacketId {

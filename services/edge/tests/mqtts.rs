@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use relay_edge::hub::{HubConfig, RetainedReplay, Upstream};
 use relay_proto::mqtt::{self, ConnectReturnCode, Packet, PacketId, QoS};
 use relay_store::{NewApiKey, Scope};
 use rustls::pki_types::ServerName;
@@ -33,21 +32,7 @@ async fn mqtts_edge() -> TestEdge {
 }
 
 fn scripted_printer(edge: &TestEdge) -> MqttPeer<DuplexStream> {
-    let (hub_side, printer_side) = tokio::io::duplex(1 << 20);
-    let (reader, writer) = tokio::io::split(hub_side);
-    edge.edge.as_ref().unwrap().hubs().start(
-        edge.device.clone(),
-        Upstream::from_halves(reader, writer),
-        HubConfig {
-            upstream_keep_alive: Duration::from_secs(30),
-            linger: None,
-            replay_retained: RetainedReplay::WhenSeen,
-            ..HubConfig::new(256 * 1024)
-        },
-        None,
-        Duration::ZERO,
-    );
-    MqttPeer::new(printer_side)
+    edge.scripted_printer()
 }
 
 fn connector(edge: &TestEdge, alpn: Option<&[u8]>) -> TlsConnector {

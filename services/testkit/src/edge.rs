@@ -184,6 +184,35 @@ impl TestEdge {
         }
     }
 
+    /// Starts the device's hub on an in-memory upstream with `config` and
+    /// returns the printer's side, played by the test packet by packet.
+    pub fn scripted_printer_with(
+        &self,
+        config: relay_edge::hub::HubConfig,
+    ) -> MqttPeer<tokio::io::DuplexStream> {
+        let (hub_side, printer_side) = tokio::io::duplex(1 << 20);
+        let (reader, writer) = tokio::io::split(hub_side);
+        self.edge.as_ref().unwrap().hubs().start(
+            self.device.clone(),
+            relay_edge::hub::Upstream::from_halves(reader, writer),
+            config,
+            None,
+            Duration::ZERO,
+        );
+        MqttPeer::new(printer_side)
+    }
+
+    /// [`Self::scripted_printer_with`] a hub that replays retained
+    /// messages only where it saw one, and pings the printer every 30 s.
+    pub fn scripted_printer(&self) -> MqttPeer<tokio::io::DuplexStream> {
+        self.scripted_printer_with(relay_edge::hub::HubConfig {
+            upstream_keep_alive: Duration::from_secs(30),
+            linger: None,
+            replay_retained: relay_edge::hub::RetainedReplay::WhenSeen,
+            ..relay_edge::hub::HubConfig::new(256 * 1024)
+        })
+    }
+
     pub fn host(&self) -> String {
         format!("{}.{BASE_DOMAIN}", self.device)
     }

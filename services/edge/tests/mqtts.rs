@@ -83,6 +83,19 @@ where
     }
 }
 
+/// The printer's side: the next packet is a SUBSCRIBE, granted at QoS 1.
+async fn grant_the_subscribe(printer: &mut MqttPeer<DuplexStream>) {
+    let Some(Packet::Subscribe(upstream)) = printer.next().await else {
+        panic!("no SUBSCRIBE upstream");
+    };
+    printer
+        .send(&Packet::SubAck(mqtt::SubAck {
+            packet_id: upstream.packet_id,
+            return_codes: vec![mqtt::SubscribeReturnCode::Success(QoS::AtLeastOnce)],
+        }))
+        .await;
+}
+
 fn id(value: u16) -> PacketId {
     PacketId::new(value).unwrap()
 }
@@ -120,15 +133,7 @@ async fn bblp_and_the_key_over_mqtts_with_sni_share_the_printer_with_a_wss_clien
         filters: vec![("device/X1/report".into(), QoS::AtLeastOnce)],
     }))
     .await;
-    let Some(Packet::Subscribe(upstream)) = printer.next().await else {
-        panic!("no SUBSCRIBE upstream");
-    };
-    printer
-        .send(&Packet::SubAck(mqtt::SubAck {
-            packet_id: upstream.packet_id,
-            return_codes: vec![mqtt::SubscribeReturnCode::Success(QoS::AtLeastOnce)],
-        }))
-        .await;
+    grant_the_subscribe(&mut printer).await;
     assert!(matches!(ha.next().await, Some(Packet::SubAck(_))));
     let mut web = Client::connect(&edge, &edge.bearer(), connect_packet("web")).await;
     web.send(&Packet::Subscribe(mqtt::Subscribe {
@@ -302,15 +307,7 @@ async fn mosquitto_sub_without_sni_needs_a_device_bound_key() {
 
     let key = device_bound_key(&edge).await;
     let subscriber = tokio::spawn(mosquitto_sub(&key));
-    let Some(Packet::Subscribe(upstream)) = printer.next().await else {
-        panic!("no SUBSCRIBE upstream");
-    };
-    printer
-        .send(&Packet::SubAck(mqtt::SubAck {
-            packet_id: upstream.packet_id,
-            return_codes: vec![mqtt::SubscribeReturnCode::Success(QoS::AtLeastOnce)],
-        }))
-        .await;
+    grant_the_subscribe(&mut printer).await;
     printer
         .send(&Packet::Publish(mqtt::Publish {
             dup: false,

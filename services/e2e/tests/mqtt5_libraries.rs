@@ -7,23 +7,10 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-
 use relay_store::Scope;
+use relay_testkit::client_tools::client_tools;
 use relay_testkit::world::*;
 use serde_json::Value;
-
-fn client_tools() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/client-tools");
-    let output = std::process::Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "scripts/client-tools failed");
-    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
-}
 
 /// The keys each scenario uses.
 struct Keys {

@@ -5,10 +5,11 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use relay_testkit::client_tools::client_tools;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
@@ -138,17 +139,6 @@ async fn first_lines(
     assert!(status.success());
     child.wait().await.unwrap();
     printed
-}
-
-fn client_tools() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/client-tools");
-    let output = std::process::Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "scripts/client-tools failed");
-    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
 }
 
 /// The README's code blocks marked `<!-- snippet: <file name> -->`.

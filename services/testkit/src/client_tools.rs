@@ -1,0 +1,18 @@
+//! The third-party MQTT clients the tests run (paho-mqtt in a Python venv,
+//! MQTT.js under node), installed by `scripts/client-tools`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+/// Installs the clients when missing and returns their folder: `venv/`
+/// (Python with paho-mqtt) and `node/` (MQTT.js).
+pub fn client_tools() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/client-tools");
+    let output = std::process::Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "scripts/client-tools failed");
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+}

@@ -1,5 +1,6 @@
 //! The load generator's MQTT client: MQTT 3.1.1 over WebSocket (ws or wss)
-//! for the clients under test, and over plain TCP for the printer side.
+//! or straight over TLS (mqtts) for the clients under test, and over plain
+//! TCP for the printer side.
 //! One client code path for every target, so the relay, the direct broker
 //! and the tunnel are measured with the same client. Counts the TCP bytes it
 //! reads, to tell how many bytes a path carries.
@@ -44,6 +45,8 @@ pub struct Target {
     pub host: String,
     pub path: String,
     pub tls: Option<TlsConnector>,
+    /// How MQTT is carried once TCP (and TLS) are up.
+    pub wire: Wire,
     /// `Authorization` headers (the relay's keys), spread over the clients
     /// by client id; empty for the baselines.
     pub authorizations: Vec<String>,
@@ -51,6 +54,18 @@ pub struct Target {
     /// clients by client id: the edge caps sessions per key and per
     /// address, and 10,000 clients are many users, not one.
     pub sources: u8,
+}
+
+/// How a target carries MQTT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    /// WebSocket binary messages at `path`; the key in the `Authorization`
+    /// header.
+    WebSocket,
+    /// MQTT packets straight on the (TLS) stream, as mqtts apps send them;
+    /// the key as the CONNECT password (user name `bblp`, as Home
+    /// Assistant's Bambu Lab integration sends it).
+    Mqtt,
 }
 
 impl Target {
@@ -78,6 +93,7 @@ impl std::fmt::Debug for Target {
             .field("addr", &self.addr)
             .field("host", &self.host)
             .field("tls", &self.tls.is_some())
+            .field("wire", &self.wire)
             .finish()
     }
 }
@@ -150,7 +166,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 enum Transport {
     WebSocket(Box<WebSocketStream<Box<dyn Io>>>),
-    Tcp(TcpStream),
+    /// MQTT straight on a byte stream: TCP, or TLS over TCP.
+    Stream(Box<dyn Io>),
 }
 
 /// One MQTT connection.
@@ -178,7 +195,8 @@ pub fn ensure_loopback(addr: SocketAddr) -> io::Result<()> {
     }
 }
 
-fn connect_packet(client_id: &str, keep_alive: u16) -> Packet {
+/// CONNECT with `password` (and the user name `bblp`) when there is one.
+fn connect_packet(client_id: &str, keep_alive: u16, password: Option<&str>) -> Packet {
     Packet::Connect(Connect {
         protocol: ProtocolLevel::V3_1_1,
         bridge_mode: false,
@@ -186,8 +204,8 @@ fn connect_packet(client_id: &str, keep_alive: u16) -> Packet {
         keep_alive,
         client_id: client_id.to_owned(),
         will: None,
-        username: None,
-        password: None,
+        username: password.map(|_| "bblp".to_owned()),
+        password: password.map(|password| Bytes::copy_from_slice(password.as_bytes()).into()),
     })
 }
 
@@ -199,7 +217,8 @@ fn encode(packet: &Packet) -> Bytes {
 }
 
 impl MqttClient {
-    /// Connects to `target` over WebSocket and completes the MQTT CONNECT.
+    /// Connects to `target` (over WebSocket or straight over TLS, as its
+    /// [`Wire`] says) and completes the MQTT CONNECT.
     pub async fn connect(
         target: &Target,
         client_id: &str,
@@ -248,6 +267,16 @@ impl MqttClient {
             }
             None => (Box::new(counted), "ws"),
         };
+        if target.wire == Wire::Mqtt {
+            let password = authorization.map(|header| header.trim_start_matches("Bearer "));
+            let mut client = MqttClient {
+                transport: Transport::Stream(io),
+                buffer: BytesMut::new(),
+                next_packet_id: 1,
+            };
+            client.handshake(client_id, password).await?;
+            return Ok(client);
+        }
         let mut request = format!("{scheme}://{}{}", target.host, target.path)
             .into_client_request()
             .map_err(|_| ConnectFailure::Upgrade)?;
@@ -271,7 +300,7 @@ impl MqttClient {
             buffer: BytesMut::new(),
             next_packet_id: 1,
         };
-        client.handshake(client_id).await?;
+        client.handshake(client_id, None).await?;
         Ok(client)
     }
 
@@ -286,18 +315,22 @@ impl MqttClient {
             .map_err(|_| ConnectFailure::Tcp)?;
         let _ = tcp.set_nodelay(true);
         let mut client = MqttClient {
-            transport: Transport::Tcp(tcp),
+            transport: Transport::Stream(Box::new(tcp)),
             buffer: BytesMut::new(),
             next_packet_id: 1,
         };
-        client.handshake(client_id).await?;
+        client.handshake(client_id, None).await?;
         Ok(client)
     }
 
-    async fn handshake(&mut self, client_id: &str) -> Result<(), ConnectFailure> {
+    async fn handshake(
+        &mut self,
+        client_id: &str,
+        password: Option<&str>,
+    ) -> Result<(), ConnectFailure> {
         // The edge's longest keep-alive (300 s, 450 s before a silent client
         // is dropped): longer than any scenario, so clients send no PINGREQ.
-        self.send(&connect_packet(client_id, 300))
+        self.send(&connect_packet(client_id, 300, password))
             .await
             .map_err(|_| ConnectFailure::Closed)?;
         match self.next().await {
@@ -360,7 +393,7 @@ impl MqttClient {
                 .send(Message::Binary(bytes))
                 .await
                 .map_err(io::Error::other),
-            Transport::Tcp(stream) => stream.write_all(&bytes).await,
+            Transport::Stream(stream) => stream.write_all(&bytes).await,
         }
     }
 
@@ -382,7 +415,7 @@ impl MqttClient {
                     Some(Ok(_)) => {}
                     Some(Err(error)) => return Err(io::Error::other(error)),
                 },
-                Transport::Tcp(stream) => {
+                Transport::Stream(stream) => {
                     if stream.read_buf(&mut self.buffer).await? == 0 {
                         return Ok(None);
                     }
@@ -398,7 +431,7 @@ impl MqttClient {
             Transport::WebSocket(socket) => {
                 let _ = WebSocketStream::close(socket.as_mut(), None).await;
             }
-            Transport::Tcp(stream) => {
+            Transport::Stream(stream) => {
                 let _ = stream.shutdown().await;
             }
         }

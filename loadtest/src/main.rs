@@ -366,6 +366,7 @@ async fn scenarios(
         for target in [
             Some(rig.direct.clone()),
             Some(rig.relay.clone()),
+            Some(rig.relay_mqtts.clone()),
             Some(rig.relay_tcp.clone()),
             Some(rig.relay_ws.clone()),
             rig.rathole.clone(),
@@ -451,10 +452,15 @@ async fn scenarios(
         results.storm = Some(storm);
     }
     if flags.runs(Scenario::Idle) {
-        let idle = scenarios::idle_sessions(rig, flags.idle_sessions, progress).await?;
-        println!("{}", report::idle_summary(&idle));
-        write_json(out, "idle", &idle)?;
-        results.idle = Some(idle);
+        let mut runs = Vec::new();
+        for target in [rig.relay.clone(), rig.relay_mqtts.clone()] {
+            let idle =
+                scenarios::idle_sessions(rig, &target, flags.idle_sessions, progress).await?;
+            println!("{}", report::idle_summary(&idle));
+            runs.push(idle);
+        }
+        write_json(out, "idle", &runs)?;
+        results.idle = Some(runs);
     }
     if flags.runs(Scenario::Abuse) {
         let size = abuse::AbuseSize {

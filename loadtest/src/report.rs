@@ -15,7 +15,8 @@ pub struct Results {
     pub fan_out: Option<Vec<StreamResult>>,
     pub publish: Option<Vec<PublishResult>>,
     pub storm: Option<StormResult>,
-    pub idle: Option<IdleResult>,
+    /// Over wss, then over mqtts.
+    pub idle: Option<Vec<IdleResult>>,
     pub abuse: Option<crate::abuse::AbuseReport>,
     pub cross: Option<crate::cross::CrossReport>,
     pub tunnels: Option<crate::tunnels::TunnelsReport>,
@@ -131,11 +132,12 @@ pub fn latency_summary(report: &LatencyReport) -> String {
     }
     let _ = writeln!(
         out,
-        "  p50 ratios: relay/direct {}, relay/rathole {}, relay-ws/direct {}, relay-tcp/relay {}",
+        "  p50 ratios: relay/direct {}, relay/rathole {}, relay-ws/direct {}, relay-tcp/relay {}, relay-mqtts/relay {}",
         ratio(p50("relay"), p50("direct")),
         ratio(p50("relay"), p50("rathole")),
         ratio(p50("relay-ws"), p50("direct")),
         ratio(p50("relay-tcp"), p50("relay")),
+        ratio(p50("relay-mqtts"), p50("relay")),
     );
     out
 }
@@ -296,7 +298,8 @@ pub fn idle_summary(idle: &IdleResult) -> String {
     let mib = |bytes: u64| bytes as f64 / 1024.0 / 1024.0;
     let per = idle.edge_rss_per_session_bytes / 1024.0;
     format!(
-        "idle sessions: {}\n  edge RSS {:.1} MiB → {:.1} MiB: {:.1} KiB per session (target ≤ 16 KiB: {}); {:.1} MiB after they closed\n  agent RSS {:.1} MiB\n",
+        "idle sessions over {}: {}\n  edge RSS {:.1} MiB → {:.1} MiB: {:.1} KiB per session (target ≤ 16 KiB: {}); {:.1} MiB after they closed\n  agent RSS {:.1} MiB\n",
+        idle.target,
         idle.sessions,
         mib(idle.edge_rss_before_bytes),
         mib(idle.edge_rss_with_sessions_bytes),
@@ -436,16 +439,24 @@ pub fn markdown(results: &Results) -> String {
             ),
         );
     }
-    if let Some(idle) = &results.idle {
+    if let Some(runs) = &results.idle {
         let _ = writeln!(
             out,
-            "**Idle sessions**: {} sessions: edge RSS {:.1} → {:.1} MiB, **{:.1} KiB per session**; agent RSS {:.1} MiB.\n",
-            idle.sessions,
-            idle.edge_rss_before_bytes as f64 / 1048576.0,
-            idle.edge_rss_with_sessions_bytes as f64 / 1048576.0,
-            idle.edge_rss_per_session_bytes / 1024.0,
-            idle.agent_rss_bytes as f64 / 1048576.0,
+            "**Idle sessions**, each run on a fresh edge:\n\n| path | sessions | edge RSS before | with them | per session | agent RSS |\n|---|---:|---:|---:|---:|---:|"
         );
+        for idle in runs {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.1} MiB | {:.1} MiB | **{:.1} KiB** | {:.1} MiB |",
+                idle.target,
+                idle.sessions,
+                idle.edge_rss_before_bytes as f64 / 1048576.0,
+                idle.edge_rss_with_sessions_bytes as f64 / 1048576.0,
+                idle.edge_rss_per_session_bytes / 1024.0,
+                idle.agent_rss_bytes as f64 / 1048576.0,
+            );
+        }
+        out.push('\n');
     }
     if let Some(cross) = &results.cross {
         cross_markdown(&mut out, cross);

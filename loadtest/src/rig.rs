@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio_rustls::TlsConnector;
 
-use crate::client::{ByteCounter, MqttClient, Target};
+use crate::client::{ByteCounter, MqttClient, Target, Wire};
 
 /// The simulated printer's serial; its reports go to `device/<serial>/report`.
 pub const SERIAL: &str = "01P00A000000042";
@@ -98,7 +98,10 @@ struct Pki {
     ca_pem: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    /// For wss: ALPN `http/1.1`, as browsers and MQTT.js offer.
     connector: TlsConnector,
+    /// For mqtts: no ALPN, as mosquitto_sub and paho offer.
+    mqtts_connector: TlsConnector,
 }
 
 fn make_pki(dir: &Path) -> anyhow::Result<Pki> {
@@ -122,23 +125,30 @@ fn make_pki(dir: &Path) -> anyhow::Result<Pki> {
         ca_pem: dir.join("ca.pem"),
         cert: dir.join("edge.pem"),
         key: dir.join("edge.key"),
-        connector: {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(ca.der().clone())?;
-            let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            TlsConnector::from(Arc::new(config))
-        },
+        connector: client_tls(ca.der(), &[b"http/1.1"])?,
+        mqtts_connector: client_tls(ca.der(), &[])?,
     };
     std::fs::write(&pki.ca_pem, ca.pem())?;
     std::fs::write(&pki.cert, cert.pem())?;
     std::fs::write(&pki.key, key_pair.serialize_pem())?;
     Ok(pki)
+}
+
+/// A TLS client that trusts `ca` and offers `alpn`.
+fn client_tls(
+    ca: &rustls::pki_types::CertificateDer<'static>,
+    alpn: &[&[u8]],
+) -> anyhow::Result<TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone())?;
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 /// Waits until something accepts TCP connections on `addr`.
@@ -216,6 +226,8 @@ pub struct EdgeProcess {
     starts: u32,
     pub public: SocketAddr,
     pub plain: SocketAddr,
+    /// MQTT over TLS on TCP (mqtts).
+    pub mqtts: SocketAddr,
     pub admin: SocketAddr,
     pub tunnel: SocketAddr,
     /// The tunnel over TLS on TCP (for agents on `transport = "tcp"`).
@@ -235,6 +247,7 @@ impl EdgeProcess {
     ) -> anyhow::Result<EdgeProcess> {
         let public = loopback(free_tcp_port()?);
         let plain = loopback(free_tcp_port()?);
+        let mqtts = loopback(free_tcp_port()?);
         let admin = loopback(free_tcp_port()?);
         let tunnel = loopback(free_udp_port()?);
         let tunnel_tcp = loopback(free_tcp_port()?);
@@ -247,6 +260,7 @@ impl EdgeProcess {
 [public]
 listen = "{public}"
 plain_listen = "{plain}"
+mqtts_listen = "{mqtts}"
 base_domain = "{BASE_DOMAIN}"
 tls_cert = {cert:?}
 tls_key = {key:?}
@@ -306,6 +320,7 @@ renew_seconds = 1
             starts: 1,
             public,
             plain,
+            mqtts,
             admin,
             tunnel,
             tunnel_tcp,
@@ -438,6 +453,9 @@ pub struct Rig {
     pub relay: Target,
     /// The same edge, a device whose agent's tunnel runs over TLS on TCP.
     pub relay_tcp: Target,
+    /// The same edge and device over mqtts (MQTT straight over TLS, no
+    /// WebSocket), the key as the CONNECT password.
+    pub relay_mqtts: Target,
     /// The same edge over its plain ws:// listener (no TLS), to compare
     /// with the plain ws baselines.
     pub relay_ws: Target,
@@ -522,6 +540,7 @@ impl Rig {
             host: "localhost".into(),
             path: "/mqtt".into(),
             tls: None,
+            wire: Wire::WebSocket,
             authorizations: Vec::new(),
             sources: SPREAD,
         };
@@ -645,6 +664,7 @@ tls = false
             host: format!("{}.{BASE_DOMAIN}", device.id),
             path: "/mqtt".into(),
             tls: Some(pki.connector.clone()),
+            wire: Wire::WebSocket,
             authorizations: keys
                 .iter()
                 .map(|key| format!("Bearer {}", key.reveal()))
@@ -658,6 +678,14 @@ tls = false
                 .iter()
                 .map(|key| format!("Bearer {}", key.reveal()))
                 .collect(),
+            ..relay.clone()
+        };
+        let relay_mqtts = Target {
+            name: "relay-mqtts",
+            addr: edge.mqtts,
+            path: String::new(),
+            tls: Some(pki.mqtts_connector.clone()),
+            wire: Wire::Mqtt,
             ..relay.clone()
         };
         let relay_ws = Target {
@@ -695,6 +723,7 @@ tls = false
             printer,
             relay,
             relay_tcp,
+            relay_mqtts,
             relay_ws,
             direct,
             rathole,

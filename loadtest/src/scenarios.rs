@@ -788,6 +788,8 @@ pub async fn connect_storm(
 /// Scenario 5: idle sessions and memory.
 #[derive(Debug, Clone, Serialize)]
 pub struct IdleResult {
+    /// The path the sessions came in by: `relay` (wss) or `relay-mqtts`.
+    pub target: String,
     pub sessions: usize,
     pub edge_rss_before_bytes: u64,
     pub edge_rss_with_sessions_bytes: u64,
@@ -797,8 +799,10 @@ pub struct IdleResult {
     pub sessions_open_at_edge: Option<f64>,
 }
 
+/// `sessions` idle subscribers on a fresh edge, coming in by `target`.
 pub async fn idle_sessions(
     rig: &mut Rig,
+    target: &Target,
     sessions: usize,
     progress: &Progress,
 ) -> anyhow::Result<IdleResult> {
@@ -809,26 +813,10 @@ pub async fn idle_sessions(
     rig.edge.start_again().await?;
     rig.wait_agents(Duration::from_secs(30)).await?;
     let bytes = ByteCounter::default();
-    let first = subscribers(
-        &rig.relay,
-        1,
-        &report_topic(),
-        "idle-first",
-        &bytes,
-        progress,
-    )
-    .await?;
+    let first = subscribers(target, 1, &report_topic(), "idle-first", &bytes, progress).await?;
     let edge_pid = rig.edge.pid()?;
     let before = rss_bytes(edge_pid)?;
-    let clients = subscribers(
-        &rig.relay,
-        sessions,
-        &report_topic(),
-        "idle",
-        &bytes,
-        progress,
-    )
-    .await?;
+    let clients = subscribers(target, sessions, &report_topic(), "idle", &bytes, progress).await?;
     let sessions_open = metric(&rig.edge.metrics().await?, "relay_edge_sessions_open");
     let with_sessions = rss_bytes(edge_pid)?;
     let agent = rss_bytes(rig.agent_pid()?)?;
@@ -849,6 +837,7 @@ pub async fn idle_sessions(
     let after = rss_bytes(edge_pid)?;
     progress.clear();
     Ok(IdleResult {
+        target: target.name.to_owned(),
         sessions,
         edge_rss_before_bytes: before,
         edge_rss_with_sessions_bytes: with_sessions,

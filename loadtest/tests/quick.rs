@@ -38,10 +38,10 @@ fn the_quick_run_measures_every_scenario_and_loses_nothing() {
     let results: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
 
-    // Latency: the relay over wss and ws, its tunnel over QUIC and over
-    // TCP, and the direct baseline, all delivered every message.
+    // Latency: the relay over wss, mqtts and ws, its tunnel over QUIC and
+    // over TCP, and the direct baseline, all delivered every message.
     let latency = results["latency"]["runs"].as_array().unwrap();
-    for target in ["direct", "relay", "relay-tcp", "relay-ws"] {
+    for target in ["direct", "relay", "relay-mqtts", "relay-tcp", "relay-ws"] {
         let run = latency
             .iter()
             .find(|run| run["target"] == target)
@@ -89,15 +89,19 @@ fn the_quick_run_measures_every_scenario_and_loses_nothing() {
     assert!(storm["all_back_seconds"].is_number(), "{storm}");
     assert_eq!(storm["sessions_open_at_edge"].as_f64(), Some(100.0));
 
-    // Idle sessions: the edge held them all (and the first one).
-    let idle = &results["idle"];
-    assert_eq!(
-        idle["sessions_open_at_edge"].as_f64(),
-        Some(101.0),
-        "{idle}"
-    );
-    assert!(idle["edge_rss_with_sessions_bytes"].as_u64().unwrap() > 0);
-    assert!(idle["agent_rss_bytes"].as_u64().unwrap() > 0);
+    // Idle sessions, over wss and over mqtts: the edge held them all (and
+    // the first one).
+    let idle = results["idle"].as_array().unwrap();
+    let targets: Vec<&str> = idle
+        .iter()
+        .map(|run| run["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(targets, ["relay", "relay-mqtts"], "{idle:?}");
+    for run in idle {
+        assert_eq!(run["sessions_open_at_edge"].as_f64(), Some(101.0), "{run}");
+        assert!(run["edge_rss_with_sessions_bytes"].as_u64().unwrap() > 0);
+        assert!(run["agent_rss_bytes"].as_u64().unwrap() > 0);
+    }
 
     // The human summary and the table were written too.
     assert!(stdout.contains("added p50 over direct"), "{stdout}");

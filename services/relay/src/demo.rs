@@ -281,6 +281,7 @@ struct EdgeInstance {
     /// the instance stops.
     _lifeline: Option<tokio::process::ChildStdin>,
     public: SocketAddr,
+    mqtts: SocketAddr,
     tunnel: SocketAddr,
 }
 
@@ -315,6 +316,7 @@ async fn run_several(
             &format!(
                 r#"[public]
 listen = "{listen}"
+mqtts_listen = "127.0.0.1:0"
 base_domain = "localhost"
 device_in_path = true
 tls_cert = {cert:?}
@@ -349,11 +351,12 @@ renew_seconds = 1
     );
     for instance in &instances {
         println!(
-            "      {}  pid {:<7}  wss://127.0.0.1:{}/d/{}/mqtt",
+            "      {}  pid {:<7}  wss://127.0.0.1:{}/d/{}/mqtt  mqtts://127.0.0.1:{}",
             instance.id,
             instance.child.id().unwrap_or(0),
             instance.public.port(),
-            state.device
+            state.device,
+            instance.mqtts.port(),
         );
     }
     let simulator = start_simulator(dir, printer).await?;
@@ -490,6 +493,7 @@ async fn spawn_edge(id: &str, config: &Path) -> anyhow::Result<EdgeInstance> {
         _lifeline: lifeline,
         child,
         public: address("public=")?,
+        mqtts: address("mqtts=")?,
         tunnel: address("tunnel=")?,
     })
 }
@@ -503,11 +507,13 @@ pub async fn run_edge_process(config: &Path) -> anyhow::Result<()> {
     let edge = RunningEdge::start(config)
         .await
         .map_err(|error| anyhow::anyhow!("the edge did not start: {error}"))?;
-    let (Some(public), Some(tunnel)) = (edge.public_addr, edge.tunnel_addr) else {
+    let (Some(public), Some(mqtts), Some(tunnel)) =
+        (edge.public_addr, edge.mqtts_addr, edge.tunnel_addr)
+    else {
         bail!("the edge started without its listeners");
     };
     println!(
-        "{EDGE_READY} public={public} tunnel={tunnel} admin={}",
+        "{EDGE_READY} public={public} mqtts={mqtts} tunnel={tunnel} admin={}",
         edge.admin_addr
     );
     // Until a signal, or the demo's end (its end of stdin closes).

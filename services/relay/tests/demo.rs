@@ -338,19 +338,52 @@ async fn the_demo_with_three_edges_shows_the_failover() {
         .and_then(|rest| rest.split(')').next())
         .unwrap()
         .to_owned();
-    // An instance that does not hold the tunnel, and its port.
-    let (other, other_port) = said
+    // An instance that does not hold the tunnel, and its ports.
+    let (other, other_port, other_mqtts_port) = said
         .lines()
         .filter_map(|line| {
             let line = line.trim();
             let id = line.split_whitespace().next()?;
             let url = line.split_whitespace().find(|w| w.starts_with("wss://"))?;
             let port = url.strip_prefix("wss://127.0.0.1:")?.split('/').next()?;
-            (id.starts_with("demo-edge-") && id != holder).then(|| (id.to_owned(), port.to_owned()))
+            let mqtts = line
+                .split_whitespace()
+                .find(|w| w.starts_with("mqtts://"))?;
+            let mqtts_port = mqtts.strip_prefix("mqtts://127.0.0.1:")?;
+            (id.starts_with("demo-edge-") && id != holder)
+                .then(|| (id.to_owned(), port.to_owned(), mqtts_port.to_owned()))
         })
         .next()
         .unwrap_or_else(|| panic!("no other instance in:\n{said}"));
     let key = said_value(&said, "key ").to_owned();
+    // mosquitto_sub over that instance's mqtts gets a report too.
+    let mosquitto_sub = tokio::time::timeout(
+        PATIENCE,
+        Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &other_mqtts_port, "--cafile"])
+            .arg(data_dir.join("ca.pem"))
+            .args([
+                "-u",
+                "bblp",
+                "-P",
+                &key,
+                "-t",
+                REPORT_TOPIC,
+                "-C",
+                "1",
+                "-v",
+            ])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("mosquitto_sub received in time")
+    .unwrap();
+    assert!(
+        String::from_utf8_lossy(&mosquitto_sub.stdout).starts_with(REPORT_TOPIC),
+        "mosquitto_sub over {other}'s mqtts: {}",
+        String::from_utf8_lossy(&mosquitto_sub.stderr)
+    );
     let script = data_dir.join("follow.py");
     std::fs::write(
         &script,

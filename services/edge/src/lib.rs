@@ -1,7 +1,8 @@
 //! The edge: relay's public side.
 //!
 //! Terminates `wss://<device-id>.<base-domain>/mqtt` (hyper + rustls +
-//! tungstenite), authenticates every connection against the store, and
+//! tungstenite) and mqtts (MQTT straight over TLS, [`mqtt_tcp`]),
+//! authenticates every connection against the store, and
 //! speaks MQTT 3.1, 3.1.1 and 5 with each client using `relay-proto`.
 //! Failures reach clients as a CONNACK code their library shows, then a
 //! WebSocket close code with a short reason. An admin listener serves

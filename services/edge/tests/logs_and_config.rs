@@ -110,17 +110,20 @@ fn a_bad_configuration_exits_64_listing_every_problem() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// The configuration reference in the README parses, with every key known
-/// to this version, and holds the defaults it claims.
+/// The book's configuration reference parses, with every key known to
+/// this version, and holds the defaults it claims.
 #[test]
-fn the_readme_configuration_reference_parses() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
-    let block = readme
+fn the_books_configuration_reference_parses() {
+    let page = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/reference/edge-config.md"
+    ))
+    .unwrap();
+    let block = page
         .split("<!-- snippet-edge-config -->\n```toml\n")
         .nth(1)
         .and_then(|rest| rest.split("\n```").next())
-        .expect("the README's edge configuration block");
+        .expect("the book's edge configuration block");
     let config = relay_edge::EdgeConfig::from_toml(block).unwrap();
     let defaults = relay_edge::EdgeConfig::defaults();
     assert_eq!(
@@ -131,21 +134,24 @@ fn the_readme_configuration_reference_parses() {
     assert_eq!(config.public.device_in_path, defaults.public.device_in_path);
 }
 
-/// The README's by-hand certificate steps make what the agent accepts: a CA,
+/// The book's by-hand certificate steps make what the agent accepts: a CA,
 /// and a leaf for `*.relay.localhost` it signed (a one-step self-signed
 /// certificate is a CA, which rustls refuses as a server's own).
 #[test]
-fn the_readme_certificate_steps_make_a_certificate_the_agent_accepts() {
+fn the_books_certificate_steps_make_a_certificate_the_agent_accepts() {
     use rustls::client::danger::ServerCertVerifier;
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
-    let block = readme
+    let page = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/operators/by-hand.md"
+    ))
+    .unwrap();
+    let block = page
         .split("<!-- snippet-certificate -->\n```sh\n")
         .nth(1)
         .and_then(|rest| rest.split("\n```").next())
-        .expect("the README's certificate block");
+        .expect("the book's certificate block");
     let dir = std::env::temp_dir().join(format!(
         "relay-readme-cert-{}",
         relay_store::credential::random_base32(8).unwrap()

@@ -729,18 +729,21 @@ client.loop_forever()
 "#
         );
         let home_assistant = match printer {
-            DemoPrinter::Bambu => format!(
-                "host          this machine's name or address (the integration dials port 8883{port_note})
-                     serial        {SERIAL}
-                     access code   {key}
-                     CA            {ca} (only for this demo's own certificate: add it to the Home
-                                   Assistant host's trusted CAs; with a real certificate, nothing)",
-                port_note = if port == 8883 {
-                    String::new()
-                } else {
-                    format!("; this demo's mqtts is on {port}, so start it with --mqtts-port 8883")
-                },
-            ),
+            DemoPrinter::Bambu => [
+                format!(
+                    "host          this machine's name or address (the integration dials port 8883{port_note})",
+                    port_note = if port == 8883 {
+                        String::new()
+                    } else {
+                        format!("; this demo's mqtts is on {port}, so start it with --mqtts-port 8883")
+                    },
+                ),
+                format!("serial        {SERIAL}"),
+                format!("access code   {key}"),
+                format!("CA            {ca} (only for this demo's own certificate: add it to the Home"),
+                "              Assistant host's trusted CAs; with a real certificate, nothing)".to_owned(),
+            ]
+            .join("\n    "),
             DemoPrinter::Cc2 => "the Bambu Lab integration is for Bambu printers; a CC2 app uses the URL above".into(),
         };
         self.mqtts = Some(MqttsSnippets {

@@ -141,26 +141,43 @@ async fn first_lines(
     printed
 }
 
-/// The README's code blocks marked `<!-- snippet: <file name> -->`.
-fn readme_snippets() -> Vec<(String, String)> {
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
-            .unwrap();
+/// The book's code blocks marked `<!-- snippet: <file name> -->`, from
+/// every page under `docs/`.
+fn book_snippets() -> Vec<(String, String)> {
+    fn pages(dir: &Path, found: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pages(&path, found);
+            } else if path.extension().is_some_and(|ext| ext == "md") {
+                found.push(path);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    pages(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs"),
+        &mut found,
+    );
+    found.sort();
     let mut snippets = Vec::new();
-    let mut lines = readme.lines();
-    while let Some(line) = lines.next() {
-        let Some(name) = line
-            .strip_prefix("<!-- snippet: ")
-            .and_then(|rest| rest.strip_suffix(" -->"))
-        else {
-            continue;
-        };
-        assert!(lines.next().unwrap().starts_with("```"), "{name}");
-        let code: Vec<&str> = lines
-            .by_ref()
-            .take_while(|l| !l.starts_with("```"))
-            .collect();
-        snippets.push((name.to_owned(), code.join("\n") + "\n"));
+    for page in found {
+        let text = std::fs::read_to_string(&page).unwrap();
+        let mut lines = text.lines();
+        while let Some(line) = lines.next() {
+            let Some(name) = line
+                .strip_prefix("<!-- snippet: ")
+                .and_then(|rest| rest.strip_suffix(" -->"))
+            else {
+                continue;
+            };
+            assert!(lines.next().unwrap().starts_with("```"), "{name}");
+            let code: Vec<&str> = lines
+                .by_ref()
+                .take_while(|l| !l.starts_with("```"))
+                .collect();
+            snippets.push((name.to_owned(), code.join("\n") + "\n"));
+        }
     }
     snippets
 }
@@ -234,7 +251,7 @@ async fn the_demo_serves_real_clients_and_restarts_on_its_data() {
         "paho over mqtts printed {line:?}"
     );
 
-    // Every snippet the README marks, with this demo's values put in.
+    // Every snippet the book marks, with this demo's values put in.
     let key = said_value(&demo.said, "key ").to_owned();
     let url = said_value(&demo.said, "URL ").to_owned();
     let port = url
@@ -242,15 +259,23 @@ async fn the_demo_serves_real_clients_and_restarts_on_its_data() {
         .and_then(|rest| rest.split('/').next())
         .unwrap()
         .to_owned();
+    let mqtts_port = demo
+        .said
+        .split("mqtts on 127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .unwrap()
+        .to_owned();
     let ca = data_dir.join("ca.pem");
-    let snippets = readme_snippets();
-    assert_eq!(snippets.len(), 6, "{snippets:?}");
+    let snippets = book_snippets();
+    assert_eq!(snippets.len(), 8, "{snippets:?}");
     for (name, code) in snippets {
         let code = code
             .replace("DEVICE_ID", &device)
             .replace("rly_YOUR_KEY", &key)
             .replace("data/demo/ca.pem", ca.to_str().unwrap())
-            .replace("8443", &port);
+            .replace("8443", &port)
+            .replace("8883", &mqtts_port);
         let line = if name.ends_with(".mjs") {
             let file = tools.join("node").join(&name);
             std::fs::write(&file, code).unwrap();

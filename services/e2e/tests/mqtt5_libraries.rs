@@ -8,7 +8,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use relay_store::Scope;
-use relay_testkit::client_tools::client_tools;
+use relay_testkit::client_tools::{client_tools, scenarios};
 use relay_testkit::world::*;
 use serde_json::Value;
 
@@ -133,17 +133,6 @@ for (const [name, key, publish] of [
   console.log(JSON.stringify(await run(name, key, publish)));
 }
 "#;
-
-fn scenarios(printed: &str) -> std::collections::HashMap<String, Value> {
-    printed
-        .lines()
-        .filter(|line| line.starts_with('{'))
-        .map(|line| {
-            let value: Value = serde_json::from_str(line).unwrap();
-            (value["scenario"].as_str().unwrap().to_owned(), value)
-        })
-        .collect()
-}
 
 fn check(library: &str, seen: &std::collections::HashMap<String, Value>, properties: &[&str]) {
     let ok = &seen["ok"];

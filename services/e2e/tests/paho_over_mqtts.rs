@@ -8,7 +8,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use relay_testkit::client_tools::client_tools;
+use relay_testkit::client_tools::{client_tools, scenarios};
 use relay_testkit::world::*;
 use serde_json::Value;
 
@@ -112,14 +112,7 @@ async fn paho_over_mqtts_with_the_devices_hostname_subscribes_receives_and_publi
     .expect("paho finished in time")
     .unwrap();
     let printed = String::from_utf8_lossy(&output.stdout);
-    let seen: std::collections::HashMap<String, Value> = printed
-        .lines()
-        .filter(|line| line.starts_with('{'))
-        .map(|line| {
-            let value: Value = serde_json::from_str(line).unwrap();
-            (value["scenario"].as_str().unwrap().to_owned(), value)
-        })
-        .collect();
+    let seen = scenarios(&printed);
     let context = format!("{printed}\n{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(seen.len(), 4, "{context}");
     for version in ["3.1.1", "5"] {

@@ -16,3 +16,16 @@ pub fn client_tools() -> PathBuf {
     assert!(output.status.success(), "scripts/client-tools failed");
     PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
 }
+
+/// The JSON objects a client script printed, one per line, by their
+/// `"scenario"` field.
+pub fn scenarios(printed: &str) -> std::collections::HashMap<String, serde_json::Value> {
+    printed
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            (value["scenario"].as_str().unwrap().to_owned(), value)
+        })
+        .collect()
+}

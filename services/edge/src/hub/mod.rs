@@ -23,24 +23,24 @@
 //!
 //! The rules live in the `relay-hub` crate (re-exported here as [`state`],
 //! [`policy`], [`quarantine`], [`bambu`] and [`cc2`]), a state machine with
-//! no IO; [`driver`] runs it over the upstream's halves and the sessions'
-//! commands; [`outbound`] is a session's bounded queue; [`registry`] finds
-//! and starts hubs.
+//! no IO; `relay-hub-io`'s driver runs it over the upstream's halves and
+//! the sessions' commands, with a session's bounded outbound queue (the
+//! agent runs the same); [`registry`] finds and starts this edge's hubs.
 
-mod driver;
-pub mod outbound;
 pub mod registry;
 mod unavailable;
 
-pub use driver::{Upstream, UpstreamFailure, UpstreamFuture, UpstreamSource};
-pub use outbound::{Outbound, OutboundReceiver, OutboundSender, outbound_queue};
-pub use registry::{HubHandle, Hubs, TunnelProbe};
+pub use registry::Hubs;
 pub use relay_hub::PrinterIdentity;
 pub use relay_hub::{
     BambuProfile, Cc2Profile, ChurnLimit, ProfileConfig, PublishRate, PublishRefusal,
     QuarantinePolicy, TopicPolicy,
 };
 pub use relay_hub::{bambu, cc2, policy, profile, quarantine, state};
+pub use relay_hub_io::{
+    HubHandle, Outbound, OutboundReceiver, OutboundSender, TunnelProbe, Upstream, UpstreamFailure,
+    UpstreamFuture, UpstreamSource, outbound, outbound_queue,
+};
 pub use state::{
     HubConfig, HubCounters, HubEnd, HubState, PacketExtras, PublishRefused, QuarantineEvent,
     RetainHandling, RetainedReplay, SessionAttach, SessionId, SessionSink, Silence,

@@ -16,9 +16,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::outbound::OutboundSender;
-use super::registry::TunnelProbe;
-use crate::close::Close;
+use crate::outbound::OutboundSender;
+use relay_hub::close::Close;
 use relay_hub::state::{
     HubConfig, HubCounters, HubEnd, HubState, PacketExtras, QuarantineEvent, SessionAttach,
     SessionId, Silence,
@@ -28,9 +27,14 @@ use relay_hub::state::{
 /// then wait on the bounded command queue instead of growing this buffer.
 const MAX_UPSTREAM_BACKLOG: usize = 256 * 1024;
 
+/// Tells whether the way to the device (the agent's tunnel) still stands,
+/// so that a lost upstream can be told apart: tunnel gone (1013, device
+/// offline) or printer gone (1014).
+pub type TunnelProbe = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// Requests from sessions to their hub.
 #[derive(Debug)]
-pub(super) enum Command {
+pub(crate) enum Command {
     Attach {
         session: SessionId,
         attach: SessionAttach<OutboundSender>,
@@ -127,8 +131,23 @@ pub type UpstreamFuture = Pin<Box<dyn Future<Output = Result<Upstream, UpstreamF
 /// attempt after a printer was found silent, which watchdog found it.
 pub type UpstreamSource = Arc<dyn Fn(Option<Silence>) -> UpstreamFuture + Send + Sync>;
 
+/// The metrics a hub's driver adds to (none where nobody scrapes them).
+#[derive(Debug, Clone, Default)]
+pub struct HubMetrics {
+    /// Upstream bytes, by direction (in, out).
+    pub upstream_bytes: Option<prometheus::IntCounterVec>,
+    /// What the hub refused or cut, by what.
+    pub refusals: Option<prometheus::IntCounterVec>,
+    /// Upstreams found again within the grace.
+    pub resumes: Option<prometheus::IntCounter>,
+    /// Filters quarantined.
+    pub quarantines: Option<prometheus::IntCounter>,
+    /// Printers found silent, by watchdog.
+    pub silences: Option<prometheus::IntCounterVec>,
+}
+
 /// What the driver works with besides the state.
-pub(super) struct HubIo {
+pub(crate) struct HubIo {
     pub upstream: Upstream,
     /// Where a new upstream comes from; `None`: the hub ends with its
     /// upstream.
@@ -138,13 +157,7 @@ pub(super) struct HubIo {
     pub commands: mpsc::Receiver<Command>,
     /// Cancelled from outside to end the hub (drain, replaced).
     pub ended: CancellationToken,
-    pub byte_counter: Option<prometheus::IntCounterVec>,
-    pub refusals: Option<prometheus::IntCounterVec>,
-    pub resumes: Option<prometheus::IntCounter>,
-    /// Filters quarantined.
-    pub quarantines: Option<prometheus::IntCounter>,
-    /// Printers found silent, by watchdog.
-    pub silences: Option<prometheus::IntCounterVec>,
+    pub metrics: HubMetrics,
 }
 
 /// Adds to the metric what the state counted since the last export.
@@ -351,18 +364,21 @@ enum Served {
 /// Runs a hub until it ends: through its upstream, and through the new
 /// upstreams its source finds within the grace when one ends. Its
 /// sessions are ended with the matching close.
-pub(super) async fn run(config: HubConfig, io: HubIo) -> HubEnd {
+pub(crate) async fn run(config: HubConfig, io: HubIo) -> HubEnd {
     let HubIo {
         upstream,
         source,
         grace,
         commands,
         ended,
-        byte_counter,
-        refusals,
-        resumes,
-        quarantines,
-        silences,
+        metrics:
+            HubMetrics {
+                upstream_bytes: byte_counter,
+                refusals,
+                resumes,
+                quarantines,
+                silences,
+            },
     } = io;
     let mut context = Context {
         commands,

@@ -10,7 +10,7 @@ use relay_proto::mqtt::{self, Packet};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::close::Close;
+use relay_hub::close::Close;
 use relay_hub::state::SessionSink;
 
 /// What a session receives from its hub, in order.
@@ -249,14 +249,14 @@ impl SessionSink for OutboundSender {
         &self,
         packet_id: relay_proto::mqtt::PacketId,
         qos: relay_proto::mqtt::QoS,
-        why: super::state::PublishRefused,
+        why: relay_hub::state::PublishRefused,
     ) -> bool {
         use relay_proto::mqtt5::{self, Ack, Properties, Property, ReasonCode};
         let (reason, text) = match why {
-            super::state::PublishRefused::NotAuthorized => {
+            relay_hub::state::PublishRefused::NotAuthorized => {
                 (ReasonCode::NOT_AUTHORIZED, "refused by the device's policy")
             }
-            super::state::PublishRefused::QuotaExceeded => (
+            relay_hub::state::PublishRefused::QuotaExceeded => (
                 ReasonCode::QUOTA_EXCEEDED,
                 "publishing faster than the printer takes",
             ),

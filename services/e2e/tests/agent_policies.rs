@@ -303,11 +303,11 @@ async fn an_insecure_agent_connects_without_a_ca() {
     world.edge.stop().await;
 }
 
-/// Failed agent HELLOs are limited per source address and refused with the
-/// "rate limited" reason (before, 200 bad HELLOs were all checked against
-/// the store).
+/// Failed agent HELLOs are limited per credential id and refused with the
+/// "rate limited" reason; malformed ones per source address. A valid
+/// credential from that busy address (a carrier's NAT) is accepted at once.
 #[tokio::test]
-async fn failed_hellos_are_rate_limited_per_address() {
+async fn failed_hellos_are_limited_without_locking_out_a_valid_agent_at_the_same_address() {
     let world = world_with(
         ACCESS_CODE,
         |edge| edge.auth.agent_failures_per_ip_per_minute = 3,
@@ -325,45 +325,78 @@ async fn failed_hellos_are_rate_limited_per_address() {
         .rotate_agent_credential(&world.edge.device)
         .await
         .unwrap();
-    store
+    let (_, current) = store
         .rotate_agent_credential(&world.edge.device)
         .await
         .unwrap();
     let tunnel = world.edge.edge.as_ref().unwrap().tunnel_addr.unwrap();
-    let config = agent_config(
+    let hello = |credential: &str| {
+        let config = agent_config(
+            &world.edge,
+            tunnel,
+            &world.simulator,
+            ACCESS_CODE,
+            credential,
+        );
+        let printer = std::sync::Arc::new(config.validate().unwrap());
+        async move {
+            match relay_agent::tunnel::run_once(
+                &config,
+                printer,
+                None,
+                tokio_util::sync::CancellationToken::new(),
+            )
+            .await
+            {
+                relay_agent::tunnel::TunnelEnd::Refused { reason, .. } => reason,
+                other => panic!("expected a refusal, got {other}"),
+            }
+        }
+    };
+    use relay_proto::tunnel::RefusalReason::{BadCredential, RateLimited};
+    // Guesses on one id: the allowance, then refused unchecked.
+    let mut reasons = Vec::new();
+    for _ in 0..20 {
+        reasons.push(hello(&stale.reveal()).await);
+    }
+    let mut expected = vec![BadCredential; 3];
+    expected.extend([RateLimited; 17]);
+    assert_eq!(reasons, expected);
+    // Credentials that cannot be valid, from the address past its
+    // allowance: refused unchecked.
+    let mut corrupt = stale.reveal();
+    let last = corrupt.pop().unwrap();
+    corrupt.push(if last == 'a' { 'b' } else { 'a' });
+    for _ in 0..5 {
+        assert_eq!(hello(&corrupt).await, RateLimited);
+    }
+    let before = world.edge.admin_get("/metrics").await.1;
+    // The device's valid credential, from the same address: in at once.
+    let agent = start_agent(agent_config(
         &world.edge,
         tunnel,
         &world.simulator,
         ACCESS_CODE,
-        &stale.reveal(),
-    );
-    let printer = std::sync::Arc::new(config.validate().unwrap());
-    let mut reasons = Vec::new();
-    for _ in 0..5 {
-        let end = relay_agent::tunnel::run_once(
-            &config,
-            printer.clone(),
-            None,
-            tokio_util::sync::CancellationToken::new(),
-        )
-        .await;
-        match end {
-            relay_agent::tunnel::TunnelEnd::Refused { reason, .. } => reasons.push(reason),
-            other => panic!("expected a refusal, got {other}"),
-        }
-    }
-    use relay_proto::tunnel::RefusalReason::{BadCredential, RateLimited};
+        &current.reveal(),
+    ));
+    tokio::time::timeout(PATIENCE, edge.wait_online(&world.edge.device))
+        .await
+        .expect("the valid agent was accepted from the busy address");
+    let after = world.edge.admin_get("/metrics").await.1;
+    let accepted = |text: &str| {
+        text.lines()
+            .filter(|line| line.starts_with("relay_edge_agent_hellos_total{result=\"accepted\""))
+            .map(|line| line.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum::<f64>()
+    };
     assert_eq!(
-        reasons,
-        vec![
-            BadCredential,
-            BadCredential,
-            BadCredential,
-            RateLimited,
-            RateLimited
-        ]
+        accepted(&after) - accepted(&before),
+        1.0,
+        "accepted on its first HELLO"
     );
-    world.agent.cancel();
+    // The guesses stay limited.
+    assert_eq!(hello(&stale.reveal()).await, RateLimited);
+    agent.cancel();
     world.edge.stop().await;
 }
 

@@ -509,7 +509,9 @@ pub struct AuthSection {
     /// Failed authentications allowed per client IP (and per API key id)
     /// per minute.
     pub failures_per_ip_per_minute: u32,
-    /// Failed agent HELLOs allowed per source address per minute.
+    /// Failed agent HELLOs allowed per minute per credential id, and per
+    /// source address for credentials that cannot be valid (a valid one
+    /// is checked whatever its address did). The name predates the id.
     pub agent_failures_per_ip_per_minute: u32,
 }
 

@@ -7,6 +7,10 @@
 //! address, so one guesser behind a NAT does not lock out everyone behind
 //! it; a malformed one is refused without the store, and still counts.
 //!
+//! Agents' HELLOs are limited the same way per credential id, but never
+//! per address: many owners' agents share a carrier's NAT, and a valid
+//! agent credential is always checked (see the edge's `tunnel` module).
+//!
 //! The limit is exact under concurrency: an attempt reserves its place in
 //! every window it is counted in before the lookup starts ([`Attempt`]),
 //! and gives it back only if it succeeds.
@@ -169,6 +173,42 @@ impl Drop for Attempt {
     }
 }
 
+/// Agent credentials this instance accepted, by their public id, as a
+/// digest of the whole credential: when guessers have used up an id's
+/// allowance, its real agent still gets in. Bounded: when full, it starts
+/// over (the next HELLO of each agent is checked against the store as
+/// usual).
+#[derive(Debug, Default)]
+pub struct AcceptedCredentials {
+    digests: DashMap<String, [u8; 32]>,
+}
+
+impl AcceptedCredentials {
+    pub fn remember(&self, id: &str, credential: &str) {
+        if self.digests.len() >= MAX_TRACKED && !self.digests.contains_key(id) {
+            self.digests.clear();
+        }
+        self.digests.insert(id.to_owned(), digest(credential));
+    }
+
+    /// Whether `credential` is the one last accepted under `id`.
+    pub fn is_known(&self, id: &str, credential: &str) -> bool {
+        // Digests, not secrets, are compared: timing reveals nothing an
+        // attacker can steer towards the secret.
+        self.digests
+            .get(id)
+            .is_some_and(|known| *known == digest(credential))
+    }
+}
+
+fn digest(credential: &str) -> [u8; 32] {
+    let mut out = [0; 32];
+    out.copy_from_slice(
+        ring::digest::digest(&ring::digest::SHA256, credential.as_bytes()).as_ref(),
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,5 +271,14 @@ mod tests {
         assert_eq!(admitted, 5);
         // A refused attempt reserved nothing on its address.
         assert!(!limiter.is_blocked(&address(99), now));
+    }
+
+    #[test]
+    fn an_accepted_credential_is_known_by_its_id_and_whole_value_only() {
+        let accepted = AcceptedCredentials::default();
+        accepted.remember("abcdefghij", "rla_abcdefghij_secret_check");
+        assert!(accepted.is_known("abcdefghij", "rla_abcdefghij_secret_check"));
+        assert!(!accepted.is_known("abcdefghij", "rla_abcdefghij_guessed_check"));
+        assert!(!accepted.is_known("klmnopqrst", "rla_abcdefghij_secret_check"));
     }
 }

@@ -13,7 +13,7 @@ use crate::close::Close;
 use crate::config::EdgeConfig;
 use crate::devices::Devices;
 use crate::hub::{HubConfig, Hubs, OutboundSender, SessionId};
-use crate::limiter::{FailureLimiter, LimitKey};
+use crate::limiter::{AcceptedCredentials, FailureLimiter, LimitKey};
 use crate::metrics::Metrics;
 use crate::quotas::Quotas;
 
@@ -23,8 +23,12 @@ pub struct EdgeState {
     pub authenticator: Authenticator,
     pub metrics: Metrics,
     pub failures: Arc<FailureLimiter>,
-    /// Failed agent HELLOs per source address.
+    /// Failed agent HELLOs, per source address (counted) and per
+    /// credential id (limited).
     pub agent_failures: Arc<FailureLimiter>,
+    /// Agent credentials this instance accepted: they get in even when
+    /// their id is being guessed.
+    pub agents_accepted: AcceptedCredentials,
     pub hubs: Arc<Hubs>,
     /// Open sessions per key, device, tenant and address.
     pub quotas: Arc<Quotas>,
@@ -85,6 +89,7 @@ impl EdgeState {
             metrics,
             failures,
             agent_failures,
+            agents_accepted: AcceptedCredentials::default(),
             quotas,
             hubs,
             devices,

@@ -334,27 +334,63 @@ async fn accept_hello(connection: &TunnelConnection, state: &Arc<EdgeState>) -> 
         .await;
         return None;
     }
-    // Only failures count against an address, not HELLOs in flight: many
-    // agents behind one address (a carrier's NAT, an office) come back at
-    // once after an edge restart, and must not be refused for it. Guessers
-    // get past the limit by at most what they have in flight at once.
+    // Failures are counted per address, but an address past its allowance
+    // refuses only credentials that cannot be valid (malformed): many
+    // owners' agents share one address (a carrier's NAT, an office), and a
+    // guesser among them must not lock the others out. Guessing is bounded
+    // per credential id instead (a secret is guessed for one id), with a
+    // reservation so that HELLOs in flight cannot exceed it; and the
+    // credential this instance last accepted for an id gets in even when
+    // that id's allowance is spent, so that knowing an agent's id is not
+    // enough to lock it out.
+    let now = std::time::Instant::now();
     let source = LimitKey::Address(connection.remote_address().ip());
-    if state
-        .agent_failures
-        .is_blocked(&source, std::time::Instant::now())
-    {
-        hello_result(state, connection, "rate_limited");
-        tracing::info!("agent refused: too many failed HELLOs from its address");
-        refuse_with_retry(
-            connection,
-            &mut send,
-            RefusalReason::RateLimited,
-            "too many failed agent authentications from this address",
-            Some(60_000),
-        )
-        .await;
-        return None;
-    }
+    // The credential's public id, to limit guesses and to end the tunnel
+    // when it is revoked (the store checks the rest).
+    let credential_id = relay_store::credential::PresentedCredential::parse(
+        relay_store::credential::CredentialKind::AgentCredential,
+        hello.credential.expose(),
+    )
+    .map(|presented| presented.id.to_owned())
+    .unwrap_or_default();
+    let attempt = if credential_id.is_empty() {
+        if state.agent_failures.is_blocked(&source, now) {
+            hello_result(state, connection, "rate_limited");
+            tracing::info!("agent refused: too many failed HELLOs from its address");
+            refuse_with_retry(
+                connection,
+                &mut send,
+                RefusalReason::RateLimited,
+                "too many failed agent authentications from this address",
+                Some(60_000),
+            )
+            .await;
+            return None;
+        }
+        None
+    } else {
+        let reserved = state
+            .agent_failures
+            .begin(vec![LimitKey::KeyId(credential_id.clone())], now);
+        if reserved.is_none()
+            && !state
+                .agents_accepted
+                .is_known(&credential_id, hello.credential.expose())
+        {
+            hello_result(state, connection, "rate_limited");
+            tracing::info!("agent refused: too many failed HELLOs for its credential id");
+            refuse_with_retry(
+                connection,
+                &mut send,
+                RefusalReason::RateLimited,
+                "too many failed authentications for this agent credential",
+                Some(60_000),
+            )
+            .await;
+            return None;
+        }
+        reserved
+    };
     if state.membership.is_fenced() {
         hello_result(state, connection, "fenced");
         refuse_with_retry(
@@ -369,24 +405,24 @@ async fn accept_hello(connection: &TunnelConnection, state: &Arc<EdgeState>) -> 
     }
     let store = state.authenticator.store().clone();
     let instance_id = state.membership.instance_id.clone();
-    // The credential's public id, to end the tunnel when it is revoked
-    // (the store has checked the token's shape when this is used).
-    let credential_id = relay_store::credential::PresentedCredential::parse(
-        relay_store::credential::CredentialKind::AgentCredential,
-        hello.credential.expose(),
-    )
-    .map(|presented| presented.id.to_owned())
-    .unwrap_or_default();
     // The credential check and the device's claim: one store query.
     let (device_id, epoch) = match store
         .accept_agent(hello.credential.expose(), &instance_id)
         .await
     {
-        Ok(Ok(claim)) => (claim.device_id, claim.epoch),
+        Ok(Ok(claim)) => {
+            state
+                .agents_accepted
+                .remember(&credential_id, hello.credential.expose());
+            (claim.device_id, claim.epoch)
+        }
         Ok(Err(failure)) => {
             state
                 .agent_failures
                 .record_failure(&[source], std::time::Instant::now());
+            if let Some(attempt) = attempt {
+                attempt.failed();
+            }
             hello_result(state, connection, "bad_credential");
             tracing::info!(reason = %failure, "agent refused");
             refuse(

@@ -806,6 +806,10 @@ async fn the_images_run_as_the_production_overlay_runs_them() {
         "a client on the draining pod is told 1001 (going away)"
     );
     // The edge logs JSON, as RELAY_LOG_JSON asks.
+    assert!(
+        owner_logs.contains("edge started"),
+        "the edge's log: {owner_logs}"
+    );
     for line in owner_logs.lines().filter(|line| !line.trim().is_empty()) {
         assert!(
             serde_json::from_str::<Value>(line).is_ok(),

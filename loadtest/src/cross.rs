@@ -35,8 +35,9 @@ pub struct CrossReport {
 pub struct FailoverResult {
     /// Clients on the two surviving instances together.
     pub clients: usize,
-    /// The agent's QUIC keep-alive: it notices the dead instance after
-    /// four of them.
+    /// The agent's QUIC keep-alive: the shipped default. The agent
+    /// notices the dead instance when what it sends goes unanswered for
+    /// 3 s, not by the keep-alive.
     pub agent_keep_alive_seconds: u64,
     /// Clients that received a message sent after the kill, within the
     /// patience.
@@ -215,7 +216,8 @@ async fn failover(
     progress.clear();
     Ok(FailoverResult {
         clients,
-        agent_keep_alive_seconds: 1,
+        // The agent's default (relay-agent's `edge.keep_alive_seconds`).
+        agent_keep_alive_seconds: 25,
         resumed: times.len(),
         resume_us: Percentiles::of(&mut times),
         disconnected,

@@ -298,8 +298,6 @@ linger_seconds = 30
 instance_id = "{name}"
 peer_listen = "{peer}"
 secret = "{CLUSTER_SECRET}"
-lease_seconds = 4
-renew_seconds = 1
 "#,
                 cert = pki.cert.display().to_string(),
                 key = pki.key.display().to_string(),
@@ -746,7 +744,6 @@ addresses = ["{spare}"]
 server_name = "tunnel.{BASE_DOMAIN}"
 ca_file = {ca:?}
 credential = "{credential}"
-keep_alive_seconds = 1
 
 [printer]
 kind = "mqtt"

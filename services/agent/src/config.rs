@@ -47,8 +47,9 @@ pub struct EdgeSection {
     /// within seconds.
     #[serde(default)]
     pub transport: TransportChoice,
-    /// `host:port` of the edge's TCP tunnel listener (default: `address`,
-    /// the same host and port over TCP).
+    /// `host:port` of the edge's TCP tunnel listener for `address`
+    /// (default: `address`, the same host and port over TCP). The
+    /// `addresses` are dialled over TCP at their own host and port.
     #[serde(default)]
     pub tcp_address: Option<String>,
     /// With `transport = "auto"`, while the tunnel is on TCP: how often
@@ -73,9 +74,16 @@ impl EdgeSection {
     /// Where the TCP tunnel listener is: `tcp_address`, or `address` (the
     /// edge serves the tunnel on the same port over UDP and TCP).
     pub fn tcp_address(&self) -> String {
-        self.tcp_address
-            .clone()
-            .unwrap_or_else(|| self.address.clone())
+        self.tcp_address_for(&self.address)
+    }
+
+    /// Where the TCP tunnel listener is for one of the edge addresses:
+    /// `tcp_address` for `address`, the same host and port for the others.
+    pub fn tcp_address_for(&self, address: &str) -> String {
+        match &self.tcp_address {
+            Some(tcp) if address == self.address => tcp.clone(),
+            _ => address.to_owned(),
+        }
     }
 }
 

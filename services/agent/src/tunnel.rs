@@ -27,6 +27,19 @@ use crate::standby::Standby;
 /// that it is refused at once (the edge asks again a second later).
 const LINK_DIAL_PATIENCE: Duration = Duration::from_secs(5);
 
+/// How long what the agent sent may go unanswered before it gives the
+/// edge up for dead and dials the next instance. Nothing is sent for
+/// this: the printer's messages (and the keep-alives when there are none)
+/// expect the edge's acknowledgement within a round trip, so a dead
+/// instance is noticed this long after the printer's next message, not
+/// after the keep-alive's idle timeout (four keep-alives, 100 s at the
+/// default 25 s). Over TCP the kernel does the same (`TCP_USER_TIMEOUT`).
+pub const UNANSWERED_LIMIT: Duration = Duration::from_secs(3);
+
+/// How often the QUIC connection's counters are read for
+/// [`UNANSWERED_LIMIT`].
+const UNANSWERED_CHECK: Duration = Duration::from_millis(250);
+
 /// Largest MQTT packet the agent relays in either direction.
 const MAX_PACKET: usize = 1 << 20;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,6 +70,8 @@ pub enum TunnelEnd {
     Lost(#[from] quinn::ConnectionError),
     #[error("connection lost: {0}")]
     LostIo(#[from] std::io::Error),
+    #[error("connection lost: the edge answered nothing for {0:?}")]
+    Unanswered(Duration),
     #[error("cannot reach the edge over TCP at {address}: {error}")]
     TcpConnect {
         address: String,
@@ -334,7 +349,7 @@ async fn dial_transport(
             let (endpoint, connection) = dial(config, address).await?;
             Ok((Some(endpoint), TunnelConnection::Quic(connection)))
         }
-        TransportChoice::Tcp => Ok((None, dial_tcp(config).await?)),
+        TransportChoice::Tcp => Ok((None, dial_tcp(config, address).await?)),
         TransportChoice::Auto => {
             let quic = tokio::time::timeout(QUIC_HANDSHAKE_PATIENCE, dial(config, address)).await;
             let why = match quic {
@@ -344,15 +359,15 @@ async fn dial_transport(
                 Ok(Err(end)) => end,
                 Err(_) => TunnelEnd::QuicTimeout(QUIC_HANDSHAKE_PATIENCE),
             };
-            tracing::warn!(reason = %why, tcp = %config.edge.tcp_address(), "QUIC does not reach the edge: trying TCP");
-            Ok((None, dial_tcp(config).await?))
+            tracing::warn!(reason = %why, tcp = %config.edge.tcp_address_for(address), "QUIC does not reach the edge: trying TCP");
+            Ok((None, dial_tcp(config, address).await?))
         }
     }
 }
 
 /// The tunnel over TLS on TCP, multiplexed by yamux.
-async fn dial_tcp(config: &AgentConfig) -> Result<TunnelConnection, TunnelEnd> {
-    let address = config.edge.tcp_address();
+async fn dial_tcp(config: &AgentConfig, address: &str) -> Result<TunnelConnection, TunnelEnd> {
+    let address = config.edge.tcp_address_for(address);
     let tcp_failure = |error: std::io::Error| TunnelEnd::TcpConnect {
         address: address.clone(),
         error,
@@ -371,6 +386,9 @@ async fn dial_tcp(config: &AgentConfig) -> Result<TunnelConnection, TunnelEnd> {
         .with_interval(Duration::from_secs(5))
         .with_retries(4);
     let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+    // What the agent sent, unacknowledged this long: the edge is gone.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = socket2::SockRef::from(&tcp).set_tcp_user_timeout(Some(UNANSWERED_LIMIT));
     let tls = tls_config(config, false)?;
     let server_name = config.edge.server_name.clone().unwrap_or_else(|| {
         address
@@ -556,10 +574,19 @@ async fn serve_connection(
     let links = tokio_util::task::TaskTracker::new();
     let quic_probe = probe_quic(config, address, connection);
     tokio::pin!(quic_probe);
+    let mut unanswered = Unanswered::new(connection);
+    let mut check = tokio::time::interval(UNANSWERED_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let serve = async {
         loop {
             tokio::select! {
                 dialled = &mut quic_probe => return TunnelEnd::QuicBack(dialled),
+                _ = check.tick(), if unanswered.is_some() => {
+                    if let Some(end) = unanswered.as_mut().and_then(|u| u.check(connection, tokio::time::Instant::now())) {
+                        tracing::warn!(after = ?UNANSWERED_LIMIT, "the edge answers nothing: trying again");
+                        return end;
+                    }
+                }
                 incoming = connection.accept_bi() => match incoming {
                     Ok((send, recv)) => {
                         let printer = printer.clone();
@@ -592,6 +619,54 @@ async fn serve_connection(
     };
     links.close();
     end
+}
+
+/// Notices an edge that stopped answering a QUIC connection: frames it
+/// must acknowledge went out (the edge acknowledges at once) and no
+/// datagram came back for [`UNANSWERED_LIMIT`]. Reads the connection's
+/// counters only; sends nothing.
+#[derive(Debug)]
+struct Unanswered {
+    /// Frames sent that the edge must acknowledge.
+    sent: u64,
+    /// Datagrams received.
+    received: u64,
+    /// Since when something sent has had no answer.
+    waiting_since: Option<tokio::time::Instant>,
+}
+
+impl Unanswered {
+    /// `None` over TCP, where the kernel does this.
+    fn new(connection: &TunnelConnection) -> Option<Unanswered> {
+        let (sent, received) = connection.eliciting_sent_and_received()?;
+        Some(Unanswered {
+            sent,
+            received,
+            waiting_since: None,
+        })
+    }
+
+    fn check(
+        &mut self,
+        connection: &TunnelConnection,
+        now: tokio::time::Instant,
+    ) -> Option<TunnelEnd> {
+        let (sent, received) = connection.eliciting_sent_and_received()?;
+        if received != self.received {
+            self.waiting_since = None;
+        } else if sent != self.sent && self.waiting_since.is_none() {
+            self.waiting_since = Some(now);
+        }
+        self.sent = sent;
+        self.received = received;
+        match self.waiting_since {
+            Some(since) if now.duration_since(since) >= UNANSWERED_LIMIT => {
+                connection.close(0, b"the edge answers nothing");
+                Some(TunnelEnd::Unanswered(UNANSWERED_LIMIT))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// One printer link: LINK_OPEN in, a printer connection, then MQTT

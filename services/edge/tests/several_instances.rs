@@ -60,7 +60,7 @@ impl Cluster {
             ACCESS_CODE,
             &self.credential,
         );
-        config.edge.keep_alive_seconds = 1;
+        // The shipped keep-alive: failover must not depend on a short one.
         config.edge.addresses = tunnels[1..].iter().map(|t| t.to_string()).collect();
         start_agent(config)
     }

@@ -100,6 +100,42 @@ impl TunnelConnection {
         }
     }
 
+    /// On a QUIC connection, the frames sent so far that the peer must
+    /// acknowledge (all but ACK and CONNECTION_CLOSE), and the UDP
+    /// datagrams received; `None` over TCP, where the kernel tracks what
+    /// is unanswered.
+    pub fn eliciting_sent_and_received(&self) -> Option<(u64, u64)> {
+        match self {
+            TunnelConnection::Quic(connection) => {
+                let stats = connection.stats();
+                let f = stats.frame_tx;
+                let eliciting = f.ack_frequency
+                    + f.crypto
+                    + f.data_blocked
+                    + f.datagram
+                    + f.immediate_ack
+                    + f.max_data
+                    + f.max_stream_data
+                    + f.max_streams_bidi
+                    + f.max_streams_uni
+                    + f.new_connection_id
+                    + f.new_token
+                    + f.path_challenge
+                    + f.path_response
+                    + f.ping
+                    + f.reset_stream
+                    + f.retire_connection_id
+                    + f.stream_data_blocked
+                    + f.streams_blocked_bidi
+                    + f.streams_blocked_uni
+                    + f.stop_sending
+                    + f.stream;
+                Some((eliciting, stats.udp_rx.datagrams))
+            }
+            TunnelConnection::Tcp { .. } => None,
+        }
+    }
+
     pub fn remote_address(&self) -> SocketAddr {
         match self {
             TunnelConnection::Quic(connection) => connection.remote_address(),

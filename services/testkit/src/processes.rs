@@ -63,14 +63,10 @@ database_url = "{database}"
 instance_id = "{instance_id}"
 peer_listen = "127.0.0.1:0"
 secret = "{CLUSTER_SECRET}"
-lease_seconds = 4
-renew_seconds = 1
 
 [tunnel]
 listen = "127.0.0.1:0"
 tcp_listen = "127.0.0.1:0"
-keep_alive_seconds = 1
-idle_timeout_seconds = 4
 {tunnel}
 "#,
             cert = config.public.tls_cert.as_ref().unwrap().display(),

@@ -394,6 +394,64 @@ async fn killing_the_owner_moves_the_agent_and_the_others_resume() {
     cluster.setup.database.cleanup().await;
 }
 
+/// The owner's network to the agent cut rather than its process killed:
+/// nothing closes anywhere, the owner lives on with its lease, and the
+/// agent's packets to it vanish. At the shipped settings the agent gives
+/// it up and the survivors' clients receive again within 10 s.
+#[tokio::test]
+async fn cutting_the_owner_off_from_the_agent_moves_the_agent_within_seconds() {
+    let mut cluster = Cluster::new().await;
+    let a = cluster.instance("edge-a").await;
+    let b = cluster.instance("edge-b").await;
+    let c = cluster.instance("edge-c").await;
+    // The agent reaches edge-b through a gate (QUIC: a UDP gate), edge-c
+    // directly.
+    let gate = relay_testkit::cut::UdpGate::start(b.tunnel).await;
+    gate.open();
+    let mut config = agent_config(
+        &cluster.setup,
+        gate.addr,
+        &cluster.simulator,
+        ACCESS_CODE,
+        &cluster.credential,
+    );
+    config.edge.transport = relay_agent::config::TransportChoice::Quic;
+    config.edge.addresses = vec![c.tunnel.to_string()];
+    let agent = start_agent(config);
+    cluster.wait_owner("edge-b").await;
+    let mut on_a = cluster.client(&a, "on-a").await;
+    let mut on_c = cluster.client(&c, "on-c").await;
+    sequences(&mut on_a, 2).await;
+    sequences(&mut on_c, 2).await;
+
+    let last_before = *sequences(&mut on_a, 1).await.last().unwrap();
+    gate.close();
+    let cut = Instant::now();
+    for (name, client) in [("on-a", &mut on_a), ("on-c", &mut on_c)] {
+        loop {
+            let publish = next_publish(client).await;
+            if is_status(&publish) && sequence_of(&publish) > last_before + 20 {
+                break;
+            }
+        }
+        let resumed = cut.elapsed();
+        assert!(
+            client.closed_with.is_none(),
+            "{name}: {:?}",
+            client.closed_with
+        );
+        assert!(
+            resumed < Duration::from_secs(10),
+            "{name} resumed after {resumed:?}"
+        );
+        eprintln!("{name} received again {resumed:?} after the owner was cut off");
+    }
+    cluster.wait_owner("edge-c").await;
+    drop(b);
+    agent.cancel();
+    cluster.setup.database.cleanup().await;
+}
+
 #[tokio::test]
 async fn draining_an_instance_moves_its_agent_and_nobody_else_notices() {
     let mut cluster = Cluster::new().await;

@@ -276,14 +276,7 @@ struct Containers(Vec<String>);
 
 impl Containers {
     async fn start(&mut self, name: &str, command: Command) {
-        let _ = Command::new("podman")
-            .args(["rm", "--force", name])
-            .output();
-        self.0.push(name.to_owned());
-        let output = tokio::process::Command::from(command)
-            .output()
-            .await
-            .unwrap();
+        let output = self.launch(name, command).await;
         assert!(
             output.status.success(),
             "podman run {name}: {}",
@@ -293,20 +286,26 @@ impl Containers {
 
     /// Runs a container to its end; its exit code and output.
     async fn run(&mut self, name: &str, command: Command) -> (i32, String) {
-        let _ = Command::new("podman")
-            .args(["rm", "--force", name])
-            .output();
-        self.0.push(name.to_owned());
-        let output = tokio::process::Command::from(command)
-            .output()
-            .await
-            .unwrap();
+        let output = self.launch(name, command).await;
         let printed = format!(
             "{}{}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
         (output.status.code().unwrap_or(-1), printed)
+    }
+
+    /// Runs `podman run …` for `name` (a leftover of that name removed
+    /// first) and remembers it for removal.
+    async fn launch(&mut self, name: &str, command: Command) -> std::process::Output {
+        let _ = Command::new("podman")
+            .args(["rm", "--force", name])
+            .output();
+        self.0.push(name.to_owned());
+        tokio::process::Command::from(command)
+            .output()
+            .await
+            .unwrap()
     }
 
     fn logs(&self, name: &str) -> String {

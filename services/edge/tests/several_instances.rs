@@ -110,6 +110,35 @@ impl Cluster {
     }
 }
 
+/// A survivor's client keeps its connection and receives again within
+/// 10 s of `since`: a report the printer made a second after it (20
+/// reports later) came the new way.
+async fn resumes_within_ten_seconds(
+    name: &str,
+    client: &mut Client,
+    last_before: u64,
+    since: Instant,
+    what: &str,
+) {
+    loop {
+        let publish = next_publish(client).await;
+        if is_status(&publish) && sequence_of(&publish) > last_before + 20 {
+            break;
+        }
+    }
+    let resumed = since.elapsed();
+    assert!(
+        client.closed_with.is_none(),
+        "{name}: {:?}",
+        client.closed_with
+    );
+    assert!(
+        resumed < Duration::from_secs(10),
+        "{name} resumed after {resumed:?}"
+    );
+    eprintln!("{name} received again {resumed:?} after the owner was {what}");
+}
+
 /// The `sequence_id` of a simulated report.
 fn sequence_of(publish: &Publish) -> u64 {
     let text = String::from_utf8_lossy(&publish.payload);
@@ -367,23 +396,7 @@ async fn killing_the_owner_moves_the_agent_and_the_others_resume() {
     // The survivors' clients keep their connections and receive again:
     // a report the printer made a second after the kill came the new way.
     for (name, client) in [("on-a", &mut on_a), ("on-c", &mut on_c)] {
-        loop {
-            let publish = next_publish(client).await;
-            if is_status(&publish) && sequence_of(&publish) > last_before + 20 {
-                break;
-            }
-        }
-        let resumed = killed.elapsed();
-        assert!(
-            client.closed_with.is_none(),
-            "{name}: {:?}",
-            client.closed_with
-        );
-        assert!(
-            resumed < Duration::from_secs(10),
-            "{name} resumed after {resumed:?}"
-        );
-        eprintln!("{name} received again {resumed:?} after the owner was killed");
+        resumes_within_ten_seconds(name, client, last_before, killed, "killed").await;
     }
     cluster.wait_owner("edge-c").await;
     // The killed instance's clients come back on another instance.
@@ -428,23 +441,7 @@ async fn cutting_the_owner_off_from_the_agent_moves_the_agent_within_seconds() {
     gate.close();
     let cut = Instant::now();
     for (name, client) in [("on-a", &mut on_a), ("on-c", &mut on_c)] {
-        loop {
-            let publish = next_publish(client).await;
-            if is_status(&publish) && sequence_of(&publish) > last_before + 20 {
-                break;
-            }
-        }
-        let resumed = cut.elapsed();
-        assert!(
-            client.closed_with.is_none(),
-            "{name}: {:?}",
-            client.closed_with
-        );
-        assert!(
-            resumed < Duration::from_secs(10),
-            "{name} resumed after {resumed:?}"
-        );
-        eprintln!("{name} received again {resumed:?} after the owner was cut off");
+        resumes_within_ten_seconds(name, client, last_before, cut, "cut off").await;
     }
     cluster.wait_owner("edge-c").await;
     drop(b);

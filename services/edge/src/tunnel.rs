@@ -306,6 +306,25 @@ async fn serve_tunnel(
     hold_tunnel(&connection, &state, &stop, accepted).await;
 }
 
+/// Refuses a HELLO as rate limited, with a retry a minute later.
+async fn refuse_rate_limited(
+    state: &EdgeState,
+    connection: &TunnelConnection,
+    send: &mut TunnelSend,
+    message: &str,
+) {
+    hello_result(state, connection, "rate_limited");
+    tracing::info!(reason = message, "agent refused");
+    refuse_with_retry(
+        connection,
+        send,
+        RefusalReason::RateLimited,
+        message,
+        Some(60_000),
+    )
+    .await;
+}
+
 /// Reads and checks HELLO, claims the device, registers the tunnel and
 /// answers HELLO_ACK; `None` when the agent was refused (and told why).
 async fn accept_hello(connection: &TunnelConnection, state: &Arc<EdgeState>) -> Option<Accepted> {
@@ -355,14 +374,11 @@ async fn accept_hello(connection: &TunnelConnection, state: &Arc<EdgeState>) -> 
     .unwrap_or_default();
     let attempt = if credential_id.is_empty() {
         if state.agent_failures.is_blocked(&source, now) {
-            hello_result(state, connection, "rate_limited");
-            tracing::info!("agent refused: too many failed HELLOs from its address");
-            refuse_with_retry(
+            refuse_rate_limited(
+                state,
                 connection,
                 &mut send,
-                RefusalReason::RateLimited,
                 "too many failed agent authentications from this address",
-                Some(60_000),
             )
             .await;
             return None;
@@ -377,14 +393,11 @@ async fn accept_hello(connection: &TunnelConnection, state: &Arc<EdgeState>) -> 
                 .agents_accepted
                 .is_known(&credential_id, hello.credential.expose())
         {
-            hello_result(state, connection, "rate_limited");
-            tracing::info!("agent refused: too many failed HELLOs for its credential id");
-            refuse_with_retry(
+            refuse_rate_limited(
+                state,
                 connection,
                 &mut send,
-                RefusalReason::RateLimited,
                 "too many failed authentications for this agent credential",
-                Some(60_000),
             )
             .await;
             return None;

@@ -158,15 +158,8 @@ pub async fn run(data_dir: &Path, port: u16, edges: u16, setup: DemoSetup) -> an
     );
 
     let simulator = start_simulator(&dir, printer).await?;
-    let (stop_agent, agent) = start_agent(
-        &dir,
-        &[tunnel],
-        &state,
-        &certificates,
-        &simulator,
-        setup,
-        15,
-    )?;
+    let (stop_agent, agent) =
+        start_agent(&dir, &[tunnel], &state, &certificates, &simulator, setup)?;
     tokio::time::timeout(Duration::from_secs(20), edge.wait_online(&state.device))
         .await
         .context("the agent did not reach the edge within 20 s (RELAY_LOG=info shows why)")?;
@@ -224,7 +217,6 @@ fn start_agent(
     certificates: &Certificates,
     simulator: &RunningSimulator,
     setup: DemoSetup,
-    keep_alive_seconds: u64,
 ) -> anyhow::Result<(CancellationToken, tokio::task::JoinHandle<()>)> {
     let printer = setup.printer;
     let more: Vec<String> = tunnels[1..].iter().map(|t| format!("\"{t}\"")).collect();
@@ -248,7 +240,6 @@ fn start_agent(
         server_name = "localhost"
         ca_file = {ca:?}
         credential = "{credential}"
-        keep_alive_seconds = {keep_alive_seconds}
         transport = "{transport}"
 
         [printer]
@@ -336,8 +327,6 @@ tcp_listen = "127.0.0.1:0"
 instance_id = "{id}"
 peer_listen = "127.0.0.1:0"
 secret = "{secret}"
-lease_seconds = 4
-renew_seconds = 1
 "#,
                 cert = certificates.server_cert.display().to_string(),
                 key = certificates.server_key.display().to_string(),
@@ -361,9 +350,9 @@ renew_seconds = 1
     }
     let simulator = start_simulator(dir, printer).await?;
     let tunnels: Vec<SocketAddr> = instances.iter().map(|i| i.tunnel).collect();
-    // A short keep-alive: a killed instance is noticed within seconds.
-    let (stop_agent, agent) =
-        start_agent(dir, &tunnels, state, certificates, &simulator, setup, 1)?;
+    // The shipped keep-alive: a killed instance is noticed when what the
+    // agent sends goes unanswered, within seconds.
+    let (stop_agent, agent) = start_agent(dir, &tunnels, state, certificates, &simulator, setup)?;
     let store = Store::connect(database_url).await?;
     let holder = tokio::time::timeout(Duration::from_secs(20), async {
         loop {

@@ -309,15 +309,7 @@ impl Containers {
     }
 
     fn logs(&self, name: &str) -> String {
-        let output = Command::new("podman")
-            .args(["logs", name])
-            .output()
-            .unwrap();
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        )
+        container_logs(name)
     }
 
     fn exit_code(&self, name: &str) -> i64 {
@@ -734,6 +726,13 @@ async fn the_images_run_as_the_production_overlay_runs_them() {
         admin: SocketAddr::new(owner.ip, probe_port),
         config: relay_edge::EdgeConfig::defaults(),
     };
+    // The agent's container is up once the owner counts it.
+    agent_connected(
+        SocketAddr::new(owner.ip, render.port("admin")),
+        &owner.name,
+        &agent_name,
+    )
+    .await;
     let mut on_owner = Client::connect(
         &client_edge,
         &client_edge.bearer(),
@@ -818,19 +817,12 @@ async fn the_images_run_as_the_production_overlay_runs_them() {
     // The agent was told GO_AWAY and moved to the other pod, where the
     // client kept its session.
     let moved = Instant::now();
-    let other_admin = SocketAddr::new(other.ip, render.port("admin"));
-    while metric(
-        &http_get(other_admin, "/metrics").await.1,
-        "relay_edge_agents_connected",
-    ) < 1.0
-    {
-        assert!(
-            moved.elapsed() < PATIENCE * 4,
-            "the agent did not reach {}",
-            other.name
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    agent_connected(
+        SocketAddr::new(other.ip, render.port("admin")),
+        &other.name,
+        &agent_name,
+    )
+    .await;
     wait_for_report(&mut on_other).await;
     let agent_logs = containers.logs(&agent_name);
     assert!(
@@ -847,6 +839,36 @@ async fn the_images_run_as_the_production_overlay_runs_them() {
         moved.elapsed().as_millis()
     );
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// A container's output, both streams.
+fn container_logs(name: &str) -> String {
+    let output = Command::new("podman")
+        .args(["logs", name])
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Waits until the edge at `admin` counts the agent connected.
+async fn agent_connected(admin: SocketAddr, edge: &str, agent: &str) {
+    let since = Instant::now();
+    while metric(
+        &http_get(admin, "/metrics").await.1,
+        "relay_edge_agents_connected",
+    ) < 1.0
+    {
+        assert!(
+            since.elapsed() < PATIENCE * 4,
+            "the agent did not reach {edge}: {}",
+            container_logs(agent)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Reads until a report arrives (or the client's patience runs out).

@@ -29,9 +29,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use relay_store::testing::TestDatabase;
-use relay_store::{NewApiKey, Scope};
-use relay_testkit::client_tools::{client_tools, scenarios};
-use relay_testkit::edge::{BASE_DOMAIN, Client, TestEdge, TestPki, connect_packet, http_get};
+use relay_testkit::client_tools::{client_tools, run_python_client};
+use relay_testkit::edge::{
+    BASE_DOMAIN, Client, TestEdge, TestPki, connect_packet, http_get, provision,
+};
 use relay_testkit::processes::metric;
 use relay_testkit::world::*;
 use serde_json::Value;
@@ -596,20 +597,12 @@ async fn the_images_run_as_the_production_overlay_runs_them() {
 
     // A tenant, a device, a key and an agent credential in the migrated
     // database.
-    let store = &database.store;
-    let tenant = store.create_tenant("acme").await.unwrap().id;
-    let device = store.create_device(&tenant, "p1s").await.unwrap().id;
-    let (api_key, credential) = store
-        .create_api_key(NewApiKey {
-            tenant_id: &tenant,
-            device_id: None,
-            scope: Scope::Control,
-            label: "images",
-            expires_at: None,
-        })
+    let (tenant, device, key) = provision(&database.store, "images").await;
+    let (_, agent_credential) = database
+        .store
+        .issue_agent_credential(&device)
         .await
         .unwrap();
-    let (_, agent_credential) = store.issue_agent_credential(&device).await.unwrap();
 
     // Two edge pods.
     let (probe_path, probe_port) = render.probe("readinessProbe");
@@ -717,11 +710,7 @@ async fn the_images_run_as_the_production_overlay_runs_them() {
         database,
         tenant,
         device: device.clone(),
-        key: (
-            credential.reveal(),
-            api_key.id,
-            credential.secret().to_owned(),
-        ),
+        key,
         addr: SocketAddr::new(owner.ip, render.port("wss")),
         admin: SocketAddr::new(owner.ip, probe_port),
         config: relay_edge::EdgeConfig::defaults(),
@@ -756,27 +745,20 @@ async fn the_images_run_as_the_production_overlay_runs_them() {
     std::fs::write(&ca, client_edge.pki.ca_pem()).unwrap();
     let script = work.join("paho-wss.py");
     std::fs::write(&script, PAHO_WSS).unwrap();
-    let output = tokio::time::timeout(
+    let (seen, context) = run_python_client(
+        &tools,
+        &script,
+        &[
+            other.ip.to_string(),
+            render.port("wss").to_string(),
+            client_edge.host(),
+            ca.display().to_string(),
+            report_topic(),
+            client_edge.key.0.clone(),
+        ],
         PATIENCE * 8,
-        tokio::process::Command::new(tools.join("venv/bin/python"))
-            .arg(&script)
-            .args([
-                other.ip.to_string(),
-                render.port("wss").to_string(),
-                client_edge.host(),
-                ca.display().to_string(),
-                report_topic(),
-                client_edge.key.0.clone(),
-            ])
-            .kill_on_drop(true)
-            .output(),
     )
-    .await
-    .expect("paho finished in time")
-    .unwrap();
-    let printed = String::from_utf8_lossy(&output.stdout);
-    let context = format!("{printed}\n{}", String::from_utf8_lossy(&output.stderr));
-    let seen = scenarios(&printed);
+    .await;
     assert_eq!(seen["wss"]["connack"], 0, "{context}");
     assert_eq!(seen["wss"]["message"], report_topic(), "{context}");
 

@@ -8,7 +8,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use relay_store::Scope;
-use relay_testkit::client_tools::{client_tools, scenarios};
+use relay_testkit::client_tools::{client_tools, run_python_client, scenarios};
 use relay_testkit::world::*;
 use serde_json::Value;
 
@@ -204,25 +204,8 @@ async fn paho_and_mqttjs_speak_mqtt5_through_the_relay() {
     ];
 
     let script = write(dir, "paho-v5.py", PAHO);
-    let output = tokio::time::timeout(
-        PATIENCE * 8,
-        tokio::process::Command::new(tools.join("venv/bin/python"))
-            .arg(&script)
-            .args(&args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("paho finished in time")
-    .unwrap();
-    let printed = String::from_utf8_lossy(&output.stdout);
-    let seen = scenarios(&printed);
-    assert_eq!(
-        seen.len(),
-        4,
-        "{printed}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let (seen, context) = run_python_client(&tools, &script, &args, PATIENCE * 8).await;
+    assert_eq!(seen.len(), 4, "{context}");
     check(
         "paho",
         &seen,

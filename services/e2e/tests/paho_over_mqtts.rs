@@ -8,7 +8,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use relay_testkit::client_tools::{client_tools, scenarios};
+use relay_testkit::client_tools::{client_tools, run_python_client};
 use relay_testkit::world::*;
 use serde_json::Value;
 
@@ -93,27 +93,20 @@ async fn paho_over_mqtts_with_the_devices_hostname_subscribes_receives_and_publi
     let dir = &world.edge.pki.dir;
     let ca = write(dir, "edge-ca-for-paho-tcp.pem", &world.edge.pki.ca_pem());
     let script = write(dir, "paho-over-mqtts.py", PAHO);
-    let output = tokio::time::timeout(
+    let (seen, context) = run_python_client(
+        &tools,
+        &script,
+        &[
+            mqtts.port().to_string(),
+            world.edge.host(),
+            ca.display().to_string(),
+            report_topic(),
+            format!("device/{SERIAL}/request"),
+            world.edge.key.0.clone(),
+        ],
         PATIENCE * 8,
-        tokio::process::Command::new(tools.join("venv/bin/python"))
-            .arg(&script)
-            .args([
-                mqtts.port().to_string(),
-                world.edge.host(),
-                ca.display().to_string(),
-                report_topic(),
-                format!("device/{SERIAL}/request"),
-                world.edge.key.0.clone(),
-            ])
-            .kill_on_drop(true)
-            .output(),
     )
-    .await
-    .expect("paho finished in time")
-    .unwrap();
-    let printed = String::from_utf8_lossy(&output.stdout);
-    let seen = scenarios(&printed);
-    let context = format!("{printed}\n{}", String::from_utf8_lossy(&output.stderr));
+    .await;
     assert_eq!(seen.len(), 4, "{context}");
     for version in ["3.1.1", "5"] {
         let run = &seen[version];

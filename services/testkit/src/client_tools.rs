@@ -29,3 +29,29 @@ pub fn scenarios(printed: &str) -> std::collections::HashMap<String, serde_json:
         })
         .collect()
 }
+
+/// Runs a Python client script (paho-mqtt, from [`client_tools`]'s venv)
+/// with `args`, within `patience`; the JSON lines it printed by scenario
+/// ([`scenarios`]), and all it printed (stdout, then stderr) for failure
+/// messages.
+pub async fn run_python_client(
+    tools: &Path,
+    script: &Path,
+    args: &[String],
+    patience: std::time::Duration,
+) -> (std::collections::HashMap<String, serde_json::Value>, String) {
+    let output = tokio::time::timeout(
+        patience,
+        tokio::process::Command::new(tools.join("venv/bin/python"))
+            .arg(script)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the client script finished in time")
+    .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    let context = format!("{printed}\n{}", String::from_utf8_lossy(&output.stderr));
+    (scenarios(&printed), context)
+}

@@ -134,19 +134,7 @@ impl TestEdge {
         let pki = TestPki::new();
         let (cert, key, _) = pki.issue("server", &[&format!("*.{BASE_DOMAIN}")]);
         let database = TestDatabase::new(Backend::Postgres).await;
-        let store = &database.store;
-        let tenant = store.create_tenant("acme").await.unwrap().id;
-        let device = store.create_device(&tenant, "p1s").await.unwrap().id;
-        let (api_key, credential) = store
-            .create_api_key(NewApiKey {
-                tenant_id: &tenant,
-                device_id: None,
-                scope: Scope::Control,
-                label: "test",
-                expires_at: None,
-            })
-            .await
-            .unwrap();
+        let (tenant, device, api_key) = provision(&database.store, "test").await;
         let mut config = EdgeConfig::defaults();
         config.public.listen = Some("127.0.0.1:0".parse().unwrap());
         config.public.base_domain = BASE_DOMAIN.into();
@@ -175,11 +163,7 @@ impl TestEdge {
             database,
             tenant,
             device,
-            key: (
-                credential.reveal(),
-                api_key.id,
-                credential.secret().to_owned(),
-            ),
+            key: api_key,
             config,
         }
     }
@@ -343,6 +327,33 @@ impl TestEdge {
         }
         self.database.cleanup().await;
     }
+}
+
+/// What every test's database starts with: a tenant, a device, and a
+/// tenant-wide control key labelled `label`, as (tenant id, device id,
+/// (token, key id, secret)).
+pub async fn provision(
+    store: &relay_store::Store,
+    label: &str,
+) -> (String, String, (String, String, String)) {
+    let tenant = store.create_tenant("acme").await.unwrap().id;
+    let device = store.create_device(&tenant, "p1s").await.unwrap().id;
+    let (api_key, credential) = store
+        .create_api_key(NewApiKey {
+            tenant_id: &tenant,
+            device_id: None,
+            scope: Scope::Control,
+            label,
+            expires_at: None,
+        })
+        .await
+        .unwrap();
+    let key = (
+        credential.reveal(),
+        api_key.id,
+        credential.secret().to_owned(),
+    );
+    (tenant, device, key)
 }
 
 /// A plain HTTP/1.1 GET over TCP; returns status and body.

@@ -175,6 +175,8 @@ pub struct MqttClient {
     transport: Transport,
     buffer: BytesMut,
     next_packet_id: u16,
+    /// The WebSocket close code the server sent, once it sent one.
+    close_code: Option<u16>,
 }
 
 impl std::fmt::Debug for MqttClient {
@@ -273,6 +275,7 @@ impl MqttClient {
                 transport: Transport::Stream(io),
                 buffer: BytesMut::new(),
                 next_packet_id: 1,
+                close_code: None,
             };
             client.handshake(client_id, password).await?;
             return Ok(client);
@@ -299,6 +302,7 @@ impl MqttClient {
             transport: Transport::WebSocket(Box::new(socket)),
             buffer: BytesMut::new(),
             next_packet_id: 1,
+            close_code: None,
         };
         client.handshake(client_id, None).await?;
         Ok(client)
@@ -318,6 +322,7 @@ impl MqttClient {
             transport: Transport::Stream(Box::new(tcp)),
             buffer: BytesMut::new(),
             next_packet_id: 1,
+            close_code: None,
         };
         client.handshake(client_id, None).await?;
         Ok(client)
@@ -412,6 +417,9 @@ impl MqttClient {
                     // its reply, as browsers and MQTT.js do at once; the
                     // stream ends after that.
                     None => return Ok(None),
+                    Some(Ok(Message::Close(frame))) => {
+                        self.close_code = frame.map(|frame| u16::from(frame.code));
+                    }
                     Some(Ok(_)) => {}
                     Some(Err(error)) => return Err(io::Error::other(error)),
                 },
@@ -422,6 +430,11 @@ impl MqttClient {
                 }
             }
         }
+    }
+
+    /// The WebSocket close code the server sent (1001 when it drains).
+    pub fn close_code(&self) -> Option<u16> {
+        self.close_code
     }
 
     /// Closes with DISCONNECT and a WebSocket close.

@@ -4,7 +4,8 @@
 //! edge, and their return after a restart; first, on a fresh edge),
 //! latency, fan-out, publish path, connect storm
 //! with an edge restart, idle sessions, abuse (attacks beside a
-//! legitimate app), and cross-instance (clients on one edge instance, the
+//! legitimate app), a rolling update of three instances under QoS 1 load,
+//! and cross-instance (clients on one edge instance, the
 //! agent on another; last, since it kills an instance). Writes one JSON file per scenario,
 //! `results.json` and `table.md` to `--out`, and prints a summary of each.
 //!
@@ -16,6 +17,7 @@ mod client;
 mod cross;
 mod report;
 mod rig;
+mod rolling;
 mod scenarios;
 mod stats;
 mod tunnels;
@@ -49,6 +51,7 @@ enum Scenario {
     Storm,
     Idle,
     Abuse,
+    Rolling,
     Cross,
 }
 
@@ -135,6 +138,12 @@ struct Flags {
     /// Cross-instance: clients on the survivors when the owner is killed
     #[arg(long, default_value_t = 1_000)]
     failover_clients: usize,
+    /// Rolling update: devices, each with its own agent process
+    #[arg(long, default_value_t = 200)]
+    rolling_devices: usize,
+    /// Rolling update: clients, spread over the devices and instances
+    #[arg(long, default_value_t = 1_000)]
+    rolling_clients: usize,
 }
 
 impl Flags {
@@ -152,6 +161,8 @@ impl Flags {
             self.abuse_flood = 500;
             self.cross_clients = vec![1, 10];
             self.failover_clients = 20;
+            self.rolling_devices = 5;
+            self.rolling_clients = 50;
             self.tunnels = 50;
             self.tunnels_idle_seconds = 2;
         }
@@ -166,6 +177,7 @@ impl Flags {
             ("--idle-sessions", self.idle_sessions),
             ("--abuse-sessions", self.abuse_sessions),
             ("--failover-clients", self.failover_clients),
+            ("--rolling-clients", self.rolling_clients),
         ]
         .into_iter()
         .chain(self.fan_out.iter().map(|count| ("--fan-out", *count)))
@@ -209,6 +221,13 @@ impl Flags {
         }
         if self.abuse_flood == 0 || self.abuse_flood > 1_000_000 {
             problems.push("--abuse-flood must be 1..=1000000".into());
+        }
+        if self.rolling_devices == 0
+            || self.rolling_devices > 1_000
+            || self.rolling_devices > self.rolling_clients
+        {
+            problems
+                .push("--rolling-devices must be 1..=1000 and at most --rolling-clients".into());
         }
         if self.storm_concurrency == 0 {
             problems.push("--storm-concurrency must be at least 1".into());
@@ -474,6 +493,19 @@ async fn scenarios(
         println!("{}", report::abuse_summary(&report));
         write_json(out, "abuse", &report)?;
         results.abuse = Some(report);
+    }
+    if flags.runs(Scenario::Rolling) {
+        let size = rolling::RollingSize {
+            devices: flags.rolling_devices,
+            clients: flags.rolling_clients,
+            printer_per_second: 5,
+            app_interval: Duration::from_secs(1),
+            settle: Duration::from_secs(if flags.quick { 2 } else { 5 }),
+        };
+        let report = rolling::rolling_update(rig, size, progress).await?;
+        println!("{}", report::rolling_summary(&report));
+        write_json(out, "rolling", &report)?;
+        results.rolling = Some(report);
     }
     if flags.runs(Scenario::Cross) {
         let plan = scenarios::steady(

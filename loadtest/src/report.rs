@@ -19,6 +19,7 @@ pub struct Results {
     pub idle: Option<Vec<IdleResult>>,
     pub abuse: Option<crate::abuse::AbuseReport>,
     pub cross: Option<crate::cross::CrossReport>,
+    pub rolling: Option<crate::rolling::RollingReport>,
     pub tunnels: Option<crate::tunnels::TunnelsReport>,
     /// Baselines that were not measured, and why.
     pub skipped: Vec<String>,
@@ -458,6 +459,9 @@ pub fn markdown(results: &Results) -> String {
         }
         out.push('\n');
     }
+    if let Some(rolling) = &results.rolling {
+        rolling_markdown(&mut out, rolling);
+    }
     if let Some(cross) = &results.cross {
         cross_markdown(&mut out, cross);
     }
@@ -656,5 +660,105 @@ fn cross_markdown(out: &mut String, report: &crate::cross::CrossReport) {
         f.resume_us.p99_us / 1e6,
         f.resume_us.max_us / 1e6,
         f.disconnected
+    );
+}
+
+pub fn rolling_summary(report: &crate::rolling::RollingReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "rolling update: {} instances drained and restarted in turn, {} clients, {} agents, QoS 1 both ways",
+        report.instances, report.clients, report.devices
+    );
+    for step in &report.steps {
+        let _ = writeln!(
+            out,
+            "  {:<11} at {:.1} s drained in {:.2} s, ready again in {:.2} s: {} clients told 1001, {} agents moved ({} more than once), {} reports lost in session",
+            step.instance,
+            step.at_s,
+            step.drain_ms / 1e3,
+            step.start_ms / 1e3,
+            step.clients_told_1001,
+            step.agents_moved,
+            step.agents_more_than_once,
+            step.lost_in_session
+        );
+    }
+    for gap in &report.longest_gaps {
+        let _ = writeln!(
+            out,
+            "  gap of {:.2} s for client {} ending at {:.1} s{}",
+            gap.gap_ms / 1e3,
+            gap.client,
+            gap.ended_at_s,
+            if gap.across_reconnect {
+                " (across a reconnect)"
+            } else {
+                ""
+            }
+        );
+    }
+    let a = &report.app_to_printer;
+    let p = &report.printer_to_app;
+    let _ = writeln!(
+        out,
+        "  longest gap {:.2} s (per-client p50 {:.2} s, p99 {:.2} s); other closes {}\n  app → printer: {} sent, {} acknowledged, {} lost, {} never acknowledged, {} duplicates\n  printer → app: {} published, {} delivered, {} lost in session, {} missed while reconnecting\n  agents reconnecting more than once in a step: {}",
+        report.longest_gap_ms / 1e3,
+        report.gaps_us.p50_us / 1e6,
+        report.gaps_us.p99_us / 1e6,
+        report.other_closes,
+        a.sent,
+        a.acknowledged,
+        a.lost,
+        a.unacknowledged,
+        a.duplicates,
+        p.published,
+        p.deliveries,
+        p.lost_in_session,
+        p.missed_while_reconnecting,
+        report.agents_reconnected_more_than_once
+    );
+    out
+}
+
+fn rolling_markdown(out: &mut String, report: &crate::rolling::RollingReport) {
+    let _ = writeln!(
+        out,
+        "**Rolling update**, {} instances drained (SIGTERM) and started again in turn under {} clients and {} agents (one process each), the printer publishing {} QoS 1 reports a second to every device and each client a QoS 1 request every {} ms:\n\n| instance | drain | ready again | clients told 1001 | agents moved | more than once |\n|---|---:|---:|---:|---:|---:|",
+        report.instances,
+        report.clients,
+        report.devices,
+        report.printer_per_second,
+        report.app_publish_interval_ms
+    );
+    for step in &report.steps {
+        let _ = writeln!(
+            out,
+            "| {} | {:.2} s | {:.2} s | {} | {} | {} |",
+            step.instance,
+            step.drain_ms / 1e3,
+            step.start_ms / 1e3,
+            step.clients_told_1001,
+            step.agents_moved,
+            step.agents_more_than_once
+        );
+    }
+    let a = &report.app_to_printer;
+    let p = &report.printer_to_app;
+    let _ = writeln!(
+        out,
+        "\nLongest gap any client saw: **{:.2} s** (each client's longest: p50 {:.2} s, p99 {:.2} s). App → printer: {} sent, {} acknowledged, **{} lost**, {} never acknowledged, {} received twice. Printer → app: {} published, **{} lost in a session**, {} missed while a client reconnected. Other closes: {}.\n",
+        report.longest_gap_ms / 1e3,
+        report.gaps_us.p50_us / 1e6,
+        report.gaps_us.p99_us / 1e6,
+        a.sent,
+        a.acknowledged,
+        a.lost,
+        a.unacknowledged,
+        a.duplicates,
+        p.published,
+        p.lost_in_session,
+        p.missed_while_reconnecting,
+        report.other_closes
     );
 }

@@ -791,6 +791,51 @@ tls = false
         }
     }
 
+    /// Starts one more agent process for another device, with Mosquitto as
+    /// its printer, dialling `addresses` in order (the first, then the next
+    /// when one fails or drains), at the agent's shipped settings.
+    pub fn spawn_agent(
+        &self,
+        name: &str,
+        credential: &str,
+        addresses: &[SocketAddr],
+    ) -> anyhow::Result<Child> {
+        let (first, rest) = addresses.split_first().context("no address")?;
+        let rest: Vec<String> = rest
+            .iter()
+            .map(|address| format!("\"{address}\""))
+            .collect();
+        let conf = self.agent_dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &conf,
+            format!(
+                r#"
+[edge]
+address = "{first}"
+addresses = [{rest}]
+server_name = "tunnel.{BASE_DOMAIN}"
+ca_file = {ca:?}
+credential = "{credential}"
+
+[printer]
+kind = "mqtt"
+host = "127.0.0.1"
+port = {port}
+tls = false
+"#,
+                rest = rest.join(", "),
+                ca = self.agent_ca.display().to_string(),
+                port = self.printer.port(),
+            ),
+        )?;
+        spawn(
+            &self.agent_binary,
+            &["--config", &conf.display().to_string()],
+            &self.agent_dir,
+            name,
+        )
+    }
+
     /// Waits until both of the rig's agents (QUIC and TCP) are on `edge`.
     pub async fn wait_agents(&self, patience: Duration) -> anyhow::Result<()> {
         self.edge.wait_agents(2, patience).await

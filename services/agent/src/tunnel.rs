@@ -152,6 +152,9 @@ pub async fn run(config: AgentConfig, printer: PrinterConfig, stop: Cancellation
         .collect();
     let mut next_address = 0usize;
     let mut quic_ready: Option<QuicDialled> = None;
+    // The tunnel of an instance that drains, still serving its links until
+    // the next tunnel is up.
+    let mut retiring: Option<Retiring> = None;
     loop {
         let address = &addresses[next_address % addresses.len()];
         let end = run_tunnel(
@@ -164,6 +167,7 @@ pub async fn run(config: AgentConfig, printer: PrinterConfig, stop: Cancellation
                 standby: standby.clone(),
             },
             stop.clone(),
+            &mut retiring,
         )
         .await;
         let end = match end {
@@ -289,7 +293,7 @@ pub async fn run_once_at(
         dialler,
         standby,
     };
-    run_tunnel(config, address, None, printer, stop).await
+    run_tunnel(config, address, None, printer, stop, &mut None).await
 }
 
 /// The printer side of a tunnel: the printer's settings, the dialler that
@@ -301,14 +305,46 @@ struct Printer {
     standby: Option<Arc<Standby>>,
 }
 
+/// How long a draining instance's tunnel serves on after the next tunnel is
+/// up, unless that instance closes it first (it does once the new claim
+/// reaches it).
+const RETIRE_PATIENCE: Duration = Duration::from_secs(5);
+
+/// The tunnel of an instance that drains (it sent GO_AWAY): make before
+/// break. Its links keep carrying the apps' sessions while the agent dials
+/// the next instance, and it closes once that tunnel is up and the new
+/// printer link has taken over (the printer connection keeps its client
+/// id, so the printer's broker hands the session to the new one), or after
+/// [`RETIRE_PATIENCE`].
+struct Retiring {
+    connection: TunnelConnection,
+    endpoint: Option<quinn::Endpoint>,
+}
+
+impl Retiring {
+    fn close(self) {
+        self.connection
+            .close(tunnel::close_code::NO_ERROR, b"agent moved");
+        if let Some(endpoint) = self.endpoint {
+            // The close goes out before the socket is released.
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+            });
+        }
+    }
+}
+
 /// One tunnel connection: `dialled` when QUIC was found again while on
-/// TCP, else dialled here by the configured transport.
+/// TCP, else dialled here by the configured transport. `retiring` is the
+/// previous instance's tunnel when it drains: closed once this one is up;
+/// and this one becomes it when its instance drains.
 async fn run_tunnel(
     config: &AgentConfig,
     address: &str,
     dialled: Option<QuicDialled>,
     printer: Printer,
     stop: CancellationToken,
+    retiring: &mut Option<Retiring>,
 ) -> TunnelEnd {
     let (endpoint, connection) = match dialled {
         Some(QuicDialled {
@@ -320,7 +356,16 @@ async fn run_tunnel(
             Err(end) => return end,
         },
     };
-    let end = serve_connection(config, address, &connection, printer, stop).await;
+    let end = serve_connection(config, address, &connection, printer, stop, retiring).await;
+    if matches!(end, TunnelEnd::GoAway { .. }) {
+        if let Some(older) = retiring.replace(Retiring {
+            connection,
+            endpoint,
+        }) {
+            older.close();
+        }
+        return end;
+    }
     let reason: &[u8] = match end {
         TunnelEnd::Stopped => b"agent stopping",
         TunnelEnd::QuicBack(_) => b"agent moving to QUIC",
@@ -555,12 +600,14 @@ async fn serve_connection(
     connection: &TunnelConnection,
     printer: Printer,
     stop: CancellationToken,
+    retiring: &mut Option<Retiring>,
 ) -> TunnelEnd {
     let (mut control_send, mut control_recv, ack) = match hello(config, connection).await {
         Ok(hello) => hello,
         Err(end) => return end,
     };
     tracing::info!(device = %ack.device_id, epoch = ack.epoch, transport = %connection.transport(), "connected to the edge");
+    let retire_at = tokio::time::Instant::now() + RETIRE_PATIENCE;
 
     // Link-state reports go out on the control stream through one writer.
     let (reports, mut report_queue) = mpsc::channel::<Message>(64);
@@ -581,6 +628,20 @@ async fn serve_connection(
         loop {
             tokio::select! {
                 dialled = &mut quic_probe => return TunnelEnd::QuicBack(dialled),
+                _ = tokio::time::sleep_until(retire_at), if retiring.is_some() => {
+                    if let Some(old) = retiring.take() {
+                        old.close();
+                    }
+                }
+                reason = async {
+                    match retiring.as_ref() {
+                        Some(old) => old.connection.closed().await,
+                        None => std::future::pending().await,
+                    }
+                }, if retiring.is_some() => {
+                    tracing::debug!(%reason, "the draining instance closed the old tunnel");
+                    *retiring = None;
+                }
                 _ = check.tick(), if unanswered.is_some() => {
                     if let Some(end) = unanswered.as_mut().and_then(|u| u.check(connection, tokio::time::Instant::now())) {
                         tracing::warn!(after = ?UNANSWERED_LIMIT, "the edge answers nothing: trying again");

@@ -531,8 +531,9 @@ impl Default for AuthSection {
 pub struct ShutdownConfig {
     /// After SIGTERM, sessions get this long to close before the process exits.
     pub grace_period_seconds: u64,
-    /// Agents are told (GO_AWAY) to come back after a random delay within
-    /// this window, so that they do not all say HELLO at once.
+    /// Once the sessions are gone, each agent is told (GO_AWAY) to move at a
+    /// random moment within this window, so that they do not all say HELLO
+    /// at once; its tunnel here serves until it is up on another instance.
     pub agent_reconnect_spread_ms: u32,
 }
 

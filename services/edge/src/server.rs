@@ -54,7 +54,14 @@ pub struct RunningEdge {
     accepting: CancellationToken,
     /// Tells sessions to close with 1001.
     sessions_shutdown: CancellationToken,
-    /// Stops the admin listener and the upkeep tasks, last.
+    /// Sends the agents away once the sessions are gone; their tunnels
+    /// serve until each agent is up on another instance.
+    tunnels_away: CancellationToken,
+    /// The tunnels' accept loops (and agents that came to the public
+    /// listener), waited for before `background` stops.
+    tunnel_tasks: TaskTracker,
+    /// Stops the admin listener, the peer listener, the lease and the
+    /// upkeep tasks, last.
     background: CancellationToken,
     connections: TaskTracker,
     sessions: TaskTracker,
@@ -119,6 +126,8 @@ impl RunningEdge {
             certificates: certificates.clone(),
             accepting: CancellationToken::new(),
             sessions_shutdown: CancellationToken::new(),
+            tunnels_away: CancellationToken::new(),
+            tunnel_tasks: TaskTracker::new(),
             background: CancellationToken::new(),
             connections: TaskTracker::new(),
             sessions: TaskTracker::new(),
@@ -203,8 +212,8 @@ impl RunningEdge {
             crate::tunnel::spawn_accept_loop(
                 endpoint,
                 self.state.clone(),
-                self.background.clone(),
-                self.tasks.clone(),
+                self.tunnels_away.clone(),
+                self.tunnel_tasks.clone(),
             );
         }
         if let (Some(mut address), Some(certificates)) =
@@ -246,8 +255,8 @@ impl RunningEdge {
                 listener,
                 certificates.tcp_tunnel_server_config()?,
                 self.state.clone(),
-                self.background.clone(),
-                self.tasks.clone(),
+                self.tunnels_away.clone(),
+                self.tunnel_tasks.clone(),
             );
         }
         if let (Some(address), Some(certificates)) =
@@ -301,8 +310,8 @@ impl RunningEdge {
     fn spawn_accept_loop(&self, listener: TcpListener, tls: Option<TlsAcceptor>, kind: Listener) {
         let with_tunnel = matches!(kind, Listener::Public { with_tunnel: true });
         let tunnels = with_tunnel.then(|| TunnelHandoff {
-            stop: self.background.clone(),
-            tasks: self.tasks.clone(),
+            stop: self.tunnels_away.clone(),
+            tasks: self.tunnel_tasks.clone(),
         });
         let state = self.state.clone();
         let accepting = self.accepting.clone();
@@ -523,6 +532,19 @@ impl RunningEdge {
         .await;
         if finished.is_err() {
             tracing::warn!("grace period over with sessions still open");
+        }
+        // Then the agents, each at its own moment within the spread, while
+        // this instance still serves their tunnels, its peers' links and
+        // its claims: each agent is up on another instance before its
+        // tunnel here closes.
+        self.tunnels_away.cancel();
+        self.tunnel_tasks.close();
+        let patience = crate::tunnel::tunnels_drain_patience(&self.state.config.shutdown);
+        if tokio::time::timeout(patience, self.tunnel_tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("agents still connected after {patience:?}");
         }
         self.background.cancel();
         self.tasks.close();

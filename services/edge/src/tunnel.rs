@@ -103,9 +103,9 @@ pub fn spawn_accept_loop(
                     None => return,
                 },
                 _ = stop.cancelled() => {
-                    // Agents get GO_AWAY from their own tasks first; then the
-                    // endpoint closes and its UDP socket is released.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), connections_drained(&connections)).await;
+                    // Agents get GO_AWAY from their own tasks and move first;
+                    // then the endpoint closes and its UDP socket is released.
+                    let _ = tokio::time::timeout(tunnels_drain_patience(&state.config.shutdown), connections_drained(&connections)).await;
                     endpoint.close(quinn::VarInt::from_u32(close_code::GOING_AWAY), b"going away");
                     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
                     return;
@@ -164,7 +164,7 @@ pub fn spawn_tcp_accept_loop(
                     }
                 },
                 _ = stop.cancelled() => {
-                    let _ = tokio::time::timeout(Duration::from_secs(3), connections_drained(&connections)).await;
+                    let _ = tokio::time::timeout(tunnels_drain_patience(&state.config.shutdown), connections_drained(&connections)).await;
                     return;
                 }
             };
@@ -227,6 +227,27 @@ pub async fn serve_tcp_tunnel(
 }
 
 /// A random delay in `0..=window` ms.
+/// How long a draining instance's tunnel stays up after its GO_AWAY: the
+/// agent is on another instance well within it (a new tunnel and HELLO).
+pub const MOVE_PATIENCE: Duration = Duration::from_secs(5);
+
+/// How long a drain waits for its tunnels once the sessions are gone: the
+/// spread of the GO_AWAYs, then [`MOVE_PATIENCE`], and a second to spare.
+pub fn tunnels_drain_patience(shutdown: &crate::config::ShutdownConfig) -> Duration {
+    Duration::from_millis(u64::from(shutdown.agent_reconnect_spread_ms))
+        + MOVE_PATIENCE
+        + Duration::from_secs(1)
+}
+
+/// Sleeps until `at`; never ends for `None` (a `select!` branch guarded by
+/// `at.is_some()`).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn spread_ms(window: u32) -> u32 {
     if window == 0 {
         return 0;
@@ -517,9 +538,14 @@ async fn hold_tunnel(
         .agents_by_transport
         .with_label_values(&[connection.transport().name()]);
     by_transport.inc();
+    // Set once the instance drains: when GO_AWAY goes out, and when the
+    // tunnel closes if the agent has not moved by then.
+    let mut go_away_at: Option<tokio::time::Instant> = None;
+    let mut close_by: Option<tokio::time::Instant> = None;
+    let mut control_open = true;
     let end = loop {
         tokio::select! {
-            message = control_stream.read_message() => match message {
+            message = control_stream.read_message(), if control_open => match message {
                 Ok(Some(Message::PrinterLink(link))) => {
                     tracing::info!(device = %device_id, state = ?link.state, reason = ?link.reason, detail = link.detail.as_deref().unwrap_or(""), "printer link");
                     if link.state == LinkState::Down {
@@ -539,6 +565,9 @@ async fn hold_tunnel(
                 }
                 Ok(Some(Message::Ignored { .. })) => {}
                 Ok(Some(other)) => break format!("unexpected {other:?}"),
+                // Told to move, the agent may end its control stream while
+                // its printer links serve on until it is up elsewhere.
+                Ok(None) | Err(_) if close_by.is_some() => control_open = false,
                 Ok(None) => break "control stream ended".to_owned(),
                 Err(error) => break format!("control stream: {error}"),
             },
@@ -554,15 +583,21 @@ async fn hold_tunnel(
                 None => break "control closed".to_owned(),
             },
             reason = connection.closed() => break reason,
-            _ = stop.cancelled() => {
-                // Spread over the configured window: every agent of this
-                // instance coming back at once would be a HELLO storm.
-                let after = spread_ms(state.config.shutdown.agent_reconnect_spread_ms);
-                send_message(&mut send, &Message::GoAway(GoAway { reason: GoAwayReason::Draining, reconnect_after_ms: Some(after) })).await;
-                // The agent hangs up once it has read GO_AWAY; closing at
-                // once could discard it (and its delay) in flight.
-                send.finish().await;
-                let _ = tokio::time::timeout(Duration::from_secs(1), connection.closed()).await;
+            _ = stop.cancelled(), if go_away_at.is_none() => {
+                // Each agent is sent away at its own moment within the
+                // configured window (all at once would be a HELLO storm at
+                // the other instances); the tunnel serves on meanwhile.
+                let spread = spread_ms(state.config.shutdown.agent_reconnect_spread_ms);
+                go_away_at = Some(tokio::time::Instant::now() + Duration::from_millis(u64::from(spread)));
+            }
+            _ = sleep_until_some(go_away_at), if go_away_at.is_some() && close_by.is_none() => {
+                // Make before break: the agent dials another instance at once
+                // and keeps this tunnel until its new one is up; the new
+                // claim then fences this one (or the agent hangs up).
+                send_message(&mut send, &Message::GoAway(GoAway { reason: GoAwayReason::Draining, reconnect_after_ms: Some(0) })).await;
+                close_by = Some(tokio::time::Instant::now() + MOVE_PATIENCE);
+            }
+            _ = sleep_until_some(close_by), if close_by.is_some() => {
                 connection.close(close_code::GOING_AWAY, b"draining");
                 break "draining".to_owned();
             }

@@ -2713,3 +2713,32 @@ fn a_qos0_message_is_encoded_once_per_protocol_version_and_shared() {
         assert_eq!(got[0].payload, Bytes::from_static(b"state"));
     }
 }
+
+/// An upstream that ends in a way no app can cause (the device's tunnel
+/// moved, the way to it went, or it was another hub) blames nobody: a
+/// PUBLISH in flight each time is sent again, never dropped, and its
+/// publisher is not refused.
+#[test]
+fn an_upstream_lost_blamelessly_never_quarantines_what_was_in_flight() {
+    let mut hub = Harness::new(config(RetainedReplay::Always));
+    hub.attach_v5(1);
+    hub.client(
+        1,
+        Packet::Publish(publish("cmd", QoS::AtLeastOnce, Some(3), b"x")),
+    );
+    assert_eq!(hub.upstream().len(), 1);
+    for _ in 0..3 {
+        hub.hub
+            .upstream_lost_blameless(hub.now + Duration::from_secs(30), hub.now);
+        hub.hub.upstream_resumed(hub.now);
+        assert!(matches!(
+            hub.upstream().as_slice(),
+            [Packet::Publish(again)] if again.dup && again.payload == Bytes::from_static(b"x")
+        ));
+    }
+    assert!(hub.refusals(1).is_empty());
+    assert_eq!(hub.hub.counters().quarantined_publishers, 0);
+    // The printer acknowledges it at last: so does the hub.
+    hub.printer(Packet::PubAck(id(1)));
+    assert_eq!(hub.received(1), vec![Packet::PubAck(id(3))]);
+}

@@ -64,6 +64,9 @@ pub struct RollingReport {
     pub longest_gaps: Vec<GapSample>,
     pub app_to_printer: AppToPrinter,
     pub printer_to_app: PrinterToApp,
+    /// Connects that failed (the instance was down, or no CONNACK in
+    /// time), by why.
+    pub failed_connects: std::collections::BTreeMap<String, usize>,
     /// Agents whose device was claimed more than once in one step.
     pub agents_reconnected_more_than_once: usize,
 }
@@ -94,6 +97,21 @@ pub struct GapSample {
     pub across_reconnect: bool,
 }
 
+/// A request acknowledged and never received by the printer side.
+#[derive(Debug, Clone, Serialize)]
+pub struct LostRequest {
+    pub client: u32,
+    pub sequence: u64,
+    /// From the run's first report.
+    pub sent_at_s: f64,
+    pub acknowledged_at_s: Option<f64>,
+    /// The client's connection (0 its first) it was sent on, and
+    /// acknowledged on.
+    pub sent_on: usize,
+    pub acknowledged_on: Option<usize>,
+    pub sent_again: bool,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AppToPrinter {
     /// Requests the clients published (each once, counted once).
@@ -108,6 +126,8 @@ pub struct AppToPrinter {
     pub lost: u64,
     /// Never acknowledged by the end.
     pub unacknowledged: u64,
+    /// The first few lost, to tell when they were lost.
+    pub lost_samples: Vec<LostRequest>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -175,12 +195,25 @@ struct ClientOutcome {
     longest_gap_after_reconnect: bool,
     /// Reports missing within a connection: when noticed, how many.
     holes: Vec<(Instant, u64)>,
+    /// Connects that failed: when, to which instance, why.
+    failed_connects: Vec<(Instant, usize, String)>,
     sent: u64,
     acknowledged: u64,
     /// Requests sent and never acknowledged.
     unacknowledged: Vec<u64>,
+    /// Per request: when first sent, and when acknowledged on which
+    /// connection (0 the first), and whether it was sent again.
+    request_times: HashMap<u64, RequestTimes>,
     /// Reports received, per connection, as (first, last, distinct).
     connections: Vec<(u64, u64, u64)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RequestTimes {
+    sent: Instant,
+    sent_on: usize,
+    acknowledged: Option<(Instant, usize)>,
+    sent_again: bool,
 }
 
 /// Reports received on one connection.
@@ -245,9 +278,13 @@ async fn run_client(
     let mut finish_by: Option<tokio::time::Instant> = None;
     'connections: loop {
         let mut client = loop {
+            let attempt = Instant::now();
             match MqttClient::connect(&plan.targets[instance], &id, ByteCounter::default()).await {
                 Ok(client) => break client,
-                Err(_) => {
+                Err(failure) => {
+                    outcome
+                        .failed_connects
+                        .push((attempt, instance, format!("{failure:?}")));
                     instance = (instance + 1) % plan.targets.len();
                     if finish_by.is_some_and(|at| tokio::time::Instant::now() > at) {
                         outcome.unacknowledged.append(&mut to_resend);
@@ -273,6 +310,9 @@ async fn run_client(
         let mut in_flight: HashMap<PacketId, u64> = HashMap::new();
         let mut failed = false;
         for sequence in std::mem::take(&mut to_resend) {
+            if let Some(times) = outcome.request_times.get_mut(&sequence) {
+                times.sent_again = true;
+            }
             match client
                 .publish(
                     &request,
@@ -312,6 +352,12 @@ async fn run_client(
                     let sequence = next_sequence;
                     next_sequence += 1;
                     outcome.sent += 1;
+                    outcome.request_times.insert(sequence, RequestTimes {
+                        sent: Instant::now(),
+                        sent_on: outcome.reconnects,
+                        acknowledged: None,
+                        sent_again: false,
+                    });
                     match client
                         .publish(&request, QoS::AtLeastOnce, request_payload(plan.index, sequence))
                         .await
@@ -353,8 +399,11 @@ async fn run_client(
                         }
                     }
                     Ok(Some(Packet::PubAck(packet_id))) => {
-                        if in_flight.remove(&packet_id).is_some() {
+                        if let Some(sequence) = in_flight.remove(&packet_id) {
                             outcome.acknowledged += 1;
+                            if let Some(times) = outcome.request_times.get_mut(&sequence) {
+                                times.acknowledged = Some((Instant::now(), outcome.reconnects));
+                            }
                         }
                     }
                     Ok(Some(_)) => {}
@@ -724,11 +773,25 @@ pub async fn rolling_update(
             .values()
             .map(|&count| u64::from(count.saturating_sub(1)))
             .sum::<u64>();
-        app_to_printer.lost += (0..outcome.sent)
-            .filter(|sequence| {
-                !received.contains_key(sequence) && !outcome.unacknowledged.contains(sequence)
-            })
-            .count() as u64;
+        for sequence in (0..outcome.sent).filter(|sequence| {
+            !received.contains_key(sequence) && !outcome.unacknowledged.contains(sequence)
+        }) {
+            app_to_printer.lost += 1;
+            if app_to_printer.lost_samples.len() < 10
+                && let Some(times) = outcome.request_times.get(&sequence)
+            {
+                let since = |at: Instant| at.saturating_duration_since(traffic_start).as_secs_f64();
+                app_to_printer.lost_samples.push(LostRequest {
+                    client: outcome.index,
+                    sequence,
+                    sent_at_s: since(times.sent),
+                    acknowledged_at_s: times.acknowledged.map(|(at, _)| since(at)),
+                    sent_on: times.sent_on,
+                    acknowledged_on: times.acknowledged.map(|(_, on)| on),
+                    sent_again: times.sent_again,
+                });
+            }
+        }
         let mut previous_last: Option<u64> = None;
         for &(first, run_last, distinct) in &outcome.connections {
             printer_to_app.deliveries += distinct;
@@ -783,6 +846,16 @@ pub async fn rolling_update(
         longest_gap_ms,
         gaps_us: Percentiles::of(&mut gaps),
         longest_gaps: samples,
+        failed_connects: outcomes
+            .iter()
+            .flat_map(|outcome| &outcome.failed_connects)
+            .fold(
+                std::collections::BTreeMap::new(),
+                |mut counts, (_, _, why)| {
+                    *counts.entry(why.clone()).or_default() += 1;
+                    counts
+                },
+            ),
         app_to_printer,
         printer_to_app,
     })

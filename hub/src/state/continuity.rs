@@ -15,6 +15,18 @@ impl<S: SessionSink> HubState<S> {
     /// new upstream ([`Self::upstream_resumed`]). QoS 0 publishes meanwhile
     /// are dropped (counted as throttled). A hub with no session ends now.
     pub fn upstream_lost(&mut self, until: Instant, now: Instant) {
+        self.lose_upstream(until, now, true);
+    }
+
+    /// As [`Self::upstream_lost`], for an upstream that ended in a way no
+    /// app's message can cause: the device's tunnel moved, the way to the
+    /// device went, or the upstream is another hub (which judges its own
+    /// printer's losses). Nothing in flight is suspected of it.
+    pub fn upstream_lost_blameless(&mut self, until: Instant, now: Instant) {
+        self.lose_upstream(until, now, false);
+    }
+
+    fn lose_upstream(&mut self, until: Instant, now: Instant, judge: bool) {
         let peers: Vec<SessionId> = self
             .sessions
             .iter()
@@ -24,7 +36,9 @@ impl<S: SessionSink> HubState<S> {
         for peer in peers {
             self.end_session(peer, Close::device_offline(), now);
         }
-        self.judge_loss(now);
+        if judge {
+            self.judge_loss(now);
+        }
         self.lost_until = Some(until);
         self.profile.hooks_mut().upstream_lost();
         self.to_upstream.clear();

@@ -372,7 +372,7 @@ impl Peers {
                     counter: self.metrics.bytes.with_label_values(&["out"]),
                 };
                 Ok((
-                    Upstream::new(reader, writer, Some(alive), owner.epoch),
+                    Upstream::new(reader, writer, Some(alive), owner.epoch).through_hub(),
                     accept,
                 ))
             }

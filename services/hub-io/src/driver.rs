@@ -67,6 +67,9 @@ pub struct Upstream {
     pub epoch: u64,
     /// The client id a CC2's agent registered with (its LINK_ACCEPT).
     pub printer_client: Option<String>,
+    /// The upstream is another hub (a peer link), not the printer: that
+    /// hub judges what ends its printer connection, this one does not.
+    pub through_hub: bool,
 }
 
 impl Upstream {
@@ -90,7 +93,22 @@ impl Upstream {
             tunnel_alive,
             epoch,
             printer_client: None,
+            through_hub: false,
         }
+    }
+
+    /// Marks this upstream as another hub's (a peer link).
+    pub fn through_hub(mut self) -> Self {
+        self.through_hub = true;
+        self
+    }
+
+    /// Whether an app's message can have ended this upstream with `end`:
+    /// only when it is the printer's own connection, through a tunnel that
+    /// is still there, and ended by the printer.
+    fn printer_may_have_ended(&self, end: &HubEnd) -> bool {
+        let tunnel_gone = self.tunnel_alive.as_ref().is_some_and(|alive| !alive());
+        !self.through_hub && !tunnel_gone && !matches!(end, HubEnd::UpstreamMoved)
     }
 
     /// An upstream over a connection's two halves, through no tunnel.
@@ -433,7 +451,11 @@ pub(crate) async fn run(config: HubConfig, io: HubIo) -> HubEnd {
                     break end;
                 }
                 tracing::info!(%end, grace_seconds = grace.as_secs_f64(), "upstream lost: sessions wait for a new one");
-                state.upstream_lost(now() + grace, now());
+                if current.printer_may_have_ended(&end) {
+                    state.upstream_lost(now() + grace, now());
+                } else {
+                    state.upstream_lost_blameless(now() + grace, now());
+                }
             }
         }
     };

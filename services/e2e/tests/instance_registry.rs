@@ -244,11 +244,13 @@ async fn a_client_on_one_instance_reaches_the_agent_on_another() {
     world.edge.stop().await;
 }
 
-/// A draining instance sends each agent away at a random moment within
-/// `[shutdown] agent_reconnect_spread_ms` (so that they do not all say
-/// HELLO to the others at once), to move at once while its tunnel here
-/// still serves, and releases its claims as it ends its lease; every HELLO
-/// is accepted with one store query.
+/// A draining lone instance (no cluster: nowhere to move to) tells its
+/// agents to come back after a random delay within
+/// `[shutdown] agent_reconnect_spread_ms`, so that they do not all say HELLO
+/// to the next process at once, and releases its claims as it ends its
+/// lease; every HELLO is accepted with one store query. (Instances of a
+/// cluster move their agents make-before-break instead:
+/// `several_instances.rs` in the edge's tests.)
 #[tokio::test]
 async fn a_drain_spreads_the_agents_return_and_releases_its_claims() {
     let mut world = world_with(
@@ -327,7 +329,7 @@ async fn a_drain_spreads_the_agents_return_and_releases_its_claims() {
     let end = once.await.unwrap();
     match end {
         relay_agent::tunnel::TunnelEnd::GoAway { after } => {
-            assert_eq!(after, Duration::ZERO, "the spread is before the GO_AWAY")
+            assert!(after <= Duration::from_millis(1_500), "{after:?}")
         }
         other => panic!("expected GO_AWAY, got {other}"),
     }

@@ -584,10 +584,21 @@ async fn hold_tunnel(
             },
             reason = connection.closed() => break reason,
             _ = stop.cancelled(), if go_away_at.is_none() => {
+                let spread = spread_ms(state.config.shutdown.agent_reconnect_spread_ms);
+                if state.config.cluster.peer_listen.is_none() {
+                    // A lone instance: there is nowhere to move to. The
+                    // agent comes back after the spread, to the next process.
+                    send_message(&mut send, &Message::GoAway(GoAway { reason: GoAwayReason::Draining, reconnect_after_ms: Some(spread) })).await;
+                    // The agent hangs up once it has read GO_AWAY; closing
+                    // at once could discard it (and its delay) in flight.
+                    send.finish().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), connection.closed()).await;
+                    connection.close(close_code::GOING_AWAY, b"draining");
+                    break "draining".to_owned();
+                }
                 // Each agent is sent away at its own moment within the
                 // configured window (all at once would be a HELLO storm at
                 // the other instances); the tunnel serves on meanwhile.
-                let spread = spread_ms(state.config.shutdown.agent_reconnect_spread_ms);
                 go_away_at = Some(tokio::time::Instant::now() + Duration::from_millis(u64::from(spread)));
             }
             _ = sleep_until_some(go_away_at), if go_away_at.is_some() && close_by.is_none() => {

@@ -465,6 +465,15 @@ async fn draining_an_instance_moves_its_agent_and_nobody_else_notices() {
     assert!(status.success(), "{status:?}\n{}", b.log());
     assert_eq!(on_b.closed().await, Some((1001, "draining".into())));
     cluster.wait_owner("edge-c").await;
+    // Make before break: the drained instance's tunnel served until the
+    // agent was up on edge-c, whose claim then fenced it.
+    let log = b.log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("agent disconnected")
+                && line.contains(r#""end":"superseded""#)),
+        "{log}"
+    );
     // edge-a's client never noticed: same connection, reports again.
     let before = on_a.closed_with.clone();
     sequences(&mut on_a, 5).await;

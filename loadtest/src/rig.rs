@@ -728,36 +728,10 @@ tls = false
         })
     }
 
-    /// Replaces the agent with one dialling `edge` then `spare`, on a 1 s
-    /// QUIC keep-alive (a killed instance is noticed in 4 s), and waits
-    /// until it is on `edge`.
+    /// Replaces the agent with one dialling `edge` then `spare`, at the
+    /// agent's shipped settings, and waits until it is on `edge`.
     pub async fn restart_agent_for_failover(&mut self) -> anyhow::Result<()> {
         let _ = self.agent.kill().await;
-        let conf = self.agent_dir.join("agent-failover.toml");
-        std::fs::write(
-            &conf,
-            format!(
-                r#"
-[edge]
-address = "{tunnel}"
-addresses = ["{spare}"]
-server_name = "tunnel.{BASE_DOMAIN}"
-ca_file = {ca:?}
-credential = "{credential}"
-
-[printer]
-kind = "mqtt"
-host = "127.0.0.1"
-port = {port}
-tls = false
-"#,
-                tunnel = self.edge.tunnel,
-                spare = self.spare.tunnel,
-                ca = self.agent_ca.display().to_string(),
-                credential = self.agent_credential,
-                port = self.printer.port(),
-            ),
-        )?;
         let store = &self.database.as_ref().context("no database")?.store;
         let claim_epoch = || async {
             store
@@ -768,11 +742,10 @@ tls = false
                 .map(|claim| (claim.instance_id, claim.epoch))
         };
         let before = claim_epoch().await.map_or(0, |(_, epoch)| epoch);
-        self.agent = spawn(
-            &self.agent_binary,
-            &["--config", &conf.display().to_string()],
-            &self.agent_dir,
+        self.agent = self.spawn_agent(
             "agent-failover",
+            &self.agent_credential,
+            &[self.edge.tunnel, self.spare.tunnel],
         )?;
         // The new agent claims the device on `edge` (the killed one's
         // tunnel is fenced there).

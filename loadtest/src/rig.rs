@@ -420,6 +420,50 @@ secret = "{CLUSTER_SECRET}"
     }
 }
 
+/// What every agent process of a run shares: its binary, the run's
+/// directory, the CA of the edge's tunnel certificate, and the printer
+/// (Mosquitto, as a generic MQTT broker).
+struct AgentSetup {
+    binary: PathBuf,
+    dir: PathBuf,
+    ca: PathBuf,
+    printer: SocketAddr,
+}
+
+impl AgentSetup {
+    /// Writes `<name>.toml` with `edge` (the `[edge]` table's address
+    /// lines) and starts the agent on it.
+    fn spawn(&self, name: &str, credential: &str, edge: &str) -> anyhow::Result<Child> {
+        let conf = self.dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &conf,
+            format!(
+                r#"
+[edge]
+{edge}
+server_name = "tunnel.{BASE_DOMAIN}"
+ca_file = {ca:?}
+credential = "{credential}"
+
+[printer]
+kind = "mqtt"
+host = "127.0.0.1"
+port = {port}
+tls = false
+"#,
+                ca = self.ca.display().to_string(),
+                port = self.printer.port(),
+            ),
+        )?;
+        spawn(
+            &self.binary,
+            &["--config", &conf.display().to_string()],
+            &self.dir,
+            name,
+        )
+    }
+}
+
 /// Everything one run needs, started and ready.
 #[derive(Debug)]
 pub struct Rig {
@@ -612,48 +656,21 @@ impl Rig {
 
         // The agent, with Mosquitto as its printer (a generic MQTT broker).
         // The second device's agent: the same printer, the tunnel over TCP.
-        let agent_config = |name: &str, credential: &str, transport: &str| {
-            let path = dir.join(format!("{name}.toml"));
-            std::fs::write(
-                &path,
-                format!(
-                    r#"
-[edge]
-address = "{tunnel}"
-tcp_address = "{tunnel_tcp}"
-transport = "{transport}"
-server_name = "tunnel.{BASE_DOMAIN}"
-ca_file = {ca:?}
-credential = "{credential}"
-
-[printer]
-kind = "mqtt"
-host = "127.0.0.1"
-port = {port}
-tls = false
-"#,
-                    tunnel = edge.tunnel,
-                    tunnel_tcp = edge.tunnel_tcp,
-                    ca = pki.ca_pem.display().to_string(),
-                    port = printer.port(),
-                ),
-            )
-            .map(|()| path)
+        let agents = AgentSetup {
+            binary: binaries.agent.clone(),
+            dir: dir.clone(),
+            ca: pki.ca_pem.clone(),
+            printer,
         };
-        let agent_conf = agent_config("agent", &agent_credential.reveal(), "quic")?;
-        let agent = spawn(
-            &binaries.agent,
-            &["--config", &agent_conf.display().to_string()],
-            &dir,
-            "agent",
-        )?;
-        let agent_tcp_conf = agent_config("agent-tcp", &agent_tcp_credential.reveal(), "tcp")?;
-        let agent_tcp = spawn(
-            &binaries.agent,
-            &["--config", &agent_tcp_conf.display().to_string()],
-            &dir,
-            "agent-tcp",
-        )?;
+        let tunnel = |transport: &str| {
+            format!(
+                "address = \"{}\"\ntcp_address = \"{}\"\ntransport = \"{transport}\"",
+                edge.tunnel, edge.tunnel_tcp
+            )
+        };
+        let agent = agents.spawn("agent", &agent_credential.reveal(), &tunnel("quic"))?;
+        let agent_tcp =
+            agents.spawn("agent-tcp", &agent_tcp_credential.reveal(), &tunnel("tcp"))?;
         edge.wait_agents(2, START_PATIENCE).await?;
 
         let relay = Target {
@@ -778,35 +795,14 @@ tls = false
             .iter()
             .map(|address| format!("\"{address}\""))
             .collect();
-        let conf = self.agent_dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &conf,
-            format!(
-                r#"
-[edge]
-address = "{first}"
-addresses = [{rest}]
-server_name = "tunnel.{BASE_DOMAIN}"
-ca_file = {ca:?}
-credential = "{credential}"
-
-[printer]
-kind = "mqtt"
-host = "127.0.0.1"
-port = {port}
-tls = false
-"#,
-                rest = rest.join(", "),
-                ca = self.agent_ca.display().to_string(),
-                port = self.printer.port(),
-            ),
-        )?;
-        spawn(
-            &self.agent_binary,
-            &["--config", &conf.display().to_string()],
-            &self.agent_dir,
-            name,
-        )
+        let edge = format!("address = \"{first}\"\naddresses = [{}]", rest.join(", "));
+        AgentSetup {
+            binary: self.agent_binary.clone(),
+            dir: self.agent_dir.clone(),
+            ca: self.agent_ca.clone(),
+            printer: self.printer,
+        }
+        .spawn(name, credential, &edge)
     }
 
     /// Waits until both of the rig's agents (QUIC and TCP) are on `edge`.

@@ -257,6 +257,11 @@ pub struct LinkAccept {
     /// clients (a CC2): the edge sends every app's requests on that
     /// registration. Absent over a peer link: the owning instance does.
     pub printer_client_id: Option<String>,
+    /// The agent runs a hub of its own on the printer's connection (it
+    /// serves LAN apps too), and this link is one session of it: the edge's
+    /// hub treats it as a peer link's upstream. False from agents that
+    /// predate the field.
+    pub through_agent_hub: bool,
 }
 
 /// Agent → edge, the only frame back on a printer-link stream that failed; the
@@ -396,6 +401,9 @@ fn decode_body(message_type: u8, body: Bytes) -> Result<Message, TunnelError> {
                 .map(PrinterKind::from_code),
             printer_serial: fields.optional(3, "printer_serial", Fields::string)?,
             printer_client_id: fields.optional(4, "printer_client_id", Fields::string)?,
+            through_agent_hub: fields
+                .optional(5, "through_agent_hub", Fields::u8)?
+                .is_some_and(|flag| flag != 0),
         }),
         message_type::PEER_HELLO => Message::PeerHello(PeerHello {
             version: fields.required(1, "version", Fields::u16)?,
@@ -570,6 +578,9 @@ pub fn encode(message: &Message, out: &mut BytesMut) -> Result<(), TunnelError> 
                 body.string(3, "printer_serial", serial)?;
             }
             body.optional_string(4, "printer_client_id", accept.printer_client_id.as_deref())?;
+            if accept.through_agent_hub {
+                body.u8(5, 1);
+            }
             message_type::LINK_ACCEPT
         }
         Message::LinkRefused(refused) => {

@@ -66,6 +66,7 @@ fn unknown_fields_are_skipped() {
             printer_kind: None,
             printer_serial: None,
             printer_client_id: None,
+            through_agent_hub: false,
         })))
     );
 }
@@ -251,14 +252,16 @@ fn any_message() -> impl Strategy<Value = Message> {
             any::<u64>(),
             proptest::option::of(any::<u8>()),
             proptest::option::of(text()),
-            proptest::option::of(text())
+            proptest::option::of(text()),
+            any::<bool>()
         )
-            .prop_map(|(session, kind, serial, client_id)| {
+            .prop_map(|(session, kind, serial, client_id, through_agent_hub)| {
                 Message::LinkAccept(LinkAccept {
                     link: session,
                     printer_kind: kind.map(relay_proto::tunnel::PrinterKind::from_code),
                     printer_serial: serial,
                     printer_client_id: client_id,
+                    through_agent_hub,
                 })
             }),
         (

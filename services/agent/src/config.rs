@@ -21,6 +21,78 @@ pub struct AgentConfig {
     /// `tunnel.linger_seconds` after the last client).
     #[serde(default)]
     pub always_on: bool,
+    /// LAN apps served on the agent's one printer connection; absent:
+    /// none (the agent then listens on nothing).
+    #[serde(default)]
+    pub lan: Option<LanSection>,
+}
+
+/// `[lan]`: MQTT listeners for apps on the LAN, on the printer's one
+/// connection (the agent's local hub), working while the edge is away.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LanSection {
+    /// `host:port` of plain MQTT (3.1.1), for example `0.0.0.0:1883`.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// `host:port` of MQTT over TLS, the "virtual printer" Bambu-native apps
+    /// expect, for example `0.0.0.0:8883`.
+    #[serde(default)]
+    pub tls_listen: Option<String>,
+    /// Where the TLS listener's certificate and key are kept (PEM), both
+    /// required with `tls_listen`. Made at the first start when neither
+    /// exists (common name: the printer's serial; the key with mode 0600)
+    /// and kept from then on, so apps that pinned it keep working.
+    #[serde(default)]
+    pub certificate_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The user name LAN apps log in with. Absent: the printer's own
+    /// (`bblp` on a Bambu printer, `elegoo` on a CC2).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Their password. Absent: the printer's own access code (or password).
+    #[serde(default)]
+    pub password: Option<Secret<String>>,
+    /// Serve apps that send no credentials at all. Off unless set.
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    /// LAN apps connected at once; the next gets CONNACK 3.
+    #[serde(default = "default_lan_clients")]
+    pub max_clients: usize,
+    /// Largest MQTT packet from or to a LAN app, in bytes.
+    #[serde(default = "default_lan_packet")]
+    pub max_packet: usize,
+    /// Largest keep-alive a LAN app may ask for, in seconds (0, "none",
+    /// is served as this).
+    #[serde(default = "default_lan_keep_alive")]
+    pub max_keep_alive_seconds: u16,
+    /// Filters one LAN app may hold.
+    #[serde(default = "default_lan_subscriptions")]
+    pub max_subscriptions: usize,
+    /// Bytes queued for one LAN app before it is cut as a slow consumer.
+    #[serde(default = "default_lan_outbound")]
+    pub max_outbound_bytes: usize,
+}
+
+fn default_lan_clients() -> usize {
+    25
+}
+
+fn default_lan_packet() -> usize {
+    1024 * 1024
+}
+
+fn default_lan_keep_alive() -> u16 {
+    300
+}
+
+fn default_lan_subscriptions() -> usize {
+    100
+}
+
+fn default_lan_outbound() -> usize {
+    4 * 1024 * 1024
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -450,10 +522,62 @@ impl AgentConfig {
                 }
             }
         };
+        if let Some(lan) = &self.lan {
+            lan.problems(&mut problems);
+            if lan.username.is_none() && printer.credentials().0.is_none() && !lan.allow_anonymous {
+                problems.push(
+                    "lan: the printer has no user name to check LAN apps against: set lan.username and lan.password (or, knowingly, lan.allow_anonymous = true)"
+                        .into(),
+                );
+            }
+            if self.always_on {
+                problems.push(
+                    "always_on and [lan] do not go together: with [lan] the agent's hub holds the printer connection while apps are there"
+                        .into(),
+                );
+            }
+        }
         if problems.is_empty() {
             Ok(printer)
         } else {
             Err(problems)
+        }
+    }
+}
+
+impl LanSection {
+    fn problems(&self, problems: &mut Vec<String>) {
+        if self.listen.is_none() && self.tls_listen.is_none() {
+            problems.push("lan: set listen, tls_listen or both".into());
+        }
+        for (name, address) in [("listen", &self.listen), ("tls_listen", &self.tls_listen)] {
+            if let Some(address) = address
+                && address.parse::<std::net::SocketAddr>().is_err()
+            {
+                problems.push(format!("lan.{name} {address:?} must be ip:port"));
+            }
+        }
+        if self.tls_listen.is_some() && (self.certificate_file.is_none() || self.key_file.is_none())
+        {
+            problems.push(
+                "lan.tls_listen needs lan.certificate_file and lan.key_file (made at the first start when missing)"
+                    .into(),
+            );
+        }
+        if self.password.is_some() != self.username.is_some() {
+            problems.push("lan.username and lan.password go together".into());
+        }
+        if self.max_clients == 0 {
+            problems.push("lan.max_clients must be at least 1".into());
+        }
+        if self.max_packet < 1024 {
+            problems.push("lan.max_packet must be at least 1024".into());
+        }
+        if self.max_subscriptions == 0 {
+            problems.push("lan.max_subscriptions must be at least 1".into());
+        }
+        if self.max_keep_alive_seconds == 0 {
+            problems.push("lan.max_keep_alive_seconds must be at least 1".into());
         }
     }
 }

@@ -8,6 +8,8 @@
 //! tunnel protocol in `relay-proto`.
 
 pub mod config;
+pub mod lan;
+pub mod local_hub;
 pub mod pacing;
 pub mod printer;
 pub mod setup;

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, PrinterConfig, TransportChoice};
+use crate::local_hub::LocalHub;
 use crate::pacing::{DialError, PrinterDialler};
 use crate::standby::Standby;
 
@@ -136,9 +137,50 @@ pub enum ControlError {
 
 /// Runs until `stop`: connect, serve, reconnect.
 pub async fn run(config: AgentConfig, printer: PrinterConfig, stop: CancellationToken) {
+    let started = start(config, printer, stop).await;
+    let _ = started.task.await;
+}
+
+/// A started agent: where its LAN listeners listen, and its tunnel's task.
+#[derive(Debug)]
+pub struct Started {
+    /// `(tls, address)` of each LAN listener that started.
+    pub lan: Vec<(bool, SocketAddr)>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the agent: with `[lan]`, its local hub and LAN listeners (bound
+/// when this returns), then the tunnel, which runs until `stop`.
+pub async fn start(
+    config: AgentConfig,
+    printer: PrinterConfig,
+    stop: CancellationToken,
+) -> Started {
     let printer = Arc::new(printer);
     // One dialler for the agent's life: its pacing outlives tunnels.
     let dialler = Arc::new(PrinterDialler::new());
+    // With `[lan]`, the printer's one connection feeds a hub here, which
+    // LAN apps and the edge's links share.
+    let mut lan = Vec::new();
+    let local = match &config.lan {
+        Some(section) => {
+            let local = LocalHub::new(printer.clone(), dialler.clone(), config.read_only);
+            lan = crate::lan::start(section.clone(), local.clone(), stop.clone()).await;
+            Some(local)
+        }
+        None => None,
+    };
+    let task = tokio::spawn(run_tunnels(config, printer, dialler, local, stop));
+    Started { lan, task }
+}
+
+async fn run_tunnels(
+    config: AgentConfig,
+    printer: Arc<PrinterConfig>,
+    dialler: Arc<PrinterDialler>,
+    local: Option<Arc<LocalHub>>,
+    stop: CancellationToken,
+) {
     let standby = config
         .always_on
         .then(|| Arc::new(Standby::start(printer.clone(), dialler.clone())));
@@ -165,6 +207,7 @@ pub async fn run(config: AgentConfig, printer: PrinterConfig, stop: Cancellation
                 config: printer.clone(),
                 dialler: dialler.clone(),
                 standby: standby.clone(),
+                local: local.clone(),
             },
             stop.clone(),
             &mut retiring,
@@ -292,6 +335,7 @@ pub async fn run_once_at(
         config: printer,
         dialler,
         standby,
+        local: None,
     };
     run_tunnel(config, address, None, printer, stop, &mut None).await
 }
@@ -303,6 +347,8 @@ struct Printer {
     config: Arc<PrinterConfig>,
     dialler: Arc<PrinterDialler>,
     standby: Option<Arc<Standby>>,
+    /// The local hub, with `[lan]`: links are sessions of it.
+    local: Option<Arc<LocalHub>>,
 }
 
 /// How long a draining instance's tunnel serves on after the next tunnel is
@@ -743,12 +789,17 @@ async fn serve_printer_link(
         config: printer,
         dialler,
         standby,
+        local,
     } = printer;
     let mut recv = FramedReader::new(recv);
     let link_id = match recv.read_message().await {
         Ok(Some(Message::LinkOpen(open))) => open.link,
         _ => return,
     };
+    if let Some(local) = local {
+        serve_hub_link(send, recv, link_id, &local, &reports).await;
+        return;
+    }
     // MQTT bytes the edge sent right after LINK_OPEN are in the buffer.
     let (mut recv, from_edge) = recv.into_parts();
     let link = |state, reason: Option<LinkDownReason>, detail: Option<String>| {
@@ -811,6 +862,7 @@ async fn serve_printer_link(
                 crate::config::PrinterKind::Mqtt { .. } => tunnel::PrinterKind::GenericMqtt,
                 crate::config::PrinterKind::ElegooCc2 { .. } => tunnel::PrinterKind::ElegooCc2,
             }),
+            through_agent_hub: false,
         }),
     )
     .await
@@ -875,11 +927,63 @@ async fn serve_printer_link(
     let _ = reports.try_send(link(state, reason, detail));
 }
 
+/// One printer link as a session of the local hub: the printer connection
+/// is the hub's, so the link only ends (`Idle`) when the edge lets it go.
+async fn serve_hub_link(
+    mut send: TunnelSend,
+    mut recv: FramedReader<TunnelRecv>,
+    link_id: u64,
+    local: &Arc<LocalHub>,
+    reports: &mpsc::Sender<Message>,
+) {
+    let link = |state, reason: Option<LinkDownReason>, detail: Option<String>| {
+        Message::PrinterLink(PrinterLink {
+            state,
+            reason,
+            detail,
+            link: Some(link_id),
+        })
+    };
+    let _ = reports.try_send(link(LinkState::Connecting, None, None));
+    let hub = match local.hub().await {
+        Ok(hub) => hub,
+        Err(failure) => {
+            let _ = reports.try_send(link(
+                LinkState::Down,
+                Some(failure.reason),
+                Some(failure.detail.clone()),
+            ));
+            let refused = Message::LinkRefused(LinkRefused {
+                link: link_id,
+                reason: failure.reason,
+                detail: Some(failure.detail),
+            });
+            let _ = write_message(&mut send, &refused).await;
+            send.finish().await;
+            return;
+        }
+    };
+    if write_message(&mut send, &Message::LinkAccept(local.link_accept(link_id)))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _ = reports.try_send(link(LinkState::Up, None, None));
+    tracing::info!(link = link_id, "printer link open, on the local hub");
+    let session = local.next_session_id();
+    let let_go =
+        crate::local_hub::serve_edge_link(&hub, session, &mut recv, &mut send, &local.stats).await;
+    send.finish().await;
+    tracing::info!(link = link_id, let_go, "printer link closed");
+    let _ = reports.try_send(link(LinkState::Idle, None, None));
+}
+
 /// Which way packets flow, with the agent's own answers: a PUBLISH that
 /// the read-only policy drops is acknowledged by the agent, so the client's
 /// QoS 1 flow completes instead of hanging.
 #[derive(Debug)]
-enum Direction<'a> {
+pub(crate) enum Direction<'a> {
     ToPrinter {
         read_only: bool,
         /// A Bambu printer's own topics: nothing else reaches it.
@@ -900,7 +1004,7 @@ enum Direction<'a> {
 /// The edge never asks for either; the agent, the LAN's last line, makes
 /// sure.
 #[derive(Debug)]
-enum OwnTopics {
+pub(crate) enum OwnTopics {
     /// Subscribe to the report only; publish to the request topic only.
     Bambu { report: String, request: String },
     /// Anything under `elegoo/<sn>/`, except a registration that names the
@@ -913,7 +1017,7 @@ enum OwnTopics {
 }
 
 impl OwnTopics {
-    fn of(printer: &PrinterConfig) -> Option<OwnTopics> {
+    pub(crate) fn of(printer: &PrinterConfig) -> Option<OwnTopics> {
         match &printer.kind {
             crate::config::PrinterKind::Bambu { serial, .. } => Some(OwnTopics::Bambu {
                 report: format!("device/{serial}/report"),
@@ -959,7 +1063,7 @@ impl OwnTopics {
 /// How often a CC2 hears the agent's heartbeat, and the heartbeat the
 /// agent sends on its own registration's request topic, encoded; `None`
 /// for other printers.
-fn cc2_heartbeat(printer: &PrinterConfig) -> Option<(Duration, BytesMut)> {
+pub(crate) fn cc2_heartbeat(printer: &PrinterConfig) -> Option<(Duration, BytesMut)> {
     let crate::config::PrinterKind::ElegooCc2 {
         serial,
         heartbeat_interval,
@@ -985,7 +1089,7 @@ fn cc2_heartbeat(printer: &PrinterConfig) -> Option<(Duration, BytesMut)> {
 }
 
 #[derive(Debug)]
-enum RelayEnd {
+pub(crate) enum RelayEnd {
     EdgeClosed,
     PrinterClosed,
     Refused(RelayRefusal),
@@ -993,7 +1097,7 @@ enum RelayEnd {
 
 /// Why the agent stopped relaying a printer link's packets.
 #[derive(Debug, thiserror::Error)]
-enum RelayRefusal {
+pub(crate) enum RelayRefusal {
     #[error("{0} from the edge")]
     NotFromEdge(mqtt::PacketType),
     #[error("{0}")]
@@ -1005,7 +1109,7 @@ enum RelayRefusal {
 /// Copies MQTT packets from `reader` to `writer`, decoding each one: the
 /// agent is the LAN's last line of defence, so only well-formed packets of
 /// the kinds a client may send reach the printer.
-async fn relay<R, W>(
+pub(crate) async fn relay<R, W>(
     reader: &mut R,
     writer: &mut W,
     mut buffer: BytesMut,

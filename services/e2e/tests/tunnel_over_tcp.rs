@@ -441,6 +441,7 @@ async fn a_stalled_printer_link_does_not_hold_up_the_control_stream() {
             printer_kind: Some(PrinterKind::GenericMqtt),
             printer_serial: None,
             printer_client_id: None,
+            through_agent_hub: false,
         });
         send.write_all(&frame(&accept)).await.unwrap();
         // (The agent made the printer's MQTT connection itself: what

@@ -535,7 +535,15 @@ impl Devices {
             Some(Message::LinkAccept(accept)) if accept.link == link => {
                 let connection = tunnel.connection.clone();
                 let alive: TunnelProbe = Arc::new(move || !connection.is_closed());
-                Ok((Upstream::new(recv, send, Some(alive), tunnel.epoch), accept))
+                let upstream = Upstream::new(recv, send, Some(alive), tunnel.epoch);
+                // The agent's own hub judges what ends the printer's
+                // connection.
+                let upstream = if accept.through_agent_hub {
+                    upstream.through_hub()
+                } else {
+                    upstream
+                };
+                Ok((upstream, accept))
             }
             Some(Message::LinkRefused(refused)) => Err(Unavailable::Printer {
                 reason: refused.reason,

@@ -223,6 +223,7 @@ async fn serve_link(
         // This instance's hub sends the requests on the agent's
         // registration; the peer's hub passes them on.
         printer_client_id: None,
+        through_agent_hub: false,
     });
     if !write_message(&mut send, &accept).await {
         return;

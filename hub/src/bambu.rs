@@ -166,6 +166,11 @@ impl BambuState {
         let Ok(report @ Value::Object(_)) = serde_json::from_slice::<Value>(payload) else {
             return Err(ReportRefusal::NotJson);
         };
+        // Only `print` reports are the printer's status; answers on the
+        // report topic (`info`, `system`, …) pass on without touching it.
+        if !report["print"].is_object() {
+            return Ok(());
+        }
         let full = report["print"]["msg"].as_i64() != Some(1);
         match (&mut self.state, full) {
             (_, true) => self.state = Some(report),
@@ -332,6 +337,19 @@ mod tests {
     /// A real printer's full report and recorded deltas (from pybambu's
     /// test data): each delta lands where pybambu's models would put it,
     /// and nothing else of the report moves.
+    #[test]
+    fn an_answer_on_the_report_topic_leaves_the_state_alone() {
+        let now = crate::test_clock::start();
+        let mut state = state();
+        let full = json!({"print": {"msg": 0, "command": "push_status", "nozzle_temper": 25.0}});
+        state.on_report(&bytes(full), now).unwrap();
+        let version = json!({"info": {"command": "get_version", "sequence_id": "1"}});
+        state.on_report(&bytes(version), now).unwrap();
+        let kept: Value = serde_json::from_slice(&state.full_report().unwrap()).unwrap();
+        assert_eq!(kept["print"]["nozzle_temper"], 25.0);
+        assert!(kept.get("info").is_none());
+    }
+
     #[test]
     fn recorded_deltas_of_a_real_printer_merge_into_its_full_report() {
         let fixture: Value =

@@ -427,7 +427,7 @@ fn decode_body(message_type: u8, body: Bytes) -> Result<Message, TunnelError> {
 }
 
 /// The highest field tag any version-1 message defines.
-const MAX_KNOWN_TAG: usize = 4;
+const MAX_KNOWN_TAG: usize = 5;
 
 /// The known fields of one frame body, by tag. Unknown tags are skipped.
 struct Fields {

@@ -1,0 +1,496 @@
+//! LAN apps share the printer's one connection through the agent (`[lan]`
+//! in `agent.toml`): the agent runs the hub over the printer connection,
+//! LAN apps (paho-mqtt over TCP and over TLS on the "virtual printer",
+//! `mosquitto_sub`, the test kit's own client) are sessions of it, and the
+//! edge's printer link is one more. The printer, which takes one client,
+//! sees one connection and one SUBSCRIBE; LAN apps keep receiving while
+//! the tunnel is cut; wrong credentials and a client over the limit get
+//! the CONNACK codes a broker gives.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use relay_io::FramedReader;
+use relay_proto::mqtt::{self, ConnectReturnCode, Packet, PacketId, Publish, QoS, Subscribe};
+use relay_testkit::client_tools::{client_tools, run_python_client};
+use relay_testkit::world::*;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio_util::sync::CancellationToken;
+
+/// A byte stream to the agent's LAN listener.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// An MQTT 3.1.1 client over TCP, plain or TLS.
+struct LanClient {
+    reader: FramedReader<ReadHalf<Box<dyn Io>>>,
+    writer: WriteHalf<Box<dyn Io>>,
+}
+
+impl LanClient {
+    async fn open(address: SocketAddr, tls: bool) -> LanClient {
+        let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+        let io: Box<dyn Io> = if tls {
+            let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAnything))
+            .with_no_client_auth();
+            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+            let name = rustls::pki_types::ServerName::try_from(SERIAL).unwrap();
+            Box::new(connector.connect(name, tcp).await.unwrap())
+        } else {
+            Box::new(tcp)
+        };
+        let (read, writer) = tokio::io::split(io);
+        LanClient {
+            reader: FramedReader::new(read),
+            writer,
+        }
+    }
+
+    /// Connects with `user`/`password`; the CONNACK's code (`None`: closed
+    /// without one).
+    async fn connect(
+        address: SocketAddr,
+        tls: bool,
+        client_id: &str,
+        login: Option<(&str, &str)>,
+    ) -> (LanClient, Option<ConnectReturnCode>) {
+        let mut client = LanClient::open(address, tls).await;
+        let mut connect = connect_packet(client_id);
+        if let Some((user, password)) = login {
+            connect.username = Some(user.into());
+            connect.password = Some(Bytes::copy_from_slice(password.as_bytes()).into());
+        }
+        client.send(&Packet::Connect(connect)).await;
+        let code = match client.next().await {
+            Some(Packet::ConnAck(connack)) => Some(connack.code),
+            _ => None,
+        };
+        (client, code)
+    }
+
+    async fn send(&mut self, packet: &Packet) {
+        let mut bytes = BytesMut::new();
+        mqtt::encode(packet, &mut bytes).unwrap();
+        self.writer.write_all(&bytes).await.unwrap();
+    }
+
+    async fn next(&mut self) -> Option<Packet> {
+        tokio::time::timeout(PATIENCE, self.reader.read_packet(4 << 20))
+            .await
+            .expect("a packet in time")
+            .ok()
+            .flatten()
+    }
+
+    async fn next_publish(&mut self) -> Publish {
+        loop {
+            match self.next().await {
+                Some(Packet::Publish(publish)) => return publish,
+                Some(_) => {}
+                None => panic!("closed before a PUBLISH"),
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, filter: &str) {
+        self.send(&Packet::Subscribe(Subscribe {
+            packet_id: PacketId::new(1).unwrap(),
+            filters: vec![(filter.into(), QoS::AtMostOnce)],
+        }))
+        .await;
+        match self.next().await {
+            Some(Packet::SubAck(suback)) => assert_eq!(
+                suback.return_codes,
+                vec![mqtt::SubscribeReturnCode::Success(QoS::AtMostOnce)]
+            ),
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+}
+
+/// The LAN certificate is the agent's own, self-signed: apps connect with
+/// verification off ("disable SSL verify"), as they do to a printer.
+#[derive(Debug)]
+struct AcceptAnything;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+struct LanWorld {
+    edge: TestEdge,
+    simulator: RunningSimulator,
+    agent: CancellationToken,
+    plain: SocketAddr,
+    tls: SocketAddr,
+    /// The printer's user and access code: the LAN login by default.
+    user: &'static str,
+    code: String,
+}
+
+/// An edge, a simulator as `simulator` sets it up, and an agent serving
+/// the LAN (plain and TLS on loopback), connected to the edge.
+async fn lan_world(simulator: SimulatorConfig, printer_section: String) -> LanWorld {
+    let edge = TestEdge::start_with(|config| {
+        config.tunnel.listen = Some("127.0.0.1:0".parse().unwrap());
+        config.tunnel.upstream_grace_seconds = 30;
+    })
+    .await;
+    let user = simulator.username();
+    let code = simulator.access_code.clone();
+    let simulator = RunningSimulator::start(simulator, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let (_, credential) = edge
+        .database
+        .store
+        .issue_agent_credential(&edge.device)
+        .await
+        .unwrap();
+    let tunnel = edge.edge.as_ref().unwrap().tunnel_addr.unwrap();
+    let dir = &edge.pki.dir;
+    let ca = write(dir, "edge-ca.pem", &edge.pki.ca_pem());
+    let printer_ca = write(dir, "printer-ca.pem", &simulator.ca_pem);
+    let config = relay_agent::config::AgentConfig::from_toml(&format!(
+        r#"
+        [edge]
+        address = "{tunnel}"
+        server_name = "tunnel.{BASE_DOMAIN}"
+        ca_file = "{}"
+        credential = "{}"
+        transport = "{transport}"
+
+        [lan]
+        listen = "127.0.0.1:0"
+        tls_listen = "127.0.0.1:0"
+        certificate_file = "{}"
+        key_file = "{}"
+
+        [printer]
+        host = "127.0.0.1"
+        port = {}
+        {}
+        "#,
+        ca.display(),
+        credential.reveal(),
+        dir.join("lan/certificate.pem").display(),
+        dir.join("lan/key.pem").display(),
+        simulator.addr.port(),
+        printer_section.replace("{printer_ca}", &printer_ca.display().to_string()),
+        transport = test_transport(),
+    ))
+    .unwrap();
+    let printer = config.validate().unwrap();
+    let agent = CancellationToken::new();
+    let started = relay_agent::tunnel::start(config, printer, agent.clone()).await;
+    let plain = started.lan.iter().find(|(tls, _)| !tls).unwrap().1;
+    let tls = started.lan.iter().find(|(tls, _)| *tls).unwrap().1;
+    tokio::time::timeout(
+        PATIENCE,
+        edge.edge.as_ref().unwrap().wait_online(&edge.device),
+    )
+    .await
+    .expect("the agent connected");
+    LanWorld {
+        edge,
+        simulator,
+        agent,
+        plain,
+        tls,
+        user,
+        code,
+    }
+}
+
+fn bambu_section() -> String {
+    format!(
+        r#"kind = "bambu"
+        serial = "{SERIAL}"
+        access_code = "{ACCESS_CODE}"
+        ca_file = "{{printer_ca}}""#
+    )
+}
+
+/// paho-mqtt, as Home Assistant's Bambu Lab integration and Bambuddy use
+/// it: user `bblp`, the access code, TLS with verification off (or plain
+/// TCP). Subscribes to the report, receives one, publishes a QoS 1 request
+/// that gets its PUBACK. `sys.argv`: host, plain port, TLS port, user,
+/// password, report topic, request topic.
+const PAHO_LAN: &str = r#"
+import json, ssl, sys, threading
+import paho.mqtt.client as mqtt
+
+host, plain, tls, user, password, report, request = sys.argv[1:8]
+
+def run(name, port, use_tls):
+    seen = {"scenario": name}
+    done = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-lan-" + name, protocol=mqtt.MQTTv311)
+    client.username_pw_set(user, password)
+    if use_tls:
+        client.tls_set(cert_reqs=ssl.CERT_NONE)
+        client.tls_insecure_set(True)
+    def on_connect(c, userdata, flags, reason, properties):
+        seen["connack"] = reason.value
+        if reason.is_failure:
+            done.set()
+            return
+        c.subscribe(report, qos=0)
+    def on_message(c, userdata, message):
+        if "message" in seen:
+            return
+        seen["message"] = message.topic
+        seen["bytes"] = len(message.payload)
+        c.publish(request, json.dumps({"info": {"sequence_id": "1", "command": "get_version"}}), qos=1)
+    def on_publish(c, userdata, mid, reason, properties):
+        seen["puback"] = reason.value
+        done.set()
+    def on_disconnect(c, userdata, flags, reason, properties):
+        seen.setdefault("disconnect", reason.value)
+        done.set()
+    client.on_connect, client.on_message = on_connect, on_message
+    client.on_publish, client.on_disconnect = on_publish, on_disconnect
+    try:
+        client.connect(host, int(port))
+    except Exception as error:
+        seen["error"] = repr(error)
+        print(json.dumps(seen), flush=True)
+        return
+    client.loop_start()
+    seen["timed_out"] = not done.wait(60)
+    client.disconnect()
+    client.loop_stop()
+    print(json.dumps(seen), flush=True)
+
+threads = [threading.Thread(target=run, args=("tcp", plain, False)), threading.Thread(target=run, args=("tls", tls, True))]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+"#;
+
+#[tokio::test]
+async fn lan_and_cloud_apps_share_a_one_client_printer() {
+    let tools = client_tools();
+    let mut simulator = SimulatorConfig::new(SERIAL, ACCESS_CODE);
+    simulator.report_interval = Duration::from_millis(100);
+    simulator.client_limit = 1;
+    let world = lan_world(simulator, bambu_section()).await;
+    let login = Some((world.user, world.code.as_str()));
+
+    // The LAN certificate was made at the first start, with the printer's
+    // serial as its common name, as on the printer's own.
+    let certificate = std::fs::read(world.edge.pki.dir.join("lan/certificate.pem")).unwrap();
+    let der = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(&certificate).unwrap()
+    };
+    assert_eq!(
+        relay_agent::printer::common_name(&der).as_deref(),
+        Some(SERIAL)
+    );
+
+    // Two cloud apps through the edge.
+    let mut cloud = Vec::new();
+    for index in 0..2 {
+        let mut client = Client::connect(
+            &world.edge,
+            &world.edge.bearer(),
+            connect_packet(&format!("cloud-{index}")),
+        )
+        .await;
+        client.send(&subscribe_report(1)).await;
+        assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
+        cloud.push(client);
+    }
+    // The test kit's client on the LAN, over plain TCP.
+    let (mut lan, code) = LanClient::connect(world.plain, false, "kit-lan", login).await;
+    assert_eq!(code, Some(ConnectReturnCode::Accepted));
+    lan.subscribe(&report_topic()).await;
+
+    // mosquitto_sub on the plain port, and paho over TCP and over TLS.
+    let mosquitto = tokio::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &world.plain.port().to_string()])
+        .args(["-u", world.user, "-P", &world.code])
+        .args([
+            "-i",
+            "mosquitto-sub-lan",
+            "-t",
+            &report_topic(),
+            "-C",
+            "3",
+            "-W",
+            "30",
+        ])
+        .kill_on_drop(true)
+        .output();
+    let dir = &world.edge.pki.dir;
+    let script = write(dir, "paho-lan.py", PAHO_LAN);
+    let arguments = [
+        "127.0.0.1".into(),
+        world.plain.port().to_string(),
+        world.tls.port().to_string(),
+        world.user.into(),
+        world.code.clone(),
+        report_topic(),
+        format!("device/{SERIAL}/request"),
+    ];
+    let paho = run_python_client(&tools, &script, &arguments, PATIENCE * 8);
+    let (mosquitto, (seen, context)) = tokio::join!(mosquitto, paho);
+    let mosquitto = mosquitto.unwrap();
+    assert!(
+        mosquitto.status.success(),
+        "mosquitto_sub: {}",
+        String::from_utf8_lossy(&mosquitto.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&mosquitto.stdout).lines().count(),
+        3,
+        "mosquitto_sub printed three reports"
+    );
+    for transport in ["tcp", "tls"] {
+        let run = &seen[transport];
+        assert_eq!(run["connack"], 0, "{transport}: {context}");
+        assert_eq!(run["message"], report_topic(), "{transport}: {context}");
+        assert_eq!(run["puback"], 0, "{transport}: {context}");
+        assert_ne!(run["timed_out"], true, "{transport}: {context}");
+    }
+    for client in &mut cloud {
+        assert_eq!(next_publish(client).await.topic, report_topic());
+    }
+    // The hub asked the printer for the full report when the first app
+    // joined; it reaches the apps that were there.
+    loop {
+        if lan.next_publish().await.payload.len() > 4_000 {
+            break;
+        }
+    }
+
+    // A late LAN joiner gets the full report at once, from the hub's state.
+    let joined = std::time::Instant::now();
+    let (mut late, code) = LanClient::connect(world.plain, false, "kit-late", login).await;
+    assert_eq!(code, Some(ConnectReturnCode::Accepted));
+    late.subscribe(&report_topic()).await;
+    let first = late.next_publish().await;
+    let after = joined.elapsed();
+
+    assert!(
+        first.payload.len() > 4_000,
+        "the first report to a late joiner is the full state ({} bytes)",
+        first.payload.len()
+    );
+    println!("late LAN joiner: full report {after:?} after connecting");
+
+    // One connection and one SUBSCRIBE for seven apps.
+    let observations = world.simulator.observations();
+    assert_eq!(observations.connections.load(Ordering::Relaxed), 1);
+    assert_eq!(observations.max_concurrent.load(Ordering::Relaxed), 1);
+    assert_eq!(observations.over_limit.load(Ordering::Relaxed), 0);
+    assert_eq!(observations.subscribe_log(), vec![vec![report_topic()]]);
+    assert!(observations.publishes.load(Ordering::Relaxed) >= 2);
+    println!(
+        "slots: the printer saw {} connection for 2 cloud apps and 5 LAN apps",
+        observations.connections.load(Ordering::Relaxed)
+    );
+
+    world.agent.cancel();
+    world.edge.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_credentials_and_the_26th_client_get_a_brokers_codes() {
+    let mut simulator = SimulatorConfig::new(SERIAL, ACCESS_CODE);
+    simulator.report_interval = Duration::from_millis(100);
+    let world = lan_world(simulator, bambu_section()).await;
+    let login = Some((world.user, world.code.as_str()));
+    for tls in [false, true] {
+        let address = if tls { world.tls } else { world.plain };
+        let (_, code) =
+            LanClient::connect(address, tls, "wrong", Some((world.user, "00000000"))).await;
+        assert_eq!(code, Some(ConnectReturnCode::BadUserNameOrPassword));
+        let (_, code) =
+            LanClient::connect(address, tls, "wrong-user", Some(("admin", &world.code))).await;
+        assert_eq!(code, Some(ConnectReturnCode::BadUserNameOrPassword));
+        let (_, code) = LanClient::connect(address, tls, "anonymous", None).await;
+        assert_eq!(code, Some(ConnectReturnCode::NotAuthorized));
+    }
+    // An MQTT 5 CONNECT is answered in MQTT 5: 0x84, unsupported version.
+    let mut v5 = tokio::net::TcpStream::connect(world.plain).await.unwrap();
+    let mut connect = BytesMut::new();
+    relay_proto::mqtt5::encode(
+        &relay_proto::mqtt5::Packet::Connect(V5Client::connect_packet("v5")),
+        &mut connect,
+    )
+    .unwrap();
+    v5.write_all(&connect).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut v5, &mut answer)
+        .await
+        .unwrap();
+    assert_eq!(answer, [0x20, 0x03, 0x00, 0x84, 0x00]);
+
+    // Twenty-five LAN apps at once, then the 26th: server unavailable.
+    let mut apps = Vec::new();
+    for index in 0..25 {
+        let (app, code) =
+            LanClient::connect(world.plain, false, &format!("app-{index}"), login).await;
+        assert_eq!(code, Some(ConnectReturnCode::Accepted), "app {index}");
+        apps.push(app);
+    }
+    let (_, code) = LanClient::connect(world.tls, true, "app-26", login).await;
+    assert_eq!(code, Some(ConnectReturnCode::ServerUnavailable));
+    // One leaves: a place is free again.
+    apps.pop().unwrap().send(&Packet::Disconnect).await;
+    let mut admitted = None;
+    for _ in 0..100 {
+        let (app, code) = LanClient::connect(world.plain, false, "app-again", login).await;
+        if code == Some(ConnectReturnCode::Accepted) {
+            admitted = Some(app);
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(admitted.is_some(), "a place came free");
+    world.agent.cancel();
+    world.edge.stop().await;
+}

@@ -494,3 +494,144 @@ async fn wrong_credentials_and_the_26th_client_get_a_brokers_codes() {
     world.agent.cancel();
     world.edge.stop().await;
 }
+
+const CC2_SERIAL: &str = "F01CC2000000007";
+const CC2_CODE: &str = "654321";
+
+/// An app through the edge or on the LAN.
+enum App {
+    Cloud(Box<Client>),
+    Lan(LanClient),
+}
+
+impl App {
+    async fn send(&mut self, packet: &Packet) {
+        match self {
+            App::Cloud(client) => client.send(packet).await,
+            App::Lan(client) => client.send(packet).await,
+        }
+    }
+
+    async fn next_publish(&mut self) -> Publish {
+        match self {
+            App::Cloud(client) => next_publish(client).await,
+            App::Lan(client) => client.next_publish().await,
+        }
+    }
+
+    /// The next message on `elegoo/<sn>/<suffix>`.
+    async fn next_on(&mut self, suffix: &str) -> serde_json::Value {
+        let topic = format!("elegoo/{CC2_SERIAL}/{suffix}");
+        loop {
+            let publish = self.next_publish().await;
+            if publish.topic == topic {
+                return serde_json::from_slice(&publish.payload).unwrap();
+            }
+        }
+    }
+
+    /// Subscribes to its answers and registers as `client_id`, as a CC2
+    /// client does on the LAN.
+    async fn register(&mut self, client_id: &str) -> serde_json::Value {
+        self.send(&Packet::Subscribe(Subscribe {
+            packet_id: PacketId::new(1).unwrap(),
+            filters: vec![
+                (
+                    format!("elegoo/{CC2_SERIAL}/{client_id}_req/register_response"),
+                    QoS::AtMostOnce,
+                ),
+                (
+                    format!("elegoo/{CC2_SERIAL}/{client_id}/api_response"),
+                    QoS::AtMostOnce,
+                ),
+            ],
+        }))
+        .await;
+        self.send(&json_publish(
+            &format!("elegoo/{CC2_SERIAL}/api_register"),
+            serde_json::json!({ "client_id": client_id, "request_id": format!("{client_id}_req") }),
+        ))
+        .await;
+        self.next_on(&format!("{client_id}_req/register_response"))
+            .await
+    }
+}
+
+fn json_publish(topic: &str, payload: serde_json::Value) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: topic.into(),
+        packet_id: None,
+        payload: Bytes::from(payload.to_string()),
+    })
+}
+
+#[tokio::test]
+async fn cc2_lan_and_cloud_apps_each_register_on_the_agents_one_registration() {
+    let mut simulator = SimulatorConfig::elegoo_cc2(CC2_SERIAL, CC2_CODE);
+    simulator.report_interval = Duration::from_millis(100);
+    let section = format!(
+        r#"kind = "elegoo_cc2"
+        serial = "{CC2_SERIAL}"
+        access_code = "{CC2_CODE}""#
+    );
+    let world = lan_world(simulator, section).await;
+    assert_eq!(world.user, "elegoo");
+    let login = Some((world.user, world.code.as_str()));
+    let mut apps = Vec::new();
+    for index in 0..5 {
+        let (client, code) =
+            LanClient::connect(world.plain, false, &format!("lan-{index}"), login).await;
+        assert_eq!(code, Some(ConnectReturnCode::Accepted));
+        apps.push((format!("1_LAN_{index}"), App::Lan(client)));
+    }
+    for index in 0..2 {
+        let client = Client::connect(
+            &world.edge,
+            &world.edge.bearer(),
+            connect_packet(&format!("cloud-{index}")),
+        )
+        .await;
+        apps.push((format!("1_CLOUD_{index}"), App::Cloud(Box::new(client))));
+    }
+    for (client_id, app) in &mut apps {
+        let answer = app.register(client_id).await;
+        assert_eq!(answer["error"], "ok", "{client_id}: {answer}");
+    }
+    // Each asks for the printer's attributes with its own request id and
+    // gets its own answer.
+    for (index, (client_id, app)) in apps.iter_mut().enumerate() {
+        let id = 100 + index;
+        app.send(&json_publish(
+            &format!("elegoo/{CC2_SERIAL}/{client_id}/api_request"),
+            serde_json::json!({ "id": id, "method": 1001 }),
+        ))
+        .await;
+        let answer = app.next_on(&format!("{client_id}/api_response")).await;
+        assert_eq!(answer["id"], id, "{client_id}: {answer}");
+        assert_eq!(
+            answer["result"]["attributes"]["sn"], CC2_SERIAL,
+            "{client_id}: {answer}"
+        );
+    }
+    let registered = world.simulator.cc2_registrations();
+    assert_eq!(registered.len(), 1, "{registered:?}");
+    assert!(registered[0].starts_with("relay-agent-"), "{registered:?}");
+    let observations = world.simulator.observations();
+    assert_eq!(observations.connections.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        observations
+            .cc2_unregistered_requests
+            .load(Ordering::Relaxed),
+        0
+    );
+    println!(
+        "slots: the CC2 saw {} connection and {} registration for 5 LAN apps and 2 cloud apps",
+        observations.connections.load(Ordering::Relaxed),
+        registered.len()
+    );
+    world.agent.cancel();
+    world.edge.stop().await;
+}

@@ -171,6 +171,16 @@ struct LanWorld {
 /// An edge, a simulator as `simulator` sets it up, and an agent serving
 /// the LAN (plain and TLS on loopback), connected to the edge.
 async fn lan_world(simulator: SimulatorConfig, printer_section: String) -> LanWorld {
+    lan_world_through(simulator, printer_section, async |address| address).await
+}
+
+/// [`lan_world`], with the agent dialling `through(the edge's tunnel
+/// address for the test's transport)`.
+async fn lan_world_through(
+    simulator: SimulatorConfig,
+    printer_section: String,
+    through: impl AsyncFnOnce(SocketAddr) -> SocketAddr,
+) -> LanWorld {
     let edge = TestEdge::start_with(|config| {
         config.tunnel.listen = Some("127.0.0.1:0".parse().unwrap());
         config.tunnel.upstream_grace_seconds = 30;
@@ -187,7 +197,13 @@ async fn lan_world(simulator: SimulatorConfig, printer_section: String) -> LanWo
         .issue_agent_credential(&edge.device)
         .await
         .unwrap();
-    let tunnel = edge.edge.as_ref().unwrap().tunnel_addr.unwrap();
+    let running = edge.edge.as_ref().unwrap();
+    let tunnel = through(if test_transport() == "tcp" {
+        running.tunnel_tcp_addr.unwrap()
+    } else {
+        running.tunnel_addr.unwrap()
+    })
+    .await;
     let dir = &edge.pki.dir;
     let ca = write(dir, "edge-ca.pem", &edge.pki.ca_pem());
     let printer_ca = write(dir, "printer-ca.pem", &simulator.ca_pem);
@@ -631,6 +647,129 @@ async fn cc2_lan_and_cloud_apps_each_register_on_the_agents_one_registration() {
         "slots: the CC2 saw {} connection and {} registration for 5 LAN apps and 2 cloud apps",
         observations.connections.load(Ordering::Relaxed),
         registered.len()
+    );
+    world.agent.cancel();
+    world.edge.stop().await;
+}
+
+/// Something between the agent and the edge that can be cut: a UDP gate
+/// for QUIC, a TCP forwarder for the tunnel over TCP.
+enum Cut {
+    Quic(relay_testkit::cut::UdpGate),
+    Tcp(relay_testkit::cut::CuttableLink),
+}
+
+impl Cut {
+    async fn start(target: SocketAddr) -> Cut {
+        if test_transport() == "tcp" {
+            Cut::Tcp(relay_testkit::cut::CuttableLink::start(target).await)
+        } else {
+            let gate = relay_testkit::cut::UdpGate::start(target).await;
+            gate.open();
+            Cut::Quic(gate)
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Cut::Quic(gate) => gate.addr,
+            Cut::Tcp(link) => link.addr,
+        }
+    }
+
+    fn cut(&self) {
+        match self {
+            Cut::Quic(gate) => gate.close(),
+            Cut::Tcp(link) => link.cut(),
+        }
+    }
+
+    fn restore(&self) {
+        match self {
+            Cut::Quic(gate) => gate.open(),
+            Cut::Tcp(link) => link.restore(),
+        }
+    }
+}
+
+/// The tunnel is cut for 60 s: LAN apps keep receiving the printer's
+/// reports without a gap (the printer connection is the agent's, not the
+/// tunnel's), and cloud apps are back once the tunnel is.
+#[tokio::test]
+async fn lan_apps_keep_receiving_while_the_tunnel_is_cut() {
+    const CUT: Duration = Duration::from_secs(60);
+    let mut simulator = SimulatorConfig::new(SERIAL, ACCESS_CODE);
+    simulator.report_interval = Duration::from_millis(100);
+    simulator.client_limit = 1;
+    let mut cut = None;
+    let world = {
+        // The forwarder needs the edge's address first; the world makes
+        // the edge.
+        let cut = &mut cut;
+        lan_world_through(simulator, bambu_section(), async move |target| {
+            let started = Cut::start(target).await;
+            let address = started.addr();
+            *cut = Some(started);
+            address
+        })
+        .await
+    };
+    let cut = cut.unwrap();
+    let login = Some((world.user, world.code.as_str()));
+    let (mut lan, code) =
+        LanClient::connect(world.plain, false, "lan-through-the-cut", login).await;
+    assert_eq!(code, Some(ConnectReturnCode::Accepted));
+    lan.subscribe(&report_topic()).await;
+    let edge = world.edge.edge.as_ref().unwrap();
+    let epoch = edge.wait_online(&world.edge.device).await;
+    let mut cloud =
+        Client::connect(&world.edge, &world.edge.bearer(), connect_packet("cloud")).await;
+    cloud.send(&subscribe_report(1)).await;
+    assert!(matches!(cloud.next().await, Some(Packet::SubAck(_))));
+    next_publish(&mut cloud).await;
+    lan.next_publish().await;
+    drop(cloud);
+
+    cut.cut();
+    let started = std::time::Instant::now();
+    let mut last = started;
+    let mut longest = Duration::ZERO;
+    let mut received = 0usize;
+    while started.elapsed() < CUT {
+        lan.next_publish().await;
+        received += 1;
+        longest = longest.max(last.elapsed());
+        last = std::time::Instant::now();
+    }
+    println!("through a {CUT:?} cut: {received} reports on the LAN, longest gap {longest:?}");
+    assert!(
+        longest < Duration::from_secs(2),
+        "LAN reports stopped for {longest:?} while the tunnel was cut"
+    );
+    cut.restore();
+    // The agent dials again (its backoff grew during the cut): a cloud
+    // app is served once its new tunnel is up.
+    tokio::time::timeout(
+        PATIENCE * 6,
+        edge.wait_newer_tunnel(&world.edge.device, epoch),
+    )
+    .await
+    .expect("the agent came back");
+    let mut cloud = Client::connect(
+        &world.edge,
+        &world.edge.bearer(),
+        connect_packet("cloud-again"),
+    )
+    .await;
+    cloud.send(&subscribe_report(1)).await;
+    assert!(matches!(cloud.next().await, Some(Packet::SubAck(_))));
+    assert_eq!(next_publish(&mut cloud).await.topic, report_topic());
+    lan.next_publish().await;
+    let observations = world.simulator.observations();
+    assert_eq!(
+        observations.connections.load(Ordering::Relaxed),
+        1,
+        "the printer connection lived through the cut"
     );
     world.agent.cancel();
     world.edge.stop().await;

@@ -325,3 +325,51 @@ fn the_close_code_table_is_close_rs() {
         &names_in_table(&page, "constructor"),
     );
 }
+
+/// The `[lan]` blocks of the README's "Home Assistant, Bambuddy and
+/// slicers on your LAN" and of the owners' LAN page are what the agent
+/// takes, on the ports the text tells apps to use, with the printer's own
+/// login (no `lan.username`), as the text says.
+#[test]
+fn the_lan_settings_in_the_readme_and_the_book_are_what_the_agent_takes() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+            .unwrap();
+    let section = readme
+        .split("### Home Assistant, Bambuddy and slicers on your LAN")
+        .nth(1)
+        .expect("the README has the LAN section");
+    for (name, text) in [
+        ("README", section),
+        ("owners/lan.md", &page("owners/lan.md")),
+    ] {
+        let block = text
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .unwrap_or_else(|| panic!("{name}: a toml block"));
+        let dir = std::env::temp_dir();
+        let ca = dir.join("relay-book-lan-ca.pem");
+        std::fs::write(&ca, "").unwrap();
+        let config = relay_agent::config::AgentConfig::from_toml(&format!(
+            "[edge]\naddress = \"edge.example.com:443\"\nca_file = \"{}\"\ncredential = \"rla_x\"\n\n\
+             [printer]\nkind = \"bambu\"\nhost = \"192.168.1.50\"\nserial = \"01P00A000000001\"\n\
+             access_code = \"12345678\"\ninsecure = true\n\n{block}",
+            ca.display()
+        ))
+        .unwrap_or_else(|problems| panic!("{name}: {problems:?}"));
+        config
+            .validate()
+            .unwrap_or_else(|problems| panic!("{name}: {problems:?}"));
+        let lan = config.lan.expect("a [lan] section");
+        assert!(lan.listen.as_deref().unwrap().ends_with(":1883"), "{name}");
+        assert!(
+            lan.tls_listen.as_deref().unwrap().ends_with(":8883"),
+            "{name}"
+        );
+        assert!(lan.username.is_none(), "{name}: the printer's own login");
+        for said in ["1883", "8883", "bblp", "access code"] {
+            assert!(text.contains(said), "{name} says {said}");
+        }
+    }
+}

@@ -59,7 +59,22 @@ pub struct SetupArgs {
     pub username: Option<String>,
     #[arg(long, hide_env_values = true)]
     pub password: Option<String>,
+    /// Serve apps on your LAN on the agent's one printer connection, with
+    /// plain MQTT on this port (asked in a terminal when not given)
+    #[arg(long)]
+    pub lan_port: Option<u16>,
+    /// With --lan-port: MQTT over TLS for LAN apps on this port too (the
+    /// "virtual printer" Bambu-native apps expect, usually 8883)
+    #[arg(long)]
+    pub lan_tls_port: Option<u16>,
+    /// Do not serve LAN apps, and do not ask
+    #[arg(long, conflicts_with_all = ["lan_port", "lan_tls_port"])]
+    pub no_lan: bool,
 }
+
+/// Where `setup` keeps the LAN listener's certificate and key.
+const LAN_CERTIFICATE: &str = "/var/lib/relay-agent/lan-certificate.pem";
+const LAN_KEY: &str = "/var/lib/relay-agent/lan-key.pem";
 
 /// Asks for what the flags left out, one line each, while stdin is a
 /// terminal; otherwise lists what is missing.
@@ -211,11 +226,98 @@ pub fn config_text(args: &SetupArgs, interactive: bool) -> Result<String, Vec<&'
             }
         }
     }
+    let (lan_port, lan_tls_port) = lan_ports(args, &mut ask);
+    if let Some(port) = lan_port {
+        text.push_str(&format!("\n[lan]\nlisten = \"0.0.0.0:{port}\"\n"));
+        if let Some(tls) = lan_tls_port {
+            text.push_str(&format!(
+                "tls_listen = \"0.0.0.0:{tls}\"\ncertificate_file = {}\nkey_file = {}\n",
+                quote(LAN_CERTIFICATE),
+                quote(LAN_KEY)
+            ));
+        }
+    }
     if ask.missing.is_empty() {
         Ok(text)
     } else {
         Err(ask.missing)
     }
+}
+
+/// The LAN ports: from the flags, or asked in a terminal (empty answers:
+/// no LAN, no TLS listener).
+fn lan_ports(args: &SetupArgs, ask: &mut Asker) -> (Option<u16>, Option<u16>) {
+    if args.no_lan || args.lan_port.is_some() || !ask.interactive {
+        return (args.lan_port, args.lan_port.and(args.lan_tls_port));
+    }
+    let port = |answer: Option<String>| answer.and_then(|answer| answer.parse::<u16>().ok());
+    let plain = port(ask.optional(
+        None,
+        "Serve apps on your LAN (Home Assistant, Bambuddy, MQTT tools) on the agent's one printer connection? Plain MQTT port (1883), or empty for no",
+    ));
+    let tls = plain.and_then(|_| {
+        port(ask.optional(
+            None,
+            "MQTT over TLS port for Bambu-native apps (8883), or empty for none",
+        ))
+    });
+    (plain, tls)
+}
+
+/// What to type into LAN apps, for the agent at `address`: never the
+/// access code itself.
+pub fn lan_recipes(config: &AgentConfig, address: &str) -> Vec<String> {
+    let Some(lan) = &config.lan else {
+        return Vec::new();
+    };
+    let port = |listen: &Option<String>| {
+        listen
+            .as_deref()
+            .and_then(|listen| listen.rsplit(':').next())
+            .map(str::to_owned)
+    };
+    let (plain, tls) = (port(&lan.listen), port(&lan.tls_listen));
+    let (user, serial, report) = match &config.printer {
+        crate::config::PrinterSection::Bambu { serial, .. } => (
+            "bblp".to_owned(),
+            serial.clone(),
+            format!("device/{serial}/report"),
+        ),
+        crate::config::PrinterSection::ElegooCc2 { serial, .. } => (
+            "elegoo".to_owned(),
+            serial.clone(),
+            format!("elegoo/{serial}/api_status"),
+        ),
+        crate::config::PrinterSection::Mqtt { username, .. } => (
+            username.clone().unwrap_or_else(|| "<user>".into()),
+            String::new(),
+            "#".into(),
+        ),
+    };
+    let mut lines = vec![format!(
+        "LAN apps: point them at {address} instead of the printer, with the printer's login ({user} and its access code):"
+    )];
+    if let Some(tls) = &tls {
+        lines.push(format!(
+            "  Home Assistant (Bambu Lab integration, LAN mode): host {address}, serial {serial}, access code: the printer's (TLS on {tls}, certificate not checked)"
+        ));
+        lines.push(format!(
+            "  Bambuddy: printer IP {address}, serial {serial}, access code: the printer's"
+        ));
+    }
+    if let Some(plain) = &plain {
+        lines.push(format!(
+            "  MQTT tool: mosquitto_sub -h {address} -p {plain} -u {user} -P '<access code>' -t '{report}'"
+        ));
+    }
+    lines
+}
+
+/// The address of this machine on the way to `host`: what LAN apps use.
+fn address_towards(host: &str, port: u16) -> Option<String> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect((host, port)).ok()?;
+    Some(socket.local_addr().ok()?.ip().to_string())
 }
 
 /// Writes `text` to `path` with mode 0600 (the directory is made when
@@ -278,6 +380,11 @@ pub async fn run(args: SetupArgs) -> u8 {
         return 64;
     }
     println!("wrote {} (mode 0600)", args.config.display());
+    let here = address_towards(&printer.host, printer.port())
+        .unwrap_or_else(|| "<this machine's address>".into());
+    for line in lan_recipes(&config, &here) {
+        println!("{line}");
+    }
     if args.no_probe {
         return 0;
     }
@@ -345,5 +452,42 @@ mod tests {
             ..args
         };
         assert_eq!(config_text(&without_serial, false), Err(vec!["--serial"]));
+    }
+
+    #[test]
+    fn a_setup_with_lan_ports_serves_the_lan_and_says_what_to_type() {
+        let args = SetupArgs {
+            edge: Some("edge.example.com:7443".into()),
+            edge_ca: Some(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml").into()),
+            credential: Some("rla_abc_def".into()),
+            kind: Some("bambu".into()),
+            host: Some("192.168.1.50".into()),
+            serial: Some("01P00A000000001".into()),
+            access_code: Some("a1b2c3d4".into()),
+            lan_port: Some(1883),
+            lan_tls_port: Some(8883),
+            ..SetupArgs::default()
+        };
+        let text = config_text(&args, false).unwrap();
+        let config = AgentConfig::from_toml(&text).unwrap();
+        config.validate().unwrap();
+        let lan = config.lan.as_ref().unwrap();
+        assert_eq!(lan.listen.as_deref(), Some("0.0.0.0:1883"));
+        assert_eq!(lan.tls_listen.as_deref(), Some("0.0.0.0:8883"));
+        let recipes = lan_recipes(&config, "192.168.1.20").join("\n");
+        assert!(recipes.contains("Home Assistant"), "{recipes}");
+        assert!(recipes.contains("Bambuddy"), "{recipes}");
+        assert!(
+            recipes.contains("mosquitto_sub -h 192.168.1.20 -p 1883 -u bblp"),
+            "{recipes}"
+        );
+        assert!(!recipes.contains("a1b2c3d4"), "never the access code");
+        let without = SetupArgs {
+            lan_port: None,
+            lan_tls_port: None,
+            ..args
+        };
+        let text = config_text(&without, false).unwrap();
+        assert!(!text.contains("[lan]"), "{text}");
     }
 }

@@ -326,6 +326,11 @@ async fn setup_in_a_terminal_asks_for_what_is_missing() {
     tmux(&["send-keys", "-t", &session, &credential.reveal(), "Enter"]);
     wait_for("LAN access code").await;
     tmux(&["send-keys", "-t", &session, ACCESS_CODE, "Enter"]);
+    // Serve LAN apps on 1883 (plain) and 8883 (TLS).
+    wait_for("Plain MQTT port").await;
+    tmux(&["send-keys", "-t", &session, "1883", "Enter"]);
+    wait_for("MQTT over TLS port").await;
+    tmux(&["send-keys", "-t", &session, "8883", "Enter"]);
     let shown = wait_for("setup-exit-").await;
     tmux(&["kill-session", "-t", &session]);
     assert!(shown.contains("setup-exit-0"), "{shown}");
@@ -335,5 +340,13 @@ async fn setup_in_a_terminal_asks_for_what_is_missing() {
     );
     let written = std::fs::read_to_string(&file).unwrap();
     assert!(written.contains(&credential.reveal()));
+    assert!(
+        written.contains("[lan]") && written.contains("0.0.0.0:8883"),
+        "{written}"
+    );
+    assert!(
+        shown.contains("Home Assistant") && shown.contains("-p 1883 -u bblp"),
+        "{shown}"
+    );
     world.edge.stop().await;
 }

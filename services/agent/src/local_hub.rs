@@ -19,13 +19,13 @@ use relay_hub::{
     BambuProfile, Cc2Profile, HubConfig, PrinterIdentity, ProfileConfig, PublishRate, TopicPolicy,
 };
 use relay_hub_io::{HubHandle, HubMetrics, Upstream, UpstreamFailure, UpstreamSource};
-use relay_proto::tunnel::{self, LinkDownReason};
+use relay_proto::tunnel;
 use tokio::io::AsyncWriteExt;
 
 use crate::config::{PrinterConfig, PrinterKind};
 use crate::pacing::{DialError, PrinterDialler};
 use crate::printer::LinkFailure;
-use crate::tunnel::{Direction, OwnTopics, RelayEnd, cc2_heartbeat, relay};
+use crate::tunnel::relay_with_printer;
 
 /// How long a hub with no session keeps the printer connection.
 const LINGER: Duration = Duration::from_secs(30);
@@ -263,49 +263,18 @@ impl LocalHub {
         let read_only = self.read_only;
         tokio::spawn(async move {
             let connected_at = Instant::now();
-            let (mut printer_read, mut printer_write) = tokio::io::split(stream);
             let (mut from_hub, mut to_hub) = tokio::io::split(check_side);
-            let (answers, mut answer_queue) = tokio::sync::mpsc::channel(64);
-            let own_topics = OwnTopics::of(&printer);
-            let (heartbeat_interval, heartbeat) = match cc2_heartbeat(&printer) {
-                Some((interval, ping)) => (interval, Some(ping)),
-                None => (Duration::from_secs(3600), None),
-            };
-            let mut heartbeat_timer = tokio::time::interval_at(
-                tokio::time::Instant::now() + heartbeat_interval,
-                heartbeat_interval,
-            );
-            let to_printer = relay(
+            let outcome = relay_with_printer(
                 &mut from_hub,
-                &mut printer_write,
-                bytes::BytesMut::new(),
-                Direction::ToPrinter {
-                    read_only,
-                    own_topics: own_topics.as_ref(),
-                    answers: &answers,
-                    heartbeat: heartbeat.map(|ping| (&mut heartbeat_timer, ping)),
-                },
-            );
-            let to_hub = relay(
-                &mut printer_read,
                 &mut to_hub,
-                leftover,
-                Direction::ToEdge {
-                    answers: &mut answer_queue,
-                },
-            );
-            let outcome = tokio::select! {
-                outcome = to_printer => outcome,
-                outcome = to_hub => outcome,
-            };
-            let _ = printer_write.shutdown().await;
+                bytes::BytesMut::new(),
+                (stream, leftover),
+                &printer,
+                read_only,
+            )
+            .await;
             tracing::info!(?outcome, "printer connection of the local hub closed");
-            let by_printer = match &outcome {
-                RelayEnd::EdgeClosed => None,
-                RelayEnd::PrinterClosed => Some(LinkDownReason::Dropped),
-                RelayEnd::Refused(_) => Some(LinkDownReason::ProtocolError),
-            };
-            dialler.ended(connected_at.elapsed(), by_printer);
+            dialler.ended(connected_at.elapsed(), outcome.by_printer());
         });
         let (hub_read, hub_write) = tokio::io::split(hub_side);
         Ok(Upstream::from_halves(hub_read, hub_write))

@@ -872,49 +872,18 @@ async fn serve_printer_link(
     }
     let _ = reports.try_send(link(LinkState::Up, None, None));
     tracing::info!(link = link_id, "printer link open");
-    let (mut printer_read, mut printer_write) = tokio::io::split(stream);
-    let (answers, mut answer_queue) = mpsc::channel(64);
-    let own_topics = OwnTopics::of(&printer);
-    let (heartbeat_interval, heartbeat) = match cc2_heartbeat(&printer) {
-        Some((interval, ping)) => (interval, Some(ping)),
-        None => (Duration::from_secs(3600), None),
-    };
-    let mut heartbeat_timer = tokio::time::interval_at(
-        tokio::time::Instant::now() + heartbeat_interval,
-        heartbeat_interval,
-    );
-    let to_printer = relay(
+    let outcome = relay_with_printer(
         &mut recv,
-        &mut printer_write,
-        from_edge,
-        Direction::ToPrinter {
-            read_only,
-            own_topics: own_topics.as_ref(),
-            answers: &answers,
-            heartbeat: heartbeat.map(|ping| (&mut heartbeat_timer, ping)),
-        },
-    );
-    let to_edge = relay(
-        &mut printer_read,
         &mut send,
-        leftover,
-        Direction::ToEdge {
-            answers: &mut answer_queue,
-        },
-    );
-    let outcome = tokio::select! {
-        outcome = to_printer => outcome,
-        outcome = to_edge => outcome,
-    };
-    let _ = printer_write.shutdown().await;
+        from_edge,
+        (stream, leftover),
+        &printer,
+        read_only,
+    )
+    .await;
     send.finish().await;
     tracing::info!(link = link_id, ?outcome, "printer link closed");
-    let by_printer = match &outcome {
-        RelayEnd::EdgeClosed => None,
-        RelayEnd::PrinterClosed => Some(LinkDownReason::Dropped),
-        RelayEnd::Refused(_) => Some(LinkDownReason::ProtocolError),
-    };
-    dialler.ended(connected_at.elapsed(), by_printer);
+    dialler.ended(connected_at.elapsed(), outcome.by_printer());
     let (state, reason, detail) = match outcome {
         RelayEnd::EdgeClosed => (LinkState::Idle, None, None),
         RelayEnd::PrinterClosed => (LinkState::Down, Some(LinkDownReason::Dropped), None),
@@ -979,11 +948,65 @@ async fn serve_hub_link(
     let _ = reports.try_send(link(LinkState::Idle, None, None));
 }
 
+/// Relays MQTT both ways between a client side (the edge's link, or the
+/// local hub) and a printer connection, through the agent's checks and
+/// with a CC2's heartbeat, until either side ends; then closes the
+/// printer's side.
+pub(crate) async fn relay_with_printer<R, W>(
+    client_read: &mut R,
+    client_write: &mut W,
+    from_client: BytesMut,
+    (stream, leftover): (Box<dyn crate::printer::PrinterStream>, BytesMut),
+    printer: &PrinterConfig,
+    read_only: bool,
+) -> RelayEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (mut printer_read, mut printer_write) = tokio::io::split(stream);
+    let (answers, mut answer_queue) = mpsc::channel(64);
+    let own_topics = OwnTopics::of(printer);
+    let (heartbeat_interval, heartbeat) = match cc2_heartbeat(printer) {
+        Some((interval, ping)) => (interval, Some(ping)),
+        None => (Duration::from_secs(3600), None),
+    };
+    let mut heartbeat_timer = tokio::time::interval_at(
+        tokio::time::Instant::now() + heartbeat_interval,
+        heartbeat_interval,
+    );
+    let to_printer = relay(
+        client_read,
+        &mut printer_write,
+        from_client,
+        Direction::ToPrinter {
+            read_only,
+            own_topics: own_topics.as_ref(),
+            answers: &answers,
+            heartbeat: heartbeat.map(|ping| (&mut heartbeat_timer, ping)),
+        },
+    );
+    let to_client = relay(
+        &mut printer_read,
+        client_write,
+        leftover,
+        Direction::ToEdge {
+            answers: &mut answer_queue,
+        },
+    );
+    let outcome = tokio::select! {
+        outcome = to_printer => outcome,
+        outcome = to_client => outcome,
+    };
+    let _ = printer_write.shutdown().await;
+    outcome
+}
+
 /// Which way packets flow, with the agent's own answers: a PUBLISH that
 /// the read-only policy drops is acknowledged by the agent, so the client's
 /// QoS 1 flow completes instead of hanging.
 #[derive(Debug)]
-pub(crate) enum Direction<'a> {
+enum Direction<'a> {
     ToPrinter {
         read_only: bool,
         /// A Bambu printer's own topics: nothing else reaches it.
@@ -1004,7 +1027,7 @@ pub(crate) enum Direction<'a> {
 /// The edge never asks for either; the agent, the LAN's last line, makes
 /// sure.
 #[derive(Debug)]
-pub(crate) enum OwnTopics {
+enum OwnTopics {
     /// Subscribe to the report only; publish to the request topic only.
     Bambu { report: String, request: String },
     /// Anything under `elegoo/<sn>/`, except a registration that names the
@@ -1017,7 +1040,7 @@ pub(crate) enum OwnTopics {
 }
 
 impl OwnTopics {
-    pub(crate) fn of(printer: &PrinterConfig) -> Option<OwnTopics> {
+    fn of(printer: &PrinterConfig) -> Option<OwnTopics> {
         match &printer.kind {
             crate::config::PrinterKind::Bambu { serial, .. } => Some(OwnTopics::Bambu {
                 report: format!("device/{serial}/report"),
@@ -1063,7 +1086,7 @@ impl OwnTopics {
 /// How often a CC2 hears the agent's heartbeat, and the heartbeat the
 /// agent sends on its own registration's request topic, encoded; `None`
 /// for other printers.
-pub(crate) fn cc2_heartbeat(printer: &PrinterConfig) -> Option<(Duration, BytesMut)> {
+fn cc2_heartbeat(printer: &PrinterConfig) -> Option<(Duration, BytesMut)> {
     let crate::config::PrinterKind::ElegooCc2 {
         serial,
         heartbeat_interval,
@@ -1095,6 +1118,18 @@ pub(crate) enum RelayEnd {
     Refused(RelayRefusal),
 }
 
+impl RelayEnd {
+    /// What the printer's side did, for the dialler's pacing: nothing when
+    /// the client side ended the relay.
+    pub(crate) fn by_printer(&self) -> Option<LinkDownReason> {
+        match self {
+            RelayEnd::EdgeClosed => None,
+            RelayEnd::PrinterClosed => Some(LinkDownReason::Dropped),
+            RelayEnd::Refused(_) => Some(LinkDownReason::ProtocolError),
+        }
+    }
+}
+
 /// Why the agent stopped relaying a printer link's packets.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum RelayRefusal {
@@ -1109,7 +1144,7 @@ pub(crate) enum RelayRefusal {
 /// Copies MQTT packets from `reader` to `writer`, decoding each one: the
 /// agent is the LAN's last line of defence, so only well-formed packets of
 /// the kinds a client may send reach the printer.
-pub(crate) async fn relay<R, W>(
+async fn relay<R, W>(
     reader: &mut R,
     writer: &mut W,
     mut buffer: BytesMut,

@@ -8,7 +8,8 @@
 //! session's [`SessionSink`], session ends, the next time it wants to be
 //! woken and its own end. It depends on `relay-proto` and nothing that does
 //! IO: no tokio, no sockets, no clock (this crate's `Cargo.toml` is the
-//! proof). The edge drives it over the agent's printer link or a peer link.
+//! proof). The edge drives it over the agent's printer link or a peer link;
+//! the agent, with `[lan]`, over the printer's own connection.
 //!
 //! - [`state`]: the hub itself: sessions, reference-counted upstream
 //!   subscriptions, packet-id remapping, QoS, retained replay, upstream

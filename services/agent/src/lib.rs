@@ -1,8 +1,10 @@
 //! The agent: runs beside one printer on the user's LAN. It dials the edge
 //! over QUIC (never the other way round), proves itself with its agent
 //! credential on the control stream, and, when the edge asks, opens the one
-//! MQTT connection to the printer and relays packets, checking each one. The
-//! printer's credentials never leave the agent.
+//! MQTT connection to the printer and relays packets, checking each one. With
+//! `[lan]` it also runs the hub on that connection ([`local_hub`]), which
+//! apps on the LAN ([`lan`]) and the edge's links share. The printer's
+//! credentials never leave the agent.
 //!
 //! The agent never depends on the edge crate: they meet only through the
 //! tunnel protocol in `relay-proto`.

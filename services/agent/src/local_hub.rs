@@ -6,7 +6,7 @@
 //! message crosses the tunnel once.
 //!
 //! Between the hub and the printer runs the agent's packet check
-//! ([`crate::tunnel::relay`]): only well-formed client packets of the
+//! (`crate::tunnel::relay_with_printer`): only well-formed client packets of the
 //! printer's own topics reach it, a read-only agent drops PUBLISHes, and a
 //! CC2 hears the agent's heartbeat.
 
@@ -71,7 +71,7 @@ impl LocalStats {
 }
 
 /// The hub over the printer's one connection, started when the first
-/// session needs it and ended after [`LINGER`] with none.
+/// session needs it and ended 30 s after the last session.
 pub struct LocalHub {
     printer: Arc<PrinterConfig>,
     dialler: Arc<PrinterDialler>,

@@ -802,14 +802,7 @@ async fn serve_printer_link(
     }
     // MQTT bytes the edge sent right after LINK_OPEN are in the buffer.
     let (mut recv, from_edge) = recv.into_parts();
-    let link = |state, reason: Option<LinkDownReason>, detail: Option<String>| {
-        Message::PrinterLink(PrinterLink {
-            state,
-            reason,
-            detail,
-            link: Some(link_id),
-        })
-    };
+    let link = |state, reason, detail| link_state(link_id, state, reason, detail);
     let _ = reports.try_send(link(LinkState::Connecting, None, None));
     // Held until the link ends: the standby makes no connection meanwhile.
     let mut lease = match &standby {
@@ -827,20 +820,7 @@ async fn serve_printer_link(
         Err(DialError { failure, dialled }) => {
             // The dialler logged it. A link refused without a dial (the
             // dialler backing off) is no news for the edge's status.
-            if dialled {
-                let _ = reports.try_send(link(
-                    LinkState::Down,
-                    Some(failure.reason),
-                    Some(failure.detail.clone()),
-                ));
-            }
-            let refused = Message::LinkRefused(LinkRefused {
-                link: link_id,
-                reason: failure.reason,
-                detail: Some(failure.detail),
-            });
-            let _ = write_message(&mut send, &refused).await;
-            send.finish().await;
+            refuse_link(&mut send, link_id, failure, dialled.then_some(&reports)).await;
             return;
         }
     };
@@ -896,6 +876,47 @@ async fn serve_printer_link(
     let _ = reports.try_send(link(state, reason, detail));
 }
 
+/// A printer link's state, for the edge's status.
+fn link_state(
+    link_id: u64,
+    state: LinkState,
+    reason: Option<LinkDownReason>,
+    detail: Option<String>,
+) -> Message {
+    Message::PrinterLink(PrinterLink {
+        state,
+        reason,
+        detail,
+        link: Some(link_id),
+    })
+}
+
+/// Refuses a printer link with why the printer could not be had, and
+/// reports the printer down on the control stream when `reports` is
+/// given (a link refused without a dial is no news for the edge's status).
+async fn refuse_link(
+    send: &mut TunnelSend,
+    link_id: u64,
+    failure: crate::printer::LinkFailure,
+    reports: Option<&mpsc::Sender<Message>>,
+) {
+    if let Some(reports) = reports {
+        let _ = reports.try_send(link_state(
+            link_id,
+            LinkState::Down,
+            Some(failure.reason),
+            Some(failure.detail.clone()),
+        ));
+    }
+    let refused = Message::LinkRefused(LinkRefused {
+        link: link_id,
+        reason: failure.reason,
+        detail: Some(failure.detail),
+    });
+    let _ = write_message(send, &refused).await;
+    send.finish().await;
+}
+
 /// One printer link as a session of the local hub: the printer connection
 /// is the hub's, so the link only ends (`Idle`) when the edge lets it go.
 async fn serve_hub_link(
@@ -905,30 +926,12 @@ async fn serve_hub_link(
     local: &Arc<LocalHub>,
     reports: &mpsc::Sender<Message>,
 ) {
-    let link = |state, reason: Option<LinkDownReason>, detail: Option<String>| {
-        Message::PrinterLink(PrinterLink {
-            state,
-            reason,
-            detail,
-            link: Some(link_id),
-        })
-    };
+    let link = |state, reason, detail| link_state(link_id, state, reason, detail);
     let _ = reports.try_send(link(LinkState::Connecting, None, None));
     let hub = match local.hub().await {
         Ok(hub) => hub,
         Err(failure) => {
-            let _ = reports.try_send(link(
-                LinkState::Down,
-                Some(failure.reason),
-                Some(failure.detail.clone()),
-            ));
-            let refused = Message::LinkRefused(LinkRefused {
-                link: link_id,
-                reason: failure.reason,
-                detail: Some(failure.detail),
-            });
-            let _ = write_message(&mut send, &refused).await;
-            send.finish().await;
+            refuse_link(&mut send, link_id, failure, Some(reports)).await;
             return;
         }
     };

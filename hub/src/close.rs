@@ -2,8 +2,8 @@
 //! and its short reason, the MQTT 5 reason code an MQTT 5 client gets in
 //! the DISCONNECT before it, plus the CONNACK sent first when there is one.
 
-use relay_proto::mqtt::ConnectReturnCode;
-use relay_proto::mqtt5::ReasonCode;
+use relay_proto::mqtt::{ConnectReturnCode, DecodeError};
+use relay_proto::mqtt5::{self, ReasonCode};
 
 /// A WebSocket close code with its reason text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,5 +152,21 @@ pub fn connack_code_name(code: ConnectReturnCode) -> &'static str {
         ConnectReturnCode::ServerUnavailable => "3",
         ConnectReturnCode::BadUserNameOrPassword => "4",
         ConnectReturnCode::NotAuthorized => "5",
+    }
+}
+
+/// The close for a decoding failure: oversize packets get 1009, the rest 1002.
+pub fn close_for_decode_error(error: &DecodeError) -> Close {
+    match error {
+        DecodeError::PacketTooLarge { .. } => Close::too_large(),
+        other => Close::malformed(format!("malformed MQTT: {other}")),
+    }
+}
+
+/// The same for an MQTT 5 client's packets.
+pub fn close_for_v5_decode_error(error: &mqtt5::DecodeError) -> Close {
+    match error {
+        mqtt5::DecodeError::Packet(error) => close_for_decode_error(error),
+        other => Close::malformed(format!("malformed MQTT: {other}")),
     }
 }

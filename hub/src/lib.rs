@@ -22,6 +22,8 @@
 //!   for a Bambu Lab printer and an Elegoo Centauri Carbon 2 (report
 //!   state, `pushall`, registrations).
 //! - [`close`]: how a session ends, as MQTT codes and a WebSocket close.
+//! - [`mqtt5_session`]: an MQTT 5 client's session, translated to and from
+//!   the hub's 3.1.1 model.
 
 pub mod bambu;
 pub mod cc2;
@@ -31,6 +33,7 @@ mod fake_broker;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod invariants;
+pub mod mqtt5_session;
 pub mod policy;
 pub mod profile;
 pub mod quarantine;

@@ -520,3 +520,15 @@ fn put_publish(out: &mut BytesMut, publish: &Publish) -> Result<(), EncodeError>
     out.extend_from_slice(&publish.payload);
     Ok(())
 }
+
+/// Whether `buffer` starts with an MQTT 5 CONNECT (protocol name `MQTT`,
+/// level 5), whatever follows: how a server that speaks several versions
+/// picks the decoder for a client's first packet.
+pub fn starts_with_connect(buffer: &[u8]) -> bool {
+    let Ok(Some(header)) = FixedHeader::parse(buffer) else {
+        return false;
+    };
+    header.packet_type == mqtt::PacketType::Connect
+        && buffer.get(header.header_len..header.header_len + 7)
+            == Some(&[0, 4, b'M', b'Q', b'T', b'T', 5][..])
+}

@@ -33,7 +33,7 @@ use std::fmt;
 
 use bytes::{Bytes, BytesMut};
 
-pub use codec::{decode, encode, encoded_len};
+pub use codec::{decode, encode, encoded_len, starts_with_connect};
 pub use properties::{Properties, Property, PropertyContext, PropertyError};
 
 use crate::Secret;

@@ -32,7 +32,8 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LanSection {
-    /// `host:port` of plain MQTT (3.1.1), for example `0.0.0.0:1883`.
+    /// `host:port` of plain MQTT (3.1, 3.1.1 and 5), for example
+    /// `0.0.0.0:1883`.
     #[serde(default)]
     pub listen: Option<String>,
     /// `host:port` of MQTT over TLS, the "virtual printer" Bambu-native apps

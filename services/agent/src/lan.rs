@@ -14,10 +14,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use relay_hub::SessionAttach;
-use relay_hub_io::{Outbound, outbound_queue};
+use relay_hub::close::{Close, close_for_decode_error, close_for_v5_decode_error};
+use relay_hub::mqtt5_session::{self, Inbound, ServerOffer, V5Session};
+use relay_hub_io::{Mqtt5Translator, Outbound, outbound_queue};
 use relay_io::{FrameError, FramedReader};
 use relay_proto::Secret;
 use relay_proto::mqtt::{self, ConnAck, Connect, ConnectReturnCode, DecodeError, Packet};
+use relay_proto::mqtt5::{self, ReasonCode};
 use relay_proto::topic::{TopicLimits, validate_topic_filter, validate_topic_name};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -222,9 +225,53 @@ async fn serve_connection(
     }
 }
 
-/// The CONNACK that answers an MQTT 5 CONNECT: reason 0x84, unsupported
-/// protocol version (the LAN listeners speak 3.1 and 3.1.1).
-const CONNACK_V5_UNSUPPORTED: [u8; 5] = [0x20, 0x03, 0x00, 0x84, 0x00];
+/// A LAN client's first packet, in its own MQTT version.
+enum FirstConnect {
+    V3(Connect),
+    V5(Box<mqtt5::Connect>),
+}
+
+/// Why a LAN client's first packet is no CONNECT to serve.
+enum FirstError {
+    /// Another packet came first.
+    NotConnect,
+    V3(DecodeError),
+    V5(mqtt5::DecodeError),
+}
+
+fn decode_first(
+    buffer: &mut bytes::BytesMut,
+    max_packet: usize,
+) -> Result<Option<FirstConnect>, FirstError> {
+    if mqtt5::starts_with_connect(buffer) {
+        return match mqtt5::decode(buffer, max_packet) {
+            Ok(Some(mqtt5::Packet::Connect(connect))) => {
+                Ok(Some(FirstConnect::V5(Box::new(connect))))
+            }
+            Ok(Some(_)) => Err(FirstError::NotConnect),
+            Ok(None) => Ok(None),
+            Err(error) => Err(FirstError::V5(error)),
+        };
+    }
+    match mqtt::decode(buffer, max_packet) {
+        Ok(Some(Packet::Connect(connect))) => Ok(Some(FirstConnect::V3(connect))),
+        Ok(Some(_)) => Err(FirstError::NotConnect),
+        Ok(None) => Ok(None),
+        Err(error) => Err(FirstError::V3(error)),
+    }
+}
+
+/// A refusal in the client's own version: a 3.1.1 return code, or the MQTT
+/// 5 reason code that says the same.
+fn refusal_reason(code: ConnectReturnCode) -> ReasonCode {
+    match code {
+        ConnectReturnCode::BadUserNameOrPassword => ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+        ConnectReturnCode::NotAuthorized => ReasonCode::NOT_AUTHORIZED,
+        ConnectReturnCode::IdentifierRejected => ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+        ConnectReturnCode::UnacceptableProtocolVersion => ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+        _ => ReasonCode::SERVER_UNAVAILABLE,
+    }
+}
 
 async fn serve_client<IO>(io: IO, remote: SocketAddr, lan: &Lan)
 where
@@ -240,18 +287,39 @@ where
         stats: stats.clone(),
     });
     let max_packet = lan.config.max_packet;
-    let connect = match tokio::time::timeout(CONNECT_TIMEOUT, read.read_packet(max_packet)).await {
-        Ok(Ok(Some(Packet::Connect(connect)))) => connect,
-        Ok(Err(FrameError::Decode(DecodeError::UnsupportedProtocolLevel(5)))) => {
-            refused();
-            tracing::info!(%remote, "LAN client refused: MQTT 5 is not served on the LAN");
-            let _ = write.write_all(&CONNACK_V5_UNSUPPORTED).await;
-            let _ = write.shutdown().await;
-            return;
+    let first = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        read.read_frame(|buffer| decode_first(buffer, max_packet)),
+    )
+    .await;
+    let (connect, v5) = match first {
+        Ok(Ok(Some(FirstConnect::V3(connect)))) => (connect, None),
+        Ok(Ok(Some(FirstConnect::V5(connect)))) => {
+            if connect.properties.authentication_method().is_some() {
+                refused();
+                send_refusal(&mut write, None, ReasonCode::BAD_AUTHENTICATION_METHOD).await;
+                return;
+            }
+            let (connect, v5) = mqtt5_session::neutral_connect(*connect, || {
+                format!("lan-{}", lan.local.next_session_id())
+            });
+            (connect, Some(v5))
         }
-        Ok(Err(FrameError::Decode(DecodeError::UnsupportedProtocolLevel(_)))) => {
+        Ok(Err(FrameError::Decode(FirstError::V3(DecodeError::UnsupportedProtocolLevel(_))))) => {
             refused();
             send_connack(&mut write, ConnectReturnCode::UnacceptableProtocolVersion).await;
+            return;
+        }
+        Ok(Err(FrameError::Decode(FirstError::V5(error)))) => {
+            refused();
+            let reason = match &error {
+                mqtt5::DecodeError::Packet(DecodeError::PacketTooLarge { .. }) => {
+                    ReasonCode::PACKET_TOO_LARGE
+                }
+                _ => ReasonCode::MALFORMED_PACKET,
+            };
+            tracing::info!(%remote, %error, "LAN client refused: malformed MQTT 5 CONNECT");
+            send_refusal(&mut write, None, reason).await;
             return;
         }
         _ => {
@@ -260,23 +328,31 @@ where
             return;
         }
     };
+    let v5_reason = |code| v5.as_ref().map(|_| refusal_reason(code));
     let code = lan.login.check(&connect);
     if code != ConnectReturnCode::Accepted {
         refused();
         tracing::info!(%remote, client = %connect.client_id, code = ?code, "LAN client refused: credentials");
-        send_connack(&mut write, code).await;
+        send_refusal_or_connack(&mut write, v5_reason(code), code).await;
         return;
     }
     if connect.client_id.is_empty() && !connect.clean_session {
         refused();
-        send_connack(&mut write, ConnectReturnCode::IdentifierRejected).await;
+        let code = ConnectReturnCode::IdentifierRejected;
+        send_refusal_or_connack(&mut write, v5_reason(code), code).await;
         return;
     }
     // A place among the LAN clients, held until the session ends.
     let Some(_place) = Place::take(&lan.local, lan.config.max_clients) else {
         refused();
         tracing::info!(%remote, max = lan.config.max_clients, "LAN client refused: too many clients");
-        send_connack(&mut write, ConnectReturnCode::ServerUnavailable).await;
+        let code = ConnectReturnCode::ServerUnavailable;
+        send_refusal_or_connack(
+            &mut write,
+            v5.as_ref().map(|_| ReasonCode::QUOTA_EXCEEDED),
+            code,
+        )
+        .await;
         return;
     };
     let hub = match lan.local.hub().await {
@@ -284,7 +360,8 @@ where
         Err(failure) => {
             refused();
             tracing::info!(%remote, reason = ?failure.reason, detail = %failure.detail, "LAN client refused: the printer is not reachable");
-            send_connack(&mut write, ConnectReturnCode::ServerUnavailable).await;
+            let code = ConnectReturnCode::ServerUnavailable;
+            send_refusal_or_connack(&mut write, v5_reason(code), code).await;
             return;
         }
     };
@@ -294,7 +371,8 @@ where
                 && hub.policy().check_publish(&will.topic, will.retain).is_ok();
             if !allowed {
                 refused();
-                send_connack(&mut write, ConnectReturnCode::NotAuthorized).await;
+                let code = ConnectReturnCode::NotAuthorized;
+                send_refusal_or_connack(&mut write, v5_reason(code), code).await;
                 return;
             }
             Some(mqtt::Publish {
@@ -320,49 +398,115 @@ where
         client_id: client_id.clone(),
         will,
         max_subscriptions: lan.config.max_subscriptions,
-        max_unacknowledged: 100,
+        max_unacknowledged: MAX_UNACKNOWLEDGED_PUBLISHES,
         peer: false,
-        mqtt5: false,
+        mqtt5: v5.is_some(),
     };
-    // CONNACK first: the hub's first deliveries (a retained message, the
-    // full report) follow it on the same queue.
-    outbound.send_packet(&Packet::ConnAck(ConnAck {
-        session_present: false,
-        code: ConnectReturnCode::Accepted,
-    }));
-    if !hub.attach(session, attach).await {
-        send_connack(&mut write, ConnectReturnCode::ServerUnavailable).await;
-        return;
-    }
-    tracing::info!(%remote, client = %client_id, "LAN app connected");
     let keep_alive = match connect.keep_alive {
         0 => lan.config.max_keep_alive_seconds,
         asked => asked.min(lan.config.max_keep_alive_seconds),
     };
+    // CONNACK first: the hub's first deliveries (a retained message, the
+    // full report) follow it on the same queue.
+    let translator = match v5 {
+        Some(v5) => {
+            let offer = ServerOffer {
+                maximum_packet_size: max_packet,
+                receive_maximum: u16::try_from(MAX_UNACKNOWLEDGED_PUBLISHES).unwrap_or(u16::MAX),
+                retain_available: hub.policy().retain,
+                server_keep_alive: (keep_alive != connect.keep_alive).then_some(keep_alive),
+                assigned_client_id: v5.assigned_client_id.clone(),
+            };
+            outbound.send_direct(mqtt5_session::encode(&mqtt5_session::accepted_connack(
+                &offer,
+            )));
+            Some(Mqtt5Translator::new(V5Session::new(
+                v5,
+                false,
+                MAX_UNACKNOWLEDGED_PUBLISHES,
+            )))
+        }
+        None => {
+            outbound.send_packet(&Packet::ConnAck(ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::Accepted,
+            }));
+            None
+        }
+    };
+    if !hub.attach(session, attach).await {
+        let code = ConnectReturnCode::ServerUnavailable;
+        send_refusal_or_connack(
+            &mut write,
+            translator.as_ref().map(|_| refusal_reason(code)),
+            code,
+        )
+        .await;
+        return;
+    }
+    tracing::info!(%remote, client = %client_id, mqtt5 = translator.is_some(), "LAN app connected");
     let idle_limit = Duration::from_millis(u64::from(keep_alive) * 1500);
     let mut graceful = false;
-    let mut why = "client closed";
+    // Why the session ends, when the agent ends it.
+    let mut close: Option<Close> = None;
     {
         let reader = async {
             loop {
-                let packet =
-                    match tokio::time::timeout(idle_limit, read.read_packet(max_packet)).await {
-                        Err(_) => {
-                            why = "keep-alive timed out";
-                            return;
+                let (packet, extras) = match &translator {
+                    None => {
+                        match tokio::time::timeout(idle_limit, read.read_packet(max_packet)).await {
+                            Err(_) => {
+                                close = Some(Close::keep_alive_timeout());
+                                return;
+                            }
+                            Ok(Ok(Some(packet))) => (packet, None),
+                            Ok(Ok(None)) => return,
+                            Ok(Err(FrameError::Decode(error))) => {
+                                close = Some(close_for_decode_error(&error));
+                                return;
+                            }
+                            Ok(Err(_)) => return,
                         }
-                        Ok(Ok(Some(packet))) => packet,
-                        Ok(Ok(None)) => return,
-                        Ok(Err(FrameError::Decode(error))) => {
-                            why = if matches!(error, DecodeError::PacketTooLarge { .. }) {
-                                "packet over the size limit"
-                            } else {
-                                "malformed packet"
-                            };
-                            return;
+                    }
+                    Some(translator) => {
+                        let read = read.read_frame(|buffer| mqtt5::decode(buffer, max_packet));
+                        let packet = match tokio::time::timeout(idle_limit, read).await {
+                            Err(_) => {
+                                close = Some(Close::keep_alive_timeout());
+                                return;
+                            }
+                            Ok(Ok(Some(packet))) => packet,
+                            Ok(Ok(None)) => return,
+                            Ok(Err(FrameError::Decode(error))) => {
+                                close = Some(close_for_v5_decode_error(&error));
+                                return;
+                            }
+                            Ok(Err(_)) => return,
+                        };
+                        match translator.inbound(packet) {
+                            Ok(Inbound::Neutral(packet, extras)) => (packet, extras),
+                            Ok(Inbound::Answer(answer)) => {
+                                outbound.send_direct(mqtt5_session::encode(&answer));
+                                continue;
+                            }
+                            Ok(Inbound::Nothing) => continue,
+                            Ok(Inbound::Disconnect { with_will }) => {
+                                // DISCONNECT 0x04 asks for the will: an end
+                                // like an abrupt one.
+                                graceful = !with_will;
+                                return;
+                            }
+                            Err(refused) => {
+                                close = Some(refused);
+                                return;
+                            }
                         }
-                        Ok(Err(_)) => return,
-                    };
+                    }
+                };
+                if let Err(refused) = check_client_packet(&packet) {
+                    close = Some(refused);
+                    return;
+                }
                 match packet {
                     Packet::PingReq => {
                         outbound.send_packet(&Packet::PingResp);
@@ -372,76 +516,113 @@ where
                         graceful = true;
                         return;
                     }
-                    Packet::Connect(_) => {
-                        why = "a second CONNECT";
-                        return;
-                    }
-                    Packet::Subscribe(ref subscribe)
-                        if subscribe.filters.iter().any(|(filter, _)| {
-                            validate_topic_filter(filter, &TopicLimits::SPEC).is_err()
-                        }) =>
-                    {
-                        why = "invalid topic filter";
-                        return;
-                    }
-                    Packet::Unsubscribe(ref unsubscribe)
-                        if unsubscribe.filters.iter().any(|filter| {
-                            validate_topic_filter(filter, &TopicLimits::SPEC).is_err()
-                        }) =>
-                    {
-                        why = "invalid topic filter";
-                        return;
-                    }
-                    Packet::Publish(ref publish)
-                        if validate_topic_name(&publish.topic, &TopicLimits::SPEC).is_err() =>
-                    {
-                        why = "invalid topic name";
-                        return;
-                    }
-                    Packet::ConnAck(_)
-                    | Packet::SubAck(_)
-                    | Packet::UnsubAck(_)
-                    | Packet::PingResp => {
-                        why = "a packet only a server sends";
-                        return;
-                    }
                     _ => {}
                 }
-                if !hub.client_packet(session, packet).await {
-                    why = "the hub ended";
+                if !hub.client_packet_with(session, packet, extras).await {
+                    close = Some(Close::device_offline());
                     return;
                 }
             }
         };
         let writer = async {
             while let Some(item) = receiver.recv().await {
-                match item {
-                    Outbound::Bytes(bytes) | Outbound::Direct(bytes) => {
-                        stats
-                            .lan_bytes_out
-                            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                        if write.write_all(&bytes).await.is_err() {
-                            return;
-                        }
+                let bytes = match (item, &translator) {
+                    (Outbound::Close(hub_close), _) => {
+                        tracing::info!(client = %client_id, code = hub_close.code, reason = %hub_close.reason, "LAN app cut by the hub");
+                        return Some(hub_close);
                     }
-                    Outbound::Refusal(_) | Outbound::Publish5(_) => {}
-                    Outbound::Close(close) => {
-                        tracing::info!(client = %client_id, code = close.code, reason = %close.reason, "LAN app cut by the hub");
-                        return;
-                    }
+                    (item, Some(translator)) => match translator.outbound(item).await {
+                        Some(bytes) => bytes,
+                        None => continue,
+                    },
+                    (Outbound::Bytes(bytes) | Outbound::Direct(bytes), None) => bytes,
+                    (Outbound::Refusal(_) | Outbound::Publish5(_), None) => continue,
+                };
+                stats
+                    .lan_bytes_out
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                if write.write_all(&bytes).await.is_err() {
+                    return None;
                 }
             }
+            None
         };
         tokio::select! {
             () = reader => {}
-            () = writer => {}
-            () = ended.cancelled() => {}
-            () = hub.ended() => { why = "the printer connection ended"; }
+            hub_close = writer => {
+                if hub_close.is_some() {
+                    close = hub_close;
+                }
+            }
+            () = ended.cancelled() => {
+                close = receiver.take_close();
+            }
+            () = hub.ended() => close = Some(Close::device_offline()),
         }
     }
     hub.detach(session, graceful).await;
+    // An MQTT 5 client hears why in a DISCONNECT.
+    if let (Some(close), Some(_)) = (&close, &translator)
+        && close.code != 1000
+    {
+        let disconnect = mqtt5_session::encode(&mqtt5_session::disconnect_for(close));
+        let _ = tokio::time::timeout(CONNECT_TIMEOUT, write.write_all(&disconnect)).await;
+    }
     let _ = write.shutdown().await;
+    let why = close
+        .as_ref()
+        .map_or("client closed", |close| close.reason.as_str());
     tracing::info!(%remote, client = %client_id, graceful, why, "LAN app gone");
+}
+
+/// QoS 1 and 2 PUBLISHes of one LAN client that may wait for the printer's
+/// PUBACK at once.
+const MAX_UNACKNOWLEDGED_PUBLISHES: usize = 100;
+
+/// The rules a LAN client's packet must follow before it reaches the hub:
+/// valid topics, nothing only a server sends, one CONNECT.
+fn check_client_packet(packet: &Packet) -> Result<(), Close> {
+    match packet {
+        Packet::Connect(_) => Err(Close::protocol("second CONNECT")),
+        Packet::Subscribe(subscribe) => subscribe.filters.iter().try_for_each(|(filter, _)| {
+            validate_topic_filter(filter, &TopicLimits::SPEC)
+                .map_err(|error| Close::limit(&format!("topic filter: {error}")))
+        }),
+        Packet::Unsubscribe(unsubscribe) => unsubscribe.filters.iter().try_for_each(|filter| {
+            validate_topic_filter(filter, &TopicLimits::SPEC)
+                .map_err(|error| Close::limit(&format!("topic filter: {error}")))
+        }),
+        Packet::Publish(publish) => validate_topic_name(&publish.topic, &TopicLimits::SPEC)
+            .map_err(|error| Close::limit(&format!("topic: {error}"))),
+        Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => Err(
+            Close::protocol(format!("unexpected {} from a client", packet.packet_type())),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// An MQTT 5 CONNACK refusing the client with `reason`, then the end.
+async fn send_refusal<W: AsyncWrite + Unpin>(
+    write: &mut W,
+    text: Option<&str>,
+    reason: ReasonCode,
+) {
+    let packet = mqtt5_session::refused_connack(reason, text.unwrap_or_default());
+    let _ = write.write_all(&mqtt5_session::encode(&packet)).await;
+    let _ = write.shutdown().await;
+}
+
+/// A refusal in the client's version: MQTT 5's reason code when it speaks
+/// 5, else the 3.1.1 return code.
+async fn send_refusal_or_connack<W: AsyncWrite + Unpin>(
+    write: &mut W,
+    v5: Option<ReasonCode>,
+    code: ConnectReturnCode,
+) {
+    match v5 {
+        Some(reason) => send_refusal(write, None, reason).await,
+        None => send_connack(write, code).await,
+    }
 }
 
 async fn send_connack<W: AsyncWrite + Unpin>(write: &mut W, code: ConnectReturnCode) {

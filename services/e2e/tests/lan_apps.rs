@@ -269,19 +269,22 @@ fn bambu_section() -> String {
 
 /// paho-mqtt, as Home Assistant's Bambu Lab integration and Bambuddy use
 /// it: user `bblp`, the access code, TLS with verification off (or plain
-/// TCP). Subscribes to the report, receives one, publishes a QoS 1 request
-/// that gets its PUBACK. `sys.argv`: host, plain port, TLS port, user,
-/// password, report topic, request topic.
+/// TCP), and as an MQTT 5 client on the plain port. Subscribes to the
+/// report, receives one, publishes a QoS 1 request that gets its PUBACK;
+/// the MQTT 5 client also publishes to another printer's topic, which gets
+/// PUBACK 0x87. `sys.argv`: host, plain port, TLS port, user, password,
+/// report topic, request topic.
 const PAHO_LAN: &str = r#"
 import json, ssl, sys, threading
 import paho.mqtt.client as mqtt
 
 host, plain, tls, user, password, report, request = sys.argv[1:8]
 
-def run(name, port, use_tls):
+def run(name, port, use_tls, protocol):
     seen = {"scenario": name}
     done = threading.Event()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-lan-" + name, protocol=mqtt.MQTTv311)
+    mids = {}
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-lan-" + name, protocol=protocol)
     client.username_pw_set(user, password)
     if use_tls:
         client.tls_set(cert_reqs=ssl.CERT_NONE)
@@ -297,10 +300,15 @@ def run(name, port, use_tls):
             return
         seen["message"] = message.topic
         seen["bytes"] = len(message.payload)
-        c.publish(request, json.dumps({"info": {"sequence_id": "1", "command": "get_version"}}), qos=1)
+        info = c.publish(request, json.dumps({"info": {"sequence_id": "1", "command": "get_version"}}), qos=1)
+        mids[info.mid] = "puback"
+        if protocol == mqtt.MQTTv5:
+            info = c.publish("device/00M00A000000000/request", "{}", qos=1)
+            mids[info.mid] = "foreign_puback"
     def on_publish(c, userdata, mid, reason, properties):
-        seen["puback"] = reason.value
-        done.set()
+        seen[mids.get(mid, "unexpected_puback")] = reason.value
+        if len(mids) == sum(1 for key in mids.values() if key in seen):
+            done.set()
     def on_disconnect(c, userdata, flags, reason, properties):
         seen.setdefault("disconnect", reason.value)
         done.set()
@@ -318,7 +326,11 @@ def run(name, port, use_tls):
     client.loop_stop()
     print(json.dumps(seen), flush=True)
 
-threads = [threading.Thread(target=run, args=("tcp", plain, False)), threading.Thread(target=run, args=("tls", tls, True))]
+threads = [
+    threading.Thread(target=run, args=("tcp", plain, False, mqtt.MQTTv311)),
+    threading.Thread(target=run, args=("tls", tls, True, mqtt.MQTTv311)),
+    threading.Thread(target=run, args=("tcp5", plain, False, mqtt.MQTTv5)),
+]
 for thread in threads:
     thread.start()
 for thread in threads:
@@ -380,6 +392,21 @@ async fn lan_and_cloud_apps_share_a_one_client_printer() {
         ])
         .kill_on_drop(true)
         .output();
+    let mosquitto5 = tokio::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &world.plain.port().to_string()])
+        .args(["-u", world.user, "-P", &world.code, "-V", "mqttv5"])
+        .args([
+            "-i",
+            "mosquitto-sub-lan-5",
+            "-t",
+            &report_topic(),
+            "-C",
+            "3",
+            "-W",
+            "30",
+        ])
+        .kill_on_drop(true)
+        .output();
     let dir = &world.edge.pki.dir;
     let script = write(dir, "paho-lan.py", PAHO_LAN);
     let arguments = [
@@ -392,25 +419,28 @@ async fn lan_and_cloud_apps_share_a_one_client_printer() {
         format!("device/{SERIAL}/request"),
     ];
     let paho = run_python_client(&tools, &script, &arguments, PATIENCE * 8);
-    let (mosquitto, (seen, context)) = tokio::join!(mosquitto, paho);
-    let mosquitto = mosquitto.unwrap();
-    assert!(
-        mosquitto.status.success(),
-        "mosquitto_sub: {}",
-        String::from_utf8_lossy(&mosquitto.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&mosquitto.stdout).lines().count(),
-        3,
-        "mosquitto_sub printed three reports"
-    );
-    for transport in ["tcp", "tls"] {
+    let (mosquitto, mosquitto5, (seen, context)) = tokio::join!(mosquitto, mosquitto5, paho);
+    for mosquitto in [mosquitto.unwrap(), mosquitto5.unwrap()] {
+        assert!(
+            mosquitto.status.success(),
+            "mosquitto_sub: {}",
+            String::from_utf8_lossy(&mosquitto.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&mosquitto.stdout).lines().count(),
+            3,
+            "mosquitto_sub printed three reports"
+        );
+    }
+    for transport in ["tcp", "tls", "tcp5"] {
         let run = &seen[transport];
         assert_eq!(run["connack"], 0, "{transport}: {context}");
         assert_eq!(run["message"], report_topic(), "{transport}: {context}");
         assert_eq!(run["puback"], 0, "{transport}: {context}");
         assert_ne!(run["timed_out"], true, "{transport}: {context}");
     }
+    // Another printer's topic, from the MQTT 5 app: refused in its PUBACK.
+    assert_eq!(seen["tcp5"]["foreign_puback"], 0x87, "{context}");
     for client in &mut cloud {
         assert_eq!(next_publish(client).await.topic, report_topic());
     }
@@ -437,7 +467,7 @@ async fn lan_and_cloud_apps_share_a_one_client_printer() {
     );
     println!("late LAN joiner: full report {after:?} after connecting");
 
-    // One connection and one SUBSCRIBE for seven apps.
+    // One connection and one SUBSCRIBE for nine apps.
     let observations = world.simulator.observations();
     assert_eq!(observations.connections.load(Ordering::Relaxed), 1);
     assert_eq!(observations.max_concurrent.load(Ordering::Relaxed), 1);
@@ -445,7 +475,7 @@ async fn lan_and_cloud_apps_share_a_one_client_printer() {
     assert_eq!(observations.subscribe_log(), vec![vec![report_topic()]]);
     assert!(observations.publishes.load(Ordering::Relaxed) >= 2);
     println!(
-        "slots: the printer saw {} connection for 2 cloud apps and 5 LAN apps",
+        "slots: the printer saw {} connection for 2 cloud apps and 7 LAN apps (2 of them MQTT 5)",
         observations.connections.load(Ordering::Relaxed)
     );
 
@@ -470,20 +500,12 @@ async fn wrong_credentials_and_the_26th_client_get_a_brokers_codes() {
         let (_, code) = LanClient::connect(address, tls, "anonymous", None).await;
         assert_eq!(code, Some(ConnectReturnCode::NotAuthorized));
     }
-    // An MQTT 5 CONNECT is answered in MQTT 5: 0x84, unsupported version.
-    let mut v5 = tokio::net::TcpStream::connect(world.plain).await.unwrap();
-    let mut connect = BytesMut::new();
-    relay_proto::mqtt5::encode(
-        &relay_proto::mqtt5::Packet::Connect(V5Client::connect_packet("v5")),
-        &mut connect,
-    )
-    .unwrap();
-    v5.write_all(&connect).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut v5, &mut answer)
-        .await
-        .unwrap();
-    assert_eq!(answer, [0x20, 0x03, 0x00, 0x84, 0x00]);
+    // MQTT 5 clients hear the same in MQTT 5's words.
+    use relay_proto::mqtt5::ReasonCode;
+    let wrong = v5_connack(world.plain, "v5-wrong", Some((world.user, "00000000"))).await;
+    assert_eq!(wrong, Some(ReasonCode::BAD_USER_NAME_OR_PASSWORD));
+    let anonymous = v5_connack(world.plain, "v5-anonymous", None).await;
+    assert_eq!(anonymous, Some(ReasonCode::NOT_AUTHORIZED));
 
     // Twenty-five LAN apps at once, then the 26th: server unavailable.
     let mut apps = Vec::new();
@@ -495,6 +517,8 @@ async fn wrong_credentials_and_the_26th_client_get_a_brokers_codes() {
     }
     let (_, code) = LanClient::connect(world.tls, true, "app-26", login).await;
     assert_eq!(code, Some(ConnectReturnCode::ServerUnavailable));
+    let v5 = v5_connack(world.plain, "v5-26", login).await;
+    assert_eq!(v5, Some(ReasonCode::QUOTA_EXCEEDED));
     // One leaves: a place is free again.
     apps.pop().unwrap().send(&Packet::Disconnect).await;
     let mut admitted = None;
@@ -509,6 +533,36 @@ async fn wrong_credentials_and_the_26th_client_get_a_brokers_codes() {
     assert!(admitted.is_some(), "a place came free");
     world.agent.cancel();
     world.edge.stop().await;
+}
+
+/// An MQTT 5 CONNECT on the plain LAN port; the CONNACK's reason code
+/// (`None`: closed without one).
+async fn v5_connack(
+    address: SocketAddr,
+    client_id: &str,
+    login: Option<(&str, &str)>,
+) -> Option<relay_proto::mqtt5::ReasonCode> {
+    use relay_proto::mqtt5;
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut connect = V5Client::connect_packet(client_id);
+    if let Some((user, password)) = login {
+        connect.username = Some(user.into());
+        connect.password = Some(Bytes::copy_from_slice(password.as_bytes()).into());
+    }
+    let mut bytes = BytesMut::new();
+    mqtt5::encode(&mqtt5::Packet::Connect(connect), &mut bytes).unwrap();
+    stream.write_all(&bytes).await.unwrap();
+    let mut reader = FramedReader::new(stream);
+    let packet = tokio::time::timeout(
+        PATIENCE,
+        reader.read_frame(|buffer| mqtt5::decode(buffer, 1 << 20)),
+    )
+    .await
+    .expect("an answer in time");
+    match packet {
+        Ok(Some(mqtt5::Packet::ConnAck(connack))) => Some(connack.reason),
+        _ => None,
+    }
 }
 
 const CC2_SERIAL: &str = "F01CC2000000007";

@@ -21,7 +21,7 @@
 //!
 //! Layers, each using only those below it (`scripts/check-layers`):
 //! listeners ([`server`], [`http`], [`tunnel`], [`peer_listener`]) → client
-//! sessions ([`session`], [`session_v5`]) → device routing ([`devices`],
+//! sessions ([`session`]; MQTT 5 through [`hub::mqtt5_session`]) → device routing ([`devices`],
 //! [`cluster`]) → upstreams ([`peer_link`]) → the hub driver ([`hub`]).
 //!
 //! The edge never depends on the agent crate: they meet only through the
@@ -41,7 +41,6 @@ pub mod peer_listener;
 mod quotas;
 pub mod server;
 pub mod session;
-pub mod session_v5;
 mod start_error;
 pub mod state;
 pub mod tls;

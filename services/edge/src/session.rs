@@ -7,10 +7,10 @@
 //! ids, client-id takeover, wills) is the hub's: the session hands it every
 //! packet it has checked. MQTT 5 clients are served here too: their
 //! packets are translated to and from the hub's 3.1.1 by
-//! [`crate::session_v5`].
+//! [`crate::hub::mqtt5_session`].
 
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -25,13 +25,14 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
-use crate::close::{Close, connack_code_name};
+use crate::close::{Close, close_for_decode_error, close_for_v5_decode_error, connack_code_name};
 use crate::devices::Unavailable;
+use crate::hub::mqtt5_session::{self, Inbound, ServerOffer, V5Connect, V5Session};
 use crate::hub::{
-    HubHandle, Outbound, OutboundSender, PublishRefusal, SessionAttach, SessionId, outbound_queue,
+    HubHandle, Mqtt5Translator, Outbound, OutboundSender, PublishRefusal, SessionAttach, SessionId,
+    outbound_queue,
 };
 use crate::quotas::QuotaGuard;
-use crate::session_v5::{self, EdgeOffer, Inbound, V5Connect, V5Session};
 use crate::state::{EdgeState, LiveSession, Refusal};
 
 /// How long to wait for the client's answer to our close frame.
@@ -122,7 +123,7 @@ pub async fn run<S>(
                 Box::pin(admit(connect, request, &state)).await
             }
             Err(outcome) => {
-                v5 = speaks_v5(&buffer);
+                v5 = mqtt5::starts_with_connect(&buffer);
                 outcome
             }
         },
@@ -158,7 +159,7 @@ where
     loop {
         // An MQTT 5 CONNECT is told apart by its first bytes (the 3.1.1
         // decoder would take the packet to refuse its level).
-        if speaks_v5(buffer) {
+        if mqtt5::starts_with_connect(buffer) {
             match mqtt5::decode(buffer, max_packet_size) {
                 Ok(Some(mqtt5::Packet::Connect(connect))) => {
                     state.metrics.messages.with_label_values(&["in"]).inc();
@@ -225,33 +226,6 @@ where
     }
 }
 
-/// The close for a decoding failure: oversize packets get 1009, the rest 1002.
-pub fn close_for_decode_error(error: &DecodeError) -> Close {
-    match error {
-        DecodeError::PacketTooLarge { .. } => Close::too_large(),
-        other => Close::malformed(format!("malformed MQTT: {other}")),
-    }
-}
-
-/// The same for an MQTT 5 client's packets.
-fn close_for_v5_decode_error(error: &mqtt5::DecodeError) -> Close {
-    match error {
-        mqtt5::DecodeError::Packet(error) => close_for_decode_error(error),
-        other => Close::malformed(format!("malformed MQTT: {other}")),
-    }
-}
-
-/// Whether the bytes so far are the start of an MQTT 5 CONNECT (protocol
-/// name `MQTT`, level 5), whatever follows.
-fn speaks_v5(buffer: &[u8]) -> bool {
-    let Ok(Some(header)) = mqtt::FixedHeader::parse(buffer) else {
-        return false;
-    };
-    header.packet_type == mqtt::PacketType::Connect
-        && buffer.get(header.header_len..header.header_len + 7)
-            == Some(&[0, 4, b'M', b'Q', b'T', b'T', 5][..])
-}
-
 fn close_for_websocket_error(error: WsError) -> Outcome {
     use tokio_tungstenite::tungstenite::error::CapacityError;
     match error {
@@ -290,7 +264,7 @@ async fn admit(connect: FirstConnect, request: SessionRequest, state: &EdgeState
                     Close::unauthorized(),
                 );
             }
-            let (connect, v5) = session_v5::neutral_connect(*connect, assigned_client_id);
+            let (connect, v5) = mqtt5_session::neutral_connect(*connect, assigned_client_id);
             (connect, Some(v5))
         }
     };
@@ -525,10 +499,10 @@ async fn finish<S>(
 {
     let connack = connack.and_then(|refused| {
         if v5 {
-            let packet = session_v5::refused_connack(refused.v5, &close.reason);
+            let packet = mqtt5_session::refused_connack(refused.v5, &close.reason);
             Some((
                 format!("{:#04x}", refused.v5.0),
-                session_v5::encode(&packet),
+                mqtt5_session::encode(&packet),
             ))
         } else {
             let code = refused.v3?;
@@ -628,15 +602,17 @@ async fn serve<S>(
     // right after the attach.
     state.metrics.connacks.with_label_values(&["0"]).inc();
     let translator = v5.map(|v5| {
-        let offer = EdgeOffer {
+        let offer = ServerOffer {
             maximum_packet_size: limits.max_packet_size,
             receive_maximum: u16::try_from(MAX_UNACKNOWLEDGED_PUBLISHES).unwrap_or(u16::MAX),
             retain_available: hub.policy().retain,
             server_keep_alive: (keep_alive != connect.keep_alive).then_some(keep_alive),
             assigned_client_id: v5.assigned_client_id.clone(),
         };
-        outbound.send_direct(session_v5::encode(&session_v5::accepted_connack(&offer)));
-        Mutex::new(V5Session::new(
+        outbound.send_direct(mqtt5_session::encode(&mqtt5_session::accepted_connack(
+            &offer,
+        )));
+        Mqtt5Translator::new(V5Session::new(
             v5,
             principal.scope == Scope::Read,
             MAX_UNACKNOWLEDGED_PUBLISHES,
@@ -663,8 +639,6 @@ async fn serve<S>(
         .await;
         return;
     }
-    // Wakes the writer when an MQTT 5 client acknowledges a delivery.
-    let acknowledged = tokio::sync::Notify::new();
     state.live_sessions.insert(
         session_id,
         LiveSession {
@@ -711,19 +685,15 @@ async fn serve<S>(
                                 return false;
                             }
                         };
-                        let inbound = lock(translator).inbound(packet);
-                        match inbound {
+                        match translator.inbound(packet) {
                             Ok(Inbound::Neutral(packet, packet_extras)) => {
-                                if matches!(packet, Packet::PubAck(_)) {
-                                    acknowledged.notify_one();
-                                }
                                 extras = packet_extras;
                                 Some(packet)
                             }
                             Ok(Inbound::Answer(answer)) => {
                                 state.metrics.messages.with_label_values(&["in"]).inc();
                                 deadline = tokio::time::Instant::now() + idle_limit;
-                                if !outbound.send_direct(session_v5::encode(&answer)) {
+                                if !outbound.send_direct(mqtt5_session::encode(&answer)) {
                                     outbound.end(Close::limit("slow consumer"));
                                     return false;
                                 }
@@ -817,27 +787,13 @@ async fn serve<S>(
         while let Some(item) = receiver.recv().await {
             let bytes = match (item, &translator) {
                 (Outbound::Close(close), _) => return Some(close),
-                (Outbound::Refusal(bytes), Some(translator)) => {
-                    // The hub's refusal of one of the client's PUBLISHes
-                    // answers it, as a PUBACK passing through would.
-                    lock(translator).answered();
-                    bytes
-                }
-                (Outbound::Publish5(bytes), Some(translator)) => {
-                    if !lock(translator).fits(bytes.len()) {
-                        continue;
-                    }
-                    bytes
-                }
-                (Outbound::Direct(bytes), _) | (Outbound::Bytes(bytes), None) => bytes,
+                (item, Some(translator)) => match translator.outbound(item).await {
+                    Some(bytes) => bytes,
+                    None => continue,
+                },
+                (Outbound::Direct(bytes) | Outbound::Bytes(bytes), None) => bytes,
                 // The hub sends these to MQTT 5 sessions only.
                 (Outbound::Refusal(_) | Outbound::Publish5(_), None) => continue,
-                (Outbound::Bytes(bytes), Some(translator)) => {
-                    match translate_out(bytes, translator, &acknowledged).await {
-                        Some(bytes) => bytes,
-                        None => continue,
-                    }
-                }
             };
             messages_out.inc();
             bytes_out.inc_by(bytes.len() as u64);
@@ -875,54 +831,13 @@ async fn serve<S>(
         } else if let Some(close) = close {
             // An MQTT 5 client hears why in a DISCONNECT first.
             if translator.is_some() && close.code != 1000 {
-                let disconnect = session_v5::encode(&session_v5::disconnect_for(&close));
+                let disconnect = mqtt5_session::encode(&mqtt5_session::disconnect_for(&close));
                 let _ = sink.send(Message::Binary(disconnect)).await;
             }
             let _ = sink.send(close_message(close, state)).await;
         }
     })
     .await;
-}
-
-/// The session's translator. Shared by its reader and writer, which run in
-/// one task: the lock is never contended; a poisoned one still holds
-/// consistent counts.
-fn lock(translator: &Mutex<V5Session>) -> std::sync::MutexGuard<'_, V5Session> {
-    translator
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// The hub's 3.1.1 bytes for an MQTT 5 client, translated; a QoS 1
-/// delivery waits while the client holds its Receive Maximum of them
-/// unacknowledged. `None`: nothing to send.
-async fn translate_out(
-    bytes: bytes::Bytes,
-    translator: &Mutex<V5Session>,
-    acknowledged: &tokio::sync::Notify,
-) -> Option<bytes::Bytes> {
-    let mut buffer = BytesMut::from(&bytes[..]);
-    let mut out = BytesMut::new();
-    while let Ok(Some(packet)) = mqtt::decode(&mut buffer, usize::MAX) {
-        let delivery =
-            matches!(&packet, Packet::Publish(publish) if publish.qos != mqtt::QoS::AtMostOnce);
-        if delivery {
-            loop {
-                let notified = acknowledged.notified();
-                if lock(translator).may_deliver() {
-                    break;
-                }
-                notified.await;
-            }
-        }
-        let translated = lock(translator).outbound(packet);
-        if let Some(packet) = translated
-            && mqtt5::encode(&packet, &mut out).is_err()
-        {
-            tracing::warn!("a packet for an MQTT 5 client did not encode");
-        }
-    }
-    (!out.is_empty()).then(|| out.freeze())
 }
 
 /// Counts and logs a session's close.

@@ -1,16 +1,19 @@
 //! The device hub's tokio side, which the edge and the agent share: the
 //! driver that runs a [`relay_hub::HubState`] over its upstream's halves and
 //! its sessions' commands ([`driver`]), a session's bounded outbound queue
-//! ([`outbound`]), and a session's handle on its hub ([`handle`]). The
+//! ([`outbound`]), a session's handle on its hub ([`handle`]), and an MQTT
+//! 5 session's translator ([`mqtt5`]). The
 //! rules live in `relay-hub`, which has no IO; this crate has the IO and
 //! no rules.
 
 pub mod driver;
 pub mod handle;
+pub mod mqtt5;
 pub mod outbound;
 
 pub use driver::{
     HubMetrics, TunnelProbe, Upstream, UpstreamFailure, UpstreamFuture, UpstreamSource,
 };
 pub use handle::{HubHandle, start};
+pub use mqtt5::Mqtt5Translator;
 pub use outbound::{Outbound, OutboundReceiver, OutboundSender, outbound_queue};

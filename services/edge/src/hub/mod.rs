@@ -36,10 +36,10 @@ pub use relay_hub::{
     BambuProfile, Cc2Profile, ChurnLimit, ProfileConfig, PublishRate, PublishRefusal,
     QuarantinePolicy, TopicPolicy,
 };
-pub use relay_hub::{bambu, cc2, policy, profile, quarantine, state};
+pub use relay_hub::{bambu, cc2, mqtt5_session, policy, profile, quarantine, state};
 pub use relay_hub_io::{
-    HubHandle, Outbound, OutboundReceiver, OutboundSender, TunnelProbe, Upstream, UpstreamFailure,
-    UpstreamFuture, UpstreamSource, outbound, outbound_queue,
+    HubHandle, Mqtt5Translator, Outbound, OutboundReceiver, OutboundSender, TunnelProbe, Upstream,
+    UpstreamFailure, UpstreamFuture, UpstreamSource, outbound, outbound_queue,
 };
 pub use state::{
     HubConfig, HubCounters, HubEnd, HubState, PacketExtras, PublishRefused, QuarantineEvent,

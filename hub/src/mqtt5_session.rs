@@ -1,11 +1,12 @@
-//! MQTT 5 clients: the edge speaks 5 with them and 3.1.1 everywhere else.
+//! MQTT 5 clients: the edge and the agent's LAN listener speak 5 with them
+//! and 3.1.1 everywhere else.
 //!
 //! The hub works on one model, MQTT 3.1.1's packets plus what 3.1.1 has
 //! no word for ([`PacketExtras`]: subscription options, message expiry);
 //! a v5 session translates at its edges, without IO:
 //! [`V5Session::inbound`] turns the client's v5 packets into the hub's
 //! (resolving topic aliases, stripping properties, counting against the
-//! Receive Maximum the edge announced), or answers them itself (a
+//! Receive Maximum the server announced), or answers them itself (a
 //! read-only key's PUBLISH gets PUBACK 0x87);
 //! [`V5Session::outbound`] turns the hub's bytes into v5 packets for the
 //! client (SUBACK reason codes, UNSUBACK codes per filter, the client's
@@ -21,7 +22,7 @@ use relay_proto::mqtt5::{
 };
 
 use crate::close::Close;
-use crate::hub::{PacketExtras, SubscriptionExtras};
+use crate::state::{PacketExtras, SubscriptionExtras};
 
 /// Topic aliases a client may set (announced in CONNACK).
 pub const TOPIC_ALIAS_MAXIMUM: u16 = 32;
@@ -36,7 +37,7 @@ pub struct V5Connect {
     /// Whether reason strings may go in packets other than CONNACK and
     /// DISCONNECT (Request Problem Information, default yes).
     pub problem_information: bool,
-    /// The client id the edge assigned, for a CONNECT without one.
+    /// The client id the server assigned, for a CONNECT without one.
     pub assigned_client_id: Option<String>,
 }
 
@@ -76,19 +77,19 @@ pub fn neutral_connect(
     (neutral, extra)
 }
 
-/// What the edge tells an accepted v5 client about itself.
+/// What the server (the edge, or the agent on the LAN) tells an accepted v5 client about itself.
 #[derive(Debug, Clone)]
-pub struct EdgeOffer {
+pub struct ServerOffer {
     pub maximum_packet_size: usize,
     pub receive_maximum: u16,
     pub retain_available: bool,
-    /// The keep-alive the edge holds the client to, when not its own.
+    /// The keep-alive the server holds the client to, when not its own.
     pub server_keep_alive: Option<u16>,
     pub assigned_client_id: Option<String>,
 }
 
 /// CONNACK for an accepted v5 client.
-pub fn accepted_connack(offer: &EdgeOffer) -> mqtt5::Packet {
+pub fn accepted_connack(offer: &ServerOffer) -> mqtt5::Packet {
     let mut properties = Properties::new()
         .with(Property::SessionExpiryInterval(0))
         .with(Property::ReceiveMaximum(offer.receive_maximum))
@@ -140,7 +141,7 @@ fn reason_string(text: &str) -> Properties {
 
 pub fn encode(packet: &mqtt5::Packet) -> Bytes {
     let mut bytes = BytesMut::new();
-    // Packets the edge builds are within MQTT 5's rules.
+    // Packets the server builds are within MQTT 5's rules.
     let _ = mqtt5::encode(packet, &mut bytes);
     bytes.freeze()
 }
@@ -167,11 +168,11 @@ pub struct V5Session {
     read_only: bool,
     /// What the client asked for.
     client: V5Connect,
-    /// QoS 1 and 2 PUBLISHes the edge accepts from it unacknowledged.
+    /// QoS 1 and 2 PUBLISHes the server accepts from it unacknowledged.
     receive_maximum: usize,
-    /// Its QoS 1 and 2 PUBLISHes not yet acknowledged by the edge.
+    /// Its QoS 1 and 2 PUBLISHes not yet acknowledged by the server.
     unacknowledged: usize,
-    /// Client → edge topic aliases.
+    /// Client → server topic aliases.
     aliases: HashMap<u16, String>,
     /// Filters per UNSUBSCRIBE on its way: its UNSUBACK has a code for each.
     unsubscribes: HashMap<PacketId, usize>,
@@ -192,7 +193,7 @@ impl V5Session {
         }
     }
 
-    /// The edge answered one of the client's QoS 1 or 2 PUBLISHes itself
+    /// The server answered one of the client's QoS 1 or 2 PUBLISHes itself
     /// (a refusal in the PUBACK).
     pub fn answered(&mut self) {
         self.unacknowledged = self.unacknowledged.saturating_sub(1);
@@ -213,7 +214,7 @@ impl V5Session {
                 Inbound::Neutral(mqtt::Packet::PubAck(ack.packet_id), None)
             }
             P::PubRel(ack) => Inbound::Neutral(mqtt::Packet::PubRel(ack.packet_id), None),
-            // The edge delivers at QoS 1 at most: a client's PUBREC or
+            // The hub delivers at QoS 1 at most: a client's PUBREC or
             // PUBCOMP answers nothing of ours.
             P::PubRec(_) | P::PubComp(_) => {
                 return Err(Close::protocol("PUBREC or PUBCOMP for no QoS 2 delivery"));
@@ -318,7 +319,7 @@ impl V5Session {
         }
         // Properties (user properties, content type, response topic…)
         // never reach a printer: 3.1.1 has no place for them. The message
-        // expiry stays at the edge, for as long as the message waits there.
+        // expiry stays with the hub, for as long as the message waits there.
         let extras = publish.properties.message_expiry_interval().map(|seconds| {
             Box::new(PacketExtras {
                 subscription: Vec::new(),
@@ -403,11 +404,9 @@ impl V5Session {
                 })
             }
             P::PingResp => mqtt5::Packet::PingResp,
-            P::ConnAck(_) => return None,
-            other => {
-                tracing::warn!(packet = %other.packet_type(), "no v5 form for a hub packet");
-                return None;
-            }
+            // The hub sends a session nothing else (CONNACK comes from
+            // the session itself).
+            _ => return None,
         };
         if let mqtt5::Packet::Publish(_) = &packet
             && mqtt5::encoded_len(&packet).is_ok_and(|len| !self.fits(len))
@@ -520,7 +519,7 @@ mod tests {
     #[test]
     fn receive_maximum_both_ways() {
         let mut session = session(false);
-        // The edge's: three unacknowledged from the client at most.
+        // The server's: three unacknowledged from the client at most.
         for id in 1..=3 {
             session
                 .inbound(publish("a", None, QoS::AtLeastOnce, Some(id)))

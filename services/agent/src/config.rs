@@ -74,6 +74,19 @@ pub struct LanSection {
     /// Bytes queued for one LAN app before it is cut as a slow consumer.
     #[serde(default = "default_lan_outbound")]
     pub max_outbound_bytes: usize,
+    /// `host:port` on which to answer an Elegoo CC2's UDP discovery
+    /// (`0.0.0.0:52700`), as the printer, with this machine's address, for
+    /// apps that find the printer only that way. Off unless set; CC2 only.
+    /// The printer still answers too: apps see two.
+    #[serde(default)]
+    pub cc2_discovery_listen: Option<String>,
+    /// The name the discovery answer gives (apps show it as the printer's).
+    #[serde(default = "default_cc2_discovery_name")]
+    pub cc2_discovery_name: String,
+}
+
+fn default_cc2_discovery_name() -> String {
+    "Centauri Carbon 2 (relay agent)".into()
 }
 
 fn default_lan_clients() -> usize {
@@ -531,6 +544,14 @@ impl AgentConfig {
                         .into(),
                 );
             }
+            if lan.cc2_discovery_listen.is_some()
+                && !matches!(printer.kind, PrinterKind::ElegooCc2 { .. })
+            {
+                problems.push(
+                    "lan.cc2_discovery_listen answers an Elegoo CC2's discovery: the printer is not one"
+                        .into(),
+                );
+            }
             if self.always_on {
                 problems.push(
                     "always_on and [lan] do not go together: with [lan] the agent's hub holds the printer connection while apps are there"
@@ -551,7 +572,11 @@ impl LanSection {
         if self.listen.is_none() && self.tls_listen.is_none() {
             problems.push("lan: set listen, tls_listen or both".into());
         }
-        for (name, address) in [("listen", &self.listen), ("tls_listen", &self.tls_listen)] {
+        for (name, address) in [
+            ("listen", &self.listen),
+            ("tls_listen", &self.tls_listen),
+            ("cc2_discovery_listen", &self.cc2_discovery_listen),
+        ] {
             if let Some(address) = address
                 && address.parse::<std::net::SocketAddr>().is_err()
             {
@@ -580,5 +605,90 @@ impl LanSection {
         if self.max_keep_alive_seconds == 0 {
             problems.push("lan.max_keep_alive_seconds must be at least 1".into());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// The problems validation finds with `[lan]` (the rest of this
+    /// configuration names files this machine does not have).
+    fn problems(printer: &str, lan: &str) -> Vec<String> {
+        let text = format!(
+            r#"
+            [edge]
+            address = "127.0.0.1:4433"
+            credential = "rla_k1_secret"
+            ca_file = "/etc/relay-agent/edge-ca.pem"
+            {lan}
+            [printer]
+            host = "192.168.1.20"
+            {printer}
+            "#
+        );
+        AgentConfig::from_toml(&text)
+            .and_then(|config| config.validate().map(|_| ()))
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|problem| problem.starts_with("lan"))
+            .collect()
+    }
+
+    const BAMBU: &str = r#"kind = "bambu"
+        serial = "01S00A000000000"
+        access_code = "12345678""#;
+    const CC2: &str = r#"kind = "elegoo_cc2"
+        serial = "F01CC2000000007"
+        access_code = "654321""#;
+
+    #[test]
+    fn a_lan_section_that_serves_nothing_or_badly_is_refused_with_reasons() {
+        assert_eq!(
+            problems(BAMBU, "[lan]\nlisten = \"0.0.0.0:1883\""),
+            Vec::<String>::new()
+        );
+        let all = problems(
+            BAMBU,
+            "[lan]\nmax_clients = 0\nusername = \"owner\"\ntls_listen = \"nowhere\"",
+        );
+        for expected in [
+            "lan.tls_listen \"nowhere\" must be ip:port",
+            "lan.tls_listen needs lan.certificate_file",
+            "lan.username and lan.password go together",
+            "lan.max_clients must be at least 1",
+        ] {
+            assert!(
+                all.iter().any(|problem| problem.contains(expected)),
+                "{expected}: {all:?}"
+            );
+        }
+        assert!(
+            problems(BAMBU, "[lan]\n")
+                .iter()
+                .any(|problem| problem.contains("set listen, tls_listen or both"))
+        );
+    }
+
+    #[test]
+    fn cc2_discovery_is_for_a_cc2_only() {
+        let discovery =
+            "[lan]\nlisten = \"0.0.0.0:1883\"\ncc2_discovery_listen = \"0.0.0.0:52700\"";
+        assert_eq!(problems(CC2, discovery), Vec::<String>::new());
+        assert!(
+            problems(BAMBU, discovery)
+                .iter()
+                .any(|problem| problem.contains("the printer is not one"))
+        );
+        let bad = "[lan]\nlisten = \"0.0.0.0:1883\"\ncc2_discovery_listen = \"52700\"";
+        assert!(
+            problems(CC2, bad)
+                .iter()
+                .any(|problem| problem
+                    .contains("lan.cc2_discovery_listen \"52700\" must be ip:port"))
+        );
     }
 }

@@ -105,14 +105,19 @@ struct Lan {
     local: Arc<LocalHub>,
 }
 
-/// Starts the listeners of `[lan]` until `stop`, and returns `(tls,
-/// address)` of each once bound. A listener that cannot start is logged
-/// and left out; the tunnel runs regardless.
-pub async fn start(
-    config: LanSection,
-    local: Arc<LocalHub>,
-    stop: CancellationToken,
-) -> Vec<(bool, SocketAddr)> {
+/// Where the LAN listeners listen, once bound; `None`: not configured, or
+/// could not start (logged).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LanBound {
+    pub plain: Option<SocketAddr>,
+    pub tls: Option<SocketAddr>,
+    pub cc2_discovery: Option<SocketAddr>,
+}
+
+/// Starts the listeners of `[lan]` until `stop`, and returns where they
+/// listen once bound. A listener that cannot start is logged and left out;
+/// the tunnel runs regardless.
+pub async fn start(config: LanSection, local: Arc<LocalHub>, stop: CancellationToken) -> LanBound {
     let login = Login::of(&config, local.printer());
     let tls = match config.tls_listen {
         Some(_) => match tls_acceptor(&config, local.printer()) {
@@ -129,16 +134,22 @@ pub async fn start(
         login,
         local: local.clone(),
     });
-    let mut bound = Vec::new();
-    if let Some(address) = &config.listen
-        && let Some(address) = spawn_listener(address, None, lan.clone(), stop.clone()).await
-    {
-        bound.push((false, address));
+    let mut bound = LanBound::default();
+    if let Some(address) = &config.listen {
+        bound.plain = spawn_listener(address, None, lan.clone(), stop.clone()).await;
     }
-    if let (Some(address), Some(tls)) = (&config.tls_listen, tls)
-        && let Some(address) = spawn_listener(address, Some(tls), lan.clone(), stop.clone()).await
+    if let (Some(address), Some(tls)) = (&config.tls_listen, tls) {
+        bound.tls = spawn_listener(address, Some(tls), lan.clone(), stop.clone()).await;
+    }
+    if let (Some(address), PrinterKind::ElegooCc2 { serial, .. }) =
+        (&config.cc2_discovery_listen, &local.printer().kind)
     {
-        bound.push((true, address));
+        let identity = crate::cc2_discovery::DiscoveryIdentity {
+            name: config.cc2_discovery_name.clone(),
+            serial: serial.clone(),
+            login_required: !config.allow_anonymous,
+        };
+        bound.cc2_discovery = crate::cc2_discovery::start(address, identity, stop.clone()).await;
     }
     tokio::spawn(async move {
         let mut every = tokio::time::interval(SUMMARY_INTERVAL);

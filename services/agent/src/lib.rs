@@ -3,12 +3,14 @@
 //! credential on the control stream, and, when the edge asks, opens the one
 //! MQTT connection to the printer and relays packets, checking each one. With
 //! `[lan]` it also runs the hub on that connection ([`local_hub`]), which
-//! apps on the LAN ([`lan`]) and the edge's links share. The printer's
+//! apps on the LAN ([`lan`]) and the edge's links share, and may answer a
+//! CC2's discovery as the printer ([`cc2_discovery`]). The printer's
 //! credentials never leave the agent.
 //!
 //! The agent never depends on the edge crate: they meet only through the
 //! tunnel protocol in `relay-proto`.
 
+pub mod cc2_discovery;
 pub mod config;
 pub mod lan;
 pub mod local_hub;

@@ -144,8 +144,8 @@ pub async fn run(config: AgentConfig, printer: PrinterConfig, stop: Cancellation
 /// A started agent: where its LAN listeners listen, and its tunnel's task.
 #[derive(Debug)]
 pub struct Started {
-    /// `(tls, address)` of each LAN listener that started.
-    pub lan: Vec<(bool, SocketAddr)>,
+    /// Where the LAN listeners that started listen.
+    pub lan: crate::lan::LanBound,
     pub task: tokio::task::JoinHandle<()>,
 }
 
@@ -161,7 +161,7 @@ pub async fn start(
     let dialler = Arc::new(PrinterDialler::new());
     // With `[lan]`, the printer's one connection feeds a hub here, which
     // LAN apps and the edge's links share.
-    let mut lan = Vec::new();
+    let mut lan = crate::lan::LanBound::default();
     let local = match &config.lan {
         Some(section) => {
             let local = LocalHub::new(printer.clone(), dialler.clone(), config.read_only);

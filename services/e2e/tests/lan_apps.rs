@@ -163,6 +163,8 @@ struct LanWorld {
     agent: CancellationToken,
     plain: SocketAddr,
     tls: SocketAddr,
+    /// Where the agent answers a CC2's discovery, when asked to.
+    cc2_discovery: Option<SocketAddr>,
     /// The printer's user and access code: the LAN login by default.
     user: &'static str,
     code: String,
@@ -171,7 +173,7 @@ struct LanWorld {
 /// An edge, a simulator as `simulator` sets it up, and an agent serving
 /// the LAN (plain and TLS on loopback), connected to the edge.
 async fn lan_world(simulator: SimulatorConfig, printer_section: String) -> LanWorld {
-    lan_world_through(simulator, printer_section, async |address| address).await
+    lan_world_through(simulator, printer_section, "", async |address| address).await
 }
 
 /// [`lan_world`], with the agent dialling `through(the edge's tunnel
@@ -179,6 +181,7 @@ async fn lan_world(simulator: SimulatorConfig, printer_section: String) -> LanWo
 async fn lan_world_through(
     simulator: SimulatorConfig,
     printer_section: String,
+    lan_extra: &str,
     through: impl AsyncFnOnce(SocketAddr) -> SocketAddr,
 ) -> LanWorld {
     let edge = TestEdge::start_with(|config| {
@@ -221,6 +224,7 @@ async fn lan_world_through(
         tls_listen = "127.0.0.1:0"
         certificate_file = "{}"
         key_file = "{}"
+        {lan_extra}
 
         [printer]
         host = "127.0.0.1"
@@ -239,8 +243,9 @@ async fn lan_world_through(
     let printer = config.validate().unwrap();
     let agent = CancellationToken::new();
     let started = relay_agent::tunnel::start(config, printer, agent.clone()).await;
-    let plain = started.lan.iter().find(|(tls, _)| !tls).unwrap().1;
-    let tls = started.lan.iter().find(|(tls, _)| *tls).unwrap().1;
+    let plain = started.lan.plain.unwrap();
+    let tls = started.lan.tls.unwrap();
+    let cc2_discovery = started.lan.cc2_discovery;
     tokio::time::timeout(
         PATIENCE,
         edge.edge.as_ref().unwrap().wait_online(&edge.device),
@@ -253,6 +258,7 @@ async fn lan_world_through(
         agent,
         plain,
         tls,
+        cc2_discovery,
         user,
         code,
     }
@@ -647,13 +653,37 @@ async fn cc2_lan_and_cloud_apps_each_register_on_the_agents_one_registration() {
         serial = "{CC2_SERIAL}"
         access_code = "{CC2_CODE}""#
     );
-    let world = lan_world(simulator, section).await;
+    let world = lan_world_through(
+        simulator,
+        section,
+        r#"cc2_discovery_listen = "127.0.0.1:0""#,
+        async |address| address,
+    )
+    .await;
     assert_eq!(world.user, "elegoo");
+    // An app that finds the printer by its UDP discovery finds the agent,
+    // and connects there.
+    let discovery = world.cc2_discovery.expect("discovery answered");
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket
+        .send_to(br#"{"id":0,"method":7000}"#, discovery)
+        .await
+        .unwrap();
+    let mut datagram = [0u8; 1500];
+    let (len, from) = tokio::time::timeout(PATIENCE, socket.recv_from(&mut datagram))
+        .await
+        .expect("a discovery answer in time")
+        .unwrap();
+    assert_eq!(from, discovery);
+    let found: serde_json::Value = serde_json::from_slice(&datagram[..len]).unwrap();
+    assert_eq!(found["result"]["sn"], CC2_SERIAL, "{found}");
+    assert_eq!(found["result"]["token_status"], 1, "{found}");
+    let found_at = SocketAddr::new(from.ip(), world.plain.port());
     let login = Some((world.user, world.code.as_str()));
     let mut apps = Vec::new();
     for index in 0..5 {
         let (client, code) =
-            LanClient::connect(world.plain, false, &format!("lan-{index}"), login).await;
+            LanClient::connect(found_at, false, &format!("lan-{index}"), login).await;
         assert_eq!(code, Some(ConnectReturnCode::Accepted));
         apps.push((format!("1_LAN_{index}"), App::Lan(client)));
     }
@@ -760,7 +790,7 @@ async fn lan_apps_keep_receiving_while_the_tunnel_is_cut() {
         // The forwarder needs the edge's address first; the world makes
         // the edge.
         let cut = &mut cut;
-        lan_world_through(simulator, bambu_section(), async move |target| {
+        lan_world_through(simulator, bambu_section(), "", async move |target| {
             let started = Cut::start(target).await;
             let address = started.addr();
             *cut = Some(started);

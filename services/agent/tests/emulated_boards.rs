@@ -1,7 +1,8 @@
 //! The agent as built for Raspberry Pi boards (aarch64 and armv7, glibc),
 //! run under qemu-user against a real edge and the printer simulator on
 //! this machine: it connects, an app using paho-mqtt (Python) subscribes
-//! through the edge, and a report arrives. Prints the agent's RSS under
+//! through the edge, and a report arrives; then another on the agent's LAN
+//! listener, on the same printer connection. Prints the agent's RSS under
 //! emulation (timing under emulation means nothing; memory does).
 //!
 //! Needs the cross-built binaries: `scripts/test-pi-agent` builds them and
@@ -69,6 +70,56 @@ client.loop_forever(retry_first_connection=True)
     )
 }
 
+/// paho-mqtt on the agent's LAN listener (plain MQTT, the printer's own
+/// login): subscribes to the report and prints the topic of the first.
+fn paho_lan_script(port: u16) -> String {
+    format!(
+        r#"
+import paho.mqtt.client as mqtt
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pi-lan-app")
+client.username_pw_set("bblp", "{ACCESS_CODE}")
+def on_connect(client, userdata, flags, reason, properties):
+    client.subscribe("device/{SERIAL}/report")
+def on_message(client, userdata, message):
+    print(message.topic, flush=True)
+    client.disconnect()
+client.on_connect = on_connect
+client.on_message = on_message
+client.connect("127.0.0.1", {port})
+client.loop_forever(retry_first_connection=True)
+"#
+    )
+}
+
+/// A port free on loopback now, for the emulated agent's LAN listener
+/// (its log is not read, so it cannot say which port `:0` got).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs a paho script and returns what it printed.
+async fn run_paho(python: &Path, script: &Path) -> String {
+    let output = tokio::time::timeout(
+        PATIENCE * 4,
+        Command::new(python).arg(script).kill_on_drop(true).output(),
+    )
+    .await
+    .expect("paho got a report in time")
+    .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    // A second report may arrive before the disconnect is processed.
+    assert!(
+        !printed.trim().is_empty() && printed.lines().all(|line| line == report_topic()),
+        "paho printed {printed:?}, said {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    printed
+}
+
 #[tokio::test]
 #[ignore = "run by scripts/test-pi-agent, which cross-builds the agents"]
 async fn cross_built_agents_relay_a_printer_under_emulation() {
@@ -108,11 +159,13 @@ async fn cross_built_agents_relay_a_printer_under_emulation() {
             relay_agent::config::PrinterSection::Mqtt { .. }
             | relay_agent::config::PrinterSection::ElegooCc2 { .. } => unreachable!(),
         };
+        let lan_port = free_port();
         let file = write(
             dir,
             "pi-agent.toml",
             &format!(
                 "[edge]\naddress = \"{tunnel}\"\nserver_name = \"tunnel.{BASE_DOMAIN}\"\nca_file = \"{}\"\ncredential = \"{}\"\n\
+                 [lan]\nlisten = \"127.0.0.1:{lan_port}\"\n\
                  [printer]\nkind = \"bambu\"\nhost = \"127.0.0.1\"\nport = {}\nserial = \"{SERIAL}\"\naccess_code = \"{ACCESS_CODE}\"\nca_file = \"{}\"\n",
                 config.edge.ca_file.display(),
                 credential.reveal(),
@@ -139,26 +192,27 @@ async fn cross_built_agents_relay_a_printer_under_emulation() {
 
         let ca = write(dir, "edge-ca-for-paho.pem", &world.edge.pki.ca_pem());
         let script = write(dir, "pi-subscribe.py", &paho_script(&world.edge, &ca));
-        let output = tokio::time::timeout(
-            PATIENCE * 4,
-            Command::new(&python)
-                .arg(&script)
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .expect("paho got a report in time")
-        .unwrap();
-        let printed = String::from_utf8_lossy(&output.stdout);
-        // A second report may arrive before the disconnect is processed.
-        assert!(
-            !printed.trim().is_empty() && printed.lines().all(|line| line == report_topic()),
-            "paho printed {printed:?}, said {}",
-            String::from_utf8_lossy(&output.stderr)
+        run_paho(&python, &script).await;
+        let connections = || {
+            world
+                .simulator
+                .observations()
+                .connections
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let before = connections();
+        // A LAN app on the agent's own listener, on the same printer
+        // connection: the printer sees no new one.
+        let script = write(dir, "pi-lan-subscribe.py", &paho_lan_script(lan_port));
+        run_paho(&python, &script).await;
+        assert_eq!(
+            connections(),
+            before,
+            "the LAN app rode the printer connection the cloud app opened"
         );
         let rss = rss_kib(agent.id().unwrap());
         println!(
-            "{}: connected under {qemu}, a report reached paho-mqtt; agent RSS under emulation {:.1} MiB",
+            "{}: connected under {qemu}, a report reached paho-mqtt through the edge and on the LAN listener; agent RSS under emulation {:.1} MiB",
             binary.display(),
             rss as f64 / 1024.0
         );

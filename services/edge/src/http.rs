@@ -50,6 +50,20 @@ pub async fn handle(
             .inc();
         return Ok(json(StatusCode::BAD_REQUEST, problem));
     }
+    if is_base_host(request.headers(), &public.base_domain) {
+        let path = request.uri().path();
+        if path.starts_with("/api/") {
+            return Ok(crate::tenant_api::handle(request, state, context.peer.ip()).await);
+        }
+        if let Some(token) = path.strip_prefix("/login/")
+            && request.method() == hyper::Method::GET
+        {
+            return Ok(crate::tenant_api::login_page(token));
+        }
+        if path == "/login" && request.method() == hyper::Method::POST {
+            return Ok(crate::tenant_api::login(request, state, context.peer.ip()).await);
+        }
+    }
     let device_id = match device_of(request.uri().path(), request.headers(), public) {
         Ok(device_id) => device_id,
         Err(status) => {
@@ -228,6 +242,24 @@ fn check_host<B>(request: &Request<B>) -> Result<(), &'static str> {
         }
     }
     Ok(())
+}
+
+/// Whether `Host` is the base domain itself (any port): where the tenant
+/// API and the console live, and never a device's name.
+pub fn is_base_host(headers: &HeaderMap, base_domain: &str) -> bool {
+    headers
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .map(|host| {
+            host.rsplit_once(':').map_or(host, |(name, port)| {
+                if port.bytes().all(|b| b.is_ascii_digit()) {
+                    name
+                } else {
+                    host
+                }
+            })
+        })
+        .is_some_and(|name| name.trim_end_matches('.').eq_ignore_ascii_case(base_domain))
 }
 
 /// The device id of `Host: <device-id>.<base_domain>[:port]`, lower-cased;

@@ -20,7 +20,8 @@
 //! 5. The session's writer ([`session`]) sends them as one WebSocket frame.
 //!
 //! Layers, each using only those below it (`scripts/check-layers`):
-//! listeners ([`server`], [`http`], [`tunnel`], [`peer_listener`]) → client
+//! listeners ([`server`], [`http`] with the tenant API ([`tenant_api`]),
+//! [`tunnel`], [`peer_listener`]) → client
 //! sessions ([`session`]; MQTT 5 through [`hub::mqtt5_session`]) → device routing ([`devices`],
 //! [`cluster`]) → upstreams ([`peer_link`]) → the hub driver ([`hub`]).
 //!
@@ -43,6 +44,7 @@ pub mod server;
 pub mod session;
 mod start_error;
 pub mod state;
+pub mod tenant_api;
 pub mod tls;
 pub mod tunnel;
 

@@ -17,12 +17,17 @@ use crate::limiter::{AcceptedCredentials, FailureLimiter, LimitKey};
 use crate::metrics::Metrics;
 use crate::quotas::Quotas;
 
+/// Tenant API requests one address may make per minute.
+const API_REQUESTS_PER_MINUTE: u32 = 600;
+
 #[derive(Debug)]
 pub struct EdgeState {
     pub config: Arc<EdgeConfig>,
     pub authenticator: Authenticator,
     pub metrics: Metrics,
     pub failures: Arc<FailureLimiter>,
+    /// Tenant API requests per address and minute.
+    pub api_requests: Arc<FailureLimiter>,
     /// Failed agent HELLOs, per source address (counted) and per
     /// credential id (limited).
     pub agent_failures: Arc<FailureLimiter>,
@@ -50,6 +55,7 @@ impl EdgeState {
         authenticator: Authenticator,
         metrics: Metrics,
     ) -> EdgeState {
+        let api_requests = Arc::new(FailureLimiter::new(API_REQUESTS_PER_MINUTE));
         let failures = Arc::new(FailureLimiter::new(config.auth.failures_per_ip_per_minute));
         let agent_failures = Arc::new(FailureLimiter::new(
             config.auth.agent_failures_per_ip_per_minute,
@@ -88,6 +94,7 @@ impl EdgeState {
             authenticator,
             metrics,
             failures,
+            api_requests,
             agent_failures,
             agents_accepted: AcceptedCredentials::default(),
             quotas,

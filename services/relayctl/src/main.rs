@@ -69,6 +69,26 @@ enum TenantCommand {
     Create { name: String },
     /// List tenants
     List,
+    /// Print a one-use link that signs a tenant admin in to the tenant API
+    /// and console (valid 15 minutes at most)
+    LoginLink {
+        /// Tenant id or name
+        tenant: String,
+        /// The edge's public base URL, e.g. https://relay.example.com
+        #[arg(long, env = "RELAY_PUBLIC_URL")]
+        base_url: String,
+        /// Minutes the link stays valid (1 to 15)
+        #[arg(long, default_value_t = 15)]
+        minutes: i64,
+    },
+    /// Create an API token for the tenant API (never valid for MQTT);
+    /// prints it once
+    ApiToken {
+        /// Tenant id or name
+        tenant: String,
+        #[arg(long, default_value = "")]
+        label: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -236,6 +256,31 @@ async fn execute(store: &Store, command: Command, output: &Output) -> Result<(),
                         .map(|t| vec![t.id.clone(), t.name.clone(), time(Some(t.created_at))]),
                 )
             });
+        }
+        Command::Tenant(TenantCommand::LoginLink {
+            tenant,
+            base_url,
+            minutes,
+        }) => {
+            let (link, expires_at) = store.create_login_link(&tenant, minutes * 60_000).await?;
+            let url = format!("{}/login/{}", base_url.trim_end_matches('/'), link.reveal());
+            output.print(
+                &serde_json::json!({ "url": url, "expires_at": expires_at }),
+                || format!("{url}\n(one use, valid until {})", time(Some(expires_at))),
+            );
+        }
+        Command::Tenant(TenantCommand::ApiToken { tenant, label }) => {
+            let (token, issued) = store.create_admin_token(&tenant, &label).await?;
+            output.print(
+                &serde_json::json!({ "token": token, "secret": issued.reveal() }),
+                || {
+                    format!(
+                        "API token {} for the tenant API (shown once):\n{}",
+                        token.id,
+                        issued.reveal()
+                    )
+                },
+            );
         }
         Command::Device(DeviceCommand::Create { tenant, name }) => {
             let device = store.create_device(&tenant, &name).await?;

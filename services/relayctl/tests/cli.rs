@@ -134,6 +134,43 @@ async fn whole_lifecycle(backend: Backend) {
         "not found",
     );
 
+    // A tenant admin's login link and API token.
+    let link = json(
+        url,
+        &[
+            "tenant",
+            "login-link",
+            "acme",
+            "--base-url",
+            "https://relay.example.com/",
+        ],
+    );
+    let link_url = link["url"].as_str().unwrap();
+    assert!(
+        link_url.starts_with("https://relay.example.com/login/rll_"),
+        "{link_url}"
+    );
+    let token = link_url.rsplit('/').next().unwrap();
+    assert!(db.store.redeem_login_link(token).await.unwrap().is_ok());
+    fail(
+        Some(url),
+        &[
+            "tenant",
+            "login-link",
+            "acme",
+            "--base-url",
+            "https://x",
+            "--minutes",
+            "16",
+        ],
+        1,
+        "15 minutes",
+    );
+    let api_token = json(url, &["tenant", "api-token", "acme", "--label", "ci"]);
+    let secret = api_token["secret"].as_str().unwrap();
+    assert!(secret.starts_with("rlt_"));
+    assert!(db.store.verify_admin_token(secret).await.unwrap().is_ok());
+
     let issued = json(url, &["agent", "issue", device_id]);
     assert!(issued["token"].as_str().unwrap().starts_with("rla_"));
     fail(

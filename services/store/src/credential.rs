@@ -2,7 +2,8 @@
 //! credentials for agents.
 //!
 //! `<prefix>_<id>_<secret>_<checksum>`, all lower-case base32:
-//! - prefix `rly` (API key) or `rla` (agent credential), so that a leaked
+//! - prefix `rly` (API key), `rla` (agent credential), `rlt` (a tenant's
+//!   API token), `rll` (a login link) or `rls` (a console session), so that a leaked
 //!   secret is recognisable by scanners and people alike;
 //! - id: 12 characters (60 bits), public, the database lookup key;
 //! - secret: 26 characters (130 bits) from the system's secure generator;
@@ -25,6 +26,12 @@ const CHECKSUM_LEN: usize = 7;
 pub enum CredentialKind {
     ApiKey,
     AgentCredential,
+    /// A tenant's API token for the tenant API (never valid for MQTT).
+    AdminToken,
+    /// A one-use login link's token.
+    LoginLink,
+    /// A browser session opened by a login link.
+    AdminSession,
 }
 
 impl CredentialKind {
@@ -32,6 +39,9 @@ impl CredentialKind {
         match self {
             CredentialKind::ApiKey => "rly",
             CredentialKind::AgentCredential => "rla",
+            CredentialKind::AdminToken => "rlt",
+            CredentialKind::LoginLink => "rll",
+            CredentialKind::AdminSession => "rls",
         }
     }
 }

@@ -17,8 +17,12 @@
 //! - [`printer_status`]: each device's printer connection as the edge last
 //!   heard of it (up, down and why, silent since when, reconnects by cause).
 //!
+//! - [`admin`]: a tenant's own administration: login links, console
+//!   sessions, API tokens, the audit log, tenant-scoped operations.
+//!
 //! This crate knows nothing of MQTT, WebSockets or the tunnel protocol.
 
+pub mod admin;
 pub mod auth;
 pub mod clock;
 pub mod credential;
@@ -32,6 +36,7 @@ mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use admin::{AdminAuthFailure, AdminCaller, AdminToken, AuditEntry, AuditRecord};
 pub use auth::{
     AuthConfig, AuthFailure, Authenticator, Precheck, Principal, PrincipalSource,
     RequestCredentials,

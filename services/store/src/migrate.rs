@@ -53,6 +53,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/0006_printer_status.sql"),
         backends: BOTH,
     },
+    Migration {
+        version: 7,
+        name: "0007_tenant_admin",
+        sql: include_str!("../../../migrations/0007_tenant_admin.sql"),
+        backends: BOTH,
+    },
 ];
 
 /// Any constant will do; it only has to be the same in every process.

@@ -132,7 +132,7 @@ impl TestEdge {
     /// points them at one.
     pub async fn prepare_with(customize: impl FnOnce(&mut EdgeConfig)) -> TestEdge {
         let pki = TestPki::new();
-        let (cert, key, _) = pki.issue("server", &[&format!("*.{BASE_DOMAIN}")]);
+        let (cert, key, _) = pki.issue("server", &[&format!("*.{BASE_DOMAIN}"), BASE_DOMAIN]);
         let database = TestDatabase::new(Backend::Postgres).await;
         let (tenant, device, api_key) = provision(&database.store, "test").await;
         let mut config = EdgeConfig::defaults();

@@ -134,7 +134,7 @@ pub async fn run(data_dir: &Path, port: u16, edges: u16, setup: DemoSetup) -> an
     config.public.tls_cert = Some(certificates.server_cert.clone());
     config.public.tls_key = Some(certificates.server_key.clone());
     config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.store.database_url = database_url.into();
+    config.store.database_url = database_url.clone().into();
     config.store.migrate = true;
     config.tunnel.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     // The tunnel over TCP on the same port, for `--tunnel tcp`.
@@ -176,6 +176,10 @@ pub async fn run(data_dir: &Path, port: u16, edges: u16, setup: DemoSetup) -> an
     snippets.add_mqtts(&state, mqtts.port(), printer);
     snippets.write(&dir)?;
     println!("{}", snippets.banner(&dir));
+    println!(
+        "{}",
+        tenant_api_banner(&database_url, &state, public.port()).await?
+    );
 
     relay_io::shutdown_signal().await;
     println!("relay demo: stopping");
@@ -378,6 +382,10 @@ secret = "{secret}"
     snippets.write(dir)?;
     println!("{}", snippets.banner(dir));
     println!(
+        "{}",
+        tenant_api_banner(database_url, state, instances[0].public.port()).await?
+    );
+    println!(
         "\nThe other instances serve the same device (the URLs above). Kill the one\nthat holds the agent's tunnel (kill -9 <pid>): the agent moves, and the\nclients on the other instances resume."
     );
 
@@ -488,6 +496,28 @@ async fn spawn_edge(id: &str, config: &Path) -> anyhow::Result<EdgeInstance> {
 }
 
 /// `relay demo-edge`: one edge instance from a configuration file, until
+/// A fresh one-use login link to the tenant API for the demo's tenant, and
+/// what to do with it.
+async fn tenant_api_banner(
+    database_url: &str,
+    state: &DemoState,
+    port: u16,
+) -> anyhow::Result<String> {
+    let store = Store::connect(database_url).await?;
+    let (link, _) = store
+        .create_login_link(&state.tenant, relay_store::admin::LOGIN_LINK_MAX_MILLIS)
+        .await?;
+    store.close().await;
+    Ok(format!(
+        "
+Your devices, keys and their status (the tenant API): open this login link
+once within 15 minutes, then https://localhost:{port}/api/v1/devices
+  login  https://localhost:{port}/login/{}
+(the device's status says online: true while the demo's agent is connected)",
+        link.reveal()
+    ))
+}
+
 /// SIGTERM or Ctrl-C; says where it listens once it serves.
 pub async fn run_edge_process(config: &Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(config)

@@ -267,6 +267,54 @@ async fn the_demo_serves_real_clients_and_restarts_on_its_data() {
         .unwrap()
         .to_owned();
     let ca = data_dir.join("ca.pem");
+
+    // The tenant API: the printed login link signs in (curl keeps the
+    // cookie), and the demo's device is online.
+    demo.read_until("online: true while").await;
+    let login = said_value(&demo.said, "login ").to_owned();
+    let (base, token) = login.split_once("/login/").unwrap();
+    let jar = data_dir.join("cookies.txt");
+    let curl = |args: Vec<String>| {
+        let ca = ca.clone();
+        async move {
+            let output = tokio::process::Command::new("curl")
+                .args(["-sS", "--max-time", "20", "--cacert"])
+                .arg(&ca)
+                .args(&args)
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8(output.stdout).unwrap()
+        }
+    };
+    let signed_in = curl(vec![
+        "-o".into(),
+        "/dev/null".into(),
+        "-w".into(),
+        "%{http_code}".into(),
+        "-c".into(),
+        jar.display().to_string(),
+        "--data".into(),
+        format!("token={token}"),
+        format!("{base}/login"),
+    ])
+    .await;
+    assert_eq!(signed_in, "303");
+    let devices = curl(vec![
+        "-b".into(),
+        jar.display().to_string(),
+        format!("{base}/api/v1/devices"),
+    ])
+    .await;
+    let devices: serde_json::Value = serde_json::from_str(&devices).unwrap();
+    assert_eq!(devices[0]["id"], device.as_str(), "{devices}");
+    assert_eq!(devices[0]["status"]["online"], true, "{devices}");
+
     let snippets = book_snippets();
     assert_eq!(snippets.len(), 8, "{snippets:?}");
     for (name, code) in snippets {

@@ -63,6 +63,12 @@ pub async fn handle(
         if path == "/login" && request.method() == hyper::Method::POST {
             return Ok(crate::tenant_api::login(request, state, context.peer.ip()).await);
         }
+        // The console, but not an MQTT client's upgrade at the root path.
+        if crate::console::is_console_path(path)
+            && !(path == "/" && websocket_key(request.headers()).is_some())
+        {
+            return Ok(crate::console::handle(request, state, context.peer.ip()).await);
+        }
     }
     let device_id = match device_of(request.uri().path(), request.headers(), public) {
         Ok(device_id) => device_id,

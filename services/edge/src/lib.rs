@@ -20,7 +20,8 @@
 //! 5. The session's writer ([`session`]) sends them as one WebSocket frame.
 //!
 //! Layers, each using only those below it (`scripts/check-layers`):
-//! listeners ([`server`], [`http`] with the tenant API ([`tenant_api`]),
+//! listeners ([`server`], [`http`] with the tenant API ([`tenant_api`]) and
+//! the console ([`console`]),
 //! [`tunnel`], [`peer_listener`]) → client
 //! sessions ([`session`]; MQTT 5 through [`hub::mqtt5_session`]) → device routing ([`devices`],
 //! [`cluster`]) → upstreams ([`peer_link`]) → the hub driver ([`hub`]).
@@ -31,6 +32,7 @@
 pub mod close;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod devices;
 pub mod http;
 pub mod hub;

@@ -282,6 +282,26 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
 
+    /// 400 with `message` (for the console's forms).
+    pub fn bad_request_text(message: &str) -> ApiError {
+        ApiError::bad_request(message)
+    }
+
+    /// 404 with `message`.
+    pub fn not_found(message: &str) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 403: a change without its session's CSRF token.
+    pub fn forbidden_csrf(message: &str) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "csrf", message)
+    }
+
+    /// Its status and message.
+    pub fn parts(&self) -> (StatusCode, &str) {
+        (self.status, &self.message)
+    }
+
     fn into_response(self) -> Response<Full<Bytes>> {
         let body = json!({ "error": { "code": self.code, "message": self.message } });
         json_response(self.status, &body)
@@ -514,7 +534,7 @@ async fn caller(
     Ok(Authenticated { caller, csrf_token })
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -589,7 +609,7 @@ impl Call<'_> {
                 let devices = store.list_devices(Some(tenant)).await?;
                 let mut out = Vec::with_capacity(devices.len());
                 for device in &devices {
-                    out.push(self.device_json(device).await?);
+                    out.push(device_json(self.state, device).await?);
                 }
                 Ok(json_response(StatusCode::OK, &Value::Array(out)))
             }
@@ -604,14 +624,14 @@ impl Call<'_> {
                 .await?;
                 Ok(json_response(
                     StatusCode::CREATED,
-                    &self.device_json(&device).await?,
+                    &device_json(self.state, &device).await?,
                 ))
             }
             Operation::GetDevice => {
                 let device = store.tenant_device(tenant, parameter()).await?;
                 Ok(json_response(
                     StatusCode::OK,
-                    &self.device_json(&device).await?,
+                    &device_json(self.state, &device).await?,
                 ))
             }
             Operation::RenameDevice => {
@@ -625,7 +645,7 @@ impl Call<'_> {
                 .await?;
                 Ok(json_response(
                     StatusCode::OK,
-                    &self.device_json(&device).await?,
+                    &device_json(self.state, &device).await?,
                 ))
             }
             Operation::DeleteDevice => {
@@ -769,37 +789,39 @@ impl Call<'_> {
             .await?;
         Ok(())
     }
+}
 
-    /// A device and its status: from the store's registry (which instance
-    /// holds its agent, since when) and printer status, and this
-    /// instance's live sessions of it.
-    async fn device_json(&self, device: &relay_store::Device) -> Result<Value, ApiError> {
-        let store = self.state.authenticator.store();
-        let claim = store.device_claim(&device.id).await?;
-        let now = store.now();
-        let online = claim.as_ref().is_some_and(|claim| claim.is_live(now));
-        let printer = store.printer_status(&device.id).await?;
-        let agent_credential = store.agent_credential_of(&device.id).await?;
-        let apps_here = self
-            .state
-            .live_sessions
-            .iter()
-            .filter(|session| session.device_id == device.id)
-            .count();
-        Ok(json!({
-            "id": device.id,
-            "name": device.name,
-            "created_at": device.created_at,
-            "agent_credential": agent_credential,
-            "status": {
-                "online": online,
-                "instance": claim.as_ref().filter(|_| online).map(|claim| claim.instance_id.clone()),
-                "connected_since": claim.as_ref().filter(|_| online).map(|claim| claim.connected_at),
-                "printer": printer,
-                "apps_connected_here": apps_here,
-            },
-        }))
-    }
+/// A device and its status: from the store's registry (which instance
+/// holds its agent, since when) and printer status, and this
+/// instance's live sessions of it.
+pub async fn device_json(
+    state: &EdgeState,
+    device: &relay_store::Device,
+) -> Result<Value, ApiError> {
+    let store = state.authenticator.store();
+    let claim = store.device_claim(&device.id).await?;
+    let now = store.now();
+    let online = claim.as_ref().is_some_and(|claim| claim.is_live(now));
+    let printer = store.printer_status(&device.id).await?;
+    let agent_credential = store.agent_credential_of(&device.id).await?;
+    let apps_here = state
+        .live_sessions
+        .iter()
+        .filter(|session| session.device_id == device.id)
+        .count();
+    Ok(json!({
+        "id": device.id,
+        "name": device.name,
+        "created_at": device.created_at,
+        "agent_credential": agent_credential,
+        "status": {
+            "online": online,
+            "instance": claim.as_ref().filter(|_| online).map(|claim| claim.instance_id.clone()),
+            "connected_since": claim.as_ref().filter(|_| online).map(|claim| claim.connected_at),
+            "printer": printer,
+            "apps_connected_here": apps_here,
+        },
+    }))
 }
 
 /// The OpenAPI 3.1 document of [`Operation::ALL`].
@@ -1096,10 +1118,7 @@ pub async fn login(
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SEE_OTHER;
     let headers = response.headers_mut();
-    headers.insert(
-        header::LOCATION,
-        HeaderValue::from_static("/api/v1/session"),
-    );
+    headers.insert(header::LOCATION, HeaderValue::from_static("/"));
     if let Ok(value) = HeaderValue::from_str(&cookie) {
         headers.insert(header::SET_COOKIE, value);
     }

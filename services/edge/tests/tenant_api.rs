@@ -870,3 +870,82 @@ async fn the_api_lives_on_the_base_domain_only_and_its_document_validates() {
     );
     api.edge.stop().await;
 }
+
+#[tokio::test]
+async fn the_consoles_forms_need_the_csrf_token_and_its_pages_the_callers_tenant() {
+    let api = Api::start().await;
+    let owner = api.edge.tenant.clone();
+    let other = api.store().create_tenant("someone else").await.unwrap().id;
+    let (cookie, csrf) = api.sign_in(&other).await;
+    let form = "application/x-www-form-urlencoded";
+    let session = Caller::Session(cookie.clone(), None);
+    // Signed out: the sign-in page.
+    let page = api
+        .call_on(BASE_DOMAIN, "GET", "/", &Caller::Nobody, None, "")
+        .await;
+    assert_eq!(page.status, 401);
+    // A form without the token, or with another session's: 403, nothing made.
+    for body in [
+        "name=sneaky".to_owned(),
+        format!("name=sneaky&csrf={}", "0".repeat(64)),
+    ] {
+        let refused = api
+            .call_on(BASE_DOMAIN, "POST", "/devices", &session, Some(&body), form)
+            .await;
+        assert_eq!(refused.status, 403);
+    }
+    assert!(
+        api.store()
+            .list_devices(Some(&other))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let made = api
+        .call_on(
+            BASE_DOMAIN,
+            "POST",
+            "/devices",
+            &session,
+            Some(&format!("name=mine&csrf={csrf}")),
+            form,
+        )
+        .await;
+    assert_eq!(made.status, 303);
+    assert_eq!(
+        api.store().list_devices(Some(&other)).await.unwrap().len(),
+        1
+    );
+    // Another tenant's device and key: not found, and nothing of theirs shown.
+    let page = api
+        .call_on(
+            BASE_DOMAIN,
+            "GET",
+            &format!("/devices/{}", api.edge.device),
+            &session,
+            None,
+            "",
+        )
+        .await;
+    assert_eq!(page.status, 404);
+    assert!(!page.body.to_string().contains("p1s"));
+    let revoke = api
+        .call_on(
+            BASE_DOMAIN,
+            "POST",
+            &format!("/keys/{}/revoke", api.edge.key.1),
+            &session,
+            Some(&format!("csrf={csrf}")),
+            form,
+        )
+        .await;
+    assert_eq!(revoke.status, 404);
+    let keys = api.store().list_api_keys(Some(&owner)).await.unwrap();
+    assert!(keys.iter().all(|key| key.revoked_at.is_none()));
+    // The live status socket: same origin only.
+    let cross = api
+        .call_on(BASE_DOMAIN, "GET", "/console/live", &session, None, "")
+        .await;
+    assert_eq!(cross.status, 403);
+    api.edge.stop().await;
+}

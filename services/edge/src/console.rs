@@ -1,0 +1,762 @@
+//! The web console at `https://<base domain>/`: server-rendered pages on
+//! the tenant API's store operations (devices with live status, a device's
+//! keys and recipes, keys, the audit log), readable on a phone, with one
+//! small script: the devices page's status, pushed over a WebSocket
+//! (`/console/live`) within about a second of a change. Signed in by a
+//! login link's session cookie; every form carries the session's CSRF
+//! token.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use relay_store::admin::{AdminCaller, AuditRecord};
+use relay_store::{NewApiKey, Scope};
+use serde_json::Value;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+use crate::close::Close;
+use crate::state::EdgeState;
+use crate::tenant_api::{
+    ApiError, MAX_BODY_BYTES, SESSION_COOKIE, constant_time_eq, cookie, csrf_token_for, device_json,
+};
+
+/// How often an open devices page's status is looked at.
+const LIVE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Whether `path` is a console page (on the base domain).
+pub fn is_console_path(path: &str) -> bool {
+    path == "/"
+        || path == "/logout"
+        || path == "/keys"
+        || path == "/audit"
+        || path == "/console/live"
+        || path.starts_with("/devices")
+        || path.starts_with("/keys/")
+}
+
+/// Escapes text for HTML.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A signed-in visitor.
+struct Visitor {
+    caller: AdminCaller,
+    /// The session's cookie value (to end it on sign-out).
+    session: String,
+    csrf: String,
+    /// The host (and port) the console was reached at: the recipes' base.
+    host: String,
+}
+
+async fn visitor(headers: &hyper::HeaderMap, state: &EdgeState) -> Option<Visitor> {
+    let session = cookie(headers, SESSION_COOKIE)?;
+    let caller = state
+        .authenticator
+        .store()
+        .verify_admin_session(session)
+        .await
+        .ok()?
+        .ok()?;
+    let host = headers
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .unwrap_or(&state.config.public.base_domain)
+        .to_owned();
+    Some(Visitor {
+        caller,
+        session: session.to_owned(),
+        csrf: csrf_token_for(session),
+        host,
+    })
+}
+
+fn html(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        "content-security-policy",
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'",
+        ),
+    );
+    headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    response
+}
+
+fn redirect(to: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SEE_OTHER;
+    if let Ok(value) = HeaderValue::from_str(to) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:0;color:#222}\
+header{background:#1d3557;color:#fff;padding:.6em 1em;display:flex;flex-wrap:wrap;gap:1em;align-items:center}\
+header a{color:#fff}header form{margin:0}main{padding:1em;max-width:60em}\
+table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:.4em;border-bottom:1px solid #ddd;vertical-align:top}\
+.scroll{overflow-x:auto}.badge{padding:.1em .5em;border-radius:1em;font-size:.9em;white-space:nowrap}\
+.online{background:#2a9d8f;color:#fff}.offline{background:#aaa;color:#fff}\
+pre{background:#f4f4f4;padding:.6em;overflow-x:auto;white-space:pre-wrap;word-break:break-all}\
+input,select,button{font-size:1em;padding:.3em;margin:.2em 0}.secret{background:#ffe8a3;padding:.6em}\
+code{word-break:break-all}";
+
+/// A page with the console's header.
+fn page(title: &str, visitor: Option<&Visitor>, content: &str) -> String {
+    let nav = match visitor {
+        Some(visitor) => format!(
+            "<a href=\"/\">Devices</a><a href=\"/keys\">Keys</a><a href=\"/audit\">Audit log</a>\
+             <form method=\"post\" action=\"/logout\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+             <button type=\"submit\">Sign out</button></form>",
+            visitor.csrf
+        ),
+        None => String::new(),
+    };
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{title} · relay</title><style>{STYLE}</style></head>\
+         <body><header><strong>relay</strong>{nav}</header><main><h1>{title}</h1>{content}</main></body></html>",
+        title = escape(title),
+    )
+}
+
+fn signed_out() -> Response<Full<Bytes>> {
+    html(
+        StatusCode::UNAUTHORIZED,
+        page(
+            "Sign in",
+            None,
+            "<p>Open the login link your operator gave you (<code>relayctl tenant login-link</code>). \
+             A link works once, for 15 minutes.</p>",
+        ),
+    )
+}
+
+fn error_page(visitor: &Visitor, error: ApiError) -> Response<Full<Bytes>> {
+    let (status, message) = error.parts();
+    html(
+        status,
+        page(
+            "Something went wrong",
+            Some(visitor),
+            &format!(
+                "<p>{}</p><p><a href=\"/\">Back to the devices</a></p>",
+                escape(message)
+            ),
+        ),
+    )
+}
+
+/// Serves a console page.
+pub async fn handle(
+    request: Request<Incoming>,
+    state: &Arc<EdgeState>,
+    peer: IpAddr,
+) -> Response<Full<Bytes>> {
+    let Some(visitor) = visitor(request.headers(), state).await else {
+        if request.uri().path() == "/console/live" {
+            return html(StatusCode::UNAUTHORIZED, String::new());
+        }
+        return signed_out();
+    };
+    let path = request.uri().path().to_owned();
+    let method = request.method().clone();
+    if method == Method::GET && path == "/console/live" {
+        return live(request, state, visitor.caller.tenant_id);
+    }
+    let result = if method == Method::GET {
+        match path.as_str() {
+            "/" => devices_page(state, &visitor).await,
+            "/keys" => keys_page(state, &visitor, None).await,
+            "/audit" => audit_page(state, &visitor).await,
+            _ => match path.strip_prefix("/devices/") {
+                Some(id) if !id.contains('/') => device_page(state, &visitor, id, None).await,
+                _ => Err(ApiError::not_found("no such page")),
+            },
+        }
+    } else if method == Method::POST {
+        let form = match read_form(request).await {
+            Ok(form) => form,
+            Err(error) => return error_page(&visitor, error),
+        };
+        if form
+            .get("csrf")
+            .is_none_or(|given| !constant_time_eq(given.as_bytes(), visitor.csrf.as_bytes()))
+        {
+            return error_page(
+                &visitor,
+                ApiError::forbidden_csrf(
+                    "the form is stale or not from this console: reload the page",
+                ),
+            );
+        }
+        let call = Change {
+            state,
+            visitor: &visitor,
+            address: peer.to_string(),
+        };
+        call.post(&path, &form).await
+    } else {
+        Err(ApiError::not_found("no such page"))
+    };
+    match result {
+        Ok(response) => response,
+        Err(error) => error_page(&visitor, error),
+    }
+}
+
+type Form = std::collections::HashMap<String, String>;
+
+async fn read_form(request: Request<Incoming>) -> Result<Form, ApiError> {
+    let body = Limited::new(request.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|_| ApiError::bad_request_text("the form is too large or could not be read"))?
+        .to_bytes();
+    Ok(String::from_utf8_lossy(&body)
+        .split('&')
+        .filter_map(|pair| {
+            let (name, value) = pair.split_once('=')?;
+            Some((form_decode(name), form_decode(value)))
+        })
+        .collect())
+}
+
+fn form_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        match bytes[index] {
+            b'+' => out.push(b' '),
+            b'%' if index + 2 < bytes.len() => {
+                match std::str::from_utf8(&bytes[index + 1..index + 3])
+                    .ok()
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                {
+                    Some(byte) => {
+                        out.push(byte);
+                        index += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            byte => out.push(byte),
+        }
+        index += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn badge(online: bool) -> &'static str {
+    if online {
+        "<span class=\"badge online\">online</span>"
+    } else {
+        "<span class=\"badge offline\">offline</span>"
+    }
+}
+
+async fn devices_page(
+    state: &EdgeState,
+    visitor: &Visitor,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let store = state.authenticator.store();
+    let devices = store.list_devices(Some(&visitor.caller.tenant_id)).await?;
+    let mut rows = String::new();
+    for device in &devices {
+        let status = device_json(state, device).await?;
+        let online = status["status"]["online"] == true;
+        let printer = status["status"]["printer"]["state"]
+            .as_str()
+            .unwrap_or("unknown");
+        let _ = write!(
+            rows,
+            "<tr><td><a href=\"/devices/{id}\">{name}</a><br><code>{id}</code></td>\
+             <td id=\"status-{id}\">{badge}</td><td id=\"printer-{id}\">{printer}</td></tr>",
+            id = escape(&device.id),
+            name = escape(&device.name),
+            badge = badge(online),
+            printer = escape(printer),
+        );
+    }
+    let content = format!(
+        "<div class=\"scroll\"><table><thead><tr><th>Device</th><th>Agent</th><th>Printer</th></tr></thead>\
+         <tbody>{rows}</tbody></table></div>\
+         <h2>Add a device</h2><form method=\"post\" action=\"/devices\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+         <label>Name <input name=\"name\" required maxlength=\"128\"></label> <button type=\"submit\">Add</button></form>\
+         <script>\
+         (function(){{var s=new WebSocket((location.protocol=='https:'?'wss://':'ws://')+location.host+'/console/live');\
+         s.onmessage=function(e){{JSON.parse(e.data).forEach(function(d){{\
+         var b=document.getElementById('status-'+d.id);if(b){{b.innerHTML='<span class=\"badge '+(d.online?'online':'offline')+'\">'+(d.online?'online':'offline')+'</span>';}}\
+         var p=document.getElementById('printer-'+d.id);if(p){{p.textContent=d.printer;}}}});\
+         document.body.setAttribute('data-live','1');}};}})();</script>",
+        csrf = visitor.csrf,
+    );
+    Ok(html(
+        StatusCode::OK,
+        page("Devices", Some(visitor), &content),
+    ))
+}
+
+/// The copy-paste recipes for one device and key, values filled in:
+/// wss on the host (and port) the console was reached at, mqtts on that
+/// host name and the edge's mqtts port.
+fn recipes(host: &str, mqtts_port: u16, device: &str, key: &str) -> String {
+    let url = format!("wss://{device}.{host}/mqtt");
+    let (host_name, wss_port) = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => (name, port),
+        _ => (host, "443"),
+    };
+    let mqtts = format!("{device}.{host_name}");
+    let items = [
+        (
+            "MQTT.js",
+            format!(
+                "import mqtt from 'mqtt';\nconst client = mqtt.connect('{url}', {{ username: 'bblp', password: '{key}' }});\nclient.on('connect', () => client.subscribe('device/+/report'));\nclient.on('message', (topic, payload) => console.log(topic, payload.length));"
+            ),
+        ),
+        (
+            "paho-mqtt (Python)",
+            format!(
+                "import paho.mqtt.client as mqtt\nc = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, transport='websockets')\nc.ws_set_options(path='/mqtt')\nc.tls_set()\nc.username_pw_set('bblp', '{key}')\nc.on_connect = lambda c, u, f, r, p: c.subscribe('device/+/report')\nc.on_message = lambda c, u, m: print(m.topic)\nc.connect('{mqtts}', {wss_port})\nc.loop_forever()"
+            ),
+        ),
+        (
+            "mosquitto_sub",
+            format!(
+                "mosquitto_sub -h {mqtts} -p {mqtts_port} --capath /etc/ssl/certs -u bblp -P '{key}' -t 'device/+/report' -C 1 -v"
+            ),
+        ),
+        (
+            "MQTTX",
+            format!(
+                "Host: wss://{mqtts}, port {wss_port}, path /mqtt, SSL on\nUsername: bblp, password: {key}"
+            ),
+        ),
+        (
+            "Home Assistant (Bambu Lab integration, mqtts)",
+            format!("Host: {mqtts} (port {mqtts_port}), access code: {key}"),
+        ),
+    ];
+    let mut out = String::new();
+    for (name, code) in items {
+        let _ = write!(out, "<h3>{}</h3><pre>{}</pre>", escape(name), escape(&code));
+    }
+    out
+}
+
+async fn device_page(
+    state: &EdgeState,
+    visitor: &Visitor,
+    device_id: &str,
+    shown: Option<(&str, &str)>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let store = state.authenticator.store();
+    let device = store
+        .tenant_device(&visitor.caller.tenant_id, device_id)
+        .await?;
+    let status = device_json(state, &device).await?;
+    let online = status["status"]["online"] == true;
+    let keys: Vec<_> = store
+        .list_api_keys(Some(&visitor.caller.tenant_id))
+        .await?
+        .into_iter()
+        .filter(|key| key.device_id.as_deref() == Some(device.id.as_str()))
+        .collect();
+    let mut content = String::new();
+    if let Some((what, secret)) = shown {
+        let _ = write!(
+            content,
+            "<div class=\"secret\"><p>The new {what}, shown this once:</p><p><code id=\"secret\">{}</code></p></div>",
+            escape(secret)
+        );
+        if what == "key" {
+            let mqtts_port = state
+                .config
+                .public
+                .mqtts_listen
+                .map(|address| address.port())
+                .filter(|port| *port != 0)
+                .unwrap_or(8883);
+            content.push_str(&recipes(&visitor.host, mqtts_port, &device.id, secret));
+        }
+    }
+    let apps: Vec<String> = state
+        .live_sessions
+        .iter()
+        .filter(|session| session.device_id == device.id)
+        .map(|session| session.key_id.clone())
+        .collect();
+    let _ = write!(
+        content,
+        "<p>Agent {badge} · instance {instance} · printer {printer}</p>\
+         <p>Device id <code>{id}</code></p><h2>Apps connected here</h2><p>{apps}</p><h2>Keys</h2>\
+         <div class=\"scroll\"><table><tr><th>Label</th><th>Scope</th><th>State</th></tr>",
+        badge = badge(online),
+        instance = escape(status["status"]["instance"].as_str().unwrap_or("-")),
+        printer = escape(
+            status["status"]["printer"]["state"]
+                .as_str()
+                .unwrap_or("unknown")
+        ),
+        id = escape(&device.id),
+        apps = if apps.is_empty() {
+            "none".to_owned()
+        } else {
+            escape(&format!("{} (keys {})", apps.len(), apps.join(", ")))
+        },
+    );
+    for key in &keys {
+        let _ = write!(
+            content,
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&key.label),
+            key.scope.as_str(),
+            if key.revoked_at.is_some() {
+                "revoked"
+            } else {
+                "live"
+            }
+        );
+    }
+    let _ = write!(
+        content,
+        "</table></div>\
+         <h2>New key for this device</h2><form method=\"post\" action=\"/keys\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><input type=\"hidden\" name=\"device_id\" value=\"{id}\">\
+         <label>Label <input name=\"label\" maxlength=\"128\"></label> \
+         <select name=\"scope\"><option value=\"read\">read</option><option value=\"control\">control</option></select> \
+         <button type=\"submit\">Create key</button></form>\
+         <h2>Agent credential</h2><form method=\"post\" action=\"/devices/{id}/agent-credential\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Issue or rotate</button></form>",
+        csrf = visitor.csrf,
+        id = escape(&device.id),
+    );
+    Ok(html(
+        StatusCode::OK,
+        page(&device.name, Some(visitor), &content),
+    ))
+}
+
+async fn keys_page(
+    state: &EdgeState,
+    visitor: &Visitor,
+    shown: Option<&str>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let store = state.authenticator.store();
+    let keys = store.list_api_keys(Some(&visitor.caller.tenant_id)).await?;
+    let mut content = String::new();
+    if let Some(secret) = shown {
+        let _ = write!(
+            content,
+            "<div class=\"secret\"><p>The new key, shown this once:</p><p><code id=\"secret\">{}</code></p></div>",
+            escape(secret)
+        );
+    }
+    content.push_str(
+        "<div class=\"scroll\"><table><tr><th>Label</th><th>Scope</th><th>Device</th><th>Last used</th><th></th></tr>",
+    );
+    for key in &keys {
+        let action = if key.revoked_at.is_some() {
+            "revoked".to_owned()
+        } else {
+            format!(
+                "<form method=\"post\" action=\"/keys/{id}/revoke\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+                 <button type=\"submit\" id=\"revoke-{id}\">Revoke</button></form>",
+                id = escape(&key.id),
+                csrf = visitor.csrf
+            )
+        };
+        let _ = write!(
+            content,
+            "<tr><td>{label}<br><code>{id}</code></td><td>{scope}</td><td>{device}</td><td>{used}</td><td>{action}</td></tr>",
+            label = escape(&key.label),
+            id = escape(&key.id),
+            scope = key.scope.as_str(),
+            device = escape(key.device_id.as_deref().unwrap_or("any")),
+            used = key
+                .last_used_at
+                .map_or("never".to_owned(), |at| at.to_string()),
+        );
+    }
+    content.push_str("</table></div>");
+    Ok(html(StatusCode::OK, page("Keys", Some(visitor), &content)))
+}
+
+async fn audit_page(
+    state: &EdgeState,
+    visitor: &Visitor,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let entries = state
+        .authenticator
+        .store()
+        .audit_log(&visitor.caller.tenant_id, 200)
+        .await?;
+    let mut content = String::from(
+        "<div class=\"scroll\"><table><tr><th>When (ms)</th><th>Who</th><th>What</th><th>Target</th><th>From</th></tr>",
+    );
+    for entry in &entries {
+        let _ = write!(
+            content,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            entry.at,
+            escape(&entry.actor),
+            escape(&entry.action),
+            escape(&entry.target),
+            escape(&entry.address)
+        );
+    }
+    content.push_str("</table></div>");
+    Ok(html(
+        StatusCode::OK,
+        page("Audit log", Some(visitor), &content),
+    ))
+}
+
+/// A console form's change.
+struct Change<'a> {
+    state: &'a EdgeState,
+    visitor: &'a Visitor,
+    address: String,
+}
+
+impl Change<'_> {
+    async fn audit(&self, action: &str, target: &str, detail: &str) -> Result<(), ApiError> {
+        self.state
+            .authenticator
+            .store()
+            .record_audit(
+                &self.visitor.caller.tenant_id,
+                AuditRecord {
+                    actor: &self.visitor.caller.actor,
+                    action,
+                    target,
+                    address: &self.address,
+                    detail,
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn post(&self, path: &str, form: &Form) -> Result<Response<Full<Bytes>>, ApiError> {
+        let store = self.state.authenticator.store();
+        let tenant = self.visitor.caller.tenant_id.as_str();
+        let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
+        if path == "/logout" {
+            store.revoke_admin_session(&self.visitor.session).await?;
+            self.audit("session.end", &self.visitor.caller.actor, "")
+                .await?;
+            return Ok(signed_out_response());
+        }
+        if path == "/devices" {
+            let device = store.create_device(tenant, field("name")).await?;
+            self.audit(
+                "device.create",
+                &device.id,
+                &format!("name {:?}", device.name),
+            )
+            .await?;
+            return Ok(redirect(&format!("/devices/{}", device.id)));
+        }
+        if path == "/keys" {
+            let scope = Scope::parse(field("scope"))
+                .ok_or_else(|| ApiError::bad_request_text("scope must be read or control"))?;
+            let device_id = Some(field("device_id")).filter(|id| !id.is_empty());
+            if let Some(device_id) = device_id {
+                store.tenant_device(tenant, device_id).await?;
+            }
+            let (key, credential) = store
+                .create_api_key(NewApiKey {
+                    tenant_id: tenant,
+                    device_id,
+                    scope,
+                    label: field("label"),
+                    expires_at: None,
+                })
+                .await?;
+            self.audit(
+                "key.create",
+                &key.id,
+                &format!(
+                    "scope {}, device {}",
+                    key.scope.as_str(),
+                    device_id.unwrap_or("any")
+                ),
+            )
+            .await?;
+            let secret = credential.reveal();
+            return match device_id {
+                Some(device_id) => {
+                    device_page(self.state, self.visitor, device_id, Some(("key", &secret))).await
+                }
+                None => keys_page(self.state, self.visitor, Some(&secret)).await,
+            };
+        }
+        if let Some(key_id) = path
+            .strip_prefix("/keys/")
+            .and_then(|rest| rest.strip_suffix("/revoke"))
+        {
+            store.revoke_tenant_api_key(tenant, key_id).await?;
+            self.state
+                .end_sessions(|session| session.key_id == key_id, &Close::revoked());
+            self.audit("key.revoke", key_id, "").await?;
+            return Ok(redirect("/keys"));
+        }
+        if let Some(device_id) = path
+            .strip_prefix("/devices/")
+            .and_then(|rest| rest.strip_suffix("/agent-credential"))
+        {
+            let device = store.tenant_device(tenant, device_id).await?;
+            let rotate = store.agent_credential_of(&device.id).await?.is_some();
+            let (credential, issued) = if rotate {
+                store.rotate_agent_credential(&device.id).await?
+            } else {
+                store.issue_agent_credential(&device.id).await?
+            };
+            let action = if rotate {
+                "agent_credential.rotate"
+            } else {
+                "agent_credential.issue"
+            };
+            self.audit(action, &device.id, &format!("credential {}", credential.id))
+                .await?;
+            let secret = issued.reveal();
+            return device_page(
+                self.state,
+                self.visitor,
+                &device.id,
+                Some(("agent credential", &secret)),
+            )
+            .await;
+        }
+        Err(ApiError::not_found("no such form"))
+    }
+}
+
+fn signed_out_response() -> Response<Full<Bytes>> {
+    let mut response = redirect("/");
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static(
+            "relay_session=; Path=/; HttpOnly; Secure; SameSite=Strict; Max-Age=0",
+        ),
+    );
+    response
+}
+
+/// `GET /console/live`: a WebSocket on which the tenant's devices' status
+/// is sent whenever it changes (looked at every second). Same origin only.
+fn live(
+    mut request: Request<Incoming>,
+    state: &Arc<EdgeState>,
+    tenant_id: String,
+) -> Response<Full<Bytes>> {
+    let base = &state.config.public.base_domain;
+    let same_origin = request
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|origin| origin.to_str().ok())
+        .and_then(|origin| {
+            origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"))
+        })
+        .map(|host| host.rsplit_once(':').map_or(host, |(name, _)| name))
+        .is_some_and(|host| host.eq_ignore_ascii_case(base));
+    let key = request
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|key| derive_accept_key(key.as_bytes()));
+    let (true, Some(accept)) = (same_origin, key) else {
+        return html(StatusCode::FORBIDDEN, String::new());
+    };
+    let upgrade = hyper::upgrade::on(&mut request);
+    let state = state.clone();
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else {
+            return;
+        };
+        let socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let (mut sink, mut stream) = socket.split();
+        let mut last = String::new();
+        let mut every = tokio::time::interval(LIVE_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                message = stream.next() => match message {
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                    _ => continue,
+                },
+            }
+            let Ok(now) = live_status(&state, &tenant_id).await else {
+                continue;
+            };
+            if now != last {
+                if sink.send(Message::Text(now.clone().into())).await.is_err() {
+                    return;
+                }
+                last = now;
+            }
+        }
+    });
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(value) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+    }
+    response
+}
+
+/// The devices' status as the devices page shows it.
+async fn live_status(state: &EdgeState, tenant_id: &str) -> Result<String, ApiError> {
+    let store = state.authenticator.store();
+    let devices = store.list_devices(Some(tenant_id)).await?;
+    let mut out = Vec::with_capacity(devices.len());
+    for device in &devices {
+        let status = device_json(state, device).await?;
+        out.push(serde_json::json!({
+            "id": device.id,
+            "online": status["status"]["online"],
+            "printer": status["status"]["printer"]["state"].as_str().unwrap_or("unknown"),
+        }));
+    }
+    Ok(Value::Array(out).to_string())
+}

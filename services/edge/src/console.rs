@@ -24,7 +24,7 @@ use serde_json::Value;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::close::Close;
 use crate::state::EdgeState;
@@ -710,10 +710,19 @@ fn live(
         let Ok(upgraded) = upgrade.await else {
             return;
         };
+        // Small buffers: the page sends nothing but its close, and each
+        // status is a few hundred bytes (tungstenite's defaults hold
+        // 128 KiB per socket).
+        let config = WebSocketConfig::default()
+            .read_buffer_size(1024)
+            .write_buffer_size(0)
+            .max_message_size(Some(1024))
+            .max_frame_size(Some(1024));
         let socket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
         let (mut sink, mut stream) = socket.split();
-        let mut last = String::new();
+        let mut last: Arc<str> = Arc::from("");
         let mut every = tokio::time::interval(LIVE_INTERVAL);
         loop {
             tokio::select! {
@@ -727,7 +736,7 @@ fn live(
                 continue;
             };
             if now != last {
-                if sink.send(Message::Text(now.clone().into())).await.is_err() {
+                if sink.send(Message::Text(now.as_ref().into())).await.is_err() {
                     return;
                 }
                 last = now;
@@ -745,8 +754,30 @@ fn live(
     response
 }
 
-/// The devices' status as the devices page shows it.
-async fn live_status(state: &EdgeState, tenant_id: &str) -> Result<String, ApiError> {
+/// Tenants whose live status is kept at most; past that, old entries go.
+const MAX_CACHED_TENANTS: usize = 10_000;
+
+/// The devices' status as the devices page shows it, made at most once a
+/// second per tenant however many of its pages are open.
+async fn live_status(state: &EdgeState, tenant_id: &str) -> Result<Arc<str>, ApiError> {
+    let fresh = |made: &std::time::Instant| made.elapsed() < LIVE_INTERVAL.mul_f32(0.9);
+    if let Some(entry) = state.console_status.get(tenant_id)
+        && fresh(&entry.0)
+    {
+        return Ok(entry.1.clone());
+    }
+    let status: Arc<str> = make_live_status(state, tenant_id).await?.into();
+    if state.console_status.len() >= MAX_CACHED_TENANTS {
+        state.console_status.retain(|_, (made, _)| fresh(made));
+    }
+    state.console_status.insert(
+        tenant_id.to_owned(),
+        (std::time::Instant::now(), status.clone()),
+    );
+    Ok(status)
+}
+
+async fn make_live_status(state: &EdgeState, tenant_id: &str) -> Result<String, ApiError> {
     let store = state.authenticator.store();
     let devices = store.list_devices(Some(tenant_id)).await?;
     let mut out = Vec::with_capacity(devices.len());

@@ -28,6 +28,9 @@ pub struct EdgeState {
     pub failures: Arc<FailureLimiter>,
     /// Tenant API requests per address and minute.
     pub api_requests: Arc<FailureLimiter>,
+    /// The console's live status per tenant, with when it was made: open
+    /// devices pages of one tenant share one look at the store a second.
+    pub console_status: DashMap<String, (Instant, Arc<str>)>,
     /// Failed agent HELLOs, per source address (counted) and per
     /// credential id (limited).
     pub agent_failures: Arc<FailureLimiter>,
@@ -95,6 +98,7 @@ impl EdgeState {
             metrics,
             failures,
             api_requests,
+            console_status: DashMap::new(),
             agent_failures,
             agents_accepted: AcceptedCredentials::default(),
             quotas,

@@ -18,18 +18,18 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use relay_store::admin::{AdminCaller, AuditRecord};
-use relay_store::{NewApiKey, Scope};
+use relay_store::Scope;
+use relay_store::admin::AdminCaller;
 use serde_json::Value;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use crate::close::Close;
 use crate::state::EdgeState;
 use crate::tenant_api::{
-    ApiError, MAX_BODY_BYTES, SESSION_COOKIE, constant_time_eq, cookie, csrf_token_for, device_json,
+    ApiError, MAX_BODY_BYTES, SESSION_COOKIE, TenantChanges, constant_time_eq, cookie,
+    csrf_token_for, device_json,
 };
 
 /// How often an open devices page's status is looked at.
@@ -554,70 +554,39 @@ struct Change<'a> {
 }
 
 impl Change<'_> {
-    async fn audit(&self, action: &str, target: &str, detail: &str) -> Result<(), ApiError> {
-        self.state
-            .authenticator
-            .store()
-            .record_audit(
-                &self.visitor.caller.tenant_id,
-                AuditRecord {
-                    actor: &self.visitor.caller.actor,
-                    action,
-                    target,
-                    address: &self.address,
-                    detail,
-                },
-            )
-            .await?;
-        Ok(())
+    fn changes(&self) -> TenantChanges<'_> {
+        TenantChanges {
+            state: self.state,
+            caller: &self.visitor.caller,
+            address: &self.address,
+        }
     }
 
     async fn post(&self, path: &str, form: &Form) -> Result<Response<Full<Bytes>>, ApiError> {
-        let store = self.state.authenticator.store();
-        let tenant = self.visitor.caller.tenant_id.as_str();
         let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
         if path == "/logout" {
-            store.revoke_admin_session(&self.visitor.session).await?;
-            self.audit("session.end", &self.visitor.caller.actor, "")
+            self.state
+                .authenticator
+                .store()
+                .revoke_admin_session(&self.visitor.session)
+                .await?;
+            self.changes()
+                .audit("session.end", &self.visitor.caller.actor, "")
                 .await?;
             return Ok(signed_out_response());
         }
         if path == "/devices" {
-            let device = store.create_device(tenant, field("name")).await?;
-            self.audit(
-                "device.create",
-                &device.id,
-                &format!("name {:?}", device.name),
-            )
-            .await?;
+            let device = self.changes().create_device(field("name")).await?;
             return Ok(redirect(&format!("/devices/{}", device.id)));
         }
         if path == "/keys" {
             let scope = Scope::parse(field("scope"))
                 .ok_or_else(|| ApiError::bad_request_text("scope must be read or control"))?;
             let device_id = Some(field("device_id")).filter(|id| !id.is_empty());
-            if let Some(device_id) = device_id {
-                store.tenant_device(tenant, device_id).await?;
-            }
-            let (key, credential) = store
-                .create_api_key(NewApiKey {
-                    tenant_id: tenant,
-                    device_id,
-                    scope,
-                    label: field("label"),
-                    expires_at: None,
-                })
+            let (_, credential) = self
+                .changes()
+                .create_key(field("label"), scope, device_id, None)
                 .await?;
-            self.audit(
-                "key.create",
-                &key.id,
-                &format!(
-                    "scope {}, device {}",
-                    key.scope.as_str(),
-                    device_id.unwrap_or("any")
-                ),
-            )
-            .await?;
             let secret = credential.reveal();
             return match device_id {
                 Some(device_id) => {
@@ -630,30 +599,14 @@ impl Change<'_> {
             .strip_prefix("/keys/")
             .and_then(|rest| rest.strip_suffix("/revoke"))
         {
-            store.revoke_tenant_api_key(tenant, key_id).await?;
-            self.state
-                .end_sessions(|session| session.key_id == key_id, &Close::revoked());
-            self.audit("key.revoke", key_id, "").await?;
+            self.changes().revoke_key(key_id).await?;
             return Ok(redirect("/keys"));
         }
         if let Some(device_id) = path
             .strip_prefix("/devices/")
             .and_then(|rest| rest.strip_suffix("/agent-credential"))
         {
-            let device = store.tenant_device(tenant, device_id).await?;
-            let rotate = store.agent_credential_of(&device.id).await?.is_some();
-            let (credential, issued) = if rotate {
-                store.rotate_agent_credential(&device.id).await?
-            } else {
-                store.issue_agent_credential(&device.id).await?
-            };
-            let action = if rotate {
-                "agent_credential.rotate"
-            } else {
-                "agent_credential.issue"
-            };
-            self.audit(action, &device.id, &format!("credential {}", credential.id))
-                .await?;
+            let (device, _, issued) = self.changes().issue_agent_credential(device_id).await?;
             let secret = issued.reveal();
             return device_page(
                 self.state,

@@ -20,7 +20,8 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use relay_store::admin::{AdminAuthFailure, AdminCaller, AuditRecord};
-use relay_store::{NewApiKey, Scope, StoreError};
+use relay_store::credential::IssuedCredential;
+use relay_store::{AgentCredential, NewApiKey, Scope, StoreError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -615,13 +616,7 @@ impl Call<'_> {
             }
             Operation::CreateDevice => {
                 let new: NewDevice = parse(body)?;
-                let device = store.create_device(tenant, &new.name).await?;
-                self.audit(
-                    "device.create",
-                    &device.id,
-                    &format!("name {:?}", device.name),
-                )
-                .await?;
+                let device = self.changes().create_device(&new.name).await?;
                 Ok(json_response(
                     StatusCode::CREATED,
                     &device_json(self.state, &device).await?,
@@ -682,57 +677,22 @@ impl Call<'_> {
                         Some(store.now().saturating_add(millis))
                     }
                 };
-                if let Some(device_id) = &new.device_id {
-                    store.tenant_device(tenant, device_id).await?;
-                }
-                let (key, credential) = store
-                    .create_api_key(NewApiKey {
-                        tenant_id: tenant,
-                        device_id: new.device_id.as_deref(),
-                        scope,
-                        label: &new.label,
-                        expires_at,
-                    })
+                let (key, credential) = self
+                    .changes()
+                    .create_key(&new.label, scope, new.device_id.as_deref(), expires_at)
                     .await?;
-                self.audit(
-                    "key.create",
-                    &key.id,
-                    &format!(
-                        "scope {}, device {}, label {:?}",
-                        key.scope.as_str(),
-                        key.device_id.as_deref().unwrap_or("any"),
-                        key.label
-                    ),
-                )
-                .await?;
                 Ok(json_response(
                     StatusCode::CREATED,
                     &json!({ "key": key, "token": credential.reveal() }),
                 ))
             }
             Operation::RevokeKey => {
-                let key_id = parameter();
-                store.revoke_tenant_api_key(tenant, key_id).await?;
-                self.state
-                    .end_sessions(|session| session.key_id == key_id, &Close::revoked());
-                self.audit("key.revoke", key_id, "").await?;
+                self.changes().revoke_key(parameter()).await?;
                 Ok(no_content())
             }
             Operation::IssueAgentCredential => {
-                let device = store.tenant_device(tenant, parameter()).await?;
-                let rotate = store.agent_credential_of(&device.id).await?.is_some();
-                let (credential, issued) = if rotate {
-                    store.rotate_agent_credential(&device.id).await?
-                } else {
-                    store.issue_agent_credential(&device.id).await?
-                };
-                let action = if rotate {
-                    "agent_credential.rotate"
-                } else {
-                    "agent_credential.issue"
-                };
-                self.audit(action, &device.id, &format!("credential {}", credential.id))
-                    .await?;
+                let (device, credential, issued) =
+                    self.changes().issue_agent_credential(parameter()).await?;
                 Ok(json_response(
                     StatusCode::CREATED,
                     &json!({
@@ -772,22 +732,137 @@ impl Call<'_> {
         }
     }
 
+    fn changes(&self) -> TenantChanges<'_> {
+        TenantChanges {
+            state: self.state,
+            caller: self.caller,
+            address: &self.address,
+        }
+    }
+
     async fn audit(&self, action: &str, target: &str, detail: &str) -> Result<(), ApiError> {
+        self.changes().audit(action, target, detail).await
+    }
+}
+
+/// The changes a tenant's admin makes, each recorded in the audit log:
+/// what the API's routes and the console's forms both do.
+#[derive(Debug)]
+pub struct TenantChanges<'a> {
+    pub state: &'a EdgeState,
+    pub caller: &'a AdminCaller,
+    /// Where the change came from, for the audit log.
+    pub address: &'a str,
+}
+
+impl TenantChanges<'_> {
+    fn tenant(&self) -> &str {
+        &self.caller.tenant_id
+    }
+
+    pub async fn audit(&self, action: &str, target: &str, detail: &str) -> Result<(), ApiError> {
         self.state
             .authenticator
             .store()
             .record_audit(
-                &self.caller.tenant_id,
+                self.tenant(),
                 AuditRecord {
                     actor: &self.caller.actor,
                     action,
                     target,
-                    address: &self.address,
+                    address: self.address,
                     detail,
                 },
             )
             .await?;
         Ok(())
+    }
+
+    pub async fn create_device(&self, name: &str) -> Result<relay_store::Device, ApiError> {
+        let device = self
+            .state
+            .authenticator
+            .store()
+            .create_device(self.tenant(), name)
+            .await?;
+        self.audit(
+            "device.create",
+            &device.id,
+            &format!("name {:?}", device.name),
+        )
+        .await?;
+        Ok(device)
+    }
+
+    /// A new app key; bound to `device_id` when given, which must be the
+    /// tenant's.
+    pub async fn create_key(
+        &self,
+        label: &str,
+        scope: Scope,
+        device_id: Option<&str>,
+        expires_at: Option<relay_store::Millis>,
+    ) -> Result<(relay_store::ApiKey, IssuedCredential), ApiError> {
+        let store = self.state.authenticator.store();
+        if let Some(device_id) = device_id {
+            store.tenant_device(self.tenant(), device_id).await?;
+        }
+        let (key, credential) = store
+            .create_api_key(NewApiKey {
+                tenant_id: self.tenant(),
+                device_id,
+                scope,
+                label,
+                expires_at,
+            })
+            .await?;
+        self.audit(
+            "key.create",
+            &key.id,
+            &format!(
+                "scope {}, device {}, label {:?}",
+                key.scope.as_str(),
+                key.device_id.as_deref().unwrap_or("any"),
+                key.label
+            ),
+        )
+        .await?;
+        Ok((key, credential))
+    }
+
+    /// Revokes one of the tenant's keys; its live sessions here end now.
+    pub async fn revoke_key(&self, key_id: &str) -> Result<(), ApiError> {
+        self.state
+            .authenticator
+            .store()
+            .revoke_tenant_api_key(self.tenant(), key_id)
+            .await?;
+        self.state
+            .end_sessions(|session| session.key_id == key_id, &Close::revoked());
+        self.audit("key.revoke", key_id, "").await
+    }
+
+    /// Issues the device's agent credential, or rotates it when it has one.
+    pub async fn issue_agent_credential(
+        &self,
+        device_id: &str,
+    ) -> Result<(relay_store::Device, AgentCredential, IssuedCredential), ApiError> {
+        let store = self.state.authenticator.store();
+        let device = store.tenant_device(self.tenant(), device_id).await?;
+        let rotate = store.agent_credential_of(&device.id).await?.is_some();
+        let (credential, issued) = if rotate {
+            store.rotate_agent_credential(&device.id).await?
+        } else {
+            store.issue_agent_credential(&device.id).await?
+        };
+        let action = if rotate {
+            "agent_credential.rotate"
+        } else {
+            "agent_credential.issue"
+        };
+        self.audit(action, &device.id, &format!("credential {}", credential.id))
+            .await?;
+        Ok((device, credential, issued))
     }
 }
 

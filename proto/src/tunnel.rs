@@ -24,7 +24,8 @@ pub const ALPN: &[u8] = b"relay-tunnel/1";
 
 /// The ALPN protocol id of the peer links between edge instances, which
 /// share this framing (PEER_HELLO, PEER_WELCOME, PEER_LINK_OPEN, then
-/// LINK_ACCEPT / LINK_REFUSED) on a listener of their own.
+/// LINK_ACCEPT / LINK_REFUSED; PEER_STATUS_QUERY, then PEER_STATUS) on a
+/// listener of their own.
 pub const PEER_ALPN: &[u8] = b"relay-peer/1";
 
 /// Bytes of a peer's proof of the cluster secret (an HMAC-SHA256).
@@ -65,6 +66,8 @@ mod message_type {
     pub const PEER_HELLO: u8 = 0x09;
     pub const PEER_WELCOME: u8 = 0x0a;
     pub const PEER_LINK_OPEN: u8 = 0x0b;
+    pub const PEER_STATUS_QUERY: u8 = 0x0c;
+    pub const PEER_STATUS: u8 = 0x0d;
     /// Types from here up may be ignored by a peer that does not know them.
     pub const FIRST_IGNORABLE: u8 = 0x80;
 }
@@ -83,6 +86,8 @@ pub enum Message {
     PeerHello(PeerHello),
     PeerWelcome(PeerWelcome),
     PeerLinkOpen(PeerLinkOpen),
+    PeerStatusQuery(PeerStatusQuery),
+    PeerStatus(PeerStatus),
     /// A message of an unknown type at or above `0x80`, which its sender
     /// allows a receiver to drop.
     Ignored {
@@ -105,6 +110,8 @@ impl Message {
             Message::PeerHello(_) => "PEER_HELLO",
             Message::PeerWelcome(_) => "PEER_WELCOME",
             Message::PeerLinkOpen(_) => "PEER_LINK_OPEN",
+            Message::PeerStatusQuery(_) => "PEER_STATUS_QUERY",
+            Message::PeerStatus(_) => "PEER_STATUS",
             Message::Ignored { .. } => "an ignorable message",
         }
     }
@@ -301,6 +308,26 @@ pub struct PeerLinkOpen {
     pub max_packet_size: Option<u32>,
 }
 
+/// The first frame of a peer connection's stream that asks, instead of a
+/// link, what the listening instance knows live of some devices: its
+/// sessions of them, and the agent and traffic of those whose agent it
+/// holds. Answered by one PEER_STATUS per device it knows something of,
+/// then the end of the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatusQuery {
+    /// Device ids, separated by `,` (device ids are DNS labels).
+    pub device_ids: String,
+}
+
+/// One device's live figures on the instance that answers a
+/// PEER_STATUS_QUERY.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub device_id: String,
+    /// The figures, as JSON (the edge's `live_status` module's shape).
+    pub figures: String,
+}
+
 /// Why bytes are not a valid tunnel frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TunnelError {
@@ -353,7 +380,7 @@ pub fn decode(buffer: &mut BytesMut, max_frame_len: usize) -> Result<Option<Mess
 }
 
 fn is_known(message_type: u8) -> bool {
-    (message_type::HELLO..=message_type::PEER_LINK_OPEN).contains(&message_type)
+    (message_type::HELLO..=message_type::PEER_STATUS).contains(&message_type)
 }
 
 fn decode_body(message_type: u8, body: Bytes) -> Result<Message, TunnelError> {
@@ -417,6 +444,13 @@ fn decode_body(message_type: u8, body: Bytes) -> Result<Message, TunnelError> {
         message_type::PEER_LINK_OPEN => Message::PeerLinkOpen(PeerLinkOpen {
             device_id: fields.required(1, "device_id", Fields::string)?,
             max_packet_size: fields.optional(2, "max_packet_size", Fields::u32)?,
+        }),
+        message_type::PEER_STATUS_QUERY => Message::PeerStatusQuery(PeerStatusQuery {
+            device_ids: fields.required(1, "device_ids", Fields::string)?,
+        }),
+        message_type::PEER_STATUS => Message::PeerStatus(PeerStatus {
+            device_id: fields.required(1, "device_id", Fields::string)?,
+            figures: fields.required(2, "figures", Fields::string)?,
         }),
         _ => Message::LinkRefused(LinkRefused {
             link: fields.required(1, "link", Fields::u64)?,
@@ -606,6 +640,15 @@ pub fn encode(message: &Message, out: &mut BytesMut) -> Result<(), TunnelError> 
                 body.u32(2, max);
             }
             message_type::PEER_LINK_OPEN
+        }
+        Message::PeerStatusQuery(query) => {
+            body.string(1, "device_ids", &query.device_ids)?;
+            message_type::PEER_STATUS_QUERY
+        }
+        Message::PeerStatus(status) => {
+            body.string(1, "device_id", &status.device_id)?;
+            body.string(2, "figures", &status.figures)?;
+            message_type::PEER_STATUS
         }
         Message::Ignored { message_type } => *message_type,
     };

@@ -292,6 +292,12 @@ fn any_message() -> impl Strategy<Value = Message> {
                 max_packet_size,
             })
         }),
+        text().prop_map(|device_ids| {
+            Message::PeerStatusQuery(relay_proto::tunnel::PeerStatusQuery { device_ids })
+        }),
+        (text(), text()).prop_map(|(device_id, figures)| {
+            Message::PeerStatus(relay_proto::tunnel::PeerStatus { device_id, figures })
+        }),
         (0x80u8..).prop_map(|message_type| Message::Ignored { message_type }),
     ]
 }

@@ -29,7 +29,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use crate::state::EdgeState;
 use crate::tenant_api::{
     ApiError, MAX_BODY_BYTES, SESSION_COOKIE, TenantChanges, constant_time_eq, cookie,
-    csrf_token_for, device_json,
+    csrf_token_for, device_json, devices_json,
 };
 
 /// How often an open devices page's status is looked at.
@@ -280,6 +280,33 @@ fn form_decode(value: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS UTC` (the civil calendar
+/// from a day count, as in Howard Hinnant's `civil_from_days`).
+fn utc(millis: i64) -> String {
+    let seconds = millis.div_euclid(1000);
+    let (days, of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        of_day / 3600,
+        of_day % 3600 / 60,
+        of_day % 60
+    )
+}
+
 fn badge(online: bool) -> &'static str {
     if online {
         "<span class=\"badge online\">online</span>"
@@ -294,25 +321,25 @@ async fn devices_page(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let store = state.authenticator.store();
     let devices = store.list_devices(Some(&visitor.caller.tenant_id)).await?;
+    let statuses = devices_json(state, &devices).await?;
     let mut rows = String::new();
-    for device in &devices {
-        let status = device_json(state, device).await?;
-        let online = status["status"]["online"] == true;
-        let printer = status["status"]["printer"]["state"]
-            .as_str()
-            .unwrap_or("unknown");
+    for (device, status) in devices.iter().zip(&statuses) {
+        let live = live_row(status);
         let _ = write!(
             rows,
             "<tr><td><a href=\"/devices/{id}\">{name}</a><br><code>{id}</code></td>\
-             <td id=\"status-{id}\">{badge}</td><td id=\"printer-{id}\">{printer}</td></tr>",
+             <td id=\"status-{id}\">{badge}</td><td id=\"transport-{id}\">{transport}</td>\
+             <td id=\"printer-{id}\">{printer}</td><td id=\"apps-{id}\">{apps}</td></tr>",
             id = escape(&device.id),
             name = escape(&device.name),
-            badge = badge(online),
-            printer = escape(printer),
+            badge = badge(live["online"] == true),
+            transport = escape(live["transport"].as_str().unwrap_or("")),
+            printer = escape(live["printer"].as_str().unwrap_or("unknown")),
+            apps = live["apps"],
         );
     }
     let content = format!(
-        "<div class=\"scroll\"><table><thead><tr><th>Device</th><th>Agent</th><th>Printer</th></tr></thead>\
+        "<div class=\"scroll\"><table><thead><tr><th>Device</th><th>Agent</th><th>Tunnel</th><th>Printer</th><th>Apps</th></tr></thead>\
          <tbody>{rows}</tbody></table></div>\
          <h2>Add a device</h2><form method=\"post\" action=\"/devices\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
@@ -321,7 +348,8 @@ async fn devices_page(
          (function(){{var s=new WebSocket((location.protocol=='https:'?'wss://':'ws://')+location.host+'/console/live');\
          s.onmessage=function(e){{JSON.parse(e.data).forEach(function(d){{\
          var b=document.getElementById('status-'+d.id);if(b){{b.innerHTML='<span class=\"badge '+(d.online?'online':'offline')+'\">'+(d.online?'online':'offline')+'</span>';}}\
-         var p=document.getElementById('printer-'+d.id);if(p){{p.textContent=d.printer;}}}});\
+         var t=function(k,v){{var e=document.getElementById(k+'-'+d.id);if(e){{e.textContent=v;}}}};\
+         t('printer',d.printer);t('transport',d.transport);t('apps',d.apps);}});\
          document.body.setAttribute('data-live','1');}};}})();</script>",
         csrf = visitor.csrf,
     );
@@ -378,6 +406,92 @@ fn recipes(host: &str, mqtts_port: u16, device: &str, key: &str) -> String {
     out
 }
 
+/// Why the printer is down or silent, if it is, in the agent's words.
+fn failure(printer: &Value) -> String {
+    match (printer["reason"].as_str(), printer["detail"].as_str()) {
+        (Some(reason), Some(detail)) => escape(&format!("{reason}: {detail}")),
+        (Some(reason), None) => escape(reason),
+        (None, Some(detail)) => escape(detail),
+        (None, None) => "-".to_owned(),
+    }
+}
+
+/// A device's status and the apps connected to it, on every instance.
+fn status_section(status: &Value, device_id: &str) -> String {
+    let online = status["online"] == true;
+    let text = |value: &Value| escape(value.as_str().unwrap_or("-"));
+    let when = |value: &Value| value.as_i64().map_or_else(|| "-".to_owned(), utc);
+    let agent = &status["agent"];
+    let traffic = &status["traffic"];
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "<p>Device id <code>{id}</code></p><div class=\"scroll\"><table class=\"facts\">\
+         <tr><th>Agent</th><td id=\"agent-state\">{badge}</td></tr>\
+         <tr><th>Tunnel</th><td id=\"agent-transport\">{transport}</td></tr>\
+         <tr><th>Agent version</th><td>{version}</td></tr>\
+         <tr><th>Instance</th><td>{instance}</td></tr>\
+         <tr><th>Connected since</th><td>{since}</td></tr>\
+         <tr><th>Printer</th><td id=\"printer-state\">{printer}</td></tr>\
+         <tr><th>Last failure</th><td>{failure}</td></tr>\
+         <tr><th>Messages, last minute</th><td>{from} from the printer, {to} to it</td></tr>\
+         <tr><th>Last printer message</th><td>{last}</td></tr></table></div>",
+        id = escape(device_id),
+        badge = badge(online),
+        transport = text(&agent["transport"]),
+        version = text(&agent["version"]),
+        instance = text(&status["instance"]),
+        since = when(&status["connected_since"]),
+        printer = escape(status["printer"]["state"].as_str().unwrap_or("unknown")),
+        failure = failure(&status["printer"]),
+        from = traffic["from_printer_last_minute"].as_u64().unwrap_or(0),
+        to = traffic["to_printer_last_minute"].as_u64().unwrap_or(0),
+        last = when(&traffic["last_printer_message_at"]),
+    );
+    let apps = status["apps"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let _ = write!(
+        out,
+        "<h2>Apps connected <span id=\"apps-count\">{}</span></h2>",
+        status["apps_connected"].as_u64().unwrap_or(0)
+    );
+    if apps.is_empty() {
+        out.push_str("<p>None right now.</p>");
+    } else {
+        out.push_str(
+            "<div class=\"scroll\"><table id=\"apps\"><tr><th>Client id</th><th>MQTT</th><th>Via</th><th>Address</th><th>Since</th><th>Key</th><th>Instance</th></tr>",
+        );
+        for app in apps {
+            let key = app["key_label"]
+                .as_str()
+                .filter(|label| !label.is_empty())
+                .or(app["key_id"].as_str())
+                .unwrap_or("-");
+            let _ = write!(
+                out,
+                "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                text(&app["client_id"]),
+                text(&app["mqtt_version"]),
+                text(&app["transport"]),
+                text(&app["address"]),
+                when(&app["since"]),
+                escape(key),
+                text(&app["instance"]),
+            );
+        }
+        out.push_str("</table></div>");
+    }
+    if let Some(unanswered) = status["instances_unanswered"].as_array()
+        && !unanswered.is_empty()
+    {
+        let _ = write!(
+            out,
+            "<p class=\"warning\">{} instance(s) did not answer: their apps are not listed.</p>",
+            unanswered.len()
+        );
+    }
+    out
+}
+
 async fn device_page(
     state: &EdgeState,
     visitor: &Visitor,
@@ -389,7 +503,6 @@ async fn device_page(
         .tenant_device(&visitor.caller.tenant_id, device_id)
         .await?;
     let status = device_json(state, &device).await?;
-    let online = status["status"]["online"] == true;
     let keys: Vec<_> = store
         .list_api_keys(Some(&visitor.caller.tenant_id))
         .await?
@@ -414,37 +527,18 @@ async fn device_page(
             content.push_str(&recipes(&visitor.host, mqtts_port, &device.id, secret));
         }
     }
-    let apps: Vec<String> = state
-        .live_sessions
-        .iter()
-        .filter(|session| session.device_id == device.id)
-        .map(|session| session.key_id.clone())
-        .collect();
-    let _ = write!(
-        content,
-        "<p>Agent {badge} · instance {instance} · printer {printer}</p>\
-         <p>Device id <code>{id}</code></p><h2>Apps connected here</h2><p>{apps}</p><h2>Keys</h2>\
-         <div class=\"scroll\"><table><tr><th>Label</th><th>Scope</th><th>State</th></tr>",
-        badge = badge(online),
-        instance = escape(status["status"]["instance"].as_str().unwrap_or("-")),
-        printer = escape(
-            status["status"]["printer"]["state"]
-                .as_str()
-                .unwrap_or("unknown")
-        ),
-        id = escape(&device.id),
-        apps = if apps.is_empty() {
-            "none".to_owned()
-        } else {
-            escape(&format!("{} (keys {})", apps.len(), apps.join(", ")))
-        },
+    content.push_str(&status_section(&status["status"], &device.id));
+    content.push_str(
+        "<h2>Keys</h2><div class=\"scroll\"><table><tr><th>Label</th><th>Scope</th><th>Expires</th><th>Last used</th><th>State</th></tr>",
     );
     for key in &keys {
         let _ = write!(
             content,
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             escape(&key.label),
             key.scope.as_str(),
+            key.expires_at.map_or_else(|| "never".to_owned(), utc),
+            key.last_used_at.map_or_else(|| "never".to_owned(), utc),
             if key.revoked_at.is_some() {
                 "revoked"
             } else {
@@ -526,13 +620,13 @@ async fn audit_page(
         .audit_log(&visitor.caller.tenant_id, 200)
         .await?;
     let mut content = String::from(
-        "<div class=\"scroll\"><table><tr><th>When (ms)</th><th>Who</th><th>What</th><th>Target</th><th>From</th></tr>",
+        "<div class=\"scroll\"><table><tr><th>When</th><th>Who</th><th>What</th><th>Target</th><th>From</th></tr>",
     );
     for entry in &entries {
         let _ = write!(
             content,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            entry.at,
+            utc(entry.at),
             escape(&entry.actor),
             escape(&entry.action),
             escape(&entry.target),
@@ -730,17 +824,43 @@ async fn live_status(state: &EdgeState, tenant_id: &str) -> Result<Arc<str>, Api
     Ok(status)
 }
 
+/// What the devices page shows of a device, and updates live.
+fn live_row(device: &Value) -> Value {
+    let status = &device["status"];
+    let online = status["online"] == true;
+    serde_json::json!({
+        "id": device["id"],
+        "online": online,
+        "transport": if online { status["agent"]["transport"].as_str().unwrap_or("") } else { "" },
+        "printer": status["printer"]["state"].as_str().unwrap_or("unknown"),
+        "apps": status["apps_connected"].as_u64().unwrap_or(0),
+    })
+}
+
 async fn make_live_status(state: &EdgeState, tenant_id: &str) -> Result<String, ApiError> {
     let store = state.authenticator.store();
     let devices = store.list_devices(Some(tenant_id)).await?;
-    let mut out = Vec::with_capacity(devices.len());
-    for device in &devices {
-        let status = device_json(state, device).await?;
-        out.push(serde_json::json!({
-            "id": device.id,
-            "online": status["status"]["online"],
-            "printer": status["status"]["printer"]["state"].as_str().unwrap_or("unknown"),
-        }));
-    }
+    let statuses = devices_json(state, &devices).await?;
+    let out: Vec<Value> = statuses.iter().map(live_row).collect();
     Ok(Value::Array(out).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_milliseconds_read_as_utc() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_796_534_063_000), "2026-12-06 05:14:23 UTC");
+        assert_eq!(utc(-1_000), "1969-12-31 23:59:59 UTC");
+    }
+
+    #[test]
+    fn a_failure_reads_as_the_agent_said_it() {
+        let printer = serde_json::json!({"reason": "credentials_refused", "detail": "bad <code>"});
+        assert_eq!(failure(&printer), "credentials_refused: bad &lt;code&gt;");
+        assert_eq!(failure(&Value::Null), "-");
+    }
 }

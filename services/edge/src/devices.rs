@@ -31,6 +31,10 @@ pub struct Tunnel {
     /// The id of the agent credential it said HELLO with.
     pub credential_id: String,
     pub connection: TunnelConnection,
+    /// What the agent said it is in its HELLO (free text, for people).
+    pub agent_version: Option<String>,
+    /// Unix milliseconds of the HELLO.
+    pub connected_at: u64,
     /// GO_AWAYs for the agent's control stream (a queue of small values:
     /// one is allocated per tunnel).
     pub control: mpsc::Sender<GoAway>,
@@ -140,14 +144,20 @@ impl Devices {
         epoch: u64,
         credential_id: &str,
         connection: TunnelConnection,
+        agent_version: Option<String>,
         control: mpsc::Sender<GoAway>,
     ) -> Option<Tunnel> {
+        let connected_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64);
         let previous = self.tunnels.insert(
             device_id.to_owned(),
             Tunnel {
                 epoch,
                 credential_id: credential_id.to_owned(),
                 connection,
+                agent_version,
+                connected_at,
                 control,
             },
         );
@@ -289,6 +299,13 @@ impl Devices {
             }
             registered.await;
         }
+    }
+
+    /// The tunnel of `device_id`, if its agent is here.
+    pub fn tunnel(&self, device_id: &str) -> Option<Tunnel> {
+        self.tunnels
+            .get(device_id)
+            .map(|tunnel| tunnel.value().clone())
     }
 
     /// Every tunnel (for the drain's GO_AWAY).

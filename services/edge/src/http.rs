@@ -100,6 +100,7 @@ pub async fn handle(
         peer_ip: context.peer.ip(),
         device_from_key: false,
         device_from_username: false,
+        transport: "wss",
     };
     let span = tracing::info_span!("session", peer = %context.peer, device = session_request.device_id.as_deref().unwrap_or("-"));
     let session_state = state.clone();

@@ -22,7 +22,8 @@
 //! Layers, each using only those below it (`scripts/check-layers`):
 //! listeners ([`server`], [`http`] with the tenant API ([`tenant_api`]) and
 //! the console ([`console`]),
-//! [`tunnel`], [`peer_listener`]) → client
+//! [`tunnel`], [`peer_listener`]) → live figures across instances
+//! ([`live_status`]) → client
 //! sessions ([`session`]; MQTT 5 through [`hub::mqtt5_session`]) → device routing ([`devices`],
 //! [`cluster`]) → upstreams ([`peer_link`]) → the hub driver ([`hub`]).
 //!
@@ -37,6 +38,7 @@ pub mod devices;
 pub mod http;
 pub mod hub;
 mod limiter;
+pub mod live_status;
 pub mod metrics;
 pub mod mqtt_tcp;
 pub mod peer_link;

@@ -163,6 +163,7 @@ where
         peer_ip: context.peer.ip(),
         device_from_key: true,
         device_from_username: !tls,
+        transport: if tls { "mqtts" } else { "mqtt" },
     };
     let span = tracing::info_span!("session", peer = %context.peer, transport = "mqtt", device = request.device_id.as_deref().unwrap_or("-"));
     state.metrics.mqtt_connections.inc();

@@ -26,7 +26,8 @@ use dashmap::DashMap;
 use relay_io::FramedReader;
 use relay_proto::Secret;
 use relay_proto::tunnel::{
-    self, LinkAccept, LinkDownReason, Message, PEER_PROOF_LEN, PeerHello, PeerLinkOpen, close_code,
+    self, LinkAccept, LinkDownReason, Message, PEER_PROOF_LEN, PeerHello, PeerLinkOpen,
+    PeerStatusQuery, close_code,
 };
 use relay_store::Claim;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -233,7 +234,18 @@ impl Peers {
     /// The connection to `owner`'s instance, dialling and authenticating
     /// it when there is none.
     async fn connection(&self, owner: &Claim) -> Result<quinn::Connection, String> {
-        let instance = &owner.instance_id;
+        self.connection_to(&owner.instance_id, owner.peer_address.as_deref())
+            .await
+    }
+
+    /// The connection to `instance`, at `peer_address`, dialling and
+    /// authenticating it when there is none.
+    async fn connection_to(
+        &self,
+        instance: &str,
+        peer_address: Option<&str>,
+    ) -> Result<quinn::Connection, String> {
+        let instance = &instance.to_owned();
         if let Some(peer) = self.connections.get(instance)
             && peer.connection.close_reason().is_none()
         {
@@ -250,9 +262,7 @@ impl Peers {
             .endpoint
             .as_ref()
             .ok_or("no cluster secret: this instance cannot dial peers")?;
-        let address: SocketAddr = owner
-            .peer_address
-            .as_deref()
+        let address: SocketAddr = peer_address
             .unwrap_or_default()
             .parse()
             .map_err(|_| format!("instance {instance} has no peer address"))?;
@@ -324,6 +334,45 @@ impl Peers {
         }
     }
 
+    /// Asks `instance` what it knows live of `device_ids`: each device's
+    /// figures, as JSON (read by `live_status`).
+    pub async fn ask_status(
+        &self,
+        instance: &str,
+        peer_address: &str,
+        device_ids: &[String],
+    ) -> Result<Vec<(String, String)>, String> {
+        let connection = self.connection_to(instance, Some(peer_address)).await?;
+        let mut answers = Vec::new();
+        for device_ids in status_query_fields(device_ids) {
+            let asked = device_ids.split(',').count();
+            let (mut send, recv) = connection
+                .open_bi()
+                .await
+                .map_err(|error| error.to_string())?;
+            let query = Message::PeerStatusQuery(PeerStatusQuery { device_ids });
+            if !write_message(&mut send, &query).await {
+                return Err("the peer closed the stream".into());
+            }
+            let _ = send.finish();
+            let mut recv = FramedReader::new(recv);
+            // One answer per device asked about, at most.
+            for _ in 0..asked {
+                match recv.read_message().await {
+                    Ok(Some(Message::PeerStatus(status))) => {
+                        answers.push((status.device_id, status.figures));
+                    }
+                    Ok(None) => break,
+                    Ok(Some(other)) => {
+                        return Err(format!("unexpected {} for a status query", other.name()));
+                    }
+                    Err(error) => return Err(error.to_string()),
+                }
+            }
+        }
+        Ok(answers)
+    }
+
     /// Opens a peer link to the hub of `device_id` on `owner`'s instance.
     pub async fn open_link(
         &self,
@@ -389,6 +438,27 @@ impl Peers {
     }
 }
 
+/// Splits device ids into PEER_STATUS_QUERY fields (each under the
+/// framing's 64 KiB for a string).
+pub fn status_query_fields(device_ids: &[String]) -> Vec<String> {
+    const FIELD_LIMIT: usize = 60_000;
+    let mut fields: Vec<String> = Vec::new();
+    let mut current = String::new();
+    for id in device_ids {
+        if !current.is_empty() && current.len() + 1 + id.len() > FIELD_LIMIT {
+            fields.push(std::mem::take(&mut current));
+        }
+        if !current.is_empty() {
+            current.push(',');
+        }
+        current.push_str(id);
+    }
+    if !current.is_empty() {
+        fields.push(current);
+    }
+    fields
+}
+
 /// A stream half that counts its bytes.
 pub(crate) struct Counted<T> {
     pub(crate) inner: T,
@@ -430,5 +500,21 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_id_lists_are_split_under_the_field_limit() {
+        let ids: Vec<String> = (0..10_000).map(|n| format!("device-{n:08}")).collect();
+        let fields = status_query_fields(&ids);
+        assert!(fields.len() > 1);
+        assert!(fields.iter().all(|field| field.len() <= 60_000));
+        let back: Vec<&str> = fields.iter().flat_map(|field| field.split(',')).collect();
+        assert_eq!(back.len(), ids.len());
+        assert!(status_query_fields(&[]).is_empty());
     }
 }

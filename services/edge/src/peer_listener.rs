@@ -8,8 +8,8 @@ use std::time::Duration;
 use relay_io::FramedReader;
 use relay_proto::mqtt::Packet;
 use relay_proto::tunnel::{
-    HelloRefused, LinkAccept, LinkDownReason, LinkRefused, Message, PeerWelcome, RefusalReason,
-    close_code,
+    HelloRefused, LinkAccept, LinkDownReason, LinkRefused, Message, PeerStatus, PeerWelcome,
+    RefusalReason, close_code,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,6 +31,8 @@ pub struct PeerListener {
     pub hubs: Arc<Hubs>,
     /// Largest packet a peer's hub may send (`[tunnel] max_printer_packet`).
     pub max_packet: usize,
+    /// What this instance knows live, for peers' status queries.
+    pub live: crate::live_status::LocalStatus,
 }
 
 /// The peer listener's server configuration.
@@ -190,6 +192,16 @@ async fn serve_link(
     });
     let open = match tokio::time::timeout(HANDSHAKE_TIMEOUT, recv.read_message()).await {
         Ok(Ok(Some(Message::PeerLinkOpen(open)))) => open,
+        Ok(Ok(Some(Message::PeerStatusQuery(query)))) => {
+            for (device_id, figures) in crate::live_status::answer(&state.live, &query.device_ids) {
+                let status = Message::PeerStatus(PeerStatus { device_id, figures });
+                if !write_message(&mut send, &status).await {
+                    return;
+                }
+            }
+            let _ = send.finish();
+            return;
+        }
         _ => {
             metrics.refusals.with_label_values(&["bad_link"]).inc();
             let _ = send.reset(quinn::VarInt::from_u32(close_code::PROTOCOL_VIOLATION));

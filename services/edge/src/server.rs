@@ -276,6 +276,7 @@ impl RunningEdge {
                     devices: self.state.devices.clone(),
                     hubs: self.state.hubs.clone(),
                     max_packet: config.tunnel.max_printer_packet,
+                    live: crate::live_status::local(&self.state),
                 },
                 self.background.clone(),
                 self.tasks.clone(),

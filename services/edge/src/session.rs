@@ -53,6 +53,8 @@ pub struct SessionRequest {
     /// device id and the password is a whole key or token (the plain
     /// MQTT development listener, which has no SNI).
     pub device_from_username: bool,
+    /// How the client came: `wss`, `mqtts` or `mqtt` (for the console).
+    pub transport: &'static str,
 }
 
 /// A refused CONNECT's CONNACK, as each protocol generation says it.
@@ -97,6 +99,9 @@ struct Admitted {
     principal: Principal,
     device_id: String,
     hub: HubHandle,
+    /// Where the client came from, and how (for the console).
+    peer_ip: IpAddr,
+    transport: &'static str,
     /// The session's places in the quotas, held until it ends.
     _quota: QuotaGuard,
 }
@@ -384,6 +389,8 @@ async fn admit(connect: FirstConnect, request: SessionRequest, state: &EdgeState
                         principal,
                         device_id,
                         hub,
+                        peer_ip: request.peer_ip,
+                        transport: request.transport,
                         _quota: quota,
                     })),
                 },
@@ -563,6 +570,8 @@ async fn serve<S>(
         principal,
         device_id,
         hub,
+        peer_ip,
+        transport,
         _quota: _held_until_the_session_ends,
     } = admitted;
     let limits = &state.config.limits;
@@ -645,6 +654,15 @@ async fn serve<S>(
             key_id: principal.key_id.clone(),
             device_id: device_id.clone(),
             outbound: outbound.clone(),
+            client_id: connect.client_id.clone(),
+            mqtt_version: match (&translator, connect.protocol) {
+                (Some(_), _) => "5",
+                (None, relay_proto::mqtt::ProtocolLevel::V3_1) => "3.1",
+                (None, relay_proto::mqtt::ProtocolLevel::V3_1_1) => "3.1.1",
+            },
+            transport,
+            address: peer_ip,
+            since: state.authenticator.store().now(),
         },
     );
     tracing::info!(key = %principal.key_id, client = %connect.client_id, mqtt5 = translator.is_some(), "session connected");

@@ -47,7 +47,7 @@ pub struct EdgeState {
     /// The way to hubs on other instances, and theirs to ours.
     pub peers: Arc<crate::peer_link::Peers>,
     /// Connected sessions, so that a revocation can end them.
-    pub live_sessions: DashMap<SessionId, LiveSession>,
+    pub live_sessions: Arc<DashMap<SessionId, LiveSession>>,
     /// Set once the drain starts: `/readyz` fails from then on.
     draining: AtomicBool,
 }
@@ -106,7 +106,7 @@ impl EdgeState {
             devices,
             membership,
             peers,
-            live_sessions: DashMap::new(),
+            live_sessions: Arc::default(),
             draining: AtomicBool::new(false),
         }
     }
@@ -247,6 +247,15 @@ pub struct LiveSession {
     pub key_id: String,
     pub device_id: String,
     pub outbound: OutboundSender,
+    /// What the console shows of it.
+    pub client_id: String,
+    /// `3.1`, `3.1.1` or `5`.
+    pub mqtt_version: &'static str,
+    /// `wss`, `mqtts` or `mqtt`.
+    pub transport: &'static str,
+    pub address: IpAddr,
+    /// Unix milliseconds of its CONNACK.
+    pub since: relay_store::Millis,
 }
 
 /// This instance's side of the peer links. Without a usable endpoint (no

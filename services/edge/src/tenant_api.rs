@@ -608,10 +608,7 @@ impl Call<'_> {
             }
             Operation::ListDevices => {
                 let devices = store.list_devices(Some(tenant)).await?;
-                let mut out = Vec::with_capacity(devices.len());
-                for device in &devices {
-                    out.push(device_json(self.state, device).await?);
-                }
+                let out = devices_json(self.state, &devices).await?;
                 Ok(json_response(StatusCode::OK, &Value::Array(out)))
             }
             Operation::CreateDevice => {
@@ -867,36 +864,81 @@ impl TenantChanges<'_> {
 }
 
 /// A device and its status: from the store's registry (which instance
-/// holds its agent, since when) and printer status, and this
-/// instance's live sessions of it.
+/// holds its agent, since when) and printer status, and the live figures
+/// of every instance ([`crate::live_status`]).
 pub async fn device_json(
     state: &EdgeState,
     device: &relay_store::Device,
 ) -> Result<Value, ApiError> {
+    let mut devices = devices_json(state, std::slice::from_ref(device)).await?;
+    Ok(devices.pop().unwrap_or_default())
+}
+
+/// [`device_json`] of several devices of one tenant, with one question to
+/// each instance.
+pub async fn devices_json(
+    state: &EdgeState,
+    devices: &[relay_store::Device],
+) -> Result<Vec<Value>, ApiError> {
     let store = state.authenticator.store();
-    let claim = store.device_claim(&device.id).await?;
+    let ids: Vec<String> = devices.iter().map(|device| device.id.clone()).collect();
+    let gathered = crate::live_status::gather(state, &ids).await;
+    let any_apps = gathered
+        .figures
+        .values()
+        .any(|figures| !figures.apps.is_empty());
+    let labels: std::collections::HashMap<String, String> = match devices.first() {
+        Some(device) if any_apps => store
+            .list_api_keys(Some(&device.tenant_id))
+            .await?
+            .into_iter()
+            .map(|key| (key.id, key.label))
+            .collect(),
+        _ => std::collections::HashMap::new(),
+    };
     let now = store.now();
-    let online = claim.as_ref().is_some_and(|claim| claim.is_live(now));
-    let printer = store.printer_status(&device.id).await?;
-    let agent_credential = store.agent_credential_of(&device.id).await?;
-    let apps_here = state
-        .live_sessions
-        .iter()
-        .filter(|session| session.device_id == device.id)
-        .count();
-    Ok(json!({
-        "id": device.id,
-        "name": device.name,
-        "created_at": device.created_at,
-        "agent_credential": agent_credential,
-        "status": {
-            "online": online,
-            "instance": claim.as_ref().filter(|_| online).map(|claim| claim.instance_id.clone()),
-            "connected_since": claim.as_ref().filter(|_| online).map(|claim| claim.connected_at),
-            "printer": printer,
-            "apps_connected_here": apps_here,
-        },
-    }))
+    let mut out = Vec::with_capacity(devices.len());
+    for device in devices {
+        let claim = store.device_claim(&device.id).await?;
+        let online = claim.as_ref().is_some_and(|claim| claim.is_live(now));
+        let printer = store.printer_status(&device.id).await?;
+        let agent_credential = store.agent_credential_of(&device.id).await?;
+        let figures = gathered.of(&device.id);
+        let apps: Vec<Value> = figures
+            .apps
+            .iter()
+            .map(|app| {
+                json!({
+                    "client_id": app.client_id,
+                    "mqtt_version": app.mqtt_version,
+                    "transport": app.transport,
+                    "address": app.address.to_string(),
+                    "since": app.since,
+                    "key_id": app.key_id,
+                    "key_label": labels.get(&app.key_id),
+                    "instance": app.instance,
+                })
+            })
+            .collect();
+        out.push(json!({
+            "id": device.id,
+            "name": device.name,
+            "created_at": device.created_at,
+            "agent_credential": agent_credential,
+            "status": {
+                "online": online,
+                "instance": claim.as_ref().filter(|_| online).map(|claim| claim.instance_id.clone()),
+                "connected_since": claim.as_ref().filter(|_| online).map(|claim| claim.connected_at),
+                "agent": figures.agent.as_ref().filter(|_| online),
+                "printer": printer,
+                "apps_connected": figures.apps_connected(),
+                "apps": apps,
+                "traffic": figures.traffic.filter(|_| online),
+                "instances_unanswered": gathered.unanswered,
+            },
+        }));
+    }
+    Ok(out)
 }
 
 /// The OpenAPI 3.1 document of [`Operation::ALL`].
@@ -1031,10 +1073,52 @@ fn schemas() -> Value {
                         "online": { "type": "boolean" },
                         "instance": optional_string,
                         "connected_since": optional_millis,
+                        "agent": {
+                            "type": ["object", "null"],
+                            "description": "The agent, from the instance that holds it",
+                            "properties": {
+                                "version": optional_string,
+                                "transport": { "type": "string", "enum": ["quic", "tcp"] },
+                                "connected_since": millis,
+                                "instance": { "type": "string" },
+                            },
+                        },
                         "printer": { "type": ["object", "null"] },
-                        "apps_connected_here": { "type": "integer" },
+                        "apps_connected": {
+                            "type": "integer",
+                            "description": "On every instance that answered",
+                        },
+                        "apps": { "type": "array", "items": { "$ref": "#/components/schemas/App" } },
+                        "traffic": {
+                            "type": ["object", "null"],
+                            "description": "PUBLISHes through the device's hub on the agent's instance",
+                            "properties": {
+                                "from_printer_last_minute": { "type": "integer" },
+                                "to_printer_last_minute": { "type": "integer" },
+                                "last_printer_message_at": optional_millis,
+                            },
+                        },
+                        "instances_unanswered": {
+                            "type": "array",
+                            "description": "Live instances that did not answer in time: their apps are missing",
+                            "items": { "type": "string" },
+                        },
                     },
                 },
+            },
+        },
+        "App": {
+            "type": "object",
+            "description": "An app's session",
+            "properties": {
+                "client_id": { "type": "string" },
+                "mqtt_version": { "type": "string", "enum": ["3.1", "3.1.1", "5"] },
+                "transport": { "type": "string", "enum": ["wss", "mqtts", "mqtt"] },
+                "address": { "type": "string" },
+                "since": millis,
+                "key_id": { "type": "string" },
+                "key_label": optional_string,
+                "instance": { "type": "string" },
             },
         },
         "NewKey": {

@@ -487,6 +487,11 @@ async fn accept_hello(connection: &TunnelConnection, state: &Arc<EdgeState>) -> 
         epoch,
         &credential_id,
         connection.clone(),
+        // Free text from the agent: kept short for the console.
+        hello
+            .agent_version
+            .as_deref()
+            .map(|version| version.chars().take(64).collect()),
         control,
     );
     if let Some(previous) = previous {

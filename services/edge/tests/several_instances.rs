@@ -309,6 +309,70 @@ async fn three_instances_serve_one_printer_through_one_connection() {
         assert!(strictly_increasing(&seen[1..]), "client {index}: {seen:?}");
         assert!(publish_acknowledged(client, 40 + index as u16).await);
     }
+    // The owner's status shows the same figures on every instance: the
+    // agent, its traffic, and the six apps of all three.
+    let statuses = [
+        device_status(&cluster, &a).await,
+        device_status(&cluster, &b).await,
+        device_status(&cluster, &c).await,
+    ];
+    let apps_of = |status: &serde_json::Value| {
+        let mut apps: Vec<(String, String, String)> = status["apps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|app| {
+                (
+                    app["client_id"].as_str().unwrap().to_owned(),
+                    app["instance"].as_str().unwrap().to_owned(),
+                    app["transport"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        apps.sort();
+        apps
+    };
+    let expected: Vec<(String, String, String)> = [
+        ("kit-a", "edge-a"),
+        ("kit-b", "edge-b"),
+        ("kit-c", "edge-c"),
+        ("paho-a", "edge-a"),
+        ("paho-b", "edge-b"),
+        ("paho-c", "edge-c"),
+    ]
+    .iter()
+    .map(|(client, instance)| ((*client).into(), (*instance).into(), "wss".into()))
+    .collect();
+    for (status, on) in statuses.iter().zip(["edge-a", "edge-b", "edge-c"]) {
+        let status = &status["status"];
+        assert_eq!(status["online"], true, "on {on}: {status}");
+        assert_eq!(status["instance"], "edge-b", "on {on}: {status}");
+        assert_eq!(status["agent"]["instance"], "edge-b", "on {on}: {status}");
+        assert_eq!(status["agent"]["transport"], "quic", "on {on}: {status}");
+        assert!(
+            status["agent"]["version"]
+                .as_str()
+                .is_some_and(|version| !version.is_empty()),
+            "on {on}: {status}"
+        );
+        assert_eq!(status["apps_connected"], 6, "on {on}: {status}");
+        assert_eq!(apps_of(status), expected, "on {on}");
+        assert_eq!(status["instances_unanswered"], serde_json::json!([]));
+        assert!(
+            status["traffic"]["from_printer_last_minute"]
+                .as_u64()
+                .unwrap()
+                > 0,
+            "on {on}: {status}"
+        );
+        assert!(
+            status["traffic"]["to_printer_last_minute"]
+                .as_u64()
+                .unwrap()
+                >= 6,
+            "six QoS 1 publishes went to the printer; on {on}: {status}"
+        );
+    }
     // The printer sees one connection and one SUBSCRIBE for the report.
     let observations = cluster.simulator.observations();
     assert_eq!(observations.connections.load(Ordering::Relaxed), 1);
@@ -329,6 +393,41 @@ async fn three_instances_serve_one_printer_through_one_connection() {
     }
     agent.cancel();
     cluster.setup.database.cleanup().await;
+}
+
+/// The tenant API's view of the cluster's device, asked of `instance`
+/// with curl (a client nobody here wrote).
+async fn device_status(cluster: &Cluster, instance: &EdgeProcess) -> serde_json::Value {
+    let store = &cluster.setup.database.store;
+    let (_, token) = store
+        .create_admin_token(&cluster.setup.tenant, "status")
+        .await
+        .unwrap();
+    let ca = write(
+        &cluster.setup.pki.dir,
+        "ca.pem",
+        &cluster.setup.pki.ca_pem(),
+    );
+    let port = instance.public.port();
+    let output = tokio::process::Command::new("curl")
+        .args(["-sS", "--fail-with-body", "--max-time", "20", "--cacert"])
+        .arg(&ca)
+        .args(["--resolve", &format!("{BASE_DOMAIN}:{port}:127.0.0.1")])
+        .args(["-H", &format!("Authorization: Bearer {}", token.reveal())])
+        .arg(format!(
+            "https://{BASE_DOMAIN}:{port}/api/v1/devices/{}",
+            cluster.setup.device
+        ))
+        .output()
+        .await
+        .expect("curl runs");
+    assert!(
+        output.status.success(),
+        "curl: {}{}",
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&output.stdout)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
 }
 
 /// Peer-link bytes from the owner over printer bytes into it, while

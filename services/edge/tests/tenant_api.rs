@@ -516,12 +516,41 @@ async fn a_revoked_key_ends_its_live_session() {
     )
     .await;
     let _ = &mut printer;
+    // The device's page lists the session: client id, MQTT version, how
+    // it came, from where, and its key's label.
+    let device = api
+        .call(
+            "GET",
+            &format!("/api/v1/devices/{}", api.edge.device),
+            &token,
+            None,
+        )
+        .await;
+    let status = &device.body["status"];
+    assert_eq!(status["apps_connected"], 1, "{status}");
+    let app = &status["apps"][0];
+    assert_eq!(app["client_id"], "app", "{app}");
+    assert_eq!(app["mqtt_version"], "3.1.1");
+    assert_eq!(app["transport"], "wss");
+    assert_eq!(app["address"], "127.0.0.1");
+    assert_eq!(app["key_id"], key_id.as_str());
+    assert_eq!(app["key_label"], key.body["key"]["label"]);
+    assert!(app["since"].as_i64().unwrap() > 0);
     let revoked = api
         .call("DELETE", &format!("/api/v1/keys/{key_id}"), &token, None)
         .await;
     assert_eq!(revoked.status, 204);
     let (code, _) = client.closed().await.expect("the session was closed");
     assert_eq!(code, 1008);
+    let after = api
+        .call(
+            "GET",
+            &format!("/api/v1/devices/{}", api.edge.device),
+            &token,
+            None,
+        )
+        .await;
+    assert_eq!(after.body["status"]["apps"], json!([]));
     api.edge.stop().await;
 }
 

@@ -176,6 +176,8 @@ pub(crate) struct HubIo {
     /// Cancelled from outside to end the hub (drain, replaced).
     pub ended: CancellationToken,
     pub metrics: HubMetrics,
+    /// The traffic the hub's handles show.
+    pub activity: Arc<crate::activity::HubActivity>,
 }
 
 /// Adds to the metric what the state counted since the last export.
@@ -293,12 +295,14 @@ struct Context {
     silences: Option<prometheus::IntCounterVec>,
     bytes_in: Option<prometheus::IntCounter>,
     bytes_out: Option<prometheus::IntCounter>,
+    activity: Arc<crate::activity::HubActivity>,
 }
 
 impl Context {
     /// Exports the counters, logs what the quarantine decided, and takes
     /// the state's end, if it decided one.
     fn settle(&mut self, state: &mut HubState<OutboundSender>) -> Option<HubEnd> {
+        self.activity.sample(now());
         let quarantined_before = self.exported.quarantined_filters;
         let current = state.counters();
         if let Some(silences) = &self.silences {
@@ -353,7 +357,11 @@ impl Context {
 }
 
 /// Hands a session's command to the state; `Err` when no handle is left.
-fn apply(state: &mut HubState<OutboundSender>, command: Option<Command>) -> Result<(), HubEnd> {
+fn apply(
+    state: &mut HubState<OutboundSender>,
+    command: Option<Command>,
+    activity: &crate::activity::HubActivity,
+) -> Result<(), HubEnd> {
     match command {
         Some(Command::Attach { session, attach }) => state.attach(session, attach, now()),
         Some(Command::ClientPacket {
@@ -361,6 +369,9 @@ fn apply(state: &mut HubState<OutboundSender>, command: Option<Command>) -> Resu
             packet,
             extras,
         }) => {
+            if matches!(packet, Packet::Publish(_)) {
+                activity.to_printer();
+            }
             state.handle_client_packet_with(session, packet, extras.as_deref(), now());
         }
         Some(Command::Detach { session, graceful }) => state.detach(session, graceful, now()),
@@ -389,6 +400,7 @@ pub(crate) async fn run(config: HubConfig, io: HubIo) -> HubEnd {
         grace,
         commands,
         ended,
+        activity,
         metrics:
             HubMetrics {
                 upstream_bytes: byte_counter,
@@ -407,6 +419,7 @@ pub(crate) async fn run(config: HubConfig, io: HubIo) -> HubEnd {
         silences,
         bytes_in: byte_counter.as_ref().map(|c| c.with_label_values(&["in"])),
         bytes_out: byte_counter.as_ref().map(|c| c.with_label_values(&["out"])),
+        activity,
     };
     let max_upstream_packet = config.max_upstream_packet;
     let mut state: HubState<OutboundSender> = HubState::new(config, now());
@@ -509,7 +522,12 @@ async fn serve(
                 continue;
             }
             match mqtt::decode(reader.buffer_mut(), max_upstream_packet) {
-                Ok(Some(packet)) => state.handle_upstream_packet(packet, now_at_read),
+                Ok(Some(packet)) => {
+                    if matches!(packet, Packet::Publish(_)) {
+                        context.activity.from_printer();
+                    }
+                    state.handle_upstream_packet(packet, now_at_read);
+                }
                 Ok(None) => break,
                 // One packet over the limit is skipped (its bytes are
                 // known from its header), not the end of the link: a
@@ -564,7 +582,7 @@ async fn serve(
                     }
                     continue;
                 }
-                if let Err(end) = apply(state, command) {
+                if let Err(end) = apply(state, command, &context.activity) {
                     return Served::End(end);
                 }
             },
@@ -617,7 +635,7 @@ async fn find_upstream(
                     attempt = Some(source(None));
                     continue;
                 }
-                apply(state, command)?;
+                apply(state, command, &context.activity)?;
             }
             () = tokio::time::sleep_until(wake_at) => state.handle_timeout(now()),
             () = context.ended.cancelled() => return Err(HubEnd::Ended),

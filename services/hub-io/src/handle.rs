@@ -11,6 +11,7 @@ use relay_proto::mqtt::Packet;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::activity::HubActivity;
 use crate::driver::{self, Command, HubIo, HubMetrics, Upstream, UpstreamSource};
 use crate::outbound::OutboundSender;
 
@@ -29,6 +30,8 @@ pub struct HubHandle {
     policy: Arc<TopicPolicy>,
     /// Cancelled when the hub ends (upstream lost, replaced, drained).
     ended: CancellationToken,
+    /// Its traffic, counted by the driver.
+    activity: Arc<HubActivity>,
 }
 
 impl HubHandle {
@@ -38,6 +41,12 @@ impl HubHandle {
 
     pub fn printer(&self) -> &PrinterIdentity {
         &self.printer
+    }
+
+    /// The hub's traffic: PUBLISHes each way in the last minute, and the
+    /// printer's last.
+    pub fn activity(&self) -> &HubActivity {
+        &self.activity
     }
 
     /// Attaches a session; false when the hub has ended.
@@ -118,7 +127,9 @@ pub fn start(
 ) {
     let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
     let ended = CancellationToken::new();
+    let activity = Arc::new(HubActivity::new(std::time::Instant::now()));
     let handle = HubHandle {
+        activity: activity.clone(),
         printer: config.printer.clone(),
         commands,
         policy: config.policy.clone(),
@@ -131,6 +142,7 @@ pub fn start(
         commands: receiver,
         ended: ended.clone(),
         metrics,
+        activity,
     };
     let driver = async move {
         let end = driver::run(config, io).await;

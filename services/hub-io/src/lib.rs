@@ -2,15 +2,18 @@
 //! driver that runs a [`relay_hub::HubState`] over its upstream's halves and
 //! its sessions' commands ([`driver`]), a session's bounded outbound queue
 //! ([`outbound`]), a session's handle on its hub ([`handle`]), and an MQTT
-//! 5 session's translator ([`mqtt5`]). The
+//! 5 session's translator ([`mqtt5`]), and the hub's traffic as others see
+//! it ([`activity`]). The
 //! rules live in `relay-hub`, which has no IO; this crate has the IO and
 //! no rules.
 
+pub mod activity;
 pub mod driver;
 pub mod handle;
 pub mod mqtt5;
 pub mod outbound;
 
+pub use activity::{HubActivity, Traffic};
 pub use driver::{
     HubMetrics, TunnelProbe, Upstream, UpstreamFailure, UpstreamFuture, UpstreamSource,
 };

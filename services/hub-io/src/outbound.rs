@@ -183,6 +183,11 @@ impl OutboundSender {
         }
     }
 
+    /// Whether the session was ended (it may still be saying goodbye).
+    pub fn is_ended(&self) -> bool {
+        self.ended.is_cancelled()
+    }
+
     /// Ends the session: the close goes after what is queued, and the
     /// session's reader stops at once.
     pub fn end(&self, close: Close) {

@@ -1031,7 +1031,9 @@ enum Direction<'a> {
 /// sure.
 #[derive(Debug)]
 enum OwnTopics {
-    /// Subscribe to the report only; publish to the request topic only.
+    /// Subscribe to its report and request topics (as the edge's Bambu
+    /// policy and the agent's own hub allow); publish to the request topic
+    /// only.
     Bambu { report: String, request: String },
     /// Anything under `elegoo/<sn>/`, except a registration that names the
     /// agent's own client id.
@@ -1060,7 +1062,7 @@ impl OwnTopics {
 
     fn permits_filter(&self, filter: &str) -> bool {
         match self {
-            OwnTopics::Bambu { report, .. } => filter == report,
+            OwnTopics::Bambu { report, request } => filter == report || filter == request,
             OwnTopics::ElegooCc2 { prefix, .. } => {
                 relay_proto::topic::filter_covers(&format!("{prefix}#"), filter)
             }

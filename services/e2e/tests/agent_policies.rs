@@ -469,3 +469,31 @@ async fn the_agent_lets_only_the_printers_own_topics_through() {
     world.agent.cancel();
     world.edge.stop().await;
 }
+
+/// An app that subscribes to a Bambu printer's report and request topics
+/// in one SUBSCRIBE (both allowed by the edge's default policy) gets both
+/// granted: the agent lets the printer's own request topic through too,
+/// and receives the reports. Before, the agent refused the whole SUBSCRIBE.
+#[tokio::test]
+async fn report_and_request_in_one_subscribe_are_both_granted() {
+    let world = world(ACCESS_CODE).await;
+    let mut app = Client::connect(&world.edge, &world.edge.bearer(), connect_packet("both")).await;
+    app.send(&Packet::Subscribe(Subscribe {
+        packet_id: PacketId::new(1).unwrap(),
+        filters: vec![
+            (report_topic(), QoS::AtMostOnce),
+            (format!("device/{SERIAL}/request"), QoS::AtMostOnce),
+        ],
+    }))
+    .await;
+    match app.next().await {
+        Some(Packet::SubAck(suback)) => assert_eq!(
+            suback.return_codes,
+            vec![relay_proto::mqtt::SubscribeReturnCode::Success(QoS::AtMostOnce); 2]
+        ),
+        other => panic!("expected the SUBACK, got {other:?}"),
+    }
+    assert_eq!(next_publish(&mut app).await.topic, report_topic());
+    world.agent.cancel();
+    world.edge.stop().await;
+}

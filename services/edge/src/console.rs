@@ -42,6 +42,7 @@ pub fn is_console_path(path: &str) -> bool {
         || path == "/keys"
         || path == "/audit"
         || path == "/console/live"
+        || path.starts_with("/console/messages/")
         || path.starts_with("/devices")
         || path.starts_with("/keys/")
 }
@@ -130,7 +131,9 @@ table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:.4em;bor
 .online{background:#2a9d8f;color:#fff}.offline{background:#aaa;color:#fff}\
 pre{background:#f4f4f4;padding:.6em;overflow-x:auto;white-space:pre-wrap;word-break:break-all}\
 input,select,button{font-size:1em;padding:.3em;margin:.2em 0}.secret{background:#ffe8a3;padding:.6em}\
-code{word-break:break-all}";
+code{word-break:break-all}.warning{color:#9d0208}\
+.messages{list-style:none;padding:0;margin:0;max-height:30em;overflow-y:auto}\
+.messages li{border-bottom:1px solid #ddd;padding:.3em 0}.messages pre{margin:.2em 0;max-height:8em;overflow-y:auto}";
 
 /// A page with the console's header.
 fn page(title: &str, visitor: Option<&Visitor>, content: &str) -> String {
@@ -186,7 +189,7 @@ pub async fn handle(
     peer: IpAddr,
 ) -> Response<Full<Bytes>> {
     let Some(visitor) = visitor(request.headers(), state).await else {
-        if request.uri().path() == "/console/live" {
+        if request.uri().path().starts_with("/console/") {
             return html(StatusCode::UNAUTHORIZED, String::new());
         }
         return signed_out();
@@ -195,6 +198,11 @@ pub async fn handle(
     let method = request.method().clone();
     if method == Method::GET && path == "/console/live" {
         return live(request, state, visitor.caller.tenant_id);
+    }
+    if method == Method::GET
+        && let Some(device_id) = path.strip_prefix("/console/messages/")
+    {
+        return watch_messages(request, state, &visitor.caller.tenant_id, device_id).await;
     }
     let result = if method == Method::GET {
         match path.as_str() {
@@ -406,6 +414,40 @@ fn recipes(host: &str, mqtts_port: u16, device: &str, key: &str) -> String {
     out
 }
 
+/// The live message view: paused until the owner presses Watch, then
+/// the newest 50 messages (payloads as text, never as markup).
+fn message_view(device_id: &str) -> String {
+    // A device id is a DNS label: safe in a URL path and in a script
+    // string; escaped all the same.
+    format!(
+        "<h2>Live messages</h2>\
+         <p>The printer's topics as an app sees them, read-only: at most {per_second} a second, \
+         each cut to {bytes} bytes.</p>\
+         <p><button type=\"button\" id=\"watch\">Watch</button> <span id=\"watch-state\">Paused</span></p>\
+         <ol id=\"messages\" class=\"messages\"></ol>\
+         <script>(function(){{var b=document.getElementById('watch'),st=document.getElementById('watch-state'),\
+         list=document.getElementById('messages'),s=null;\
+         function stop(text){{if(s){{s.onclose=null;s.close();s=null;}}b.textContent='Watch';st.textContent=text;}}\
+         b.onclick=function(){{if(s){{stop('Paused');return;}}\
+         s=new WebSocket((location.protocol=='https:'?'wss://':'ws://')+location.host+'/console/messages/{id}');\
+         b.textContent='Pause';st.textContent='Connecting';\
+         s.onclose=function(){{s=null;stop('Stopped');}};\
+         s.onmessage=function(e){{var m=JSON.parse(e.data);\
+         if(m.event=='watching'){{st.textContent='Watching';return;}}\
+         if(m.event=='offline'){{stop('The device is offline');return;}}\
+         if(m.event=='ended'){{stop('Ended: the device went away');return;}}\
+         var li=document.createElement('li'),h=document.createElement('div'),p=document.createElement('pre');\
+         h.textContent=new Date().toLocaleTimeString()+' '+m.topic+' ('+m.size+' bytes'+(m.cut?', cut':'')+\
+         (m.skipped?', '+m.skipped+' skipped before':'')+')';\
+         p.textContent=m.payload;li.appendChild(h);li.appendChild(p);list.insertBefore(li,list.firstChild);\
+         while(list.children.length>50){{list.removeChild(list.lastChild);}}\
+         document.body.setAttribute('data-messages',String(Number(document.body.getAttribute('data-messages')||0)+1));}};}};}})();</script>",
+        per_second = WATCH_MESSAGES_PER_SECOND,
+        bytes = WATCH_PAYLOAD_BYTES,
+        id = escape(device_id),
+    )
+}
+
 /// Why the printer is down or silent, if it is, in the agent's words.
 fn failure(printer: &Value) -> String {
     match (printer["reason"].as_str(), printer["detail"].as_str()) {
@@ -555,9 +597,11 @@ async fn device_page(
          <select name=\"scope\"><option value=\"read\">read</option><option value=\"control\">control</option></select> \
          <button type=\"submit\">Create key</button></form>\
          <h2>Agent credential</h2><form method=\"post\" action=\"/devices/{id}/agent-credential\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Issue or rotate</button></form>",
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Issue or rotate</button></form>\
+         {watch}",
         csrf = visitor.csrf,
         id = escape(&device.id),
+        watch = message_view(&device.id),
     );
     Ok(html(
         StatusCode::OK,
@@ -732,23 +776,7 @@ fn live(
     state: &Arc<EdgeState>,
     tenant_id: String,
 ) -> Response<Full<Bytes>> {
-    let base = &state.config.public.base_domain;
-    let same_origin = request
-        .headers()
-        .get(header::ORIGIN)
-        .and_then(|origin| origin.to_str().ok())
-        .and_then(|origin| {
-            origin
-                .strip_prefix("https://")
-                .or_else(|| origin.strip_prefix("http://"))
-        })
-        .map(|host| host.rsplit_once(':').map_or(host, |(name, _)| name))
-        .is_some_and(|host| host.eq_ignore_ascii_case(base));
-    let key = request
-        .headers()
-        .get(header::SEC_WEBSOCKET_KEY)
-        .map(|key| derive_accept_key(key.as_bytes()));
-    let (true, Some(accept)) = (same_origin, key) else {
+    let Some(accept) = same_origin_upgrade(&request, state) else {
         return html(StatusCode::FORBIDDEN, String::new());
     };
     let upgrade = hyper::upgrade::on(&mut request);
@@ -790,15 +818,252 @@ fn live(
             }
         }
     });
+    switching_protocols(&accept)
+}
+
+/// A console WebSocket's handshake answer.
+fn switching_protocols(accept: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(value) = HeaderValue::from_str(&accept) {
+    if let Ok(value) = HeaderValue::from_str(accept) {
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, value);
     }
     response
+}
+
+/// A console WebSocket's `Sec-WebSocket-Accept`, if the request is a
+/// WebSocket handshake from a page of the console's own origin (a
+/// browser sends the cookie with any site's handshake; `Origin` tells).
+fn same_origin_upgrade(request: &Request<Incoming>, state: &EdgeState) -> Option<String> {
+    let base = &state.config.public.base_domain;
+    let same_origin = request
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|origin| origin.to_str().ok())
+        .and_then(|origin| {
+            origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"))
+        })
+        .map(|host| host.rsplit_once(':').map_or(host, |(name, _)| name))
+        .is_some_and(|host| host.eq_ignore_ascii_case(base));
+    let key = request
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(|key| derive_accept_key(key.as_bytes()));
+    key.filter(|_| same_origin)
+}
+
+/// Message views one tenant may have open at once.
+const MAX_WATCHERS_PER_TENANT: usize = 8;
+/// Messages a view is sent per second at most; the rest are counted.
+const WATCH_MESSAGES_PER_SECOND: u32 = 10;
+/// Payload bytes a view shows of a message.
+const WATCH_PAYLOAD_BYTES: usize = 2048;
+/// What a view's hub session may hold queued before the hub cuts it (the
+/// printer connection is never slowed for it).
+const WATCH_QUEUE_BYTES: usize = 256 * 1024;
+
+/// `GET /console/messages/<device>`: a read-only view of the printer's
+/// topics, over a WebSocket. It is a session of the device's hub like an
+/// app's (subscribed to what the device's topic policy allows), that never
+/// publishes; messages are sent at most [`WATCH_MESSAGES_PER_SECOND`],
+/// each cut to [`WATCH_PAYLOAD_BYTES`]. The page opens it only when the
+/// owner presses Watch.
+async fn watch_messages(
+    mut request: Request<Incoming>,
+    state: &Arc<EdgeState>,
+    tenant_id: &str,
+    device_id: &str,
+) -> Response<Full<Bytes>> {
+    let Some(accept) = same_origin_upgrade(&request, state) else {
+        return html(StatusCode::FORBIDDEN, String::new());
+    };
+    let store = state.authenticator.store();
+    if store.tenant_device(tenant_id, device_id).await.is_err() {
+        return html(StatusCode::NOT_FOUND, String::new());
+    }
+    let Some(watcher) = WatcherPlace::take(state, tenant_id) else {
+        return html(StatusCode::TOO_MANY_REQUESTS, String::new());
+    };
+    let upgrade = hyper::upgrade::on(&mut request);
+    let state = state.clone();
+    let device_id = device_id.to_owned();
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        let Ok(upgraded) = upgrade.await else {
+            return;
+        };
+        let config = WebSocketConfig::default()
+            .read_buffer_size(1024)
+            .write_buffer_size(0)
+            .max_message_size(Some(1024))
+            .max_frame_size(Some(1024));
+        let socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        serve_watcher(socket, &state, &device_id).await;
+    });
+    switching_protocols(&accept)
+}
+
+/// One of a tenant's [`MAX_WATCHERS_PER_TENANT`] message views, given back
+/// when dropped.
+struct WatcherPlace {
+    state: Arc<EdgeState>,
+    tenant_id: String,
+}
+
+impl WatcherPlace {
+    fn take(state: &Arc<EdgeState>, tenant_id: &str) -> Option<WatcherPlace> {
+        let mut open = state
+            .console_watchers
+            .entry(tenant_id.to_owned())
+            .or_insert(0);
+        if *open >= MAX_WATCHERS_PER_TENANT {
+            return None;
+        }
+        *open += 1;
+        Some(WatcherPlace {
+            state: state.clone(),
+            tenant_id: tenant_id.to_owned(),
+        })
+    }
+}
+
+impl Drop for WatcherPlace {
+    fn drop(&mut self) {
+        self.state
+            .console_watchers
+            .remove_if_mut(&self.tenant_id, |_, open| {
+                *open = open.saturating_sub(1);
+                *open == 0
+            });
+    }
+}
+
+/// Runs one message view until the page closes it or the hub ends.
+async fn serve_watcher<S>(socket: WebSocketStream<S>, state: &EdgeState, device_id: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use relay_hub_io::{Outbound, outbound_queue};
+    use relay_proto::mqtt::{Packet, QoS, Subscribe};
+
+    let (mut sink, mut stream) = socket.split();
+    let say = |value: Value| Message::Text(value.to_string().into());
+    let hub = match state.devices.hub_for(device_id).await {
+        Ok(hub) => hub,
+        Err(_) => {
+            let _ = sink
+                .send(say(serde_json::json!({ "event": "offline" })))
+                .await;
+            let _ = sink.close().await;
+            return;
+        }
+    };
+    let session_id = state.hubs.next_session_id();
+    let (outbound, mut receiver, _ended) = outbound_queue(WATCH_QUEUE_BYTES);
+    let filters: Vec<(String, QoS)> = hub
+        .policy()
+        .allow
+        .iter()
+        .filter(|filter| hub.policy().permits_filter(filter))
+        .map(|filter| (filter.clone(), QoS::AtMostOnce))
+        .collect();
+    let attached = hub
+        .attach(
+            session_id,
+            relay_hub::SessionAttach {
+                sink: outbound.clone(),
+                client_id: String::new(),
+                will: None,
+                max_subscriptions: filters.len().max(1),
+                max_unacknowledged: 1,
+                peer: false,
+                mqtt5: false,
+            },
+        )
+        .await;
+    drop(outbound);
+    // One SUBSCRIBE per filter: one the printer refuses spoils no other.
+    let mut subscribed = attached && !filters.is_empty();
+    for (index, filter) in filters.into_iter().enumerate() {
+        let Some(packet_id) = u16::try_from(index + 1)
+            .ok()
+            .and_then(std::num::NonZeroU16::new)
+        else {
+            break;
+        };
+        let subscribe = Packet::Subscribe(Subscribe {
+            packet_id,
+            filters: vec![filter],
+        });
+        subscribed = subscribed && hub.client_packet(session_id, subscribe).await;
+    }
+    if !subscribed {
+        hub.detach(session_id, true).await;
+        let _ = sink
+            .send(say(serde_json::json!({ "event": "offline" })))
+            .await;
+        let _ = sink.close().await;
+        return;
+    }
+    let _ = sink
+        .send(say(serde_json::json!({ "event": "watching" })))
+        .await;
+    let mut budget = WATCH_MESSAGES_PER_SECOND;
+    let mut skipped: u64 = 0;
+    let mut refill = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            item = receiver.recv() => {
+                let bytes = match item {
+                    Some(Outbound::Bytes(bytes)) => bytes,
+                    Some(Outbound::Close(_)) | None => {
+                        let _ = sink.send(say(serde_json::json!({ "event": "ended" }))).await;
+                        break;
+                    }
+                    Some(_) => continue,
+                };
+                let mut buffer = bytes::BytesMut::from(bytes.as_ref());
+                while let Ok(Some(packet)) = relay_proto::mqtt::decode(&mut buffer, usize::MAX) {
+                    let Packet::Publish(publish) = packet else {
+                        continue;
+                    };
+                    if budget == 0 {
+                        skipped += 1;
+                        continue;
+                    }
+                    budget -= 1;
+                    let shown = &publish.payload[..publish.payload.len().min(WATCH_PAYLOAD_BYTES)];
+                    let message = serde_json::json!({
+                        "event": "message",
+                        "topic": publish.topic,
+                        "size": publish.payload.len(),
+                        "payload": String::from_utf8_lossy(shown),
+                        "cut": shown.len() < publish.payload.len(),
+                        "skipped": skipped,
+                    });
+                    skipped = 0;
+                    if sink.send(say(message)).await.is_err() {
+                        hub.detach(session_id, true).await;
+                        return;
+                    }
+                }
+            }
+            _ = refill.tick() => budget = WATCH_MESSAGES_PER_SECOND,
+            message = stream.next() => match message {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                _ => {}
+            },
+        }
+    }
+    hub.detach(session_id, true).await;
+    let _ = sink.close().await;
 }
 
 /// Tenants whose live status is kept at most; past that, old entries go.

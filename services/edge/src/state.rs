@@ -31,6 +31,8 @@ pub struct EdgeState {
     /// The console's live status per tenant, with when it was made: open
     /// devices pages of one tenant share one look at the store a second.
     pub console_status: DashMap<String, (Instant, Arc<str>)>,
+    /// The console's open message views, per tenant.
+    pub console_watchers: DashMap<String, usize>,
     /// Failed agent HELLOs, per source address (counted) and per
     /// credential id (limited).
     pub agent_failures: Arc<FailureLimiter>,
@@ -99,6 +101,7 @@ impl EdgeState {
             failures,
             api_requests,
             console_status: DashMap::new(),
+            console_watchers: DashMap::new(),
             agent_failures,
             agents_accepted: AcceptedCredentials::default(),
             quotas,

@@ -4,7 +4,8 @@
 //! 2 s of its agent connecting (pushed over the console's WebSocket),
 //! creates a device and a key through the forms, copies the key's
 //! mosquitto_sub recipe (which this test runs, and which gets a report),
-//! revokes the key (the app's session ends), sees the device go offline
+//! sees an app's session on the device page and the printer's reports in
+//! its live message view (paused until Watch is pressed), revokes the key (the app's session ends), sees the device go offline
 //! when the agent stops, and reads the audit log. Screenshots at desktop
 //! and phone widths go to `target/console-screenshots/`.
 
@@ -94,10 +95,25 @@ try:
     shot("4-key-and-recipes")
     step("key", key=key, recipe=recipe, online_after=online_after)
 
+    # The device page lists the app the test connected, and its live
+    # message view, paused until Watch is pressed, shows the reports.
+    driver.get(base + "/devices/" + device)
+    WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.ID, "apps"))
+    apps = driver.find_element(By.ID, "apps").text
+    paused = driver.find_element(By.ID, "watch-state").text
+    driver.find_element(By.ID, "watch").click()
+    WebDriverWait(driver, 10, poll_frequency=0.05).until(
+        lambda d: int(d.find_element(By.TAG_NAME, "body").get_attribute("data-messages") or 0) >= 2)
+    first = driver.find_element(By.CSS_SELECTOR, "ol.messages li").text
+    shot("5-device-apps-and-messages")
+    driver.find_element(By.ID, "watch").click()
+    step("device", apps=apps, paused=paused, message=first,
+         watch_state=driver.find_element(By.ID, "watch-state").text)
+
     driver.get(base + "/keys")
     driver.find_element(By.ID, "revoke-" + key.split("_")[1]).click()
     WebDriverWait(driver, 10).until(lambda d: "revoked" in body())
-    shot("5-key-revoked")
+    shot("6-key-revoked")
     step("revoked")
 
     driver.get(base + "/")
@@ -106,9 +122,9 @@ try:
     started = time.monotonic()
     WebDriverWait(driver, 10, poll_frequency=0.05).until(lambda d: status() == "offline")
     offline_after = time.monotonic() - started
-    shot("6-devices-offline-again")
+    shot("7-devices-offline-again")
     driver.get(base + "/audit")
-    shot("7-audit")
+    shot("8-audit")
     step("done", offline_after=offline_after, audit=body())
 finally:
     driver.quit()
@@ -227,6 +243,19 @@ async fn an_owner_signs_in_watches_the_agent_and_manages_keys_in_a_browser() {
         connect_packet("kept-app"),
     )
     .await;
+    go().await;
+    let device_step = next_step(&mut lines).await;
+    assert_eq!(device_step["step"], "device");
+    let apps = device_step["apps"].as_str().unwrap();
+    assert!(
+        apps.contains("kept-app") && apps.contains("3.1.1") && apps.contains("wss"),
+        "{apps}"
+    );
+    assert!(apps.contains("browser test"), "the key's label: {apps}");
+    assert_eq!(device_step["paused"], "Paused");
+    let message = device_step["message"].as_str().unwrap();
+    assert!(message.contains(&report_topic()), "{message}");
+    assert_eq!(device_step["watch_state"], "Paused");
     go().await;
     assert_eq!(next_step(&mut lines).await["step"], "revoked");
     let (code, _) = app.closed().await.expect("the app's session ended");

@@ -978,3 +978,126 @@ async fn the_consoles_forms_need_the_csrf_token_and_its_pages_the_callers_tenant
     assert_eq!(cross.status, 403);
     api.edge.stop().await;
 }
+
+/// Opens the console's message view of `device` as a browser would
+/// (tungstenite over TLS, the session's cookie, `origin`); the handshake's
+/// HTTP status when it is refused.
+async fn message_view(
+    api: &Api,
+    cookie: &str,
+    origin: &str,
+    device: &str,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    u16,
+> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let tcp = tokio::net::TcpStream::connect(api.edge.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(BASE_DOMAIN).unwrap();
+    let tls = api.edge.client_tls().connect(name, tcp).await.unwrap();
+    let mut request = format!("wss://{BASE_DOMAIN}/console/messages/{device}")
+        .into_client_request()
+        .unwrap();
+    let headers = request.headers_mut();
+    headers.insert("Cookie", format!("relay_session={cookie}").parse().unwrap());
+    headers.insert("Origin", origin.parse().unwrap());
+    match tokio_tungstenite::client_async(request, tls).await {
+        Ok((socket, _)) => Ok(socket),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(error) => panic!("handshake: {error}"),
+    }
+}
+
+/// The console's live message view: the caller's own devices only, same
+/// origin only, at most eight per tenant, and it shows the printer's
+/// messages, each cut to 2048 bytes.
+#[tokio::test]
+async fn the_message_view_shows_the_printers_messages_to_its_owner_only() {
+    use futures_util::StreamExt;
+    use relay_proto::mqtt::{Packet, Publish, QoS, SubAck, SubscribeReturnCode};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let api = Api::start().await;
+    let owner = api.edge.tenant.clone();
+    let other = api.store().create_tenant("someone else").await.unwrap().id;
+    let (cookie, _) = api.sign_in(&owner).await;
+    let (other_cookie, _) = api.sign_in(&other).await;
+    let origin = format!("https://{BASE_DOMAIN}:{}", api.edge.addr.port());
+    let device = api.edge.device.clone();
+    // Another tenant's device is not found; another site's page is refused;
+    // no session is 401.
+    assert_eq!(
+        message_view(&api, &other_cookie, &origin, &device)
+            .await
+            .err(),
+        Some(404)
+    );
+    assert_eq!(
+        message_view(&api, &cookie, "https://evil.example", &device)
+            .await
+            .err(),
+        Some(403)
+    );
+    assert_eq!(
+        message_view(&api, "nonsense", &origin, &device).await.err(),
+        Some(401)
+    );
+
+    let mut printer = api.edge.scripted_printer();
+    let mut view = message_view(&api, &cookie, &origin, &device)
+        .await
+        .expect("the owner's view opens");
+    // The view subscribes like an app; the printer grants it.
+    let Some(Packet::Subscribe(subscribe)) = printer.next().await else {
+        panic!("the view's SUBSCRIBE reaches the printer");
+    };
+    printer
+        .send(&Packet::SubAck(SubAck {
+            packet_id: subscribe.packet_id,
+            return_codes: vec![SubscribeReturnCode::Success(QoS::AtMostOnce)],
+        }))
+        .await;
+    let next_event = async |view: &mut tokio_tungstenite::WebSocketStream<_>| -> Value {
+        loop {
+            match tokio::time::timeout(PATIENCE, view.next()).await {
+                Ok(Some(Ok(Message::Text(text)))) => return serde_json::from_str(&text).unwrap(),
+                Ok(Some(Ok(_))) => {}
+                other => panic!("the view ended: {other:?}"),
+            }
+        }
+    };
+    assert_eq!(next_event(&mut view).await["event"], "watching");
+    let big = "x".repeat(5000);
+    printer
+        .send(&Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: "printer/status".into(),
+            packet_id: None,
+            payload: bytes::Bytes::from(big.clone()),
+        }))
+        .await;
+    let shown = next_event(&mut view).await;
+    assert_eq!(shown["event"], "message", "{shown}");
+    assert_eq!(shown["topic"], "printer/status");
+    assert_eq!(shown["size"], 5000);
+    assert_eq!(shown["cut"], true);
+    assert_eq!(shown["payload"].as_str().unwrap().len(), 2048);
+    // A tenant holds at most eight views at once.
+    let mut more = Vec::new();
+    for _ in 0..7 {
+        more.push(
+            message_view(&api, &cookie, &origin, &device)
+                .await
+                .expect("up to eight views"),
+        );
+    }
+    assert_eq!(
+        message_view(&api, &cookie, &origin, &device).await.err(),
+        Some(429)
+    );
+    api.edge.stop().await;
+}

@@ -570,6 +570,7 @@ async fn device_page(
         }
     }
     content.push_str(&status_section(&status["status"], &device.id));
+    content.push_str(&message_view(&device.id));
     content.push_str(
         "<h2>Keys</h2><div class=\"scroll\"><table><tr><th>Label</th><th>Scope</th><th>Expires</th><th>Last used</th><th>State</th></tr>",
     );
@@ -597,11 +598,9 @@ async fn device_page(
          <select name=\"scope\"><option value=\"read\">read</option><option value=\"control\">control</option></select> \
          <button type=\"submit\">Create key</button></form>\
          <h2>Agent credential</h2><form method=\"post\" action=\"/devices/{id}/agent-credential\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Issue or rotate</button></form>\
-         {watch}",
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\"><button type=\"submit\">Issue or rotate</button></form>",
         csrf = visitor.csrf,
         id = escape(&device.id),
-        watch = message_view(&device.id),
     );
     Ok(html(
         StatusCode::OK,

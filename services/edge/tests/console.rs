@@ -105,6 +105,7 @@ try:
     WebDriverWait(driver, 10, poll_frequency=0.05).until(
         lambda d: int(d.find_element(By.TAG_NAME, "body").get_attribute("data-messages") or 0) >= 2)
     first = driver.find_element(By.CSS_SELECTOR, "ol.messages li").text
+    driver.execute_script("document.getElementById('apps').scrollIntoView()")
     shot("5-device-apps-and-messages")
     driver.find_element(By.ID, "watch").click()
     step("device", apps=apps, paused=paused, message=first,

@@ -41,6 +41,7 @@ pub fn is_console_path(path: &str) -> bool {
         || path == "/logout"
         || path == "/keys"
         || path == "/audit"
+        || path == "/agents"
         || path == "/console/live"
         || path.starts_with("/console/messages/")
         || path.starts_with("/devices")
@@ -131,7 +132,7 @@ table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:.4em;bor
 .online{background:#2a9d8f;color:#fff}.offline{background:#aaa;color:#fff}\
 pre{background:#f4f4f4;padding:.6em;overflow-x:auto;white-space:pre-wrap;word-break:break-all}\
 input,select,button{font-size:1em;padding:.3em;margin:.2em 0}.secret{background:#ffe8a3;padding:.6em}\
-code{word-break:break-all}.warning{color:#9d0208}\
+code{word-break:break-all}.warning{color:#9d0208}form.inline{display:inline}\
 .messages{list-style:none;padding:0;margin:0;max-height:30em;overflow-y:auto}\
 .messages li{border-bottom:1px solid #ddd;padding:.3em 0}.messages pre{margin:.2em 0;max-height:8em;overflow-y:auto}";
 
@@ -139,7 +140,7 @@ code{word-break:break-all}.warning{color:#9d0208}\
 fn page(title: &str, visitor: Option<&Visitor>, content: &str) -> String {
     let nav = match visitor {
         Some(visitor) => format!(
-            "<a href=\"/\">Devices</a><a href=\"/keys\">Keys</a><a href=\"/audit\">Audit log</a>\
+            "<a href=\"/\">Devices</a><a href=\"/keys\">Keys</a><a href=\"/agents\">Agents</a><a href=\"/audit\">Audit log</a>\
              <form method=\"post\" action=\"/logout\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
              <button type=\"submit\">Sign out</button></form>",
             visitor.csrf
@@ -209,6 +210,7 @@ pub async fn handle(
             "/" => devices_page(state, &visitor).await,
             "/keys" => keys_page(state, &visitor, None).await,
             "/audit" => audit_page(state, &visitor).await,
+            "/agents" => agents_page(state, &visitor).await,
             _ => match path.strip_prefix("/devices/") {
                 Some(id) if !id.contains('/') => device_page(state, &visitor, id, None).await,
                 _ => Err(ApiError::not_found("no such page")),
@@ -475,6 +477,7 @@ fn status_section(status: &Value, device_id: &str) -> String {
          <tr><th>Instance</th><td>{instance}</td></tr>\
          <tr><th>Connected since</th><td>{since}</td></tr>\
          <tr><th>Printer</th><td id=\"printer-state\">{printer}</td></tr>\
+         <tr><th>Printer kind, serial</th><td>{kind}, {serial}</td></tr>\
          <tr><th>Last failure</th><td>{failure}</td></tr>\
          <tr><th>Messages, last minute</th><td>{from} from the printer, {to} to it</td></tr>\
          <tr><th>Last printer message</th><td>{last}</td></tr></table></div>",
@@ -486,6 +489,8 @@ fn status_section(status: &Value, device_id: &str) -> String {
         since = when(&status["connected_since"]),
         printer = escape(status["printer"]["state"].as_str().unwrap_or("unknown")),
         failure = failure(&status["printer"]),
+        kind = text(&traffic["printer_kind"]),
+        serial = text(&traffic["printer_serial"]),
         from = traffic["from_printer_last_minute"].as_u64().unwrap_or(0),
         to = traffic["to_printer_last_minute"].as_u64().unwrap_or(0),
         last = when(&traffic["last_printer_message_at"]),
@@ -624,7 +629,7 @@ async fn keys_page(
         );
     }
     content.push_str(
-        "<div class=\"scroll\"><table><tr><th>Label</th><th>Scope</th><th>Device</th><th>Last used</th><th></th></tr>",
+        "<div class=\"scroll\"><table><tr><th>Label</th><th>Scope</th><th>Device</th><th>Expires</th><th>Last used</th><th></th></tr>",
     );
     for key in &keys {
         let action = if key.revoked_at.is_some() {
@@ -639,18 +644,71 @@ async fn keys_page(
         };
         let _ = write!(
             content,
-            "<tr><td>{label}<br><code>{id}</code></td><td>{scope}</td><td>{device}</td><td>{used}</td><td>{action}</td></tr>",
+            "<tr><td>{label}<br><code>{id}</code></td><td>{scope}</td><td>{device}</td><td>{expires}</td><td>{used}</td><td>{action}</td></tr>",
             label = escape(&key.label),
             id = escape(&key.id),
             scope = key.scope.as_str(),
             device = escape(key.device_id.as_deref().unwrap_or("any")),
-            used = key
-                .last_used_at
-                .map_or("never".to_owned(), |at| at.to_string()),
+            expires = key.expires_at.map_or_else(|| "never".to_owned(), utc),
+            used = key.last_used_at.map_or_else(|| "never".to_owned(), utc),
         );
     }
     content.push_str("</table></div>");
     Ok(html(StatusCode::OK, page("Keys", Some(visitor), &content)))
+}
+
+/// The devices' agent credentials: which is live since when, with
+/// rotate and revoke (the agent is disconnected at once).
+async fn agents_page(
+    state: &EdgeState,
+    visitor: &Visitor,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let store = state.authenticator.store();
+    let devices = store.list_devices(Some(&visitor.caller.tenant_id)).await?;
+    let mut content = String::from(
+        "<p>Each device's agent signs in with its own credential. Rotating makes a new one \
+         (shown once) and ends the old; revoking disconnects the agent.</p>\
+         <div class=\"scroll\"><table><tr><th>Device</th><th>Credential</th><th>Since</th><th></th></tr>",
+    );
+    for device in &devices {
+        let credential = store.agent_credential_of(&device.id).await?;
+        let form = |action: &str, label: &str, id: &str| {
+            format!(
+                "<form method=\"post\" action=\"/devices/{device}/{action}\" class=\"inline\">\
+                 <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+                 <button type=\"submit\" id=\"{id}-{device}\">{label}</button></form>",
+                device = escape(&device.id),
+                csrf = visitor.csrf,
+            )
+        };
+        let (id, since, actions) = match &credential {
+            Some(credential) => (
+                format!("<code>{}</code>", escape(&credential.id)),
+                utc(credential.created_at),
+                format!(
+                    "{} {}",
+                    form("agent-credential", "Rotate", "rotate"),
+                    form("agent-credential/revoke", "Revoke", "revoke-agent")
+                ),
+            ),
+            None => (
+                "none".to_owned(),
+                "-".to_owned(),
+                form("agent-credential", "Issue", "issue"),
+            ),
+        };
+        let _ = write!(
+            content,
+            "<tr><td><a href=\"/devices/{device}\">{name}</a></td><td>{id}</td><td>{since}</td><td>{actions}</td></tr>",
+            device = escape(&device.id),
+            name = escape(&device.name),
+        );
+    }
+    content.push_str("</table></div>");
+    Ok(html(
+        StatusCode::OK,
+        page("Agent credentials", Some(visitor), &content),
+    ))
 }
 
 async fn audit_page(
@@ -738,6 +796,13 @@ impl Change<'_> {
         {
             self.changes().revoke_key(key_id).await?;
             return Ok(redirect("/keys"));
+        }
+        if let Some(device_id) = path
+            .strip_prefix("/devices/")
+            .and_then(|rest| rest.strip_suffix("/agent-credential/revoke"))
+        {
+            self.changes().revoke_agent_credential(device_id).await?;
+            return Ok(redirect("/agents"));
         }
         if let Some(device_id) = path
             .strip_prefix("/devices/")

@@ -66,9 +66,13 @@ pub struct AgentFigure {
     pub instance: String,
 }
 
-/// PUBLISHes through the device's hub on the agent's instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// PUBLISHes through the device's hub on the agent's instance, and what
+/// the printer said it is when the hub's link opened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrafficFigure {
+    /// `bambu`, `elegoo_cc2` or `mqtt`.
+    pub printer_kind: Option<String>,
+    pub printer_serial: Option<String>,
     pub from_printer_last_minute: u64,
     pub to_printer_last_minute: u64,
     /// Unix milliseconds of the printer's last PUBLISH.
@@ -139,7 +143,18 @@ impl LocalStatus {
             });
             device.traffic = self.devices.hubs().get(device_id).map(|hub| {
                 let traffic = hub.activity().traffic(now);
+                let printer = hub.printer();
                 TrafficFigure {
+                    printer_kind: printer.kind.map(|kind| {
+                        match kind {
+                            relay_proto::tunnel::PrinterKind::Bambu => "bambu",
+                            relay_proto::tunnel::PrinterKind::ElegooCc2 => "elegoo_cc2",
+                            relay_proto::tunnel::PrinterKind::GenericMqtt => "mqtt",
+                            relay_proto::tunnel::PrinterKind::Other(_) => "other",
+                        }
+                        .to_owned()
+                    }),
+                    printer_serial: printer.serial.clone(),
                     from_printer_last_minute: traffic.from_printer_last_minute,
                     to_printer_last_minute: traffic.to_printer_last_minute,
                     last_printer_message_at: traffic.last_printer_message_ms,

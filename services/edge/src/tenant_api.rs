@@ -700,22 +700,7 @@ impl Call<'_> {
                 ))
             }
             Operation::RevokeAgentCredential => {
-                let device = store.tenant_device(tenant, parameter()).await?;
-                let Some(current) = store.agent_credential_of(&device.id).await? else {
-                    return Err(ApiError::new(
-                        StatusCode::NOT_FOUND,
-                        "not_found",
-                        "the device has no agent credential",
-                    ));
-                };
-                store.revoke_agent_credential(&device.id).await?;
-                self.state.devices.end_revoked(&current.id);
-                self.audit(
-                    "agent_credential.revoke",
-                    &device.id,
-                    &format!("credential {}", current.id),
-                )
-                .await?;
+                self.changes().revoke_agent_credential(parameter()).await?;
                 Ok(no_content())
             }
             Operation::ListAudit => {
@@ -861,6 +846,28 @@ impl TenantChanges<'_> {
             .await?;
         Ok((device, credential, issued))
     }
+
+    /// Revokes the agent credential of one of the tenant's devices: its
+    /// agent is disconnected at once.
+    pub async fn revoke_agent_credential(&self, device_id: &str) -> Result<(), ApiError> {
+        let store = self.state.authenticator.store();
+        let device = store.tenant_device(self.tenant(), device_id).await?;
+        let Some(current) = store.agent_credential_of(&device.id).await? else {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "the device has no agent credential",
+            ));
+        };
+        store.revoke_agent_credential(&device.id).await?;
+        self.state.devices.end_revoked(&current.id);
+        self.audit(
+            "agent_credential.revoke",
+            &device.id,
+            &format!("credential {}", current.id),
+        )
+        .await
+    }
 }
 
 /// A device and its status: from the store's registry (which instance
@@ -933,7 +940,7 @@ pub async fn devices_json(
                 "printer": printer,
                 "apps_connected": figures.apps_connected(),
                 "apps": apps,
-                "traffic": figures.traffic.filter(|_| online),
+                "traffic": figures.traffic.as_ref().filter(|_| online),
                 "instances_unanswered": gathered.unanswered,
             },
         }));
@@ -1091,8 +1098,10 @@ fn schemas() -> Value {
                         "apps": { "type": "array", "items": { "$ref": "#/components/schemas/App" } },
                         "traffic": {
                             "type": ["object", "null"],
-                            "description": "PUBLISHes through the device's hub on the agent's instance",
+                            "description": "PUBLISHes through the device's hub on the agent's instance, and the printer it reaches; null while no app (or message view) has the printer's link open",
                             "properties": {
+                                "printer_kind": { "type": ["string", "null"], "enum": ["bambu", "elegoo_cc2", "mqtt", "other", null] },
+                                "printer_serial": optional_string,
                                 "from_printer_last_minute": { "type": "integer" },
                                 "to_printer_last_minute": { "type": "integer" },
                                 "last_printer_message_at": optional_millis,

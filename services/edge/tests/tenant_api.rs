@@ -971,6 +971,61 @@ async fn the_consoles_forms_need_the_csrf_token_and_its_pages_the_callers_tenant
     assert_eq!(revoke.status, 404);
     let keys = api.store().list_api_keys(Some(&owner)).await.unwrap();
     assert!(keys.iter().all(|key| key.revoked_at.is_none()));
+    // Agent credentials: issued, listed, revoked through the forms, for
+    // the caller's own device; another tenant's cannot be revoked.
+    let mine = api.store().list_devices(Some(&other)).await.unwrap()[0]
+        .id
+        .clone();
+    let issued = api
+        .call_on(
+            BASE_DOMAIN,
+            "POST",
+            &format!("/devices/{mine}/agent-credential"),
+            &session,
+            Some(&format!("csrf={csrf}")),
+            form,
+        )
+        .await;
+    assert_eq!(issued.status, 200);
+    assert!(issued.body.to_string().contains("rla_"), "shown once");
+    let credential = api
+        .store()
+        .agent_credential_of(&mine)
+        .await
+        .unwrap()
+        .expect("issued");
+    let agents = api
+        .call_on(BASE_DOMAIN, "GET", "/agents", &session, None, "")
+        .await;
+    assert_eq!(agents.status, 200);
+    assert!(agents.body.to_string().contains(&credential.id));
+    assert!(!agents.body.to_string().contains(&api.edge.device));
+    for (device, expected) in [(api.edge.device.clone(), 404), (mine.clone(), 303)] {
+        let revoked = api
+            .call_on(
+                BASE_DOMAIN,
+                "POST",
+                &format!("/devices/{device}/agent-credential/revoke"),
+                &session,
+                Some(&format!("csrf={csrf}")),
+                form,
+            )
+            .await;
+        assert_eq!(revoked.status, expected, "{device}");
+    }
+    assert!(
+        api.store()
+            .agent_credential_of(&mine)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        api.audit(&Caller::Session(cookie.clone(), None))
+            .await
+            .iter()
+            .any(|entry| entry["action"] == "agent_credential.revoke")
+    );
     // The live status socket: same origin only.
     let cross = api
         .call_on(BASE_DOMAIN, "GET", "/console/live", &session, None, "")

@@ -32,6 +32,8 @@ pub enum CredentialKind {
     LoginLink,
     /// A browser session opened by a login link.
     AdminSession,
+    /// An agent's device code while it pairs (RFC 8628).
+    PairingCode,
 }
 
 impl CredentialKind {
@@ -42,6 +44,7 @@ impl CredentialKind {
             CredentialKind::AdminToken => "rlt",
             CredentialKind::LoginLink => "rll",
             CredentialKind::AdminSession => "rls",
+            CredentialKind::PairingCode => "rlp",
         }
     }
 }

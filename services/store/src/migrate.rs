@@ -59,6 +59,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/0007_tenant_admin.sql"),
         backends: BOTH,
     },
+    Migration {
+        version: 8,
+        name: "0008_pairings",
+        sql: include_str!("../../../migrations/0008_pairings.sql"),
+        backends: BOTH,
+    },
 ];
 
 /// Any constant will do; it only has to be the same in every process.

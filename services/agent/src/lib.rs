@@ -4,8 +4,9 @@
 //! MQTT connection to the printer and relays packets, checking each one. With
 //! `[lan]` it also runs the hub on that connection ([`local_hub`]), which
 //! apps on the LAN ([`lan`]) and the edge's links share, and may answer a
-//! CC2's discovery as the printer ([`cc2_discovery`]). The printer's
-//! credentials never leave the agent.
+//! CC2's discovery as the printer ([`cc2_discovery`]). Its first run
+//! (`setup`) can pair it with the relay by a code ([`pairing`]) instead
+//! of a pasted credential. The printer's credentials never leave the agent.
 //!
 //! The agent never depends on the edge crate: they meet only through the
 //! tunnel protocol in `relay-proto`.
@@ -15,6 +16,7 @@ pub mod config;
 pub mod lan;
 pub mod local_hub;
 pub mod pacing;
+pub mod pairing;
 pub mod printer;
 pub mod setup;
 pub mod standby;

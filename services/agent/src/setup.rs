@@ -31,9 +31,19 @@ pub struct SetupArgs {
     /// The edge's CA certificate, PEM (from your operator)
     #[arg(long)]
     pub edge_ca: Option<PathBuf>,
-    /// The agent credential, rla_… (from your operator)
+    /// The agent credential, rla_… (from your operator); without one, the
+    /// agent pairs by a code (--pair)
     #[arg(long, hide_env_values = true)]
     pub credential: Option<String>,
+    /// Pair with the relay at this URL (https://…): the agent shows a code
+    /// that the printer's owner enters in the relay's console, and gets its
+    /// credential when they approve
+    #[arg(long, conflicts_with = "credential")]
+    pub pair: Option<String>,
+    /// With --pair: connect here (host:port) instead of looking the URL's
+    /// host up
+    #[arg(long, requires = "pair")]
+    pub pair_connect: Option<String>,
     /// bambu (a Bambu Lab printer), elegoo_cc2 (an Elegoo Centauri
     /// Carbon 2) or mqtt (any MQTT broker)
     #[arg(long)]
@@ -340,11 +350,78 @@ fn write_private(path: &Path, text: &str, force: bool) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
+/// Asks for a credential or a relay to pair with (in a terminal, when the
+/// flags gave neither) and pairs: the credential goes into `args`. `Err`
+/// is the exit code when pairing did not give one.
+async fn pair_if_asked(args: &mut SetupArgs, interactive: bool) -> Result<(), u8> {
+    let mut ask = Asker {
+        interactive,
+        missing: Vec::new(),
+    };
+    let url = match args.pair.clone() {
+        Some(url) => url,
+        None if interactive => {
+            match ask.optional(
+                None,
+                "Agent credential (rla_…), or Enter to pair with a code instead",
+            ) {
+                Some(credential) => {
+                    args.credential = Some(credential);
+                    return Ok(());
+                }
+                None => ask.value(
+                    None,
+                    "--pair",
+                    "Your relay's address (https://…, where you sign in)",
+                ),
+            }
+        }
+        // config_text says the credential is missing.
+        None => return Ok(()),
+    };
+    let edge_ca = ask.value(
+        args.edge_ca
+            .as_ref()
+            .map(|path| absolute(path).display().to_string()),
+        "--edge-ca",
+        "Edge CA file (PEM, from your operator)",
+    );
+    if !ask.missing.is_empty() {
+        eprintln!(
+            "relay-agent setup: not a terminal, and these are missing: {}",
+            ask.missing.join(", ")
+        );
+        return Err(64);
+    }
+    args.edge_ca = Some(PathBuf::from(&edge_ca));
+    let paired = async {
+        let server = crate::pairing::PairingServer::from_url(&url, args.pair_connect.clone())?;
+        let tls = crate::pairing::tls_config(Path::new(&edge_ca))?;
+        crate::pairing::pair(&server, &tls, &mut |text| println!("{text}")).await
+    };
+    match paired.await {
+        Ok(paired) => {
+            println!("paired: this agent is device {}", paired.device_id);
+            args.credential = Some(paired.credential);
+            Ok(())
+        }
+        Err(error) => {
+            println!("pairing did not work: {error}");
+            Err(1)
+        }
+    }
+}
+
 /// Runs `setup`; the process's exit code: 0 when everything works, 1 when
 /// the file was written but the edge or the printer did not answer, 64 when
 /// nothing usable could be written.
-pub async fn run(args: SetupArgs) -> u8 {
+pub async fn run(mut args: SetupArgs) -> u8 {
     let interactive = std::io::stdin().is_terminal();
+    if args.credential.is_none()
+        && let Err(code) = pair_if_asked(&mut args, interactive).await
+    {
+        return code;
+    }
     let text = match config_text(&args, interactive) {
         Ok(text) => text,
         Err(missing) => {

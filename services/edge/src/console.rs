@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -28,8 +28,8 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::state::EdgeState;
 use crate::tenant_api::{
-    ApiError, MAX_BODY_BYTES, SESSION_COOKIE, TenantChanges, constant_time_eq, cookie,
-    csrf_token_for, device_json, devices_json,
+    ApiError, SESSION_COOKIE, TenantChanges, constant_time_eq, cookie, csrf_token_for, device_json,
+    devices_json,
 };
 
 /// How often an open devices page's status is looked at.
@@ -42,6 +42,8 @@ pub fn is_console_path(path: &str) -> bool {
         || path == "/keys"
         || path == "/audit"
         || path == "/agents"
+        || path == "/pair"
+        || path == "/pair/decide"
         || path == "/console/live"
         || path.starts_with("/console/messages/")
         || path.starts_with("/devices")
@@ -140,7 +142,7 @@ code{word-break:break-all}.warning{color:#9d0208}form.inline{display:inline}\
 fn page(title: &str, visitor: Option<&Visitor>, content: &str) -> String {
     let nav = match visitor {
         Some(visitor) => format!(
-            "<a href=\"/\">Devices</a><a href=\"/keys\">Keys</a><a href=\"/agents\">Agents</a><a href=\"/audit\">Audit log</a>\
+            "<a href=\"/\">Devices</a><a href=\"/keys\">Keys</a><a href=\"/agents\">Agents</a><a href=\"/pair\">Pair an agent</a><a href=\"/audit\">Audit log</a>\
              <form method=\"post\" action=\"/logout\"><input type=\"hidden\" name=\"csrf\" value=\"{}\">\
              <button type=\"submit\">Sign out</button></form>",
             visitor.csrf
@@ -211,6 +213,11 @@ pub async fn handle(
             "/keys" => keys_page(state, &visitor, None).await,
             "/audit" => audit_page(state, &visitor).await,
             "/agents" => agents_page(state, &visitor).await,
+            "/pair" => Ok(pair_page(
+                &visitor,
+                &query_value(request.uri().query().unwrap_or_default(), "code"),
+                None,
+            )),
             _ => match path.strip_prefix("/devices/") {
                 Some(id) if !id.contains('/') => device_page(state, &visitor, id, None).await,
                 _ => Err(ApiError::not_found("no such page")),
@@ -237,7 +244,11 @@ pub async fn handle(
             visitor: &visitor,
             address: peer.to_string(),
         };
-        call.post(&path, &form).await
+        match path.as_str() {
+            "/pair" => call.find_pairing(peer, &form).await,
+            "/pair/decide" => call.decide_pairing(peer, &form).await,
+            _ => call.post(&path, &form).await,
+        }
     } else {
         Err(ApiError::not_found("no such page"))
     };
@@ -247,48 +258,7 @@ pub async fn handle(
     }
 }
 
-type Form = std::collections::HashMap<String, String>;
-
-async fn read_form(request: Request<Incoming>) -> Result<Form, ApiError> {
-    let body = Limited::new(request.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-        .map_err(|_| ApiError::bad_request_text("the form is too large or could not be read"))?
-        .to_bytes();
-    Ok(String::from_utf8_lossy(&body)
-        .split('&')
-        .filter_map(|pair| {
-            let (name, value) = pair.split_once('=')?;
-            Some((form_decode(name), form_decode(value)))
-        })
-        .collect())
-}
-
-fn form_decode(value: &str) -> String {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        match bytes[index] {
-            b'+' => out.push(b' '),
-            b'%' if index + 2 < bytes.len() => {
-                match std::str::from_utf8(&bytes[index + 1..index + 3])
-                    .ok()
-                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-                {
-                    Some(byte) => {
-                        out.push(byte);
-                        index += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            byte => out.push(byte),
-        }
-        index += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+use crate::form::{Form, read_form};
 
 /// Unix milliseconds as `YYYY-MM-DD HH:MM:SS UTC` (the civil calendar
 /// from a day count, as in Howard Hinnant's `civil_from_days`).
@@ -757,6 +727,143 @@ impl Change<'_> {
         }
     }
 
+    /// `POST /pair`: the typed code, within the guess limits; the pairing
+    /// it names, with the tenant's devices to pick from.
+    async fn find_pairing(
+        &self,
+        peer: IpAddr,
+        form: &Form,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let code = form.get("code").map(String::as_str).unwrap_or_default();
+        let tenant = &self.visitor.caller.tenant_id;
+        let pending = match crate::pairing::enter_code(self.state, tenant, peer, code).await? {
+            crate::pairing::CodeEntry::Found(pending) => pending,
+            crate::pairing::CodeEntry::NotFound => {
+                return Ok(pair_page(
+                    self.visitor,
+                    code,
+                    Some(
+                        "No agent is waiting with this code. Check it, or run the agent's setup again: a code lives 15 minutes.",
+                    ),
+                ));
+            }
+            crate::pairing::CodeEntry::Limited(_) => {
+                let mut response = pair_page(
+                    self.visitor,
+                    code,
+                    Some("Too many wrong codes: wait a minute, then try again."),
+                );
+                *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                return Ok(response);
+            }
+        };
+        let devices = self
+            .state
+            .authenticator
+            .store()
+            .list_devices(Some(tenant))
+            .await?;
+        let mut options = String::new();
+        for device in &devices {
+            let _ = write!(
+                options,
+                "<option value=\"{id}\">{name} ({id})</option>",
+                id = escape(&device.id),
+                name = escape(&device.name)
+            );
+        }
+        let content = format!(
+            "<p>An agent asked to pair from <code>{from}</code> at {at}. Approve it only if it is yours: \
+             it gets the device's agent credential (an agent already paired with that device is disconnected).</p>\
+             <form method=\"post\" action=\"/pair/decide\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+             <input type=\"hidden\" name=\"code\" value=\"{code}\">\
+             <p><label>Device <select name=\"device_id\" id=\"pair-device\"><option value=\"\">A new device…</option>{options}</select></label></p>\
+             <p><label>New device's name <input name=\"name\" id=\"pair-name\" maxlength=\"128\"></label></p>\
+             <button type=\"submit\" name=\"decision\" value=\"approve\" id=\"pair-approve\">Approve</button> \
+             <button type=\"submit\" name=\"decision\" value=\"deny\" id=\"pair-deny\">Deny</button></form>",
+            from = escape(&pending.requested_from),
+            at = utc(pending.created_at),
+            csrf = self.visitor.csrf,
+            code = escape(code),
+        );
+        Ok(html(
+            StatusCode::OK,
+            page("Pair an agent", Some(self.visitor), &content),
+        ))
+    }
+
+    /// `POST /pair/decide`: approve (for a device of the tenant's, or a
+    /// new one) or deny the pairing the code names.
+    async fn decide_pairing(
+        &self,
+        peer: IpAddr,
+        form: &Form,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        use relay_store::pairing::PairingDecision;
+        let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
+        let tenant = self.visitor.caller.tenant_id.clone();
+        let pending =
+            match crate::pairing::enter_code(self.state, &tenant, peer, field("code")).await? {
+                crate::pairing::CodeEntry::Found(pending) => pending,
+                _ => {
+                    return Ok(pair_page(
+                        self.visitor,
+                        field("code"),
+                        Some("This pairing is no longer waiting: it expired or was decided."),
+                    ));
+                }
+            };
+        let store = self.state.authenticator.store();
+        let (decision, device, action) = match field("decision") {
+            "approve" => {
+                let device = match field("device_id") {
+                    "" => self.changes().create_device(field("name")).await?,
+                    id => store.tenant_device(&tenant, id).await?,
+                };
+                (
+                    PairingDecision::Approve {
+                        tenant_id: tenant.clone(),
+                        device_id: device.id.clone(),
+                    },
+                    Some(device),
+                    "pairing.approve",
+                )
+            }
+            "deny" => (
+                PairingDecision::Deny {
+                    tenant_id: tenant.clone(),
+                },
+                None,
+                "pairing.deny",
+            ),
+            _ => return Err(ApiError::bad_request_text("approve or deny")),
+        };
+        if !crate::pairing::decide(self.state, &pending.id, &decision).await? {
+            return Ok(pair_page(
+                self.visitor,
+                "",
+                Some("This pairing is no longer waiting: it expired or was decided."),
+            ));
+        }
+        let target = device.as_ref().map_or("-", |device| device.id.as_str());
+        self.changes()
+            .audit(action, target, &format!("pairing {}", pending.id))
+            .await?;
+        let content = match &device {
+            Some(device) => format!(
+                "<p id=\"pair-done\">Approved. The agent gets its credential for \
+                 <a href=\"/devices/{id}\">{name}</a> within a few seconds, then connects.</p>",
+                id = escape(&device.id),
+                name = escape(&device.name)
+            ),
+            None => "<p id=\"pair-done\">Denied. The agent is told so.</p>".to_owned(),
+        };
+        Ok(html(
+            StatusCode::OK,
+            page("Pair an agent", Some(self.visitor), &content),
+        ))
+    }
+
     async fn post(&self, path: &str, form: &Form) -> Result<Response<Full<Bytes>>, ApiError> {
         let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
         if path == "/logout" {
@@ -820,6 +927,46 @@ impl Change<'_> {
         }
         Err(ApiError::not_found("no such form"))
     }
+}
+
+/// A query string's value of `name`, decoded.
+fn query_value(query: &str, name: &str) -> String {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| crate::form::form_decode(value))
+        .unwrap_or_default()
+}
+
+/// `/pair`: where the owner types the code the agent shows (or arrives
+/// with it from the agent's QR code), with what went wrong last, if
+/// anything.
+fn pair_page(visitor: &Visitor, code: &str, problem: Option<&str>) -> Response<Full<Bytes>> {
+    let problem = problem.map_or_else(String::new, |problem| {
+        format!(
+            "<p class=\"warning\" id=\"pair-problem\">{}</p>",
+            escape(problem)
+        )
+    });
+    let content = format!(
+        "<p>Run <code>relay-agent setup</code> beside your printer: it shows a code of 8 letters. \
+         Type it here, then pick the device the agent is for.</p>{problem}\
+         <form method=\"post\" action=\"/pair\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+         <label>Code <input name=\"code\" id=\"pair-code\" value=\"{code}\" autocomplete=\"off\" \
+         autocapitalize=\"characters\" maxlength=\"12\" required></label> \
+         <button type=\"submit\" id=\"pair-find\">Continue</button></form>",
+        csrf = visitor.csrf,
+        code = escape(code),
+    );
+    html(
+        if problem.is_empty() {
+            StatusCode::OK
+        } else {
+            StatusCode::NOT_FOUND
+        },
+        page("Pair an agent", Some(visitor), &content),
+    )
 }
 
 fn signed_out_response() -> Response<Full<Bytes>> {

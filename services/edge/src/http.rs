@@ -55,6 +55,9 @@ pub async fn handle(
         if path.starts_with("/api/") {
             return Ok(crate::tenant_api::handle(request, state, context.peer.ip()).await);
         }
+        if crate::pairing::is_oauth_path(path) {
+            return Ok(crate::pairing::handle(request, state, context.peer.ip()).await);
+        }
         if let Some(token) = path.strip_prefix("/login/")
             && request.method() == hyper::Method::GET
         {

@@ -282,3 +282,72 @@ mod tests {
         assert!(!accepted.is_known("klmnopqrst", "rla_abcdefghij_secret_check"));
     }
 }
+
+/// Bounds on guessing pairing codes: wrong codes per address, per tenant
+/// (its signed-in owners, from any address) and in total, each a minute's
+/// window. A code is checked only when all three have room; a right code
+/// costs nothing.
+#[derive(Debug)]
+pub struct GuessLimits {
+    pub per_address: Arc<FailureLimiter>,
+    pub per_tenant: Arc<FailureLimiter>,
+    pub total: Arc<FailureLimiter>,
+}
+
+/// Wrong pairing codes per address and minute.
+pub const GUESSES_PER_ADDRESS: u32 = 10;
+/// Wrong pairing codes per tenant and minute.
+pub const GUESSES_PER_TENANT: u32 = 20;
+/// Wrong pairing codes per minute, everyone together: with 20^8 codes and
+/// at most a few thousand pending, a guess hits one in millions.
+pub const GUESSES_IN_TOTAL: u32 = 600;
+
+impl Default for GuessLimits {
+    fn default() -> Self {
+        GuessLimits {
+            per_address: Arc::new(FailureLimiter::new(GUESSES_PER_ADDRESS)),
+            per_tenant: Arc::new(FailureLimiter::new(GUESSES_PER_TENANT)),
+            total: Arc::new(FailureLimiter::new(GUESSES_IN_TOTAL)),
+        }
+    }
+}
+
+/// Which of [`GuessLimits`] refused a guess.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuessRefusal {
+    Address,
+    Tenant,
+    Total,
+}
+
+impl GuessLimits {
+    /// Whether a code may be checked now for `tenant` from `address`.
+    pub fn check(&self, address: IpAddr, tenant: &str, now: Instant) -> Result<(), GuessRefusal> {
+        if self
+            .per_address
+            .is_blocked(&LimitKey::Address(address), now)
+        {
+            return Err(GuessRefusal::Address);
+        }
+        if self
+            .per_tenant
+            .is_blocked(&LimitKey::KeyId(tenant.to_owned()), now)
+        {
+            return Err(GuessRefusal::Tenant);
+        }
+        if self.total.is_blocked(&LimitKey::KeyId(String::new()), now) {
+            return Err(GuessRefusal::Total);
+        }
+        Ok(())
+    }
+
+    /// Counts a wrong code against all three.
+    pub fn wrong(&self, address: IpAddr, tenant: &str, now: Instant) {
+        self.per_address
+            .record_failure(&[LimitKey::Address(address)], now);
+        self.per_tenant
+            .record_failure(&[LimitKey::KeyId(tenant.to_owned())], now);
+        self.total
+            .record_failure(&[LimitKey::KeyId(String::new())], now);
+    }
+}

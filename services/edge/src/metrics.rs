@@ -16,6 +16,8 @@ pub struct Metrics {
     pub upgrades: IntCounterVec,
     /// By reason (`AuthFailure::label`, plus rate_limited).
     pub auth_failures: IntCounterVec,
+    /// Agent pairings: started, polls and owners' code entries, by result.
+    pub pairing: IntCounterVec,
     pub sessions_open: IntGauge,
     /// By direction: in (from clients), out (to clients).
     pub bytes: IntCounterVec,
@@ -140,6 +142,12 @@ impl Metrics {
                 "relay_edge_auth_failures_total",
                 "failed authentications by reason",
                 "reason",
+            ),
+            pairing: counter_vec(
+                &registry,
+                "relay_edge_pairing_total",
+                "agent pairing requests, polls and code entries, by result",
+                "result",
             ),
             sessions_open: gauge(&registry, "relay_edge_sessions_open", "MQTT sessions open"),
             bytes: counter_vec(
@@ -274,13 +282,14 @@ impl Metrics {
     /// are known from the start), for checking dashboards and alerts.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 27] = [
+        let collectors: [&dyn Collector; 28] = [
             &self.connections,
             &self.connections_open,
             &self.mqtt_connections,
             &self.tls_handshake_failures,
             &self.upgrades,
             &self.auth_failures,
+            &self.pairing,
             &self.sessions_open,
             &self.bytes,
             &self.messages,

@@ -20,6 +20,9 @@ use crate::quotas::Quotas;
 /// Tenant API requests one address may make per minute.
 const API_REQUESTS_PER_MINUTE: u32 = 600;
 
+/// Agent pairings one address may start per minute.
+const PAIRINGS_PER_MINUTE: u32 = 10;
+
 #[derive(Debug)]
 pub struct EdgeState {
     pub config: Arc<EdgeConfig>,
@@ -28,6 +31,10 @@ pub struct EdgeState {
     pub failures: Arc<FailureLimiter>,
     /// Tenant API requests per address and minute.
     pub api_requests: Arc<FailureLimiter>,
+    /// Agent pairings started per address and minute.
+    pub pairing_starts: Arc<FailureLimiter>,
+    /// Owners' wrong pairing codes: per address, per tenant, and in total.
+    pub pairing_guesses: crate::limiter::GuessLimits,
     /// The console's live status per tenant, with when it was made: open
     /// devices pages of one tenant share one look at the store a second.
     pub console_status: DashMap<String, (Instant, Arc<str>)>,
@@ -100,6 +107,8 @@ impl EdgeState {
             metrics,
             failures,
             api_requests,
+            pairing_starts: Arc::new(FailureLimiter::new(PAIRINGS_PER_MINUTE)),
+            pairing_guesses: crate::limiter::GuessLimits::default(),
             console_status: DashMap::new(),
             console_watchers: DashMap::new(),
             agent_failures,

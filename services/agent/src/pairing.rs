@@ -1,0 +1,299 @@
+//! Pairing by code, the agent's side of RFC 8628's device authorization
+//! grant: `relay-agent setup` without a credential asks the relay for a
+//! pairing, shows the owner a short code, the URL to enter it at and a QR
+//! code of both, then polls at the relay's `interval` (longer after a
+//! `slow_down`) until the owner approves (the answer is the device's agent
+//! credential), denies, or the code expires.
+//!
+//! The relay is reached over HTTPS, verified with the edge's CA file (as
+//! the tunnel is). A small HTTP/1.1 client: one request per connection,
+//! answers read to their end.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Where the relay's pairing endpoints are.
+#[derive(Debug, Clone)]
+pub struct PairingServer {
+    /// The name in the URL (and on the certificate).
+    pub host: String,
+    pub port: u16,
+    /// Where to connect instead of looking `host` up (split DNS, tests).
+    pub connect: Option<String>,
+}
+
+/// What a pairing gave.
+#[derive(Debug)]
+pub struct Paired {
+    /// The agent credential, `rla_…`.
+    pub credential: String,
+    pub device_id: String,
+}
+
+/// Why pairing did not give a credential, in words for the owner.
+#[derive(Debug, thiserror::Error)]
+pub enum PairingError {
+    #[error("not an https:// URL with a host: {0}")]
+    BadUrl(String),
+    #[error("the relay could not be reached: {0}")]
+    Unreachable(String),
+    #[error("the relay answered {status}: {detail}")]
+    Refused { status: u16, detail: String },
+    #[error("the owner denied this pairing")]
+    Denied,
+    #[error("the code expired before the owner entered it: run setup again for a new one")]
+    Expired,
+}
+
+impl PairingServer {
+    /// `https://host[:port][/]`.
+    pub fn from_url(url: &str, connect: Option<String>) -> Result<PairingServer, PairingError> {
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(|| PairingError::BadUrl(url.to_owned()))?;
+        let authority = rest.split('/').next().unwrap_or_default();
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) => (
+                host,
+                port.parse()
+                    .map_err(|_| PairingError::BadUrl(url.to_owned()))?,
+            ),
+            None => (authority, 443),
+        };
+        if host.is_empty() {
+            return Err(PairingError::BadUrl(url.to_owned()));
+        }
+        Ok(PairingServer {
+            host: host.to_owned(),
+            port,
+            connect,
+        })
+    }
+
+    /// POSTs a form to `path`; the answer's status and JSON body.
+    async fn post(
+        &self,
+        tls: &Arc<rustls::ClientConfig>,
+        path: &str,
+        form: &str,
+    ) -> Result<(u16, Value), PairingError> {
+        let unreachable =
+            |error: &dyn std::fmt::Display| PairingError::Unreachable(error.to_string());
+        let address = self
+            .connect
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", self.host, self.port));
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(&address),
+        )
+        .await
+        .map_err(|_| PairingError::Unreachable(format!("{address} did not answer")))?
+        .map_err(|error| unreachable(&error))?;
+        let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+            .map_err(|_| PairingError::BadUrl(self.host.clone()))?;
+        let mut stream = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|error| unreachable(&error))?;
+        let host = if self.port == 443 {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+             Accept: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{form}",
+            form.len()
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|error| unreachable(&error))?;
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            (&mut stream).take(64 * 1024).read_to_end(&mut answer),
+        )
+        .await
+        .map_err(|_| PairingError::Unreachable("no answer in 20 s".into()))?
+        .map_err(|error| unreachable(&error))?;
+        parse_answer(&answer)
+    }
+}
+
+/// An HTTP/1.1 answer's status and JSON body (`Content-Length` framed, as
+/// the relay sends it).
+fn parse_answer(answer: &[u8]) -> Result<(u16, Value), PairingError> {
+    let text = String::from_utf8_lossy(answer);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| PairingError::Unreachable("a broken HTTP answer".into()))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|status| status.parse().ok())
+        .ok_or_else(|| PairingError::Unreachable("a broken HTTP status line".into()))?;
+    Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+}
+
+/// TLS towards the relay, verified with the edge's CA file.
+pub fn tls_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, PairingError> {
+    use rustls::pki_types::pem::PemObject;
+    let bad = |detail: String| PairingError::Unreachable(detail);
+    let pem = std::fs::read(ca_file)
+        .map_err(|error| bad(format!("cannot read {}: {error}", ca_file.display())))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        let certificate =
+            certificate.map_err(|error| bad(format!("{}: {error}", ca_file.display())))?;
+        roots
+            .add(certificate)
+            .map_err(|error| bad(error.to_string()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| bad(error.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
+}
+
+/// A QR code of `text` for a terminal: two rows of modules per line.
+pub fn qr_code(text: &str) -> Option<String> {
+    use qrcode::render::unicode::Dense1x2;
+    let code = qrcode::QrCode::new(text.as_bytes()).ok()?;
+    Some(
+        code.render::<Dense1x2>()
+            .dark_color(Dense1x2::Light)
+            .light_color(Dense1x2::Dark)
+            .build(),
+    )
+}
+
+fn description(body: &Value) -> String {
+    body["error_description"]
+        .as_str()
+        .or(body["error"].as_str())
+        .unwrap_or("no detail")
+        .to_owned()
+}
+
+/// Pairs: asks for a pairing, shows `say` the code, the URL and a QR code,
+/// then polls until the owner decides or the code expires.
+pub async fn pair(
+    server: &PairingServer,
+    tls: &Arc<rustls::ClientConfig>,
+    say: &mut dyn FnMut(&str),
+) -> Result<Paired, PairingError> {
+    let (status, started) = server
+        .post(tls, "/oauth/device_authorization", "client_id=relay-agent")
+        .await?;
+    if status != 200 {
+        return Err(PairingError::Refused {
+            status,
+            detail: description(&started),
+        });
+    }
+    let field = |name: &str| started[name].as_str().unwrap_or_default().to_owned();
+    let device_code = field("device_code");
+    let complete = field("verification_uri_complete");
+    say(&format!(
+        "To pair this agent, sign in to your relay's console and enter the code\n\n    {}\n\nat {}\nor open {complete}",
+        field("user_code"),
+        field("verification_uri"),
+    ));
+    if let Some(qr) = qr_code(&complete) {
+        say(&qr);
+    }
+    let expires_in = started["expires_in"].as_u64().unwrap_or(900);
+    say(&format!(
+        "Waiting for the owner (the code lives {} minutes)…",
+        expires_in.div_ceil(60)
+    ));
+    let mut interval = Duration::from_secs(started["interval"].as_u64().unwrap_or(5).max(1));
+    let form = format!(
+        "grant_type={}&device_code={device_code}&client_id=relay-agent",
+        "urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Adevice_code"
+    );
+    loop {
+        tokio::time::sleep(interval).await;
+        let (status, body) = match server.post(tls, "/oauth/token", &form).await {
+            Ok(answer) => answer,
+            // A moment without the relay is no reason to give up a code.
+            Err(PairingError::Unreachable(detail)) => {
+                say(&format!(
+                    "the relay did not answer ({detail}); trying again"
+                ));
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
+        if status == 200 {
+            return Ok(Paired {
+                credential: body["access_token"].as_str().unwrap_or_default().to_owned(),
+                device_id: body["device_id"].as_str().unwrap_or_default().to_owned(),
+            });
+        }
+        match body["error"].as_str() {
+            Some("authorization_pending") => {}
+            Some("slow_down") => {
+                // RFC 8628: 5 s more from now on (or what the relay says).
+                interval = body["interval"]
+                    .as_u64()
+                    .map(Duration::from_secs)
+                    .unwrap_or(interval + Duration::from_secs(5));
+            }
+            Some("access_denied") => return Err(PairingError::Denied),
+            Some("expired_token") => return Err(PairingError::Expired),
+            _ => {
+                return Err(PairingError::Refused {
+                    status,
+                    detail: description(&body),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_the_host_and_port() {
+        let server = PairingServer::from_url("https://relay.example.com", None).unwrap();
+        assert_eq!(
+            (server.host.as_str(), server.port),
+            ("relay.example.com", 443)
+        );
+        let server = PairingServer::from_url("https://relay.test:8443/pair", None).unwrap();
+        assert_eq!((server.host.as_str(), server.port), ("relay.test", 8443));
+        assert!(PairingServer::from_url("http://relay.test", None).is_err());
+        assert!(PairingServer::from_url("https://:443", None).is_err());
+    }
+
+    #[test]
+    fn answers_are_read_as_status_and_json() {
+        let (status, body) = parse_answer(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\r\n{\"error\":\"slow_down\"}",
+        )
+        .unwrap();
+        assert_eq!(status, 400);
+        assert_eq!(body["error"], "slow_down");
+        assert!(parse_answer(b"garbage").is_err());
+    }
+
+    #[test]
+    fn the_qr_code_is_text_for_a_terminal() {
+        let qr = qr_code("https://relay.example.com/pair?code=BCDF-GHJK").unwrap();
+        assert!(qr.lines().count() > 10);
+    }
+}

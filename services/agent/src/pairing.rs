@@ -81,6 +81,22 @@ impl PairingServer {
         path: &str,
         form: &str,
     ) -> Result<(u16, Value), PairingError> {
+        self.request(tls, path, "application/x-www-form-urlencoded", "", form)
+            .await
+    }
+
+    /// POSTs `body` of `content_type` to `path`, with `extra_headers`
+    /// (whole lines, each ending in CRLF); the answer's status and JSON
+    /// body.
+    pub async fn request(
+        &self,
+        tls: &Arc<rustls::ClientConfig>,
+        path: &str,
+        content_type: &str,
+        extra_headers: &str,
+        body: &str,
+    ) -> Result<(u16, Value), PairingError> {
+        let form = body;
         let unreachable =
             |error: &dyn std::fmt::Display| PairingError::Unreachable(error.to_string());
         let address = self
@@ -106,7 +122,7 @@ impl PairingServer {
             format!("{}:{}", self.host, self.port)
         };
         let request = format!(
-            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n{extra_headers}\
              Accept: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{form}",
             form.len()
         );
@@ -185,13 +201,24 @@ fn description(body: &Value) -> String {
         .to_owned()
 }
 
-/// Pairs: asks for a pairing, shows `say` the code, the URL and a QR code,
-/// then polls until the owner decides or the code expires.
-pub async fn pair(
+/// A pairing the relay started, as the agent was told it.
+#[derive(Debug, Clone)]
+pub struct Started {
+    device_code: String,
+    /// `XXXX-XXXX`, for the owner.
+    pub user_code: String,
+    pub verification_uri: String,
+    /// The URL with the code in it (the QR code's).
+    pub verification_uri_complete: String,
+    pub expires_in: Duration,
+    pub interval: Duration,
+}
+
+/// Asks the relay for a pairing.
+pub async fn start(
     server: &PairingServer,
     tls: &Arc<rustls::ClientConfig>,
-    say: &mut dyn FnMut(&str),
-) -> Result<Paired, PairingError> {
+) -> Result<Started, PairingError> {
     let (status, started) = server
         .post(tls, "/oauth/device_authorization", "client_id=relay-agent")
         .await?;
@@ -202,25 +229,44 @@ pub async fn pair(
         });
     }
     let field = |name: &str| started[name].as_str().unwrap_or_default().to_owned();
-    let device_code = field("device_code");
-    let complete = field("verification_uri_complete");
+    Ok(Started {
+        device_code: field("device_code"),
+        user_code: field("user_code"),
+        verification_uri: field("verification_uri"),
+        verification_uri_complete: field("verification_uri_complete"),
+        expires_in: Duration::from_secs(started["expires_in"].as_u64().unwrap_or(900)),
+        interval: Duration::from_secs(started["interval"].as_u64().unwrap_or(5).max(1)),
+    })
+}
+
+/// What the owner is shown: the code, where to enter it, and a QR code of
+/// the link with the code in it.
+pub fn announce(started: &Started, say: &mut dyn FnMut(&str)) {
     say(&format!(
-        "To pair this agent, sign in to your relay's console and enter the code\n\n    {}\n\nat {}\nor open {complete}",
-        field("user_code"),
-        field("verification_uri"),
+        "To pair this agent, sign in to your relay's console and enter the code\n\n    {}\n\nat {}\nor open {}",
+        started.user_code, started.verification_uri, started.verification_uri_complete,
     ));
-    if let Some(qr) = qr_code(&complete) {
+    if let Some(qr) = qr_code(&started.verification_uri_complete) {
         say(&qr);
     }
-    let expires_in = started["expires_in"].as_u64().unwrap_or(900);
     say(&format!(
         "Waiting for the owner (the code lives {} minutes)…",
-        expires_in.div_ceil(60)
+        started.expires_in.as_secs().div_ceil(60)
     ));
-    let mut interval = Duration::from_secs(started["interval"].as_u64().unwrap_or(5).max(1));
+}
+
+/// Polls at the relay's interval until the owner decides or the code
+/// expires.
+pub async fn wait(
+    server: &PairingServer,
+    tls: &Arc<rustls::ClientConfig>,
+    started: &Started,
+    say: &mut dyn FnMut(&str),
+) -> Result<Paired, PairingError> {
+    let mut interval = started.interval;
     let form = format!(
-        "grant_type={}&device_code={device_code}&client_id=relay-agent",
-        "urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Adevice_code"
+        "grant_type={}&device_code={}&client_id=relay-agent",
+        "urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Adevice_code", started.device_code
     );
     loop {
         tokio::time::sleep(interval).await;
@@ -260,6 +306,17 @@ pub async fn pair(
             }
         }
     }
+}
+
+/// Pairs: [`start`], [`announce`] to `say`, then [`wait`].
+pub async fn pair(
+    server: &PairingServer,
+    tls: &Arc<rustls::ClientConfig>,
+    say: &mut dyn FnMut(&str),
+) -> Result<Paired, PairingError> {
+    let started = start(server, tls).await?;
+    announce(&started, say);
+    wait(server, tls, &started, say).await
 }
 
 #[cfg(test)]

@@ -246,7 +246,7 @@ pub async fn handle(
         };
         match path.as_str() {
             "/pair" => call.find_pairing(peer, &form).await,
-            "/pair/decide" => call.decide_pairing(peer, &form).await,
+            "/pair/decide" => call.decide_pairing(&form).await,
             _ => call.post(&path, &form).await,
         }
     } else {
@@ -794,60 +794,36 @@ impl Change<'_> {
 
     /// `POST /pair/decide`: approve (for a device of the tenant's, or a
     /// new one) or deny the pairing the code names.
-    async fn decide_pairing(
-        &self,
-        peer: IpAddr,
-        form: &Form,
-    ) -> Result<Response<Full<Bytes>>, ApiError> {
-        use relay_store::pairing::PairingDecision;
+    async fn decide_pairing(&self, form: &Form) -> Result<Response<Full<Bytes>>, ApiError> {
         let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
-        let tenant = self.visitor.caller.tenant_id.clone();
-        let pending =
-            match crate::pairing::enter_code(self.state, &tenant, peer, field("code")).await? {
-                crate::pairing::CodeEntry::Found(pending) => pending,
-                _ => {
+        let store = self.state.authenticator.store();
+        let device = match field("decision") {
+            "approve" => {
+                // The code is checked before a new device is made for it.
+                if store.pending_pairing(field("code")).await?.is_none() {
                     return Ok(pair_page(
                         self.visitor,
                         field("code"),
                         Some("This pairing is no longer waiting: it expired or was decided."),
                     ));
                 }
-            };
-        let store = self.state.authenticator.store();
-        let (decision, device, action) = match field("decision") {
-            "approve" => {
-                let device = match field("device_id") {
+                Some(match field("device_id") {
                     "" => self.changes().create_device(field("name")).await?,
-                    id => store.tenant_device(&tenant, id).await?,
-                };
-                (
-                    PairingDecision::Approve {
-                        tenant_id: tenant.clone(),
-                        device_id: device.id.clone(),
-                    },
-                    Some(device),
-                    "pairing.approve",
-                )
+                    id => {
+                        store
+                            .tenant_device(&self.visitor.caller.tenant_id, id)
+                            .await?
+                    }
+                })
             }
-            "deny" => (
-                PairingDecision::Deny {
-                    tenant_id: tenant.clone(),
-                },
-                None,
-                "pairing.deny",
-            ),
+            "deny" => None,
             _ => return Err(ApiError::bad_request_text("approve or deny")),
         };
-        if !crate::pairing::decide(self.state, &pending.id, &decision).await? {
-            return Ok(pair_page(
-                self.visitor,
-                "",
-                Some("This pairing is no longer waiting: it expired or was decided."),
-            ));
-        }
-        let target = device.as_ref().map_or("-", |device| device.id.as_str());
         self.changes()
-            .audit(action, target, &format!("pairing {}", pending.id))
+            .decide_pairing(
+                field("code"),
+                device.as_ref().map(|device| device.id.as_str()),
+            )
             .await?;
         let content = match &device {
             Some(device) => format!(

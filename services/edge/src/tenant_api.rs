@@ -53,12 +53,14 @@ pub enum Operation {
     RevokeKey,
     IssueAgentCredential,
     RevokeAgentCredential,
+    ApprovePairing,
+    DenyPairing,
     ListAudit,
     OpenApi,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 14] = [
+    pub const ALL: [Operation; 16] = [
         Operation::GetSession,
         Operation::EndSession,
         Operation::ListDevices,
@@ -71,6 +73,8 @@ impl Operation {
         Operation::RevokeKey,
         Operation::IssueAgentCredential,
         Operation::RevokeAgentCredential,
+        Operation::ApprovePairing,
+        Operation::DenyPairing,
         Operation::ListAudit,
         Operation::OpenApi,
     ];
@@ -151,6 +155,18 @@ impl Operation {
                 "revokeAgentCredential",
                 "Revoke the device's agent credential; its agent is disconnected",
             ),
+            O::ApprovePairing => (
+                Method::POST,
+                "/api/v1/pairings/approve",
+                "approvePairing",
+                "Approve the pairing an agent shows the code of, for one of the tenant's devices: the agent gets the device's agent credential (an agent paired before is disconnected)",
+            ),
+            O::DenyPairing => (
+                Method::POST,
+                "/api/v1/pairings/deny",
+                "denyPairing",
+                "Deny the pairing an agent shows the code of: the agent is told so",
+            ),
             O::ListAudit => (
                 Method::GET,
                 "/api/v1/audit",
@@ -180,6 +196,8 @@ impl Operation {
             Operation::CreateDevice => Some("NewDevice"),
             Operation::RenameDevice => Some("Rename"),
             Operation::CreateKey => Some("NewKey"),
+            Operation::ApprovePairing => Some("PairingApproval"),
+            Operation::DenyPairing => Some("PairingDenial"),
             _ => None,
         }
     }
@@ -201,6 +219,8 @@ impl Operation {
                 (StatusCode::CREATED, Some(schema("CreatedAgentCredential")))
             }
             Operation::ListAudit => (StatusCode::OK, Some(array("AuditEntry"))),
+            Operation::ApprovePairing => (StatusCode::OK, Some(schema("PairingDecided"))),
+            Operation::DenyPairing => (StatusCode::OK, Some(schema("PairingDecided"))),
             Operation::OpenApi => (StatusCode::OK, Some(json!({ "type": "object" }))),
             Operation::EndSession
             | Operation::DeleteDevice
@@ -547,6 +567,13 @@ struct NewDevice {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct PairingAnswer {
+    code: String,
+    device_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct NewKey {
     #[serde(default)]
     label: String,
@@ -703,6 +730,27 @@ impl Call<'_> {
                 self.changes().revoke_agent_credential(parameter()).await?;
                 Ok(no_content())
             }
+            Operation::ApprovePairing | Operation::DenyPairing => {
+                let decision: PairingAnswer = parse(body)?;
+                let approve = operation == Operation::ApprovePairing;
+                let device_id = match (approve, decision.device_id) {
+                    (true, Some(device_id)) => Some(device_id),
+                    (true, None) => return Err(ApiError::bad_request("device_id is required")),
+                    (false, _) => None,
+                };
+                let (pairing, device) = self
+                    .changes()
+                    .decide_pairing(&decision.code, device_id.as_deref())
+                    .await?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &json!({
+                        "pairing": pairing,
+                        "decision": if approve { "approved" } else { "denied" },
+                        "device_id": device,
+                    }),
+                ))
+            }
             Operation::ListAudit => {
                 let entries = store.audit_log(tenant, AUDIT_PAGE).await?;
                 Ok(json_response(
@@ -845,6 +893,70 @@ impl TenantChanges<'_> {
         self.audit(action, &device.id, &format!("credential {}", credential.id))
             .await?;
         Ok((device, credential, issued))
+    }
+
+    /// Approves (for `device_id`, one of the tenant's) or denies the
+    /// pairing whose code an owner typed, within the guess limits; the
+    /// pairing's id and the device.
+    pub async fn decide_pairing(
+        &self,
+        code: &str,
+        device_id: Option<&str>,
+    ) -> Result<(String, Option<String>), ApiError> {
+        use crate::pairing::CodeEntry;
+        use relay_store::pairing::PairingDecision;
+        let peer: IpAddr = self.address.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let tenant = self.tenant().to_owned();
+        let pending = match crate::pairing::enter_code(self.state, &tenant, peer, code).await? {
+            CodeEntry::Found(pending) => pending,
+            CodeEntry::NotFound => {
+                return Err(ApiError::not_found(
+                    "no agent is waiting with this code (wrong, expired or decided)",
+                ));
+            }
+            CodeEntry::Limited(_) => {
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "too many wrong codes; try again in a minute",
+                ));
+            }
+        };
+        let store = self.state.authenticator.store();
+        let (decision, device, action) = match device_id {
+            Some(device_id) => {
+                let device = store.tenant_device(&tenant, device_id).await?;
+                (
+                    PairingDecision::Approve {
+                        tenant_id: tenant.clone(),
+                        device_id: device.id.clone(),
+                    },
+                    Some(device.id),
+                    "pairing.approve",
+                )
+            }
+            None => (
+                PairingDecision::Deny {
+                    tenant_id: tenant.clone(),
+                },
+                None,
+                "pairing.deny",
+            ),
+        };
+        if !crate::pairing::decide(self.state, &pending.id, &decision).await? {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "the pairing was decided or expired meanwhile",
+            ));
+        }
+        self.audit(
+            action,
+            device.as_deref().unwrap_or("-"),
+            &format!("pairing {}", pending.id),
+        )
+        .await?;
+        Ok((pending.id, device))
     }
 
     /// Revokes the agent credential of one of the tenant's devices: its
@@ -1114,6 +1226,29 @@ fn schemas() -> Value {
                         },
                     },
                 },
+            },
+        },
+        "PairingApproval": {
+            "type": "object",
+            "required": ["code", "device_id"],
+            "additionalProperties": false,
+            "properties": {
+                "code": { "type": "string", "description": "The code the agent shows, XXXX-XXXX (case, spaces and dashes do not matter)" },
+                "device_id": { "type": "string" },
+            },
+        },
+        "PairingDenial": {
+            "type": "object",
+            "required": ["code"],
+            "additionalProperties": false,
+            "properties": { "code": { "type": "string" } },
+        },
+        "PairingDecided": {
+            "type": "object",
+            "properties": {
+                "pairing": { "type": "string" },
+                "decision": { "type": "string", "enum": ["approved", "denied"] },
+                "device_id": optional_string,
             },
         },
         "App": {

@@ -62,7 +62,7 @@ const STATE_FILE: &str = "demo.json";
 
 /// What a second run needs to find again: ids and the secrets the demo
 /// created (the store keeps only digests).
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct DemoState {
     tenant: String,
     device: String,
@@ -98,9 +98,13 @@ pub async fn run(data_dir: &Path, port: u16, edges: u16, setup: DemoSetup) -> an
     step(
         1,
         &format!(
-            "store: {} (tenant, device, key and agent credential {})",
+            "store: {} ({})",
             dir.join("relay.db").display(),
-            if reused { "reused" } else { "created" }
+            if reused {
+                "tenant, device, key and agent credential reused"
+            } else {
+                "tenant, device and key created; the agent pairs by a code below"
+            }
         ),
     );
 
@@ -158,6 +162,11 @@ pub async fn run(data_dir: &Path, port: u16, edges: u16, setup: DemoSetup) -> an
     );
 
     let simulator = start_simulator(&dir, printer).await?;
+    let state = if state.agent_credential.is_empty() {
+        pair_agent(&dir, state, public.port(), &certificates, &database_url).await?
+    } else {
+        state
+    };
     let (stop_agent, agent) =
         start_agent(&dir, &[tunnel], &state, &certificates, &simulator, setup)?;
     tokio::time::timeout(Duration::from_secs(20), edge.wait_online(&state.device))
@@ -354,6 +363,14 @@ secret = "{secret}"
     }
     let simulator = start_simulator(dir, printer).await?;
     let tunnels: Vec<SocketAddr> = instances.iter().map(|i| i.tunnel).collect();
+    let paired;
+    let state = if state.agent_credential.is_empty() {
+        let first = instances[0].public.port();
+        paired = pair_agent(dir, state.clone(), first, certificates, database_url).await?;
+        &paired
+    } else {
+        state
+    };
     // The shipped keep-alive: a killed instance is noticed when what the
     // agent sends goes unanswered, within seconds.
     let (stop_agent, agent) = start_agent(dir, &tunnels, state, certificates, &simulator, setup)?;
@@ -518,6 +535,68 @@ once within 15 minutes, then https://localhost:{port}/api/v1/devices
     ))
 }
 
+/// A new demo's agent has no credential: it pairs by a code, as
+/// `relay-agent setup --pair` does, and the demo approves the code as the
+/// device's owner through the tenant API. The credential goes into the
+/// demo's state file.
+async fn pair_agent(
+    dir: &Path,
+    mut state: DemoState,
+    port: u16,
+    certificates: &Certificates,
+    database_url: &str,
+) -> anyhow::Result<DemoState> {
+    use relay_agent::pairing;
+    let server = pairing::PairingServer {
+        host: "localhost".into(),
+        port,
+        connect: Some(format!("127.0.0.1:{port}")),
+    };
+    let tls = pairing::tls_config(&certificates.ca)?;
+    let started = pairing::start(&server, &tls).await?;
+    println!(
+        "      agent: no credential yet: it asked to pair and shows the code {} (for {})",
+        started.user_code, started.verification_uri_complete
+    );
+    let store = Store::connect(database_url).await?;
+    let (_, token) = store
+        .create_admin_token(&state.tenant, "demo pairing")
+        .await?;
+    store.close().await;
+    let approval = serde_json::json!({ "code": started.user_code, "device_id": state.device });
+    let (status, answer) = server
+        .request(
+            &tls,
+            "/api/v1/pairings/approve",
+            "application/json",
+            &format!("Authorization: Bearer {}\r\n", token.reveal()),
+            &approval.to_string(),
+        )
+        .await?;
+    if status != 200 {
+        bail!("the tenant API did not approve the pairing ({status}): {answer}");
+    }
+    println!(
+        "      owner: approved the code through the tenant API (POST /api/v1/pairings/approve) for device {}",
+        state.device
+    );
+    let paired = pairing::wait(&server, &tls, &started, &mut |text| {
+        println!("      {text}")
+    })
+    .await?;
+    println!(
+        "      agent: paired at its next poll, as device {}; its credential is in {}",
+        paired.device_id,
+        dir.join(STATE_FILE).display()
+    );
+    state.agent_credential = paired.credential;
+    write_private(
+        &dir.join(STATE_FILE),
+        &serde_json::to_string_pretty(&state)?,
+    )?;
+    Ok(state)
+}
+
 /// SIGTERM or Ctrl-C; says where it listens once it serves.
 pub async fn run_edge_process(config: &Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(config)
@@ -586,12 +665,12 @@ async fn demo_state(store: &Store, dir: &Path) -> anyhow::Result<(DemoState, boo
             expires_at: None,
         })
         .await?;
-    let (_, agent_credential) = store.issue_agent_credential(&device.id).await?;
+    // The agent pairs by a code once the edge runs ([`pair_agent`]).
     let state = DemoState {
         tenant: tenant.id,
         device: device.id,
         key: key.reveal(),
-        agent_credential: agent_credential.reveal(),
+        agent_credential: String::new(),
     };
     write_private(&path, &serde_json::to_string_pretty(&state)?)?;
     Ok((state, false))

@@ -217,6 +217,15 @@ async fn the_demo_serves_real_clients_and_restarts_on_its_data() {
     assert!(demo.said.contains("created"), "{}", demo.said);
     assert!(demo.said.contains("wss://127.0.0.1:"), "{}", demo.said);
     let device = device_of(&demo.said);
+    // A new demo's agent pairs by a code, approved through the tenant API.
+    for said in [
+        "agent: no credential yet: it asked to pair and shows the code ",
+        "owner: approved the code through the tenant API",
+        &format!("agent: paired at its next poll, as device {device}"),
+    ] {
+        assert!(demo.said.contains(said), "{said:?} in {}", demo.said);
+    }
+    assert!(!demo.said.contains("rla_"), "no credential printed");
     assert!(
         demo.said.contains(&format!("/d/{device}/mqtt")),
         "{}",
@@ -370,6 +379,7 @@ async fn the_demo_serves_real_clients_and_restarts_on_its_data() {
     let mut again = Demo::start(&data_dir);
     again.read_until("relay demo is ready.").await;
     assert!(again.said.contains("reused"), "{}", again.said);
+    assert!(!again.said.contains("asked to pair"), "paired once");
     assert_eq!(device_of(&again.said), device);
     let line = first_line(&python, &[&data_dir.join("subscribe.py")], &data_dir).await;
     assert!(line.starts_with(REPORT_TOPIC), "paho printed {line:?}");

@@ -34,6 +34,8 @@ pub enum CredentialKind {
     AdminSession,
     /// An agent's device code while it pairs (RFC 8628).
     PairingCode,
+    /// An OAuth authorization code an owner's consent gave an app.
+    AuthorizationCode,
 }
 
 impl CredentialKind {
@@ -45,6 +47,7 @@ impl CredentialKind {
             CredentialKind::LoginLink => "rll",
             CredentialKind::AdminSession => "rls",
             CredentialKind::PairingCode => "rlp",
+            CredentialKind::AuthorizationCode => "rlc",
         }
     }
 }

@@ -29,6 +29,7 @@ pub mod credential;
 mod error;
 pub mod jwt;
 mod migrate;
+pub mod oauth_apps;
 pub mod pairing;
 pub mod printer_status;
 pub mod registry;

@@ -65,6 +65,12 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../migrations/0008_pairings.sql"),
         backends: BOTH,
     },
+    Migration {
+        version: 9,
+        name: "0009_oauth_apps",
+        sql: include_str!("../../../migrations/0009_oauth_apps.sql"),
+        backends: BOTH,
+    },
 ];
 
 /// Any constant will do; it only has to be the same in every process.

@@ -43,6 +43,7 @@ pub fn is_console_path(path: &str) -> bool {
         || path == "/audit"
         || path == "/agents"
         || path == "/pair"
+        || path == "/authorize"
         || path == "/pair/decide"
         || path == "/console/live"
         || path.starts_with("/console/messages/")
@@ -131,7 +132,7 @@ header{background:#1d3557;color:#fff;padding:.6em 1em;display:flex;flex-wrap:wra
 header a{color:#fff}header form{margin:0}main{padding:1em;max-width:60em}\
 table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:.4em;border-bottom:1px solid #ddd;vertical-align:top}\
 .scroll{overflow-x:auto}.badge{padding:.1em .5em;border-radius:1em;font-size:.9em;white-space:nowrap}\
-.online{background:#2a9d8f;color:#fff}.offline{background:#aaa;color:#fff}\
+.online{background:#2a9d8f;color:#fff}.offline{background:#aaa;color:#fff}.app{background:#457b9d;color:#fff}\
 pre{background:#f4f4f4;padding:.6em;overflow-x:auto;white-space:pre-wrap;word-break:break-all}\
 input,select,button{font-size:1em;padding:.3em;margin:.2em 0}.secret{background:#ffe8a3;padding:.6em}\
 code{word-break:break-all}.warning{color:#9d0208}form.inline{display:inline}\
@@ -213,6 +214,10 @@ pub async fn handle(
             "/keys" => keys_page(state, &visitor, None).await,
             "/audit" => audit_page(state, &visitor).await,
             "/agents" => agents_page(state, &visitor).await,
+            "/authorize" => {
+                let query = crate::form::parse_form(request.uri().query().unwrap_or_default());
+                authorize_page(state, &visitor, &query).await
+            }
             "/pair" => Ok(pair_page(
                 &visitor,
                 &query_value(request.uri().query().unwrap_or_default(), "code"),
@@ -226,7 +231,12 @@ pub async fn handle(
     } else if method == Method::POST {
         let form = match read_form(request).await {
             Ok(form) => form,
-            Err(error) => return error_page(&visitor, error),
+            Err(_) => {
+                return error_page(
+                    &visitor,
+                    ApiError::bad_request_text("the form is too large or could not be read"),
+                );
+            }
         };
         if form
             .get("csrf")
@@ -247,6 +257,7 @@ pub async fn handle(
         match path.as_str() {
             "/pair" => call.find_pairing(peer, &form).await,
             "/pair/decide" => call.decide_pairing(&form).await,
+            "/authorize" => call.authorize(&form).await,
             _ => call.post(&path, &form).await,
         }
     } else {
@@ -590,6 +601,11 @@ async fn keys_page(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let store = state.authenticator.store();
     let keys = store.list_api_keys(Some(&visitor.caller.tenant_id)).await?;
+    let apps: std::collections::HashMap<String, String> = store
+        .app_grants(&visitor.caller.tenant_id)
+        .await?
+        .into_iter()
+        .collect();
     let mut content = String::new();
     if let Some(secret) = shown {
         let _ = write!(
@@ -614,8 +630,11 @@ async fn keys_page(
         };
         let _ = write!(
             content,
-            "<tr><td>{label}<br><code>{id}</code></td><td>{scope}</td><td>{device}</td><td>{expires}</td><td>{used}</td><td>{action}</td></tr>",
+            "<tr><td>{label}{app}<br><code>{id}</code></td><td>{scope}</td><td>{device}</td><td>{expires}</td><td>{used}</td><td>{action}</td></tr>",
             label = escape(&key.label),
+            app = apps.get(&key.id).map_or_else(String::new, |app| {
+                format!(" <span class=\"badge app\">app: {}</span>", escape(app))
+            }),
             id = escape(&key.id),
             scope = key.scope.as_str(),
             device = escape(key.device_id.as_deref().unwrap_or("any")),
@@ -725,6 +744,67 @@ impl Change<'_> {
             caller: &self.visitor.caller,
             address: &self.address,
         }
+    }
+
+    /// `POST /authorize`: the owner allowed (for the printers ticked) or
+    /// denied; back to the app with a code, or with `access_denied`.
+    async fn authorize(&self, form: &Form) -> Result<Response<Full<Bytes>>, ApiError> {
+        use crate::app_consent::with_query;
+        let request = match crate::app_consent::check(self.state, form).await {
+            Ok(request) => request,
+            Err(problem) => return Ok(authorize_problem(self.visitor, problem)),
+        };
+        let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
+        if field("decision") != "allow" {
+            self.changes()
+                .audit("app.deny", &request.app.id, &request.app.name)
+                .await?;
+            return Ok(redirect(&with_query(
+                &request.redirect_uri,
+                &[
+                    ("error", "access_denied"),
+                    ("error_description", "the owner denied access"),
+                    ("state", &request.state),
+                ],
+            )));
+        }
+        let store = self.state.authenticator.store();
+        let tenant = &self.visitor.caller.tenant_id;
+        let mut devices = Vec::new();
+        for device_id in field("device").split(' ').filter(|id| !id.is_empty()) {
+            devices.push(store.tenant_device(tenant, device_id).await?.id);
+        }
+        if devices.is_empty() {
+            return Err(ApiError::bad_request_text(
+                "tick at least one printer, or press Deny",
+            ));
+        }
+        let code = store
+            .create_authorization_code(&relay_store::oauth_apps::Consent {
+                app: &request.app,
+                tenant_id: tenant,
+                device_ids: &devices,
+                scope: request.scope,
+                redirect_uri: &request.redirect_uri,
+                code_challenge: &request.code_challenge,
+            })
+            .await?;
+        self.changes()
+            .audit(
+                "app.allow",
+                &request.app.id,
+                &format!(
+                    "{} ({}) for {}",
+                    request.app.name,
+                    request.scope.as_str(),
+                    devices.join(" ")
+                ),
+            )
+            .await?;
+        Ok(redirect(&with_query(
+            &request.redirect_uri,
+            &[("code", &code.reveal()), ("state", &request.state)],
+        )))
     }
 
     /// `POST /pair`: the typed code, within the guess limits; the pairing
@@ -913,6 +993,115 @@ fn query_value(query: &str, name: &str) -> String {
         .find(|(key, _)| *key == name)
         .map(|(_, value)| crate::form::form_decode(value))
         .unwrap_or_default()
+}
+
+/// An authorization request's problem: shown (nothing is sent to an
+/// unknown app or address), or sent back to the app.
+fn authorize_problem(
+    visitor: &Visitor,
+    problem: crate::app_consent::AuthorizeProblem,
+) -> Response<Full<Bytes>> {
+    match (problem.location(), problem) {
+        (Some(location), _) => redirect(&location),
+        (None, crate::app_consent::AuthorizeProblem::Shown(text)) => html(
+            StatusCode::BAD_REQUEST,
+            page(
+                "An app's request",
+                Some(visitor),
+                &format!(
+                    "<p class=\"warning\" id=\"authorize-problem\">{}</p>",
+                    escape(&text)
+                ),
+            ),
+        ),
+        (None, _) => html(StatusCode::BAD_REQUEST, String::new()),
+    }
+}
+
+/// `GET /authorize`: what an app asks for, which printers to give it,
+/// Allow or Deny.
+async fn authorize_page(
+    state: &EdgeState,
+    visitor: &Visitor,
+    query: &Form,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let request = match crate::app_consent::check(state, query).await {
+        Ok(request) => request,
+        Err(problem) => return Ok(authorize_problem(visitor, problem)),
+    };
+    let devices = state
+        .authenticator
+        .store()
+        .list_devices(Some(&visitor.caller.tenant_id))
+        .await?;
+    let mut choices = String::new();
+    for device in &devices {
+        let _ = write!(
+            choices,
+            "<p><label><input type=\"checkbox\" name=\"device\" value=\"{id}\" id=\"device-{id}\"> {name}</label></p>",
+            id = escape(&device.id),
+            name = escape(&device.name)
+        );
+    }
+    let asks = match request.scope {
+        Scope::Read => "to <strong>see</strong> your printers: their status and reports (read)",
+        Scope::Control => {
+            "to <strong>see and control</strong> your printers: status, reports and commands (control)"
+        }
+    };
+    let mut hidden = String::new();
+    for name in [
+        "client_id",
+        "redirect_uri",
+        "response_type",
+        "scope",
+        "state",
+        "code_challenge",
+        "code_challenge_method",
+    ] {
+        let _ = write!(
+            hidden,
+            "<input type=\"hidden\" name=\"{name}\" value=\"{}\">",
+            escape(query.get(name).map(String::as_str).unwrap_or_default())
+        );
+    }
+    let content = format!(
+        "<p><strong id=\"app-name\">{app}</strong> asks {asks}.</p>\
+         <p>It gets its own key for each printer you tick, which you can revoke on the Keys page at any time.</p>\
+         <form method=\"post\" action=\"/authorize\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">{hidden}\
+         {choices}\
+         <button type=\"submit\" name=\"decision\" value=\"allow\" id=\"allow\">Allow</button> \
+         <button type=\"submit\" name=\"decision\" value=\"deny\" id=\"deny\">Deny</button></form>",
+        app = escape(&request.app.name),
+        csrf = visitor.csrf,
+    );
+    let mut response = html(
+        StatusCode::OK,
+        page("An app asks for access", Some(visitor), &content),
+    );
+    // The form's answer sends the browser on to the app: the policy lets
+    // the form go to the app's registered origin, and nowhere else.
+    let origin = {
+        let uri = &request.redirect_uri;
+        let after_scheme = uri.find("://").map_or(0, |at| at + 3);
+        let end = uri[after_scheme..]
+            .find(['/', '?'])
+            .map_or(uri.len(), |at| after_scheme + at);
+        &uri[..end]
+    };
+    let origin = if origin.contains([';', ',', '\'']) {
+        ""
+    } else {
+        origin
+    };
+    if let Ok(policy) = HeaderValue::from_str(&format!(
+        "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'; form-action 'self' {origin}; frame-ancestors 'none'"
+    )) {
+        response
+            .headers_mut()
+            .insert("content-security-policy", policy);
+    }
+    Ok(response)
 }
 
 /// `/pair`: where the owner types the code the agent shows (or arrives

@@ -5,24 +5,42 @@ use http_body_util::{BodyExt, Limited};
 use hyper::Request;
 use hyper::body::Incoming;
 
-use crate::tenant_api::{ApiError, MAX_BODY_BYTES};
+/// The largest request body the tenant API, the console and the OAuth
+/// endpoints read.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
-/// A form's fields by name (the last of a repeated name wins).
+/// A form over [`MAX_BODY_BYTES`], or one that could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreadable;
+
+/// A form's fields by name.
 pub type Form = std::collections::HashMap<String, String>;
 
-pub async fn read_form(request: Request<Incoming>) -> Result<Form, ApiError> {
+pub async fn read_form(request: Request<Incoming>) -> Result<Form, Unreadable> {
     let body = Limited::new(request.into_body(), MAX_BODY_BYTES)
         .collect()
         .await
-        .map_err(|_| ApiError::bad_request_text("the form is too large or could not be read"))?
+        .map_err(|_| Unreadable)?
         .to_bytes();
-    Ok(String::from_utf8_lossy(&body)
-        .split('&')
-        .filter_map(|pair| {
-            let (name, value) = pair.split_once('=')?;
-            Some((form_decode(name), form_decode(value)))
-        })
-        .collect())
+    Ok(parse_form(&String::from_utf8_lossy(&body)))
+}
+
+/// `a=1&b=2` as fields; a repeated name (checkboxes) keeps every value,
+/// separated by spaces.
+pub fn parse_form(text: &str) -> Form {
+    let mut form = Form::new();
+    for (name, value) in text.split('&').filter_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        Some((form_decode(name), form_decode(value)))
+    }) {
+        form.entry(name)
+            .and_modify(|values: &mut String| {
+                values.push(' ');
+                values.push_str(&value);
+            })
+            .or_insert(value);
+    }
+    form
 }
 
 pub fn form_decode(value: &str) -> String {
@@ -54,6 +72,13 @@ pub fn form_decode(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_names_keep_every_value() {
+        let form = parse_form("device=a&device=b&csrf=x");
+        assert_eq!(form["device"], "a b");
+        assert_eq!(form["csrf"], "x");
+    }
 
     #[test]
     fn percent_and_plus_decode() {

@@ -30,6 +30,7 @@
 //! The edge never depends on the agent crate: they meet only through the
 //! tunnel protocol in `relay-proto`.
 
+pub mod app_consent;
 pub mod close;
 pub mod cluster;
 pub mod config;
@@ -42,6 +43,7 @@ mod limiter;
 pub mod live_status;
 pub mod metrics;
 pub mod mqtt_tcp;
+pub mod oauth_answer;
 pub mod pairing;
 pub mod peer_link;
 pub mod peer_listener;

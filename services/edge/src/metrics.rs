@@ -18,6 +18,8 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     /// Agent pairings: started, polls and owners' code entries, by result.
     pub pairing: IntCounterVec,
+    /// Apps' authorization codes exchanged, by result.
+    pub app_grants: IntCounterVec,
     pub sessions_open: IntGauge,
     /// By direction: in (from clients), out (to clients).
     pub bytes: IntCounterVec,
@@ -147,6 +149,12 @@ impl Metrics {
                 &registry,
                 "relay_edge_pairing_total",
                 "agent pairing requests, polls and code entries, by result",
+                "result",
+            ),
+            app_grants: counter_vec(
+                &registry,
+                "relay_edge_app_grants_total",
+                "apps' authorization codes exchanged for keys, by result",
                 "result",
             ),
             sessions_open: gauge(&registry, "relay_edge_sessions_open", "MQTT sessions open"),
@@ -282,7 +290,7 @@ impl Metrics {
     /// are known from the start), for checking dashboards and alerts.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 28] = [
+        let collectors: [&dyn Collector; 29] = [
             &self.connections,
             &self.connections_open,
             &self.mqtt_connections,
@@ -290,6 +298,7 @@ impl Metrics {
             &self.upgrades,
             &self.auth_failures,
             &self.pairing,
+            &self.app_grants,
             &self.sessions_open,
             &self.bytes,
             &self.messages,

@@ -12,7 +12,8 @@
 //!   approval the `access_token` is the device's new agent credential.
 //!
 //! The owner's side (entering the code, picking the device) is the
-//! console's `/pair` page, which calls [`enter_code`].
+//! console's `/pair` page, which calls [`enter_code`]. The token endpoint
+//! also takes apps' authorization codes ([`crate::app_consent`]).
 
 use std::net::IpAddr;
 use std::time::Instant;
@@ -20,12 +21,13 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderValue};
+use hyper::header;
 use hyper::{Request, Response, StatusCode};
 use relay_store::pairing::{PairingDecision, PendingPairing, PollOutcome};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::limiter::{GuessRefusal, LimitKey};
+use crate::oauth_answer::{oauth_error, oauth_json};
 use crate::state::EdgeState;
 
 /// The device code grant's `grant_type` (RFC 8628 section 3.4).
@@ -34,28 +36,6 @@ pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_cod
 /// Whether `path` is one of the OAuth endpoints.
 pub fn is_oauth_path(path: &str) -> bool {
     path == "/oauth/device_authorization" || path == "/oauth/token"
-}
-
-/// An OAuth JSON answer, never cached (RFC 6749 section 5.1).
-fn oauth_json(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-    response
-}
-
-/// An OAuth error (RFC 6749 section 5.2).
-pub fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response<Full<Bytes>> {
-    oauth_json(
-        status,
-        &json!({ "error": error, "error_description": description }),
-    )
 }
 
 /// Serves the OAuth endpoints.
@@ -93,6 +73,7 @@ pub async fn handle(
         "/oauth/device_authorization" => device_authorization(state, peer, &host).await,
         _ => match field("grant_type") {
             DEVICE_CODE_GRANT => poll(state, peer, field("device_code")).await,
+            "authorization_code" => crate::app_consent::token(state, &form).await,
             "" => oauth_error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
@@ -101,7 +82,7 @@ pub async fn handle(
             _ => oauth_error(
                 StatusCode::BAD_REQUEST,
                 "unsupported_grant_type",
-                "this server takes the device_code grant",
+                "this relay takes the device_code and authorization_code grants",
             ),
         },
     }

@@ -33,8 +33,7 @@ use crate::state::EdgeState;
 pub const SESSION_COOKIE: &str = "relay_session";
 /// The header a cookie caller's changes carry.
 pub const CSRF_HEADER: &str = "x-csrf-token";
-/// Largest request body, bytes.
-pub const MAX_BODY_BYTES: usize = 16 * 1024;
+pub use crate::form::MAX_BODY_BYTES;
 /// Audit entries one request returns at most.
 const AUDIT_PAGE: i64 = 200;
 

@@ -7,13 +7,12 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 
 use relay_edge::tenant_api::csrf_token_for;
 use relay_testkit::processes::metric;
 use relay_testkit::world::*;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One HTTPS request to the edge's base domain from `source`: the
 /// status and the body.
@@ -25,29 +24,8 @@ async fn request(
     headers: &[(&str, String)],
     form: &str,
 ) -> (u16, String) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(source, 0)).unwrap();
-    let tcp = socket.connect(edge.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from(BASE_DOMAIN).unwrap();
-    let mut tls = edge.client_tls().connect(name, tcp).await.unwrap();
-    let mut text = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {BASE_DOMAIN}:{}\r\nConnection: close\r\n\
-         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
-        edge.addr.port(),
-        form.len()
-    );
-    for (name, value) in headers {
-        text.push_str(&format!("{name}: {value}\r\n"));
-    }
-    text.push_str("\r\n");
-    text.push_str(form);
-    tls.write_all(text.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    tls.read_to_end(&mut answer).await.unwrap();
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
+    let (status, _, body) = edge.https(source, method, path, headers, form).await;
+    (status, body)
 }
 
 /// A signed-in console session of `tenant`: its cookie and CSRF token.

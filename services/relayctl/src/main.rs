@@ -55,6 +55,28 @@ enum Command {
     /// Edge instances sharing this store
     #[command(subcommand)]
     Instance(InstanceCommand),
+    /// Apps that ask printer owners for access (OAuth 2.0 with PKCE)
+    #[command(subcommand)]
+    App(AppCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum AppCommand {
+    /// Register an app; prints its client_id
+    Register {
+        /// The name owners see when it asks for access
+        #[arg(long)]
+        name: String,
+        /// Where owners are sent back (exactly; repeat for several):
+        /// https://…, or http:// on the loopback for native apps
+        #[arg(long = "redirect-uri", required = true)]
+        redirect_uris: Vec<String>,
+        /// What it may ask for: read, control (repeat for both)
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+    },
+    /// List registered apps
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -238,6 +260,45 @@ async fn execute(store: &Store, command: Command, output: &Output) -> Result<(),
                 } else {
                     format!("applied: {}", applied.join(", "))
                 }
+            });
+        }
+        Command::App(AppCommand::Register {
+            name,
+            redirect_uris,
+            scopes,
+        }) => {
+            let scopes = scopes
+                .iter()
+                .map(|scope| {
+                    Scope::parse(scope).ok_or_else(|| Failure {
+                        code: 1,
+                        message: format!("{scope}: a scope is read or control"),
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let app = store.register_app(&name, &redirect_uris, &scopes).await?;
+            output.print(&app, || {
+                format!("app {} registered: client_id {}", app.name, app.id)
+            });
+        }
+        Command::App(AppCommand::List) => {
+            let apps = store.list_apps().await?;
+            output.print(&apps, || {
+                table(
+                    &["CLIENT ID", "NAME", "SCOPES", "REDIRECT URIS"],
+                    apps.iter().map(|app| {
+                        vec![
+                            app.id.clone(),
+                            app.name.clone(),
+                            app.scopes
+                                .iter()
+                                .map(|scope| scope.as_str())
+                                .collect::<Vec<_>>()
+                                .join(" "),
+                            app.redirect_uris.join(" "),
+                        ]
+                    }),
+                )
             });
         }
         Command::Tenant(TenantCommand::Create { name }) => {

@@ -201,6 +201,43 @@ impl TestEdge {
         format!("{}.{BASE_DOMAIN}", self.device)
     }
 
+    /// One HTTPS request to the base domain from `source` (any loopback
+    /// address), `Connection: close`: the status, the header block and
+    /// the body.
+    pub async fn https(
+        &self,
+        source: std::net::IpAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: &str,
+    ) -> (u16, String, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(source, 0)).unwrap();
+        let tcp = socket.connect(self.addr).await.unwrap();
+        let name = ServerName::try_from(BASE_DOMAIN).unwrap();
+        let mut tls = self.client_tls().connect(name, tcp).await.unwrap();
+        let mut text = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {BASE_DOMAIN}:{}\r\nConnection: close\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+            self.addr.port(),
+            body.len()
+        );
+        for (name, value) in headers {
+            text.push_str(&format!("{name}: {value}\r\n"));
+        }
+        text.push_str("\r\n");
+        text.push_str(body);
+        tls.write_all(text.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tls.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, head.to_owned(), body.to_owned())
+    }
+
     pub fn client_tls(&self) -> TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.pki.ca_der()).unwrap();

@@ -1,7 +1,8 @@
 //! An app asks the owner for access (OAuth 2.0 authorization code with
-//! PKCE), driven by a third-party OAuth client (Python's authlib) and
-//! headless Chromium (Selenium) that clicks Allow on the consent page. The
-//! key the app gets reaches the printer over wss. Then every refusal: a
+//! PKCE): the README's example (Python's authlib, a loopback redirect,
+//! paho over wss), run as it stands, with headless Chromium (Selenium) as
+//! the owner who clicks Allow on the consent page. The key the app gets
+//! reaches the printer over wss. Then every refusal: a
 //! redirect URI not registered exactly, an unknown app, no PKCE or plain
 //! PKCE, scope escalation, a wrong verifier, another app's code, a code
 //! used twice (its keys are revoked and the app's session ends), and a
@@ -18,32 +19,20 @@ use relay_store::oauth_apps::s256_challenge;
 use relay_testkit::client_tools::client_tools;
 use relay_testkit::world::*;
 use serde_json::Value;
+use tokio::io::AsyncBufReadExt;
 
-/// authlib makes the authorization URL (state, PKCE S256), Chromium signs
-/// in and clicks Allow for the device, authlib exchanges the code it was
-/// sent back with. `sys.argv`: base URL, login link, client id, redirect
-/// URI, device id, CA file, screenshots. Prints the token as JSON.
-const APP: &str = r#"
-import json, socket, sys
-real_getaddrinfo = socket.getaddrinfo
-def getaddrinfo(host, *args, **kwargs):
-    # No DNS for the test's domain: as Chromium's host resolver rules do.
-    return real_getaddrinfo("127.0.0.1" if host == "relay.test" else host, *args, **kwargs)
-socket.getaddrinfo = getaddrinfo
-
-from authlib.common.security import generate_token
-from authlib.integrations.requests_client import OAuth2Session
+/// The owner, in headless Chromium: signs in with a login link, opens the
+/// link the app printed, ticks the device, presses Allow, and waits for
+/// the app's loopback page. `sys.argv`: login link, the app's link,
+/// device id, screenshots.
+const OWNER: &str = r#"
+import sys
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-base, login, client_id, redirect_uri, device, ca, shots = sys.argv[1:8]
-app = OAuth2Session(client_id, redirect_uri=redirect_uri, scope="read",
-                    code_challenge_method="S256")
-verifier = generate_token(48)
-url, state = app.create_authorization_url(base + "/authorize", code_verifier=verifier)
-
+login, url, device, shots = sys.argv[1:5]
 options = webdriver.ChromeOptions()
 options.binary_location = "/usr/bin/chromium"
 for argument in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
@@ -56,23 +45,50 @@ try:
     driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.ID, "status-" + device))
     driver.get(url)
-    asked = driver.find_element(By.TAG_NAME, "main").text
+    print(driver.find_element(By.TAG_NAME, "main").text.replace("\n", " "), flush=True)
     driver.find_element(By.ID, "device-" + device).click()
     driver.save_screenshot(f"{shots}/app-consent.png")
     driver.find_element(By.ID, "allow").click()
-    try:
-        WebDriverWait(driver, 10).until(lambda d: d.current_url.startswith(redirect_uri))
-    except Exception:
-        sys.exit("not sent back: at " + driver.current_url + ": " + driver.find_element(By.TAG_NAME, "body").text)
-    back = driver.current_url
+    WebDriverWait(driver, 10).until(
+        lambda d: d.current_url.startswith("http://127.0.0.1:") and "Done" in d.page_source)
 finally:
     driver.quit()
-token = app.fetch_token(base + "/oauth/token", authorization_response=back,
-                        code_verifier=verifier, verify=ca)
-print(json.dumps({"asked": asked, "token": dict(token)}), flush=True)
 "#;
 
+/// What the test puts before the README's block: the test's domain has no
+/// DNS, and its edge is not on 443 (Chromium has `--host-resolver-rules`
+/// for the same).
+const SHIM: &str = r#"
+import os, socket
+_edge_port = int(os.environ["TEST_EDGE_PORT"])
+_getaddrinfo = socket.getaddrinfo
+def _test_getaddrinfo(host, port, *args, **kwargs):
+    if isinstance(host, str) and (host == "relay.test" or host.endswith(".relay.test")):
+        host, port = "127.0.0.1", (_edge_port if port in (443, "443", None) else port)
+    return _getaddrinfo(host, port, *args, **kwargs)
+socket.getaddrinfo = _test_getaddrinfo
+"#;
+
+/// The README's "Ask the owner for access" example, as it stands.
+fn readme_example() -> String {
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"),
+    )
+    .unwrap();
+    let section = readme
+        .split_once("### Ask the owner for access")
+        .expect("the README's section")
+        .1;
+    let block = section
+        .split_once("```python\n")
+        .expect("its Python block")
+        .1;
+    block.split_once("```").unwrap().0.to_owned()
+}
+
 const REDIRECT: &str = "http://127.0.0.1:8765/callback";
+/// What the app registered: any loopback port will do (RFC 8252).
+const REGISTERED: &str = "http://127.0.0.1/callback";
 const VERIFIER: &str = "the-verifier-of-an-app-that-is-long-enough-0123456789";
 
 /// The owner's console session: cookie and CSRF token.
@@ -172,11 +188,12 @@ async fn an_app_gets_a_device_bound_key_with_the_owners_consent() {
     let edge = &world.edge;
     let store = &edge.database.store;
     let app = store
-        .register_app("Print Watch", &[REDIRECT.into()], &[Scope::Read])
+        .register_app("Print Watch", &[REGISTERED.into()], &[Scope::Read])
         .await
         .unwrap();
 
-    // authlib and Chromium: sign in, Allow, exchange.
+    // The README's example, as the app: it prints its link, the owner
+    // (Chromium) allows, and the app gets its key and a report over wss.
     let (link, _) = store
         .create_login_link(&edge.tenant, 15 * 60_000)
         .await
@@ -184,56 +201,87 @@ async fn an_app_gets_a_device_bound_key_with_the_owners_consent() {
     let port = edge.addr.port();
     let base = format!("https://{BASE_DOMAIN}:{port}");
     let ca = write(&edge.pki.dir, "app-ca.pem", &edge.pki.ca_pem());
-    let script = write(&edge.pki.dir, "app.py", APP);
+    let example = write(
+        &edge.pki.dir,
+        "readme-app.py",
+        &format!("{SHIM}\n{}", readme_example()),
+    );
+    let python = client_tools().join("venv/bin/python");
+    let mut app_process = tokio::process::Command::new(&python)
+        .arg(&example)
+        .env("RELAY_URL", &base)
+        .env("RELAY_CLIENT_ID", &app.id)
+        .env("TEST_EDGE_PORT", port.to_string())
+        .env("REQUESTS_CA_BUNDLE", &ca)
+        .env("SSL_CERT_FILE", &ca)
+        .env("BROWSER", "true")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut said = tokio::io::BufReader::new(app_process.stdout.take().unwrap()).lines();
+    let next_line = async |said: &mut tokio::io::Lines<_>| {
+        tokio::time::timeout(PATIENCE * 2, said.next_line())
+            .await
+            .expect("the app said something in time")
+            .unwrap()
+            .unwrap_or_default()
+    };
+    let first: String = next_line(&mut said).await;
+    let url = first
+        .strip_prefix("Open this link to allow access: ")
+        .unwrap_or_else(|| panic!("the app's link: {first}"))
+        .to_owned();
+    assert!(url.starts_with(&format!("{base}/authorize?")), "{url}");
     let shots = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../target/console-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
-    let output = tokio::process::Command::new(client_tools().join("venv/bin/python"))
-        .arg(&script)
+    let owner_script = write(&edge.pki.dir, "owner.py", OWNER);
+    let owner = tokio::process::Command::new(&python)
+        .arg(&owner_script)
         .args([
-            &base,
             &format!("{base}/login/{}", link.reveal()),
-            &app.id,
-            REDIRECT,
+            &url,
             &edge.device,
         ])
-        .arg(&ca)
         .arg(&shots)
         .stderr(Stdio::piped())
         .output()
         .await
         .unwrap();
     assert!(
-        output.status.success(),
-        "the app's script failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+        owner.status.success(),
+        "the owner's browser: {}",
+        String::from_utf8_lossy(&owner.stderr)
     );
-    let said: Value = serde_json::from_slice(&output.stdout).unwrap();
-    let asked = said["asked"].as_str().unwrap();
+    let asked = String::from_utf8_lossy(&owner.stdout);
     assert!(
         asked.contains("Print Watch") && asked.contains("(read)"),
         "{asked}"
     );
-    let token = &said["token"];
-    assert_eq!(token["token_type"], "Bearer");
-    assert_eq!(token["scope"], "read");
-    assert_eq!(token["device_id"], edge.device.as_str());
-    let key = token["access_token"].as_str().unwrap().to_owned();
-    assert!(key.starts_with("rly_"));
+    let allowed: String = next_line(&mut said).await;
+    assert_eq!(allowed, format!("allowed for {}", edge.device));
+    let report: String = next_line(&mut said).await;
+    assert_eq!(report, format!("report on {}", report_topic()));
+    let exit = tokio::time::timeout(PATIENCE, app_process.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success());
+    let key = store
+        .list_api_keys(Some(&edge.tenant))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|key| key.label == "Print Watch")
+        .expect("the app's key");
+
     // The key: bound to the device, read-only, labelled and listed as the
-    // app's, and it reaches the printer over wss.
-    let keys = store.list_api_keys(Some(&edge.tenant)).await.unwrap();
-    let stored = keys.iter().find(|k| key.contains(&k.id)).unwrap();
-    assert_eq!(stored.device_id.as_deref(), Some(edge.device.as_str()));
-    assert_eq!(
-        (stored.scope, stored.label.as_str()),
-        (Scope::Read, "Print Watch")
-    );
+    // app's.
+    assert_eq!(key.device_id.as_deref(), Some(edge.device.as_str()));
+    assert_eq!(key.scope, Scope::Read);
     assert_eq!(store.app_grants(&edge.tenant).await.unwrap().len(), 1);
-    let mut client = Client::connect(edge, &format!("Bearer {key}"), connect_packet("watch")).await;
-    client.send(&subscribe_report(1)).await;
-    assert_eq!(next_publish(&mut client).await.topic, report_topic());
 
     let owner = owner_session(edge).await;
     let challenge = s256_challenge(VERIFIER);
@@ -292,7 +340,7 @@ async fn an_app_gets_a_device_bound_key_with_the_owners_consent() {
     // A wrong verifier, another app's exchange: invalid_grant, and the
     // code is used up.
     let other = store
-        .register_app("Other", &[REDIRECT.into()], &[Scope::Read])
+        .register_app("Other", &[REGISTERED.into()], &[Scope::Read])
         .await
         .unwrap();
     for (client, verifier) in [
@@ -348,7 +396,7 @@ async fn an_app_gets_a_device_bound_key_with_the_owners_consent() {
         "{actions:?}"
     );
     let logged = format!("{audit:?}");
-    assert!(!logged.contains("rlc_") && !logged.contains(&key));
+    assert!(!logged.contains("rlc_") && !logged.contains(second_key));
     world.agent.cancel();
     world.edge.stop().await;
 }

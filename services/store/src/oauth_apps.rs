@@ -33,14 +33,45 @@ pub struct OAuthApp {
 }
 
 impl OAuthApp {
-    /// Whether `uri` is one of its redirect URIs, exactly.
+    /// Whether `uri` is one of its redirect URIs: exactly, except that on
+    /// the loopback (`http://127.0.0.1`, `http://[::1]`) any port will do,
+    /// as a native app listens on whatever port it gets (RFC 8252 section
+    /// 7.3).
     pub fn redirects_to(&self, uri: &str) -> bool {
-        self.redirect_uris.iter().any(|known| known == uri)
+        self.redirect_uris.iter().any(|known| {
+            known == uri
+                || loopback_without_port(known)
+                    .is_some_and(|known| Some(known) == loopback_without_port(uri))
+        })
     }
 
     pub fn may_ask(&self, scope: Scope) -> bool {
         self.scopes.contains(&scope)
     }
+}
+
+/// A loopback IP literal redirect URI without its port:
+/// `http://127.0.0.1:8765/cb` is `http://127.0.0.1/cb`.
+fn loopback_without_port(uri: &str) -> Option<String> {
+    for host in ["http://127.0.0.1", "http://[::1]"] {
+        let Some(rest) = uri.strip_prefix(host) else {
+            continue;
+        };
+        let path = match rest.strip_prefix(':') {
+            Some(port_and_path) => {
+                let at = port_and_path.find('/').unwrap_or(port_and_path.len());
+                let (port, path) = port_and_path.split_at(at);
+                if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                path
+            }
+            None if rest.is_empty() || rest.starts_with('/') => rest,
+            None => return None,
+        };
+        return Some(format!("{host}{path}"));
+    }
+    None
 }
 
 /// Why a redirect URI cannot be registered.
@@ -386,6 +417,27 @@ mod tests {
         assert!(!valid_verifier("short"));
         assert!(!valid_verifier(&"a".repeat(129)));
         assert!(!valid_verifier(&format!("{}+", "a".repeat(50))));
+    }
+
+    #[test]
+    fn a_loopback_redirect_takes_any_port() {
+        let app = OAuthApp {
+            id: "app_x".into(),
+            name: "x".into(),
+            redirect_uris: vec![
+                "http://127.0.0.1/callback".into(),
+                "https://app.example/cb".into(),
+            ],
+            scopes: vec![Scope::Read],
+            created_at: 0,
+        };
+        assert!(app.redirects_to("http://127.0.0.1:49152/callback"));
+        assert!(app.redirects_to("http://127.0.0.1/callback"));
+        assert!(!app.redirects_to("http://127.0.0.1:49152/callback/"));
+        assert!(!app.redirects_to("http://127.0.0.1:4x/callback"));
+        assert!(!app.redirects_to("http://127.0.0.1.evil.example/callback"));
+        assert!(!app.redirects_to("https://app.example:444/cb"));
+        assert!(app.redirects_to("https://app.example/cb"));
     }
 
     #[test]

@@ -5,16 +5,14 @@
 //! `slow_down`) until the owner approves (the answer is the device's agent
 //! credential), denies, or the code expires.
 //!
-//! The relay is reached over HTTPS, verified with the edge's CA file (as
-//! the tunnel is). A small HTTP/1.1 client: one request per connection,
-//! answers read to their end.
+//! The relay is reached over HTTPS (`relay_io::http_client`), verified
+//! with the edge's CA file, as the tunnel is.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Where the relay's pairing endpoints are.
 #[derive(Debug, Clone)]
@@ -52,26 +50,14 @@ pub enum PairingError {
 impl PairingServer {
     /// `https://host[:port][/]`.
     pub fn from_url(url: &str, connect: Option<String>) -> Result<PairingServer, PairingError> {
-        let rest = url
-            .strip_prefix("https://")
-            .ok_or_else(|| PairingError::BadUrl(url.to_owned()))?;
-        let authority = rest.split('/').next().unwrap_or_default();
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((host, port)) => (
-                host,
-                port.parse()
-                    .map_err(|_| PairingError::BadUrl(url.to_owned()))?,
-            ),
-            None => (authority, 443),
-        };
-        if host.is_empty() {
-            return Err(PairingError::BadUrl(url.to_owned()));
+        match relay_io::http_client::Origin::of(url) {
+            Ok((origin, _)) if origin.tls => Ok(PairingServer {
+                host: origin.host,
+                port: origin.port,
+                connect,
+            }),
+            _ => Err(PairingError::BadUrl(url.to_owned())),
         }
-        Ok(PairingServer {
-            host: host.to_owned(),
-            port,
-            connect,
-        })
     }
 
     /// POSTs a form to `path`; the answer's status and JSON body.
@@ -96,65 +82,23 @@ impl PairingServer {
         extra_headers: &str,
         body: &str,
     ) -> Result<(u16, Value), PairingError> {
-        let form = body;
-        let unreachable =
-            |error: &dyn std::fmt::Display| PairingError::Unreachable(error.to_string());
-        let address = self
-            .connect
-            .clone()
-            .unwrap_or_else(|| format!("{}:{}", self.host, self.port));
-        let tcp = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::net::TcpStream::connect(&address),
-        )
-        .await
-        .map_err(|_| PairingError::Unreachable(format!("{address} did not answer")))?
-        .map_err(|error| unreachable(&error))?;
-        let name = rustls::pki_types::ServerName::try_from(self.host.clone())
-            .map_err(|_| PairingError::BadUrl(self.host.clone()))?;
-        let mut stream = tokio_rustls::TlsConnector::from(tls.clone())
-            .connect(name, tcp)
-            .await
-            .map_err(|error| unreachable(&error))?;
-        let host = if self.port == 443 {
-            self.host.clone()
-        } else {
-            format!("{}:{}", self.host, self.port)
+        let origin = relay_io::http_client::Origin {
+            tls: true,
+            host: self.host.clone(),
+            port: self.port,
+            connect: self.connect.clone(),
         };
-        let request = format!(
-            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n{extra_headers}\
-             Accept: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{form}",
-            form.len()
-        );
-        stream
-            .write_all(request.as_bytes())
+        let headers =
+            format!("Content-Type: {content_type}\r\nAccept: application/json\r\n{extra_headers}");
+        let answer = origin
+            .request(Some(tls), "POST", path, &headers, body)
             .await
-            .map_err(|error| unreachable(&error))?;
-        let mut answer = Vec::new();
-        tokio::time::timeout(
-            Duration::from_secs(20),
-            (&mut stream).take(64 * 1024).read_to_end(&mut answer),
-        )
-        .await
-        .map_err(|_| PairingError::Unreachable("no answer in 20 s".into()))?
-        .map_err(|error| unreachable(&error))?;
-        parse_answer(&answer)
+            .map_err(|error| PairingError::Unreachable(error.to_string()))?;
+        Ok((
+            answer.status,
+            serde_json::from_str(&answer.body).unwrap_or(Value::Null),
+        ))
     }
-}
-
-/// An HTTP/1.1 answer's status and JSON body (`Content-Length` framed, as
-/// the relay sends it).
-fn parse_answer(answer: &[u8]) -> Result<(u16, Value), PairingError> {
-    let text = String::from_utf8_lossy(answer);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| PairingError::Unreachable("a broken HTTP answer".into()))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|status| status.parse().ok())
-        .ok_or_else(|| PairingError::Unreachable("a broken HTTP status line".into()))?;
-    Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
 }
 
 /// TLS towards the relay, verified with the edge's CA file.
@@ -335,17 +279,6 @@ mod tests {
         assert_eq!((server.host.as_str(), server.port), ("relay.test", 8443));
         assert!(PairingServer::from_url("http://relay.test", None).is_err());
         assert!(PairingServer::from_url("https://:443", None).is_err());
-    }
-
-    #[test]
-    fn answers_are_read_as_status_and_json() {
-        let (status, body) = parse_answer(
-            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\r\n{\"error\":\"slow_down\"}",
-        )
-        .unwrap();
-        assert_eq!(status, 400);
-        assert_eq!(body["error"], "slow_down");
-        assert!(parse_answer(b"garbage").is_err());
     }
 
     #[test]

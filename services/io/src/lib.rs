@@ -13,9 +13,14 @@
 //!   and [`transport`]: the tunnel's connection over QUIC or over that, for
 //!   networks that block UDP.
 //!
+//! - [`http_client`]: a small HTTP/1.1 client (one request per
+//!   connection) for the agent's pairing and the edge's OpenID Connect
+//!   sign-in.
+//!
 //! It must not depend on the edge, the agent or the store.
 
 mod framed;
+pub mod http_client;
 pub mod mux;
 mod shutdown;
 pub mod transport;

@@ -40,6 +40,51 @@ pub struct EdgeConfig {
     /// This instance among several on one store.
     #[serde(default)]
     pub cluster: ClusterConfig,
+    /// The console's sign-in.
+    #[serde(default)]
+    pub console: ConsoleConfig,
+}
+
+/// The console's sign-in: login links always; the operator's OpenID
+/// Connect provider when `[console.oidc]` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    pub oidc: Option<OidcConfig>,
+}
+
+/// The operator's OpenID Connect provider (authorization code with PKCE).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The provider's issuer; its discovery document is at
+    /// `<issuer>/.well-known/openid-configuration`.
+    pub issuer: String,
+    pub client_id: String,
+    /// Never logged.
+    pub client_secret: Secret<String>,
+    /// The ID token claim that names the owner's tenant (its id or name).
+    #[serde(default = "default_tenant_claim")]
+    pub tenant_claim: String,
+    /// Claim values that name a tenant by another name: value → tenant id
+    /// or name. A value not listed names the tenant itself.
+    #[serde(default)]
+    pub tenants: std::collections::BTreeMap<String, String>,
+    /// The CA of the provider's certificate, when it is not one the
+    /// system trusts (PEM).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// What the sign-in button says: "Sign in with <name>".
+    #[serde(default = "default_provider_name")]
+    pub name: String,
+}
+
+fn default_tenant_claim() -> String {
+    "relay_tenant".into()
+}
+
+fn default_provider_name() -> String {
+    "your organisation".into()
 }
 
 /// This instance's identity and lease among the edge instances that share
@@ -582,6 +627,7 @@ impl EdgeConfig {
             printers: PrintersConfig::default(),
             quotas: QuotaConfig::default(),
             cluster: ClusterConfig::default(),
+            console: ConsoleConfig::default(),
         }
     }
 
@@ -625,6 +671,22 @@ impl EdgeConfig {
         if cluster.peer_listen.is_some() {
             if cluster.secret.expose().len() < 16 {
                 problems.push("cluster.secret (or RELAY_CLUSTER_SECRET) of at least 16 characters is required with cluster.peer_listen".into());
+            }
+            if let Some(oidc) = &self.console.oidc {
+                let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+                    .iter()
+                    .any(|prefix| oidc.issuer.starts_with(prefix));
+                if !(oidc.issuer.starts_with("https://") || loopback) {
+                    problems.push("console.oidc.issuer must be https:// (http:// only on this machine's loopback)".into());
+                }
+                if oidc.client_id.is_empty() || oidc.client_secret.expose().is_empty() {
+                    problems.push("console.oidc needs client_id and client_secret".into());
+                }
+                if oidc.tenant_claim.is_empty() {
+                    problems.push(
+                        "console.oidc.tenant_claim names the claim that names the tenant".into(),
+                    );
+                }
             }
             let unspecified = cluster
                 .peer_listen

@@ -159,14 +159,22 @@ fn page(title: &str, visitor: Option<&Visitor>, content: &str) -> String {
     )
 }
 
-fn signed_out() -> Response<Full<Bytes>> {
+fn signed_out(state: &EdgeState) -> Response<Full<Bytes>> {
+    let provider = state.oidc.as_ref().map_or_else(String::new, |oidc| {
+        format!(
+            "<p><a class=\"button\" id=\"oidc-sign-in\" href=\"/login/oidc\">Sign in with {}</a></p>",
+            escape(oidc.name())
+        )
+    });
     html(
         StatusCode::UNAUTHORIZED,
         page(
             "Sign in",
             None,
-            "<p>Open the login link your operator gave you (<code>relayctl tenant login-link</code>). \
-             A link works once, for 15 minutes.</p>",
+            &format!(
+                "{provider}<p>Or open the login link your operator gave you (<code>relayctl tenant login-link</code>). \
+                 A link works once, for 15 minutes.</p>"
+            ),
         ),
     )
 }
@@ -196,7 +204,7 @@ pub async fn handle(
         if request.uri().path().starts_with("/console/") {
             return html(StatusCode::UNAUTHORIZED, String::new());
         }
-        return signed_out();
+        return signed_out(state);
     };
     let path = request.uri().path().to_owned();
     let method = request.method().clone();

@@ -1,5 +1,5 @@
-//! HTML forms (`application/x-www-form-urlencoded`) as the console and
-//! the OAuth endpoints read them: at most the tenant API's body size.
+//! HTML forms (`application/x-www-form-urlencoded`) and cookies, as the
+//! console, the tenant API and the OAuth endpoints read them.
 
 use http_body_util::{BodyExt, Limited};
 use hyper::Request;
@@ -67,6 +67,23 @@ pub fn form_decode(value: &str) -> String {
         index += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A cookie's value from the request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a hyper::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(hyper::header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .find_map(|pair| {
+            let (key, value) = pair.trim().split_once('=')?;
+            (key == name).then_some(value)
+        })
+}
+
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -58,6 +58,12 @@ pub async fn handle(
         if crate::pairing::is_oauth_path(path) {
             return Ok(crate::pairing::handle(request, state, context.peer.ip()).await);
         }
+        if path == "/login/oidc" && request.method() == hyper::Method::GET {
+            return Ok(crate::tenant_api::oidc_login(&request, state).await);
+        }
+        if path == "/login/oidc/callback" && request.method() == hyper::Method::GET {
+            return Ok(crate::tenant_api::oidc_callback(&request, state, context.peer.ip()).await);
+        }
         if let Some(token) = path.strip_prefix("/login/")
             && request.method() == hyper::Method::GET
         {

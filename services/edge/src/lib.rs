@@ -44,6 +44,7 @@ pub mod live_status;
 pub mod metrics;
 pub mod mqtt_tcp;
 pub mod oauth_answer;
+pub mod oidc;
 pub mod pairing;
 pub mod peer_link;
 pub mod peer_listener;

@@ -40,6 +40,8 @@ pub struct EdgeState {
     pub console_status: DashMap<String, (Instant, Arc<str>)>,
     /// The console's open message views, per tenant.
     pub console_watchers: DashMap<String, usize>,
+    /// Sign-in with the operator's OpenID Connect provider, when set.
+    pub oidc: Option<Arc<crate::oidc::Oidc>>,
     /// Failed agent HELLOs, per source address (counted) and per
     /// credential id (limited).
     pub agent_failures: Arc<FailureLimiter>,
@@ -101,6 +103,14 @@ impl EdgeState {
             metrics.tunnels_fenced.clone(),
         );
         let quotas = Arc::new(Quotas::new(config.quotas.clone()));
+        let oidc = config.console.oidc.clone().and_then(|oidc| {
+            crate::oidc::Oidc::new(oidc)
+                .map(Arc::new)
+                .map_err(
+                    |error| tracing::error!(%error, "console sign-in with OpenID Connect is off"),
+                )
+                .ok()
+        });
         EdgeState {
             config,
             authenticator,
@@ -111,6 +121,7 @@ impl EdgeState {
             pairing_guesses: crate::limiter::GuessLimits::default(),
             console_status: DashMap::new(),
             console_watchers: DashMap::new(),
+            oidc,
             agent_failures,
             agents_accepted: AcceptedCredentials::default(),
             quotas,

@@ -473,18 +473,7 @@ pub fn csrf_token_for(session: &str) -> String {
         .collect()
 }
 
-/// A cookie's value from the request's `Cookie` headers.
-pub fn cookie<'a>(headers: &'a hyper::HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(';'))
-        .find_map(|pair| {
-            let (key, value) = pair.trim().split_once('=')?;
-            (key == name).then_some(value)
-        })
-}
+pub use crate::form::{constant_time_eq, cookie};
 
 async fn caller(
     headers: &hyper::HeaderMap,
@@ -552,10 +541,6 @@ async fn caller(
         }
     }
     Ok(Authenticated { caller, csrf_token })
-}
-
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[derive(Deserialize)]
@@ -1396,6 +1381,19 @@ pub async fn login(
         Err(error) => return ApiError::from(error).into_response(),
     };
     drop(attempt);
+    signed_in(state, &opened, peer, "login link", "/").await
+}
+
+/// Audits a new console session and answers with its cookie, sending the
+/// browser on to `then`.
+async fn signed_in(
+    state: &EdgeState,
+    opened: &relay_store::admin::OpenedSession,
+    peer: IpAddr,
+    how: &str,
+    then: &str,
+) -> Response<Full<Bytes>> {
+    let store = state.authenticator.store();
     let actor = format!("session:{}", opened.credential.id);
     if let Err(error) = store
         .record_audit(
@@ -1405,7 +1403,7 @@ pub async fn login(
                 action: "session.start",
                 target: &opened.tenant_id,
                 address: &peer.to_string(),
-                detail: "login link",
+                detail: how,
             },
         )
         .await
@@ -1420,12 +1418,133 @@ pub async fn login(
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SEE_OTHER;
     let headers = response.headers_mut();
-    headers.insert(header::LOCATION, HeaderValue::from_static("/"));
+    if let Ok(value) = HeaderValue::from_str(then) {
+        headers.insert(header::LOCATION, value);
+    }
     if let Ok(value) = HeaderValue::from_str(&cookie) {
         headers.insert(header::SET_COOKIE, value);
     }
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// `GET /login/oidc`: to the operator's identity provider.
+pub async fn oidc_login(request: &Request<Incoming>, state: &EdgeState) -> Response<Full<Bytes>> {
+    let Some(oidc) = &state.oidc else {
+        return ApiError::not_found("sign-in with an identity provider is not set up here")
+            .into_response();
+    };
+    let host = host_of(request, state);
+    match oidc.start(&host).await {
+        Ok(response) => response,
+        Err(failure) => oidc_failed(state, &failure),
+    }
+}
+
+/// `GET /login/oidc/callback`: the provider's answer; a console session
+/// for the tenant the ID token names.
+pub async fn oidc_callback(
+    request: &Request<Incoming>,
+    state: &EdgeState,
+    peer: IpAddr,
+) -> Response<Full<Bytes>> {
+    let Some(oidc) = &state.oidc else {
+        return ApiError::not_found("sign-in with an identity provider is not set up here")
+            .into_response();
+    };
+    let now = Instant::now();
+    let address = LimitKey::Address(peer);
+    let Some(attempt) = state.failures.begin(vec![address], now) else {
+        return ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many failed sign-ins from this address; try again in a minute",
+        )
+        .into_response();
+    };
+    let host = host_of(request, state);
+    let query = crate::form::parse_form(request.uri().query().unwrap_or_default());
+    let flow = crate::oidc::flow_cookie(request.headers());
+    let signed = match oidc.finish(&host, &query, flow).await {
+        Ok(signed) => signed,
+        Err(failure) => {
+            attempt.failed();
+            return oidc_failed(state, &failure);
+        }
+    };
+    let store = state.authenticator.store();
+    let tenant = match store.tenant(&signed.tenant).await {
+        Ok(tenant) => tenant,
+        Err(_) => {
+            attempt.failed();
+            return oidc_failed(
+                state,
+                &crate::oidc::SignInFailure {
+                    label: "unknown_tenant",
+                    message:
+                        "your account names a tenant this relay does not have: ask your operator"
+                            .into(),
+                },
+            );
+        }
+    };
+    drop(attempt);
+    let opened = match store.open_admin_session(&tenant.id).await {
+        Ok(opened) => opened,
+        Err(error) => return ApiError::from(error).into_response(),
+    };
+    tracing::info!(tenant = %tenant.id, "signed in with the identity provider");
+    // A page, not a redirect: the session cookie is SameSite=Strict, and a
+    // redirect chain that began at the provider is cross-site, so the
+    // browser would not send it to "/" yet.
+    let mut response = signed_in(
+        state,
+        &opened,
+        peer,
+        &format!("identity provider, subject {}", signed.subject),
+        "/",
+    )
+    .await;
+    if response.status() == StatusCode::SEE_OTHER {
+        *response.status_mut() = StatusCode::OK;
+        let headers = response.headers_mut();
+        headers.remove(header::LOCATION);
+        headers.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static(crate::oidc::CLEAR_FLOW_COOKIE),
+        );
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        *response.body_mut() = Full::new(Bytes::from_static(
+            b"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"0;url=/\"><title>Signed in</title></head><body><p>Signed in. <a href=\"/\">Your devices</a></p></body></html>",
+        ));
+    }
+    response
+}
+
+fn host_of(request: &Request<Incoming>, state: &EdgeState) -> String {
+    request
+        .headers()
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .unwrap_or(&state.config.public.base_domain)
+        .to_owned()
+}
+
+fn oidc_failed(state: &EdgeState, failure: &crate::oidc::SignInFailure) -> Response<Full<Bytes>> {
+    state.count_auth_failure(&format!("oidc_{}", failure.label));
+    tracing::info!(
+        reason = failure.label,
+        "sign-in with the identity provider failed"
+    );
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        failure.message.clone(),
+    )
+    .into_response()
 }
 
 #[cfg(test)]

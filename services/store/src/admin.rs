@@ -158,6 +158,13 @@ impl Store {
         if used.rows_affected() != 1 {
             return Ok(Err(AdminAuthFailure::Used));
         }
+        Ok(Ok(self.open_admin_session(&tenant_id).await?))
+    }
+
+    /// Opens a console session for a tenant whose admin proved who they
+    /// are (a login link, or the operator's identity provider).
+    pub async fn open_admin_session(&self, tenant_id: &str) -> Result<OpenedSession, StoreError> {
+        let now = self.now();
         let credential = IssuedCredential::generate(CredentialKind::AdminSession)?;
         let expires_at = now + SESSION_MILLIS;
         sqlx::query(
@@ -165,17 +172,17 @@ impl Store {
              VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(&credential.id)
-        .bind(&tenant_id)
+        .bind(tenant_id)
         .bind(credential.digest())
         .bind(now)
         .bind(expires_at)
         .execute(self.pool())
         .await?;
-        Ok(Ok(OpenedSession {
-            tenant_id,
+        Ok(OpenedSession {
+            tenant_id: tenant_id.to_owned(),
             credential,
             expires_at,
-        }))
+        })
     }
 
     /// The caller behind a console session's cookie value.

@@ -601,6 +601,108 @@ mod tests {
         assert_eq!(oidc.read_flow(&oidc.sign_flow(&old)), None);
     }
 
+    /// An ID token signed by a P-256 key of the test's, with `claims`.
+    fn signed(key: &rcgen::KeyPair, claims: &Value) -> String {
+        let mut header = jsonwebtoken::Header::new(Algorithm::ES256);
+        header.kid = Some("k1".into());
+        let encoding = jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der());
+        jsonwebtoken::encode(&header, claims, &encoding).unwrap()
+    }
+
+    fn provider_with_key(key: &rcgen::KeyPair) -> (Oidc, Discovery) {
+        let oidc = oidc();
+        let raw = key.public_key_raw();
+        let jwks: JwkSet = serde_json::from_value(serde_json::json!({ "keys": [{
+            "kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256",
+            "x": URL_SAFE_NO_PAD.encode(&raw[1..33]),
+            "y": URL_SAFE_NO_PAD.encode(&raw[33..65]),
+        }]}))
+        .unwrap();
+        let discovery = Discovery {
+            issuer: "http://127.0.0.1:1".into(),
+            authorization_endpoint: "http://127.0.0.1:1/auth".into(),
+            token_endpoint: "http://127.0.0.1:1/token".into(),
+            jwks_uri: "http://127.0.0.1:1/jwks".into(),
+        };
+        oidc.cached.write().unwrap().keys = Some((Instant::now(), jwks));
+        (oidc, discovery)
+    }
+
+    #[tokio::test]
+    async fn an_id_token_is_checked_for_signature_issuer_audience_and_expiry() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let (oidc, discovery) = provider_with_key(&key);
+        let now = unix_now();
+        let claims = |iss: &str, aud: &str, exp: u64| {
+            serde_json::json!({
+                "iss": iss, "aud": aud, "exp": exp, "iat": now, "sub": "owner",
+                "nonce": "n", "relay_tenant": "acme",
+            })
+        };
+        let check = async |token: String| oidc.check_id_token(&discovery, &token).await;
+        let good = check(signed(
+            &key,
+            &claims("http://127.0.0.1:1", "relay", now + 300),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            (good.sub.as_str(), good.nonce.as_deref()),
+            ("owner", Some("n"))
+        );
+        let label = |result: Result<IdClaims, SignInFailure>| result.unwrap_err().label;
+        assert_eq!(
+            label(
+                check(signed(
+                    &key,
+                    &claims("http://127.0.0.1:1", "relay", now - 120)
+                ))
+                .await
+            ),
+            "expired_id_token"
+        );
+        assert_eq!(
+            label(
+                check(signed(
+                    &key,
+                    &claims("http://127.0.0.1:1", "someone-else", now + 300)
+                ))
+                .await
+            ),
+            "wrong_audience"
+        );
+        assert_eq!(
+            label(
+                check(signed(
+                    &key,
+                    &claims("https://evil.example", "relay", now + 300)
+                ))
+                .await
+            ),
+            "wrong_issuer"
+        );
+        // Signed by another key under the same kid.
+        let other = rcgen::KeyPair::generate().unwrap();
+        assert_eq!(
+            label(
+                check(signed(
+                    &other,
+                    &claims("http://127.0.0.1:1", "relay", now + 300)
+                ))
+                .await
+            ),
+            "bad_signature"
+        );
+        // HMAC with the client secret is never accepted.
+        let hs = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &claims("http://127.0.0.1:1", "relay", now + 300),
+            &jsonwebtoken::EncodingKey::from_secret(b"a secret"),
+        )
+        .unwrap();
+        assert_eq!(label(check(hs).await), "bad_id_token");
+    }
+
     #[test]
     fn a_nonce_is_good_once() {
         let oidc = oidc();

@@ -51,21 +51,7 @@ pub fn is_console_path(path: &str) -> bool {
         || path.starts_with("/keys/")
 }
 
-/// Escapes text for HTML.
-pub fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use crate::form::escape;
 
 /// A signed-in visitor.
 struct Visitor {
@@ -159,10 +145,14 @@ fn page(title: &str, visitor: Option<&Visitor>, content: &str) -> String {
     )
 }
 
-fn signed_out(state: &EdgeState) -> Response<Full<Bytes>> {
+fn signed_out(state: &EdgeState, wanted: &str) -> Response<Full<Bytes>> {
+    // Back to the page asked for once signed in (a pairing code's link,
+    // an app's request).
+    let next = crate::app_consent::with_query("/login/oidc", &[("next", wanted)]);
     let provider = state.oidc.as_ref().map_or_else(String::new, |oidc| {
         format!(
-            "<p><a class=\"button\" id=\"oidc-sign-in\" href=\"/login/oidc\">Sign in with {}</a></p>",
+            "<p><a class=\"button\" id=\"oidc-sign-in\" href=\"{}\">Sign in with {}</a></p>",
+            escape(&next),
             escape(oidc.name())
         )
     });
@@ -204,7 +194,12 @@ pub async fn handle(
         if request.uri().path().starts_with("/console/") {
             return html(StatusCode::UNAUTHORIZED, String::new());
         }
-        return signed_out(state);
+        let wanted = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |wanted| wanted.as_str())
+            .to_owned();
+        return signed_out(state, &wanted);
     };
     let path = request.uri().path().to_owned();
     let method = request.method().clone();

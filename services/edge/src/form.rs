@@ -1,5 +1,5 @@
-//! HTML forms (`application/x-www-form-urlencoded`) and cookies, as the
-//! console, the tenant API and the OAuth endpoints read them.
+//! HTML forms (`application/x-www-form-urlencoded`), cookies and escaping,
+//! as the console, the tenant API and the OAuth endpoints use them.
 
 use http_body_util::{BodyExt, Limited};
 use hyper::Request;
@@ -84,6 +84,22 @@ pub fn cookie<'a>(headers: &'a hyper::HeaderMap, name: &str) -> Option<&'a str> 
 
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Escapes text for HTML.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 #[cfg(test)]

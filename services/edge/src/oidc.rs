@@ -107,6 +107,8 @@ struct IdClaims {
 pub struct SignedIn {
     pub tenant: String,
     pub subject: String,
+    /// The console page the owner was on when they signed in.
+    pub next: String,
 }
 
 /// The random values of one sign-in.
@@ -116,6 +118,8 @@ struct Flow {
     nonce: String,
     verifier: String,
     expires: u64,
+    /// Where to go once signed in: a path on this site.
+    next: String,
 }
 
 fn random_token() -> String {
@@ -273,6 +277,7 @@ impl Oidc {
                 "nonce": flow.nonce,
                 "verifier": flow.verifier,
                 "expires": flow.expires,
+                "next": flow.next,
             })
             .to_string(),
         );
@@ -290,14 +295,20 @@ impl Oidc {
             nonce: value["nonce"].as_str()?.to_owned(),
             verifier: value["verifier"].as_str()?.to_owned(),
             expires: value["expires"].as_u64()?,
+            next: local_path(value["next"].as_str().unwrap_or("/")),
         };
         (flow.expires > unix_now()).then_some(flow)
     }
 
     /// `GET /login/oidc`: to the provider, with a new flow's cookie.
-    pub async fn start(&self, host: &str) -> Result<Response<Full<Bytes>>, SignInFailure> {
+    pub async fn start(
+        &self,
+        host: &str,
+        next: &str,
+    ) -> Result<Response<Full<Bytes>>, SignInFailure> {
         let discovery = self.discovery().await?;
         let flow = Flow {
+            next: local_path(next),
             state: random_token(),
             nonce: random_token(),
             verifier: random_token(),
@@ -433,6 +444,7 @@ impl Oidc {
         Ok(SignedIn {
             tenant,
             subject: claims.sub,
+            next: flow.next,
         })
     }
 
@@ -548,6 +560,21 @@ impl Oidc {
     }
 }
 
+/// `next` when it is a path on this site (`/…`, not `//host`), else `/`:
+/// no open redirect.
+pub fn local_path(next: &str) -> String {
+    let local = next.starts_with('/')
+        && !next.starts_with("//")
+        && !next.starts_with("/\\")
+        && next.len() <= 2048
+        && next.bytes().all(|b| b.is_ascii_graphic());
+    if local {
+        next.to_owned()
+    } else {
+        "/".to_owned()
+    }
+}
+
 /// Where the provider sends the browser back.
 pub fn callback_url(host: &str) -> String {
     format!("https://{host}/login/oidc/callback")
@@ -588,6 +615,7 @@ mod tests {
             nonce: "n".into(),
             verifier: "v".into(),
             expires: unix_now() + 60,
+            next: "/pair?code=BCDF-GHJK".into(),
         };
         let cookie = oidc.sign_flow(&flow);
         assert_eq!(oidc.read_flow(&cookie), Some(flow.clone()));
@@ -701,6 +729,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(label(check(hs).await), "bad_id_token");
+    }
+
+    #[test]
+    fn only_local_paths_are_where_a_sign_in_leads() {
+        assert_eq!(local_path("/pair?code=BCDF-GHJK"), "/pair?code=BCDF-GHJK");
+        assert_eq!(local_path("//evil.example/"), "/");
+        assert_eq!(local_path("https://evil.example/"), "/");
+        assert_eq!(local_path("/\\evil.example"), "/");
+        assert_eq!(local_path("/a b"), "/");
     }
 
     #[test]

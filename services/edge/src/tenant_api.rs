@@ -1435,7 +1435,9 @@ pub async fn oidc_login(request: &Request<Incoming>, state: &EdgeState) -> Respo
             .into_response();
     };
     let host = host_of(request, state);
-    match oidc.start(&host).await {
+    let query = crate::form::parse_form(request.uri().query().unwrap_or_default());
+    let next = query.get("next").map_or("/", String::as_str);
+    match oidc.start(&host, next).await {
         Ok(response) => response,
         Err(failure) => oidc_failed(state, &failure),
     }
@@ -1517,9 +1519,10 @@ pub async fn oidc_callback(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/html; charset=utf-8"),
         );
-        *response.body_mut() = Full::new(Bytes::from_static(
-            b"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"0;url=/\"><title>Signed in</title></head><body><p>Signed in. <a href=\"/\">Your devices</a></p></body></html>",
-        ));
+        let next = crate::form::escape(&signed.next);
+        *response.body_mut() = Full::new(Bytes::from(format!(
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"0;url={next}\"><title>Signed in</title></head><body><p>Signed in. <a href=\"{next}\">Go on</a></p></body></html>"
+        )));
     }
     response
 }

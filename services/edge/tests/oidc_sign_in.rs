@@ -59,9 +59,10 @@ server.on('request', provider.callback());
 console.log(JSON.stringify({ ready: true }));
 "#;
 
-/// The owner's browser: signs in through the provider as `account`.
-/// `sys.argv`: the console's URL, the account, the device id, the
-/// screenshots. Prints what the relay showed at the end.
+/// The owner's browser: opens a console page signed out, signs in
+/// through the provider as `account`. `sys.argv`: the console's URL, the
+/// page, the account, the device id, the screenshots. Prints what the
+/// relay showed at the end.
 const BROWSER: &str = r#"
 import sys
 from selenium import webdriver
@@ -69,7 +70,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-base, account, device, shots = sys.argv[1:5]
+base, start, account, device, shots = sys.argv[1:6]
 options = webdriver.ChromeOptions()
 options.binary_location = "/usr/bin/chromium"
 for argument in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
@@ -78,7 +79,7 @@ for argument in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
     options.add_argument(argument)
 driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 try:
-    driver.get(base + "/")
+    driver.get(base + start)
     driver.find_element(By.ID, "oidc-sign-in").click()
     WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.NAME, "login"))
     driver.find_element(By.NAME, "login").send_keys(account)
@@ -91,9 +92,11 @@ try:
         driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     WebDriverWait(driver, 10).until(lambda d: "relay.test" in d.current_url)
     WebDriverWait(driver, 10).until(
-        lambda d: d.find_elements(By.ID, "status-" + device) or "unauthorized" in d.page_source)
+        lambda d: d.find_elements(By.ID, "status-" + device) or d.find_elements(By.ID, "pair-code")
+        or "unauthorized" in d.page_source)
     driver.save_screenshot(f"{shots}/oidc-{account}.png")
-    print(driver.find_element(By.TAG_NAME, "body").text.replace("\n", " "), flush=True)
+    codes = [e.get_attribute("value") for e in driver.find_elements(By.ID, "pair-code")]
+    print(driver.find_element(By.TAG_NAME, "body").text.replace("\n", " "), codes, flush=True)
 finally:
     driver.quit()
 "#;
@@ -158,10 +161,10 @@ async fn owners_sign_in_with_the_operators_identity_provider() {
         .join("../../target/console-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let browser = write(&dir, "oidc-browser.py", BROWSER);
-    let sign_in = async |account: &str| {
+    let sign_in = async |start: &str, account: &str| {
         let output = tokio::process::Command::new(tools.join("venv/bin/python"))
             .arg(&browser)
-            .args([&base, account, &edge.device])
+            .args([&base, start, account, &edge.device])
             .arg(&shots)
             .stderr(Stdio::piped())
             .output()
@@ -174,10 +177,16 @@ async fn owners_sign_in_with_the_operators_identity_provider() {
         );
         String::from_utf8_lossy(&output.stdout).into_owned()
     };
-    // The owner: the devices page of their tenant.
-    let shown = sign_in("owner").await;
+    // The owner: the devices page of their tenant; and, arriving from an
+    // agent's pairing link, back to that page once signed in.
+    let shown = sign_in("/", "owner").await;
     assert!(
         shown.contains("Devices") && shown.contains("p1s"),
+        "{shown}"
+    );
+    let shown = sign_in("/pair?code=BCDF-GHJK", "owner").await;
+    assert!(
+        shown.contains("Pair an agent") && shown.contains("['BCDF-GHJK']"),
         "{shown}"
     );
     let audit = edge
@@ -192,7 +201,7 @@ async fn owners_sign_in_with_the_operators_identity_provider() {
         "{audit:?}"
     );
     // An account whose ID token names no tenant: refused, in words.
-    let shown = sign_in("stranger").await;
+    let shown = sign_in("/", "stranger").await;
     assert!(shown.contains("does not say which tenant"), "{shown}");
     let metrics = edge.admin_get("/metrics").await.1;
     assert!(

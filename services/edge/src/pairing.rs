@@ -71,6 +71,11 @@ pub async fn handle(
     let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
     match path.as_str() {
         "/oauth/device_authorization" => device_authorization(state, peer, &host).await,
+        _ if too_many(state, peer) => oauth_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "slow_down",
+            "too many requests from this address; try again in a minute",
+        ),
         _ => match field("grant_type") {
             DEVICE_CODE_GRANT => poll(state, peer, field("device_code")).await,
             "authorization_code" => crate::app_consent::token(state, &form).await,
@@ -86,6 +91,20 @@ pub async fn handle(
             ),
         },
     }
+}
+
+/// Token requests count against the address's API requests a minute
+/// (the tenant API's budget): whether this one is over it.
+fn too_many(state: &EdgeState, peer: IpAddr) -> bool {
+    let now = Instant::now();
+    let address = LimitKey::Address(peer);
+    if state.api_requests.is_blocked(&address, now) {
+        return true;
+    }
+    state
+        .api_requests
+        .record_failure(std::slice::from_ref(&address), now);
+    false
 }
 
 async fn device_authorization(
@@ -143,18 +162,6 @@ async fn device_authorization(
 }
 
 async fn poll(state: &EdgeState, peer: IpAddr, device_code: &str) -> Response<Full<Bytes>> {
-    let now = Instant::now();
-    let address = LimitKey::Address(peer);
-    if state.api_requests.is_blocked(&address, now) {
-        return oauth_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "slow_down",
-            "too many requests from this address",
-        );
-    }
-    state
-        .api_requests
-        .record_failure(std::slice::from_ref(&address), now);
     let outcome = match state.authenticator.store().poll_pairing(device_code).await {
         Ok(outcome) => outcome,
         Err(error) => {

@@ -1,11 +1,16 @@
 //! The web console at `https://<base domain>/`: server-rendered pages on
-//! the tenant API's store operations (devices with live status, a device's
-//! keys and recipes, keys, the audit log), readable on a phone, with one
-//! small script: the devices page's status, pushed over a WebSocket
-//! (`/console/live`) within about a second of a change. Signed in by a
-//! login link's session cookie; every form carries the session's CSRF
-//! token.
-
+//! the tenant API's store operations, readable on a phone:
+//!
+//! - devices with live status (one small script: the status pushed over a
+//!   WebSocket, `/console/live`, within about a second of a change);
+//! - a device: its agent, apps on every instance, keys and recipes, and a
+//!   live message view (`/console/messages/<device>`, paused until asked);
+//! - keys, agent credentials, the audit log;
+//! - pairing an agent by its code (`/pair`) and an app's consent page
+//!   (`/authorize`).
+//!
+//! Signed in by a login link's session cookie, or with the operator's
+//! OpenID provider; every form carries the session's CSRF token.
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;

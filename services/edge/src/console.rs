@@ -11,6 +11,7 @@
 //!
 //! Signed in by a login link's session cookie, or with the operator's
 //! OpenID provider; every form carries the session's CSRF token.
+
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;

@@ -54,12 +54,15 @@ pub enum Operation {
     RevokeAgentCredential,
     ApprovePairing,
     DenyPairing,
+    ListTokens,
+    CreateToken,
+    RevokeToken,
     ListAudit,
     OpenApi,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 16] = [
+    pub const ALL: [Operation; 19] = [
         Operation::GetSession,
         Operation::EndSession,
         Operation::ListDevices,
@@ -74,6 +77,9 @@ impl Operation {
         Operation::RevokeAgentCredential,
         Operation::ApprovePairing,
         Operation::DenyPairing,
+        Operation::ListTokens,
+        Operation::CreateToken,
+        Operation::RevokeToken,
         Operation::ListAudit,
         Operation::OpenApi,
     ];
@@ -166,6 +172,24 @@ impl Operation {
                 "denyPairing",
                 "Deny the pairing an agent shows the code of: the agent is told so",
             ),
+            O::ListTokens => (
+                Method::GET,
+                "/api/v1/tokens",
+                "listTokens",
+                "The tenant's API tokens, revoked ones included (never their secrets)",
+            ),
+            O::CreateToken => (
+                Method::POST,
+                "/api/v1/tokens",
+                "createToken",
+                "Create an API token for the tenant API (never valid for MQTT); its secret is in this answer only",
+            ),
+            O::RevokeToken => (
+                Method::DELETE,
+                "/api/v1/tokens/{token_id}",
+                "revokeToken",
+                "Revoke an API token: it is refused from the next request on",
+            ),
             O::ListAudit => (
                 Method::GET,
                 "/api/v1/audit",
@@ -197,6 +221,7 @@ impl Operation {
             Operation::CreateKey => Some("NewKey"),
             Operation::ApprovePairing => Some("PairingApproval"),
             Operation::DenyPairing => Some("PairingDenial"),
+            Operation::CreateToken => Some("NewToken"),
             _ => None,
         }
     }
@@ -220,10 +245,13 @@ impl Operation {
             Operation::ListAudit => (StatusCode::OK, Some(array("AuditEntry"))),
             Operation::ApprovePairing => (StatusCode::OK, Some(schema("PairingDecided"))),
             Operation::DenyPairing => (StatusCode::OK, Some(schema("PairingDecided"))),
+            Operation::ListTokens => (StatusCode::OK, Some(array("Token"))),
+            Operation::CreateToken => (StatusCode::CREATED, Some(schema("CreatedToken"))),
             Operation::OpenApi => (StatusCode::OK, Some(json!({ "type": "object" }))),
             Operation::EndSession
             | Operation::DeleteDevice
             | Operation::RevokeKey
+            | Operation::RevokeToken
             | Operation::RevokeAgentCredential => (StatusCode::NO_CONTENT, None),
         }
     }
@@ -551,6 +579,13 @@ struct NewDevice {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct NewToken {
+    #[serde(default)]
+    label: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PairingAnswer {
     code: String,
     device_id: Option<String>,
@@ -712,6 +747,32 @@ impl Call<'_> {
             }
             Operation::RevokeAgentCredential => {
                 self.changes().revoke_agent_credential(parameter()).await?;
+                Ok(no_content())
+            }
+            Operation::ListTokens => {
+                let tokens = store.list_admin_tokens(tenant).await?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &serde_json::to_value(tokens).unwrap_or_default(),
+                ))
+            }
+            Operation::CreateToken => {
+                let new: NewToken = parse(body)?;
+                let (token, issued) = store.create_admin_token(tenant, &new.label).await?;
+                self.audit(
+                    "token.create",
+                    &token.id,
+                    &format!("label {:?}", token.label),
+                )
+                .await?;
+                Ok(json_response(
+                    StatusCode::CREATED,
+                    &json!({ "token": token, "secret": issued.reveal() }),
+                ))
+            }
+            Operation::RevokeToken => {
+                store.revoke_admin_token(tenant, parameter()).await?;
+                self.audit("token.revoke", parameter(), "").await?;
                 Ok(no_content())
             }
             Operation::ApprovePairing | Operation::DenyPairing => {
@@ -1210,6 +1271,30 @@ fn schemas() -> Value {
                         },
                     },
                 },
+            },
+        },
+        "Token": {
+            "type": "object",
+            "properties": {
+                "id": { "type": "string" },
+                "tenant_id": { "type": "string" },
+                "label": { "type": "string" },
+                "created_at": millis,
+                "last_used_at": optional_millis,
+                "revoked_at": optional_millis,
+            },
+        },
+        "NewToken": {
+            "type": "object",
+            "additionalProperties": false,
+            "properties": { "label": { "type": "string", "maxLength": 128 } },
+        },
+        "CreatedToken": {
+            "type": "object",
+            "required": ["token", "secret"],
+            "properties": {
+                "token": { "$ref": "#/components/schemas/Token" },
+                "secret": { "type": "string", "description": "rlt_…, shown once" },
             },
         },
         "PairingApproval": {

@@ -447,6 +447,55 @@ async fn every_endpoint_does_its_change_and_the_audit_log_records_it() {
         .await;
     assert_eq!(again.status, 404);
 
+    // API tokens: made (shown once), listed, revoked (refused from then on).
+    let made = api
+        .call(
+            "POST",
+            "/api/v1/tokens",
+            &token,
+            Some(json!({ "label": "ci" })),
+        )
+        .await;
+    assert_eq!(made.status, 201, "{:?}", made.body);
+    let secret = made.body["secret"].as_str().unwrap().to_owned();
+    let token_id = made.body["token"]["id"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("rlt_"));
+    let made_caller = Caller::Token(secret.clone());
+    assert_eq!(
+        api.call("GET", "/api/v1/devices", &made_caller, None)
+            .await
+            .status,
+        200
+    );
+    let tokens = api.call("GET", "/api/v1/tokens", &token, None).await;
+    assert!(
+        tokens
+            .body
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["id"] == token_id.as_str()
+                && t["label"] == "ci"
+                && t.get("secret").is_none()),
+        "{:?}",
+        tokens.body
+    );
+    let revoked = api
+        .call(
+            "DELETE",
+            &format!("/api/v1/tokens/{token_id}"),
+            &token,
+            None,
+        )
+        .await;
+    assert_eq!(revoked.status, 204);
+    assert_eq!(
+        api.call("GET", "/api/v1/devices", &made_caller, None)
+            .await
+            .status,
+        401
+    );
+
     let revoked = api
         .call("DELETE", &format!("/api/v1/keys/{key_id}"), &token, None)
         .await;
@@ -470,6 +519,8 @@ async fn every_endpoint_does_its_change_and_the_audit_log_records_it() {
         [
             "device.delete",
             "key.revoke",
+            "token.revoke",
+            "token.create",
             "agent_credential.revoke",
             "agent_credential.rotate",
             "agent_credential.issue",
@@ -479,7 +530,7 @@ async fn every_endpoint_does_its_change_and_the_audit_log_records_it() {
         ]
     );
     let text = serde_json::to_string(&audit).unwrap();
-    for secret in [&key_token, &first, &second] {
+    for secret in [&key_token, &first, &second, &secret] {
         assert!(
             !text.contains(secret.as_str()),
             "no secret in the audit log"
@@ -700,6 +751,9 @@ async fn another_tenants_ids_are_not_found_and_nothing_of_theirs_changes() {
         None,
     )
     .await;
+    let owner_token_id = api.store().list_admin_tokens(&owner).await.unwrap()[0]
+        .id
+        .clone();
     let other = api.store().create_tenant("someone else").await.unwrap().id;
     let intruder = api.token(&other).await;
     let (cookie, csrf) = api.sign_in(&other).await;
@@ -712,7 +766,8 @@ async fn another_tenants_ids_are_not_found_and_nothing_of_theirs_changes() {
             }
             let path = path
                 .replace("{device_id}", &device)
-                .replace("{key_id}", &key_id);
+                .replace("{key_id}", &key_id)
+                .replace("{token_id}", &owner_token_id);
             let body = match operation {
                 Operation::RenameDevice => Some(json!({ "name": "taken over" })),
                 _ => None,

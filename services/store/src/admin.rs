@@ -264,6 +264,49 @@ impl Store {
         Ok((token, credential))
     }
 
+    /// The tenant's API tokens, revoked ones included (never a secret).
+    pub async fn list_admin_tokens(&self, tenant_id: &str) -> Result<Vec<AdminToken>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, tenant_id, label, created_at, last_used_at, revoked_at FROM admin_tokens
+             WHERE tenant_id = $1 ORDER BY created_at",
+        )
+        .bind(tenant_id)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AdminToken {
+                    id: row.try_get("id")?,
+                    tenant_id: row.try_get("tenant_id")?,
+                    label: row.try_get("label")?,
+                    created_at: row.try_get("created_at")?,
+                    last_used_at: row.try_get("last_used_at")?,
+                    revoked_at: row.try_get("revoked_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Revokes one of the tenant's API tokens; another tenant's id, or an
+    /// unknown one, is not found. Revoking twice is no error.
+    pub async fn revoke_admin_token(&self, tenant_id: &str, id: &str) -> Result<(), StoreError> {
+        let found =
+            sqlx::query("SELECT revoked_at FROM admin_tokens WHERE id = $1 AND tenant_id = $2")
+                .bind(id)
+                .bind(tenant_id)
+                .fetch_optional(self.pool())
+                .await?;
+        if found.is_none() {
+            return Err(StoreError::not_found("API token", id));
+        }
+        sqlx::query("UPDATE admin_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+            .bind(self.now())
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
     /// The caller behind an API token (`rlt_…`).
     pub async fn verify_admin_token(
         &self,

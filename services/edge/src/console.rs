@@ -1170,17 +1170,7 @@ fn live(
         let Ok(upgraded) = upgrade.await else {
             return;
         };
-        // Small buffers: the page sends nothing but its close, and each
-        // status is a few hundred bytes (tungstenite's defaults hold
-        // 128 KiB per socket).
-        let config = WebSocketConfig::default()
-            .read_buffer_size(1024)
-            .write_buffer_size(0)
-            .max_message_size(Some(1024))
-            .max_frame_size(Some(1024));
-        let socket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
+        let socket = console_socket(upgraded).await;
         let (mut sink, mut stream) = socket.split();
         let mut last: Arc<str> = Arc::from("");
         let mut every = tokio::time::interval(LIVE_INTERVAL);
@@ -1204,6 +1194,20 @@ fn live(
         }
     });
     switching_protocols(&accept)
+}
+
+/// A console page's WebSocket, with small buffers: the page sends nothing
+/// but its close, and what it is sent is a few hundred bytes, or a
+/// message cut to 2 KiB (tungstenite's defaults hold 128 KiB per socket).
+async fn console_socket(
+    upgraded: hyper::upgrade::Upgraded,
+) -> WebSocketStream<TokioIo<hyper::upgrade::Upgraded>> {
+    let config = WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(1024))
+        .max_frame_size(Some(1024));
+    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await
 }
 
 /// A console WebSocket's handshake answer.
@@ -1282,15 +1286,7 @@ async fn watch_messages(
         let Ok(upgraded) = upgrade.await else {
             return;
         };
-        let config = WebSocketConfig::default()
-            .read_buffer_size(1024)
-            .write_buffer_size(0)
-            .max_message_size(Some(1024))
-            .max_frame_size(Some(1024));
-        let socket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
-        serve_watcher(socket, &state, &device_id).await;
+        serve_watcher(console_socket(upgraded).await, &state, &device_id).await;
     });
     switching_protocols(&accept)
 }

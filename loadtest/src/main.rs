@@ -15,6 +15,7 @@
 mod abuse;
 mod client;
 mod cross;
+mod fleet;
 mod report;
 mod rig;
 mod rolling;
@@ -52,6 +53,7 @@ enum Scenario {
     Idle,
     Abuse,
     Rolling,
+    Fleet,
     Cross,
 }
 
@@ -132,6 +134,19 @@ struct Flags {
     /// Tunnels: how long the idle edge is watched, with the tunnels
     #[arg(long, default_value_t = 60)]
     tunnels_idle_seconds: u32,
+    /// Fleet: devices, each with its own simulated agent and printer and
+    /// one app
+    #[arg(long, default_value_t = 5_000)]
+    fleet_printers: usize,
+    /// Fleet: bytes of each printer's report (one a second)
+    #[arg(long, default_value_t = 1_024)]
+    fleet_report_bytes: usize,
+    /// Fleet: how long the load is measured
+    #[arg(long, default_value_t = 30)]
+    fleet_seconds: u32,
+    /// The edges' `[runtime] worker_threads` (default: the edge's own)
+    #[arg(long)]
+    edge_worker_threads: Option<usize>,
     /// Cross-instance: client counts on the other instance
     #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
     cross_clients: Vec<usize>,
@@ -165,6 +180,8 @@ impl Flags {
             self.rolling_clients = 50;
             self.tunnels = 50;
             self.tunnels_idle_seconds = 2;
+            self.fleet_printers = 20;
+            self.fleet_seconds = 2;
         }
     }
 
@@ -289,6 +306,7 @@ impl Flags {
                 agent,
                 mosquitto,
                 rathole,
+                edge_worker_threads: self.edge_worker_threads,
             },
             skipped,
         ))
@@ -506,6 +524,18 @@ async fn scenarios(
         println!("{}", report::rolling_summary(&report));
         write_json(out, "rolling", &report)?;
         results.rolling = Some(report);
+    }
+    if flags.runs(Scenario::Fleet) {
+        let size = fleet::FleetSize {
+            printers: flags.fleet_printers,
+            report_bytes: flags.fleet_report_bytes,
+            window: Duration::from_secs(u64::from(flags.fleet_seconds)),
+            patience: Duration::from_secs(180),
+        };
+        let report = fleet::fleet(rig, size, flags.tunnels_transport, progress).await?;
+        println!("{}", report::fleet_summary(&report));
+        write_json(out, "fleet", &report)?;
+        results.fleet = Some(report);
     }
     if flags.runs(Scenario::Cross) {
         let plan = scenarios::steady(

@@ -21,6 +21,7 @@ pub struct Results {
     pub cross: Option<crate::cross::CrossReport>,
     pub rolling: Option<crate::rolling::RollingReport>,
     pub tunnels: Option<crate::tunnels::TunnelsReport>,
+    pub fleet: Option<crate::fleet::FleetReport>,
     /// Baselines that were not measured, and why.
     pub skipped: Vec<String>,
 }
@@ -492,6 +493,52 @@ pub fn markdown(results: &Results) -> String {
     for skipped in &results.skipped {
         let _ = writeln!(out, "Not measured: {skipped}.");
     }
+    out
+}
+
+pub fn fleet_summary(report: &crate::fleet::FleetReport) -> String {
+    let mut out = String::new();
+    let mib = |bytes: u64| bytes as f64 / 1024.0 / 1024.0;
+    let _ = writeln!(
+        out,
+        "fleet: {} printers, each its own agent and one app, a {} B report a second; {:.0} s measured",
+        report.printers, report.report_bytes, report.window_seconds
+    );
+    let _ = writeln!(
+        out,
+        "  agents up in {:.1} s, apps subscribed in {:.1} s",
+        report.agents_seconds, report.apps_seconds
+    );
+    let _ = writeln!(
+        out,
+        "  reports: {} sent, {} received, {} lost; latency p50 {} p90 {} p99 {} max {}",
+        report.sent,
+        report.received,
+        report.lost,
+        micros(report.latency.p50_us),
+        micros(report.latency.p90_us),
+        micros(report.latency.p99_us),
+        micros(report.latency.max_us)
+    );
+    let _ = writeln!(
+        out,
+        "  edge CPU: {:.1} % of one core ({:.1} µs per report); load generator {:.1} % of one core",
+        report.edge_cpu_share_of_core * 100.0,
+        report.edge_cpu_per_report_us,
+        report.generator_cpu_share_of_core * 100.0
+    );
+    let _ = writeln!(
+        out,
+        "  edge memory: {:.1} MiB before, {:.1} MiB with the fleet: {:.1} KiB per printer",
+        mib(report.edge_rss_before_bytes),
+        mib(report.edge_rss_bytes),
+        report.edge_rss_per_printer_bytes / 1024.0
+    );
+    let _ = writeln!(
+        out,
+        "  at this load: {:.0} printers per core, {:.0} per GiB",
+        report.printers_per_core, report.printers_per_gib
+    );
     out
 }
 

@@ -25,7 +25,7 @@ use crate::client::{ByteCounter, MqttClient, Target, Wire};
 
 /// The simulated printer's serial; its reports go to `device/<serial>/report`.
 pub const SERIAL: &str = "01P00A000000042";
-const BASE_DOMAIN: &str = "relay.test";
+pub const BASE_DOMAIN: &str = "relay.test";
 /// How long a process gets to come up.
 const START_PATIENCE: Duration = Duration::from_secs(30);
 
@@ -37,6 +37,8 @@ pub struct Binaries {
     pub agent: PathBuf,
     pub mosquitto: PathBuf,
     pub rathole: Option<PathBuf>,
+    /// The edges' `[runtime] worker_threads`; `None`: the edge's default.
+    pub edge_worker_threads: Option<usize>,
 }
 
 /// A port nobody listens on now (bound and released: the processes here
@@ -49,7 +51,7 @@ pub fn free_tcp_port() -> anyhow::Result<u16> {
 /// Keys and loopback source addresses the clients are spread over: 10,000
 /// clients are 625 per key and per address, under the edge's default caps
 /// of 1,000.
-const SPREAD: u8 = 16;
+pub const SPREAD: u8 = 16;
 
 fn free_udp_port() -> anyhow::Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -244,6 +246,7 @@ impl EdgeProcess {
         name: &str,
         database_url: &str,
         pki: &Pki,
+        worker_threads: Option<usize>,
     ) -> anyhow::Result<EdgeProcess> {
         let public = loopback(free_tcp_port()?);
         let plain = loopback(free_tcp_port()?);
@@ -298,7 +301,10 @@ linger_seconds = 30
 instance_id = "{name}"
 peer_listen = "{peer}"
 secret = "{CLUSTER_SECRET}"
-"#,
+{runtime}"#,
+                runtime = worker_threads
+                    .map(|threads| format!("\n[runtime]\nworker_threads = {threads}\n"))
+                    .unwrap_or_default(),
                 cert = pki.cert.display().to_string(),
                 key = pki.key.display().to_string(),
             ),
@@ -648,11 +654,11 @@ impl Rig {
             None => None,
         };
 
-        let edge = EdgeProcess::start(&binaries.edge, &dir, "edge", &database.url, &pki).await?;
+        let edge = EdgeProcess::start(&binaries.edge, &dir, "edge", &database.url, &pki, binaries.edge_worker_threads).await?;
         let cross =
-            EdgeProcess::start(&binaries.edge, &dir, "edge-cross", &database.url, &pki).await?;
+            EdgeProcess::start(&binaries.edge, &dir, "edge-cross", &database.url, &pki, binaries.edge_worker_threads).await?;
         let spare =
-            EdgeProcess::start(&binaries.edge, &dir, "edge-spare", &database.url, &pki).await?;
+            EdgeProcess::start(&binaries.edge, &dir, "edge-spare", &database.url, &pki, binaries.edge_worker_threads).await?;
 
         // The agent, with Mosquitto as its printer (a generic MQTT broker).
         // The second device's agent: the same printer, the tunnel over TCP.

@@ -271,7 +271,7 @@ pub enum FleetTransport {
 
 /// How one simulated agent reaches the edge.
 #[derive(Clone)]
-enum Dialer {
+pub enum Dialer {
     Quic {
         endpoint: quinn::Endpoint,
         client: quinn::ClientConfig,
@@ -284,8 +284,49 @@ enum Dialer {
 }
 
 impl Dialer {
+    /// A dialer for each of `count` simulated agents: over QUIC spread
+    /// over the fleet's client endpoints (returned, to be closed at the
+    /// end), or over TLS on TCP.
+    pub fn for_fleet(
+        rig: &Rig,
+        transport: FleetTransport,
+        count: usize,
+    ) -> anyhow::Result<(Vec<Dialer>, Vec<quinn::Endpoint>)> {
+        let client = client_config(rig.tunnel_ca())?;
+        let tcp_tls = tokio_rustls::TlsConnector::from(Arc::new(tls_config(rig.tunnel_ca())?));
+        let mut endpoints = Vec::with_capacity(ENDPOINTS);
+        if transport == FleetTransport::Quic {
+            for _ in 0..ENDPOINTS {
+                let socket = std::net::UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+                let udp = quinn::udp::UdpSocketState::new((&socket).into())?;
+                udp.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER)?;
+                let runtime = quinn::default_runtime().context("no async runtime")?;
+                endpoints.push(quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    None,
+                    socket,
+                    runtime,
+                )?);
+            }
+        }
+        let dialers = (0..count)
+            .map(|index| match transport {
+                FleetTransport::Quic => Dialer::Quic {
+                    endpoint: endpoints[index % ENDPOINTS].clone(),
+                    client: client.clone(),
+                    edge: rig.edge.tunnel,
+                },
+                FleetTransport::Tcp => Dialer::Tcp {
+                    tls: tcp_tls.clone(),
+                    edge: rig.edge.tunnel_tcp,
+                },
+            })
+            .collect();
+        Ok((dialers, endpoints))
+    }
+
     /// A tunnel connection, handshake done.
-    async fn dial(&self) -> Option<TunnelConnection> {
+    pub async fn dial(&self) -> Option<TunnelConnection> {
         match self {
             Dialer::Quic {
                 endpoint,
@@ -449,43 +490,15 @@ fn start_fleet(
     credentials: Vec<String>,
     transport: FleetTransport,
 ) -> anyhow::Result<Fleet> {
-    let client = client_config(rig.tunnel_ca())?;
-    let tcp_tls = tokio_rustls::TlsConnector::from(Arc::new(tls_config(rig.tunnel_ca())?));
-    let mut endpoints = Vec::with_capacity(ENDPOINTS);
-    for _ in 0..(if transport == FleetTransport::Quic {
-        ENDPOINTS
-    } else {
-        0
-    }) {
-        let socket = std::net::UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-        let udp = quinn::udp::UdpSocketState::new((&socket).into())?;
-        udp.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER)?;
-        let runtime = quinn::default_runtime().context("no async runtime")?;
-        endpoints.push(quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            None,
-            socket,
-            runtime,
-        )?);
-    }
+    let (dialers, endpoints) = Dialer::for_fleet(rig, transport, credentials.len())?;
     let state = Arc::new(FleetState::default());
     let (stop, stopped) = watch::channel(false);
     let connecting = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let tasks = credentials
         .into_iter()
+        .zip(dialers)
         .enumerate()
-        .map(|(index, credential)| {
-            let dialer = match transport {
-                FleetTransport::Quic => Dialer::Quic {
-                    endpoint: endpoints[index % ENDPOINTS].clone(),
-                    client: client.clone(),
-                    edge: rig.edge.tunnel,
-                },
-                FleetTransport::Tcp => Dialer::Tcp {
-                    tls: tcp_tls.clone(),
-                    edge: rig.edge.tunnel_tcp,
-                },
-            };
+        .map(|(index, (credential, dialer))| {
             let agent = SimulatedAgent {
                 dialer,
                 credential,

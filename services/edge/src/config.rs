@@ -43,6 +43,27 @@ pub struct EdgeConfig {
     /// The console's sign-in.
     #[serde(default)]
     pub console: ConsoleConfig,
+    /// The threads the edge runs on.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+/// The threads that run the edge's sessions, hubs, tunnels and listeners.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// 1: everything on one thread, so a message from the printer reaches
+    /// its app without waking a second thread (the least CPU per message;
+    /// one core per instance, scaled out by instances). More: that many
+    /// threads, which share tasks (one instance on several cores). 0: one
+    /// per core.
+    pub worker_threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { worker_threads: 1 }
+    }
 }
 
 /// The console's sign-in: login links always; the operator's OpenID
@@ -628,6 +649,7 @@ impl EdgeConfig {
             quotas: QuotaConfig::default(),
             cluster: ClusterConfig::default(),
             console: ConsoleConfig::default(),
+            runtime: RuntimeConfig::default(),
         }
     }
 
@@ -635,6 +657,12 @@ impl EdgeConfig {
     /// problems at once.
     pub fn validate(&self) -> Result<(), ConfigProblems> {
         let mut problems = Vec::new();
+        if self.runtime.worker_threads > 1024 {
+            problems.push(format!(
+                "runtime.worker_threads ({}) must be at most 1024 (0: one per core)",
+                self.runtime.worker_threads
+            ));
+        }
         let tunnel = &self.tunnel;
         if tunnel.keep_alive_seconds == 0
             || tunnel.idle_timeout_seconds < tunnel.keep_alive_seconds.saturating_mul(2)

@@ -67,6 +67,10 @@ struct Flags {
     /// The cluster secret edge instances share
     #[arg(long, env = "RELAY_CLUSTER_SECRET", hide_env_values = true)]
     cluster_secret: Option<String>,
+    /// Threads the edge runs on (1: one thread, the least CPU per
+    /// message; 0: one per core)
+    #[arg(long, env = "RELAY_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// Log as JSON lines
     #[arg(long, env = "RELAY_LOG_JSON")]
     log_json: bool,
@@ -131,6 +135,9 @@ fn load(flags: &Flags) -> Result<EdgeConfig, String> {
     if flags.tls_key.is_some() {
         config.public.tls_key = flags.tls_key.clone();
     }
+    if let Some(threads) = flags.worker_threads {
+        config.runtime.worker_threads = threads;
+    }
     Ok(config)
 }
 
@@ -145,8 +152,7 @@ fn init_logs(json: bool) {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let flags = Flags::parse();
     init_logs(flags.log_json);
     let config = match load(&flags) {
@@ -164,6 +170,33 @@ async fn main() -> ExitCode {
         println!("relay-edge: the configuration is valid");
         return ExitCode::SUCCESS;
     }
+    let runtime = match runtime(config.runtime.worker_threads) {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("relay-edge: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(config))
+}
+
+/// One thread (tokio's current-thread runtime: a task woken by another
+/// runs next on the same thread, and no other thread is woken to steal
+/// it), or several sharing tasks.
+fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        threads => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(threads);
+            builder
+        }
+    };
+    builder.enable_all().build()
+}
+
+async fn run(config: EdgeConfig) -> ExitCode {
     let grace = Duration::from_secs(config.shutdown.grace_period_seconds);
     let edge = match RunningEdge::start(config).await {
         Ok(edge) => edge,

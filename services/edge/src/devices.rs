@@ -541,7 +541,8 @@ impl Devices {
         send.write_all(&frame)
             .await
             .map_err(|_| Unavailable::Offline)?;
-        let mut recv = FramedReader::new(recv);
+        let mut recv =
+            FramedReader::with_buffer(recv, BytesMut::with_capacity(PRINTER_LINK_READ_BUFFER));
         let reply = tokio::time::timeout(self.open_timeout, recv.read_message())
             .await
             .map_err(|_| Unavailable::Printer {
@@ -570,6 +571,11 @@ impl Devices {
         }
     }
 }
+
+/// A printer link's first read buffer: a report of 1 KB and its header fit
+/// (it grows for larger ones, and keeps what it grew to). Every hub holds
+/// one; 4 KiB was 5 % of a device's memory at the edge.
+const PRINTER_LINK_READ_BUFFER: usize = 2048;
 
 /// Where a new CC2 hub starts its request ids: apart from the ids of the
 /// hub it may replace, whose replies may still be on their way.

@@ -52,7 +52,10 @@ impl HubHandle {
     /// Attaches a session; false when the hub has ended.
     pub async fn attach(&self, session: SessionId, attach: SessionAttach<OutboundSender>) -> bool {
         self.commands
-            .send(Command::Attach { session, attach })
+            .send(Command::Attach {
+                session,
+                attach: Box::new(attach),
+            })
             .await
             .is_ok()
     }
@@ -72,7 +75,7 @@ impl HubHandle {
         self.commands
             .send(Command::ClientPacket {
                 session,
-                packet,
+                packet: Box::new(packet),
                 extras,
             })
             .await
@@ -144,10 +147,12 @@ pub fn start(
         metrics,
         activity,
     };
-    let driver = async move {
-        let end = driver::run(config, io).await;
+    // A combinator, not an `async` block: a block would hold the driver's
+    // future twice (as what it captured and as what it awaits), and every
+    // hub's task pays its size.
+    let driver = futures_util::FutureExt::map(driver::run(config, io), move |end| {
         ended.cancel();
         end
-    };
+    });
     (handle, driver)
 }

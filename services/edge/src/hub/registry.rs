@@ -79,13 +79,14 @@ impl Hubs {
         }
         let hubs = self.clone();
         let span = tracing::info_span!("hub", device = %device_id);
+        // Mapped, not awaited in an `async` block, which would hold the
+        // driver's future twice.
         self.drivers.spawn(
-            async move {
-                let end = driver.await;
+            futures_util::FutureExt::map(driver, move |end| {
                 tracing::info!(%end, "device hub ended");
                 hubs.by_device
                     .remove_if(&device_id, |_, current| current.has_ended());
-            }
+            })
             .instrument(span),
         );
         handle

@@ -80,6 +80,42 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// CPU time a process has used (user + system), from /proc/<pid>/stat.
+/// The kernel memory of the established TCP sockets on local `port` (the
+/// edge's side of its clients' connections), from `ss -tmn`: how many
+/// there are, and the bytes they hold (receive queue, send queue, forward
+/// allocation, option memory and backlog: `r`, `w`, `f`, `o`, `bl`; the
+/// `rb`/`tb` limits are not memory).
+pub fn socket_memory(port: u16) -> anyhow::Result<(usize, u64)> {
+    let port = format!(":{port}");
+    let output = std::process::Command::new("ss")
+        .args(["-tmnH", "state", "established", "(", "sport", "=", &port, ")"])
+        .output()
+        .context("cannot run ss (iproute2)")?;
+    if !output.status.success() {
+        bail!("ss failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(parse_socket_memory(&String::from_utf8_lossy(&output.stdout)))
+}
+
+fn parse_socket_memory(text: &str) -> (usize, u64) {
+    let mut sockets = 0;
+    let mut bytes = 0;
+    for fields in text
+        .split("skmem:(")
+        .skip(1)
+        .filter_map(|rest| rest.split(')').next())
+    {
+        sockets += 1;
+        for field in fields.split(',') {
+            let name: String = field.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
+            if matches!(name.as_str(), "r" | "w" | "f" | "o" | "bl") {
+                bytes += field[name.len()..].parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    (sockets, bytes)
+}
+
 pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name, which is in parentheses.
@@ -846,6 +882,12 @@ impl Rig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_memory_adds_what_the_sockets_hold_not_their_limits() {
+        let text = "0 0 127.0.0.1:8443 127.0.0.1:5000\n\t skmem:(r0,rb131072,t0,tb2626560,f4096,w0,o0,bl0,d0)\n0 0 127.0.0.1:8443 127.0.0.1:5001\n\t skmem:(r512,rb131072,t0,tb2626560,f0,w1024,o8,bl0,d3)\n";
+        assert_eq!(parse_socket_memory(text), (2, 4096 + 512 + 1024 + 8));
+    }
 
     #[test]
     fn a_metric_is_read_by_its_full_series_name() {

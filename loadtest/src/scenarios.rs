@@ -795,6 +795,10 @@ pub struct IdleResult {
     pub edge_rss_with_sessions_bytes: u64,
     pub edge_rss_per_session_bytes: f64,
     pub edge_rss_after_close_bytes: u64,
+    /// The kernel memory of the edge's side of the sessions' sockets
+    /// (`ss -tmn`), and per session: not in the RSS.
+    pub edge_socket_bytes: u64,
+    pub edge_socket_bytes_per_session: f64,
     pub agent_rss_bytes: u64,
     pub sessions_open_at_edge: Option<f64>,
 }
@@ -819,6 +823,7 @@ pub async fn idle_sessions(
     let clients = subscribers(target, sessions, &report_topic(), "idle", &bytes, progress).await?;
     let sessions_open = metric(&rig.edge.metrics().await?, "relay_edge_sessions_open");
     let with_sessions = rss_bytes(edge_pid)?;
+    let (sockets, socket_bytes) = crate::rig::socket_memory(target.addr.port())?;
     let agent = rss_bytes(rig.agent_pid()?)?;
     progress.step("idle: closing sessions", sessions as u64);
     for client in clients.into_iter().chain(first) {
@@ -844,6 +849,8 @@ pub async fn idle_sessions(
         edge_rss_per_session_bytes: with_sessions.saturating_sub(before) as f64
             / sessions.max(1) as f64,
         edge_rss_after_close_bytes: after,
+        edge_socket_bytes: socket_bytes,
+        edge_socket_bytes_per_session: socket_bytes as f64 / sockets.max(1) as f64,
         agent_rss_bytes: agent,
         sessions_open_at_edge: sessions_open,
     })

@@ -217,8 +217,22 @@ fn the_quick_run_measures_every_scenario_and_loses_nothing() {
     assert_eq!(restart["hellos_refused"], 0.0, "{restart}");
     let per_agent = restart["store_queries_per_agent"].as_f64().unwrap();
     assert!((1.0..2.0).contains(&per_agent), "{restart}");
+    // Fleet: every simulated agent served its printer link, every app
+    // got every report sent in the window, and the edge's share was read.
+    let fleet = &results["fleet"];
+    assert_eq!(fleet["printers"], 20, "{fleet}");
+    assert!(fleet["sent"].as_u64().unwrap() >= 20, "{fleet}");
+    assert_eq!(fleet["lost"], 0, "{fleet}");
+    assert_eq!(fleet["received"], fleet["sent"], "{fleet}");
+    assert!(fleet["latency"]["p50_us"].as_f64().unwrap() > 0.0, "{fleet}");
+    assert!(fleet["edge_rss_bytes"].as_u64().unwrap() > 0, "{fleet}");
+    assert!(table.contains("**Fleet**"), "{table}");
+    for run in idle {
+        assert!(run["edge_socket_bytes_per_session"].is_number(), "{run}");
+    }
     for scenario in [
-        "tunnels", "latency", "fan-out", "publish", "storm", "idle", "abuse", "rolling", "cross",
+        "tunnels", "latency", "fan-out", "publish", "storm", "idle", "abuse", "rolling", "fleet",
+        "cross",
     ] {
         assert!(
             out.join(format!("{scenario}.json")).is_file(),

@@ -356,7 +356,11 @@ async fn app(
         shared.failures.fetch_add(1, Ordering::SeqCst);
         return samples;
     };
-    if client.subscribe(&report_topic(), QoS::AtMostOnce).await.is_err() {
+    if client
+        .subscribe(&report_topic(), QoS::AtMostOnce)
+        .await
+        .is_err()
+    {
         shared.failures.fetch_add(1, Ordering::SeqCst);
         return samples;
     }
@@ -548,7 +552,11 @@ pub async fn fleet(
         edge_rss_before_bytes: edge_rss_before,
         edge_rss_bytes: edge_rss,
         edge_rss_per_printer_bytes: per_printer,
-        printers_per_core: if share > 0.0 { count as f64 / share } else { 0.0 },
+        printers_per_core: if share > 0.0 {
+            count as f64 / share
+        } else {
+            0.0
+        },
         printers_per_gib: if per_printer > 0.0 {
             (1u64 << 30) as f64 / per_printer
         } else {

@@ -88,13 +88,24 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
 pub fn socket_memory(port: u16) -> anyhow::Result<(usize, u64)> {
     let port = format!(":{port}");
     let output = std::process::Command::new("ss")
-        .args(["-tmnH", "state", "established", "(", "sport", "=", &port, ")"])
+        .args([
+            "-tmnH",
+            "state",
+            "established",
+            "(",
+            "sport",
+            "=",
+            &port,
+            ")",
+        ])
         .output()
         .context("cannot run ss (iproute2)")?;
     if !output.status.success() {
         bail!("ss failed: {}", String::from_utf8_lossy(&output.stderr));
     }
-    Ok(parse_socket_memory(&String::from_utf8_lossy(&output.stdout)))
+    Ok(parse_socket_memory(&String::from_utf8_lossy(
+        &output.stdout,
+    )))
 }
 
 fn parse_socket_memory(text: &str) -> (usize, u64) {
@@ -107,7 +118,10 @@ fn parse_socket_memory(text: &str) -> (usize, u64) {
     {
         sockets += 1;
         for field in fields.split(',') {
-            let name: String = field.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
+            let name: String = field
+                .chars()
+                .take_while(|c| c.is_ascii_alphabetic())
+                .collect();
             if matches!(name.as_str(), "r" | "w" | "f" | "o" | "bl") {
                 bytes += field[name.len()..].parse::<u64>().unwrap_or(0);
             }
@@ -690,11 +704,33 @@ impl Rig {
             None => None,
         };
 
-        let edge = EdgeProcess::start(&binaries.edge, &dir, "edge", &database.url, &pki, binaries.edge_worker_threads).await?;
-        let cross =
-            EdgeProcess::start(&binaries.edge, &dir, "edge-cross", &database.url, &pki, binaries.edge_worker_threads).await?;
-        let spare =
-            EdgeProcess::start(&binaries.edge, &dir, "edge-spare", &database.url, &pki, binaries.edge_worker_threads).await?;
+        let edge = EdgeProcess::start(
+            &binaries.edge,
+            &dir,
+            "edge",
+            &database.url,
+            &pki,
+            binaries.edge_worker_threads,
+        )
+        .await?;
+        let cross = EdgeProcess::start(
+            &binaries.edge,
+            &dir,
+            "edge-cross",
+            &database.url,
+            &pki,
+            binaries.edge_worker_threads,
+        )
+        .await?;
+        let spare = EdgeProcess::start(
+            &binaries.edge,
+            &dir,
+            "edge-spare",
+            &database.url,
+            &pki,
+            binaries.edge_worker_threads,
+        )
+        .await?;
 
         // The agent, with Mosquitto as its printer (a generic MQTT broker).
         // The second device's agent: the same printer, the tunnel over TCP.

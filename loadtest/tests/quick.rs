@@ -224,7 +224,10 @@ fn the_quick_run_measures_every_scenario_and_loses_nothing() {
     assert!(fleet["sent"].as_u64().unwrap() >= 20, "{fleet}");
     assert_eq!(fleet["lost"], 0, "{fleet}");
     assert_eq!(fleet["received"], fleet["sent"], "{fleet}");
-    assert!(fleet["latency"]["p50_us"].as_f64().unwrap() > 0.0, "{fleet}");
+    assert!(
+        fleet["latency"]["p50_us"].as_f64().unwrap() > 0.0,
+        "{fleet}"
+    );
     assert!(fleet["edge_rss_bytes"].as_u64().unwrap() > 0, "{fleet}");
     assert!(table.contains("**Fleet**"), "{table}");
     for run in idle {

@@ -82,6 +82,8 @@ fn a_bad_configuration_exits_64_listing_every_problem() {
         .arg("--config")
         .arg(&path)
         .env_remove("RELAY_DATABASE_URL")
+        // The flag's variable overrides the file (whose default is 1).
+        .env("RELAY_WORKER_THREADS", "5000")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -92,6 +94,7 @@ fn a_bad_configuration_exits_64_listing_every_problem() {
         "public.tls_key",
         "store.database_url",
         "max_packet_size",
+        "runtime.worker_threads (5000)",
     ] {
         assert!(
             stderr.contains(problem),

@@ -51,6 +51,13 @@ impl Cluster {
         EdgeProcess::start(Path::new(EDGE), &self.setup, id, GRACE).await
     }
 
+    /// An instance on tokio's multi-thread runtime (`[runtime]
+    /// worker_threads = 2`) instead of the default one thread.
+    async fn instance_on_two_threads(&self, id: &str) -> EdgeProcess {
+        let extra = format!("{GRACE}\n\n[runtime]\nworker_threads = 2");
+        EdgeProcess::start(Path::new(EDGE), &self.setup, id, &extra).await
+    }
+
     /// The agent, dialling `tunnels` in order.
     fn agent(&self, tunnels: &[std::net::SocketAddr]) -> CancellationToken {
         let mut config = agent_config(
@@ -285,7 +292,19 @@ async fn three_instances_serve_one_printer_through_one_connection() {
     let mut cluster = Cluster::new().await;
     let a = cluster.instance("edge-a").await;
     let b = cluster.instance("edge-b").await;
-    let c = cluster.instance("edge-c").await;
+    // One instance on several threads: both runtimes serve, side by side.
+    let c = cluster.instance_on_two_threads("edge-c").await;
+    let threads = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .count()
+    };
+    assert!(
+        threads(c.pid()) > threads(a.pid()),
+        "edge-c has {} threads, edge-a {}",
+        threads(c.pid()),
+        threads(a.pid())
+    );
     let agent = cluster.agent(&[b.tunnel]);
     cluster.wait_owner("edge-b").await;
 

@@ -667,7 +667,10 @@ mod tests {
         );
         let size = std::mem::size_of_val(&driver);
         let state = std::mem::size_of::<HubState<OutboundSender>>();
-        assert!(size < state + 2048, "driver future {size} B, state {state} B");
+        assert!(
+            size < state + 2048,
+            "driver future {size} B, state {state} B"
+        );
     }
 
     /// The command queue's first block is 32 commands, allocated when the

@@ -832,7 +832,10 @@ async fn serve<S>(
             } => None,
         }
     };
-    let (client_closed, written_close) = tokio::join!(reader, bounded_writer);
+    // Each half is polled only when it was woken: a delivery wakes the
+    // writer alone, not the reader's TLS read, timers and tokens.
+    let (client_closed, written_close) =
+        relay_io::join_woken(std::pin::pin!(reader), std::pin::pin!(bounded_writer)).await;
     // A writer held by a client that stops reading never reached the
     // close; it is still counted, logged and sent.
     let close = written_close.or_else(|| receiver.take_close());

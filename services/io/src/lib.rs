@@ -17,13 +17,18 @@
 //!   connection) for the agent's pairing and the edge's OpenID Connect
 //!   sign-in.
 //!
+//! - [`join_woken`]: two futures on one task, each polled only when its
+//!   own waker fired (a session's reader and writer).
+//!
 //! It must not depend on the edge, the agent or the store.
 
 mod framed;
 pub mod http_client;
+mod join_woken;
 pub mod mux;
 mod shutdown;
 pub mod transport;
 
 pub use framed::{FrameError, FramedReader};
+pub use join_woken::{JoinWoken, join_woken};
 pub use shutdown::shutdown_signal;

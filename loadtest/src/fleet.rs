@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use bytes::BytesMut;
-use futures_util::StreamExt;
 use relay_io::FramedReader;
 use relay_io::transport::{TunnelConnection, TunnelRecv, TunnelSend};
 use relay_proto::Secret;
@@ -28,7 +27,7 @@ use crate::client::{ByteCounter, MqttClient, Target};
 use crate::rig::{BASE_DOMAIN, Rig, SERIAL, SPREAD, cpu_time, rss_bytes};
 use crate::scenarios::report_topic;
 use crate::stats::{Percentiles, Progress, kind, read_stamp, stamped};
-use crate::tunnels::{Dialer, FleetTransport};
+use crate::tunnels::{Dialer, FleetTransport, fleet_devices};
 
 /// Apps and agents connecting at once.
 const CONNECT_CONCURRENCY: usize = 128;
@@ -107,42 +106,6 @@ impl Shared {
     fn changed(&self) {
         self.changed.notify_waiters();
     }
-}
-
-/// One device of the fleet: its id and its agent's credential.
-struct Device {
-    id: String,
-    credential: String,
-}
-
-async fn devices(
-    rig: &Rig,
-    count: usize,
-    progress: &Progress,
-) -> anyhow::Result<(String, Vec<Device>)> {
-    progress.step("fleet: devices and agent credentials", count as u64);
-    let store = rig.store()?;
-    let tenant = store.create_tenant("loadtest fleet of printers").await?;
-    let made: Vec<anyhow::Result<Device>> = futures_util::stream::iter(0..count)
-        .map(|index| {
-            let tenant = tenant.id.clone();
-            async move {
-                let device = store
-                    .create_device(&tenant, &format!("fleet printer {index}"))
-                    .await?;
-                let (_, credential) = store.issue_agent_credential(&device.id).await?;
-                progress.add(1);
-                Ok(Device {
-                    id: device.id,
-                    credential: credential.reveal(),
-                })
-            }
-        })
-        .buffer_unordered(12)
-        .collect()
-        .await;
-    let devices = made.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
-    Ok((tenant.id, devices))
 }
 
 /// Tenant-wide read keys for the apps, spread as the rig's are.
@@ -404,7 +367,17 @@ pub async fn fleet(
     progress: &Progress,
 ) -> anyhow::Result<FleetReport> {
     let count = size.printers;
-    let (tenant, devices) = devices(rig, count, progress).await?;
+    let (tenant, devices) = fleet_devices(
+        rig,
+        count,
+        (
+            "loadtest fleet of printers",
+            "fleet printer",
+            "fleet: devices and agent credentials",
+        ),
+        progress,
+    )
+    .await?;
     let keys = app_keys(rig, &tenant).await?;
     progress.clear();
     let pid = rig.edge.pid()?;

@@ -462,27 +462,45 @@ async fn tunnel_once(
     ended
 }
 
-/// Devices with agent credentials for the fleet, made through the store.
-async fn credentials(rig: &Rig, count: usize, progress: &Progress) -> anyhow::Result<Vec<String>> {
-    progress.step("tunnels: devices and agent credentials", count as u64);
+/// A device of a simulated fleet: its id and its agent's credential.
+pub struct FleetDevice {
+    pub id: String,
+    pub credential: String,
+}
+
+/// `count` devices with agent credentials, made through the store in a
+/// tenant of their own (`tenant_name`, devices named `device_name` and
+/// their index), shown as `step` in the progress line. Returns the
+/// tenant's id and the devices.
+pub async fn fleet_devices(
+    rig: &Rig,
+    count: usize,
+    (tenant_name, device_name, step): (&str, &str, &str),
+    progress: &Progress,
+) -> anyhow::Result<(String, Vec<FleetDevice>)> {
+    progress.step(step, count as u64);
     let store = rig.store()?;
-    let tenant = store.create_tenant("loadtest fleet").await?;
-    let made: Vec<anyhow::Result<String>> = futures_util::stream::iter(0..count)
+    let tenant = store.create_tenant(tenant_name).await?;
+    let made: Vec<anyhow::Result<FleetDevice>> = futures_util::stream::iter(0..count)
         .map(|index| {
             let tenant = tenant.id.clone();
             async move {
                 let device = store
-                    .create_device(&tenant, &format!("idle printer {index}"))
+                    .create_device(&tenant, &format!("{device_name} {index}"))
                     .await?;
                 let (_, credential) = store.issue_agent_credential(&device.id).await?;
                 progress.add(1);
-                Ok(credential.reveal())
+                Ok(FleetDevice {
+                    id: device.id,
+                    credential: credential.reveal(),
+                })
             }
         })
         .buffer_unordered(12)
         .collect()
         .await;
-    made.into_iter().collect()
+    let devices = made.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((tenant.id, devices))
 }
 
 fn start_fleet(
@@ -535,7 +553,21 @@ pub async fn tunnels(
     progress: &Progress,
 ) -> anyhow::Result<TunnelsReport> {
     let count = size.tunnels;
-    let credentials = credentials(rig, count, progress).await?;
+    let (_, devices) = fleet_devices(
+        rig,
+        count,
+        (
+            "loadtest fleet",
+            "idle printer",
+            "tunnels: devices and agent credentials",
+        ),
+        progress,
+    )
+    .await?;
+    let credentials = devices
+        .into_iter()
+        .map(|device| device.credential)
+        .collect();
     progress.clear();
     let latency_alone =
         scenarios::stream(rig, &rig.relay.clone(), 1, latency_plan, progress).await?;

@@ -369,7 +369,7 @@ where
                             return;
                         }
                     }
-                    Outbound::Refusal(_) | Outbound::Publish5(_) => {}
+                    Outbound::Refusal(_) | Outbound::Publish5(_) | Outbound::Flush => {}
                     Outbound::Close(_) => return,
                 }
             }

@@ -15,9 +15,13 @@
 //!    upstream (or [`peer_link`] did, to the instance holding the agent).
 //! 3. The hub's driver ([`hub`]) reads and decodes the PUBLISH and hands it
 //!    to `relay_hub::HubState`, which encodes it once per protocol version.
-//! 4. Each matching session's bounded queue ([`hub::outbound`]) takes the
-//!    shared bytes; a full queue cuts that session, nobody else.
-//! 5. The session's writer ([`session`]) sends them as one WebSocket frame.
+//! 4. For each matching session, the hub's task writes the shared bytes
+//!    straight into the session's socket when the session is idle and the
+//!    socket writable ([`session_socket`]); otherwise the session's bounded
+//!    queue ([`hub::outbound`]) takes them, and a full queue cuts that
+//!    session, nobody else.
+//! 5. The session's writer ([`session`]) sends what is queued, each as one
+//!    WebSocket frame, and flushes what a direct write left.
 //!
 //! Layers, each using only those below it (`scripts/check-layers`):
 //! listeners ([`server`], [`http`] with the tenant API ([`tenant_api`]) and
@@ -51,6 +55,7 @@ pub mod peer_listener;
 mod quotas;
 pub mod server;
 pub mod session;
+pub mod session_socket;
 mod start_error;
 pub mod state;
 pub mod tenant_api;

@@ -298,7 +298,7 @@ async fn serve_link(
                         }
                     }
                     // Only MQTT 5 sessions get these; a peer link is 3.1.1.
-                    Outbound::Refusal(_) | Outbound::Publish5(_) => {}
+                    Outbound::Refusal(_) | Outbound::Publish5(_) | Outbound::Flush => {}
                     Outbound::Close(_) => return,
                 }
             }

@@ -33,6 +33,7 @@ use crate::hub::{
     outbound_queue,
 };
 use crate::quotas::QuotaGuard;
+use crate::session_socket::SessionSocket;
 use crate::state::{EdgeState, LiveSession, Refusal};
 
 /// How long to wait for the client's answer to our close frame.
@@ -113,7 +114,9 @@ pub async fn run<S>(
     state: Arc<EdgeState>,
     shutdown: CancellationToken,
 ) where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin
+        + Send
+        + 'static,
 {
     state.metrics.sessions_open.inc();
     let mut buffer = BytesMut::new();
@@ -562,7 +565,9 @@ async fn serve<S>(
     state: &EdgeState,
     shutdown: CancellationToken,
 ) where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin
+        + Send
+        + 'static,
 {
     let Admitted {
         connect,
@@ -667,7 +672,16 @@ async fn serve<S>(
     );
     tracing::info!(key = %principal.key_id, client = %connect.client_id, mqtt5 = translator.is_some(), "session connected");
 
-    let (mut sink, mut stream) = socket.split();
+    let (sink, mut stream) = socket.split();
+    // Looked up once: a label lookup hashes and locks on every use.
+    let translator = translator.map(Arc::new);
+    let sink = Arc::new(SessionSocket::new(
+        sink,
+        translator.clone(),
+        state.metrics.messages.with_label_values(&["out"]),
+        state.metrics.bytes.with_label_values(&["out"]),
+    ));
+    outbound.write_directly_with(sink.clone());
     let mut client = ClientState {
         principal: &principal,
         disconnected: false,
@@ -799,12 +813,15 @@ async fn serve<S>(
         }
     };
     let writer = async {
-        // Looked up once: a label lookup hashes and locks on every use.
-        let messages_out = state.metrics.messages.with_label_values(&["out"]);
-        let bytes_out = state.metrics.bytes.with_label_values(&["out"]);
         while let Some(item) = receiver.recv().await {
             let bytes = match (item, &translator) {
                 (Outbound::Close(close), _) => return Some(close),
+                (Outbound::Flush, _) => {
+                    if sink.flush().await.is_err() {
+                        return None;
+                    }
+                    continue;
+                }
                 (item, Some(translator)) => match translator.outbound(item).await {
                     Some(bytes) => bytes,
                     None => continue,
@@ -813,9 +830,7 @@ async fn serve<S>(
                 // The hub sends these to MQTT 5 sessions only.
                 (Outbound::Refusal(_) | Outbound::Publish5(_), None) => continue,
             };
-            messages_out.inc();
-            bytes_out.inc_by(bytes.len() as u64);
-            if sink.send(Message::Binary(bytes)).await.is_err() {
+            if sink.send_counted(bytes).await.is_err() {
                 return None;
             }
         }

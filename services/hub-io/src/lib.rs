@@ -19,4 +19,6 @@ pub use driver::{
 };
 pub use handle::{HubHandle, start};
 pub use mqtt5::Mqtt5Translator;
-pub use outbound::{Outbound, OutboundReceiver, OutboundSender, outbound_queue};
+pub use outbound::{
+    DirectWriter, Outbound, OutboundReceiver, OutboundSender, WriteNow, outbound_queue,
+};

@@ -39,6 +39,12 @@ impl Mqtt5Translator {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Whether an MQTT 5 packet of `len` bytes fits the client's Maximum
+    /// Packet Size.
+    pub fn fits(&self, len: usize) -> bool {
+        self.lock().fits(len)
+    }
+
     /// A packet from the client, as the hub's (see [`V5Session::inbound`]).
     pub fn inbound(&self, packet: mqtt5::Packet) -> Result<Inbound, Close> {
         let inbound = self.lock().inbound(packet);
@@ -53,7 +59,8 @@ impl Mqtt5Translator {
     /// the client holds its Receive Maximum of them unacknowledged.
     pub async fn outbound(&self, item: Outbound) -> Option<Bytes> {
         match item {
-            Outbound::Close(_) => None,
+            // A flush is the writer's own business, not bytes.
+            Outbound::Close(_) | Outbound::Flush => None,
             Outbound::Direct(bytes) => Some(bytes),
             // The hub's refusal of one of the client's PUBLISHes answers
             // it, as a PUBACK passing through would.
@@ -61,7 +68,7 @@ impl Mqtt5Translator {
                 self.lock().answered();
                 Some(bytes)
             }
-            Outbound::Publish5(bytes) => self.lock().fits(bytes.len()).then_some(bytes),
+            Outbound::Publish5(bytes) => self.fits(bytes.len()).then_some(bytes),
             Outbound::Bytes(bytes) => self.translate(bytes).await,
         }
     }

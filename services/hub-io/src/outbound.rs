@@ -1,5 +1,11 @@
 //! A session's outbound queue: what its hub (and the session itself) has
 //! for the client, bounded in bytes, drained by the session's writer.
+//!
+//! A session may also give its queue a [`DirectWriter`]: while nothing is
+//! queued and its writer is idle, what is sent is written into the
+//! client's socket at once by the task that has it (the hub's, mostly),
+//! and the session's own task is not woken. Only when the socket would
+//! block does the writer take over (an [`Outbound::Flush`] is queued).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -31,6 +37,30 @@ pub enum Outbound {
     Publish5(Bytes),
     /// End the session with this close.
     Close(Close),
+    /// Bytes written by a [`DirectWriter`] wait in the socket's buffer
+    /// (the socket would have blocked): the writer flushes them.
+    Flush,
+}
+
+/// How a [`DirectWriter`] dealt with one item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteNow {
+    /// Written into the socket, and flushed.
+    Written,
+    /// Taken, but not all flushed: the socket would block (or failed, which
+    /// the session's writer then finds out). The writer must flush.
+    Unflushed,
+    /// Not taken (the socket is not ready, or the item needs the session's
+    /// writer): it is queued as usual.
+    NotNow,
+}
+
+/// Writes a session's items into its client's socket from whichever task
+/// has them, without waiting: a non-blocking attempt. Implemented by the
+/// session over its socket's sending half.
+pub trait DirectWriter: Send + Sync {
+    /// Writes `item` now if the socket takes it without waiting.
+    fn write_now(&self, item: &Outbound) -> WriteNow;
 }
 
 impl Outbound {
@@ -41,7 +71,7 @@ impl Outbound {
             | Outbound::Direct(bytes)
             | Outbound::Refusal(bytes)
             | Outbound::Publish5(bytes) => bytes.len(),
-            Outbound::Close(_) => 0,
+            Outbound::Close(_) | Outbound::Flush => 0,
         }
     }
 }
@@ -50,9 +80,9 @@ impl Outbound {
 /// writer. Lighter than a channel (which allocates a 32-slot block and a
 /// padded header, about 1.8 KiB, per session up front): an idle session
 /// holds a few hundred bytes here.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct OutboundQueue {
-    items: std::sync::Mutex<VecDeque<Outbound>>,
+    state: std::sync::Mutex<QueueState>,
     /// Wakes the writer (a stored permit if it is not waiting yet).
     ready: Notify,
     /// Bytes queued, charged before queueing.
@@ -63,11 +93,33 @@ struct OutboundQueue {
     closed: AtomicBool,
 }
 
+/// What the queue's lock guards.
+#[derive(Default)]
+struct QueueState {
+    items: VecDeque<Outbound>,
+    /// The writer took an item and has not finished writing it: nothing
+    /// may be written past it.
+    writer_busy: bool,
+    /// Writes into the client's socket when the queue is empty and the
+    /// writer idle; dropped with the receiver.
+    direct: Option<Arc<dyn DirectWriter>>,
+}
+
+impl std::fmt::Debug for OutboundQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboundQueue")
+            .field("queued", &self.queued)
+            .field("senders", &self.senders)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
+}
+
 impl OutboundQueue {
-    fn items(&self) -> std::sync::MutexGuard<'_, VecDeque<Outbound>> {
+    fn state(&self) -> std::sync::MutexGuard<'_, QueueState> {
         // No code panics while holding the lock; a poisoned lock still
         // holds a consistent deque.
-        self.items
+        self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -76,7 +128,7 @@ impl OutboundQueue {
         if self.closed.load(Ordering::SeqCst) {
             return false;
         }
-        self.items().push_back(item);
+        self.state().items.push_back(item);
         self.ready.notify_one();
         true
     }
@@ -122,7 +174,9 @@ pub struct OutboundReceiver {
 impl Drop for OutboundReceiver {
     fn drop(&mut self) {
         self.queue.closed.store(true, Ordering::SeqCst);
-        self.queue.items().clear();
+        let mut state = self.queue.state();
+        state.items.clear();
+        state.direct = None;
     }
 }
 
@@ -157,6 +211,9 @@ impl OutboundSender {
     }
 
     fn send(&self, item: Outbound) -> bool {
+        if self.write_directly(&item) {
+            return true;
+        }
         let len = item.len();
         let queued = &self.queue.queued;
         let before = queued.fetch_add(len, Ordering::SeqCst);
@@ -169,6 +226,42 @@ impl OutboundSender {
             return false;
         }
         true
+    }
+
+    /// Writes `item` into the client's socket at once when the session
+    /// gave a [`DirectWriter`], nothing is queued, the writer is idle and
+    /// the socket takes it; true when it was taken.
+    fn write_directly(&self, item: &Outbound) -> bool {
+        if self.queue.closed.load(Ordering::SeqCst) || self.ended.is_cancelled() {
+            return false;
+        }
+        // Held while writing: the writer cannot take an item meanwhile,
+        // so nothing is written out of order.
+        let mut state = self.queue.state();
+        if !state.items.is_empty() || state.writer_busy {
+            return false;
+        }
+        let Some(direct) = &state.direct else {
+            return false;
+        };
+        match direct.write_now(item) {
+            WriteNow::Written => true,
+            WriteNow::Unflushed => {
+                state.items.push_back(Outbound::Flush);
+                drop(state);
+                self.queue.ready.notify_one();
+                true
+            }
+            WriteNow::NotNow => false,
+        }
+    }
+
+    /// Gives the queue a way to write into the client's socket from the
+    /// sender's task (see [`DirectWriter`]).
+    pub fn write_directly_with(&self, direct: Arc<dyn DirectWriter>) {
+        if !self.queue.closed.load(Ordering::SeqCst) {
+            self.queue.state().direct = Some(direct);
+        }
     }
 
     /// Encodes and queues a packet.
@@ -199,12 +292,12 @@ impl OutboundSender {
     /// released), and the close is next.
     pub fn abandon(&self, close: Close) {
         if !self.queue.closed.load(Ordering::SeqCst) {
-            let mut items = self.queue.items();
-            let dropped: usize = items.iter().map(Outbound::len).sum();
-            items.clear();
+            let mut state = self.queue.state();
+            let dropped: usize = state.items.iter().map(Outbound::len).sum();
+            state.items.clear();
             self.queue.queued.fetch_sub(dropped, Ordering::SeqCst);
-            items.push_back(Outbound::Close(close));
-            drop(items);
+            state.items.push_back(Outbound::Close(close));
+            drop(state);
             self.queue.ready.notify_one();
         }
         self.ended.cancel();
@@ -215,8 +308,8 @@ impl OutboundReceiver {
     /// The close the session was ended with, if one is still queued (its
     /// writer never got to it); what is queued before it is dropped.
     pub fn take_close(&mut self) -> Option<Close> {
-        let mut items = self.queue.items();
-        while let Some(item) = items.pop_front() {
+        let mut state = self.queue.state();
+        while let Some(item) = state.items.pop_front() {
             self.queue.queued.fetch_sub(item.len(), Ordering::SeqCst);
             if let Outbound::Close(close) = item {
                 return Some(close);
@@ -230,9 +323,15 @@ impl OutboundReceiver {
     pub async fn recv(&mut self) -> Option<Outbound> {
         loop {
             let notified = self.queue.ready.notified();
-            if let Some(item) = self.queue.items().pop_front() {
-                self.queue.queued.fetch_sub(item.len(), Ordering::SeqCst);
-                return Some(item);
+            {
+                let mut state = self.queue.state();
+                if let Some(item) = state.items.pop_front() {
+                    // Busy until it asks for the next one.
+                    state.writer_busy = true;
+                    self.queue.queued.fetch_sub(item.len(), Ordering::SeqCst);
+                    return Some(item);
+                }
+                state.writer_busy = false;
             }
             if self.queue.senders.load(Ordering::SeqCst) == 0 {
                 return None;
@@ -292,5 +391,120 @@ impl SessionSink for OutboundSender {
 
     fn abandon(&self, close: Close) {
         OutboundSender::abandon(self, close);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    /// A socket that takes what it is told to, and records it.
+    #[derive(Default)]
+    struct Socket {
+        answer: std::sync::Mutex<Option<WriteNow>>,
+        written: std::sync::Mutex<Vec<Bytes>>,
+    }
+
+    impl Socket {
+        fn answering(answer: WriteNow) -> Arc<Socket> {
+            Arc::new(Socket {
+                answer: std::sync::Mutex::new(Some(answer)),
+                ..Socket::default()
+            })
+        }
+
+        fn written(&self) -> Vec<Bytes> {
+            self.written.lock().unwrap().clone()
+        }
+    }
+
+    impl DirectWriter for Socket {
+        fn write_now(&self, item: &Outbound) -> WriteNow {
+            let answer = self.answer.lock().unwrap().unwrap_or(WriteNow::NotNow);
+            if let (Outbound::Bytes(bytes), WriteNow::Written | WriteNow::Unflushed) =
+                (item, answer)
+            {
+                self.written.lock().unwrap().push(bytes.clone());
+            }
+            answer
+        }
+    }
+
+    fn bytes(text: &'static str) -> Bytes {
+        Bytes::from_static(text.as_bytes())
+    }
+
+    #[test]
+    fn an_idle_sessions_delivery_is_written_at_once_and_nothing_is_queued() {
+        let (sender, mut receiver, _ended) = outbound_queue(1024);
+        let socket = Socket::answering(WriteNow::Written);
+        sender.write_directly_with(socket.clone());
+        assert!(sender.send_bytes(bytes("one")));
+        assert_eq!(socket.written(), vec![bytes("one")]);
+        assert_eq!(sender.queue.queued.load(Ordering::SeqCst), 0);
+        assert!(receiver.recv().now_or_never().is_none(), "nothing queued");
+    }
+
+    #[test]
+    fn a_delivery_behind_queued_items_waits_its_turn() {
+        let (sender, mut receiver, _ended) = outbound_queue(1024);
+        assert!(sender.send_bytes(bytes("first")));
+        let socket = Socket::answering(WriteNow::Written);
+        sender.write_directly_with(socket.clone());
+        assert!(sender.send_bytes(bytes("second")));
+        assert!(socket.written().is_empty(), "written past a queued item");
+        let first = receiver.recv().now_or_never().flatten();
+        assert!(matches!(first, Some(Outbound::Bytes(b)) if b == bytes("first")));
+        // The writer holds "first" (it has not asked again): still queued.
+        assert!(sender.send_bytes(bytes("third")));
+        assert!(socket.written().is_empty(), "written past the writer's item");
+        let second = receiver.recv().now_or_never().flatten();
+        assert!(matches!(second, Some(Outbound::Bytes(b)) if b == bytes("second")));
+        let third = receiver.recv().now_or_never().flatten();
+        assert!(matches!(third, Some(Outbound::Bytes(b)) if b == bytes("third")));
+        // The writer is idle again: the next goes straight out.
+        assert!(receiver.recv().now_or_never().is_none());
+        assert!(sender.send_bytes(bytes("fourth")));
+        assert_eq!(socket.written(), vec![bytes("fourth")]);
+    }
+
+    #[test]
+    fn a_socket_that_would_block_hands_the_flush_to_the_writer() {
+        let (sender, mut receiver, _ended) = outbound_queue(1024);
+        let socket = Socket::answering(WriteNow::Unflushed);
+        sender.write_directly_with(socket.clone());
+        assert!(sender.send_bytes(bytes("one")));
+        assert!(matches!(
+            receiver.recv().now_or_never().flatten(),
+            Some(Outbound::Flush)
+        ));
+        // Until the writer asks again, the next is queued behind the flush.
+        assert!(sender.send_bytes(bytes("two")));
+        assert_eq!(socket.written(), vec![bytes("one")]);
+        assert_eq!(sender.queue.queued.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn what_the_socket_does_not_take_is_queued_within_the_budget() {
+        let (sender, mut receiver, _ended) = outbound_queue(4);
+        sender.write_directly_with(Socket::answering(WriteNow::NotNow));
+        assert!(sender.send_bytes(bytes("four")));
+        assert!(!sender.send_bytes(bytes("five!")), "over the budget");
+        let item = receiver.recv().now_or_never().flatten();
+        assert!(matches!(item, Some(Outbound::Bytes(b)) if b == bytes("four")));
+    }
+
+    #[test]
+    fn an_ended_session_is_not_written_to_and_lets_its_socket_go() {
+        let (sender, receiver, _ended) = outbound_queue(1024);
+        let socket = Socket::answering(WriteNow::Written);
+        sender.write_directly_with(socket.clone());
+        sender.end(Close::normal());
+        assert!(sender.send_bytes(bytes("late")));
+        assert!(socket.written().is_empty());
+        drop(receiver);
+        assert!(!sender.send_bytes(bytes("later")));
+        assert_eq!(Arc::strong_count(&socket), 1, "the queue still holds it");
     }
 }

@@ -547,7 +547,9 @@ where
                         None => continue,
                     },
                     (Outbound::Bytes(bytes) | Outbound::Direct(bytes), None) => bytes,
-                    (Outbound::Refusal(_) | Outbound::Publish5(_) | Outbound::Flush, None) => continue,
+                    (Outbound::Refusal(_) | Outbound::Publish5(_) | Outbound::Flush, None) => {
+                        continue;
+                    }
                 };
                 stats
                     .lan_bytes_out

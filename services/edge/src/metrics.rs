@@ -25,6 +25,10 @@ pub struct Metrics {
     pub bytes: IntCounterVec,
     /// MQTT packets, by direction.
     pub messages: IntCounterVec,
+    /// Writes of MQTT bytes to clients, by path: `direct` (by the task
+    /// that had them, the session idle and its socket writable) or
+    /// `queued` (by the session's writer).
+    pub client_writes: IntCounterVec,
     /// WebSocket close codes sent, by code.
     pub close_codes: IntCounterVec,
     /// CONNACK return codes sent, by code.
@@ -170,6 +174,12 @@ impl Metrics {
                 "MQTT packets",
                 "direction",
             ),
+            client_writes: counter_vec(
+                &registry,
+                "relay_edge_client_writes_total",
+                "writes of MQTT bytes to clients: direct (by the task that had them) or queued (by the session's writer)",
+                "path",
+            ),
             close_codes: counter_vec(
                 &registry,
                 "relay_edge_close_codes_total",
@@ -290,7 +300,7 @@ impl Metrics {
     /// are known from the start), for checking dashboards and alerts.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 29] = [
+        let collectors: [&dyn Collector; 30] = [
             &self.connections,
             &self.connections_open,
             &self.mqtt_connections,
@@ -302,6 +312,7 @@ impl Metrics {
             &self.sessions_open,
             &self.bytes,
             &self.messages,
+            &self.client_writes,
             &self.close_codes,
             &self.connacks,
             &self.printer_bytes,

@@ -33,7 +33,7 @@ use crate::hub::{
     outbound_queue,
 };
 use crate::quotas::QuotaGuard;
-use crate::session_socket::SessionSocket;
+use crate::session_socket::{SessionSocket, WriteCounters};
 use crate::state::{EdgeState, LiveSession, Refusal};
 
 /// How long to wait for the client's answer to our close frame.
@@ -114,7 +114,9 @@ pub async fn run<S>(
     state: Arc<EdgeState>,
     shutdown: CancellationToken,
 ) where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin
+    S: Stream<Item = Result<Message, WsError>>
+        + Sink<Message, Error = WsError>
+        + Unpin
         + Send
         + 'static,
 {
@@ -565,7 +567,9 @@ async fn serve<S>(
     state: &EdgeState,
     shutdown: CancellationToken,
 ) where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin
+    S: Stream<Item = Result<Message, WsError>>
+        + Sink<Message, Error = WsError>
+        + Unpin
         + Send
         + 'static,
 {
@@ -673,13 +677,20 @@ async fn serve<S>(
     tracing::info!(key = %principal.key_id, client = %connect.client_id, mqtt5 = translator.is_some(), "session connected");
 
     let (sink, mut stream) = socket.split();
-    // Looked up once: a label lookup hashes and locks on every use.
     let translator = translator.map(Arc::new);
+    let metrics = &state.metrics;
+    // The hub (or any task with something for the client) writes into the
+    // socket itself while the session's writer is idle.
     let sink = Arc::new(SessionSocket::new(
         sink,
         translator.clone(),
-        state.metrics.messages.with_label_values(&["out"]),
-        state.metrics.bytes.with_label_values(&["out"]),
+        // Looked up once: a label lookup hashes and locks on every use.
+        WriteCounters {
+            messages_out: metrics.messages.with_label_values(&["out"]),
+            bytes_out: metrics.bytes.with_label_values(&["out"]),
+            direct: metrics.client_writes.with_label_values(&["direct"]),
+            queued: metrics.client_writes.with_label_values(&["queued"]),
+        },
     ));
     outbound.write_directly_with(sink.clone());
     let mut client = ClientState {

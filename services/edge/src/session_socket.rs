@@ -25,8 +25,26 @@ pub struct SessionSocket<K> {
     /// An MQTT 5 session's translator: only items that need no
     /// translation are written directly.
     translator: Option<Arc<Mqtt5Translator>>,
-    messages_out: IntCounter,
-    bytes_out: IntCounter,
+    counters: WriteCounters,
+}
+
+/// What a session's writes are counted in.
+#[derive(Debug, Clone)]
+pub struct WriteCounters {
+    pub messages_out: IntCounter,
+    pub bytes_out: IntCounter,
+    /// Writes by the delivering task.
+    pub direct: IntCounter,
+    /// Writes by the session's writer.
+    pub queued: IntCounter,
+}
+
+impl WriteCounters {
+    fn count(&self, path: &IntCounter, bytes: &Bytes) {
+        self.messages_out.inc();
+        self.bytes_out.inc_by(bytes.len() as u64);
+        path.inc();
+    }
 }
 
 impl<K> std::fmt::Debug for SessionSocket<K> {
@@ -44,14 +62,12 @@ where
     pub fn new(
         sink: K,
         translator: Option<Arc<Mqtt5Translator>>,
-        messages_out: IntCounter,
-        bytes_out: IntCounter,
+        counters: WriteCounters,
     ) -> SessionSocket<K> {
         SessionSocket {
             sink: Mutex::new(sink),
             translator,
-            messages_out,
-            bytes_out,
+            counters,
         }
     }
 
@@ -65,8 +81,7 @@ where
 
     /// Sends one MQTT message to the client (counted), and flushes.
     pub async fn send_counted(&self, bytes: Bytes) -> Result<(), WsError> {
-        self.messages_out.inc();
-        self.bytes_out.inc_by(bytes.len() as u64);
+        self.counters.count(&self.counters.queued, &bytes);
         self.send(Message::Binary(bytes)).await
     }
 
@@ -122,9 +137,11 @@ where
             // (the writer finds out).
             Poll::Pending | Poll::Ready(Err(_)) => return WriteNow::NotNow,
         }
-        self.messages_out.inc();
-        self.bytes_out.inc_by(bytes.len() as u64);
-        if sink.start_send_unpin(Message::Binary(bytes.clone())).is_err() {
+        self.counters.count(&self.counters.direct, bytes);
+        if sink
+            .start_send_unpin(Message::Binary(bytes.clone()))
+            .is_err()
+        {
             // The socket is gone; the writer's flush ends the session.
             return WriteNow::Unflushed;
         }

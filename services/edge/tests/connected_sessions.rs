@@ -325,6 +325,80 @@ async fn a_client_that_stops_reading_is_cut_off_and_memory_stays_bounded() {
     edge.stop().await;
 }
 
+/// A delivery to an idle session whose socket is writable is written by
+/// the hub's task at once; once the client's socket is full, the session's
+/// writer takes over. Either way the client gets every message, in order.
+#[tokio::test]
+async fn deliveries_keep_their_order_whether_the_hub_or_the_session_writes_them() {
+    let edge = TestEdge::start_with(|config| {
+        config.limits.max_packet_size = 8 * 1024;
+        config.limits.outbound_buffer_bytes = 64 * 1024 * 1024;
+    })
+    .await;
+    let mut printer = online_with_scripted_printer(&edge);
+    let mut client = Client::connect(&edge, &edge.bearer(), connect_packet("ordered")).await;
+    client
+        .send(&subscribe(1, &[("device/x/report", QoS::AtMostOnce)]))
+        .await;
+    grant(&mut printer, QoS::AtMostOnce).await;
+    assert!(matches!(client.next().await, Some(Packet::SubAck(_))));
+    let path_writes = |metrics: &str, path: &str| {
+        relay_testkit::processes::metric(
+            metrics,
+            &format!("relay_edge_client_writes_total{{path=\"{path}\"}}"),
+        )
+    };
+    let report = |number: u32| {
+        let mut payload = vec![b'x'; 4096];
+        payload[..4].copy_from_slice(&number.to_be_bytes());
+        Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: "device/x/report".into(),
+            packet_id: None,
+            payload: Bytes::from(payload),
+        })
+    };
+    let number_of = |packet: Option<Packet>| match packet {
+        Some(Packet::Publish(publish)) => {
+            u32::from_be_bytes(publish.payload[..4].try_into().unwrap())
+        }
+        other => panic!("expected a report, got {other:?}"),
+    };
+
+    // Read one at a time: each finds the session idle and is written by
+    // the hub.
+    let before = edge.admin_get("/metrics").await.1;
+    for number in 0..20 {
+        printer.send(&report(number)).await;
+        assert_eq!(number_of(client.next().await), number);
+    }
+    let after = edge.admin_get("/metrics").await.1;
+    assert_eq!(
+        path_writes(&after, "direct") - path_writes(&before, "direct"),
+        20.0,
+        "{after}"
+    );
+
+    // Unread, 16 MB outgrow the sockets' buffers: the session's writer
+    // takes over, and the order holds.
+    let sent = 4_000;
+    for number in 20..20 + sent {
+        printer.send(&report(number)).await;
+    }
+    for number in 20..20 + sent {
+        assert_eq!(number_of(client.next().await), number);
+    }
+    let metrics = edge.admin_get("/metrics").await.1;
+    assert!(
+        path_writes(&metrics, "queued") > path_writes(&after, "queued"),
+        "{metrics}"
+    );
+    assert!(path_writes(&metrics, "direct") > 20.0, "{metrics}");
+    edge.stop().await;
+}
+
 #[tokio::test]
 async fn losing_the_printer_or_the_key_ends_sessions() {
     let edge = TestEdge::start().await;

@@ -458,7 +458,10 @@ mod tests {
         assert!(matches!(first, Some(Outbound::Bytes(b)) if b == bytes("first")));
         // The writer holds "first" (it has not asked again): still queued.
         assert!(sender.send_bytes(bytes("third")));
-        assert!(socket.written().is_empty(), "written past the writer's item");
+        assert!(
+            socket.written().is_empty(),
+            "written past the writer's item"
+        );
         let second = receiver.recv().now_or_never().flatten();
         assert!(matches!(second, Some(Outbound::Bytes(b)) if b == bytes("second")));
         let third = receiver.recv().now_or_never().flatten();

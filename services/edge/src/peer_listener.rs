@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::close::Close;
 use crate::devices::Devices;
-use crate::hub::{Hubs, Outbound, SessionAttach, Unavailable, outbound_queue};
+use crate::hub::{Hubs, Outbound, SessionAttach, StreamWriter, Unavailable, outbound_queue};
 use crate::peer_link::{
     Counted, HANDSHAKE_TIMEOUT, PEER_OUTBOUND_BYTES, PEER_VERSION, Peers, exported, peer_transport,
     proof, proof_bytes, proof_holds, write_message,
@@ -259,7 +259,13 @@ async fn serve_link(
     }
     metrics.served.inc();
     tracing::info!(device = %device_id, "serving a peer hub");
-    let bytes_out = metrics.bytes.with_label_values(&["out"]);
+    // The hub's task writes into the stream itself while the link's
+    // writer is idle: a printer message crosses no task here.
+    let send = Arc::new(StreamWriter::new(Counted {
+        inner: send,
+        counter: metrics.bytes.with_label_values(&["out"]),
+    }));
+    outbound.write_directly_with(send.clone());
     let mut graceful = false;
     {
         let reader = async {
@@ -292,13 +298,17 @@ async fn serve_link(
             while let Some(item) = receiver.recv().await {
                 match item {
                     Outbound::Bytes(bytes) | Outbound::Direct(bytes) => {
-                        bytes_out.inc_by(bytes.len() as u64);
-                        if send.write_all(&bytes).await.is_err() {
+                        if send.write_all(bytes).await.is_err() {
+                            return;
+                        }
+                    }
+                    Outbound::Flush => {
+                        if send.flush().await.is_err() {
                             return;
                         }
                     }
                     // Only MQTT 5 sessions get these; a peer link is 3.1.1.
-                    Outbound::Refusal(_) | Outbound::Publish5(_) | Outbound::Flush => {}
+                    Outbound::Refusal(_) | Outbound::Publish5(_) => {}
                     Outbound::Close(_) => return,
                 }
             }
@@ -312,7 +322,10 @@ async fn serve_link(
         }
     }
     hub.detach(session_id, graceful).await;
-    let _ = send.finish();
+    // What is still queued (or was left by a direct write) is dropped, as
+    // the link is ending.
+    drop(receiver);
+    let _ = send.with_stream(|stream| stream.inner.finish());
     metrics.served.dec();
     tracing::info!(device = %device_id, "peer hub gone");
 }

@@ -39,8 +39,8 @@ pub use relay_hub::{
 pub use relay_hub::{bambu, cc2, mqtt5_session, policy, profile, quarantine, state};
 pub use relay_hub_io::{
     DirectWriter, HubHandle, Mqtt5Translator, Outbound, OutboundReceiver, OutboundSender,
-    TunnelProbe, Upstream, UpstreamFailure, UpstreamFuture, UpstreamSource, WriteNow, outbound,
-    outbound_queue,
+    StreamWriter, TunnelProbe, Upstream, UpstreamFailure, UpstreamFuture, UpstreamSource, WriteNow,
+    outbound, outbound_queue,
 };
 pub use state::{
     HubConfig, HubCounters, HubEnd, HubState, PacketExtras, PublishRefused, QuarantineEvent,

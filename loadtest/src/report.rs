@@ -116,6 +116,16 @@ pub fn latency_summary(report: &LatencyReport) -> String {
                 .map_or("".into(), |cpu| format!("{cpu:.0} µs/msg")),
         );
     }
+    for run in &report.runs {
+        if let Some(share) = run.direct_write_share {
+            let _ = writeln!(
+                out,
+                "  {}: {:.0} % of the edge's client writes made by the hub's task",
+                run.target,
+                share * 100.0
+            );
+        }
+    }
     let p50 = |target: &str| {
         report
             .runs
@@ -195,6 +205,17 @@ pub fn fan_out_summary(runs: &[StreamResult]) -> String {
             out,
             "  {path:<8} {subs:>6} {full_p50:>9} {full_p99:>9} {delta_p99:>9} {max:>9} {lost:>7} {uplink:>12} {times:>7}",
         );
+    }
+    for run in runs {
+        if let Some(share) = run.direct_write_share {
+            let _ = writeln!(
+                out,
+                "  {} × {}: {:.0} % of the edge's client writes made by the hub's task (the rest by sessions' writers)",
+                run.target,
+                run.subscribers,
+                share * 100.0
+            );
+        }
     }
     let mut sizes: Vec<usize> = runs.iter().map(|run| run.subscribers).collect();
     sizes.dedup();

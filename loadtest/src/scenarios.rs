@@ -217,6 +217,10 @@ pub struct StreamResult {
     pub peer_bytes_per_message: Option<f64>,
     /// Edge CPU time per printer message (relay only).
     pub edge_cpu_us_per_message: Option<f64>,
+    /// The share of the edge's writes to clients that the delivering task
+    /// made itself, the session idle and its socket writable (relay only;
+    /// `relay_edge_client_writes_total`).
+    pub direct_write_share: Option<f64>,
     /// This load generator's own CPU time per printer message (its clients
     /// share the machine's cores with the edge).
     pub load_generator_cpu_us_per_message: f64,
@@ -330,6 +334,10 @@ pub async fn stream(
     let tunnel_before = rig.edge.printer_bytes_in().await?;
     let peer_series = "relay_edge_peer_bytes_total{direction=\"out\"}";
     let peer_before = rig.edge.metric(peer_series).await?;
+    let direct_series = "relay_edge_client_writes_total{path=\"direct\"}";
+    let queued_series = "relay_edge_client_writes_total{path=\"queued\"}";
+    let direct_before = rig.edge.metric(direct_series).await?;
+    let queued_before = rig.edge.metric(queued_series).await?;
     let edge_pid = rig.edge.pid()?;
     let cpu_before = cpu_time(edge_pid)?;
     let own_cpu_before = cpu_time(std::process::id())?;
@@ -373,6 +381,8 @@ pub async fn stream(
     let own_cpu_used = cpu_time(std::process::id())?.saturating_sub(own_cpu_before);
     let tunnel_bytes = rig.edge.printer_bytes_in().await? - tunnel_before;
     let peer_bytes = rig.edge.metric(peer_series).await? - peer_before;
+    let direct_writes = rig.edge.metric(direct_series).await? - direct_before;
+    let queued_writes = rig.edge.metric(queued_series).await? - queued_before;
     let client_bytes = bytes_read.load(Ordering::Relaxed) - bytes_before;
     printer.disconnect().await;
     for client in finished {
@@ -404,6 +414,8 @@ pub async fn stream(
         peer_bytes_per_message: (target.name == "relay-cross").then(|| peer_bytes / messages),
         edge_cpu_us_per_message: is_relay
             .then(|| cpu_used.as_secs_f64() * 1e6 / plan.len().max(1) as f64),
+        direct_write_share: (is_relay && direct_writes + queued_writes > 0.0)
+            .then(|| direct_writes / (direct_writes + queued_writes)),
         load_generator_cpu_us_per_message: own_cpu_used.as_secs_f64() * 1e6
             / plan.len().max(1) as f64,
         warm_up_seconds: warm_up.as_secs_f64(),

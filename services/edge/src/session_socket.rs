@@ -125,6 +125,13 @@ where
             // Translated (or refused, or a close) by the session's writer.
             _ => return WriteNow::NotNow,
         };
+        // A task that used up its turn's budget (tokio's cooperative
+        // scheduling: a hub delivering to hundreds of sessions in one
+        // poll) would find the socket "not ready" half-way through a
+        // write and wake the session anyway; the queue is cheaper then.
+        if !tokio::task::coop::has_budget_remaining() {
+            return WriteNow::NotNow;
+        }
         let Ok(mut sink) = self.sink.try_lock() else {
             return WriteNow::NotNow;
         };
@@ -149,5 +156,56 @@ where
             Poll::Ready(Ok(())) => WriteNow::Written,
             Poll::Pending | Poll::Ready(Err(_)) => WriteNow::Unflushed,
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use futures_util::sink;
+
+    fn socket() -> SessionSocket<impl Sink<Message, Error = WsError> + Unpin + Send> {
+        let counter = |name: &str| IntCounter::new(name, "test").unwrap();
+        SessionSocket::new(
+            sink::drain().sink_map_err(|never| match never {}),
+            None,
+            WriteCounters {
+                messages_out: counter("messages"),
+                bytes_out: counter("bytes"),
+                direct: counter("direct"),
+                queued: counter("queued"),
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn a_task_that_used_up_its_budget_leaves_the_write_to_the_queue() {
+        let socket = socket();
+        let report = Outbound::Bytes(Bytes::from_static(b"report"));
+        assert_eq!(socket.write_now(&report), WriteNow::Written);
+        // Each ready receive takes one unit of the task's budget.
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..1_000 {
+            sender.send(()).unwrap();
+        }
+        while tokio::task::coop::has_budget_remaining() {
+            receiver.recv().await;
+        }
+        assert_eq!(socket.write_now(&report), WriteNow::NotNow);
+        assert_eq!(socket.counters.direct.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn what_needs_translating_or_closing_is_left_to_the_writer() {
+        let socket = socket();
+        assert_eq!(
+            socket.write_now(&Outbound::Publish5(Bytes::from_static(b"v5"))),
+            WriteNow::NotNow
+        );
+        assert_eq!(
+            socket.write_now(&Outbound::Close(crate::close::Close::normal())),
+            WriteNow::NotNow
+        );
     }
 }
